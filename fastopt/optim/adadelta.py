@@ -1,0 +1,42 @@
+"""Adadelta (torch.optim.Adadelta)."""
+
+from .base import Optimizer
+from .validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
+
+
+class Adadelta(Optimizer):
+    r"""Adadelta, exactly torch.optim.Adadelta (lr = 1.0, rho = 0.9, eps = 1e-6 by default).
+
+    .. math::
+        v_t = \rho v_{t-1} + (1-\rho) g_t^2,\quad
+        \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}} g_t,\quad
+        u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2,\quad \theta_t = \theta_{t-1} - \eta\Delta_t
+
+    Reference: Zeiler, "ADADELTA: An Adaptive Learning Rate Method" (2012); Dive into Deep
+    Learning ch. 12.9.
+    """
+
+    algorithm = "adadelta"
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
+                 backend=None):  # fmt: skip
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_interval("rho", group["rho"], 0.0, 1.0, hi_closed=True)
+        check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("maximize", group["maximize"])
+
+    def _rule(self, group):
+        return "adadelta"
+
+    def _state_names(self, group):
+        return ("square_avg", "acc_delta")
+
+    def _scalars(self, group, state, step, lr):
+        rho = group["rho"]
+        gsign = -1.0 if group["maximize"] else 1.0
+        return (lr, group["weight_decay"], gsign, rho, 1.0 - rho, group["eps"]), None

@@ -1,0 +1,90 @@
+"""Adam, AdamW and AMSGrad (torch.optim.Adam / torch.optim.AdamW)."""
+
+import math
+
+from .base import Optimizer
+from .validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
+
+
+def adam_weight_decay(group, lr):
+    """(decay, l2): decoupled decay multiplies θ by 1 - ηλ; coupled adds λθ to the gradient."""
+    wd = group["weight_decay"]
+    if group.get("decoupled_weight_decay", False):
+        return 1.0 - lr * wd, 0.0
+    return 1.0, wd
+
+
+def adam_moment_scalars(group, lr):
+    """The leading scalars shared by every rule built on ``rules.adam_moments``."""
+    beta1, beta2 = group["betas"]
+    decay, l2 = adam_weight_decay(group, lr)
+    gsign = -1.0 if group["maximize"] else 1.0
+    return (decay, l2, gsign, beta1, 1.0 - beta1, beta2, 1.0 - beta2)
+
+
+class AdamBase(Optimizer):
+    """Hyperparameter checks and state of the Adam family (betas, eps, weight decay)."""
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
+            if flag in group:
+                check_bool(flag, group[flag])
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq")
+
+
+class Adam(AdamBase):
+    r"""Adam, exactly torch.optim.Adam (with ``amsgrad``, ``maximize``, ``decoupled_weight_decay``).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+        \quad \hat v_t = \max(\hat v_{t-1}, v_t)\;(\text{AMSGrad})
+
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,
+        \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ε is added outside the square root, after bias correction (torch's placement). Weight decay is
+    the L2 term λθ added to g, or decoupled (θ ← θ(1 - ηλ) first) when ``decoupled_weight_decay``.
+    References: Kingma & Ba, ICLR 2015; Reddi et al., "On the Convergence of Adam and Beyond",
+    ICLR 2018 (AMSGrad); Dive into Deep Learning ch. 12.10.
+    """
+
+    algorithm = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None):  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
+        super().__init__(params, defaults, backend=backend)
+
+    def _rule(self, group):
+        return "adam_amsgrad" if group["amsgrad"] else "adam"
+
+    def _state_names(self, group):
+        names = ("exp_avg", "exp_avg_sq")
+        return names + ("max_exp_avg_sq",) if group["amsgrad"] else names
+
+    def _scalars(self, group, state, step, lr):
+        beta1, beta2 = group["betas"]
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        return adam_moment_scalars(group, lr) + (step_size, bias_correction2_sqrt, group["eps"]), None
+
+
+class AdamW(Adam):
+    r"""AdamW, exactly torch.optim.AdamW: Adam with decoupled weight decay (default λ = 1e-2).
+
+    .. math:: \theta \leftarrow \theta(1 - \eta\lambda), \text{ then the Adam step.}
+
+    Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, backend=None):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, backend=backend)  # fmt: skip

@@ -1,0 +1,33 @@
+"""Adamax (torch.optim.Adamax)."""
+
+from .adam import AdamBase
+
+
+class Adamax(AdamBase):
+    r"""Adamax, exactly torch.optim.Adamax (the infinity-norm variant of Adam).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon),
+        \quad \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t} \frac{m_t}{u_t}
+
+    Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, section 7.1.
+    """
+
+    algorithm = "adamax"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False, backend=None):  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend)
+
+    def _rule(self, group):
+        return "adamax"
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_inf")
+
+    def _scalars(self, group, state, step, lr):
+        beta1, beta2 = group["betas"]
+        gsign = -1.0 if group["maximize"] else 1.0
+        clr = lr / (1 - beta1**step)
+        return (group["weight_decay"], gsign, beta1, 1.0 - beta1, beta2, group["eps"], clr), None

@@ -1,0 +1,421 @@
+"""Optimizer base: param groups, lazily allocated state, validation, state_dict.
+
+Subclasses are thin: they declare torch's hyperparameters and defaults, check them, name the rule
+and state slots for a group, and fold the hyperparameters into the rule's per-step scalar tuple.
+Every check of a step runs before its first write, so a failed ``step()`` changes nothing.
+"""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from .. import dispatch
+from ..paramset import ParamSet
+from .validation import check_lr, check_scheduled_lr
+
+
+class _Unit:
+    """One kernel call's worth of parameters: a ParamSet's flat buffer or one plain array."""
+
+    __slots__ = ("param", "shape", "default_grad", "state", "backend", "label", "scalar_type")
+
+    def __init__(self, param, shape, default_grad, label):
+        self.param = param
+        self.shape = shape
+        self.default_grad = default_grad
+        self.label = label
+        self.state = {}
+        self.backend = None
+        self.scalar_type = None
+
+
+def _flat_view(a, label):
+    if not isinstance(a, np.ndarray):
+        dispatch.array_kind(a)  # raises a clear error for unsupported types
+    if a.dtype.kind != "f" or a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{label} has dtype {a.dtype}; fastopt updates float32 or float64 arrays")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{label} is not C-contiguous; pass a contiguous array (np.ascontiguousarray)")
+    if not a.flags.writeable:
+        raise ValueError(f"{label} is read-only; the optimizer updates parameters in place")
+    return a.reshape(-1)
+
+
+def _units_of(params, where):
+    """(structure, units, keys) of one group's ``params``."""
+    if isinstance(params, ParamSet):
+        return "paramset", [_Unit(params.flat, (params.size,), params.grad_flat, f"{where} ParamSet")], None
+    if isinstance(params, Mapping):
+        keys = list(params)
+        units = [_Unit(_flat_view(a, f"{where} param {k!r}"), a.shape, None, f"{where} param {k!r}")
+                 for k, a in params.items()]  # fmt: skip
+        return "dict", units, keys
+    if isinstance(params, (list, tuple)):
+        units = [_Unit(_flat_view(a, f"{where} param [{i}]"), a.shape, None, f"{where} param [{i}]")
+                 for i, a in enumerate(params)]  # fmt: skip
+        return "list", units, None
+    if hasattr(params, "shape"):
+        return "array", [_Unit(_flat_view(params, f"{where} param"), params.shape, None, f"{where} param")], None
+    raise TypeError(
+        f"{where} params must be a ParamSet, an array, a list/tuple/dict of arrays, "
+        f"got {type(params).__name__}"
+    )
+
+
+class Optimizer:
+    """Base class. ``params``: a ParamSet, an array, a list/tuple/dict of arrays, or a list of
+    param-group dicts ``{"params": ..., <hyperparameter overrides>}`` as in torch.optim.
+
+    ``backend`` forces a backend by name (``"numba-cpu"``, ``"numpy"`` for the reference, ...);
+    by default it is picked from the arrays.
+    """
+
+    algorithm = ""
+    """Name of the rule family and of its reference function in ``fastopt.reference``."""
+
+    def __init__(self, params, defaults, *, backend=None):
+        self.defaults = dict(defaults)
+        self._backend_name = backend
+        if backend is not None:
+            dispatch.get_backend(backend)  # unknown/unavailable backends fail at construction
+        self.param_groups = []
+        self._groups = []  # internal, parallel to param_groups: dict(units, structure, keys, ...)
+        is_group_list = (
+            isinstance(params, (list, tuple)) and len(params) > 0
+            and all(isinstance(p, Mapping) and "params" in p for p in params)
+        )  # fmt: skip
+        self._grouped = is_group_list
+        for group in params if is_group_list else [{"params": params}]:
+            self.add_param_group(group)
+        if not self.param_groups:
+            raise ValueError("optimizer got an empty parameter list")
+
+    # ------------------------------------------------------------------ subclass interface
+    def _check(self, group):
+        """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``."""
+        raise NotImplementedError
+
+    def _rule(self, group):
+        """Name of the rule in kernels/rules.py that this group's settings select."""
+        raise NotImplementedError
+
+    def _state_names(self, group):
+        """Names (torch's) of the per-element state arrays, in the rule's slot order."""
+        raise NotImplementedError
+
+    def _scalars(self, group, state, step, lr):
+        """(h, scalar_state_updates): the rule's per-step scalars in float64 for the ``step``-th
+        step (1-based) at learning rate ``lr``, and new values of scalar state (e.g. NAdam's
+        mu_product) to commit once the kernel has run."""
+        raise NotImplementedError
+
+    def _initial_value(self, group, name, lr):
+        """Fill value of state array ``name`` at allocation (torch's initial state)."""
+        return 0.0
+
+    def _initial_scalar_state(self, group):
+        """Scalar (host) state entries besides ``step``."""
+        return {}
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group):
+        """Add a group ``{"params": ..., **overrides}``; missing hyperparameters take the defaults."""
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError("a param group must be a dict with a 'params' entry")
+        unknown = set(param_group) - set(self.defaults) - {"params", "initial_lr"}
+        if unknown:
+            raise ValueError(f"unknown hyperparameters {sorted(unknown)} for {type(self).__name__}")
+        group = {**self.defaults, **param_group}
+        where = f"param_groups[{len(self.param_groups)}]"
+        structure, units, keys = _units_of(group["params"], where)
+        if not units:
+            raise ValueError(f"{where} has no parameters")
+        self._check(group)
+        seen = {id(u.param.base if u.param.base is not None else u.param) for g in self._groups for u in g["units"]}
+        for u in units:
+            base = u.param.base if u.param.base is not None else u.param
+            if id(base) in seen:
+                raise ValueError(f"{u.label} appears in more than one parameter group")
+        group.setdefault("initial_lr", group["lr"])
+        self.param_groups.append(group)
+        self._groups.append({"units": units, "structure": structure, "keys": keys, "source": group["params"],
+                             "steps": 0, "checked": None})  # fmt: skip
+
+    def _index_base(self):
+        out, n = [], 0
+        for g in self._groups:
+            out.append(n)
+            n += len(g["units"])
+        return out
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self):
+        """Zero the gradient buffers of every ParamSet group (plain arrays own no gradient buffer)."""
+        for g in self._groups:
+            for u in g["units"]:
+                if u.default_grad is not None:
+                    u.default_grad.fill(0)
+
+    def step(self, grads=None):
+        """One update of every parameter whose gradient is given, in place.
+
+        ``grads`` mirrors ``params``: a list/tuple/dict of arrays (``None`` entries skip that
+        parameter, as torch skips params without ``.grad``), a flat array for a ParamSet, or
+        ``None`` to use the ParamSet gradient buffers. With param-group dicts, a list with one such
+        entry per group. Everything is validated before anything is written.
+        """
+        plan = self._plan(grads)
+        for group, g_int, lr, work in plan:
+            rule, names = g_int["rule"], g_int["state_names"]
+            for unit, grad in work:
+                state = unit.state
+                if not state:
+                    self._allocate(group, unit, names, lr)
+                step = state["step"] + 1
+                h, updates = self._scalars(group, state, step, lr)
+                st = unit.scalar_type
+                unit.backend.update(
+                    rule, unit.param, grad, tuple(state[n] for n in names), tuple([st(x) for x in h]),
+                    (self.algorithm, state, self._hyper(group, lr), step),
+                )  # fmt: skip
+                state["step"] = step
+                if updates:
+                    state.update(updates)
+            g_int["steps"] += 1
+
+    def _hyper(self, group, lr):
+        hyper = {k: group[k] for k in self.defaults if k != "lr"}
+        hyper["lr"] = lr
+        return hyper
+
+    def _group_settings(self, i, group, g_int):
+        """Validate hyperparameters when they changed since the last step; cache rule and slots."""
+        key = tuple(group[k] if not isinstance(group[k], list) else tuple(group[k]) for k in self.defaults)
+        if g_int["checked"] != key:
+            self._check(group)
+            g_int["rule"] = self._rule(group)
+            names = self._state_names(group)
+            for u in g_int["units"]:
+                if u.state and any(n not in u.state for n in names):
+                    raise ValueError(
+                        f"param_groups[{i}]: the settings changed to need state {names}, but the state "
+                        f"of {u.label} holds {sorted(k for k in u.state if k != 'step')}; "
+                        "create a new optimizer to switch variants"
+                    )
+            g_int["state_names"] = names
+            g_int["checked"] = key
+        if group["params"] is not g_int["source"]:
+            raise ValueError(
+                f"param_groups[{i}]['params'] was replaced; add parameters with add_param_group()"
+            )
+
+    def _plan(self, grads):
+        per_group = self._split_grads(grads)
+        plan = []
+        for i, (group, g_int, ggrads) in enumerate(zip(self.param_groups, self._groups, per_group)):
+            self._group_settings(i, group, g_int)
+            lr = group["lr"]
+            lr = check_scheduled_lr(lr(g_int["steps"]), g_int["steps"]) if callable(lr) else float(lr)
+            work = []
+            for unit, grad in zip(g_int["units"], ggrads):
+                if grad is None:
+                    continue
+                work.append((unit, self._check_grad(unit, grad)))
+            plan.append((group, g_int, lr, work))
+        return plan
+
+    def _check_grad(self, unit, grad):
+        p = unit.param
+        if unit.backend is None:
+            unit.backend = dispatch.backend_for([p], self._backend_name)
+            unit.scalar_type = unit.backend.scalar_type(p.dtype)
+        if grad is unit.default_grad:
+            if not p.flags.writeable:
+                raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
+            return grad
+        if type(grad) is not type(p):
+            dispatch.backend_for([p, grad])  # names the mismatch (library/device)
+            raise TypeError(f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(p).__name__}")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"gradient for {unit.label} has dtype {grad.dtype}, the parameter {p.dtype}")
+        if grad.shape != unit.shape and not (unit.default_grad is not None and grad.shape == (p.size,)):
+            raise ValueError(f"gradient for {unit.label} has shape {grad.shape}, expected {unit.shape}")
+        if not grad.flags.c_contiguous:
+            raise ValueError(f"gradient for {unit.label} is not C-contiguous")
+        if not p.flags.writeable:
+            raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
+        return grad.reshape(-1)
+
+    def _split_grads(self, grads):
+        """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
+        if self._grouped:
+            if grads is None:
+                return [self._group_grads(g, None, f"param_groups[{i}]") for i, g in enumerate(self._groups)]
+            if not isinstance(grads, (list, tuple)) or len(grads) != len(self._groups):
+                raise ValueError(
+                    f"with {len(self._groups)} param groups, step() takes a list of {len(self._groups)} "
+                    "gradient entries (one per group) or None"
+                )
+            return [self._group_grads(g, gr, f"param_groups[{i}]") for i, (g, gr) in enumerate(zip(self._groups, grads))]
+        return [self._group_grads(self._groups[0], grads, "params")]
+
+    @staticmethod
+    def _group_grads(g_int, grads, where):
+        structure, units = g_int["structure"], g_int["units"]
+        if grads is None:
+            if structure != "paramset":
+                raise ValueError(f"step() without gradients needs a ParamSet; {where} holds plain arrays")
+            return [units[0].default_grad]
+        if structure == "paramset":
+            if isinstance(grads, ParamSet):
+                grads = grads.grad_flat
+            if not hasattr(grads, "shape"):
+                raise TypeError(f"gradient for the ParamSet in {where} must be a flat array or None")
+            return [grads]
+        if structure == "array":
+            return [grads]
+        if structure == "dict":
+            if not isinstance(grads, Mapping):
+                raise TypeError(f"{where} params are a dict; pass gradients as a dict with the same keys")
+            if set(grads) != set(g_int["keys"]):
+                missing = sorted(set(g_int["keys"]) - set(grads))
+                extra = sorted(set(grads) - set(g_int["keys"]))
+                raise ValueError(f"gradient keys do not match {where}: missing {missing}, unexpected {extra}")
+            return [grads[k] for k in g_int["keys"]]
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(units):
+            raise ValueError(f"{where} has {len(units)} arrays; pass a list/tuple of {len(units)} gradients")
+        return list(grads)
+
+    def _allocate(self, group, unit, names, lr):
+        dtype = unit.param.dtype
+        for n in names:
+            a = unit.backend.zeros(unit.param.size, dtype)
+            fill = self._initial_value(group, n, lr)
+            if fill != 0:
+                a.fill(fill)
+            unit.state[n] = a
+        unit.state.update(self._initial_scalar_state(group))
+        unit.state["step"] = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self):
+        """Per-parameter state, keyed like state_dict()["state"] (live arrays, flat)."""
+        out, n = {}, 0
+        for g in self._groups:
+            for u in g["units"]:
+                if u.state:
+                    out[n] = u.state
+                n += 1
+        return out
+
+    def state_dict(self):
+        """Plain-dict snapshot (NumPy copies and Python scalars), torch.optim's layout:
+        ``{"algorithm", "state": {i: {"step", <arrays shaped like param i>...}}, "param_groups"}``."""
+        state, groups = {}, []
+        base = self._index_base()
+        for gi, (group, g_int) in enumerate(zip(self.param_groups, self._groups)):
+            for j, u in enumerate(g_int["units"]):
+                if not u.state:
+                    continue
+                entry = {}
+                for k, v in u.state.items():
+                    if k == "step":
+                        entry[k] = int(v)
+                    elif isinstance(v, float):
+                        entry[k] = v
+                    else:
+                        entry[k] = u.backend.to_numpy(v).reshape(u.shape)
+                state[base[gi] + j] = entry
+            saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items() if k != "params"}
+            saved["params"] = list(range(base[gi], base[gi] + len(g_int["units"])))
+            saved["steps"] = g_int["steps"]
+            groups.append(saved)
+        return {"algorithm": type(self).__name__, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore a state_dict() of the same optimizer class over parameters of the same shapes.
+        Everything is checked before anything changes."""
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
+        algo = state_dict.get("algorithm", type(self).__name__)
+        if algo != type(self).__name__:
+            raise ValueError(f"state_dict is for {algo}, this optimizer is {type(self).__name__}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        base = self._index_base()
+        new_groups, new_states = [], {}
+        for gi, (saved, g_int) in enumerate(zip(groups, self._groups)):
+            idx = list(range(base[gi], base[gi] + len(g_int["units"])))
+            if list(saved.get("params", [])) != idx:
+                raise ValueError(
+                    f"param_groups[{gi}] has {len(saved.get('params', []))} parameters in the state_dict, "
+                    f"{len(idx)} here"
+                )
+            unknown = set(saved) - set(self.defaults) - {"params", "initial_lr", "steps"}
+            if unknown:
+                raise ValueError(f"param_groups[{gi}] has unknown hyperparameters {sorted(unknown)}")
+            group = {**self.param_groups[gi], **{k: v for k, v in saved.items() if k not in ("params", "steps")}}
+            group["params"] = self.param_groups[gi]["params"]
+            check_lr(group["lr"])
+            self._check(group)
+            names = self._state_names(group)
+            for j, u in enumerate(g_int["units"]):
+                entry = state_dict["state"].get(base[gi] + j)
+                if entry is None:
+                    continue
+                new_states[(gi, j)] = self._checked_entry(entry, names, group, u, base[gi] + j)
+            new_groups.append(group)
+        # commit
+        for gi, group in enumerate(new_groups):
+            self.param_groups[gi].clear()
+            self.param_groups[gi].update(group)
+            self._groups[gi]["steps"] = int(groups[gi].get("steps", 0))
+            self._groups[gi]["checked"] = None
+            for j, u in enumerate(self._groups[gi]["units"]):
+                u.state = new_states.get((gi, j), {})
+
+    def _checked_entry(self, entry, names, group, unit, index):
+        if not isinstance(entry, Mapping) or "step" not in entry:
+            raise ValueError(f"state[{index}] is not a state entry with a 'step'")
+        expected = set(names) | set(self._initial_scalar_state(group)) | {"step"}
+        if set(entry) != expected:
+            raise ValueError(f"state[{index}] holds {sorted(entry)}, {type(self).__name__} with these settings needs {sorted(expected)}")
+        step = entry["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
+        if unit.backend is None:
+            unit.backend = dispatch.backend_for([unit.param], self._backend_name)
+            unit.scalar_type = unit.backend.scalar_type(unit.param.dtype)
+        out = {"step": int(step)}
+        for k, v in entry.items():
+            if k == "step":
+                continue
+            if k not in names:
+                if not isinstance(v, (float, int)) or not math.isfinite(v):
+                    raise ValueError(f"state[{index}][{k!r}] must be a finite float, got {v!r}")
+                out[k] = float(v)
+                continue
+            a = np.asarray(v)
+            if a.dtype.kind != "f":
+                raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
+            if a.size != unit.param.size or tuple(a.shape) not in (tuple(unit.shape), (unit.param.size,)):
+                raise ValueError(f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}")
+            dst = unit.backend.zeros(unit.param.size, unit.param.dtype)
+            dst[...] = _to_backend(dst, a.reshape(-1).astype(unit.param.dtype))
+            out[k] = dst
+        return out
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"  group {i}: " + ", ".join(f"{k}={g[k]!r}" for k in self.defaults))
+        return "\n".join(lines + [")"])
+
+
+def _to_backend(dst, a):
+    if isinstance(dst, np.ndarray):
+        return a
+    return type(dst)(a) if not hasattr(dst, "__cuda_array_interface__") else __import__("cupy").asarray(a)

@@ -1,0 +1,43 @@
+"""Lion (no torch equivalent; follows the paper and optax.lion)."""
+
+from .base import Optimizer
+from .validation import check_betas, check_bool, check_lr, check_nonnegative
+
+
+class Lion(Optimizer):
+    r"""Lion: the sign of an interpolated momentum, with decoupled weight decay.
+
+    .. math::
+        c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        \theta_t = \theta_{t-1}(1 - \eta\lambda) - \eta\operatorname{sign}(c_t),\quad
+        m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    torch has no Lion. This follows Chen et al., "Symbolic Discovery of Optimization Algorithms",
+    NeurIPS 2023 (Algorithm 2) and optax.lion; defaults lr = 1e-4, betas = (0.9, 0.99); weight
+    decay is decoupled as in the paper and 0 by default.
+    """
+
+    algorithm = "lion"
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 backend=None):  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("maximize", group["maximize"])
+
+    def _rule(self, group):
+        return "lion"
+
+    def _state_names(self, group):
+        return ("exp_avg",)
+
+    def _scalars(self, group, state, step, lr):
+        beta1, beta2 = group["betas"]
+        gsign = -1.0 if group["maximize"] else 1.0
+        decay = 1.0 - lr * group["weight_decay"]
+        return (decay, lr, gsign, beta1, 1.0 - beta1, beta2, 1.0 - beta2), None

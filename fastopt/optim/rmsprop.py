@@ -1,0 +1,50 @@
+"""RMSprop (torch.optim.RMSprop)."""
+
+from .base import Optimizer
+from .validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop, exactly torch.optim.RMSprop (plain, centered, with momentum).
+
+    .. math::
+        v_t = \alpha v_{t-1} + (1-\alpha) g_t^2,\quad
+        \bar g_t = \bar g_{t-1} + (1-\alpha)(g_t - \bar g_{t-1}) \;(\text{centered}),\quad
+        a_t = \sqrt{v_t - \bar g_t^2} + \epsilon
+
+        b_t = \mu b_{t-1} + g_t / a_t,\; \theta_t = \theta_{t-1} - \eta b_t
+        \quad(\text{or } \theta_t = \theta_{t-1} - \eta g_t / a_t \text{ without momentum})
+
+    Reference: Hinton, Coursera lecture 6e (2012); Graves, "Generating Sequences With Recurrent
+    Neural Networks" (2013) for the centered form; Dive into Deep Learning ch. 12.8.
+    """
+
+    algorithm = "rmsprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False, backend=None):  # fmt: skip
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        centered=centered, maximize=maximize)  # fmt: skip
+        super().__init__(params, defaults, backend=backend)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_interval("alpha", group["alpha"], 0.0, 1.0, hi_closed=True)
+        check_positive("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_nonnegative("momentum", group["momentum"])
+        check_bool("centered", group["centered"])
+        check_bool("maximize", group["maximize"])
+
+    def _rule(self, group):
+        return "rmsprop" + ("_centered" if group["centered"] else "") + (
+            "_momentum" if group["momentum"] > 0 else "")  # fmt: skip
+
+    def _state_names(self, group):
+        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))  # fmt: skip
+
+    def _scalars(self, group, state, step, lr):
+        alpha = group["alpha"]
+        gsign = -1.0 if group["maximize"] else 1.0
+        return (lr, group["weight_decay"], gsign, alpha, 1.0 - alpha, group["eps"], group["momentum"]), None

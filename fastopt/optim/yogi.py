@@ -1,0 +1,42 @@
+"""Yogi (no torch equivalent; follows the paper and optax.yogi)."""
+
+from .adam import AdamBase
+from .validation import check_nonnegative
+
+
+class Yogi(AdamBase):
+    r"""Yogi: Adam whose second moment moves additively, so it cannot blow up the step size.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = v_{t-1} - (1-\beta_2)\operatorname{sign}(v_{t-1} - g_t^2)\, g_t^2,\quad
+        \theta_t = \theta_{t-1} - \eta\frac{m_t}{\sqrt{v_t} + \epsilon}
+
+    torch has no Yogi. This follows Zaheer et al., "Adaptive Methods for Nonconvex Optimization",
+    NeurIPS 2018 (defaults lr = 1e-2, eps = 1e-3) as implemented by optax.yogi: no bias correction,
+    both moments start at ``initial_accumulator_value`` (1e-6). ``weight_decay`` adds the L2 term
+    λθ to the gradient (torch style; 0 by default).
+    """
+
+    algorithm = "yogi"
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator_value=1e-6,
+                 weight_decay=0.0, *, maximize=False, backend=None):  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, eps=eps, initial_accumulator_value=initial_accumulator_value,
+                        weight_decay=weight_decay, maximize=maximize)  # fmt: skip
+        super().__init__(params, defaults, backend=backend)
+
+    def _check(self, group):
+        super()._check(group)
+        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
+
+    def _rule(self, group):
+        return "yogi"
+
+    def _initial_value(self, group, name, lr):
+        return group["initial_accumulator_value"]
+
+    def _scalars(self, group, state, step, lr):
+        beta1, beta2 = group["betas"]
+        gsign = -1.0 if group["maximize"] else 1.0
+        return (lr, group["weight_decay"], gsign, beta1, 1.0 - beta1, 1.0 - beta2, group["eps"]), None

@@ -1,0 +1,172 @@
+"""ParamSet: many named parameters packed in one contiguous buffer, plus one gradient buffer.
+
+An optimizer over a ParamSet updates every parameter with one kernel call over ``flat``.
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+
+ALIGNMENT = 64
+"""Byte alignment of the start of ``flat`` and ``grad_flat`` (a cache line; 16-byte vector loads)."""
+
+
+def aligned_zeros(n, dtype, xp=np):
+    """A zeroed 1-D array of ``n`` elements whose data pointer is ALIGNMENT-byte aligned."""
+    dtype = np.dtype(dtype)
+    pad = ALIGNMENT // dtype.itemsize
+    raw = xp.zeros(n + pad, dtype=dtype)
+    ptr = raw.data.ptr if xp is not np else raw.ctypes.data
+    start = (-ptr % ALIGNMENT) // dtype.itemsize
+    return raw[start : start + n]
+
+
+class GradientViews(Mapping):
+    """Read-only mapping name -> gradient view into the ParamSet's gradient buffer."""
+
+    def __init__(self, views):
+        self._views = views
+
+    def __getitem__(self, name):
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self):
+        return len(self._views)
+
+    def __setitem__(self, name, value):
+        self._views[name][...] = value
+
+
+class ParamSet(Mapping):
+    """Named arrays of any shapes, packed densely (in the given order) into one aligned buffer.
+
+    ``ParamSet({"w": w, "b": b})`` copies the values in; afterwards ``ps["w"]`` and
+    ``ps.grads["w"]`` are views into ``ps.flat`` and ``ps.grad_flat``, which optimizers update in
+    place. All parameters share one floating dtype (float32 or float64), the first array's unless
+    ``dtype`` is given. ``device="cuda"`` allocates the buffers with CuPy.
+    """
+
+    def __init__(self, params, *, dtype=None, device="cpu"):
+        items = list(params.items()) if isinstance(params, Mapping) else list(params)
+        if not items:
+            raise ValueError("ParamSet needs at least one parameter")
+        names = [name for name, _ in items]
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"ParamSet parameter names must be non-empty strings, got {name!r}")
+        if len(set(names)) != len(names):
+            raise ValueError("ParamSet parameter names must be unique")
+        xp = _array_module(device)
+        arrays = [_as_host_or_device_array(a, name, xp) for name, a in items]
+        dtype = np.dtype(dtype if dtype is not None else arrays[0].dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"ParamSet dtype must be float32 or float64, got {dtype}")
+        for (name, _), a in zip(items, arrays):
+            if a.dtype != dtype:
+                raise TypeError(
+                    f"parameter {name!r} has dtype {a.dtype}, the ParamSet is {dtype}; "
+                    "pass dtype= to convert explicitly"
+                )
+        self.device = device
+        self._xp = xp
+        self._shapes = {name: tuple(a.shape) for name, a in zip(names, arrays)}
+        sizes = [int(a.size) for a in arrays]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._offsets = {name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(names)}
+        n = int(offsets[-1])
+        self._flat = aligned_zeros(n, dtype, xp)
+        self._grad_flat = aligned_zeros(n, dtype, xp)
+        self._views = {}
+        grad_views = {}
+        for name, a in zip(names, arrays):
+            lo, hi = self._offsets[name]
+            self._flat[lo:hi] = a.reshape(-1)
+            self._views[name] = self._flat[lo:hi].reshape(self._shapes[name])
+            grad_views[name] = self._grad_flat[lo:hi].reshape(self._shapes[name])
+        self._grads = GradientViews(grad_views)
+
+    # mapping interface: name -> parameter view
+    def __getitem__(self, name):
+        return self._views[name]
+
+    def __setitem__(self, name, value):
+        self._views[name][...] = value
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self):
+        return len(self._views)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}: {v}" for k, v in self._shapes.items())
+        return f"ParamSet({{{shapes}}}, dtype={self.dtype}, size={self.size}, device={self.device!r})"
+
+    @property
+    def flat(self):
+        """The parameter buffer (1-D, contiguous, aligned); every ``ps[name]`` is a view of it."""
+        return self._flat
+
+    @property
+    def grad_flat(self):
+        """The gradient buffer, laid out like ``flat``."""
+        return self._grad_flat
+
+    @property
+    def grads(self):
+        """Mapping name -> gradient view (assign with ``ps.grads[name][...] = g``)."""
+        return self._grads
+
+    @property
+    def dtype(self):
+        return self._flat.dtype
+
+    @property
+    def size(self):
+        return int(self._flat.size)
+
+    @property
+    def shapes(self):
+        return dict(self._shapes)
+
+    @property
+    def offsets(self):
+        """Mapping name -> (start, stop) element offsets in ``flat``."""
+        return dict(self._offsets)
+
+    @property
+    def names(self):
+        return list(self._views)
+
+    def zero_grad(self):
+        """Set every gradient to zero (one fill of the gradient buffer)."""
+        self._grad_flat.fill(0)
+
+    def to_dict(self):
+        """Copies of the parameters, name -> array."""
+        return {name: v.copy() for name, v in self._views.items()}
+
+
+def _array_module(device):
+    if device == "cpu":
+        return np
+    if device == "cuda" or (isinstance(device, str) and device.startswith("cuda")):
+        try:
+            import cupy
+        except ImportError as exc:
+            raise RuntimeError(f"ParamSet(device={device!r}) needs CuPy, which is not installed") from exc
+        return cupy
+    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+
+
+def _as_host_or_device_array(a, name, xp):
+    if xp is np:
+        a = np.asarray(a)
+    else:
+        a = xp.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point")
+    return a

@@ -1,0 +1,246 @@
+"""NumPy whole-array update rules: the readable specification and the test oracle.
+
+Each function updates ``param`` and the arrays in ``state`` in place for one step, where ``step`` is
+the 1-based count of steps including this one. Hyperparameters have torch.optim's names and
+meanings; the operations follow torch.optim's single-tensor implementations (eps placement, bias
+correction, lerp, weight decay) so this file can be read side by side with torch's source. Python
+float hyperparameters never promote float32 arrays (NumPy >= 2 weak scalars), so float32 stays
+float32. Kept free of the kernels' host-side scalar folding on purpose: it is an independent oracle.
+"""
+
+import math
+
+import numpy as np
+
+
+def _lerp(a, b, w):
+    """torch.lerp(a, b, w) for a scalar weight (its two-branch formula)."""
+    if abs(w) < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * (1.0 - w)
+
+
+def _grad(param, grad, maximize, weight_decay):
+    g = -grad if maximize else grad
+    return g + weight_decay * param if weight_decay != 0 else g
+
+
+def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+        nesterov=False, maximize=False):  # fmt: skip
+    r"""SGD with momentum (torch.optim.SGD; Sutskever et al. 2013 form).
+
+    g = ∇ + λθ;  b₁ = g,  b_t = μ b_{t-1} + (1 − τ) g;  d = g + μ b_t (Nesterov) or b_t;  θ ← θ − η d
+    """
+    g = _grad(param, grad, maximize, weight_decay)
+    if momentum != 0:
+        buf = state["momentum_buffer"]
+        if step == 1:
+            buf[...] = g
+        else:
+            buf[...] = buf * momentum + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    param[...] = param - lr * g
+
+
+def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0,
+            initial_accumulator_value=0.0, eps=1e-10, maximize=False):  # fmt: skip
+    r"""Adagrad (Duchi et al. 2011; torch.optim.Adagrad).
+
+    η_t = η / (1 + (t − 1) δ);  s ← s + g²;  θ ← θ − η_t g / (√s + ε)
+    """
+    g = _grad(param, grad, maximize, weight_decay)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s = state["sum"]
+    s[...] = s + g * g
+    param[...] = param - clr * (g / (np.sqrt(s) + eps))
+
+
+def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
+            momentum=0.0, centered=False, maximize=False):  # fmt: skip
+    r"""RMSprop (Hinton's lecture 6e; Graves 2013 centered form; torch.optim.RMSprop).
+
+    v ← α v + (1 − α) g²;  centered: ḡ ← lerp(ḡ, g, 1 − α), v̂ = v − ḡ²;  a = √v̂ + ε;
+    momentum: b ← μ b + g / a, θ ← θ − η b;  else θ ← θ − η g / a
+    """
+    g = _grad(param, grad, maximize, weight_decay)
+    sq = state["square_avg"]
+    sq[...] = sq * alpha + (1 - alpha) * (g * g)
+    if centered:
+        ga = state["grad_avg"]
+        ga[...] = _lerp(ga, g, 1 - alpha)
+        avg = np.sqrt(sq - ga * ga) + eps
+    else:
+        avg = np.sqrt(sq) + eps
+    if momentum > 0:
+        buf = state["momentum_buffer"]
+        buf[...] = buf * momentum + g / avg
+        param[...] = param - lr * buf
+    else:
+        param[...] = param - lr * (g / avg)
+
+
+def adadelta(param, grad, state, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
+             maximize=False):  # fmt: skip
+    r"""Adadelta (Zeiler 2012; torch.optim.Adadelta).
+
+    v ← ρ v + (1 − ρ) g²;  Δ = √(u + ε) / √(v + ε) · g;  u ← ρ u + (1 − ρ) Δ²;  θ ← θ − η Δ
+    """
+    g = _grad(param, grad, maximize, weight_decay)
+    sq, acc = state["square_avg"], state["acc_delta"]
+    sq[...] = sq * rho + (1 - rho) * (g * g)
+    delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * g
+    acc[...] = acc * rho + (1 - rho) * (delta * delta)
+    param[...] = param - lr * delta
+
+
+def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+         amsgrad=False, maximize=False, decoupled_weight_decay=False):  # fmt: skip
+    r"""Adam / AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019; torch.optim.Adam/AdamW).
+
+    AdamW: θ ← θ(1 − ηλ); Adam: g ← g + λθ.  m ← lerp(m, g, 1 − β₁);  v ← β₂ v + (1 − β₂) g²;
+    AMSGrad: v̂ ← max(v̂, v).  θ ← θ − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+    """
+    beta1, beta2 = betas
+    if decoupled_weight_decay:
+        param[...] = param * (1 - lr * weight_decay)
+        g = _grad(param, grad, maximize, 0.0)
+    else:
+        g = _grad(param, grad, maximize, weight_decay)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = _lerp(m, g, 1 - beta1)
+    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    if amsgrad:
+        vmax = state["max_exp_avg_sq"]
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    param[...] = param - step_size * (m / (np.sqrt(v) / bias_correction2_sqrt + eps))
+
+
+def adamw(param, grad, state, *, weight_decay=1e-2, **kw):
+    """AdamW: :func:`adam` with decoupled weight decay (torch.optim.AdamW, default λ = 1e-2)."""
+    adam(param, grad, state, weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
+
+
+def adamax(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+           weight_decay=0.0, maximize=False):  # fmt: skip
+    r"""Adamax (Kingma & Ba 2015, §7.1; torch.optim.Adamax).
+
+    m ← lerp(m, g, 1 − β₁);  u ← max(β₂ u, |g| + ε);  θ ← θ − η / (1 − β₁ᵗ) · m / u
+    """
+    beta1, beta2 = betas
+    g = _grad(param, grad, maximize, weight_decay)
+    m, u = state["exp_avg"], state["exp_inf"]
+    m[...] = _lerp(m, g, 1 - beta1)
+    np.maximum(u * beta2, np.abs(g) + eps, out=u)
+    clr = lr / (1 - beta1**step)
+    param[...] = param - clr * (m / u)
+
+
+def nadam(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):  # fmt: skip
+    r"""NAdam (Dozat 2016; torch.optim.NAdam), with the momentum schedule of torch.
+
+    μ_t = β₁(1 − ½·0.96^{tψ});  Π_t = Π_{t−1} μ_t  (``state["mu_product"]``, updated here);
+    θ ← θ − η(1 − μ_t)/(1 − Π_t) · g/d − η μ_{t+1}/(1 − Π_t μ_{t+1}) · m/d,  d = √(v/(1 − β₂ᵗ)) + ε
+    """
+    beta1, beta2 = betas
+    if weight_decay != 0 and decoupled_weight_decay:
+        param[...] = param * (1 - lr * weight_decay)
+        g = _grad(param, grad, maximize, 0.0)
+    else:
+        g = _grad(param, grad, maximize, weight_decay)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = state["mu_product"] * mu
+    state["mu_product"] = mu_product
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = _lerp(m, g, 1 - beta1)
+    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    denom = np.sqrt(v / (1 - beta2**step)) + eps
+    p = param - (lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+    param[...] = p - (lr * mu_next / (1.0 - mu_product * mu_next)) * (m / denom)
+
+
+def radam(param, grad, state, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          decoupled_weight_decay=False, maximize=False):  # fmt: skip
+    r"""RAdam (Liu et al. 2020; torch.optim.RAdam).
+
+    ρ_∞ = 2/(1 − β₂) − 1,  ρ_t = ρ_∞ − 2tβ₂ᵗ/(1 − β₂ᵗ).  m̂ = m/(1 − β₁ᵗ).  If ρ_t > 5:
+    θ ← θ − η m̂ · √(1 − β₂ᵗ)/(√v + ε) · r_t,  r_t = √((ρ_t−4)(ρ_t−2)ρ_∞ / ((ρ_∞−4)(ρ_∞−2)ρ_t));
+    else θ ← θ − η m̂ (un-adapted momentum step)
+    """
+    beta1, beta2 = betas
+    if weight_decay != 0 and decoupled_weight_decay:
+        param[...] = param * (1 - lr * weight_decay)
+        g = _grad(param, grad, maximize, 0.0)
+    else:
+        g = _grad(param, grad, maximize, weight_decay)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = _lerp(m, g, 1 - beta1)
+    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    m_hat = m / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if rho_t > 5.0:
+        rect = math.sqrt(
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        )
+        adaptive = math.sqrt(bias_correction2) / (np.sqrt(v) + eps)
+        param[...] = param - m_hat * lr * adaptive * rect
+    else:
+        param[...] = param - m_hat * lr
+
+
+def rprop(param, grad, state, *, step, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0),
+          maximize=False):  # fmt: skip
+    r"""Rprop (Riedmiller & Braun 1993, the "Rprop−" variant of torch.optim.Rprop).
+
+    s = sign(g · g_prev): step ← clip(step · η₊ / η₋ / 1);  g ← 0 where s < 0;
+    θ ← θ − sign(g) · step;  g_prev ← g.  ``state["step_size"]`` starts at η.
+    """
+    etaminus, etaplus = etas
+    step_min, step_max = step_sizes
+    g = -grad if maximize else grad.copy()
+    prev, step_size = state["prev"], state["step_size"]
+    s = np.sign(g * prev)
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0)).astype(param.dtype)
+    step_size[...] = np.clip(step_size * factor, step_min, step_max)
+    g = np.where(s < 0, 0, g).astype(param.dtype)
+    param[...] = param - np.sign(g) * step_size
+    prev[...] = g
+
+
+def yogi(param, grad, state, *, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-3,
+         initial_accumulator_value=1e-6, weight_decay=0.0, maximize=False):  # fmt: skip
+    r"""Yogi (Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018).
+
+    Follows optax.yogi (no bias correction; m and v start at ``initial_accumulator_value``):
+    m ← β₁ m + (1 − β₁) g;  v ← v − (1 − β₂) sign(v − g²) g²;  θ ← θ − η m / (√v + ε).
+    ``weight_decay`` adds the L2 term λθ to g (torch-style), off by default.
+    """
+    beta1, beta2 = betas
+    g = _grad(param, grad, maximize, weight_decay)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = (1 - beta1) * g + beta1 * m
+    g2 = g * g
+    v[...] = v - (1 - beta2) * np.sign(v - g2) * g2
+    param[...] = param - lr * (m / (np.sqrt(v) + eps))
+
+
+def lion(param, grad, state, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+         maximize=False):  # fmt: skip
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; optax.lion).
+
+    c = β₁ m + (1 − β₁) g;  θ ← θ(1 − ηλ) − η sign(c);  m ← β₂ m + (1 − β₂) g
+    (decoupled weight decay, as in the paper; λ = 0 by default).
+    """
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    m = state["exp_avg"]
+    c = beta1 * m + (1 - beta1) * g
+    param[...] = param * (1 - lr * weight_decay) - lr * np.sign(c)
+    m[...] = beta2 * m + (1 - beta2) * g

@@ -1,0 +1,263 @@
+"""Every update rule, written once, as plain scalar Python functions.
+
+Each public rule has the signature ``rule(p, g, *state, h) -> (p, *state)``: one element of the
+parameter, its gradient and its optimizer-state slots in, the new values out. ``h`` is a tuple of
+per-step scalars computed on the host in float64 and cast to the parameter dtype, so the arithmetic
+here stays in that dtype (no Python float literals in the math: they would promote float32 to
+float64). The tuple layout of every rule is documented next to it and built by the optimizer class.
+
+No decorators: ``kernels/compile_rules.py`` compiles this module twice (``numba.njit`` for the CPU
+loops, ``numba.cuda.jit(device=True)`` for the GPU kernels) by rebinding the helpers below to their
+compiled versions. ``kernels/rules.cuh`` is the same arithmetic in CUDA C for the CuPy kernels.
+
+The arithmetic mirrors torch.optim's single-tensor implementations operation by operation (same
+order, same lerp), so results agree with torch to rounding.
+"""
+
+import math
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def lerp(a, b, w, one_minus_w):
+    """torch.lerp: ``a + w (b - a)`` for |w| < 0.5, else ``b - (b - a)(1 - w)``."""
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * one_minus_w
+
+
+def clamp(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+def l2_grad(p, g, gsign, weight_decay):
+    """Gradient after ``maximize`` (gsign = -1) and coupled L2 weight decay ``g + wd * p``."""
+    return gsign * g + weight_decay * p
+
+
+def second_moment(v, g, beta, one_minus_beta):
+    """``v * beta + (1 - beta) * g^2`` (torch: ``v.mul_(beta).addcmul_(g, g, value=1 - beta)``)."""
+    return v * beta + one_minus_beta * (g * g)
+
+
+# ---------------------------------------------------------------------------------------------
+# SGD.  h = (lr, weight_decay, gsign)             momentum: + (momentum, 1 - dampening, nesterov, first)
+
+
+def sgd(p, g, h):
+    lr, weight_decay, gsign = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    return (p - lr * g,)
+
+
+def sgd_momentum(p, g, buf, h):
+    lr, weight_decay, gsign, momentum, one_minus_dampening, nesterov, first = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    if first > 0:
+        buf = g
+    else:
+        buf = buf * momentum + one_minus_dampening * g
+    if nesterov > 0:
+        d = g + momentum * buf
+    else:
+        d = buf
+    return p - lr * d, buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Adagrad.  h = (clr, weight_decay, gsign, eps) with clr = lr / (1 + (t - 1) lr_decay)
+
+
+def adagrad(p, g, acc, h):
+    clr, weight_decay, gsign, eps = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    acc = acc + g * g
+    return p - clr * (g / (math.sqrt(acc) + eps)), acc
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSprop.  h = (lr, weight_decay, gsign, alpha, 1 - alpha, eps, momentum)
+# State order follows torch: square_avg, momentum_buffer (if momentum), grad_avg (if centered).
+
+
+def rmsprop(p, g, sq, h):
+    lr, weight_decay, gsign, alpha, one_minus_alpha, eps, momentum = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    sq = second_moment(sq, g, alpha, one_minus_alpha)
+    return p - lr * (g / (math.sqrt(sq) + eps)), sq
+
+
+def rmsprop_momentum(p, g, sq, buf, h):
+    lr, weight_decay, gsign, alpha, one_minus_alpha, eps, momentum = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    sq = second_moment(sq, g, alpha, one_minus_alpha)
+    buf = buf * momentum + g / (math.sqrt(sq) + eps)
+    return p - lr * buf, sq, buf
+
+
+def rmsprop_centered(p, g, sq, gavg, h):
+    lr, weight_decay, gsign, alpha, one_minus_alpha, eps, momentum = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    sq = second_moment(sq, g, alpha, one_minus_alpha)
+    gavg = lerp(gavg, g, one_minus_alpha, alpha)
+    return p - lr * (g / (math.sqrt(sq - gavg * gavg) + eps)), sq, gavg
+
+
+def rmsprop_centered_momentum(p, g, sq, buf, gavg, h):
+    lr, weight_decay, gsign, alpha, one_minus_alpha, eps, momentum = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    sq = second_moment(sq, g, alpha, one_minus_alpha)
+    gavg = lerp(gavg, g, one_minus_alpha, alpha)
+    buf = buf * momentum + g / (math.sqrt(sq - gavg * gavg) + eps)
+    return p - lr * buf, sq, buf, gavg
+
+
+# ---------------------------------------------------------------------------------------------
+# Adadelta.  h = (lr, weight_decay, gsign, rho, 1 - rho, eps)
+
+
+def adadelta(p, g, sq, acc_delta, h):
+    lr, weight_decay, gsign, rho, one_minus_rho, eps = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    sq = second_moment(sq, g, rho, one_minus_rho)
+    delta = math.sqrt(acc_delta + eps) / math.sqrt(sq + eps) * g
+    acc_delta = second_moment(acc_delta, delta, rho, one_minus_rho)
+    return p - lr * delta, sq, acc_delta
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam / AdamW.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
+#                     step_size, sqrt(bias_correction2), eps)
+# decay = 1 - lr * wd for decoupled (AdamW) weight decay, else 1 with weight_decay the L2 term.
+
+
+def adam_moments(p, g, m, v, h):
+    """Decay, L2 term and both moments; returns the effective gradient too."""
+    decay, weight_decay, gsign, beta1, one_minus_beta1, beta2, one_minus_beta2 = h[:7]
+    p = p * decay
+    g = l2_grad(p, g, gsign, weight_decay)
+    return p, g, lerp(m, g, one_minus_beta1, beta1), second_moment(v, g, beta2, one_minus_beta2)
+
+
+def adam_apply(p, m, v, h):
+    step_size, bias_correction2_sqrt, eps = h[7:]
+    return p - step_size * (m / (math.sqrt(v) / bias_correction2_sqrt + eps))
+
+
+def adam(p, g, m, v, h):
+    p, g, m, v = adam_moments(p, g, m, v, h)
+    return adam_apply(p, m, v, h), m, v
+
+
+def adam_amsgrad(p, g, m, v, vmax, h):
+    p, g, m, v = adam_moments(p, g, m, v, h)
+    vmax = max(vmax, v)
+    return adam_apply(p, m, vmax, h), m, v, vmax
+
+
+# ---------------------------------------------------------------------------------------------
+# Adamax.  h = (weight_decay, gsign, beta1, 1 - beta1, beta2, eps, clr) with clr = lr / (1 - beta1^t)
+
+
+def adamax(p, g, m, u, h):
+    weight_decay, gsign, beta1, one_minus_beta1, beta2, eps, clr = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    m = lerp(m, g, one_minus_beta1, beta1)
+    u = max(u * beta2, abs(g) + eps)
+    return p - clr * (m / u), m, u
+
+
+# ---------------------------------------------------------------------------------------------
+# NAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
+#              bias_correction2, eps, c_grad, c_avg)
+# c_grad = lr (1 - mu_t) / (1 - prod mu_1..t), c_avg = lr mu_{t+1} / (1 - prod mu_1..t+1)
+
+
+def nadam(p, g, m, v, h):
+    p, g, m, v = adam_moments(p, g, m, v, h)
+    bias_correction2, eps, c_grad, c_avg = h[7:]
+    denom = math.sqrt(v / bias_correction2) + eps
+    p = p - c_grad * (g / denom)
+    return p - c_avg * (m / denom), m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# RAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
+#              bias_correction1, lr, rectify, rect, sqrt(bias_correction2), eps)
+# rectify > 0 when rho_t > 5 (the variance is tractable); rect is the rectification term r_t.
+
+
+def radam(p, g, m, v, h):
+    p, g, m, v = adam_moments(p, g, m, v, h)
+    bias_correction1, lr, rectify, rect, bias_correction2_sqrt, eps = h[7:]
+    m_hat = m / bias_correction1
+    if rectify > 0:
+        p = p - m_hat * lr * (bias_correction2_sqrt / (math.sqrt(v) + eps)) * rect
+    else:
+        p = p - m_hat * lr
+    return p, m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Rprop.  h = (gsign, etaminus, etaplus, step_size_min, step_size_max, zero)
+
+
+def rprop(p, g, prev, step_size, h):
+    gsign, etaminus, etaplus, step_size_min, step_size_max, zero = h
+    g = gsign * g
+    same_direction = g * prev
+    if same_direction > 0:
+        step_size = clamp(step_size * etaplus, step_size_min, step_size_max)
+    elif same_direction < 0:
+        step_size = clamp(step_size * etaminus, step_size_min, step_size_max)
+        g = zero
+    else:
+        step_size = clamp(step_size, step_size_min, step_size_max)
+    if g > 0:
+        p = p - step_size
+    elif g < 0:
+        p = p + step_size
+    return p, g, step_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Yogi (Zaheer et al., NeurIPS 2018; optax.scale_by_yogi: no bias correction).
+# h = (lr, weight_decay, gsign, beta1, 1 - beta1, 1 - beta2, eps)
+
+
+def yogi(p, g, m, v, h):
+    lr, weight_decay, gsign, beta1, one_minus_beta1, one_minus_beta2, eps = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    m = one_minus_beta1 * g + beta1 * m
+    g2 = g * g
+    if v > g2:
+        v = v - one_minus_beta2 * g2
+    elif v < g2:
+        v = v + one_minus_beta2 * g2
+    return p - lr * (m / (math.sqrt(v) + eps)), m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"; optax.lion).
+# h = (decay, lr, gsign, beta1, 1 - beta1, beta2, 1 - beta2) with decay = 1 - lr * wd (decoupled)
+
+
+def lion(p, g, m, h):
+    decay, lr, gsign, beta1, one_minus_beta1, beta2, one_minus_beta2 = h
+    g = gsign * g
+    c = beta1 * m + one_minus_beta1 * g
+    p = p * decay
+    if c > 0:
+        p = p - lr
+    elif c < 0:
+        p = p + lr
+    return p, beta2 * m + one_minus_beta2 * g
+
+
+RULES = (
+    "sgd", "sgd_momentum", "adagrad",
+    "rmsprop", "rmsprop_momentum", "rmsprop_centered", "rmsprop_centered_momentum",
+    "adadelta", "adam", "adam_amsgrad", "adamax", "nadam", "radam", "rprop", "yogi", "lion",
+)  # fmt: skip
+"""The public rules, in the order the kernels are listed; everything else here is a helper."""
