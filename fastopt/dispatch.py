@@ -22,7 +22,9 @@ class Backend:
         return True, ""
 
     def update(self, rule, p, g, states, h, spec):
-        """Apply ``rule`` in place. ``spec`` = (algorithm, state dict, hyperparameters, step)."""
+        """Apply ``rule`` in place to flat arrays; ``states`` in the rule's slot order, ``h`` its
+        scalars cast to the parameter dtype. ``spec`` = (optimizer, group, state, lr, step), for
+        backends that work from the hyperparameters instead (the reference)."""
         raise NotImplementedError
 
     def scalar_type(self, dtype):
@@ -59,10 +61,11 @@ class NumPyReference(Backend):
     array_kind = "numpy"
 
     def update(self, rule, p, g, states, h, spec):
-        algorithm, state, hyper, step = spec
+        optimizer, group, state, lr, step = spec
         # The reference advances scalar state (NAdam's mu_product) itself; the optimizer owns the
         # committed value, so hand it a shallow copy.
-        getattr(reference, algorithm)(p, g, dict(state), step=step, **hyper)
+        rule_fn = getattr(reference, optimizer.algorithm)
+        rule_fn(p, g, dict(state), step=step, **optimizer.hyperparameters(group, lr))
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numpy": NumPyReference}

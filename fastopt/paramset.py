@@ -61,11 +61,12 @@ class ParamSet(Mapping):
             raise ValueError("ParamSet parameter names must be unique")
         xp = _array_module(device)
         arrays = [_as_host_or_device_array(a, name, xp) for name, a in items]
-        dtype = np.dtype(dtype if dtype is not None else arrays[0].dtype)
+        explicit = dtype is not None
+        dtype = np.dtype(dtype if explicit else arrays[0].dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"ParamSet dtype must be float32 or float64, got {dtype}")
         for (name, _), a in zip(items, arrays):
-            if a.dtype != dtype:
+            if a.dtype != dtype and not explicit:
                 raise TypeError(
                     f"parameter {name!r} has dtype {a.dtype}, the ParamSet is {dtype}; "
                     "pass dtype= to convert explicitly"

@@ -59,7 +59,8 @@ def apply(rule_name, p, g, states, h):
 
     ``h`` is the tuple of per-step scalars, already cast to ``p``'s dtype.
     """
-    kernel(rule_name)(p, g, *states, h)
+    k = _KERNELS.get(rule_name) or kernel(rule_name)
+    k(p, g, *states, h)
 
 
 # ---------------------------------------------------------------------------------------------

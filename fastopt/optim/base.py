@@ -18,10 +18,11 @@ from .validation import check_lr, check_scheduled_lr
 class _Unit:
     """One kernel call's worth of parameters: a ParamSet's flat buffer or one plain array."""
 
-    __slots__ = ("param", "shape", "default_grad", "state", "backend", "label", "scalar_type")
+    __slots__ = ("param", "source", "shape", "default_grad", "state", "backend", "label", "scalar_type")
 
-    def __init__(self, param, shape, default_grad, label):
-        self.param = param
+    def __init__(self, param, source, shape, default_grad, label):
+        self.param = param  # flat 1-D view that the kernels update
+        self.source = source  # the user's array (its flags, not the view's, say if it is writable)
         self.shape = shape
         self.default_grad = default_grad
         self.label = label
@@ -45,18 +46,20 @@ def _flat_view(a, label):
 def _units_of(params, where):
     """(structure, units, keys) of one group's ``params``."""
     if isinstance(params, ParamSet):
-        return "paramset", [_Unit(params.flat, (params.size,), params.grad_flat, f"{where} ParamSet")], None
+        unit = _Unit(params.flat, params.flat, (params.size,), params.grad_flat, f"{where} ParamSet")
+        return "paramset", [unit], None
     if isinstance(params, Mapping):
         keys = list(params)
-        units = [_Unit(_flat_view(a, f"{where} param {k!r}"), a.shape, None, f"{where} param {k!r}")
+        units = [_Unit(_flat_view(a, f"{where} param {k!r}"), a, a.shape, None, f"{where} param {k!r}")
                  for k, a in params.items()]  # fmt: skip
         return "dict", units, keys
     if isinstance(params, (list, tuple)):
-        units = [_Unit(_flat_view(a, f"{where} param [{i}]"), a.shape, None, f"{where} param [{i}]")
+        units = [_Unit(_flat_view(a, f"{where} param [{i}]"), a, a.shape, None, f"{where} param [{i}]")
                  for i, a in enumerate(params)]  # fmt: skip
         return "list", units, None
     if hasattr(params, "shape"):
-        return "array", [_Unit(_flat_view(params, f"{where} param"), params.shape, None, f"{where} param")], None
+        unit = _Unit(_flat_view(params, f"{where} param"), params, params.shape, None, f"{where} param")
+        return "array", [unit], None
     raise TypeError(
         f"{where} params must be a ParamSet, an array, a list/tuple/dict of arrays, "
         f"got {type(params).__name__}"
@@ -130,7 +133,7 @@ class Optimizer:
         where = f"param_groups[{len(self.param_groups)}]"
         structure, units, keys = _units_of(group["params"], where)
         if not units:
-            raise ValueError(f"{where} has no parameters")
+            raise ValueError(f"{where} is empty: an optimizer needs parameters")
         self._check(group)
         seen = {id(u.param.base if u.param.base is not None else u.param) for g in self._groups for u in g["units"]}
         for u in units:
@@ -174,24 +177,26 @@ class Optimizer:
                     self._allocate(group, unit, names, lr)
                 step = state["step"] + 1
                 h, updates = self._scalars(group, state, step, lr)
-                st = unit.scalar_type
                 unit.backend.update(
-                    rule, unit.param, grad, tuple(state[n] for n in names), tuple([st(x) for x in h]),
-                    (self.algorithm, state, self._hyper(group, lr), step),
+                    rule, unit.param, grad, [state[n] for n in names], tuple(map(unit.scalar_type, h)),
+                    (self, group, state, lr, step),
                 )  # fmt: skip
                 state["step"] = step
                 if updates:
                     state.update(updates)
             g_int["steps"] += 1
 
-    def _hyper(self, group, lr):
-        hyper = {k: group[k] for k in self.defaults if k != "lr"}
+    def hyperparameters(self, group, lr):
+        """The group's hyperparameters as keyword arguments of its ``fastopt.reference`` rule."""
+        hyper = {k: group[k] for k in self.defaults}
         hyper["lr"] = lr
         return hyper
 
     def _group_settings(self, i, group, g_int):
         """Validate hyperparameters when they changed since the last step; cache rule and slots."""
-        key = tuple(group[k] if not isinstance(group[k], list) else tuple(group[k]) for k in self.defaults)
+        # Re-check only when a hyperparameter changed. A list value never equals the stored tuple,
+        # so in-place edits of list-valued settings are re-checked every step (slow but correct).
+        key = tuple(map(group.__getitem__, self.defaults))
         if g_int["checked"] != key:
             self._check(group)
             g_int["rule"] = self._rule(group)
@@ -204,7 +209,7 @@ class Optimizer:
                         "create a new optimizer to switch variants"
                     )
             g_int["state_names"] = names
-            g_int["checked"] = key
+            g_int["checked"] = tuple(tuple(v) if isinstance(v, list) else v for v in key)
         if group["params"] is not g_int["source"]:
             raise ValueError(
                 f"param_groups[{i}]['params'] was replaced; add parameters with add_param_group()"
@@ -231,7 +236,7 @@ class Optimizer:
             unit.backend = dispatch.backend_for([p], self._backend_name)
             unit.scalar_type = unit.backend.scalar_type(p.dtype)
         if grad is unit.default_grad:
-            if not p.flags.writeable:
+            if not unit.source.flags.writeable:
                 raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
             return grad
         if type(grad) is not type(p):
@@ -243,7 +248,7 @@ class Optimizer:
             raise ValueError(f"gradient for {unit.label} has shape {grad.shape}, expected {unit.shape}")
         if not grad.flags.c_contiguous:
             raise ValueError(f"gradient for {unit.label} is not C-contiguous")
-        if not p.flags.writeable:
+        if not unit.source.flags.writeable:
             raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
         return grad.reshape(-1)
 
