@@ -1,0 +1,25 @@
+"""The README's quickstart runs as written, and .ci/run runs the README's commands."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_quickstart_runs(capsys):
+    (code,) = [b for b in _blocks("python") if "import fastopt" in b][:1]
+    exec(compile(code, "README quickstart", "exec"), {})
+    assert "SGD" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    bash = _blocks("bash")
+    install = next(b.strip() for b in bash if b.strip().startswith("pip install"))
+    test = next(b.strip() for b in bash if b.strip().startswith("pytest"))
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci and test in ci
