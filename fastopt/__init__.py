@@ -2,13 +2,39 @@
 
 from .dispatch import backends
 from .optim import (
-    SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, Optimizer, RAdam, RMSprop, Rprop, Yogi,
-)  # fmt: skip
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Lion,
+    NAdam,
+    Optimizer,
+    RAdam,
+    RMSprop,
+    Rprop,
+    Yogi,
+)
 from .paramset import ParamSet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "Optimizer",
-    "ParamSet", "RAdam", "RMSprop", "Rprop", "Yogi", "backends", "__version__",
-]  # fmt: skip
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
+    "Optimizer",
+    "ParamSet",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "Yogi",
+    "backends",
+    "__version__",
+]

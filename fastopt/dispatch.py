@@ -21,10 +21,15 @@ class Backend:
         """(bool, reason): whether it can run here, and why not."""
         return True, ""
 
-    def update(self, rule, p, g, states, h, spec):
+    def update(self, rule, p, g, states, h, gs, spec):
         """Apply ``rule`` in place to flat arrays; ``states`` in the rule's slot order, ``h`` its
-        scalars cast to the parameter dtype. ``spec`` = (optimizer, group, state, lr, step), for
-        backends that work from the hyperparameters instead (the reference)."""
+        scalars and ``gs`` = (gradient scale, clip value or 0), cast to the parameter dtype.
+        ``spec`` = (optimizer, group, state, lr, step), for backends that work from the
+        hyperparameters instead (the reference)."""
+        raise NotImplementedError
+
+    def sumsq_and_finite(self, g):
+        """(sum of squares in float64, every element finite?) of a flat array, deterministic."""
         raise NotImplementedError
 
     def scalar_type(self, dtype):
@@ -49,9 +54,10 @@ class NumbaCPU(Backend):
         from .kernels import cpu
 
         self._apply = cpu.apply
+        self.sumsq_and_finite = cpu.sumsq_and_finite
 
-    def update(self, rule, p, g, states, h, spec):
-        self._apply(rule, p, g, states, h)
+    def update(self, rule, p, g, states, h, gs, spec):
+        self._apply(rule, p, g, states, h, gs)
 
 
 class NumPyReference(Backend):
@@ -60,12 +66,17 @@ class NumPyReference(Backend):
     name = "numpy"
     array_kind = "numpy"
 
-    def update(self, rule, p, g, states, h, spec):
+    def update(self, rule, p, g, states, h, gs, spec):
         optimizer, group, state, lr, step = spec
+        g = reference.transformed_grad(g, gs[0], gs[1])
         # The reference advances scalar state (NAdam's mu_product) itself; the optimizer owns the
         # committed value, so hand it a shallow copy.
         rule_fn = getattr(reference, optimizer.algorithm)
         rule_fn(p, g, dict(state), step=step, **optimizer.hyperparameters(group, lr))
+
+    def sumsq_and_finite(self, g):
+        g64 = g.astype(np.float64)
+        return float(np.dot(g64, g64)), bool(np.isfinite(g).all())
 
 
 _FACTORIES = {"numba-cpu": NumbaCPU, "numpy": NumPyReference}

@@ -76,7 +76,9 @@ class ParamSet(Mapping):
         self._shapes = {name: tuple(a.shape) for name, a in zip(names, arrays)}
         sizes = [int(a.size) for a in arrays]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._offsets = {name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(names)}
+        self._offsets = {
+            name: (int(offsets[i]), int(offsets[i + 1])) for i, name in enumerate(names)
+        }
         n = int(offsets[-1])
         self._flat = aligned_zeros(n, dtype, xp)
         self._grad_flat = aligned_zeros(n, dtype, xp)
@@ -104,7 +106,9 @@ class ParamSet(Mapping):
 
     def __repr__(self):
         shapes = ", ".join(f"{k}: {v}" for k, v in self._shapes.items())
-        return f"ParamSet({{{shapes}}}, dtype={self.dtype}, size={self.size}, device={self.device!r})"
+        return (
+            f"ParamSet({{{shapes}}}, dtype={self.dtype}, size={self.size}, device={self.device!r})"
+        )
 
     @property
     def flat(self):
@@ -158,7 +162,9 @@ def _array_module(device):
         try:
             import cupy
         except ImportError as exc:
-            raise RuntimeError(f"ParamSet(device={device!r}) needs CuPy, which is not installed") from exc
+            raise RuntimeError(
+                f"ParamSet(device={device!r}) needs CuPy, which is not installed"
+            ) from exc
         return cupy
     raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
 
@@ -169,5 +175,7 @@ def _as_host_or_device_array(a, name, xp):
     else:
         a = xp.asarray(a)
     if a.dtype.kind != "f":
-        raise TypeError(f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point")
+        raise TypeError(
+            f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point"
+        )
     return a

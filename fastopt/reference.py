@@ -20,13 +20,33 @@ def _lerp(a, b, w):
     return b - (b - a) * (1.0 - w)
 
 
+def transformed_grad(grad, scale, clip):
+    """The gradient the update sees: ``grad * scale`` (norm clipping, micro-batch averaging,
+    loss-scale removal), then clipped elementwise to [-clip, clip] when ``clip > 0``."""
+    g = grad * grad.dtype.type(scale)
+    if clip > 0:
+        g = np.clip(g, -clip, clip).astype(grad.dtype)
+    return g
+
+
 def _grad(param, grad, maximize, weight_decay):
     g = -grad if maximize else grad
     return g + weight_decay * param if weight_decay != 0 else g
 
 
-def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-        nesterov=False, maximize=False):  # fmt: skip
+def sgd(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+):
     r"""SGD with momentum (torch.optim.SGD; Sutskever et al. 2013 form).
 
     g = ∇ + λθ;  b₁ = g,  b_t = μ b_{t-1} + (1 − τ) g;  d = g + μ b_t (Nesterov) or b_t;  θ ← θ − η d
@@ -42,8 +62,19 @@ def sgd(param, grad, state, *, step, lr, momentum=0.0, dampening=0.0, weight_dec
     param[...] = param - lr * g
 
 
-def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0,
-            initial_accumulator_value=0.0, eps=1e-10, maximize=False):  # fmt: skip
+def adagrad(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    lr_decay=0.0,
+    weight_decay=0.0,
+    initial_accumulator_value=0.0,
+    eps=1e-10,
+    maximize=False,
+):
     r"""Adagrad (Duchi et al. 2011; torch.optim.Adagrad).
 
     η_t = η / (1 + (t − 1) δ);  s ← s + g²;  θ ← θ − η_t g / (√s + ε)
@@ -55,8 +86,20 @@ def adagrad(param, grad, state, *, step, lr, lr_decay=0.0, weight_decay=0.0,
     param[...] = param - clr * (g / (np.sqrt(s) + eps))
 
 
-def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=0.0,
-            momentum=0.0, centered=False, maximize=False):  # fmt: skip
+def rmsprop(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    centered=False,
+    maximize=False,
+):
     r"""RMSprop (Hinton's lecture 6e; Graves 2013 centered form; torch.optim.RMSprop).
 
     v ← α v + (1 − α) g²;  centered: ḡ ← lerp(ḡ, g, 1 − α), v̂ = v − ḡ²;  a = √v̂ + ε;
@@ -79,8 +122,9 @@ def rmsprop(param, grad, state, *, step, lr, alpha=0.99, eps=1e-8, weight_decay=
         param[...] = param - lr * (g / avg)
 
 
-def adadelta(param, grad, state, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
-             maximize=False):  # fmt: skip
+def adadelta(
+    param, grad, state, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False
+):
     r"""Adadelta (Zeiler 2012; torch.optim.Adadelta).
 
     v ← ρ v + (1 − ρ) g²;  Δ = √(u + ε) / √(v + ε) · g;  u ← ρ u + (1 − ρ) Δ²;  θ ← θ − η Δ
@@ -93,8 +137,20 @@ def adadelta(param, grad, state, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_deca
     param[...] = param - lr * delta
 
 
-def adam(param, grad, state, *, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-         amsgrad=False, maximize=False, decoupled_weight_decay=False):  # fmt: skip
+def adam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad=False,
+    maximize=False,
+    decoupled_weight_decay=False,
+):
     r"""Adam / AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019; torch.optim.Adam/AdamW).
 
     AdamW: θ ← θ(1 − ηλ); Adam: g ← g + λθ.  m ← lerp(m, g, 1 − β₁);  v ← β₂ v + (1 − β₂) g²;
@@ -123,8 +179,18 @@ def adamw(param, grad, state, *, weight_decay=1e-2, **kw):
     adam(param, grad, state, weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
 
 
-def adamax(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
-           weight_decay=0.0, maximize=False):  # fmt: skip
+def adamax(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr=2e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    maximize=False,
+):
     r"""Adamax (Kingma & Ba 2015, §7.1; torch.optim.Adamax).
 
     m ← lerp(m, g, 1 − β₁);  u ← max(β₂ u, |g| + ε);  θ ← θ − η / (1 − β₁ᵗ) · m / u
@@ -138,8 +204,20 @@ def adamax(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
     param[...] = param - clr * (m / u)
 
 
-def nadam(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-          momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):  # fmt: skip
+def nadam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr=2e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum_decay=4e-3,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
     r"""NAdam (Dozat 2016; torch.optim.NAdam), with the momentum schedule of torch.
 
     μ_t = β₁(1 − ½·0.96^{tψ});  Π_t = Π_{t−1} μ_t  (``state["mu_product"]``, updated here);
@@ -163,8 +241,19 @@ def nadam(param, grad, state, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, we
     param[...] = p - (lr * mu_next / (1.0 - mu_product * mu_next)) * (m / denom)
 
 
-def radam(param, grad, state, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-          decoupled_weight_decay=False, maximize=False):  # fmt: skip
+def radam(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
     r"""RAdam (Liu et al. 2020; torch.optim.RAdam).
 
     ρ_∞ = 2/(1 − β₂) − 1,  ρ_t = ρ_∞ − 2tβ₂ᵗ/(1 − β₂ᵗ).  m̂ = m/(1 − β₁ᵗ).  If ρ_t > 5:
@@ -195,8 +284,9 @@ def radam(param, grad, state, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, we
         param[...] = param - m_hat * lr
 
 
-def rprop(param, grad, state, *, step, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0),
-          maximize=False):  # fmt: skip
+def rprop(
+    param, grad, state, *, step, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False
+):
     r"""Rprop (Riedmiller & Braun 1993, the "Rprop−" variant of torch.optim.Rprop).
 
     s = sign(g · g_prev): step ← clip(step · η₊ / η₋ / 1);  g ← 0 where s < 0;
@@ -214,8 +304,19 @@ def rprop(param, grad, state, *, step, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-
     prev[...] = g
 
 
-def yogi(param, grad, state, *, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-3,
-         initial_accumulator_value=1e-6, weight_decay=0.0, maximize=False):  # fmt: skip
+def yogi(
+    param,
+    grad,
+    state,
+    *,
+    step,
+    lr=1e-2,
+    betas=(0.9, 0.999),
+    eps=1e-3,
+    initial_accumulator_value=1e-6,
+    weight_decay=0.0,
+    maximize=False,
+):
     r"""Yogi (Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018).
 
     Follows optax.yogi (no bias correction; m and v start at ``initial_accumulator_value``):
@@ -231,8 +332,7 @@ def yogi(param, grad, state, *, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-3,
     param[...] = param - lr * (m / (np.sqrt(v) + eps))
 
 
-def lion(param, grad, state, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
-         maximize=False):  # fmt: skip
+def lion(param, grad, state, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
     r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; optax.lion).
 
     c = β₁ m + (1 − β₁) g;  θ ← θ(1 − ηλ) − η sign(c);  m ← β₂ m + (1 − β₂) g

@@ -7,31 +7,33 @@ result is bit-identical for any thread count. Indices are ``prange`` over ``p.si
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from .compile_rules import ARITY, compile_rules, specialize
 
 _RULES = compile_rules(njit(inline="always", cache=True, fastmath=False))
 
 
-def _loop0(p, g, h):
+def _loop0(p, g, h, gs):
     for i in prange(p.size):
-        (p[i],) = rule(p[i], g[i], h)  # noqa: F821 (bound by specialize)
+        (p[i],) = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), h)
 
 
-def _loop1(p, g, s0, h):
+def _loop1(p, g, s0, h, gs):
     for i in prange(p.size):
-        p[i], s0[i] = rule(p[i], g[i], s0[i], h)  # noqa: F821
+        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h)
 
 
-def _loop2(p, g, s0, s1, h):
+def _loop2(p, g, s0, s1, h, gs):
     for i in prange(p.size):
-        p[i], s0[i], s1[i] = rule(p[i], g[i], s0[i], s1[i], h)  # noqa: F821
+        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h)
 
 
-def _loop3(p, g, s0, s1, s2, h):
+def _loop3(p, g, s0, s1, s2, h, gs):
     for i in prange(p.size):
-        p[i], s0[i], s1[i], s2[i] = rule(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
+        p[i], s0[i], s1[i], s2[i] = rule(
+            p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], s2[i], h
+        )
 
 
 _TEMPLATES = (_loop0, _loop1, _loop2, _loop3)
@@ -47,24 +49,62 @@ def kernel(rule_name):
             template,
             rule_name,
             _RULES[rule_name],
-            {"prange": prange},
+            {"prange": prange, "transformed_grad": _RULES["transformed_grad"]},
             njit(parallel=True, cache=True, nogil=True),
         )
         _KERNELS[rule_name] = k
     return k
 
 
-def apply(rule_name, p, g, states, h):
+def apply(rule_name, p, g, states, h, gs):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D arrays, in place.
 
-    ``h`` is the tuple of per-step scalars, already cast to ``p``'s dtype.
+    ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip value or 0), both
+    already cast to ``p``'s dtype.
     """
     k = _KERNELS.get(rule_name) or kernel(rule_name)
-    k(p, g, *states, h)
+    k(p, g, *states, h, gs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reductions and plain kernels shared by the utilities and the benchmarks.
+
+REDUCTION_CHUNK = 1 << 14
+"""Elements per partial sum. Fixed chunks, each summed in a fixed order, then the partials summed
+pairwise by NumPy: the result does not depend on the number of threads."""
+
+
+@njit(fastmath={"reassoc"}, cache=True, nogil=True)
+def _chunk_sumsq(x, lo, hi):
+    # Unsigned indices spare Numba's negative-index wraparound, which blocks vectorization.
+    # reassoc lets LLVM split the sums over vector lanes: a fixed order for a given build, so the
+    # result is still identical run to run and for any thread count. No nnan/ninf: the
+    # non-finite sum (v - v is 0 for finite v, NaN for inf/NaN) must survive.
+    sq = 0.0
+    nonfinite = 0.0
+    for i in range(uint64(lo), uint64(hi)):
+        v = np.float64(x[i])
+        sq += v * v
+        nonfinite += v - v
+    return sq, nonfinite
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _sumsq_partials(x, sq, bad):
+    n = x.size
+    for c in prange(sq.size):
+        lo = c * REDUCTION_CHUNK
+        sq[c], nonfinite = _chunk_sumsq(x, lo, min(lo + REDUCTION_CHUNK, n))
+        bad[c] = nonfinite != 0.0
+
+
+def sumsq_and_finite(x):
+    """(sum of squares in float64, all finite?) of a flat array, deterministic for any thread count."""
+    nchunks = max(1, -(-x.size // REDUCTION_CHUNK))
+    sq = np.empty(nchunks, np.float64)
+    bad = np.empty(nchunks, np.int8)
+    _sumsq_partials(x, sq, bad)
+    return float(np.sum(sq)), not bad.any()
 
 
 @njit(parallel=True, cache=True, nogil=True)

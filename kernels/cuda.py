@@ -9,7 +9,10 @@ compiled on first use and cached in memory and on disk. The loop is grid-stride 
 
 ``numba.cuda`` is imported on first use only, and nothing here touches a device before
 ``kernel``/``apply`` is called, so ``import fastopt.kernels.cuda`` works on machines without CUDA.
-``apply`` only launches: no allocation, no copy, no synchronisation.
+``apply`` only launches: no allocation, no copy, no synchronisation. (numba-cuda views CuPy arrays
+and torch tensors through DLPack; an object offering only ``__cuda_array_interface__`` with a
+``stream`` entry makes numba-cuda synchronise that stream unless
+``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``.)
 
 Numerics: without ``fastmath`` NVVM still contracts ``a * b + c`` into fused multiply-adds (its
 default ``-fma=1``; numba-cuda offers no switch), so GPU results are bit-identical run to run and
@@ -49,24 +52,26 @@ def _simulating():
 # Loop templates. ``rule`` and ``cuda`` are globals bound by ``specialize``.
 
 
-def _loop0(p, g, h):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):  # noqa: F821
-        (p[i],) = rule(p[i], g[i], h)  # noqa: F821
+def _loop0(p, g, h, gs):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        (p[i],) = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), h)
 
 
-def _loop1(p, g, s0, h):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):  # noqa: F821
-        p[i], s0[i] = rule(p[i], g[i], s0[i], h)  # noqa: F821
+def _loop1(p, g, s0, h, gs):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h)
 
 
-def _loop2(p, g, s0, s1, h):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):  # noqa: F821
-        p[i], s0[i], s1[i] = rule(p[i], g[i], s0[i], s1[i], h)  # noqa: F821
+def _loop2(p, g, s0, s1, h, gs):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h)
 
 
-def _loop3(p, g, s0, s1, s2, h):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):  # noqa: F821
-        p[i], s0[i], s1[i], s2[i] = rule(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
+def _loop3(p, g, s0, s1, s2, h, gs):
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        p[i], s0[i], s1[i], s2[i] = rule(
+            p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], s2[i], h
+        )
 
 
 _TEMPLATES = (_loop0, _loop1, _loop2, _loop3)
@@ -101,7 +106,7 @@ def kernel(rule_name):
                     _TEMPLATES[ARITY[rule_name]],
                     rule_name,
                     _device_rules()[rule_name],
-                    {"cuda": cuda},
+                    {"cuda": cuda, "transformed_grad": _device_rules()["transformed_grad"]},
                     cuda.jit(cache=True),
                 )
                 _KERNELS[rule_name] = k
@@ -122,7 +127,7 @@ def launch_config(n, threads=None, blocks=None):
     """``(blocks, threads)`` for ``n`` elements: ``min(ceil(n / threads), BLOCKS_PER_SM * SMs)``."""
     threads = THREADS if threads is None else int(threads)
     if blocks is None:
-        blocks = min(math.ceil(n / threads), BLOCKS_PER_SM * _sm_count(_cuda()))
+        blocks = min(-(-n // threads), BLOCKS_PER_SM * _sm_count(_cuda()))
     return max(int(blocks), 1), threads
 
 
@@ -145,11 +150,12 @@ def _as_stream(cuda, stream):
     return stream
 
 
-def apply(rule_name, p, g, states, h, stream=0, *, threads=None, blocks=None):
+def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D device arrays, in place.
 
     Arrays may be any objects with ``__cuda_array_interface__`` (numba device arrays, CuPy arrays,
-    torch CUDA tensors). ``h`` is the tuple of per-step scalars, already cast to ``p``'s dtype.
+    torch CUDA tensors). ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip
+    value or 0), both already cast to ``p``'s dtype.
     ``stream``: 0 (default stream), a numba stream, a raw ``cudaStream_t`` handle or a CuPy/torch
     stream. The launch is asynchronous; ``threads``/``blocks`` override the launch configuration.
     """
@@ -167,7 +173,7 @@ def apply(rule_name, p, g, states, h, stream=0, *, threads=None, blocks=None):
         return
     cuda = _cuda()
     nblocks, nthreads = launch_config(n, threads, blocks)
-    kernel(rule_name)[nblocks, nthreads, _as_stream(cuda, stream)](p, g, *states, h)
+    kernel(rule_name)[nblocks, nthreads, _as_stream(cuda, stream)](p, g, *states, h, gs)
 
 
 def available():
@@ -185,11 +191,19 @@ def available():
         if not cuda.is_available():
             err = cuda.cuda_error()
             if err:
-                return False, f"CUDA driver unavailable: {err}".strip()
-            return False, "CUDA unavailable (NVVM/libNVVM not found?)"
+                return False, "CUDA driver unavailable: " + " ".join(str(err).split())
+            return False, "CUDA unavailable: libNVVM not found"
         gpus = list(cuda.gpus)
         if not gpus:
             return False, "no CUDA GPU found"
+        try:  # numba-cuda asks NVRTC for the supported architectures before every compile
+            from numba.cuda.cudadrv import nvrtc
+
+            nvrtc.get_supported_ccs()
+        except (ImportError, AttributeError):  # internal API moved: let the first compile tell
+            pass
+        except Exception as e:
+            return False, "NVRTC unavailable: " + " ".join(f"{type(e).__name__}: {e}".split())
         names = ", ".join(
             f"{g.name.decode() if isinstance(g.name, bytes) else g.name} "
             f"(cc {g.compute_capability[0]}.{g.compute_capability[1]})"

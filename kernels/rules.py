@@ -1,7 +1,8 @@
 """Every update rule, written once, as plain scalar Python functions.
 
 Each public rule has the signature ``rule(p, g, *state, h) -> (p, *state)``: one element of the
-parameter, its gradient and its optimizer-state slots in, the new values out. ``h`` is a tuple of
+parameter, its gradient (after ``transformed_grad``) and its optimizer-state slots in, the new
+values out. ``h`` is a tuple of
 per-step scalars computed on the host in float64 and cast to the parameter dtype, so the arithmetic
 here stays in that dtype (no Python float literals in the math: they would promote float32 to
 float64). The tuple layout of every rule is documented next to it and built by the optimizer class.
@@ -28,12 +29,42 @@ def lerp(a, b, w, one_minus_w):
 
 
 def clamp(x, lo, hi):
-    return min(max(x, lo), hi)
+    """x limited to [lo, hi]; NaN stays NaN (as torch.clamp)."""
+    if x < lo:
+        return lo
+    if x > hi:
+        return hi
+    return x
+
+
+def transformed_grad(g, gscale, clip):
+    """The gradient a rule sees: ``g * gscale``, then clipped to [-clip, clip] when ``clip > 0``.
+
+    Every loop applies it, so gradient clipping by norm, averaging of accumulated micro-batches
+    and loss-scale removal cost no extra pass (gscale = 1 and clip = 0 leave g bit-identical).
+    """
+    g = g * gscale
+    if clip > 0:
+        g = clamp(g, -clip, clip)
+    return g
+
+
+def maximum(a, b):
+    """max(a, b) that propagates NaN from either side, as torch.maximum."""
+    if a > b:
+        return a
+    if a <= b:
+        return b
+    return a + b
 
 
 def l2_grad(p, g, gsign, weight_decay):
-    """Gradient after ``maximize`` (gsign = -1) and coupled L2 weight decay ``g + wd * p``."""
-    return gsign * g + weight_decay * p
+    """Gradient after ``maximize`` (gsign = -1) and coupled L2 weight decay ``g + wd * p``
+    (skipped when wd = 0, as torch does: 0 * p would turn an infinite p into NaN)."""
+    g = gsign * g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    return g
 
 
 def second_moment(v, g, beta, one_minus_beta):
@@ -152,7 +183,7 @@ def adam(p, g, m, v, h):
 
 def adam_amsgrad(p, g, m, v, vmax, h):
     p, g, m, v = adam_moments(p, g, m, v, h)
-    vmax = max(vmax, v)
+    vmax = maximum(vmax, v)
     return adam_apply(p, m, vmax, h), m, v, vmax
 
 
@@ -164,7 +195,7 @@ def adamax(p, g, m, u, h):
     weight_decay, gsign, beta1, one_minus_beta1, beta2, eps, clr = h
     g = l2_grad(p, g, gsign, weight_decay)
     m = lerp(m, g, one_minus_beta1, beta1)
-    u = max(u * beta2, abs(g) + eps)
+    u = maximum(u * beta2, abs(g) + eps)
     return p - clr * (m / u), m, u
 
 
@@ -255,9 +286,34 @@ def lion(p, g, m, h):
     return p, beta2 * m + one_minus_beta2 * g
 
 
+# ---------------------------------------------------------------------------------------------
+# Exponential moving average of parameters (Polyak averaging), torch.optim.swa_utils'
+# get_ema_multi_avg_fn: ``ema.lerp_(param, 1 - decay)``. The averaged copy takes the parameter
+# slot and the parameter the gradient slot.  h = (1 - decay, decay)
+
+
+def ema(avg, p, h):
+    one_minus_decay, decay = h
+    return (lerp(avg, p, one_minus_decay, decay),)
+
+
 RULES = (
-    "sgd", "sgd_momentum", "adagrad",
-    "rmsprop", "rmsprop_momentum", "rmsprop_centered", "rmsprop_centered_momentum",
-    "adadelta", "adam", "adam_amsgrad", "adamax", "nadam", "radam", "rprop", "yogi", "lion",
-)  # fmt: skip
+    "sgd",
+    "sgd_momentum",
+    "adagrad",
+    "rmsprop",
+    "rmsprop_momentum",
+    "rmsprop_centered",
+    "rmsprop_centered_momentum",
+    "adadelta",
+    "adam",
+    "adam_amsgrad",
+    "adamax",
+    "nadam",
+    "radam",
+    "rprop",
+    "yogi",
+    "lion",
+    "ema",
+)
 """The public rules, in the order the kernels are listed; everything else here is a helper."""

@@ -30,14 +30,34 @@ def _assert_unchanged(params, opt, snap):
 
 
 BAD_GRADS = {
-    "wrong shape": (lambda w, b: [np.ones((3, 4), np.float32), np.ones_like(b)], ValueError, "shape"),
+    "wrong shape": (
+        lambda w, b: [np.ones((3, 4), np.float32), np.ones_like(b)],
+        ValueError,
+        "shape",
+    ),
     "wrong dtype": (lambda w, b: [np.ones(w.shape), np.ones_like(b)], TypeError, "dtype"),
-    "integer dtype": (lambda w, b: [np.ones(w.shape, np.int32), np.ones_like(b)], TypeError, "dtype"),
-    "non-contiguous": (lambda w, b: [np.ones((3, 4), np.float32).T, np.ones_like(b)], ValueError, "contiguous"),
+    "integer dtype": (
+        lambda w, b: [np.ones(w.shape, np.int32), np.ones_like(b)],
+        TypeError,
+        "dtype",
+    ),
+    "non-contiguous": (
+        lambda w, b: [np.ones((3, 4), np.float32).T, np.ones_like(b)],
+        ValueError,
+        "contiguous",
+    ),
     "too few": (lambda w, b: [np.ones_like(w)], ValueError, "2 gradients"),
-    "not an array": (lambda w, b: [[1.0] * 12, np.ones_like(b)], TypeError, "unsupported array type"),
-    "second bad only": (lambda w, b: [np.ones_like(w), np.ones(4, np.float32)], ValueError, "shape"),
-}  # fmt: skip
+    "not an array": (
+        lambda w, b: [[1.0] * 12, np.ones_like(b)],
+        TypeError,
+        "unsupported array type",
+    ),
+    "second bad only": (
+        lambda w, b: [np.ones_like(w), np.ones(4, np.float32)],
+        ValueError,
+        "shape",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_GRADS))
@@ -123,7 +143,9 @@ BAD_HYPER = [
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs,match", BAD_HYPER, ids=[f"{c.__name__}-{m}" for c, _, m in BAD_HYPER])
+@pytest.mark.parametrize(
+    "cls,kwargs,match", BAD_HYPER, ids=[f"{c.__name__}-{m}" for c, _, m in BAD_HYPER]
+)
 def test_out_of_range_hyperparameters_raise_naming_the_parameter(cls, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         cls([np.zeros(3, np.float32)], **kwargs)

@@ -95,7 +95,9 @@ def test_step_from_two_threads_concurrently():
     for i in range(2):
         run(inits[i].copy(), serial, i)
     concurrent = [None, None]
-    threads = [threading.Thread(target=run, args=(inits[i].copy(), concurrent, i)) for i in range(2)]
+    threads = [
+        threading.Thread(target=run, args=(inits[i].copy(), concurrent, i)) for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -110,7 +112,9 @@ def test_one_kernel_call_per_group_over_a_paramset(monkeypatch):
     calls = []
     backend = dispatch.get_backend("numba-cpu")
     original = type(backend).update
-    monkeypatch.setattr(type(backend), "update", lambda self, *a: calls.append(a[0]) or original(self, *a))
+    monkeypatch.setattr(
+        type(backend), "update", lambda self, *a: calls.append(a[0]) or original(self, *a)
+    )
     ps = fo.ParamSet({f"layer{i}": np.zeros((3, 4), np.float32) for i in range(50)})
     opt = fo.Adam(ps, lr=1e-3)
     opt.step()
@@ -123,7 +127,7 @@ def test_large_array_uses_64bit_indices_in_kernel_signature():
 
     k = cpu.kernel("sgd")
     p = np.zeros(10, np.float64)
-    cpu.apply("sgd", p, np.ones(10), [], (0.5, 0.0, 1.0))
+    cpu.apply("sgd", p, np.ones(10), [], (0.5, 0.0, 1.0), (1.0, 0.0))
     assert np.all(p == -0.5)
     # prange over p.size runs on intp: 64-bit on every supported platform
     assert np.dtype(np.intp).itemsize == 8

@@ -22,9 +22,16 @@ def wheel(tmp_path_factory):
 
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package would clash"
-    for required in ("fastopt/__init__.py", "fastopt/kernels/rules.py", "fastopt/kernels/cpu.py",
-                     "fastopt/kernels/cuda.py", "fastopt/optim/adam.py"):  # fmt: skip
+    assert not [n for n in names if n.startswith("kernels/")], (
+        "a top-level kernels package would clash"
+    )
+    for required in (
+        "fastopt/__init__.py",
+        "fastopt/kernels/rules.py",
+        "fastopt/kernels/cpu.py",
+        "fastopt/kernels/cuda.py",
+        "fastopt/optim/adam.py",
+    ):
         assert required in names
     sources = [n for n in names if n.startswith("fastopt/kernels/") and n.endswith((".cu", ".cuh"))]
     assert len(sources) >= 2, "the CUDA C sources must ship as package data"

@@ -13,5 +13,18 @@ from .rprop import Rprop
 from .sgd import SGD
 from .yogi import Yogi
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "Optimizer",
-           "RAdam", "RMSprop", "Rprop", "SGD", "Yogi"]  # fmt: skip
+__all__ = [
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+    "Yogi",
+]

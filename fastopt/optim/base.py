@@ -12,13 +12,22 @@ import numpy as np
 
 from .. import dispatch
 from ..paramset import ParamSet
-from .validation import check_lr, check_scheduled_lr
+from .validation import check_bool, check_lr, check_positive, check_scheduled_lr
 
 
 class _Unit:
     """One kernel call's worth of parameters: a ParamSet's flat buffer or one plain array."""
 
-    __slots__ = ("param", "source", "shape", "default_grad", "state", "backend", "label", "scalar_type")
+    __slots__ = (
+        "param",
+        "source",
+        "shape",
+        "default_grad",
+        "state",
+        "backend",
+        "label",
+        "scalar_type",
+    )
 
     def __init__(self, param, source, shape, default_grad, label):
         self.param = param  # flat 1-D view that the kernels update
@@ -37,7 +46,9 @@ def _flat_view(a, label):
     if a.dtype.kind != "f" or a.dtype not in (np.float32, np.float64):
         raise TypeError(f"{label} has dtype {a.dtype}; fastopt updates float32 or float64 arrays")
     if not a.flags.c_contiguous:
-        raise ValueError(f"{label} is not C-contiguous; pass a contiguous array (np.ascontiguousarray)")
+        raise ValueError(
+            f"{label} is not C-contiguous; pass a contiguous array (np.ascontiguousarray)"
+        )
     if not a.flags.writeable:
         raise ValueError(f"{label} is read-only; the optimizer updates parameters in place")
     return a.reshape(-1)
@@ -46,19 +57,27 @@ def _flat_view(a, label):
 def _units_of(params, where):
     """(structure, units, keys) of one group's ``params``."""
     if isinstance(params, ParamSet):
-        unit = _Unit(params.flat, params.flat, (params.size,), params.grad_flat, f"{where} ParamSet")
+        unit = _Unit(
+            params.flat, params.flat, (params.size,), params.grad_flat, f"{where} ParamSet"
+        )
         return "paramset", [unit], None
     if isinstance(params, Mapping):
         keys = list(params)
-        units = [_Unit(_flat_view(a, f"{where} param {k!r}"), a, a.shape, None, f"{where} param {k!r}")
-                 for k, a in params.items()]  # fmt: skip
+        units = [
+            _Unit(_flat_view(a, f"{where} param {k!r}"), a, a.shape, None, f"{where} param {k!r}")
+            for k, a in params.items()
+        ]
         return "dict", units, keys
     if isinstance(params, (list, tuple)):
-        units = [_Unit(_flat_view(a, f"{where} param [{i}]"), a, a.shape, None, f"{where} param [{i}]")
-                 for i, a in enumerate(params)]  # fmt: skip
+        units = [
+            _Unit(_flat_view(a, f"{where} param [{i}]"), a, a.shape, None, f"{where} param [{i}]")
+            for i, a in enumerate(params)
+        ]
         return "list", units, None
     if hasattr(params, "shape"):
-        unit = _Unit(_flat_view(params, f"{where} param"), params, params.shape, None, f"{where} param")
+        unit = _Unit(
+            _flat_view(params, f"{where} param"), params, params.shape, None, f"{where} param"
+        )
         return "array", [unit], None
     raise TypeError(
         f"{where} params must be a ParamSet, an array, a list/tuple/dict of arrays, "
@@ -72,22 +91,55 @@ class Optimizer:
 
     ``backend`` forces a backend by name (``"numba-cpu"``, ``"numpy"`` for the reference, ...);
     by default it is picked from the arrays.
+
+    Gradient handling, fused into the update (no extra pass over the parameters):
+
+    - ``max_grad_norm``: clip by the global L2 norm over every parameter, as
+      ``torch.nn.utils.clip_grad_norm_`` (coefficient ``min(1, max_norm / (norm + 1e-6))``); the
+      norm is a deterministic float64 reduction, one extra read of the gradients. The pre-clip
+      norm is ``last_grad_norm``.
+    - ``max_grad_value``: clip every gradient element to [-v, v] (``clip_grad_value_``), after
+      the norm clipping.
+    - ``skip_nonfinite``: if any gradient holds NaN or Inf, skip the whole step (parameters,
+      state, step counters and schedules untouched), count it in ``skipped_steps`` and set
+      ``last_step_taken = False``. Without it, a NaN propagates into the parameters, as in torch.
     """
 
     algorithm = ""
     """Name of the rule family and of its reference function in ``fastopt.reference``."""
 
-    def __init__(self, params, defaults, *, backend=None):
+    def __init__(
+        self,
+        params,
+        defaults,
+        *,
+        backend=None,
+        max_grad_norm=None,
+        max_grad_value=None,
+        skip_nonfinite=False,
+    ):
         self.defaults = dict(defaults)
         self._backend_name = backend
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
+        if max_grad_value is not None:
+            check_positive("max_grad_value", max_grad_value)
+        check_bool("skip_nonfinite", skip_nonfinite)
+        self.max_grad_norm = max_grad_norm
+        self.max_grad_value = max_grad_value
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.last_step_taken = None
+        self.last_grad_norm = None
         if backend is not None:
             dispatch.get_backend(backend)  # unknown/unavailable backends fail at construction
         self.param_groups = []
         self._groups = []  # internal, parallel to param_groups: dict(units, structure, keys, ...)
         is_group_list = (
-            isinstance(params, (list, tuple)) and len(params) > 0
+            isinstance(params, (list, tuple))
+            and len(params) > 0
             and all(isinstance(p, Mapping) and "params" in p for p in params)
-        )  # fmt: skip
+        )
         self._grouped = is_group_list
         for group in params if is_group_list else [{"params": params}]:
             self.add_param_group(group)
@@ -135,15 +187,27 @@ class Optimizer:
         if not units:
             raise ValueError(f"{where} is empty: an optimizer needs parameters")
         self._check(group)
-        seen = {id(u.param.base if u.param.base is not None else u.param) for g in self._groups for u in g["units"]}
+        seen = {
+            id(u.param.base if u.param.base is not None else u.param)
+            for g in self._groups
+            for u in g["units"]
+        }
         for u in units:
             base = u.param.base if u.param.base is not None else u.param
             if id(base) in seen:
                 raise ValueError(f"{u.label} appears in more than one parameter group")
         group.setdefault("initial_lr", group["lr"])
         self.param_groups.append(group)
-        self._groups.append({"units": units, "structure": structure, "keys": keys, "source": group["params"],
-                             "steps": 0, "checked": None})  # fmt: skip
+        self._groups.append(
+            {
+                "units": units,
+                "structure": structure,
+                "keys": keys,
+                "source": group["params"],
+                "steps": 0,
+                "checked": None,
+            }
+        )
 
     def _index_base(self):
         out, n = [], 0
@@ -160,15 +224,31 @@ class Optimizer:
                 if u.default_grad is not None:
                     u.default_grad.fill(0)
 
-    def step(self, grads=None):
+    def step(self, grads=None, *, grad_scale=None):
         """One update of every parameter whose gradient is given, in place.
 
         ``grads`` mirrors ``params``: a list/tuple/dict of arrays (``None`` entries skip that
         parameter, as torch skips params without ``.grad``), a flat array for a ParamSet, or
         ``None`` to use the ParamSet gradient buffers. With param-group dicts, a list with one such
-        entry per group. Everything is validated before anything is written.
+        entry per group. ``grad_scale`` multiplies every gradient inside the update (e.g. 1/k for
+        k accumulated micro-batches, 1/S to remove a loss scale S). Everything is validated
+        before anything is written.
         """
         plan = self._plan(grads)
+        gscale = 1.0
+        if grad_scale is not None:
+            check_positive("grad_scale", grad_scale)
+            gscale = float(grad_scale)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm, finite = self._grad_norm(plan, gscale)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not finite:
+                self.skipped_steps += 1
+                self.last_step_taken = False
+                return
+            if self.max_grad_norm is not None:
+                gscale *= min(self.max_grad_norm / (norm + 1e-6), 1.0)
+        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
             for unit, grad in work:
@@ -177,14 +257,33 @@ class Optimizer:
                     self._allocate(group, unit, names, lr)
                 step = state["step"] + 1
                 h, updates = self._scalars(group, state, step, lr)
+                st = unit.scalar_type
                 unit.backend.update(
-                    rule, unit.param, grad, [state[n] for n in names], tuple(map(unit.scalar_type, h)),
+                    rule,
+                    unit.param,
+                    grad,
+                    [state[n] for n in names],
+                    tuple(map(st, h)),
+                    (st(gscale), st(gclip)),
                     (self, group, state, lr, step),
-                )  # fmt: skip
+                )
                 state["step"] = step
                 if updates:
                     state.update(updates)
             g_int["steps"] += 1
+        self.last_step_taken = True
+
+    @staticmethod
+    def _grad_norm(plan, gscale):
+        """Global L2 norm of the (scaled) gradients and whether all are finite: one read of each
+        gradient, summed in a fixed order (groups, then parameters) so it is deterministic."""
+        sumsq, finite = 0.0, True
+        for _, _, _, work in plan:
+            for unit, grad in work:
+                s, f = unit.backend.sumsq_and_finite(grad)
+                sumsq += s
+                finite = finite and f
+        return gscale * math.sqrt(sumsq), finite
 
     def hyperparameters(self, group, lr):
         """The group's hyperparameters as keyword arguments of its ``fastopt.reference`` rule."""
@@ -221,7 +320,11 @@ class Optimizer:
         for i, (group, g_int, ggrads) in enumerate(zip(self.param_groups, self._groups, per_group)):
             self._group_settings(i, group, g_int)
             lr = group["lr"]
-            lr = check_scheduled_lr(lr(g_int["steps"]), g_int["steps"]) if callable(lr) else float(lr)
+            lr = (
+                check_scheduled_lr(lr(g_int["steps"]), g_int["steps"])
+                if callable(lr)
+                else float(lr)
+            )
             work = []
             for unit, grad in zip(g_int["units"], ggrads):
                 if grad is None:
@@ -237,32 +340,50 @@ class Optimizer:
             unit.scalar_type = unit.backend.scalar_type(p.dtype)
         if grad is unit.default_grad:
             if not unit.source.flags.writeable:
-                raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
+                raise ValueError(
+                    f"{unit.label} is read-only; the optimizer updates parameters in place"
+                )
             return grad
         if type(grad) is not type(p):
             dispatch.backend_for([p, grad])  # names the mismatch (library/device)
-            raise TypeError(f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(p).__name__}")
+            raise TypeError(
+                f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(p).__name__}"
+            )
         if grad.dtype != p.dtype:
-            raise TypeError(f"gradient for {unit.label} has dtype {grad.dtype}, the parameter {p.dtype}")
-        if grad.shape != unit.shape and not (unit.default_grad is not None and grad.shape == (p.size,)):
-            raise ValueError(f"gradient for {unit.label} has shape {grad.shape}, expected {unit.shape}")
+            raise TypeError(
+                f"gradient for {unit.label} has dtype {grad.dtype}, the parameter {p.dtype}"
+            )
+        if grad.shape != unit.shape and not (
+            unit.default_grad is not None and grad.shape == (p.size,)
+        ):
+            raise ValueError(
+                f"gradient for {unit.label} has shape {grad.shape}, expected {unit.shape}"
+            )
         if not grad.flags.c_contiguous:
             raise ValueError(f"gradient for {unit.label} is not C-contiguous")
         if not unit.source.flags.writeable:
-            raise ValueError(f"{unit.label} is read-only; the optimizer updates parameters in place")
+            raise ValueError(
+                f"{unit.label} is read-only; the optimizer updates parameters in place"
+            )
         return grad.reshape(-1)
 
     def _split_grads(self, grads):
         """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
         if self._grouped:
             if grads is None:
-                return [self._group_grads(g, None, f"param_groups[{i}]") for i, g in enumerate(self._groups)]
+                return [
+                    self._group_grads(g, None, f"param_groups[{i}]")
+                    for i, g in enumerate(self._groups)
+                ]
             if not isinstance(grads, (list, tuple)) or len(grads) != len(self._groups):
                 raise ValueError(
                     f"with {len(self._groups)} param groups, step() takes a list of {len(self._groups)} "
                     "gradient entries (one per group) or None"
                 )
-            return [self._group_grads(g, gr, f"param_groups[{i}]") for i, (g, gr) in enumerate(zip(self._groups, grads))]
+            return [
+                self._group_grads(g, gr, f"param_groups[{i}]")
+                for i, (g, gr) in enumerate(zip(self._groups, grads))
+            ]
         return [self._group_grads(self._groups[0], grads, "params")]
 
     @staticmethod
@@ -270,26 +391,36 @@ class Optimizer:
         structure, units = g_int["structure"], g_int["units"]
         if grads is None:
             if structure != "paramset":
-                raise ValueError(f"step() without gradients needs a ParamSet; {where} holds plain arrays")
+                raise ValueError(
+                    f"step() without gradients needs a ParamSet; {where} holds plain arrays"
+                )
             return [units[0].default_grad]
         if structure == "paramset":
             if isinstance(grads, ParamSet):
                 grads = grads.grad_flat
             if not hasattr(grads, "shape"):
-                raise TypeError(f"gradient for the ParamSet in {where} must be a flat array or None")
+                raise TypeError(
+                    f"gradient for the ParamSet in {where} must be a flat array or None"
+                )
             return [grads]
         if structure == "array":
             return [grads]
         if structure == "dict":
             if not isinstance(grads, Mapping):
-                raise TypeError(f"{where} params are a dict; pass gradients as a dict with the same keys")
+                raise TypeError(
+                    f"{where} params are a dict; pass gradients as a dict with the same keys"
+                )
             if set(grads) != set(g_int["keys"]):
                 missing = sorted(set(g_int["keys"]) - set(grads))
                 extra = sorted(set(grads) - set(g_int["keys"]))
-                raise ValueError(f"gradient keys do not match {where}: missing {missing}, unexpected {extra}")
+                raise ValueError(
+                    f"gradient keys do not match {where}: missing {missing}, unexpected {extra}"
+                )
             return [grads[k] for k in g_int["keys"]]
         if not isinstance(grads, (list, tuple)) or len(grads) != len(units):
-            raise ValueError(f"{where} has {len(units)} arrays; pass a list/tuple of {len(units)} gradients")
+            raise ValueError(
+                f"{where} has {len(units)} arrays; pass a list/tuple of {len(units)} gradients"
+            )
         return list(grads)
 
     def _allocate(self, group, unit, names, lr):
@@ -333,23 +464,36 @@ class Optimizer:
                     else:
                         entry[k] = u.backend.to_numpy(v).reshape(u.shape)
                 state[base[gi] + j] = entry
-            saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items() if k != "params"}
+            saved = {
+                k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in group.items()
+                if k != "params"
+            }
             saved["params"] = list(range(base[gi], base[gi] + len(g_int["units"])))
             saved["steps"] = g_int["steps"]
             groups.append(saved)
-        return {"algorithm": type(self).__name__, "state": state, "param_groups": groups}
+        return {
+            "algorithm": type(self).__name__,
+            "state": state,
+            "param_groups": groups,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state_dict):
         """Restore a state_dict() of the same optimizer class over parameters of the same shapes.
         Everything is checked before anything changes."""
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
+            raise ValueError(
+                "not an optimizer state_dict: expected keys 'state' and 'param_groups'"
+            )
         algo = state_dict.get("algorithm", type(self).__name__)
         if algo != type(self).__name__:
             raise ValueError(f"state_dict is for {algo}, this optimizer is {type(self).__name__}")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+            raise ValueError(
+                f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}"
+            )
         base = self._index_base()
         new_groups, new_states = [], {}
         for gi, (saved, g_int) in enumerate(zip(groups, self._groups)):
@@ -361,8 +505,13 @@ class Optimizer:
                 )
             unknown = set(saved) - set(self.defaults) - {"params", "initial_lr", "steps"}
             if unknown:
-                raise ValueError(f"param_groups[{gi}] has unknown hyperparameters {sorted(unknown)}")
-            group = {**self.param_groups[gi], **{k: v for k, v in saved.items() if k not in ("params", "steps")}}
+                raise ValueError(
+                    f"param_groups[{gi}] has unknown hyperparameters {sorted(unknown)}"
+                )
+            group = {
+                **self.param_groups[gi],
+                **{k: v for k, v in saved.items() if k not in ("params", "steps")},
+            }
             group["params"] = self.param_groups[gi]["params"]
             check_lr(group["lr"])
             self._check(group)
@@ -373,7 +522,11 @@ class Optimizer:
                     continue
                 new_states[(gi, j)] = self._checked_entry(entry, names, group, u, base[gi] + j)
             new_groups.append(group)
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
+            raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
         # commit
+        self.skipped_steps = int(skipped)
         for gi, group in enumerate(new_groups):
             self.param_groups[gi].clear()
             self.param_groups[gi].update(group)
@@ -387,7 +540,9 @@ class Optimizer:
             raise ValueError(f"state[{index}] is not a state entry with a 'step'")
         expected = set(names) | set(self._initial_scalar_state(group)) | {"step"}
         if set(entry) != expected:
-            raise ValueError(f"state[{index}] holds {sorted(entry)}, {type(self).__name__} with these settings needs {sorted(expected)}")
+            raise ValueError(
+                f"state[{index}] holds {sorted(entry)}, {type(self).__name__} with these settings needs {sorted(expected)}"
+            )
         step = entry["step"]
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
@@ -406,8 +561,13 @@ class Optimizer:
             a = np.asarray(v)
             if a.dtype.kind != "f":
                 raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
-            if a.size != unit.param.size or tuple(a.shape) not in (tuple(unit.shape), (unit.param.size,)):
-                raise ValueError(f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}")
+            if a.size != unit.param.size or tuple(a.shape) not in (
+                tuple(unit.shape),
+                (unit.param.size,),
+            ):
+                raise ValueError(
+                    f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}"
+                )
             dst = unit.backend.zeros(unit.param.size, unit.param.dtype)
             dst[...] = _to_backend(dst, a.reshape(-1).astype(unit.param.dtype))
             out[k] = dst
@@ -423,4 +583,8 @@ class Optimizer:
 def _to_backend(dst, a):
     if isinstance(dst, np.ndarray):
         return a
-    return type(dst)(a) if not hasattr(dst, "__cuda_array_interface__") else __import__("cupy").asarray(a)
+    return (
+        type(dst)(a)
+        if not hasattr(dst, "__cuda_array_interface__")
+        else __import__("cupy").asarray(a)
+    )

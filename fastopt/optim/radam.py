@@ -21,11 +21,27 @@ class RAdam(AdamBase):
 
     algorithm = "radam"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, *, maximize=False, backend=None):  # fmt: skip
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, backend=backend)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        *,
+        maximize=False,
+        **options,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, **options)
 
     def _rule(self, group):
         return "radam"
@@ -42,5 +58,12 @@ class RAdam(AdamBase):
             if rectify
             else 0.0
         )
-        tail = (bias_correction1, lr, float(rectify), rect, math.sqrt(bias_correction2), group["eps"])
+        tail = (
+            bias_correction1,
+            lr,
+            float(rectify),
+            rect,
+            math.sqrt(bias_correction2),
+            group["eps"],
+        )
         return adam_moment_scalars(group, lr) + tail, None

@@ -21,11 +21,29 @@ class RMSprop(Optimizer):
 
     algorithm = "rmsprop"
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, backend=None):  # fmt: skip
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, backend=backend)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        *,
+        maximize=False,
+        **options,
+    ):
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -37,14 +55,28 @@ class RMSprop(Optimizer):
         check_bool("maximize", group["maximize"])
 
     def _rule(self, group):
-        return "rmsprop" + ("_centered" if group["centered"] else "") + (
-            "_momentum" if group["momentum"] > 0 else "")  # fmt: skip
+        return (
+            "rmsprop"
+            + ("_centered" if group["centered"] else "")
+            + ("_momentum" if group["momentum"] > 0 else "")
+        )
 
     def _state_names(self, group):
-        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
-                + (("grad_avg",) if group["centered"] else ()))  # fmt: skip
+        return (
+            ("square_avg",)
+            + (("momentum_buffer",) if group["momentum"] > 0 else ())
+            + (("grad_avg",) if group["centered"] else ())
+        )
 
     def _scalars(self, group, state, step, lr):
         alpha = group["alpha"]
         gsign = -1.0 if group["maximize"] else 1.0
-        return (lr, group["weight_decay"], gsign, alpha, 1.0 - alpha, group["eps"], group["momentum"]), None
+        return (
+            lr,
+            group["weight_decay"],
+            gsign,
+            alpha,
+            1.0 - alpha,
+            group["eps"],
+            group["momentum"],
+        ), None

@@ -19,11 +19,27 @@ class SGD(Optimizer):
 
     algorithm = "sgd"
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, backend=None):  # fmt: skip
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, backend=backend)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        *,
+        maximize=False,
+        **options,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -45,5 +61,10 @@ class SGD(Optimizer):
         gsign = -1.0 if group["maximize"] else 1.0
         h = (lr, group["weight_decay"], gsign)
         if group["momentum"] != 0:
-            h += (group["momentum"], 1.0 - group["dampening"], float(group["nesterov"]), float(step == 1))
+            h += (
+                group["momentum"],
+                1.0 - group["dampening"],
+                float(group["nesterov"]),
+                float(step == 1),
+            )
         return h, None

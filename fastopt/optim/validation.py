@@ -16,7 +16,9 @@ def check_scheduled_lr(value, k):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"the lr schedule returned {value!r} at step {k}; expected a float")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"the lr schedule returned lr={value!r} at step {k}; expected a finite value >= 0")
+        raise ValueError(
+            f"the lr schedule returned lr={value!r} at step {k}; expected a finite value >= 0"
+        )
     return float(value)
 
 

@@ -20,11 +20,27 @@ class Yogi(AdamBase):
 
     algorithm = "yogi"
 
-    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, initial_accumulator_value=1e-6,
-                 weight_decay=0.0, *, maximize=False, backend=None):  # fmt: skip
-        defaults = dict(lr=lr, betas=betas, eps=eps, initial_accumulator_value=initial_accumulator_value,
-                        weight_decay=weight_decay, maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, backend=backend)
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-3,
+        initial_accumulator_value=1e-6,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        **options,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            initial_accumulator_value=initial_accumulator_value,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         super()._check(group)
@@ -39,4 +55,12 @@ class Yogi(AdamBase):
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
         gsign = -1.0 if group["maximize"] else 1.0
-        return (lr, group["weight_decay"], gsign, beta1, 1.0 - beta1, 1.0 - beta2, group["eps"]), None
+        return (
+            lr,
+            group["weight_decay"],
+            gsign,
+            beta1,
+            1.0 - beta1,
+            1.0 - beta2,
+            group["eps"],
+        ), None

@@ -1,0 +1,231 @@
+"""CuPy backend: the CUDA C rules (``rules.cuh``) compiled with ``cupy.RawModule`` and launched.
+
+``apply(rule_name, p, g, states, h, gs)`` has the contract of ``kernels/cpu.py``'s ``apply``:
+flat, equal-length, C-contiguous 1-D ``cupy.ndarray`` arrays of one dtype (float32 or float64),
+updated in place; ``h`` the rule's scalar tuple (the layout documented in ``rules.py``) and ``gs``
+= (gradient scale, clip value or 0) for ``transformed_grad``, already cast to that dtype on the
+host. One kernel launch, asynchronous on ``stream`` (default: the current stream); no device
+memory is allocated and nothing synchronises.
+
+The kernel sources ship as package data (``optim_kernels.cu`` and ``rules.cuh`` next to this
+file). The header is inlined into the source before compiling, rather than passed with ``-I``:
+CuPy's kernel cache is keyed on the source text and options only, so an edit to an included
+header would otherwise keep serving the stale cached binary.
+
+Launch: 256 threads per block; grid = min(ceil(work / 256), 32 * SMs) blocks, where work is the
+number of 16-byte vectors (float4 / double2) plus the scalar tail when every array is 16-byte
+aligned, else the number of elements; the kernels loop grid-stride over 64-bit indices.
+
+CuPy is imported lazily: this module imports (and ``available()`` answers) without it.
+The scalar struct is passed as a size-1 ``numpy.ndarray`` of a structured dtype, which CuPy
+passes by value (its custom-structure kernel arguments; older CuPy releases lack them).
+"""
+
+import pathlib
+import re
+import threading
+
+import numpy as np
+
+_HERE = pathlib.Path(__file__).resolve().parent
+KERNEL_SOURCE = "optim_kernels.cu"
+HEADER = "rules.cuh"
+
+THREADS_PER_BLOCK = 256
+BLOCKS_PER_SM = 32
+VECTOR_BYTES = 16
+MAX_SCALARS = 16  # FO_MAX_SCALARS in rules.cuh (checked against the header in rule_table())
+
+# No --std: the sources are C++11 and CuPy (>= 13) picks its own default when none is given.
+# CuPy appends -ftz=true to every compile; the rules depend neither on it nor on --fmad, because
+# rules.cuh spells each operation as an explicitly rounded PTX instruction. --fmad=false is passed
+# anyway so that no plain floating-point code around the rules gets contracted.
+COMPILE_OPTIONS = ("--fmad=false",)
+
+_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+_lock = threading.Lock()
+_modules = {}  # dtype suffix -> cupy.RawModule (RawModule compiles and caches per device itself)
+_kernels = {}  # (device id, kernel name) -> cupy.RawKernel
+_sm_counts = {}  # device id -> number of SMs
+_struct_dtypes = {}  # dtype -> numpy structured dtype matching fo::Scalars<T>
+_rule_table = None
+
+
+def _read(name):
+    return (_HERE / name).read_text(encoding="utf-8")
+
+
+def rule_table():
+    """{rule name: (number of state slots, length of h)} parsed from ``FO_RULES`` in rules.cuh."""
+    return dict(_table())
+
+
+def _table():
+    global _rule_table
+    if _rule_table is None:
+        header = _read(HEADER)
+        block = re.search(r"#define FO_RULES\(X\)(.*?)\n\s*\n", header, re.S)
+        if block is None:
+            raise RuntimeError(f"FO_RULES list not found in {HEADER}")
+        entries = re.findall(r"X\(\s*(\w+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)", block.group(1))
+        max_scalars = re.search(r"#define FO_MAX_SCALARS (\d+)", header)
+        if max_scalars is None or int(max_scalars.group(1)) != MAX_SCALARS:
+            raise RuntimeError(f"FO_MAX_SCALARS in {HEADER} is not {MAX_SCALARS}")
+        _rule_table = {name: (int(ns), int(nh)) for name, ns, nh in entries}
+    return _rule_table
+
+
+def source(dtype=None):
+    """The CUDA source handed to NVRTC: optim_kernels.cu with rules.cuh inlined.
+
+    ``dtype`` (float32 / float64) restricts the kernels to that dtype; None keeps both.
+    """
+    code = _read(KERNEL_SOURCE)
+    include = f'#include "{HEADER}"'
+    if include not in code:
+        raise RuntimeError(f"{KERNEL_SOURCE} does not include {HEADER}")
+    inlined = f'#line 1 "{HEADER}"\n{_read(HEADER)}\n'
+    head, tail = code.split(include, 1)
+    line = head.count("\n") + 2  # line after the #include, in optim_kernels.cu's numbering
+    code = f'{head}{inlined}#line {line} "{KERNEL_SOURCE}"{tail}'
+    if dtype is not None:
+        suffix = _suffix(np.dtype(dtype))
+        defines = {"f32": "#define FO_ENABLE_F64 0\n", "f64": "#define FO_ENABLE_F32 0\n"}
+        code = defines[suffix] + code
+    return code
+
+
+def available():
+    """(True, "") when CuPy imports and sees a CUDA device, else (False, the reason)."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"CuPy is not importable: {type(exc).__name__}: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy cannot query CUDA devices: {type(exc).__name__}: {exc}"
+    if count < 1:
+        return False, "CuPy sees no CUDA device"
+    return True, ""
+
+
+def _suffix(dtype):
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"CuPy kernels support float32 and float64, not {dtype}") from None
+
+
+def _module(suffix):
+    mod = _modules.get(suffix)
+    if mod is None:
+        import cupy
+
+        with _lock:
+            mod = _modules.get(suffix)
+            if mod is None:
+                dtype = np.float32 if suffix == "f32" else np.float64
+                mod = cupy.RawModule(code=source(dtype), options=COMPILE_OPTIONS)
+                _modules[suffix] = mod
+    return mod
+
+
+def kernel(rule_name, dtype):
+    """The ``cupy.RawKernel`` of a rule and dtype on the current device (compiled on first use)."""
+    import cupy
+
+    suffix = _suffix(np.dtype(dtype))
+    if rule_name not in _table():
+        raise KeyError(f"unknown rule {rule_name!r}")
+    key = (cupy.cuda.runtime.getDevice(), f"{rule_name}_{suffix}")
+    k = _kernels.get(key)
+    if k is None:
+        k = _module(suffix).get_function(key[1])
+        _kernels[key] = k
+    return k
+
+
+def _sm_count(device_id):
+    n = _sm_counts.get(device_id)
+    if n is None:
+        import cupy
+
+        n = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+        _sm_counts[device_id] = n
+    return n
+
+
+def _scalars(h, dtype):
+    """``h`` as a size-1 structured array laid out like ``fo::Scalars<T>`` (passed by value)."""
+    sdt = _struct_dtypes.get(dtype)
+    if sdt is None:
+        sdt = np.dtype([("v", dtype, (MAX_SCALARS,))])
+        _struct_dtypes[dtype] = sdt
+    buf = np.zeros(MAX_SCALARS, dtype)
+    buf[: len(h)] = h
+    return buf.view(sdt)
+
+
+def launch_config(n, aligned, dtype, sm_count):
+    """(grid, block, vectorize) for ``n`` elements."""
+    width = VECTOR_BYTES // np.dtype(dtype).itemsize
+    work = n // width + n % width if aligned else n
+    grid = max(1, min(-(-work // THREADS_PER_BLOCK), BLOCKS_PER_SM * sm_count))
+    return grid, THREADS_PER_BLOCK, int(aligned)
+
+
+def apply(rule_name, p, g, states, h, gs=None, stream=None):
+    """Run ``rule_name`` over flat, equal-length, contiguous 1-D cupy arrays, in place.
+
+    ``states`` are the rule's state arrays in its slot order; ``h`` the tuple of per-step scalars
+    and ``gs`` = (gradient scale, clip value or 0), both already cast to ``p``'s dtype (``gs``
+    None: (1, 0), the gradient as it is). Launched asynchronously on ``stream`` (None: the
+    current stream).
+    """
+    import cupy
+
+    table = _table()
+    if rule_name not in table:
+        raise KeyError(f"unknown rule {rule_name!r}")
+    nstates, nscalars = table[rule_name]
+    states = tuple(states)
+    if len(states) != nstates:
+        raise ValueError(f"{rule_name} takes {nstates} state arrays, got {len(states)}")
+    if len(h) != nscalars:
+        raise ValueError(f"{rule_name} takes {nscalars} scalars in h, got {len(h)}")
+    if gs is not None and len(gs) != 2:
+        raise ValueError(f"gs is (gradient scale, clip), got {len(gs)} values")
+    arrays = (p, g, *states)
+    for a in arrays:
+        if not isinstance(a, cupy.ndarray):
+            raise TypeError(f"expected cupy.ndarray, got {type(a).__name__}")
+    dtype = p.dtype
+    _suffix(dtype)
+    n = p.size
+    device = p.data.device_id
+    for a in arrays:
+        if a.dtype != dtype:
+            raise TypeError(f"all arrays must be {dtype}, got {a.dtype}")
+        if a.ndim != 1 or a.size != n:
+            raise ValueError(f"expected 1-D arrays of {n} elements, got shape {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError("arrays must be contiguous")
+        if a.data.device_id != device:
+            raise ValueError("arrays are on different devices")
+    if n == 0:
+        return
+    aligned = all(a.data.ptr % VECTOR_BYTES == 0 for a in arrays)
+    with cupy.cuda.Device(device):
+        k = kernel(rule_name, dtype)
+        grid, block, vectorize = launch_config(n, aligned, dtype, _sm_count(device))
+        gscale, clip = (1, 0) if gs is None else gs
+        scalar = dtype.type
+        args = (*arrays, np.int64(n), np.int32(vectorize), _scalars(h, dtype))
+        args += (scalar(gscale), scalar(clip))
+        if stream is None:
+            k((grid,), (block,), args)  # on the current stream
+        else:
+            with stream:  # RawKernel launches on the current stream
+                k((grid,), (block,), args)

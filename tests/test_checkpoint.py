@@ -1,0 +1,550 @@
+"""fastopt.checkpoint: exact resume, verified loading, atomic writes, clear refusals."""
+
+import datetime
+import hashlib
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt import checkpoint as ck
+from fastopt import schedules as S
+
+HEADER = struct.Struct("<HHQQII")  # the documented fixed-width header after the magic line
+PREFIX = len(ck.MAGIC) + HEADER.size
+
+
+class TinyEMA:
+    """Duck-typed stand-in for an EMA: state_dict() of arrays and scalars."""
+
+    def __init__(self, params, decay=0.9):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: np.array(v, copy=True) for k, v in params.items()}
+
+    def update(self, params):
+        self.num_updates += 1
+        for k, v in params.items():
+            self.shadow[k] = self.decay * self.shadow[k] + (1 - self.decay) * v
+
+    def state_dict(self):
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": {k: v.copy() for k, v in self.shadow.items()},
+        }
+
+    def load_state_dict(self, sd):
+        if set(sd["shadow"]) != set(self.shadow):
+            raise ValueError(f"EMA names differ: {sorted(sd['shadow'])} vs {sorted(self.shadow)}")
+        self.decay, self.num_updates = float(sd["decay"]), int(sd["num_updates"])
+        self.shadow = {k: np.array(v, copy=True) for k, v in sd["shadow"].items()}
+
+
+def assert_tree_equal(a, b, where="root"):
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where  # key order may differ after load_state_dict
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_tree_equal(x, y, f"{where}/{i}")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# --------------------------------------------------------------------------- a small training run
+
+SHAPES = {"w": (7, 5), "b": (5,), "scale": ()}
+
+
+def _initial(dtype, fill=None):
+    rng = np.random.default_rng(11)
+    return {
+        k: (rng.standard_normal(s) if fill is None else np.full(s, fill)).astype(dtype)
+        for k, s in SHAPES.items()
+    }
+
+
+CASES = {
+    "adam_schedule": dict(
+        paramset=True,
+        dtype=np.float32,
+        make=lambda p: fo.Adam(
+            p,
+            lr=S.warmup(S.CosineAnnealing(0.05, T_max=20), 4),
+            betas=(0.8, 0.99),
+            weight_decay=0.01,
+        ),
+    ),
+    "sgd_momentum": dict(
+        paramset=False,
+        dtype=np.float64,
+        make=lambda p: fo.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    ),
+    "nadam": dict(
+        paramset=True,
+        dtype=np.float64,
+        make=lambda p: fo.NAdam(p, lr=0.01, momentum_decay=0.01),
+    ),
+}
+
+
+class Run:
+    """Params + optimizer + plateau + EMA + RNG, all freshly built; gradients come from the RNG."""
+
+    def __init__(self, case, seed=0, fill=None):
+        c = CASES[case]
+        values = _initial(c["dtype"], fill)
+        self.params = fo.ParamSet(values) if c["paramset"] else values
+        self.opt = c["make"](self.params)
+        self.plateau = S.ReduceLROnPlateau(self.opt, factor=0.5, patience=1)
+        self.ema = TinyEMA(self.params)
+        self.rng = np.random.default_rng(seed)
+        self.t = 0
+
+    def named(self):
+        return dict(self.params.items()) if isinstance(self.params, fo.ParamSet) else self.params
+
+    def train(self, steps):
+        for _ in range(steps):
+            p = self.params
+            if isinstance(p, fo.ParamSet):
+                g = self.rng.standard_normal(p.size).astype(p.dtype) + 0.1 * p.flat
+                self.opt.step(g)
+            else:
+                g = {
+                    k: np.asarray(self.rng.standard_normal(v.shape) + 0.1 * v) for k, v in p.items()
+                }
+                self.opt.step(g)
+            self.ema.update(self.named())
+            self.t += 1
+            if self.t % 2 == 0:
+                self.plateau.step(1.0)  # never improves: reduces the lr every other epoch
+
+    def save(self, path, **kw):
+        return ck.save(
+            path,
+            params=self.params,
+            optimizer=self.opt,
+            plateau=self.plateau,
+            ema=self.ema,
+            rng=self.rng,
+            **kw,
+        )
+
+    def restore(self, ckpt):
+        ckpt.restore(
+            params=self.params, optimizer=self.opt, plateau=self.plateau, ema=self.ema, rng=self.rng
+        )
+
+    def snapshot(self):
+        return {
+            "params": {k: np.array(v, copy=True) for k, v in self.named().items()},
+            "opt": self.opt.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "ema": self.ema.state_dict(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_is_bit_identical(tmp_path, case):
+    n = 16
+    straight = Run(case)
+    straight.train(n)
+
+    first = Run(case)
+    first.train(n // 2)
+    path = tmp_path / "run.ckpt"
+    first.save(path, extra={"epoch": 4, "t": first.t})
+    del first
+
+    resumed = Run(case, seed=12345, fill=0.0)  # fresh objects, different values and RNG
+    ckpt = ck.load(path)
+    resumed.restore(ckpt)
+    resumed.t = ckpt.extra["t"]
+    if case == "adam_schedule":  # the plateau wrapped the schedule before the save
+        assert isinstance(resumed.opt.param_groups[0]["lr"], S.Scaled)
+    resumed.train(n - n // 2)
+
+    assert_tree_equal(straight.snapshot(), resumed.snapshot())
+    for a, b in zip(straight.opt.param_groups, resumed.opt.param_groups, strict=True):
+        assert {k: v for k, v in a.items() if k != "params"} == {
+            k: v for k, v in b.items() if k != "params"
+        }
+    if case == "nadam":
+        assert isinstance(resumed.opt.state[0]["mu_product"], float)
+
+
+def test_metadata_and_layout(tmp_path):
+    run = Run("adam_schedule")
+    run.train(3)
+    path = run.save(tmp_path / "a.ckpt")
+    raw = open(path, "rb").read()
+    assert raw.startswith(ck.MAGIC)
+    major, minor, json_len, total, json_crc, crc = HEADER.unpack(raw[len(ck.MAGIC) : PREFIX])
+    assert (major, minor) == ck.FORMAT_VERSION and total == len(raw)
+    assert crc == zlib.crc32(raw[: PREFIX - 4])
+    meta = json.loads(raw[PREFIX : PREFIX + json_len])
+    assert json_crc == zlib.crc32(raw[PREFIX : PREFIX + json_len])
+    assert raw[-40:-32] == b"FOCK-END" and raw[-32:] == hashlib.sha256(raw[:-40]).digest()
+    data_start = -(-(PREFIX + json_len) // 64) * 64
+    for e in meta["arrays"]:
+        assert e["offset"] % 64 == 0 and (data_start + e["offset"]) % 64 == 0
+        blob = raw[data_start + e["offset"] : data_start + e["offset"] + e["nbytes"]]
+        assert hashlib.sha256(blob).hexdigest() == e["sha256"]
+    names = {e["name"] for e in meta["arrays"]}
+    assert {"params/w", "params/b", "params/scale", "optimizer/state/0/exp_avg"} <= names
+
+    ckpt = ck.load(path)
+    assert ckpt.metadata == meta
+    assert ckpt.format_version == ck.FORMAT_VERSION
+    assert ckpt.fastopt_version == fo.__version__
+    assert datetime.datetime.fromisoformat(ckpt.created).tzinfo is not None
+    assert ckpt.algorithm == "Adam"
+    assert ckpt.hyperparameters[0]["betas"] == [0.8, 0.99]
+    assert ckpt.hyperparameters[0]["initial_lr"]["type"] == "Warmup"
+    assert ckpt.params["scale"].shape == () and ckpt.params["w"].dtype == np.float32
+    assert ckpt.params["w"].flags.writeable
+    assert ckpt.optimizer_state["param_groups"][0]["betas"] == (0.8, 0.99)
+    assert ckpt.rng_state == run.rng.bit_generator.state
+    assert ckpt.plateau_state == run.plateau.state_dict()
+    assert isinstance(ckpt.ema_state["shadow"]["w"], np.ndarray)
+    assert ckpt.extra is None and "Adam" in repr(ckpt)
+
+
+def test_extra_round_trips_exactly(tmp_path):
+    extra = {
+        "ints": {0: "zero", 7: (1, 2)},
+        "__array__": "a key that looks like a tag",
+        "floats": [0.1, float("inf"), -float("inf"), 1e-300],
+        "np": (np.float32(1.5), np.int64(-3), np.bool_(True)),
+        "arrays": [np.arange(6, dtype=np.int32).reshape(2, 3), np.array(True), np.zeros((0, 4))],
+        "schedule": S.join([S.Constant(0.1), S.ExponentialDecay(0.1, 0.9)], [5]),
+        "none": None,
+        "big": 2**100,
+    }
+    path = ck.save(tmp_path / "e.ckpt", params={"x": np.ones(2)}, extra=extra)
+    got = ck.load(path).extra
+    nan = ck.load(ck.save(tmp_path / "n.ckpt", params={}, extra=float("nan"))).extra
+    assert np.isnan(nan)
+    assert_tree_equal(got, extra)
+
+
+def test_restore_into_plain_arrays_and_dict_params(tmp_path):
+    w = np.arange(6.0).reshape(2, 3)
+    path = ck.save(tmp_path / "p.ckpt", params={"w": w})
+    target = {"w": np.zeros((2, 3))}
+    ck.load(path).restore(params=target)
+    assert np.array_equal(target["w"], w)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def saved(tmp_path):
+    run = Run("adam_schedule")
+    run.train(3)
+    path = run.save(tmp_path / "good.ckpt")
+    return path, open(path, "rb").read()
+
+
+@pytest.fixture
+def target():
+    run = Run("adam_schedule", seed=5, fill=0.5)
+    run.train(1)  # has optimizer state, so "unchanged" means something
+    return run
+
+
+def _refused(path, target, match, exc=ck.CheckpointError):
+    before = target.snapshot()
+    with pytest.raises(exc, match=match) as info:
+        target.restore(ck.load(path))
+    assert str(path) in str(info.value)
+    assert_tree_equal(before, target.snapshot())
+    return info.value
+
+
+@pytest.mark.parametrize("eighths", range(8))
+def test_truncated_file_is_refused(tmp_path, saved, target, eighths):
+    _, raw = saved
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(raw[: len(raw) * eighths // 8])
+    _refused(bad, target, "empty" if eighths == 0 else "truncated")
+
+
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        ("magic", "not a fastopt checkpoint"),
+        ("header", "header is corrupted"),
+        ("json", r"metadata \(JSON\) is corrupted"),
+        ("array", "checksum mismatch: the data of array 'params/b'"),
+        ("padding", "checksum mismatch: .*trailer or padding"),
+        ("trailer_tag", "trailer is corrupted"),
+        ("trailer_hash", "checksum mismatch: .*trailer"),
+    ],
+)
+def test_flipped_byte_is_refused(tmp_path, saved, target, where, match):
+    _, raw = saved
+    json_len = HEADER.unpack(raw[len(ck.MAGIC) : PREFIX])[2]
+    meta = json.loads(raw[PREFIX : PREFIX + json_len])
+    data_start = -(-(PREFIX + json_len) // 64) * 64
+    b = next(e for e in meta["arrays"] if e["name"] == "params/b")
+    pos = {
+        "magic": 3,
+        "header": len(ck.MAGIC) + 5,
+        "json": PREFIX + json_len // 2,
+        "array": data_start + b["offset"] + 5,
+        "padding": data_start - 1,
+        "trailer_tag": len(raw) - 38,
+        "trailer_hash": len(raw) - 1,
+    }[where]
+    if where == "padding":
+        assert data_start > PREFIX + json_len, "no padding after the JSON in this file"
+    data = bytearray(raw)
+    data[pos] ^= 0x5A
+    bad = tmp_path / "flip.ckpt"
+    bad.write_bytes(bytes(data))
+    _refused(bad, target, match)
+
+
+def test_foreign_files_are_refused(tmp_path, target):
+    rnd = tmp_path / "random.ckpt"
+    rnd.write_bytes(np.random.default_rng(0).bytes(4096))
+    npz = tmp_path / "arrays.npz"
+    np.savez(npz, w=np.ones(3))
+    js = tmp_path / "state.json"
+    js.write_text(json.dumps({"format": "fastopt-checkpoint", "params": {}}))
+    assert "not a fastopt checkpoint" in str(_refused(rnd, target, "not a fastopt checkpoint"))
+    _refused(npz, target, "not a fastopt checkpoint.*ZIP")
+    _refused(js, target, "not a fastopt checkpoint.*JSON")
+    with pytest.raises(FileNotFoundError):
+        ck.load(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_of_another_optimizer_is_refused(tmp_path, target):
+    ps = fo.ParamSet(_initial(np.float32))
+    sgd = fo.SGD(ps, lr=0.1, momentum=0.9)
+    sgd.step(np.ones(ps.size, np.float32))
+    path = ck.save(tmp_path / "sgd.ckpt", params=ps, optimizer=sgd)
+    before = target.snapshot()
+    with pytest.raises(
+        ck.CheckpointError, match="holds SGD optimizer state, the optimizer is Adam"
+    ):
+        ck.load(path).restore(params=target.params, optimizer=target.opt)
+    assert_tree_equal(before, target.snapshot())
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (
+            {"w": np.zeros((7, 5), np.float32), "b": np.zeros(5, np.float32)},
+            r"missing from the checkpoint \[\].*not in params \['scale'\]",
+        ),
+        (
+            {**_initial(np.float32), "extra": np.zeros(2, np.float32)},
+            r"missing from the checkpoint \['extra'\]",
+        ),
+        (
+            {**_initial(np.float32), "w": np.zeros((5, 7), np.float32)},
+            r"'w' has shape \(7, 5\) in the checkpoint, \(5, 7\) here",
+        ),
+        (_initial(np.float64), "'w' has dtype float32 in the checkpoint, float64 here"),
+    ],
+)
+def test_mismatched_params_are_refused(saved, target, params, match):
+    path, _ = saved
+    before_opt = target.opt.state_dict()
+    copies = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(ck.CheckpointError, match=match):
+        ck.load(path).restore(params=params, optimizer=target.opt)
+    assert_tree_equal(copies, params)
+    assert_tree_equal(before_opt, target.opt.state_dict())
+
+
+def test_wrong_rng_kind_is_refused(saved, target):
+    path, _ = saved
+    before = target.snapshot()
+    mt = np.random.Generator(np.random.MT19937(0))
+    mt_state = mt.bit_generator.state
+    with pytest.raises(ck.CheckpointError, match="PCG64 RNG state, the generator uses MT19937"):
+        ck.load(path).restore(params=target.params, optimizer=target.opt, rng=mt)
+    assert_tree_equal(before, target.snapshot())
+    assert_tree_equal(mt_state, mt.bit_generator.state)
+
+
+def test_late_refusal_rolls_back(saved, target):
+    class PickyEMA(TinyEMA):
+        def load_state_dict(self, sd):
+            raise ValueError("this EMA refuses")
+
+    path, _ = saved
+    target.ema = PickyEMA(target.named())
+    before = target.snapshot()
+    with pytest.raises(
+        ck.CheckpointError, match="the ema refused the saved state: this EMA refuses"
+    ):
+        target.restore(ck.load(path))
+    assert_tree_equal(before, target.snapshot())
+
+
+def test_missing_parts_are_refused(tmp_path, target):
+    path = ck.save(tmp_path / "p.ckpt", params=target.params)
+    with pytest.raises(ck.CheckpointError, match="holds no optimizer state"):
+        ck.load(path).restore(optimizer=target.opt)
+    with pytest.raises(TypeError, match="at least one"):
+        ck.load(path).restore()
+
+
+def test_newer_major_format_is_refused(tmp_path, saved, target):
+    _, raw = saved
+    fields = list(HEADER.unpack(raw[len(ck.MAGIC) : PREFIX]))
+    fields[0] = ck.FORMAT_VERSION[0] + 1
+    head = HEADER.pack(*fields[:-1], 0)[:-4]
+    head += struct.pack("<I", zlib.crc32(ck.MAGIC + head))
+    bad = tmp_path / "future.ckpt"
+    bad.write_bytes(ck.MAGIC + head + raw[PREFIX:])
+    _refused(bad, target, r"format 2\.0, newer than this fastopt.*upgrade fastopt")
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    import pickle
+
+    def boom(*a, **k):
+        raise AssertionError("pickle used")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, boom)
+    ckpt = ck.load(saved[0])
+    assert ckpt.algorithm == "Adam"
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _siblings(path):
+    return sorted(n for n in os.listdir(os.path.dirname(path)) if n != os.path.basename(path))
+
+
+def test_lambda_lr_is_a_clear_type_error_and_writes_nothing(tmp_path):
+    ps = fo.ParamSet({"w": np.ones(3)})
+    opt = fo.SGD(ps, lr=lambda k: 0.1 / (1 + k))
+    path = tmp_path / "lambda.ckpt"
+    with pytest.raises(TypeError, match=r"optimizer/param_groups/0/lr.*lambda.*fastopt\.schedules"):
+        ck.save(path, params=ps, optimizer=opt)
+    assert os.listdir(tmp_path) == []
+    # an existing checkpoint stays as it was
+    ck.save(path, params=ps)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        ck.save(path, params=ps, optimizer=opt)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["lambda.ckpt"]
+    nested = fo.SGD(ps, lr=S.warmup(lambda k: 0.1, 3, lr=0.1))
+    with pytest.raises(TypeError, match="cannot save optimizer/param_groups/0/lr"):
+        ck.save(path, params=ps, optimizer=nested)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failing):
+    path = tmp_path / "c.ckpt"
+    ck.save(path, params={"w": np.zeros(1000)}, extra={"n": 1})
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(f"simulated {failing} failure")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save(path, params={"w": np.ones(1000)}, extra={"n": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _siblings(path) == []
+    assert ck.load(path).extra == {"n": 1}
+
+
+def test_array_changing_during_save_replaces_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "c.ckpt"
+    w = np.zeros(100)
+    ck.save(path, params={"w": w})
+    before = path.read_bytes()
+    dumps = json.dumps
+
+    def dumps_then_step(*a, **k):  # runs after the arrays were hashed, before they are written
+        w[3] = 1.0
+        return dumps(*a, **k)
+
+    monkeypatch.setattr(json, "dumps", dumps_then_step)
+    with pytest.raises(RuntimeError, match="'params/w' changed while .* was being saved"):
+        ck.save(path, params={"w": w})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _siblings(path) == []
+
+
+CHILD = r"""
+import sys
+import numpy as np
+from fastopt import checkpoint as ck
+path = sys.argv[1]
+big = np.zeros(4_000_000)  # 32 MB: a save takes a while
+ck.save(path, params={"big": big}, extra={"i": 0})
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    big[0] = big[-1] = i
+    ck.save(path, params={"big": big}, extra={"i": i})
+"""
+
+
+def test_sigkill_during_save_leaves_a_valid_checkpoint(tmp_path):
+    path = str(tmp_path / "killed.ckpt")
+    rng = np.random.default_rng()
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, path], stdout=subprocess.PIPE)
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready and proc.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.2, 0.8))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+        ckpt = ck.load(path)  # the old or a new complete checkpoint, verified
+        i = ckpt.extra["i"]
+        big = ckpt.params["big"]
+        assert big[0] == big[-1] == i and not big[1:-1].any()
+        for name in _siblings(path):  # stray temporary files are never the checkpoint
+            assert name.startswith(".killed.ckpt.") and name.endswith(ck.TEMP_SUFFIX)
+            try:
+                ck.load(tmp_path / name)
+            except ck.CheckpointError as exc:
+                assert "truncated" in str(exc) or "empty" in str(exc)
+            os.unlink(tmp_path / name)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_cuda_without_cupy_is_a_clear_error(saved, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(RuntimeError, match="needs CuPy, which is not installed"):
+        ck.load(saved[0], device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        ck.load(saved[0], device="tpu")

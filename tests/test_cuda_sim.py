@@ -1,0 +1,304 @@
+"""CUDA kernels under the Numba CUDA simulator.
+
+Run in its own process with the simulator switched on before numba is imported::
+
+    NUMBA_ENABLE_CUDASIM=1 pytest tests/test_cuda_sim.py -q -p no:cacheprovider
+
+The simulator runs every kernel as Python, one thread per CUDA thread, so the arrays are small.
+Each kernel is compared with the CPU kernel on the same inputs and with the plain-Python rule
+applied element by element (which is what the simulator executes: bit-identical).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+    reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 in their own process",
+)
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    from fastopt.kernels import cpu, rules
+    from fastopt.kernels import cuda as kcuda
+    from fastopt.kernels.compile_rules import ARITY
+    from numba import cuda
+else:  # keep collection free of numba.cuda imports outside the simulator
+    cuda = cpu = rules = kcuda = ARITY = None
+
+DTYPES = (np.float32, np.float64)
+N = 50
+STEPS = 3
+
+
+def _h(rule_name, t):
+    """A plausible per-step scalar tuple (float64) of ``rule_name`` at step ``t`` (1-based).
+
+    Hyper-parameters vary with ``t`` so both sides of every branch in the rules run (lerp weight
+    below/above 0.5, first momentum step, Nesterov, RAdam rectification, maximize).
+    """
+    lr, wd = 0.01, 0.02
+    gsign = -1.0 if t == 2 else 1.0
+    beta1 = 0.9 if t % 2 else 0.3  # 1 - beta1 below / above 0.5: both lerp forms
+    beta2, eps = 0.999, 1e-8
+    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+    decay = 1 - lr * wd if t != 1 else 1.0
+    adam_head = (decay, 0.0 if t != 1 else wd, gsign, beta1, 1 - beta1, beta2, 1 - beta2)
+    rms = (lr, wd, gsign, 0.99 if t % 2 else 0.4, 0.01 if t % 2 else 0.6, eps, 0.9)
+    table = {
+        "sgd": (0.1, wd, gsign),
+        "sgd_momentum": (0.1, wd, gsign, 0.9, 0.9, float(t % 2 == 0), float(t == 1)),
+        "adagrad": (0.1 / (1 + (t - 1) * 0.01), wd, gsign, 1e-10),
+        "rmsprop": rms,
+        "rmsprop_momentum": rms,
+        "rmsprop_centered": rms,
+        "rmsprop_centered_momentum": rms,
+        "adadelta": (1.0, wd, gsign, 0.9, 0.1, 1e-6),
+        "adam": adam_head + (lr / bc1, math.sqrt(bc2), eps),
+        "adam_amsgrad": adam_head + (lr / bc1, math.sqrt(bc2), eps),
+        "adamax": (wd, gsign, beta1, 1 - beta1, beta2, eps, lr / bc1),
+        "nadam": adam_head + (bc2, eps, lr * 0.05 / 0.95, lr * 0.9 / 0.5),
+        "radam": adam_head + (bc1, lr, float(t >= 2), 0.3 * t, math.sqrt(bc2), eps),
+        "rprop": (gsign, 0.5, 1.2, 1e-6, 50.0, 0.0),
+        "yogi": (lr, wd, gsign, beta1, 1 - beta1, 1 - beta2, 1e-3),
+        "lion": (decay, 1e-3, gsign, beta1, 1 - beta1, 0.99, 0.01),
+        "ema": (0.001, 0.999) if t % 2 else (0.7, 0.3),
+    }
+    return table[rule_name]
+
+
+def _gs(t):
+    """(gradient scale, clip value) at step ``t``: identity, scaling, scaling and clipping."""
+    return [(1.0, 0.0), (0.5, 0.0), (0.8, 0.7)][(t - 1) % 3]
+
+
+def _initial_state(rule_name, n, dtype, rng):
+    """State arrays in the rule's domain (positive second moments, sq >= gavg^2, ...)."""
+    k = ARITY[rule_name]
+    states = [rng.standard_normal(n) for _ in range(k)]
+    positive = {  # slots that sit under a square root or a division
+        "adagrad": (0,),
+        "rmsprop": (0,),
+        "rmsprop_momentum": (0,),
+        "adadelta": (0, 1),
+        "adam": (1,),
+        "adam_amsgrad": (1, 2),
+        "adamax": (1,),
+        "nadam": (1,),
+        "radam": (1,),
+        "rprop": (1,),
+        "yogi": (1,),
+    }.get(rule_name, ())
+    for j in positive:
+        states[j] = np.abs(states[j]) + 0.1
+    if rule_name == "rmsprop_centered":
+        states[0] = states[1] ** 2 + np.abs(states[0])
+    if rule_name == "rmsprop_centered_momentum":
+        states[0] = states[2] ** 2 + np.abs(states[0])
+    if rule_name == "rprop":
+        states[0][::5] = 0.0  # previous gradient exactly zero: the third branch
+    return [s.astype(dtype) for s in states]
+
+
+def _inputs(rule_name, dtype, n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(dtype)
+    grads = [rng.standard_normal(n).astype(dtype) for _ in range(STEPS)]
+    for g in grads:
+        g[::7] = 0.0  # exact zeros exercise the sign branches (rprop, lion)
+    states = _initial_state(rule_name, n, dtype, rng)
+    hs = [
+        (tuple(dtype(x) for x in _h(rule_name, t)), tuple(dtype(x) for x in _gs(t)))
+        for t in range(1, STEPS + 1)
+    ]
+    return p, grads, states, hs
+
+
+def _run_gpu(rule_name, p, grads, states, hs, **launch):
+    dp = cuda.to_device(p)
+    dstates = [cuda.to_device(s) for s in states]
+    for g, (h, gs) in zip(grads, hs, strict=True):
+        kcuda.apply(rule_name, dp, cuda.to_device(g), dstates, h, gs, **launch)
+    return dp.copy_to_host(), [d.copy_to_host() for d in dstates]
+
+
+def _run_cpu(rule_name, p, grads, states, hs):
+    p, states = p.copy(), [s.copy() for s in states]
+    for g, (h, gs) in zip(grads, hs, strict=True):
+        cpu.apply(rule_name, p, g, states, h, gs)
+    return p, states
+
+
+def _run_python(rule_name, p, grads, states, hs):
+    """The uncompiled rule on NumPy scalars, element by element."""
+    fn = getattr(rules, rule_name)
+    p, states = p.copy(), [s.copy() for s in states]
+    for g, (h, gs) in zip(grads, hs, strict=True):
+        for i in range(p.size):
+            out = fn(p[i], rules.transformed_grad(g[i], *gs), *(s[i] for s in states), h)
+            p[i] = out[0]
+            for s, v in zip(states, out[1:], strict=True):
+                s[i] = v
+    return p, states
+
+
+def _assert_identical(got, want, what):
+    gp, gs = got
+    wp, ws = want
+    np.testing.assert_array_equal(gp, wp, err_msg=f"{what}: parameter")
+    for j, (a, b) in enumerate(zip(gs, ws, strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"{what}: state {j}")
+
+
+def _assert_close(got, want, rtol, what):
+    gp, gs = got
+    wp, ws = want
+    np.testing.assert_allclose(gp, wp, rtol=rtol, atol=0, err_msg=f"{what}: parameter")
+    for j, (a, b) in enumerate(zip(gs, ws, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=0, err_msg=f"{what}: state {j}")
+
+
+RULE_NAMES = rules.RULES if rules is not None else ()
+PYTHON_DOUBLE_IN_FLOAT32 = {"adadelta"}
+"""Rules whose plain-Python evaluation on float32 scalars is not float32 arithmetic:
+``math.sqrt(a) / math.sqrt(b)`` divides two Python floats (double) before rounding, where the
+compiled rule divides two float32 square roots. Only the simulator runs the Python rule; on a GPU
+the compiled rule is float32 throughout. Everything else matches the CPU kernel bit for bit."""
+
+
+def test_simulator_active():
+    assert kcuda._simulating()
+    ok, why = kcuda.available()
+    assert ok is True and "simulator" in why
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_rule_matches_cpu_and_python(rule_name, dtype):
+    p, grads, states, hs = _inputs(rule_name, dtype)
+    got = _run_gpu(rule_name, p, grads, states, hs)
+    assert got[0].dtype == dtype and all(s.dtype == dtype for s in got[1])
+    assert not np.array_equal(got[0], p), "the kernel did not update the parameter"
+    # The simulator executes the very same Python rule: bit-identical in both dtypes.
+    _assert_identical(got, _run_python(rule_name, p, grads, states, hs), "vs plain Python")
+    want = _run_cpu(rule_name, p, grads, states, hs)
+    if dtype is np.float32 and rule_name in PYTHON_DOUBLE_IN_FLOAT32:
+        _assert_close(got, want, 1e-5, "vs CPU kernel")
+    else:
+        _assert_identical(got, want, "vs CPU kernel")
+
+
+@pytest.mark.parametrize("rule_name", ["sgd", "adagrad", "adam", "rmsprop_centered_momentum"])
+def test_grid_stride_covers_more_elements_than_threads(rule_name):
+    """8 threads in total (2 blocks of 4) must still update all 50 elements."""
+    p, grads, states, hs = _inputs(rule_name, np.float64, seed=1)
+    got = _run_gpu(rule_name, p, grads, states, hs, threads=4, blocks=2)
+    _assert_identical(got, _run_cpu(rule_name, p, grads, states, hs), "small grid")
+    assert np.all(got[0] != p), "some elements were not visited"
+
+
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("rule_name", ["sgd", "adam", "rmsprop_centered_momentum"])
+def test_tiny_arrays(rule_name, n):
+    p, grads, states, hs = _inputs(rule_name, np.float32, n=n, seed=2)
+    got = _run_gpu(rule_name, p, grads, states, hs)
+    _assert_identical(got, _run_cpu(rule_name, p, grads, states, hs), f"n={n}")
+    assert got[0].shape == (n,)
+
+
+def test_launch_config():
+    assert kcuda.launch_config(1) == (1, kcuda.THREADS)
+    assert kcuda.launch_config(0) == (1, kcuda.THREADS)
+    assert kcuda.launch_config(kcuda.THREADS + 1) == (2, kcuda.THREADS)
+    cap = kcuda.BLOCKS_PER_SM * kcuda.SIMULATOR_SM_COUNT
+    assert kcuda.launch_config(10**12) == (cap, kcuda.THREADS)  # 64-bit sizes: the grid strides
+    assert kcuda.launch_config(100, threads=32) == (4, 32)
+    assert kcuda.launch_config(100, threads=32, blocks=3) == (3, 32)
+
+
+def test_kernels_are_cached_per_rule():
+    assert kcuda.kernel("adam") is kcuda.kernel("adam")
+    assert kcuda.kernel("adam") is not kcuda.kernel("nadam")
+
+
+def test_apply_rejects_host_arrays_and_wrong_state_count():
+    p, grads, states, hs = _inputs("adam", np.float64, n=4)
+    with pytest.raises(TypeError, match="device arrays"):
+        kcuda.apply("adam", p, grads[0], states, *hs[0])
+    dp, dg = cuda.to_device(p), cuda.to_device(grads[0])
+    with pytest.raises(ValueError, match="2 state arrays"):
+        kcuda.apply("adam", dp, dg, [cuda.to_device(states[0])], *hs[0])
+
+
+def test_import_and_available_without_simulator():
+    """Outside the simulator (this machine may have no CUDA at all): import works, available()
+    returns (bool, str) and does not raise."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = (
+        "from fastopt.kernels import cuda as k\n"
+        "ok, why = k.available()\n"
+        "assert isinstance(ok, bool) and isinstance(why, str) and why, (ok, why)\n"
+        "print(ok, why)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+
+
+_PTX_CHECK = """
+import json, sys, types as pytypes
+try:  # compile without a GPU: answer the device queries numba-cuda makes while compiling
+    import numba.cuda.cuda_paths as cuda_paths
+    import numba.cuda.cudadrv.nvrtc as nvrtc
+    import numba.cuda.dispatcher as dispatcher
+    from numba import cuda, types
+    from numba.cuda.cudadrv import nvvm
+
+    if not cuda.is_available():
+        dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+    try:
+        nvrtc.get_supported_ccs()
+    except Exception:
+        nvrtc.get_arch_option = lambda major, minor, arch="": f"compute_{major}{minor}"
+        cuda_paths._get_nvrtc_path = lambda: ("not needed for PTX", None)
+    if not nvvm.is_available():
+        sys.exit(77)
+except Exception as e:
+    print(f"setup: {type(e).__name__}: {e}")
+    sys.exit(77)
+from fastopt.kernels import cuda as kcuda
+from fastopt.kernels.compile_rules import ARITY
+
+for name, nh in json.loads(sys.argv[1]).items():
+    for dt in (types.float32, types.float64):
+        arr = types.Array(dt, 1, "C")
+        sig = (arr,) * (2 + ARITY[name]) + (types.UniTuple(dt, nh), types.UniTuple(dt, 2))
+        ptx, _ = cuda.compile_ptx(kcuda.kernel(name).py_func, sig, cc=(9, 0))
+        assert "call." not in ptx, f"{name} {dt}: device functions not inlined"
+        print(name, dt, "ok")
+"""
+
+
+def test_every_kernel_compiles_to_ptx_for_a_real_gpu():
+    """The simulator runs Python, so compile every kernel with the real CUDA target too (PTX for
+    sm_90 through NVVM, no GPU needed); skipped where libNVVM/libdevice are missing."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    lengths = json.dumps({name: len(_h(name, 1)) for name in RULE_NAMES})
+    r = subprocess.run(
+        [sys.executable, "-c", _PTX_CHECK, lengths],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode == 77:
+        pytest.skip(f"cannot compile CUDA here: {r.stdout.strip() or 'libNVVM not found'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" ok") == 2 * len(RULE_NAMES)
