@@ -1,6 +1,11 @@
 """fastopt: compiled-kernel optimizers for NumPy and CUDA arrays with torch.optim semantics."""
 
+from . import schedules
+from .accumulate import GradientAccumulator
+from .checkpoint import CheckpointError, load, save
+from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
+from .ema import EMA
 from .optim import (
     SGD,
     Adadelta,
@@ -17,24 +22,36 @@ from .optim import (
     Yogi,
 )
 from .paramset import ParamSet
+from .schedules import ReduceLROnPlateau
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "SGD",
     "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
+    "CheckpointError",
+    "GradientAccumulator",
     "Lion",
     "NAdam",
     "Optimizer",
     "ParamSet",
     "RAdam",
     "RMSprop",
+    "ReduceLROnPlateau",
     "Rprop",
     "Yogi",
-    "backends",
     "__version__",
+    "all_finite",
+    "backends",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "global_norm",
+    "load",
+    "save",
+    "schedules",
 ]

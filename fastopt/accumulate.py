@@ -1,0 +1,91 @@
+"""Gradient accumulation: k micro-batches, one optimizer step on their mean."""
+
+from .optim.validation import check_bool
+
+
+class GradientAccumulator:
+    r"""Step ``optimizer`` once every ``steps`` micro-batches, on the mean of their gradients.
+
+    .. math:: g = \frac{1}{k}\sum_{j=1}^{k} g^{(j)}
+
+    For mean-reduced losses over equal micro-batches this is the gradient of the whole batch, so
+    k micro-batches give the same step as one batch k times larger (to rounding), and weight
+    decay, clipping (``max_grad_norm``) and non-finite skipping apply once per real step. The sum
+    lives in each ParamSet's gradient buffer (other parameters get a buffer of their own); the
+    1/k is folded into the update kernel (``step(grad_scale=1/k)``), so averaging costs no pass.
+
+    ``add(grads)`` adds one micro-batch gradient (same structure as ``optimizer.step`` takes),
+    checked like a step before anything is added. ``add()`` with no gradients counts a
+    micro-batch whose gradient the caller already accumulated into the ParamSet buffers
+    (e.g. ``ps.grads["w"] += g``). Both return True when that call took the optimizer step.
+    """
+
+    def __init__(self, optimizer, steps, *, zero_first=True):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"invalid steps: {steps!r} (must be an int >= 1)")
+        check_bool("zero_first", zero_first)
+        self.optimizer = optimizer
+        self.steps = steps
+        self.count = 0
+        self._sums = {}  # id(unit) -> buffer for units without a ParamSet gradient buffer
+        if zero_first:
+            optimizer.zero_grad()
+
+    def add(self, grads=None):
+        opt = self.optimizer
+        if grads is not None:
+            plan = opt._plan(grads)  # validates structure, shapes, dtypes: before any write
+            for _, _, _, work in plan:
+                for unit, g in work:
+                    buf = self._buffer(unit)
+                    buf += g
+        elif any(u.default_grad is None for g in opt._groups for u in g["units"]):
+            raise ValueError(
+                "add() without gradients needs every parameter group to be a ParamSet "
+                "(plain arrays have no gradient buffer to accumulate into)"
+            )
+        self.count += 1
+        if self.count < self.steps:
+            return False
+        self.flush()
+        return True
+
+    def flush(self):
+        """Step now on the mean of the micro-batches added so far (if any), then reset."""
+        if self.count == 0:
+            return
+        opt = self.optimizer
+        opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
+        opt.zero_grad()
+        for buf in self._sums.values():
+            buf.fill(0)
+        self.count = 0
+
+    def _buffer(self, unit):
+        if unit.default_grad is not None:
+            return unit.default_grad
+        buf = self._sums.get(id(unit))
+        if buf is None:
+            buf = self._sums[id(unit)] = unit.backend.zeros(unit.param.size, unit.param.dtype)
+        return buf
+
+    def _structured_sums(self):
+        """The accumulated sums in the structure ``optimizer.step`` expects."""
+        opt = self.optimizer
+        entries = []
+        for g in opt._groups:
+            units, structure = g["units"], g["structure"]
+            bufs = [self._sums.get(id(u)) for u in units]
+            bufs = [None if b is None else b.reshape(u.shape) for b, u in zip(bufs, units)]
+            if structure == "paramset":
+                entries.append(None)
+            elif structure == "dict":
+                entries.append(dict(zip(g["keys"], bufs)))
+            elif structure == "array":
+                entries.append(bufs[0])
+            else:
+                entries.append(bufs)
+        return entries if opt._grouped else entries[0]
+
+
+__all__ = ["GradientAccumulator"]

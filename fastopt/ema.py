@@ -1,0 +1,132 @@
+"""Exponential moving average of parameters (Polyak averaging), one fused kernel per update."""
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import dispatch
+from .optim.validation import check_bool, check_interval
+from .paramset import ParamSet
+from .structure import flat_arrays
+
+
+class EMA:
+    r"""A running exponential average of parameters, for evaluation with smoother weights.
+
+    .. math:: \bar\theta_0 = \theta_0,\qquad \bar\theta_t = \bar\theta_{t-1} + (1-d_t)(\theta_t - \bar\theta_{t-1})
+
+    with :math:`d_t` = ``decay``, or :math:`\min(d, (1+t)/(10+t))` when ``warmup`` (the
+    ``num_updates`` form of TensorFlow's ExponentialMovingAverage). The first ``update()`` copies
+    the parameters, as ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``;
+    later ones are the same lerp, one kernel call per array (one for a whole ParamSet).
+    References: Polyak & Juditsky, SIAM J. Control Optim. 1992; Dive into Deep Learning ch. 12.5.
+
+    ``params``: a ParamSet, an array, or a list/tuple/dict of arrays (the live parameters, read
+    at each ``update()``). ``with ema.swapped(): ...`` puts the averages into the parameters for
+    evaluation and restores the trained values afterwards, even if the block raises.
+    """
+
+    def __init__(self, params, decay=0.999, *, warmup=False):
+        check_interval("decay", decay, 0.0, 1.0, hi_closed=True)
+        check_bool("warmup", warmup)
+        self.decay = float(decay)
+        self.warmup = warmup
+        self._params = (
+            [params.flat] if isinstance(params, ParamSet) else flat_arrays(params, "params")
+        )
+        self._shapes = [params.flat.shape] if isinstance(params, ParamSet) else _shapes_of(params)
+        for p in self._params:
+            if not p.flags.writeable:
+                raise ValueError("EMA parameters must be writable (swapped() writes them)")
+        self._backends = [dispatch.backend_for([p]) for p in self._params]
+        self._averages = [b.zeros(p.size, p.dtype) for b, p in zip(self._backends, self._params)]
+        self.num_updates = 0
+
+    def current_decay(self):
+        """The decay the next update() will use."""
+        if self.warmup:
+            t = self.num_updates
+            return min(self.decay, (1 + t) / (10 + t))
+        return self.decay
+
+    def update(self):
+        """Fold the current parameters into the average."""
+        if self.num_updates == 0:
+            for avg, p in zip(self._averages, self._params):
+                avg[...] = p
+        else:
+            d = self.current_decay()
+            for b, avg, p in zip(self._backends, self._averages, self._params):
+                st = b.scalar_type(p.dtype)
+                b.update("ema", avg, p, [], (st(1.0 - d), st(d)), (st(1.0), st(0.0)), None)
+        self.num_updates += 1
+
+    @property
+    def averages(self):
+        """The averaged arrays (views shaped like the parameters; a ParamSet's as one flat array)."""
+        return [a.reshape(s) for a, s in zip(self._averages, self._shapes)]
+
+    def copy_to_params(self):
+        """Overwrite the parameters with the averages (e.g. before exporting a model)."""
+        for avg, p in zip(self._averages, self._params):
+            p[...] = avg
+
+    @contextmanager
+    def swapped(self):
+        """Within the block the parameters hold the averages; afterwards their own values."""
+        if self.num_updates == 0:
+            raise RuntimeError("EMA.swapped() before any update(): there is no average yet")
+        self._swap()
+        try:
+            yield self
+        finally:
+            self._swap()
+
+    def _swap(self):
+        for avg, p in zip(self._averages, self._params):
+            tmp = p.copy()
+            p[...] = avg
+            avg[...] = tmp
+
+    def state_dict(self):
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "averages": [b.to_numpy(a) for b, a in zip(self._backends, self._averages)],
+        }
+
+    def load_state_dict(self, state):
+        averages = state["averages"]
+        if len(averages) != len(self._averages):
+            raise ValueError(
+                f"EMA state has {len(averages)} arrays, this EMA {len(self._averages)}"
+            )
+        for i, (a, mine) in enumerate(zip(averages, self._averages)):
+            if int(np.prod(np.shape(a))) != mine.size:
+                raise ValueError(
+                    f"EMA state array {i} has shape {np.shape(a)}, expected {mine.shape}"
+                )
+        num = state["num_updates"]
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
+            raise ValueError(f"EMA num_updates must be an int >= 0, got {num!r}")
+        check_interval("decay", state["decay"], 0.0, 1.0, hi_closed=True)
+        check_bool("warmup", state["warmup"])
+        for a, mine in zip(averages, self._averages):
+            mine[...] = _like(mine, np.asarray(a).reshape(-1).astype(mine.dtype))
+        self.decay, self.warmup, self.num_updates = float(state["decay"]), state["warmup"], int(num)
+
+
+def _shapes_of(params):
+    if hasattr(params, "shape"):
+        return [params.shape]
+    values = params.values() if isinstance(params, dict) else params
+    return [a.shape for a in values]
+
+
+def _like(dst, host):
+    if isinstance(dst, np.ndarray):
+        return host
+    import cupy
+
+    return cupy.asarray(host)
