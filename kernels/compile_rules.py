@@ -36,10 +36,11 @@ def compile_rules(decorate):
     return {name: namespace[name] for name in vars(rules) if name in namespace}
 
 
-def specialize(template, rule_name, rule, extra_globals, decorate):
-    """A copy of a loop ``template`` whose global ``rule`` is ``rule``, with a unique, cacheable name."""
+def specialize(template, rule_name, rule, extra_globals, decorate, variant=""):
+    """A copy of a loop ``template`` whose global ``rule`` is ``rule``, with a unique, cacheable name
+    (``variant`` tells apart copies of one template and rule compiled differently)."""
     glb = dict(extra_globals, rule=rule)
-    name = f"{template.__name__.lstrip('_')}_{rule_name}_{SOURCE_TAG}"
+    name = f"{template.__name__.lstrip('_')}_{rule_name}{variant}_{SOURCE_TAG}"
     fn = types.FunctionType(template.__code__, glb, name)
     fn.__qualname__ = name
     fn.__module__ = template.__module__

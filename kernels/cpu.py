@@ -1,7 +1,11 @@
 """CPU kernels: every rule of ``rules.py`` applied elementwise by a ``numba.njit(parallel=True)`` loop.
 
 One loop template per number of state slots; each rule gets its own compiled, disk-cached copy
-(``compile_rules.specialize``). Elementwise updates touch each element once, in any order, so the
+(``compile_rules.specialize``), twice: a ``prange`` loop for large arrays and a serial loop (the same
+template with ``prange`` bound to ``range``) below ``PARALLEL_THRESHOLD`` elements, where waking
+threads costs more than it saves and, with another OpenMP runtime in the process (torch's),
+can stall for milliseconds. ``error_model="numpy"`` everywhere: IEEE results for x/0 and sqrt(-1)
+(as torch), and no per-element exception checks, which would block vectorization. Elementwise updates touch each element once, in any order, so the
 result is bit-identical for any thread count. Indices are ``prange`` over ``p.size`` (int64).
 """
 
@@ -11,7 +15,10 @@ from numba import njit, prange, uint64
 
 from .compile_rules import ARITY, compile_rules, specialize
 
-_RULES = compile_rules(njit(inline="always", cache=True, fastmath=False))
+_RULES = compile_rules(njit(inline="always", cache=True, error_model="numpy"))
+
+PARALLEL_THRESHOLD = 1 << 15
+"""Arrays with fewer elements run the serial loop."""
 
 
 def _loop0(p, g, h, gs):
@@ -38,21 +45,26 @@ def _loop3(p, g, s0, s1, s2, h, gs):
 
 _TEMPLATES = (_loop0, _loop1, _loop2, _loop3)
 _KERNELS = {}
+_SERIAL_KERNELS = {}
 
 
-def kernel(rule_name):
-    """The compiled parallel loop of one rule (compiled on first use, then cached on disk)."""
-    k = _KERNELS.get(rule_name)
+def kernel(rule_name, parallel=True):
+    """The compiled loop of one rule (compiled on first use, then cached on disk)."""
+    cache = _KERNELS if parallel else _SERIAL_KERNELS
+    k = cache.get(rule_name)
     if k is None:
-        template = _TEMPLATES[ARITY[rule_name]]
         k = specialize(
-            template,
+            _TEMPLATES[ARITY[rule_name]],
             rule_name,
             _RULES[rule_name],
-            {"prange": prange, "transformed_grad": _RULES["transformed_grad"]},
-            njit(parallel=True, cache=True, nogil=True),
+            {
+                "prange": prange if parallel else range,
+                "transformed_grad": _RULES["transformed_grad"],
+            },
+            njit(parallel=parallel, cache=True, nogil=True, error_model="numpy"),
+            variant="" if parallel else "_serial",
         )
-        _KERNELS[rule_name] = k
+        cache[rule_name] = k
     return k
 
 
@@ -62,7 +74,10 @@ def apply(rule_name, p, g, states, h, gs):
     ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip value or 0), both
     already cast to ``p``'s dtype.
     """
-    k = _KERNELS.get(rule_name) or kernel(rule_name)
+    if p.size >= PARALLEL_THRESHOLD:
+        k = _KERNELS.get(rule_name) or kernel(rule_name)
+    else:
+        k = _SERIAL_KERNELS.get(rule_name) or kernel(rule_name, parallel=False)
     k(p, g, *states, h, gs)
 
 
@@ -74,7 +89,7 @@ REDUCTION_CHUNK = 1 << 14
 pairwise by NumPy: the result does not depend on the number of threads."""
 
 
-@njit(fastmath={"reassoc"}, cache=True, nogil=True)
+@njit(fastmath={"reassoc"}, cache=True, nogil=True, error_model="numpy")
 def _chunk_sumsq(x, lo, hi):
     # Unsigned indices spare Numba's negative-index wraparound, which blocks vectorization.
     # reassoc lets LLVM split the sums over vector lanes: a fixed order for a given build, so the
@@ -89,7 +104,7 @@ def _chunk_sumsq(x, lo, hi):
     return sq, nonfinite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _sumsq_partials(x, sq, bad):
     n = x.size
     for c in prange(sq.size):
@@ -98,9 +113,18 @@ def _sumsq_partials(x, sq, bad):
         bad[c] = nonfinite != 0.0
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sumsq_small(x):
+    sq, nonfinite = _chunk_sumsq(x, 0, x.size)
+    return sq, nonfinite != 0.0
+
+
 def sumsq_and_finite(x):
     """(sum of squares in float64, all finite?) of a flat array, deterministic for any thread count."""
-    nchunks = max(1, -(-x.size // REDUCTION_CHUNK))
+    if x.size <= REDUCTION_CHUNK:  # one chunk: the same partial the parallel path would compute
+        sq, bad = _sumsq_small(x)
+        return float(sq), not bad
+    nchunks = -(-x.size // REDUCTION_CHUNK)
     sq = np.empty(nchunks, np.float64)
     bad = np.empty(nchunks, np.int8)
     _sumsq_partials(x, sq, bad)

@@ -122,13 +122,28 @@ def test_one_kernel_call_per_group_over_a_paramset(monkeypatch):
     assert calls == ["adam", "adam"]
 
 
-def test_large_array_uses_64bit_indices_in_kernel_signature():
+@pytest.mark.parametrize("rule", ["adam", "rprop", "sgd_momentum"])
+def test_serial_and_parallel_loops_agree_bitwise(rule):
+    """Small arrays run a serial loop, large ones the prange loop: same bits either way."""
     from fastopt.kernels import cpu
+    from fastopt.kernels.compile_rules import ARITY
 
-    k = cpu.kernel("sgd")
-    p = np.zeros(10, np.float64)
-    cpu.apply("sgd", p, np.ones(10), [], (0.5, 0.0, 1.0), (1.0, 0.0))
-    assert np.all(p == -0.5)
-    # prange over p.size runs on intp: 64-bit on every supported platform
-    assert np.dtype(np.intp).itemsize == 8
-    assert k.signatures
+    n = cpu.PARALLEL_THRESHOLD + 3
+    rng = np.random.default_rng(0)
+    p, g = rng.standard_normal(n), rng.standard_normal(n)
+    states = [np.abs(rng.standard_normal(n)) for _ in range(ARITY[rule])]
+    h = {
+        "adam": (1.0, 0.0, 1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.1, 1e-8),
+        "rprop": (1.0, 0.5, 1.2, 1e-6, 50.0, 0.0),
+        "sgd_momentum": (0.1, 0.0, 1.0, 0.9, 1.0, 0.0, 0.0),
+    }[rule]
+    gs = (0.5, 0.0)
+    big = [a.copy() for a in (p, g, *states)]
+    cpu.kernel(rule, parallel=True)(*big, h, gs)
+    small = [a.copy() for a in (p, g, *states)]
+    cpu.kernel(rule, parallel=False)(*small, h, gs)
+    for a, b in zip(big, small):
+        assert np.array_equal(a, b)
+    below = [a[: n - 10].copy() for a in (p, g, *states)]
+    cpu.apply(rule, below[0], below[1], below[2:], h, gs)  # below the threshold: serial path
+    assert np.array_equal(below[0], big[0][: n - 10])
