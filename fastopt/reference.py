@@ -34,6 +34,20 @@ def _grad(param, grad, maximize, weight_decay):
     return g + weight_decay * param if weight_decay != 0 else g
 
 
+def _adam_moments(param, grad, state, lr, betas, weight_decay, decoupled, maximize):
+    """Weight decay (decoupled: θ ← θ(1 − ηλ); else g ← g + λθ) and the two Adam moments, in place:
+    m ← lerp(m, g, 1 − β₁), v ← β₂ v + (1 − β₂) g². Returns (g, m, v)."""
+    beta1, beta2 = betas
+    if decoupled and weight_decay != 0:
+        param[...] = param * (1 - lr * weight_decay)
+        weight_decay = 0.0
+    g = _grad(param, grad, maximize, weight_decay)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = _lerp(m, g, 1 - beta1)
+    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    return g, m, v
+
+
 def sgd(
     param,
     grad,
@@ -157,14 +171,9 @@ def adam(
     AMSGrad: v̂ ← max(v̂, v).  θ ← θ − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
     """
     beta1, beta2 = betas
-    if decoupled_weight_decay:
-        param[...] = param * (1 - lr * weight_decay)
-        g = _grad(param, grad, maximize, 0.0)
-    else:
-        g = _grad(param, grad, maximize, weight_decay)
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = _lerp(m, g, 1 - beta1)
-    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    g, m, v = _adam_moments(
+        param, grad, state, lr, betas, weight_decay, decoupled_weight_decay, maximize
+    )
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     if amsgrad:
@@ -261,14 +270,9 @@ def radam(
     else θ ← θ − η m̂ (un-adapted momentum step)
     """
     beta1, beta2 = betas
-    if weight_decay != 0 and decoupled_weight_decay:
-        param[...] = param * (1 - lr * weight_decay)
-        g = _grad(param, grad, maximize, 0.0)
-    else:
-        g = _grad(param, grad, maximize, weight_decay)
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = _lerp(m, g, 1 - beta1)
-    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    g, m, v = _adam_moments(
+        param, grad, state, lr, betas, weight_decay, decoupled_weight_decay, maximize
+    )
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     m_hat = m / bias_correction1
