@@ -11,9 +11,11 @@ def _blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def test_quickstart_runs(capsys):
-    (code,) = [b for b in _blocks("python") if "import fastopt" in b][:1]
-    exec(compile(code, "README quickstart", "exec"), {})
+def test_python_examples_run(capsys):
+    examples = [b for b in _blocks("python") if "import fastopt" in b]
+    assert len(examples) >= 2
+    for i, code in enumerate(examples):
+        exec(compile(code, f"README example {i}", "exec"), {})
     assert "SGD" in capsys.readouterr().out
 
 
