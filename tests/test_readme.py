@@ -25,3 +25,9 @@ def test_ci_runs_the_readme_install_and_test_commands():
     test = next(b.strip() for b in bash if b.strip().startswith("pytest"))
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install in ci and test in ci
+
+
+def test_distributed_example_is_the_script_the_mpi_tests_run():
+    script = (ROOT / "tests" / "mpi_scripts" / "readme_example.py").read_text()
+    block = next(b for b in _blocks("text") if "train_dp.py" in b)
+    assert block.strip() == script.replace("   (the README's distributed example)", "").strip()
