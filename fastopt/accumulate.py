@@ -27,7 +27,7 @@ class GradientAccumulator:
         self.optimizer = optimizer
         self.steps = steps
         self.count = 0
-        self._sums = {}  # id(unit) -> buffer for units without a ParamSet gradient buffer
+        self._sums = {}  # id(unit) -> (unit, buffer) for units without a ParamSet gradient buffer
         if zero_first:
             optimizer.zero_grad()
 
@@ -37,8 +37,7 @@ class GradientAccumulator:
             plan = opt._plan(grads)  # validates structure, shapes, dtypes: before any write
             for _, _, _, work in plan:
                 for unit, g in work:
-                    buf = self._buffer(unit)
-                    buf += g
+                    unit.backend.add(self._buffer(unit), g)
         elif any(u.default_grad is None for g in opt._groups for u in g["units"]):
             raise ValueError(
                 "add() without gradients needs every parameter group to be a ParamSet "
@@ -57,17 +56,18 @@ class GradientAccumulator:
         opt = self.optimizer
         opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
         opt.zero_grad()
-        for buf in self._sums.values():
-            buf.fill(0)
+        for unit, buf in self._sums.values():
+            unit.backend.fill(buf, 0)
         self.count = 0
 
     def _buffer(self, unit):
         if unit.default_grad is not None:
             return unit.default_grad
-        buf = self._sums.get(id(unit))
-        if buf is None:
-            buf = self._sums[id(unit)] = unit.backend.zeros(unit.param.size, unit.param.dtype)
-        return buf
+        entry = self._sums.get(id(unit))
+        if entry is None:
+            buf = unit.backend.zeros(unit.param.size, unit.param.dtype, like=unit.param)
+            entry = self._sums[id(unit)] = (unit, buf)
+        return entry[1]
 
     def _structured_sums(self):
         """The accumulated sums in the structure ``optimizer.step`` expects."""
@@ -76,7 +76,7 @@ class GradientAccumulator:
         for g in opt._groups:
             units, structure = g["units"], g["structure"]
             bufs = [self._sums.get(id(u)) for u in units]
-            bufs = [None if b is None else b.reshape(u.shape) for b, u in zip(bufs, units)]
+            bufs = [None if e is None else e[1].reshape(u.shape) for e, u in zip(bufs, units)]
             if structure == "paramset":
                 entries.append(None)
             elif structure == "dict":

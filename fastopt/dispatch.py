@@ -1,21 +1,63 @@
 """Backend registry: picks the kernel backend from the arrays an update touches.
 
-A backend applies a named rule of ``kernels/rules.py`` to flat 1-D arrays in place. NumPy arrays go
-to the Numba CPU kernels; ``backend="numpy"`` forces the NumPy reference (the spec, for checking).
-GPU backends register themselves here too; the optimizer classes never name a backend.
+A backend applies a named rule of ``kernels/rules.py`` to flat 1-D arrays in place. Which one runs
+is decided by the kind of array (:func:`array_kind`), unless the caller names a backend:
+
+============  =============================================  ==========================
+kind          arrays                                          default backend (others)
+============  =============================================  ==========================
+``numpy``     ``numpy.ndarray``                               ``numba-cpu`` (``numpy``)
+``torch-cpu`` torch CPU tensors (a zero-copy NumPy view is     ``numba-cpu`` (``numpy``)
+              updated, so the tensor changes in place)
+``cupy``      ``cupy.ndarray``                                ``cupy`` (``numba-cuda``)
+``cuda``      anything else on a CUDA device: objects with    ``numba-cuda`` (``cupy``)
+              ``__cuda_array_interface__`` (torch CUDA
+              tensors, numba device arrays, JAX arrays) or a
+              DLPack ``__dlpack_device__`` of kDLCUDA (2)
+============  =============================================  ==========================
+
+``backend="numpy"`` forces the NumPy reference (the spec, for checking). Device arrays are viewed
+zero-copy and updated in place. Nothing here imports CuPy, numba.cuda or torch at import time:
+kinds are told apart by duck typing and module names, and the GPU backends import their
+libraries when first built, so ``import fastopt`` and every CPU path work on machines without
+them. The optimizer classes never name a backend.
 """
 
 import numpy as np
 
 from . import reference
 
+KDLCUDA = 2
+"""DLPack device type of CUDA device memory (``__dlpack_device__()[0]``)."""
+KDLCPU = 1
+
+_HOST_KINDS = frozenset(("numpy", "torch-cpu"))
+_DESCRIPTIONS = {
+    "numpy": "a NumPy array (host memory)",
+    "torch-cpu": "a torch CPU tensor (host memory)",
+    "cupy": "a CuPy array (CUDA device memory)",
+    "cuda": "a CUDA device array",
+}
+
 
 class Backend:
-    """One way of running the update rules. Subclasses set ``name`` and implement the methods."""
+    """One way of running the update rules. Subclasses set ``name`` and implement the methods.
+
+    Arrays handed to ``update``, ``sumsq_and_finite``, ``fill``, ``to_numpy`` are the backend's
+    native flat arrays (what :meth:`native` and :meth:`flat` return: NumPy arrays for the CPU
+    backends, ``cupy.ndarray`` for ``cupy``, numba device arrays for ``numba-cuda``).
+
+    ``update`` only launches work: on a GPU it is asynchronous and never synchronises.
+    ``sumsq_and_finite`` returns host Python values, so on a GPU it waits for the device (a
+    device-to-host copy of two numbers): the optimizers call it only when asked for gradient
+    clipping by norm (``max_grad_norm``) or non-finite skipping (``skip_nonfinite``).
+    """
 
     name = ""
     array_kind = ""
-    """The kind of array this backend updates (see :func:`array_kind`)."""
+    """The kind of array this backend updates by default (see :func:`array_kind`)."""
+    kinds = ()
+    """Every kind it accepts (``array_kind`` first); empty means ``(array_kind,)``."""
 
     def available(self):
         """(bool, reason): whether it can run here, and why not."""
@@ -29,26 +71,53 @@ class Backend:
         raise NotImplementedError
 
     def sumsq_and_finite(self, g):
-        """(sum of squares in float64, every element finite?) of a flat array, deterministic."""
+        """(sum of squares in float64, every element finite?) of a flat array, deterministic.
+        Host values: on a GPU this synchronises (see the class docstring)."""
         raise NotImplementedError
 
     def scalar_type(self, dtype):
         """The constructor that casts host float64 scalars to the parameter dtype."""
         return np.float32 if dtype == np.float32 else float
 
-    def zeros(self, n, dtype):
-        """A zeroed flat state array on this backend's device."""
+    def zeros(self, n, dtype, like=None):
+        """A zeroed flat state array on this backend's device (``like``'s device when given)."""
         from .paramset import aligned_zeros
 
         return aligned_zeros(n, dtype)
 
+    def fill(self, a, value):
+        """Set every element of a native array to ``value``."""
+        a.fill(value)
+
+    def add(self, dst, src):
+        """``dst += src`` for native flat arrays of one dtype (gradient accumulation)."""
+        dst += src
+
     def to_numpy(self, a):
+        """A NumPy copy of a native array."""
         return np.array(a, copy=True)
+
+    def assign(self, dst, src):
+        """Copy ``src`` (NumPy or a device array, any float dtype, same size) into native ``dst``."""
+        dst[...] = to_host(src).reshape(dst.shape)
+
+    # -- arrays of the kinds the backend accepts
+    def native(self, a):
+        """A zero-copy view of ``a`` as this backend's native array type (same shape)."""
+        return host_view(a)
+
+    def flat(self, a):
+        """A flat 1-D view of a contiguous native array."""
+        return a if a.ndim == 1 else a.reshape(a.size)
+
+    def is_c_contiguous(self, a):
+        return bool(a.flags.c_contiguous)
 
 
 class NumbaCPU(Backend):
     name = "numba-cpu"
     array_kind = "numpy"
+    kinds = ("numpy", "torch-cpu")
 
     def __init__(self):
         from .kernels import cpu
@@ -65,6 +134,7 @@ class NumPyReference(Backend):
 
     name = "numpy"
     array_kind = "numpy"
+    kinds = ("numpy", "torch-cpu")
 
     def update(self, rule, p, g, states, h, gs, spec):
         optimizer, group, state, lr, step = spec
@@ -79,14 +149,140 @@ class NumPyReference(Backend):
         return float(np.dot(g64, g64)), bool(np.isfinite(g).all())
 
 
-_FACTORIES = {"numba-cpu": NumbaCPU, "numpy": NumPyReference}
-_DEFAULT_FOR_KIND = {"numpy": "numba-cpu"}
+class CuPyBackend(Backend):
+    """The CUDA C rules (``kernels/rules.cuh``) as CuPy raw kernels: bit-identical to the Numba
+    CPU kernels (explicitly rounded IEEE operations). Launches on CuPy's current stream.
+    Other CUDA arrays (torch CUDA tensors, ...) are viewed as CuPy arrays, zero-copy."""
+
+    name = "cupy"
+    array_kind = "cupy"
+    kinds = ("cupy", "cuda")
+
+    def __init__(self):
+        from .kernels import cupy as kernels
+
+        self._kernels = kernels
+        self._cupy = None
+
+    def _cp(self):
+        if self._cupy is None:
+            import cupy
+
+            self._cupy = cupy
+        return self._cupy
+
+    def available(self):
+        return self._kernels.available()
+
+    def update(self, rule, p, g, states, h, gs, spec):
+        self._kernels.apply(rule, p, g, states, h, gs, check=False)
+
+    def sumsq_and_finite(self, g):
+        return self._kernels.sumsq_and_finite(g)
+
+    def zeros(self, n, dtype, like=None):
+        from .paramset import aligned_zeros
+
+        cupy = self._cp()
+        if like is not None and isinstance(like, cupy.ndarray):
+            with cupy.cuda.Device(like.data.device_id):
+                return aligned_zeros(n, dtype, cupy)
+        return aligned_zeros(n, dtype, cupy)
+
+    def to_numpy(self, a):
+        return self._cp().asnumpy(a)
+
+    def assign(self, dst, src):
+        cupy = self._cp()
+        if isinstance(src, np.ndarray):
+            dst.set(np.ascontiguousarray(src.reshape(dst.shape), dtype=dst.dtype))
+            return
+        kind = array_kind(src)
+        if kind in _HOST_KINDS:
+            self.assign(dst, host_view(src))
+            return
+        with cupy.cuda.Device(dst.data.device_id):
+            dst[...] = self.native(src).reshape(dst.shape)  # device to device, casting
+
+    def native(self, a):
+        cupy = self._cp()
+        if isinstance(a, cupy.ndarray):
+            return a
+        a = _detached(a)
+        if hasattr(a, "__cuda_array_interface__"):
+            return cupy.asarray(a)  # zero-copy view
+        return cupy.from_dlpack(a)
+
+
+class NumbaCUDA(Backend):
+    """The rules of ``kernels/rules.py`` as ``numba.cuda`` kernels (``kernels/cuda.py``).
+    Launches on the legacy default stream (which orders with torch's and CuPy's default
+    streams); CUDA arrays are viewed as numba device arrays, zero-copy, without synchronising
+    the stream they name (work queued on other streams must be ordered by the caller)."""
+
+    name = "numba-cuda"
+    array_kind = "cuda"
+    kinds = ("cuda", "cupy")
+
+    def __init__(self):
+        from .kernels import cuda as kernels
+
+        self._kernels = kernels
+
+    def available(self):
+        return self._kernels.available()
+
+    def update(self, rule, p, g, states, h, gs, spec):
+        self._kernels.apply(rule, p, g, states, h, gs)
+
+    def sumsq_and_finite(self, g):
+        return self._kernels.sumsq_and_finite(g)
+
+    def zeros(self, n, dtype, like=None):
+        return self._kernels.zeros(n, dtype)
+
+    def fill(self, a, value):
+        self._kernels.fill(a, value)
+
+    def add(self, dst, src):
+        # numba device arrays have no in-place arithmetic: the SGD rule with lr = -1 is
+        # dst - (-1) * src = dst + src exactly, one kernel launch
+        st = self.scalar_type(dst.dtype)
+        self.update("sgd", dst, src, [], (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0)), None)
+
+    def to_numpy(self, a):
+        return a.copy_to_host()
+
+    def assign(self, dst, src):
+        host = to_host(src)  # a checkpoint load: a host round trip keeps this simple
+        dst.copy_to_device(np.ascontiguousarray(host.reshape(dst.shape), dtype=dst.dtype))
+
+    def native(self, a):
+        return self._kernels.as_device_array(_detached(a))
+
+    def is_c_contiguous(self, a):
+        return bool(a.is_c_contiguous())
+
+
+_FACTORIES = {
+    "numba-cpu": NumbaCPU,
+    "numpy": NumPyReference,
+    "cupy": CuPyBackend,
+    "numba-cuda": NumbaCUDA,
+}
+_DEFAULT_FOR_KIND = {
+    "numpy": "numba-cpu",
+    "torch-cpu": "numba-cpu",
+    "cupy": "cupy",
+    "cuda": "numba-cuda",
+}
 _INSTANCES = {}
 
 
 def register_backend(name, factory, *, default_for=None):
     """Add a backend (``factory()`` builds it lazily); optionally the default for an array kind."""
     _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
     if default_for is not None:
         _DEFAULT_FOR_KIND[default_for] = name
 
@@ -97,47 +293,236 @@ def get_backend(name):
         raise ValueError(f"unknown backend {name!r}; known: {sorted(_FACTORIES)}")
     backend = _INSTANCES.get(name)
     if backend is None:
-        backend = _FACTORIES[name]()
-        ok, why = backend.available()
+        try:
+            backend = _FACTORIES[name]()
+            ok, why = backend.available()
+        except Exception as exc:  # a broken optional dependency
+            ok, why = False, f"{type(exc).__name__}: {exc}"
         if not ok:
             raise RuntimeError(f"backend {name!r} is not available: {why}")
         _INSTANCES[name] = backend
     return backend
 
 
+def _kinds_of(factory_or_backend):
+    kinds = getattr(factory_or_backend, "kinds", ()) or ()
+    primary = getattr(factory_or_backend, "array_kind", "")
+    return tuple(kinds) or ((primary,) if primary else ())
+
+
+# ------------------------------------------------------------------------------------------
+# Array kinds
+
+
+def _type_name(a):
+    cls = type(a)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _root_module(a):
+    return (type(a).__module__ or "").partition(".")[0]
+
+
+def _dlpack_device(a):
+    """``__dlpack_device__()`` as (int type, int id), or None."""
+    fn = getattr(a, "__dlpack_device__", None)
+    if fn is None:
+        return None
+    try:
+        dev_type, dev_id = fn()
+        return int(dev_type), int(dev_id)
+    except Exception:
+        return None
+
+
+def _has_cai(a):
+    try:
+        return getattr(a, "__cuda_array_interface__", None) is not None
+    except Exception:  # e.g. a CPU-resident array whose property raises something else
+        return False
+
+
 def array_kind(a):
-    """'numpy' for NumPy arrays; ValueError/TypeError naming the type for anything unsupported."""
+    """The kind of array ``a`` is: ``"numpy"``, ``"torch-cpu"``, ``"cupy"`` or ``"cuda"``
+    (the module docstring has the table). TypeError naming the type for anything unsupported."""
     if isinstance(a, np.ndarray):
         return "numpy"
+    root = _root_module(a)
+    if root == "cupy" or root == "cupyx":
+        return "cupy"
+    if root == "torch":
+        device = getattr(getattr(a, "device", None), "type", None)
+        if device == "cpu":
+            return "torch-cpu"
+        if device == "cuda":
+            return "cuda"
+        raise TypeError(
+            f"unsupported array type {_type_name(a)} on device {device!r}; fastopt updates torch "
+            "tensors on the CPU or on a CUDA device"
+        )
+    if getattr(a, "__cuda_ndarray__", False) or _has_cai(a):
+        return "cuda"  # numba device arrays (also the simulator's), CAI exporters
+    dev = _dlpack_device(a)
+    if dev is not None and dev[0] == KDLCUDA:
+        return "cuda"
+    where = ""
+    if dev is not None:
+        where = " in host memory" if dev[0] == KDLCPU else f" on DLPack device type {dev[0]}"
     raise TypeError(
-        f"unsupported array type {type(a).__module__}.{type(a).__name__}; "
-        "fastopt updates NumPy arrays on the CPU"
+        f"unsupported array type {_type_name(a)}{where}; fastopt updates NumPy arrays and torch "
+        "CPU tensors on the CPU, and CuPy arrays, torch CUDA tensors or other CUDA arrays "
+        "(__cuda_array_interface__ / DLPack) on a GPU"
     )
 
 
-def backend_for(arrays, name=None):
-    """The backend for a group of arrays that must all live on one device with one dtype."""
-    kinds = {array_kind(a) for a in arrays}
-    if len(kinds) != 1:
-        raise ValueError(f"arrays live on different devices/libraries: {sorted(kinds)}")
-    (kind,) = kinds
+def describe(a, kind=None):
+    """``a`` in words for error messages: its kind, type and device."""
+    kind = array_kind(a) if kind is None else kind
+    dev = device_index(a, kind)
+    where = f" on cuda:{dev}" if dev is not None else ""
+    return f"{_DESCRIPTIONS.get(kind, kind)}{where} ({_type_name(a)})"
+
+
+def is_device_kind(kind):
+    return kind not in _HOST_KINDS
+
+
+def device_index(a, kind=None):
+    """The CUDA device ordinal of a device array when it can be told cheaply, else None
+    (host arrays, numba device arrays, objects with only ``__cuda_array_interface__``)."""
+    kind = array_kind(a) if kind is None else kind
+    if kind in _HOST_KINDS:
+        return None
+    if kind == "cupy":
+        try:
+            return int(a.data.device_id)
+        except Exception:
+            return None
+    if _root_module(a) == "torch":
+        idx = a.device.index
+        return 0 if idx is None else int(idx)
+    if getattr(a, "__cuda_ndarray__", False):
+        return None
+    dev = _dlpack_device(a)
+    return dev[1] if dev is not None and dev[0] == KDLCUDA else None
+
+
+def is_readonly(a):
+    """True when a device array says it is read-only (``__cuda_array_interface__`` data flag)."""
+    try:
+        cai = getattr(a, "__cuda_array_interface__", None)
+    except Exception:
+        return False
+    if cai is None:
+        return False
+    data = cai.get("data")
+    return bool(data[1]) if data is not None and len(data) > 1 else False
+
+
+def data_ptr(a):
+    """Address of the first element of a device array (for telling arrays apart)."""
+    if _root_module(a) == "cupy":
+        return int(a.data.ptr)
+    try:
+        cai = getattr(a, "__cuda_array_interface__", None)
+    except Exception:
+        cai = None
+    if cai is not None:
+        return int(cai["data"][0])
+    return int(a.ctypes.data)  # NumPy, and the CUDA simulator's arrays (backed by NumPy)
+
+
+def _detached(a):
+    """A torch tensor without autograd tracking (shares memory); anything else unchanged."""
+    if _root_module(a) == "torch" and getattr(a, "requires_grad", False):
+        return a.detach()
+    return a
+
+
+def host_view(a):
+    """A zero-copy NumPy view of a host array (NumPy array or torch CPU tensor)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if _root_module(a) == "torch":
+        return _detached(a).numpy()
+    raise TypeError(f"{describe(a)} is not in host memory")
+
+
+def to_host(a):
+    """A NumPy array holding ``a``'s values (a view for host arrays, a copy of device arrays)."""
+    if isinstance(a, np.ndarray):
+        return a
+    root = _root_module(a)
+    if root == "cupy":
+        return a.get()
+    if root == "torch":
+        return _detached(a).cpu().numpy()
+    if getattr(a, "__cuda_ndarray__", False):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def backend_for_kind(kind, name=None):
+    """The backend for arrays of ``kind``: ``name`` if given (checked to accept that kind), else
+    the kind's default. ValueError for a backend that does not take the kind, RuntimeError
+    naming why for one that cannot run here."""
     if name is None:
         name = _DEFAULT_FOR_KIND.get(kind)
         if name is None:
             raise TypeError(f"no backend handles {kind} arrays")
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(_FACTORIES)}")
+    kinds = _kinds_of(_FACTORIES[name])
+    if kinds and kind not in kinds:
+        raise ValueError(
+            f"backend {name!r} updates {' or '.join(kinds)} arrays, got {_DESCRIPTIONS.get(kind, kind)}"
+        )
     backend = get_backend(name)
-    if backend.array_kind != kind:
+    if not kinds and kind not in _kinds_of(backend):
         raise ValueError(f"backend {name!r} updates {backend.array_kind} arrays, got {kind} arrays")
     return backend
 
 
+def backend_for(arrays, name=None):
+    """The backend for a group of arrays that must all live on one device with one dtype.
+
+    NumPy arrays and torch CPU tensors mix (both host memory); otherwise every array must be of
+    one kind, and device arrays on one device: ValueError naming the first two that differ."""
+    arrays = list(arrays)
+    if not arrays:
+        raise ValueError("backend_for needs at least one array")
+    kinds = [array_kind(a) for a in arrays]
+    kind0 = kinds[0]
+    for a, k in zip(arrays, kinds):
+        if k != kind0 and not (k in _HOST_KINDS and kind0 in _HOST_KINDS):
+            raise ValueError(
+                f"arrays live on different devices/libraries: {describe(arrays[0], kind0)} and "
+                f"{describe(a, k)}; parameters, gradients and state must live on one device"
+            )
+    if kind0 not in _HOST_KINDS:
+        devs = [(a, device_index(a, k)) for a, k in zip(arrays, kinds)]
+        known = [(a, d) for a, d in devs if d is not None]
+        for a, d in known[1:]:
+            if d != known[0][1]:
+                raise ValueError(
+                    f"arrays live on different devices/libraries: {describe(known[0][0])} and "
+                    f"{describe(a)}"
+                )
+    kind = "numpy" if "numpy" in kinds else kind0
+    return backend_for_kind(kind, name)
+
+
 def backends():
-    """[(name, available, reason)] for every registered backend."""
+    """[(name, available, reason)] for every registered backend (``reason`` says what the
+    backend runs on when available, why not otherwise). Never raises."""
     out = []
     for name, factory in _FACTORIES.items():
         try:
             ok, why = factory().available()
+            ok, why = bool(ok), str(why)
         except Exception as exc:  # a broken optional dependency must not break the listing
             ok, why = False, f"{type(exc).__name__}: {exc}"
+        if ok and not why:
+            why = {"numba-cpu": "Numba CPU kernels", "numpy": "NumPy reference"}.get(name, "")
         out.append((name, ok, why))
     return out

@@ -3,6 +3,8 @@
 An optimizer over a ParamSet updates every parameter with one kernel call over ``flat``.
 """
 
+import contextlib
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,7 +48,9 @@ class ParamSet(Mapping):
     ``ParamSet({"w": w, "b": b})`` copies the values in; afterwards ``ps["w"]`` and
     ``ps.grads["w"]`` are views into ``ps.flat`` and ``ps.grad_flat``, which optimizers update in
     place. All parameters share one floating dtype (float32 or float64), the first array's unless
-    ``dtype`` is given. ``device="cuda"`` allocates the buffers with CuPy.
+    ``dtype`` is given. ``device="cuda"`` (CuPy's current device) or ``"cuda:<i>"`` allocates
+    the buffers with CuPy, on the GPU; the values may then come from NumPy arrays, CuPy arrays,
+    torch tensors or other CUDA arrays. Optimizers over it run the GPU backends (CuPy by default).
     """
 
     def __init__(self, params, *, dtype=None, device="cpu"):
@@ -59,7 +63,11 @@ class ParamSet(Mapping):
                 raise TypeError(f"ParamSet parameter names must be non-empty strings, got {name!r}")
         if len(set(names)) != len(names):
             raise ValueError("ParamSet parameter names must be unique")
-        xp = _array_module(device)
+        xp, index = _array_module(device)
+        with _on_device(xp, index):
+            self._init(items, names, dtype, device, xp)
+
+    def _init(self, items, names, dtype, device, xp):
         arrays = [_as_host_or_device_array(a, name, xp) for name, a in items]
         explicit = dtype is not None
         dtype = np.dtype(dtype if explicit else arrays[0].dtype)
@@ -156,24 +164,54 @@ class ParamSet(Mapping):
 
 
 def _array_module(device):
+    """(array module, CUDA device ordinal or None) for ``device``: "cpu", "cuda" (CuPy's current
+    device) or "cuda:<i>"."""
     if device == "cpu":
-        return np
-    if device == "cuda" or (isinstance(device, str) and device.startswith("cuda")):
+        return np, None
+    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device):
         try:
             import cupy
         except ImportError as exc:
             raise RuntimeError(
                 f"ParamSet(device={device!r}) needs CuPy, which is not installed"
             ) from exc
-        return cupy
-    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+        from .kernels import cupy as cupy_kernels
+
+        ok, why = cupy_kernels.available()
+        if not ok:
+            raise RuntimeError(f"ParamSet(device={device!r}) needs a CUDA device: {why}")
+        index = int(device[5:]) if ":" in device else None
+        if index is not None and index >= cupy.cuda.runtime.getDeviceCount():
+            raise RuntimeError(
+                f"ParamSet(device={device!r}): CuPy sees {cupy.cuda.runtime.getDeviceCount()} "
+                "CUDA device(s)"
+            )
+        return cupy, index
+    raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:<index>'")
+
+
+def _on_device(xp, index):
+    """Context in which arrays are allocated: CuPy's device ``index`` when given."""
+    if xp is np or index is None:
+        return contextlib.nullcontext()
+    return xp.cuda.Device(index)
 
 
 def _as_host_or_device_array(a, name, xp):
-    if xp is np:
-        a = np.asarray(a)
-    else:
-        a = xp.asarray(a)
+    from . import dispatch
+
+    if isinstance(a, np.ndarray):
+        pass
+    elif hasattr(a, "shape") and hasattr(a, "dtype"):
+        try:
+            kind = dispatch.array_kind(a)
+        except TypeError:
+            kind = None
+        if kind is not None and xp is np:
+            a = dispatch.to_host(a)  # a device array copied to the host; torch CPU: a view
+        elif kind is not None and type(a).__module__.partition(".")[0] == "torch":
+            a = a.detach()  # torch CUDA tensors refuse __cuda_array_interface__ otherwise
+    a = np.asarray(a) if xp is np else xp.asarray(a)
     if a.dtype.kind != "f":
         raise TypeError(
             f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point"

@@ -14,6 +14,11 @@ and torch tensors through DLPack; an object offering only ``__cuda_array_interfa
 ``stream`` entry makes numba-cuda synchronise that stream unless
 ``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``.)
 
+Also here: ``as_device_array`` (zero-copy numba views of CuPy arrays, torch CUDA tensors and
+DLPack exporters), ``zeros``/``fill`` (state allocation), and ``sumsq_and_finite``, the
+deterministic float64 sum of squares and finiteness flag behind gradient clipping and non-finite
+skipping (the only call here that synchronises: it returns host values).
+
 Numerics: without ``fastmath`` NVVM still contracts ``a * b + c`` into fused multiply-adds (its
 default ``-fma=1``; numba-cuda offers no switch), so GPU results are bit-identical run to run and
 for any launch configuration, but may differ from the CPU kernels in the last bit.
@@ -174,6 +179,225 @@ def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None
     cuda = _cuda()
     nblocks, nthreads = launch_config(n, threads, blocks)
     kernel(rule_name)[nblocks, nthreads, _as_stream(cuda, stream)](p, g, *states, h, gs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device arrays: zero-copy views, allocation, fill.
+
+
+def as_device_array(a):
+    """A numba device array viewing ``a``'s memory (zero-copy): numba device arrays as they are,
+    objects with ``__cuda_array_interface__`` through ``cuda.as_cuda_array`` (without
+    synchronising the stream the interface names), DLPack exporters through
+    ``cuda.core``'s ``StridedMemoryView``. TypeError for anything else."""
+    if getattr(a, "__cuda_ndarray__", False):
+        return a
+    cuda = _cuda()
+    if getattr(a, "__cuda_array_interface__", None) is not None:
+        return cuda.as_cuda_array(a, sync=False)
+    if hasattr(a, "__dlpack__"):
+        from cuda.core.utils import StridedMemoryView
+
+        view = StridedMemoryView.from_dlpack(a, stream_ptr=-1)
+        if not view.is_device_accessible:
+            raise TypeError(f"{type(a).__name__} is not in device memory")
+        strides = view.strides
+        itemsize = view.dtype.itemsize
+        desc = {
+            "shape": tuple(view.shape),
+            "strides": None if strides is None else tuple(s * itemsize for s in strides),
+            "typestr": view.dtype.str,
+            "data": (int(view.ptr), bool(view.readonly)),
+            "version": 3,
+        }
+        # The view owns the DLPack capsule: keep it alive as long as the device array.
+        return cuda.from_cuda_array_interface(desc, owner=view, sync=False)
+    raise TypeError(f"{type(a).__name__} is not a CUDA array (no __cuda_array_interface__/DLPack)")
+
+
+def _fill_kernel(a, value):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] = value
+
+
+_FILL = {}
+
+
+def fill(a, value, stream=0):
+    """Set every element of a flat device array to ``value`` (asynchronous)."""
+    n = a.size
+    if n == 0:
+        return
+    cuda = _cuda()
+    k = _FILL.get("fill")
+    if k is None:
+        k = _FILL["fill"] = cuda.jit(_with_globals(_fill_kernel, {"cuda": cuda}))
+    nblocks, nthreads = launch_config(n)
+    k[nblocks, nthreads, _as_stream(cuda, stream)](a, a.dtype.type(value))
+
+
+def zeros(n, dtype, stream=0):
+    """A zeroed flat device array of ``n`` elements (cudaMalloc'd: 256-byte aligned)."""
+    a = _cuda().device_array(int(n), dtype=dtype, stream=_as_stream(_cuda(), stream))
+    fill(a, 0, stream)
+    return a
+
+
+def _with_globals(fn, glb):
+    """A copy of ``fn`` whose globals are ``glb`` (binds ``cuda`` without a module-level import)."""
+    import types
+
+    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions: sum of squares in float64 and a non-finite flag (kernels/cpu.py sumsq_and_finite).
+
+REDUCTION_CHUNK = 1 << 14
+"""Elements per partial sum, as kernels/cpu.py (and FO_REDUCTION_CHUNK in optim_kernels.cu)."""
+REDUCTION_THREADS = 256
+"""Threads per block of the reduction (a power of two; FO_REDUCTION_THREADS)."""
+
+
+# Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads`` and ``chunk`` are globals
+# bound by ``reduction_kernels`` (globals, not closure variables: the simulator swaps the ``cuda``
+# module in a kernel's globals for its own).
+#
+# Partials: block b takes chunks b, b + gridDim, ...; in chunk c = [lo, hi) thread t sums
+# x[lo + t]^2, x[lo + t + T]^2, ... in index order (float64), then the block adds its T sums
+# pairwise, s[t] += s[t + half] for half = T/2, T/4, ..., 1, and thread 0 stores the partial of
+# chunk c. Finish (one block): the same over the partials. The order of every addition is fixed
+# by (n, T) alone: the result is the same for any grid, run to run. ``add``/``mul`` are
+# libdevice's explicitly rounded ``dadd_rn``/``dmul_rn`` on a GPU (NVVM would otherwise contract
+# a*a + acc into an FMA), so the GPU result equals the CUDA C kernels and the NumPy model bit for
+# bit; plain operators under the simulator (Python floats: no contraction either). A value v is
+# non-finite when v - v is not 0 (NaN for +-Inf and NaN), as in kernels/cpu.py.
+
+
+def _sumsq_partials(x, n, sq, bad):
+    s = cuda.shared.array(threads, np.float64)
+    b = cuda.shared.array(threads, np.int32)
+    t = cuda.threadIdx.x
+    nchunks = (n + (chunk - 1)) // chunk
+    c = np.int64(cuda.blockIdx.x)
+    while c < nchunks:
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = 0.0
+        flag = 0
+        i = lo + t
+        while i < hi:
+            v = np.float64(x[i])
+            acc = add(acc, mul(v, v))
+            if v - v != 0.0:
+                flag = 1
+            i += threads
+        s[t] = acc
+        b[t] = flag
+        cuda.syncthreads()
+        half = threads // 2
+        while half > 0:
+            if t < half:
+                s[t] = add(s[t], s[t + half])
+                b[t] = b[t] | b[t + half]
+            cuda.syncthreads()
+            half //= 2
+        if t == 0:
+            sq[c] = s[0]
+            bad[c] = b[0]
+        cuda.syncthreads()
+        c += cuda.gridDim.x
+
+
+def _sumsq_finish(sq, bad, m, out):
+    s = cuda.shared.array(threads, np.float64)
+    b = cuda.shared.array(threads, np.int32)
+    t = cuda.threadIdx.x
+    acc = 0.0
+    flag = 0
+    i = np.int64(t)
+    while i < m:
+        acc = add(acc, sq[i])
+        flag = flag | bad[i]
+        i += threads
+    s[t] = acc
+    b[t] = flag
+    cuda.syncthreads()
+    half = threads // 2
+    while half > 0:
+        if t < half:
+            s[t] = add(s[t], s[t + half])
+            b[t] = b[t] | b[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        out[0] = s[0]
+        out[1] = 1.0 if b[0] != 0 else 0.0
+
+
+_REDUCTIONS = {}
+
+
+def reduction_kernels(threads=None):
+    """(partials, finish) kernels for ``threads`` per block (default REDUCTION_THREADS)."""
+    threads = REDUCTION_THREADS if threads is None else int(threads)
+    if threads < 1 or threads & (threads - 1):
+        raise ValueError(f"reduction threads must be a power of two, got {threads}")
+    ks = _REDUCTIONS.get(threads)
+    if ks is None:
+        with _LOCK:
+            ks = _REDUCTIONS.get(threads)
+            if ks is None:
+                cuda = _cuda()
+                if _simulating():
+                    import operator
+
+                    add, mul = operator.add, operator.mul
+                else:
+                    from numba.cuda import libdevice
+
+                    add, mul = libdevice.dadd_rn, libdevice.dmul_rn
+                import numpy as np
+
+                glb = {"cuda": cuda, "np": np, "add": add, "mul": mul}
+                glb.update(threads=threads, chunk=REDUCTION_CHUNK)
+                ks = tuple(
+                    cuda.jit(_with_globals(fn, glb)) for fn in (_sumsq_partials, _sumsq_finish)
+                )
+                _REDUCTIONS[threads] = ks
+    return ks
+
+
+def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):
+    """(sum of squares in float64, all finite?) of a flat device array, deterministic: fixed
+    chunks of REDUCTION_CHUNK elements, a fixed-order tree in each block, the partials summed
+    in a fixed order by one block on the device. Returns host values, so it waits for the
+    device (a copy of two numbers). ``threads`` changes the summation order (it is part of
+    the definition); ``blocks`` does not."""
+    import numpy as np
+
+    n = int(x.size)
+    if n == 0:
+        return 0.0, True
+    cuda = _cuda()
+    threads = REDUCTION_THREADS if threads is None else int(threads)
+    partials, finish = reduction_kernels(threads)
+    nchunks = -(-n // REDUCTION_CHUNK)
+    if blocks is None:
+        blocks = min(nchunks, BLOCKS_PER_SM * _sm_count(cuda))
+    s = _as_stream(cuda, stream)
+    sq = cuda.device_array(nchunks, dtype=np.float64, stream=s)
+    bad = cuda.device_array(nchunks, dtype=np.int32, stream=s)
+    out = cuda.device_array(2, dtype=np.float64, stream=s)
+    partials[max(int(blocks), 1), threads, s](x, n, sq, bad)
+    finish[1, threads, s](sq, bad, nchunks, out)
+    host = out.copy_to_host(stream=s)
+    if s != 0:
+        s.synchronize()
+    return float(host[0]), bool(host[1] == 0.0)
 
 
 def available():

@@ -44,6 +44,12 @@ COMPILE_OPTIONS = ("--fmad=false",)
 
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
+REDUCTION_CHUNK = 1 << 14
+"""Elements per partial sum of the reduction (kernels/cpu.py; FO_REDUCTION_CHUNK)."""
+REDUCTION_THREADS = 256
+"""Threads per block of the reduction kernels (FO_REDUCTION_THREADS)."""
+_REDUCE = "reduce"
+
 _lock = threading.Lock()
 _modules = {}  # dtype suffix -> cupy.RawModule (RawModule compiles and caches per device itself)
 _kernels = {}  # (device id, kernel name) -> cupy.RawKernel
@@ -96,8 +102,24 @@ def source(dtype=None):
     return code
 
 
+def reduction_source():
+    """The CUDA source of the reduction module: optim_kernels.cu with rules.cuh inlined,
+    the update kernels left out and the reduction kernels (both dtypes) in."""
+    code = "#define FO_ENABLE_RULES 0\n#define FO_ENABLE_REDUCTIONS 1\n" + source()
+    for macro, value in (("FO_REDUCTION_CHUNK", REDUCTION_CHUNK), ("FO_REDUCTION_THREADS", None)):
+        m = re.search(rf"#define {macro} \(?([0-9< ]+)\)?\n", code)
+        if m is None:
+            raise RuntimeError(f"{macro} not found in {KERNEL_SOURCE}")
+        left, _, shift = m.group(1).partition("<<")  # "1 << 14" or "256"
+        found = int(left) << int(shift) if shift else int(left)
+        expected = REDUCTION_THREADS if value is None else value
+        if found != expected:
+            raise RuntimeError(f"{macro} in {KERNEL_SOURCE} is {found}, cupy.py expects {expected}")
+    return code
+
+
 def available():
-    """(True, "") when CuPy imports and sees a CUDA device, else (False, the reason)."""
+    """(True, description) when CuPy imports and sees a CUDA device, else (False, the reason)."""
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import
@@ -108,7 +130,7 @@ def available():
         return False, f"CuPy cannot query CUDA devices: {type(exc).__name__}: {exc}"
     if count < 1:
         return False, "CuPy sees no CUDA device"
-    return True, ""
+    return True, f"CuPy {getattr(cupy, '__version__', '?')}, {count} CUDA device(s)"
 
 
 def _suffix(dtype):
@@ -126,10 +148,25 @@ def _module(suffix):
         with _lock:
             mod = _modules.get(suffix)
             if mod is None:
-                dtype = np.float32 if suffix == "f32" else np.float64
-                mod = cupy.RawModule(code=source(dtype), options=COMPILE_OPTIONS)
+                if suffix == _REDUCE:
+                    code = reduction_source()
+                else:
+                    code = source(np.float32 if suffix == "f32" else np.float64)
+                mod = cupy.RawModule(code=code, options=COMPILE_OPTIONS)
                 _modules[suffix] = mod
     return mod
+
+
+def _function(module_key, name):
+    """A kernel of a module on the current device (compiled on first use, then cached)."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), name)
+    k = _kernels.get(key)
+    if k is None:
+        k = _module(module_key).get_function(name)
+        _kernels[key] = k
+    return k
 
 
 def kernel(rule_name, dtype):
@@ -176,14 +213,18 @@ def launch_config(n, aligned, dtype, sm_count):
     return grid, THREADS_PER_BLOCK, int(aligned)
 
 
-def apply(rule_name, p, g, states, h, gs=None, stream=None):
+def apply(rule_name, p, g, states, h, gs=None, stream=None, *, check=True):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D cupy arrays, in place.
 
     ``states`` are the rule's state arrays in its slot order; ``h`` the tuple of per-step scalars
     and ``gs`` = (gradient scale, clip value or 0), both already cast to ``p``'s dtype (``gs``
     None: (1, 0), the gradient as it is). Launched asynchronously on ``stream`` (None: the
-    current stream).
+    current stream). ``check=False`` skips the argument checks (the optimizers have checked
+    everything before the step; it saves host time per launch).
     """
+    if not check:
+        _launch(rule_name, p, g, tuple(states), h, gs, stream)
+        return
     import cupy
 
     table = _table()
@@ -214,8 +255,18 @@ def apply(rule_name, p, g, states, h, gs=None, stream=None):
             raise ValueError("arrays must be contiguous")
         if a.data.device_id != device:
             raise ValueError("arrays are on different devices")
+    _launch(rule_name, p, g, states, h, gs, stream)
+
+
+def _launch(rule_name, p, g, states, h, gs, stream):
+    import cupy
+
+    n = p.size
     if n == 0:
         return
+    dtype = p.dtype
+    arrays = (p, g, *states)
+    device = p.data.device_id
     aligned = all(a.data.ptr % VECTOR_BYTES == 0 for a in arrays)
     with cupy.cuda.Device(device):
         k = kernel(rule_name, dtype)
@@ -229,3 +280,41 @@ def apply(rule_name, p, g, states, h, gs=None, stream=None):
         else:
             with stream:  # RawKernel launches on the current stream
                 k((grid,), (block,), args)
+
+
+def sumsq_and_finite(x, stream=None):
+    """(sum of squares in float64, all finite?) of a flat, contiguous cupy array: two kernel
+    launches (fixed-chunk partials, then one block over the partials; see optim_kernels.cu),
+    deterministic for any grid. Returns host values, so it waits for the device (a copy of two
+    numbers) on ``stream`` (None: the current stream)."""
+    import cupy
+
+    if not isinstance(x, cupy.ndarray):
+        raise TypeError(f"expected cupy.ndarray, got {type(x).__name__}")
+    suffix = _suffix(x.dtype)
+    if x.ndim != 1 or not x.flags.c_contiguous:
+        raise ValueError(f"expected a contiguous 1-D array, got shape {x.shape}")
+    n = x.size
+    if n == 0:
+        return 0.0, True
+    nchunks = -(-n // REDUCTION_CHUNK)
+    device = x.data.device_id
+    with cupy.cuda.Device(device):
+        if stream is None:
+            host = _reduce(cupy, x, n, nchunks, suffix, device)
+        else:
+            with stream:
+                host = _reduce(cupy, x, n, nchunks, suffix, device)
+    return float(host[0]), bool(host[1] == 0.0)
+
+
+def _reduce(cupy, x, n, nchunks, suffix, device):
+    partials = _function(_REDUCE, f"fo_sumsq_partials_{suffix}")
+    finish = _function(_REDUCE, "fo_sumsq_finish")
+    sq = cupy.empty(nchunks, dtype=np.float64)
+    bad = cupy.empty(nchunks, dtype=np.int32)
+    out = cupy.empty(2, dtype=np.float64)
+    grid = max(1, min(nchunks, BLOCKS_PER_SM * _sm_count(device)))
+    partials((grid,), (REDUCTION_THREADS,), (x, np.int64(n), sq, bad))
+    finish((1,), (REDUCTION_THREADS,), (sq, bad, np.int64(nchunks), out))
+    return out.get()  # on the current stream: waits for the two kernels

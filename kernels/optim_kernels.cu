@@ -17,7 +17,9 @@
 // Arrays must not overlap (they are declared __restrict__).
 //
 // FO_ENABLE_F32 / FO_ENABLE_F64 (default 1) select which dtypes are instantiated, so a module
-// can be compiled for one dtype only.
+// can be compiled for one dtype only. FO_ENABLE_RULES (default 1) and FO_ENABLE_REDUCTIONS
+// (default 0) select the update kernels and the reduction kernels (end of this file); the CuPy
+// backend compiles the two sets as separate modules.
 
 #include "rules.cuh"
 
@@ -26,6 +28,12 @@
 #endif
 #ifndef FO_ENABLE_F64
 #define FO_ENABLE_F64 1
+#endif
+#ifndef FO_ENABLE_RULES
+#define FO_ENABLE_RULES 1
+#endif
+#ifndef FO_ENABLE_REDUCTIONS
+#define FO_ENABLE_REDUCTIONS 0
 #endif
 
 namespace fo {
@@ -143,12 +151,146 @@ __device__ __forceinline__ void run(F* __restrict__ p, const F* __restrict__ g,
                                            clip);                                            \
     }
 
-#if FO_ENABLE_F32
+#if FO_ENABLE_RULES && FO_ENABLE_F32
 #define FO_KERNEL_F32(name, nstates, nscalars) FO_KERNEL(name, nstates, float, f32)
 FO_RULES(FO_KERNEL_F32)
 #endif
 
-#if FO_ENABLE_F64
+#if FO_ENABLE_RULES && FO_ENABLE_F64
 #define FO_KERNEL_F64(name, nstates, nscalars) FO_KERNEL(name, nstates, double, f64)
 FO_RULES(FO_KERNEL_F64)
 #endif
+
+// -------------------------------------------------------------------------------------------
+// Reductions: the sum of squares of an array in double and whether any element is NaN or
+// +-Inf (kernels/cpu.py sumsq_and_finite; the gradient norm of clipping and the finiteness
+// check of non-finite skipping). Deterministic, whatever the grid:
+//
+//   fo_sumsq_partials_f32/_f64(const F* x, long long n, double* sq, int* bad)
+//     chunk c = [c * CHUNK, min((c + 1) * CHUNK, n)) is reduced by one block (block b takes
+//     chunks b, b + gridDim.x, ...): thread t adds x[lo + t]^2, x[lo + t + T]^2, ... in index
+//     order, then the block adds its T sums pairwise (s[t] += s[t + half], half = T/2, ..., 1);
+//     sq[c] and bad[c] get the chunk's sum and flag. Launch with blockDim.x == T.
+//   fo_sumsq_finish(const double* sq, const int* bad, long long m, double* out)
+//     one block of T threads: the same over the m partials; out[0] = the sum, out[1] = 1 if
+//     any element was not finite, else 0.
+//
+// Every operation is an explicitly rounded IEEE one (fo::ieee<double>), so the result depends
+// only on n and T: the host harness in the tests reproduces it bit for bit.
+
+#if FO_ENABLE_REDUCTIONS
+
+#define FO_REDUCTION_CHUNK (1 << 14)
+#define FO_REDUCTION_THREADS 256
+
+namespace fo {
+
+// float -> double without flushing subnormals (cvt without .ftz; CuPy compiles with -ftz=true).
+FO_HD double widen(float x) {
+#if defined(__CUDA_ARCH__)
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+    return r;
+#else
+    return (double)x;
+#endif
+}
+FO_HD double widen(double x) { return x; }
+
+// Thread t's share of chunk [lo, hi): sum of x[i]^2 for i = lo + t, lo + t + T, ... < hi, in
+// that order, and whether any x[i] is non-finite (x - x is 0 only for finite x).
+template <typename F>
+FO_HD void sumsq_lane(const F* x, long long lo, long long hi, int t, double& sq, int& bad) {
+    typedef ieee<double> D;
+    const D zero(0.0);
+    D acc(0.0);
+    int flag = 0;
+    for (long long i = lo + t; i < hi; i += FO_REDUCTION_THREADS) {
+        const D v(widen(x[i]));
+        acc = acc + v * v;
+        flag |= (v - v) != zero ? 1 : 0;
+    }
+    sq = acc.v;
+    bad = flag;
+}
+
+// Thread t's share of the partials: sum of v[i] and OR of flags[i] for i = t, t + T, ... < m.
+FO_HD void sum_lane(const double* v, const int* flags, long long m, int t, double& s, int& bad) {
+    typedef ieee<double> D;
+    D acc(0.0);
+    int flag = 0;
+    for (long long i = t; i < m; i += FO_REDUCTION_THREADS) {
+        acc = acc + D(v[i]);
+        flag |= flags[i];
+    }
+    s = acc.v;
+    bad = flag;
+}
+
+// One level of the block's tree: s[t] += s[t + half] for t < half.
+FO_HD void tree_level(double* s, int* b, int t, int half) {
+    if (t < half) {
+        s[t] = (ieee<double>(s[t]) + ieee<double>(s[t + half])).v;
+        b[t] |= b[t + half];
+    }
+}
+
+template <typename F>
+__device__ __forceinline__ void sumsq_partials(const F* __restrict__ x, long long n,
+                                               double* __restrict__ sq, int* __restrict__ bad) {
+    __shared__ double s[FO_REDUCTION_THREADS];
+    __shared__ int b[FO_REDUCTION_THREADS];
+    const int t = threadIdx.x;
+    const long long nchunks = (n + (FO_REDUCTION_CHUNK - 1)) / FO_REDUCTION_CHUNK;
+    for (long long c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const long long lo = c * FO_REDUCTION_CHUNK;
+        const long long hi = lo + FO_REDUCTION_CHUNK < n ? lo + FO_REDUCTION_CHUNK : n;
+        sumsq_lane(x, lo, hi, t, s[t], b[t]);
+        __syncthreads();
+        for (int half = FO_REDUCTION_THREADS / 2; half > 0; half >>= 1) {
+            tree_level(s, b, t, half);
+            __syncthreads();
+        }
+        if (t == 0) {
+            sq[c] = s[0];
+            bad[c] = b[0];
+        }
+        __syncthreads();  // s and b are reused by the next chunk
+    }
+}
+
+}  // namespace fo
+
+#if FO_ENABLE_F32
+extern "C" __global__ void fo_sumsq_partials_f32(const float* __restrict__ x, long long n,
+                                                 double* __restrict__ sq, int* __restrict__ bad) {
+    fo::sumsq_partials<float>(x, n, sq, bad);
+}
+#endif
+
+#if FO_ENABLE_F64
+extern "C" __global__ void fo_sumsq_partials_f64(const double* __restrict__ x, long long n,
+                                                 double* __restrict__ sq, int* __restrict__ bad) {
+    fo::sumsq_partials<double>(x, n, sq, bad);
+}
+#endif
+
+extern "C" __global__ void fo_sumsq_finish(const double* __restrict__ sq,
+                                           const int* __restrict__ bad, long long m,
+                                           double* __restrict__ out) {
+    __shared__ double s[FO_REDUCTION_THREADS];
+    __shared__ int b[FO_REDUCTION_THREADS];
+    const int t = threadIdx.x;
+    fo::sum_lane(sq, bad, m, t, s[t], b[t]);
+    __syncthreads();
+    for (int half = FO_REDUCTION_THREADS / 2; half > 0; half >>= 1) {
+        fo::tree_level(s, b, t, half);
+        __syncthreads();
+    }
+    if (t == 0) {
+        out[0] = s[0];
+        out[1] = b[0] != 0 ? 1.0 : 0.0;
+    }
+}
+
+#endif  // FO_ENABLE_REDUCTIONS

@@ -27,6 +27,8 @@ class _Unit:
         "backend",
         "label",
         "scalar_type",
+        "kind",
+        "device",
     )
 
     def __init__(self, param, source, shape, default_grad, label):
@@ -38,6 +40,58 @@ class _Unit:
         self.state = {}
         self.backend = None
         self.scalar_type = None
+        self.kind = "numpy"  # dispatch.array_kind of the user's array
+        self.device = None  # None: host memory; "cuda:<i>" ("cuda" if unknown): device memory
+
+
+def _host_unit(a, label):
+    """A unit over a torch CPU tensor: the kernels update a NumPy view of its memory."""
+    view = dispatch.host_view(a)
+    unit = _Unit(_flat_view(view, label), view, tuple(view.shape), None, label)
+    unit.kind = dispatch.array_kind(a)
+    return unit
+
+
+def _device_unit(a, label, backend_name, default_grad=None):
+    """A unit over a CUDA array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` or DLPack):
+    the backend is fixed here, so an unavailable one fails at construction, before any write.
+    ``param``/``default_grad`` are the backend's native flat views of the same memory."""
+    kind = dispatch.array_kind(a)
+    backend = dispatch.backend_for_kind(kind, backend_name)
+    native = backend.native(a)
+    dtype = native.dtype
+    if dtype.kind != "f" or dtype not in (np.float32, np.float64):
+        raise TypeError(f"{label} has dtype {dtype}; fastopt updates float32 or float64 arrays")
+    if not backend.is_c_contiguous(native):
+        raise ValueError(f"{label} is not C-contiguous; pass a contiguous array")
+    if dispatch.is_readonly(a):
+        raise ValueError(f"{label} is read-only; the optimizer updates parameters in place")
+    if default_grad is not None:
+        default_grad = backend.flat(backend.native(default_grad))
+    unit = _Unit(backend.flat(native), a, tuple(native.shape), default_grad, label)
+    unit.kind = kind
+    index = dispatch.device_index(a, kind)
+    unit.device = "cuda" if index is None else f"cuda:{index}"
+    unit.backend = backend
+    unit.scalar_type = backend.scalar_type(dtype)
+    return unit
+
+
+def _unit(a, label, backend_name):
+    if isinstance(a, np.ndarray):  # the common case first
+        return _Unit(_flat_view(a, label), a, a.shape, None, label)
+    if dispatch.is_device_kind(dispatch.array_kind(a)):
+        return _device_unit(a, label, backend_name)
+    return _host_unit(a, label)
+
+
+def _memory_key(u):
+    """What tells two units' memory apart (a parameter must not be in two groups)."""
+    if u.device is not None:
+        return (u.device, dispatch.data_ptr(u.param))
+    if u.kind != "numpy":  # a fresh NumPy view of a torch tensor each time: use the address
+        return ("cpu", u.param.ctypes.data)
+    return id(u.param.base if u.param.base is not None else u.param)
 
 
 def _flat_view(a, label):
@@ -54,31 +108,25 @@ def _flat_view(a, label):
     return a.reshape(-1)
 
 
-def _units_of(params, where):
+def _units_of(params, where, backend_name=None):
     """(structure, units, keys) of one group's ``params``."""
     if isinstance(params, ParamSet):
-        unit = _Unit(
-            params.flat, params.flat, (params.size,), params.grad_flat, f"{where} ParamSet"
-        )
+        label = f"{where} ParamSet"
+        if isinstance(params.flat, np.ndarray):
+            unit = _Unit(params.flat, params.flat, (params.size,), params.grad_flat, label)
+        else:
+            unit = _device_unit(params.flat, label, backend_name, default_grad=params.grad_flat)
+            unit.shape = (params.size,)
         return "paramset", [unit], None
     if isinstance(params, Mapping):
         keys = list(params)
-        units = [
-            _Unit(_flat_view(a, f"{where} param {k!r}"), a, a.shape, None, f"{where} param {k!r}")
-            for k, a in params.items()
-        ]
+        units = [_unit(a, f"{where} param {k!r}", backend_name) for k, a in params.items()]
         return "dict", units, keys
     if isinstance(params, (list, tuple)):
-        units = [
-            _Unit(_flat_view(a, f"{where} param [{i}]"), a, a.shape, None, f"{where} param [{i}]")
-            for i, a in enumerate(params)
-        ]
+        units = [_unit(a, f"{where} param [{i}]", backend_name) for i, a in enumerate(params)]
         return "list", units, None
-    if hasattr(params, "shape"):
-        unit = _Unit(
-            _flat_view(params, f"{where} param"), params, params.shape, None, f"{where} param"
-        )
-        return "array", [unit], None
+    if hasattr(params, "shape") or hasattr(params, "__dlpack_device__"):
+        return "array", [_unit(params, f"{where} param", backend_name)], None
     raise TypeError(
         f"{where} params must be a ParamSet, an array, a list/tuple/dict of arrays, "
         f"got {type(params).__name__}"
@@ -89,8 +137,17 @@ class Optimizer:
     """Base class. ``params``: a ParamSet, an array, a list/tuple/dict of arrays, or a list of
     param-group dicts ``{"params": ..., <hyperparameter overrides>}`` as in torch.optim.
 
-    ``backend`` forces a backend by name (``"numba-cpu"``, ``"numpy"`` for the reference, ...);
-    by default it is picked from the arrays.
+    ``backend`` forces a backend by name (``"numba-cpu"``, ``"numpy"`` for the reference,
+    ``"cupy"``, ``"numba-cuda"``); by default it is picked from the arrays (``fastopt.dispatch``).
+
+    Arrays: NumPy arrays; torch CPU tensors (the kernels update a zero-copy NumPy view, so the
+    tensor changes in place; ``requires_grad`` is fine); CuPy arrays (CuPy kernels); torch CUDA
+    tensors and any other CUDA array with ``__cuda_array_interface__`` or DLPack (Numba CUDA
+    kernels by default, zero-copy, in place); a ParamSet on either device. The backend of device
+    arrays is fixed at construction, so a CUDA array on a machine that cannot run it fails there
+    with the reason. Gradients must be of the same kind and on the same device as their parameter
+    (a NumPy gradient for a CuPy parameter is a ValueError naming both, raised before any write);
+    NumPy arrays and torch CPU tensors mix freely.
 
     Gradient handling, fused into the update (no extra pass over the parameters):
 
@@ -183,18 +240,17 @@ class Optimizer:
             raise ValueError(f"unknown hyperparameters {sorted(unknown)} for {type(self).__name__}")
         group = {**self.defaults, **param_group}
         where = f"param_groups[{len(self.param_groups)}]"
-        structure, units, keys = _units_of(group["params"], where)
+        structure, units, keys = _units_of(group["params"], where, self._backend_name)
         if not units:
             raise ValueError(f"{where} is empty: an optimizer needs parameters")
         self._check(group)
-        seen = {
-            id(u.param.base if u.param.base is not None else u.param)
-            for g in self._groups
-            for u in g["units"]
-        }
+        if self._backend_name is not None:
+            for u in units:  # a named backend must take these arrays: say so now, not at step()
+                if u.backend is None:
+                    dispatch.backend_for_kind(u.kind, self._backend_name)
+        seen = {_memory_key(u) for g in self._groups for u in g["units"]}
         for u in units:
-            base = u.param.base if u.param.base is not None else u.param
-            if id(base) in seen:
+            if _memory_key(u) in seen:
                 raise ValueError(f"{u.label} appears in more than one parameter group")
         group.setdefault("initial_lr", group["lr"])
         self.param_groups.append(group)
@@ -222,7 +278,10 @@ class Optimizer:
         for g in self._groups:
             for u in g["units"]:
                 if u.default_grad is not None:
-                    u.default_grad.fill(0)
+                    if u.device is None:
+                        u.default_grad.fill(0)
+                    else:
+                        u.backend.fill(u.default_grad, 0)
 
     def step(self, grads=None, *, grad_scale=None):
         """One update of every parameter whose gradient is given, in place.
@@ -335,6 +394,8 @@ class Optimizer:
 
     def _check_grad(self, unit, grad):
         p = unit.param
+        if unit.device is not None:
+            return self._check_device_grad(unit, grad)
         if unit.backend is None:
             unit.backend = dispatch.backend_for([p], self._backend_name)
             unit.scalar_type = unit.backend.scalar_type(p.dtype)
@@ -345,10 +406,7 @@ class Optimizer:
                 )
             return grad
         if type(grad) is not type(p):
-            dispatch.backend_for([p, grad])  # names the mismatch (library/device)
-            raise TypeError(
-                f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(p).__name__}"
-            )
+            grad = self._host_grad(unit, grad)
         if grad.dtype != p.dtype:
             raise TypeError(
                 f"gradient for {unit.label} has dtype {grad.dtype}, the parameter {p.dtype}"
@@ -366,6 +424,55 @@ class Optimizer:
                 f"{unit.label} is read-only; the optimizer updates parameters in place"
             )
         return grad.reshape(-1)
+
+    @staticmethod
+    def _host_grad(unit, grad):
+        """The gradient of a host unit that is not a plain ndarray: a torch CPU tensor becomes a
+        NumPy view (host memory either way); anything else is an error naming the mismatch."""
+        if not isinstance(grad, np.ndarray):
+            kind = dispatch.array_kind(grad)  # TypeError for unsupported types
+            if kind == "torch-cpu":
+                return dispatch.host_view(grad)
+            raise ValueError(
+                f"gradient for {unit.label} is {dispatch.describe(grad, kind)}, the parameter "
+                f"{dispatch.describe(unit.source)}: they live on different devices/libraries"
+            )
+        raise TypeError(
+            f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(unit.param).__name__}"
+        )
+
+    @staticmethod
+    def _check_device_grad(unit, grad):
+        """``_check_grad`` for a unit in device memory: kind, device, dtype, shape, contiguity;
+        returns the backend's native flat view of the gradient."""
+        if grad is unit.default_grad:
+            return grad
+        kind = dispatch.array_kind(grad)  # TypeError for unsupported types
+        if kind != unit.kind:
+            raise ValueError(
+                f"gradient for {unit.label} is {dispatch.describe(grad, kind)}, the parameter "
+                f"{dispatch.describe(unit.source, unit.kind)}: they live on different "
+                "devices/libraries"
+            )
+        index = dispatch.device_index(grad, kind)
+        if index is not None and unit.device != "cuda" and unit.device != f"cuda:{index}":
+            raise ValueError(
+                f"gradient for {unit.label} is on cuda:{index}, the parameter on {unit.device}"
+            )
+        backend = unit.backend
+        g = backend.native(grad)
+        if g.dtype != unit.param.dtype:
+            raise TypeError(
+                f"gradient for {unit.label} has dtype {g.dtype}, the parameter {unit.param.dtype}"
+            )
+        shape = tuple(g.shape)
+        if shape != unit.shape and not (
+            unit.default_grad is not None and shape == (unit.param.size,)
+        ):
+            raise ValueError(f"gradient for {unit.label} has shape {shape}, expected {unit.shape}")
+        if not backend.is_c_contiguous(g):
+            raise ValueError(f"gradient for {unit.label} is not C-contiguous")
+        return backend.flat(g)
 
     def _split_grads(self, grads):
         """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
@@ -426,10 +533,10 @@ class Optimizer:
     def _allocate(self, group, unit, names, lr):
         dtype = unit.param.dtype
         for n in names:
-            a = unit.backend.zeros(unit.param.size, dtype)
+            a = unit.backend.zeros(unit.param.size, dtype, like=unit.param)
             fill = self._initial_value(group, n, lr)
             if fill != 0:
-                a.fill(fill)
+                unit.backend.fill(a, fill)
             unit.state[n] = a
         unit.state.update(self._initial_scalar_state(group))
         unit.state["step"] = 0
@@ -558,7 +665,7 @@ class Optimizer:
                     raise ValueError(f"state[{index}][{k!r}] must be a finite float, got {v!r}")
                 out[k] = float(v)
                 continue
-            a = np.asarray(v)
+            a = _state_array(v)
             if a.dtype.kind != "f":
                 raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
             if a.size != unit.param.size or tuple(a.shape) not in (
@@ -568,8 +675,8 @@ class Optimizer:
                 raise ValueError(
                     f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}"
                 )
-            dst = unit.backend.zeros(unit.param.size, unit.param.dtype)
-            dst[...] = _to_backend(dst, a.reshape(-1).astype(unit.param.dtype))
+            dst = unit.backend.zeros(unit.param.size, unit.param.dtype, like=unit.param)
+            unit.backend.assign(dst, a.reshape(a.size))  # host or device source, cast
             out[k] = dst
         return out
 
@@ -580,11 +687,16 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
-def _to_backend(dst, a):
-    if isinstance(dst, np.ndarray):
-        return a
-    return (
-        type(dst)(a)
-        if not hasattr(dst, "__cuda_array_interface__")
-        else __import__("cupy").asarray(a)
-    )
+def _state_array(v):
+    """A state entry of load_state_dict as an array with ``dtype``/``shape``/``size``: NumPy and
+    CuPy arrays and numba device arrays as they are (device entries are copied device to
+    device), torch tensors as NumPy, anything else through ``np.asarray``."""
+    if isinstance(v, np.ndarray) or not hasattr(v, "shape"):
+        return np.asarray(v)
+    try:
+        kind = dispatch.array_kind(v)
+    except TypeError:
+        return np.asarray(v)
+    if kind == "cupy" or getattr(v, "__cuda_ndarray__", False):
+        return v
+    return dispatch.to_host(v)

@@ -1,0 +1,303 @@
+"""``fastopt bench``: the optimizer throughput report (table, JSON, Markdown, PNG chart)."""
+
+import re
+import sys
+
+from . import UsageError, split_list
+
+HELP = "optimizer throughput vs the roofline kernel and NumPy/torch peers"
+DESCRIPTION = """\
+Time opt.step() of every algorithm at several sizes, float32 and float64, on the CPU and on every
+available GPU backend, next to a roofline kernel (the same memory traffic, trivial arithmetic, on
+the same arrays; on a GPU a device-to-device copy of the same bytes) and the peers installed here
+(naive NumPy, torch.optim with foreach=True and fused=True). Every peer is timed in the same run,
+round by round; medians are reported.
+
+Prints a table (time/step, elements/s, GB/s, fraction of roofline, speedup vs each peer) and
+writes PREFIX.json (every number; schema in fastopt.benchmarking), PREFIX.md and PREFIX.png (a
+bar chart, with matplotlib). The cases are those of the pytest-benchmark suite in bench/;
+--from-json turns that suite's JSON (pytest bench/ --benchmark-json=FILE) into the same report.
+
+Numbers from a machine shared with other work mean little: check the spread column (slowest /
+fastest round; above 1.1 is noise)."""
+EPILOG = """\
+examples:
+  fastopt bench --quick                           # one case per algorithm, 1 Mi float32: < 1 min
+  fastopt bench                                   # every case, 64Ki/1Mi/16Mi, float32+float64
+  fastopt bench --algorithms adam,sgd --sizes 1Mi,16Mi --dtypes float32
+  fastopt bench --cases adam_many --many 1000x1000 --repeats 9
+  fastopt bench --backends cupy --out results/h100
+  pytest bench/ --benchmark-json=out.json && fastopt bench --from-json out.json
+
+sizes: plain integers or with a suffix: k/M/G (10^3, 10^6, 10^9), Ki/Mi/Gi (2^10, 2^20, 2^30).
+"""
+
+QUICK = {"sizes": "1Mi", "dtypes": "float32", "repeats": 3, "min_time": 0.03}
+FULL = {"sizes": "64Ki,1Mi,16Mi", "dtypes": "float32,float64", "repeats": 5, "min_time": 0.1}
+_SUFFIX = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+}
+
+
+def add_arguments(p):
+    what = p.add_argument_group("what to run")
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="one case per algorithm, 1Mi elements, float32, 3 rounds of 0.03 s (under a minute)",
+    )
+    what.add_argument(
+        "--algorithms", metavar="LIST", help="algorithms, e.g. adam,sgd (all cases of each)"
+    )
+    what.add_argument(
+        "--cases", metavar="LIST", help="case names, e.g. adam,sgd_nesterov,adam_many"
+    )
+    what.add_argument(
+        "--sizes", metavar="LIST", help=f"elements per case (default {FULL['sizes']})"
+    )
+    what.add_argument(
+        "--dtypes", metavar="LIST", help=f"float32 and/or float64 (default {FULL['dtypes']})"
+    )
+    what.add_argument(
+        "--backends",
+        metavar="LIST",
+        help="numba-cpu (or cpu), cupy, numba-cuda, gpu (every available GPU backend); "
+        "default: numba-cpu and every available GPU backend",
+    )
+    what.add_argument(
+        "--many",
+        metavar="COUNTxSIZE",
+        default="1000x1000",
+        help="layout of the many-parameter case (default 1000x1000)",
+    )
+    what.add_argument(
+        "--peers",
+        metavar="LIST",
+        help="peers to time (default all): roofline,numpy,torch_foreach,torch_fused,"
+        "single_param,fastopt_list",
+    )
+    how = p.add_argument_group("how")
+    how.add_argument(
+        "--repeats", type=int, metavar="N", help=f"timed rounds (default {FULL['repeats']})"
+    )
+    how.add_argument(
+        "--min-time",
+        type=float,
+        metavar="S",
+        help=f"seconds per round and peer (default {FULL['min_time']})",
+    )
+    how.add_argument("--threads", type=int, metavar="N", help="Numba threads (torch gets the same)")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write PREFIX.json, PREFIX.md, PREFIX.png (default fastopt-bench; with --from-json, "
+        "FILE's name without .json plus -report)",
+    )
+    out.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
+    out.add_argument("--goals", action="store_true", help="also print the speed goals' checks")
+    out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    out.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="run nothing: report a fastopt bench JSON or a pytest-benchmark JSON of bench/",
+    )
+
+
+def parse_size(text):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMgG]i?)?\s*", text)
+    if not m:
+        raise UsageError(f"--sizes: {text!r} is not a size (e.g. 65536, 1M, 16Mi)")
+    number, suffix = m.groups()
+    value = float(number) * _SUFFIX[(suffix or "").lower()]
+    if value != int(value) or value < 1:
+        raise UsageError(f"--sizes: {text!r} is not a whole number of elements >= 1")
+    return int(value)
+
+
+def parse_many(text):
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UsageError(f"--many: {text!r} is not COUNTxSIZE (e.g. 1000x1000)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _backends(text):
+    from ..benchmarking import CPU_BACKEND, gpu_backends
+
+    if text is None:
+        return [CPU_BACKEND] + [name for name, ok, _ in gpu_backends() if ok]
+    wanted = split_list(text, "--backends")
+    gpus = gpu_backends(requested=wanted)
+    status = {name: (ok, why) for name, ok, why in gpus}
+    chosen = []
+    for name in wanted:
+        name = name.lower()
+        if name in ("cpu", CPU_BACKEND):
+            chosen.append(CPU_BACKEND)
+        elif name == "gpu":
+            avail = [n for n, (ok, _) in status.items() if ok]
+            if not avail:
+                reasons = "; ".join(f"{n}: {why}" for n, (_, why) in status.items())
+                raise UsageError(f"--backends gpu: no GPU backend is available ({reasons})")
+            chosen += avail
+        elif name in status:
+            ok, why = status[name]
+            if not ok:
+                raise UsageError(f"--backends: {name} is not available: {why}")
+            chosen.append(name)
+        else:
+            raise UsageError(
+                f"--backends: unknown backend {name!r}; known: numba-cpu (cpu), cupy, numba-cuda, gpu"
+            )
+    return list(dict.fromkeys(chosen))
+
+
+def _progress(i, total, label, res, err):
+    from ..benchmarking import fmt_num, fmt_time
+
+    head = f"[{i:>{len(str(total))}}/{total}] {label}: "
+    if err is not None:
+        print(head + f"not run: {err}", file=sys.stderr, flush=True)
+        return
+    print(
+        head + f"{fmt_time(res['median_s'])}/step, {fmt_num(res['gb_per_s'])} GB/s, "
+        f"{fmt_num(res.get('fraction_of_roofline'))} of roofline",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _print_goals(doc):
+    print("\nspeed goals (meant for full-size float32 runs on a quiet machine):")
+    for g in doc["goals"]:
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        print(
+            f"  {g['status']:>7}  {g['case']} {g.get('dtype', '')} {g.get('backend', '')}: "
+            f"{g['goal']} (value {value})"
+        )
+
+
+def _check_writable_prefix(prefix):
+    import pathlib
+
+    parent = pathlib.Path(prefix).parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out: {parent} is not a directory")
+
+
+def run(args):
+    from .. import benchmarking as B
+
+    stdout_unicode = (sys.stdout.encoding or "").lower().replace("-", "") in ("utf8", "utf16")
+    if args.from_json:
+        if (
+            any(
+                getattr(args, k) is not None
+                for k in (
+                    "algorithms",
+                    "cases",
+                    "sizes",
+                    "dtypes",
+                    "backends",
+                    "repeats",
+                    "min_time",
+                )
+            )
+            or args.quick
+        ):
+            raise UsageError("--from-json reports an existing JSON: it takes no run options")
+        try:
+            doc = B.load_results(args.from_json)
+        except ValueError as exc:
+            raise UsageError(f"--from-json: {exc}") from None
+        prefix = args.out
+        if prefix is None:
+            src = str(args.from_json)
+            prefix = (src[:-5] if src.lower().endswith(".json") else src) + "-report"
+    else:
+        doc = None
+        prefix = args.out or "fastopt-bench"
+    _check_writable_prefix(prefix)
+    chart = not args.no_chart
+    if chart:
+        from . import require_matplotlib
+
+        try:
+            require_matplotlib("the chart")
+        except Exception as exc:
+            print(f"fastopt bench: note: {exc}; writing no chart", file=sys.stderr)
+            chart = False
+
+    if doc is None:
+        defaults = QUICK if args.quick else FULL
+        sizes = [parse_size(s) for s in split_list(args.sizes or defaults["sizes"], "--sizes")]
+        dtypes = []
+        for d in split_list(args.dtypes or defaults["dtypes"], "--dtypes"):
+            if d.lower() not in ("float32", "float64"):
+                raise UsageError(f"--dtypes: {d!r} is not float32 or float64")
+            dtypes.append(d.lower())
+        try:
+            cases = B.select_cases(
+                algorithms=split_list(args.algorithms, "--algorithms") if args.algorithms else None,
+                names=split_list(args.cases, "--cases") if args.cases else None,
+                quick=args.quick,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not cases:
+            raise UsageError("no case matches --algorithms/--cases")
+        repeats = defaults["repeats"] if args.repeats is None else args.repeats
+        if repeats < 1:
+            raise UsageError(f"--repeats must be >= 1, got {repeats}")
+        min_time = defaults["min_time"] if args.min_time is None else args.min_time
+        if not min_time > 0 or min_time > 60:
+            raise UsageError(f"--min-time must be in (0, 60] seconds, got {min_time}")
+        peers = None
+        if args.peers:
+            peers = split_list(args.peers, "--peers")
+            bad = [x for x in peers if x not in B.PEERS]
+            if bad:
+                raise UsageError(f"--peers: unknown peer {bad[0]!r}; known: {', '.join(B.PEERS)}")
+        many = parse_many(args.many)
+        backends = _backends(args.backends)
+        if args.threads is not None:
+            import numba
+
+            top = numba.config.NUMBA_NUM_THREADS
+            if not 1 <= args.threads <= top:
+                raise UsageError(
+                    f"--threads must be in 1..{top} (NUMBA_NUM_THREADS), got {args.threads}"
+                )
+            numba.set_num_threads(args.threads)
+        doc = B.run_suite(
+            cases,
+            sizes=sizes,
+            dtypes=dtypes,
+            backends=backends,
+            many=many,
+            repeats=repeats,
+            min_time=min_time,
+            peers=peers,
+            quick=args.quick,
+            progress=None if args.quiet else _progress,
+        )
+
+    print(B.format_table(doc, unicode=stdout_unicode), end="")
+    if args.goals:
+        _print_goals(doc)
+    try:
+        written = B.write_outputs(doc, prefix, chart=chart)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write {prefix}.*: {exc.strerror or exc}") from None
+    files = [written[k] for k in ("json", "md", "png") if k in written]
+    print("\nwrote " + ", ".join(files))
+    if "chart_skipped" in written:
+        print(f"no chart: {written['chart_skipped']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,434 @@
+"""GPU-only tests: the CuPy and Numba CUDA backends on a real device.
+
+Skipped as a whole (with the reason) without CuPy and a CUDA device, and under the CUDA
+simulator. Run them on a GPU machine with the rest of the suite::
+
+    pytest tests -q -p no:cacheprovider
+
+- every optimizer case (tests/optimizer_cases.py) in float32 and float64, on CuPy arrays through
+  both backends: the CuPy backend equals the Numba CPU kernels bit for bit (the CUDA C rules use
+  explicitly rounded IEEE operations), both are within the kernel tolerance of the NumPy
+  reference, and Numba CUDA (which contracts into FMAs) is within rtol 1e-5 / 1e-12 of the CPU;
+- ParamSet(device="cuda"), zero_grad, plain numba device arrays, DLPack-only arrays;
+- torch CUDA tensors updated in place through the dispatcher, against torch.optim on CUDA;
+- gradient clipping and non-finite skipping on the device; the GPU reductions against the NumPy
+  model of their summation order, bit for bit;
+- state_dict round trips device <-> host; device/kind mismatches rejected before any write.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from fastopt.kernels import cuda as kcuda
+from fastopt.kernels import cupy as kcupy
+from optimizer_cases import CASES, grad_of
+
+import fastopt as fo
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("GPU tests do not run under the CUDA simulator", allow_module_level=True)
+_OK, _WHY = kcupy.available()
+if not _OK:
+    pytest.skip(f"GPU tests need CuPy and a CUDA device: {_WHY}", allow_module_level=True)
+
+import cupy  # noqa: E402
+from test_dispatch import CHUNK, _reduction_input, _same, model_sumsq  # noqa: E402
+
+NUMBA_OK, NUMBA_WHY = kcuda.available()
+needs_numba = pytest.mark.skipif(not NUMBA_OK, reason=f"numba-cuda unavailable: {NUMBA_WHY}")
+DTYPES = (np.float32, np.float64)
+IDS = ["f32", "f64"]
+STEPS = 30
+TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+"""Numba CPU kernels vs the NumPy reference (tests/test_kernels_vs_reference.py)."""
+FMA_TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+"""Numba CUDA (FMA-contracted) vs the Numba CPU kernels."""
+
+
+def _params(dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in [(7, 5), (13,), (2, 3, 4), (1000,)]]
+
+
+def _host(a):
+    if isinstance(a, cupy.ndarray):
+        return cupy.asnumpy(a)
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def _lockstep(cls, kwargs, dtype, to_device, backend=None, steps=STEPS):
+    """(device params, device optimizer, host params, host optimizer) after ``steps`` steps on the
+    same gradients (computed from the host trajectory)."""
+    host = _params(dtype)
+    dev = [to_device(a) for a in host]
+    opt_d = cls(dev, backend=backend, **kwargs)
+    opt_h = cls(host, **kwargs)
+    for t in range(steps):
+        grads = grad_of(host, t)
+        opt_h.step(grads)
+        opt_d.step([to_device(g) for g in grads])
+    return dev, opt_d, host, opt_h
+
+
+def _compare(dev, opt_d, host, opt_h, exact, tol=None):
+    check = _assert_same if exact else (lambda a, b, what: _assert_close(a, b, tol, what))
+    for i, (d, h) in enumerate(zip(dev, host)):
+        check(_host(d), h, f"param {i}")
+    sd, sh = opt_d.state_dict(), opt_h.state_dict()
+    assert sd["state"].keys() == sh["state"].keys()
+    for i in sh["state"]:
+        assert sd["state"][i].keys() == sh["state"][i].keys()
+        for k, v in sh["state"][i].items():
+            if isinstance(v, np.ndarray):
+                assert isinstance(sd["state"][i][k], np.ndarray)
+                check(sd["state"][i][k], v, f"state {i} {k}")
+            else:
+                assert sd["state"][i][k] == v or not exact, (i, k)
+
+
+def _assert_same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    ai = a.view(np.int32 if a.dtype == np.float32 else np.int64)
+    bi = b.view(np.int32 if b.dtype == np.float32 else np.int64)
+    bad = np.flatnonzero(ai.reshape(-1) != bi.reshape(-1))
+    assert bad.size == 0, (
+        f"{what}: {bad.size} elements differ, first {a.reshape(-1)[bad[0]]!r} vs {b.reshape(-1)[bad[0]]!r}"
+    )
+
+
+def _assert_close(a, b, tol, what):
+    np.testing.assert_allclose(a, b, err_msg=what, **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every optimizer on CuPy arrays, both backends
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cupy_backend_bit_identical_to_cpu_kernels(case, dtype):
+    _, cls, kwargs = case
+    dev, opt_d, host, opt_h = _lockstep(cls, kwargs, dtype, cupy.asarray)
+    assert opt_d._groups[0]["units"][0].backend.name == "cupy"
+    assert all(isinstance(d, cupy.ndarray) for d in dev)
+    _compare(dev, opt_d, host, opt_h, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cupy_backend_vs_reference(case, dtype):
+    _, cls, kwargs = case
+    host_ref = _params(dtype)
+    opt_r = cls(host_ref, backend="numpy", **kwargs)
+    dev = [cupy.asarray(a) for a in _params(dtype)]
+    opt_d = cls(dev, **kwargs)
+    for t in range(STEPS):
+        opt_r.step(grad_of(host_ref, t))
+        opt_d.step([cupy.asarray(g) for g in grad_of([_host(d) for d in dev], t)])
+    for d, r in zip(dev, host_ref):
+        np.testing.assert_allclose(_host(d), r, **TOL[dtype])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_numba_cuda_backend_on_cupy_arrays(case, dtype):
+    _, cls, kwargs = case
+    dev, opt_d, host, opt_h = _lockstep(cls, kwargs, dtype, cupy.asarray, backend="numba-cuda")
+    assert opt_d._groups[0]["units"][0].backend.name == "numba-cuda"
+    _compare(dev, opt_d, host, opt_h, exact=False, tol=FMA_TOL[dtype])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("case", CASES[::4], ids=[c[0] for c in CASES[::4]])
+def test_numba_device_arrays_dispatch_to_numba_cuda(case, dtype):
+    from numba import cuda
+
+    _, cls, kwargs = case
+    dev, opt_d, host, opt_h = _lockstep(cls, kwargs, dtype, cuda.to_device)
+    assert opt_d._groups[0]["units"][0].backend.name == "numba-cuda"
+    _compare(dev, opt_d, host, opt_h, exact=False, tol=FMA_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["cupy", pytest.param("numba-cuda", marks=needs_numba)])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_paramset_cuda(case, backend):
+    _, cls, kwargs = case
+    arrays = _params(np.float32)
+    ps_h = fo.ParamSet({f"p{i}": a for i, a in enumerate(arrays)})
+    ps_d = fo.ParamSet({f"p{i}": a for i, a in enumerate(arrays)}, device="cuda")
+    assert isinstance(ps_d.flat, cupy.ndarray) and ps_d.device == "cuda"
+    opt_h, opt_d = cls(ps_h, **kwargs), cls(ps_d, backend=backend, **kwargs)
+    for t in range(STEPS):
+        grads = grad_of([ps_h[n] for n in ps_h], t)
+        for name, g in zip(ps_h, grads):
+            ps_h.grads[name][...] = g
+            ps_d.grads[name][...] = cupy.asarray(g)
+        opt_h.step()
+        opt_d.step()
+        opt_d.zero_grad()
+        assert not bool(cupy.any(ps_d.grad_flat))
+    if backend == "cupy":
+        _assert_same(cupy.asnumpy(ps_d.flat), ps_h.flat, "flat")
+    else:
+        _assert_close(cupy.asnumpy(ps_d.flat), ps_h.flat, FMA_TOL[np.float32], "flat")
+    # explicit gradients: the flat buffer, or the ParamSet itself
+    opt_d.step(ps_d.grad_flat)
+    opt_d.step(ps_d)
+
+
+def test_paramset_cuda_device_index_and_inputs():
+    ps = fo.ParamSet({"w": cupy.ones((2, 3)), "b": np.zeros(3)}, device="cuda:0")
+    assert ps.device == "cuda:0" and ps.flat.dtype == np.float64
+    assert isinstance(ps["w"], cupy.ndarray) and ps["w"].shape == (2, 3)
+    host = fo.ParamSet({"w": cupy.ones(4)})  # device arrays copied to a host ParamSet
+    assert isinstance(host.flat, np.ndarray) and host.flat.sum() == 4
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        fo.ParamSet({"w": np.zeros(2)}, device=f"cuda:{cupy.cuda.runtime.getDeviceCount()}")
+
+
+@needs_numba
+def test_dlpack_only_array_updated_in_place():
+    class DLPackOnly:
+        def __init__(self, a):
+            self._a = a
+            self.shape = a.shape
+
+        def __dlpack__(self, stream=None, **kwargs):
+            return self._a.__dlpack__(stream=stream)  # an unversioned capsule is allowed
+
+        def __dlpack_device__(self):
+            return (2, int(self._a.data.device_id))  # kDLCUDA
+
+    p = cupy.arange(10, dtype=cupy.float32)
+    wrapped = DLPackOnly(p)
+    opt = fo.SGD([wrapped], lr=0.5)
+    opt.step([DLPackOnly(cupy.ones(10, dtype=cupy.float32))])
+    np.testing.assert_array_equal(cupy.asnumpy(p), np.arange(10, dtype=np.float32) - 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch CUDA tensors through the dispatcher vs torch.optim on CUDA
+
+TORCH_CASES = [
+    ("SGD", dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.05)),
+    ("SGD", dict(lr=0.03, momentum=0.8, dampening=0.3, maximize=True)),
+    ("Adagrad", dict(lr=0.2, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("RMSprop", dict(lr=0.005, momentum=0.8, centered=True, weight_decay=0.01, eps=1e-6)),
+    ("Adadelta", dict(lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.01)),
+    ("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.05)),
+    ("AdamW", dict(lr=0.05, weight_decay=0.1, amsgrad=True)),
+    ("Adamax", dict(lr=0.05, betas=(0.8, 0.99), weight_decay=0.05)),
+    ("NAdam", dict(lr=0.05, momentum_decay=0.01, betas=(0.85, 0.99))),
+    ("RAdam", dict(lr=0.05, weight_decay=0.05)),
+    ("Rprop", dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-4, 0.2))),
+]
+TORCH_TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+@pytest.fixture(scope="module")
+def torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device (CPU-only build?)")
+    return torch
+
+
+@pytest.mark.parametrize("backend", [None, "cupy"], ids=["default", "cupy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("case", TORCH_CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(TORCH_CASES)])
+def test_torch_cuda_tensors_in_place_vs_torch_optim(torch_cuda, case, dtype, backend):
+    torch = torch_cuda
+    if backend is None and not NUMBA_OK:
+        pytest.skip(f"torch CUDA tensors default to numba-cuda: {NUMBA_WHY}")
+    name, kwargs = case
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    # torch keeps scalar state (step, NAdam's mu_product) in the default dtype: float64 runs need
+    # float64 there too, as fastopt computes its per-step scalars in float64 on the host.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(tdtype)
+    try:
+        _torch_lockstep(torch, name, kwargs, dtype, tdtype, backend)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _torch_lockstep(torch, name, kwargs, dtype, tdtype, backend):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", dtype=tdtype, generator=gen) for s in [(7, 5), (13,)]]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    ptrs = [p.data_ptr() for p in ours]
+    opt = getattr(fo, name)(ours, backend=backend, **kwargs)
+    ref = getattr(torch.optim, name)(theirs, **kwargs)
+    for _ in range(20):
+        noise = [torch.randn(t.shape, device="cuda", dtype=tdtype, generator=gen) for t in init]
+        opt.step([(p.detach() - 0.5) * 0.3 + 0.1 * n for p, n in zip(ours, noise)])
+        for p, n in zip(theirs, noise):
+            p.grad = (p.detach() - 0.5) * 0.3 + 0.1 * n
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q, ptr in zip(ours, theirs, ptrs):
+        assert p.data_ptr() == ptr and p.device.type == "cuda"
+        np.testing.assert_allclose(
+            p.detach().cpu().numpy(), q.detach().cpu().numpy(), **TORCH_TOL[dtype]
+        )
+    unit = opt._groups[0]["units"][0]
+    assert unit.backend.name == (backend or "numba-cuda")
+
+
+def test_torch_cuda_mismatches(torch_cuda):
+    torch = torch_cuda
+    p = torch.zeros(4, device="cuda")
+    opt = fo.SGD([p], lr=0.1, backend="cupy")
+    with pytest.raises(ValueError, match="different devices"):
+        opt.step([cupy.ones(4, dtype=cupy.float32)])  # a CuPy grad for a torch param
+    with pytest.raises(ValueError, match="different devices"):
+        opt.step([torch.ones(4)])  # a CPU tensor
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step([torch.ones(4, device="cuda", dtype=torch.float64)])
+    assert not bool(torch.any(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipping, non-finite skipping, reductions
+
+
+@pytest.mark.parametrize("backend", ["cupy", pytest.param("numba-cuda", marks=needs_numba)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_clipping_and_skipping_on_gpu(backend, dtype):
+    kw = dict(lr=0.05, max_grad_norm=0.7, max_grad_value=0.4, skip_nonfinite=True)
+    host = _params(dtype)
+    dev = [cupy.asarray(a) for a in host]
+    opt_d, opt_h = fo.Adam(dev, backend=backend, **kw), fo.Adam(host, **kw)
+    for t in range(10):
+        grads = grad_of(host, t)
+        opt_h.step(grads)
+        opt_d.step([cupy.asarray(g) for g in grads])
+        np.testing.assert_allclose(opt_d.last_grad_norm, opt_h.last_grad_norm, rtol=1e-12)
+    for d, h in zip(dev, host):
+        np.testing.assert_allclose(_host(d), h, **FMA_TOL[dtype])
+    before = [_host(d) for d in dev]
+    steps = opt_d.state[0]["step"]
+    grads = [cupy.asarray(g) for g in grad_of(host, 3)]
+    grads[2][0, 1, 2] = cupy.inf
+    opt_d.step(grads)
+    assert opt_d.last_step_taken is False and opt_d.skipped_steps == 1
+    assert opt_d.state[0]["step"] == steps
+    assert all(np.array_equal(_host(d), b) for d, b in zip(dev, before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("n", [1, 1000, CHUNK + 5, 300 * CHUNK + 1])
+def test_reductions_match_model_bit_for_bit(n, dtype):
+    x = _reduction_input(n, dtype, seed=n % 31)
+    _, want, _ = model_sumsq(x)
+    got, finite = kcupy.sumsq_and_finite(cupy.asarray(x))
+    assert finite is True and _same(got, want)
+    if NUMBA_OK:
+        from numba import cuda
+
+        for blocks in (None, 1, 7):
+            got_n, finite_n = kcuda.sumsq_and_finite(cuda.to_device(x), blocks=blocks)
+            assert finite_n is True and _same(got_n, want), blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_reductions_subnormals_and_nonfinite(dtype):
+    tiny = np.full(1000, np.finfo(dtype).tiny / 4, dtype)  # subnormal: no flush to zero
+    got, _ = kcupy.sumsq_and_finite(cupy.asarray(tiny))
+    assert got > 0 and _same(got, model_sumsq(tiny)[1])
+    for value in (np.nan, np.inf, -np.inf):
+        x = _reduction_input(2 * CHUNK + 3, dtype)
+        x[CHUNK + 1] = value
+        assert kcupy.sumsq_and_finite(cupy.asarray(x))[1] is False
+        if NUMBA_OK:
+            from numba import cuda
+
+            assert kcuda.sumsq_and_finite(cuda.to_device(x))[1] is False
+    if NUMBA_OK:
+        from numba import cuda
+
+        got_n, _ = kcuda.sumsq_and_finite(cuda.to_device(tiny))
+        assert _same(got_n, model_sumsq(tiny)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# state_dict round trips and errors
+
+
+@pytest.mark.parametrize("backend", ["cupy", pytest.param("numba-cuda", marks=needs_numba)])
+def test_state_dict_round_trip_device_host(backend):
+    kw = dict(lr=0.01, amsgrad=True, weight_decay=0.01)
+    host = _params(np.float64)
+    dev = [cupy.asarray(a) for a in host]
+    opt_d, opt_h = fo.Adam(dev, backend=backend, **kw), fo.Adam(host, **kw)
+    for t in range(5):
+        grads = grad_of(host, t)
+        opt_h.step(grads)
+        opt_d.step([cupy.asarray(g) for g in grads])
+    sd = opt_d.state_dict()
+    assert all(
+        isinstance(v, np.ndarray) for e in sd["state"].values() for k, v in e.items() if k != "step"
+    )
+    # device -> host
+    host2 = [_host(d) for d in dev]
+    opt_h2 = fo.Adam(host2, **kw)
+    opt_h2.load_state_dict(sd)
+    # host -> device, and device state entries (CuPy arrays) -> device
+    dev2 = [cupy.asarray(a) for a in host2]
+    opt_d2 = fo.Adam(dev2, backend=backend, **kw)
+    opt_d2.load_state_dict(opt_h2.state_dict())
+    sd_cupy = opt_h2.state_dict()
+    for entry in sd_cupy["state"].values():
+        for k, v in entry.items():
+            if isinstance(v, np.ndarray):
+                entry[k] = cupy.asarray(v).astype(np.float32)  # cast on load, too
+    dev3 = [cupy.asarray(a) for a in host2]
+    opt_d3 = fo.Adam(dev3, backend=backend, **kw)
+    opt_d3.load_state_dict(sd_cupy)
+    grads = grad_of(host2, 9)
+    opt_h2.step(grads)
+    opt_d2.step([cupy.asarray(g) for g in grads])
+    opt_d3.step([cupy.asarray(g) for g in grads])
+    exact = backend == "cupy"
+    for a, b in zip(dev2, host2):
+        if exact:
+            _assert_same(_host(a), b, "round trip")
+        else:
+            _assert_close(_host(a), b, FMA_TOL[np.float64], "round trip")
+    assert all(np.isfinite(_host(a)).all() for a in dev3)
+    # a host CPU optimizer loads CuPy state entries as well
+    opt_h3 = fo.Adam([_host(d) for d in dev], **kw)
+    opt_h3.load_state_dict(sd_cupy)
+    assert opt_h3.state[0]["exp_avg"].dtype == np.float64
+
+
+@pytest.mark.parametrize("backend", ["cupy", pytest.param("numba-cuda", marks=needs_numba)])
+def test_bad_gradients_change_nothing_on_gpu(backend):
+    p = cupy.ones((3, 4), dtype=cupy.float32)
+    q = cupy.ones(4, dtype=cupy.float32)
+    opt = fo.Adam([p, q], lr=0.1, backend=backend)
+    opt.step([cupy.ones((3, 4), cupy.float32), cupy.ones(4, cupy.float32)])
+    before = (_host(p), _host(q))
+    good = cupy.ones((3, 4), cupy.float32)
+    bad_cases = [
+        (np.ones(4, np.float32), ValueError, "different devices"),
+        (cupy.ones(4, cupy.float64), TypeError, "dtype"),
+        (cupy.ones(5, cupy.float32), ValueError, "shape"),
+        (cupy.ones((4, 2), cupy.float32)[:, 0], ValueError, "contiguous"),
+    ]
+    for bad, exc, match in bad_cases:
+        with pytest.raises(exc, match=match):
+            opt.step([good, bad])
+    assert np.array_equal(_host(p), before[0]) and np.array_equal(_host(q), before[1])
+    assert opt.state[0]["step"] == 1 and opt.state[1]["step"] == 1
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        fo.SGD([{"params": [p]}, {"params": [p.reshape(12)]}], lr=0.1)
