@@ -1,11 +1,12 @@
 """fastopt: compiled-kernel optimizers for NumPy and CUDA arrays with torch.optim semantics."""
 
-from . import schedules
+from . import nn, schedules, trainer
 from .accumulate import GradientAccumulator
 from .checkpoint import CheckpointError, load, save
 from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
+from .nn import MLP
 from .optim import (
     SGD,
     Adadelta,
@@ -23,6 +24,7 @@ from .optim import (
 )
 from .paramset import ParamSet
 from .schedules import ReduceLROnPlateau
+from .trainer import History, Trainer
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "Adamax",
     "CheckpointError",
     "GradientAccumulator",
+    "History",
+    "MLP",
     "Lion",
     "NAdam",
     "Optimizer",
@@ -44,6 +48,7 @@ __all__ = [
     "RMSprop",
     "ReduceLROnPlateau",
     "Rprop",
+    "Trainer",
     "Yogi",
     "__version__",
     "all_finite",
@@ -52,6 +57,8 @@ __all__ = [
     "clip_grad_value",
     "global_norm",
     "load",
+    "nn",
     "save",
     "schedules",
+    "trainer",
 ]

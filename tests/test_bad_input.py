@@ -163,8 +163,14 @@ def test_bad_params_at_construction():
     with pytest.raises(ValueError, match="empty"):
         fo.SGD([], lr=0.1)
     w = np.zeros(3)
-    with pytest.raises(ValueError, match="more than one parameter group"):
+    with pytest.raises(ValueError, match="one group only"):
         fo.SGD([{"params": [w]}, {"params": [w]}], lr=0.1)
+    with pytest.raises(ValueError, match="one group only"):
+        fo.SGD([w, w], lr=0.1)
+    buf = np.zeros(10)
+    with pytest.raises(ValueError, match="one group only"):  # overlapping views
+        fo.SGD([{"params": [buf[:6]]}, {"params": [buf[4:]]}], lr=0.1)
+    fo.SGD([{"params": [buf[:5]]}, {"params": [buf[5:]], "weight_decay": 0.0}], lr=0.1)  # disjoint
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         fo.SGD([{"params": [w], "betas": (0.9, 0.9)}], lr=0.1)
     with pytest.raises(ValueError, match="unknown backend"):

@@ -85,13 +85,19 @@ def _unit(a, label, backend_name):
     return _host_unit(a, label)
 
 
-def _memory_key(u):
-    """What tells two units' memory apart (a parameter must not be in two groups)."""
+def _memory_span(u):
+    """(device, first byte, end byte) of a unit's memory: a parameter must not be in two groups,
+    while disjoint views of one buffer (weights and biases of a ParamSet) may be."""
+    p = u.param
     if u.device is not None:
-        return (u.device, dispatch.data_ptr(u.param))
-    if u.kind != "numpy":  # a fresh NumPy view of a torch tensor each time: use the address
-        return ("cpu", u.param.ctypes.data)
-    return id(u.param.base if u.param.base is not None else u.param)
+        start = dispatch.data_ptr(p)
+    else:
+        start = p.ctypes.data
+    return (u.device or "cpu", start, start + p.size * p.dtype.itemsize)
+
+
+def _overlaps(a, b):
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def _flat_view(a, label):
@@ -248,10 +254,15 @@ class Optimizer:
             for u in units:  # a named backend must take these arrays: say so now, not at step()
                 if u.backend is None:
                     dispatch.backend_for_kind(u.kind, self._backend_name)
-        seen = {_memory_key(u) for g in self._groups for u in g["units"]}
+        taken = [_memory_span(u) for g in self._groups for u in g["units"]]
         for u in units:
-            if _memory_key(u) in seen:
-                raise ValueError(f"{u.label} appears in more than one parameter group")
+            span = _memory_span(u)
+            if any(_overlaps(span, t) for t in taken):
+                raise ValueError(
+                    f"{u.label} shares memory with a parameter already in this optimizer "
+                    "(a parameter may be in one group only)"
+                )
+            taken.append(span)
         group.setdefault("initial_lr", group["lr"])
         self.param_groups.append(group)
         self._groups.append(

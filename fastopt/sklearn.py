@@ -1,0 +1,588 @@
+"""scikit-learn estimators on :class:`fastopt.nn.MLP`: :class:`MLPClassifier`, :class:`MLPRegressor`.
+
+::
+
+    from fastopt.sklearn import MLPClassifier
+    clf = MLPClassifier(hidden_layer_sizes=(512,), random_state=0).fit(X_train, y_train)
+    clf.predict(X_test); clf.predict_proba(X_test); clf.score(X_test, y_test)
+
+They follow the argument names of ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``
+where the two share a meaning (``hidden_layer_sizes``, ``activation``, ``solver``, ``alpha``,
+``batch_size``, ``learning_rate_init``, ``max_iter``, ``tol``, ``early_stopping``,
+``validation_fraction``, ``n_iter_no_change``, ``shuffle``, ``random_state``, ``verbose``) and
+add fastopt's: any fastopt optimizer as ``solver``, ``batch_norm``, ``dropout``, ``init``,
+``label_smoothing``, ``loss`` (regression: mse, l1, huber), ``standardize`` (inputs, fitted on
+the training data) and ``dtype``. ``alpha`` is the L2 coefficient (the optimizer's
+``weight_decay``, on the weights only, applied to the mean loss). The regressor trains on
+standardized targets (``standardize_targets``) and maps predictions back.
+
+Stopping, as scikit-learn: training stops when the training loss (or, with ``early_stopping``,
+the validation loss on a held-out ``validation_fraction``, and the best weights are restored)
+has not improved by more than ``tol`` for ``n_iter_no_change`` epochs, or after ``max_iter``
+epochs (with a ConvergenceWarning). ``partial_fit`` runs one epoch; the input standardization
+is fitted on the data of its first call.
+
+scikit-learn is an optional dependency (``pip install fastopt[sklearn]``); importing this module
+without it raises an ImportError saying so.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.utils.multiclass import check_classification_targets, unique_labels
+    from sklearn.utils.validation import check_is_fitted, check_random_state, column_or_1d
+except ImportError as exc:  # pragma: no cover - exercised without scikit-learn
+    raise ImportError(
+        "fastopt.sklearn needs scikit-learn: pip install 'fastopt[sklearn]' (scikit-learn>=1.3)"
+    ) from exc
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+
+    def _validate_data(estimator, X="no_validation", y="no_validation", **kw):
+        return estimator._validate_data(X, y, **kw)
+
+
+from .nn import MLP
+from .trainer import History, Trainer
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+_SOLVER_DEFAULTS = {"sgd": {"momentum": 0.9, "nesterov": True}}
+
+
+def _optimizer_class(solver):
+    from . import optim
+
+    classes = {
+        name.lower(): getattr(optim, name)
+        for name in optim.__all__
+        if name != "Optimizer" and isinstance(getattr(optim, name), type)
+    }
+    if isinstance(solver, type) and issubclass(solver, optim.Optimizer):
+        return solver
+    cls = classes.get(str(solver).lower())
+    if cls is None:
+        raise ValueError(f"unknown solver {solver!r}; known: {sorted(classes)}")
+    return cls
+
+
+class _BaseMLP(BaseEstimator):
+    _loss = "cross_entropy"
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(512,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=1e-3,
+        batch_size="auto",
+        learning_rate_init=1e-3,
+        max_iter=200,
+        tol=1e-4,
+        n_iter_no_change=10,
+        early_stopping=False,
+        validation_fraction=0.1,
+        shuffle=True,
+        random_state=None,
+        batch_norm=False,
+        dropout=0.0,
+        init="auto",
+        standardize=True,
+        dtype="float32",
+        verbose=False,
+        warm_start=False,
+    ):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.batch_norm = batch_norm
+        self.dropout = dropout
+        self.init = init
+        self.standardize = standardize
+        self.dtype = dtype
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ------------------------------------------------------------------ hooks
+    def _encode_targets(self, y, first):
+        raise NotImplementedError
+
+    def _n_outputs(self):
+        raise NotImplementedError
+
+    def _loss_name(self):
+        return self._loss
+
+    def _model_kwargs(self):
+        return {}
+
+    # ------------------------------------------------------------------ validation
+    def _check_params(self):
+        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1, got {self.max_iter!r}")
+        if not isinstance(self.n_iter_no_change, numbers.Integral) or self.n_iter_no_change < 1:
+            raise ValueError(f"n_iter_no_change must be an int >= 1, got {self.n_iter_no_change!r}")
+        if not (isinstance(self.tol, numbers.Real) and self.tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if not (isinstance(self.alpha, numbers.Real) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        if not (isinstance(self.learning_rate_init, numbers.Real) and self.learning_rate_init > 0):
+            raise ValueError(
+                f"learning_rate_init must be a number > 0, got {self.learning_rate_init!r}"
+            )
+        if self.early_stopping and not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}"
+            )
+        if self.batch_size != "auto" and (
+            not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {self.batch_size!r}")
+        _optimizer_class(self.solver)
+
+    def _hidden(self):
+        h = self.hidden_layer_sizes
+        if isinstance(h, numbers.Integral):
+            h = (h,)
+        h = tuple(h)
+        if not all(isinstance(v, numbers.Integral) and v >= 1 for v in h):
+            raise ValueError(f"hidden_layer_sizes must hold positive ints, got {h!r}")
+        return h
+
+    def _batch_size(self, n):
+        if self.batch_size == "auto":
+            return min(64, n)
+        if self.batch_size > n:
+            warnings.warn(
+                f"batch_size={self.batch_size} > {n} samples: using {n}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return min(int(self.batch_size), n)
+
+    # ------------------------------------------------------------------ building
+    def _seeds(self):
+        rs = check_random_state(self.random_state)
+        return int(rs.randint(2**31 - 1)), int(rs.randint(2**31 - 1))
+
+    def _build(self, X, n_outputs):
+        model_seed, trainer_seed = self._seeds()
+        model = MLP(
+            X.shape[1],
+            self._hidden(),
+            n_outputs,
+            activation=self.activation,
+            loss=self._loss_name(),
+            init=self.init,
+            batch_norm=self.batch_norm,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            seed=model_seed,
+            **self._model_kwargs(),
+        )
+        if self.standardize:
+            model.fit_standardizer(X)
+        self.model_ = model
+        self._trainer_seed = trainer_seed
+        self._trainer = None
+
+    def _make_trainer(self, n, *, epochs, partial):
+        cls = _optimizer_class(self.solver)
+        kwargs = dict(_SOLVER_DEFAULTS.get(cls.__name__.lower(), {}))
+        early = self.early_stopping and not partial
+        self._trainer = Trainer(
+            self.model_,
+            cls,
+            lr=self.learning_rate_init,
+            weight_decay=self.alpha,
+            optimizer_kwargs=kwargs,
+            batch_size=self._batch_size(n),
+            epochs=epochs,
+            shuffle=bool(self.shuffle),
+            validation_split=self.validation_fraction if early else 0.0,
+            patience=None if partial else self.n_iter_no_change,
+            min_delta=self.tol,
+            restore_best_weights=bool(early),
+            progress=bool(self.verbose) and None,
+            verbose=int(bool(self.verbose)),
+            seed=self._trainer_seed,
+            drop_last=False,
+        )
+        return self._trainer
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y):
+        """Train from scratch (or, with ``warm_start``, from the current weights) for at most
+        ``max_iter`` epochs."""
+        self._check_params()
+        X, y = _validate_data(
+            self, X, y, dtype=[np.float64, np.float32], order="C", **self._xy_kwargs()
+        )
+        warm = self.warm_start and hasattr(self, "model_")
+        if warm and X.shape[1] != self.model_.n_features:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.model_.n_features} features as input"
+            )
+        t = self._encode_targets(y, first=not warm)
+        if not warm:
+            self._build(X, self._n_outputs())
+        trainer = self._make_trainer(X.shape[0], epochs=self.max_iter, partial=False)
+        if warm and getattr(self, "history_", None) is not None:  # epochs keep counting
+            trainer.history = History(
+                {k: list(v) for k, v in self.history_.items()}, meta=self.history_.meta
+            )
+            trainer.epoch = len(self.history_.get("loss", []))
+        target = trainer.epoch + self.max_iter
+        history = trainer.fit(X, t, epochs=target)
+        self._record(history)
+        if not history.meta.get("stopped_early") and trainer.epoch >= target:
+            warnings.warn(
+                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                "optimization hasn't converged yet.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _partial_fit(self, X, y, classes=None):
+        self._check_params()
+        first = not hasattr(self, "model_")
+        X, y = _validate_data(
+            self, X, y, dtype=[np.float64, np.float32], order="C", reset=first, **self._xy_kwargs()
+        )
+        t = self._encode_targets(y, first=first, classes=classes)
+        if first:
+            self._build(X, self._n_outputs())
+        trainer = self._trainer
+        if trainer is None or trainer.batch_size != self._batch_size(X.shape[0]):
+            prev = trainer
+            trainer = self._make_trainer(X.shape[0], epochs=1, partial=True)
+            if prev is not None:  # keep the optimizer state and the epoch count
+                trainer.optimizer = prev.optimizer
+                trainer._grads = prev._grads
+                trainer.epoch = prev.epoch
+                trainer.global_step = prev.global_step
+                trainer.history = prev.history
+        history = trainer.fit(X, t, epochs=trainer.epoch + 1)
+        self._record(history)
+        return self
+
+    def _record(self, history):
+        self.history_ = history
+        self.n_iter_ = len(history.get("loss", []))
+        self.loss_curve_ = list(history.get("loss", []))
+        self.loss_ = self.loss_curve_[-1] if self.loss_curve_ else float("nan")
+        if "val_loss" in history:
+            self.validation_loss_curve_ = list(history["val_loss"])
+        self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("nan")
+        self.t_ = self._trainer.global_step * self._trainer.batch_size
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def coefs_(self):
+        """Weight matrices (fan_in, fan_out), layer by layer (copies)."""
+        check_is_fitted(self, "model_")
+        return [w.copy() for w in self.model_.weights]
+
+    @property
+    def intercepts_(self):
+        """Bias vectors, layer by layer (copies; batch-norm layers report their shift)."""
+        check_is_fitted(self, "model_")
+        m = self.model_
+        out = []
+        for l, b in enumerate(m.biases):
+            out.append(b.copy() if b is not None else m.params[f"layers.{l}.bn.bias"].copy())
+        return out
+
+    def _outputs(self, X):
+        check_is_fitted(self, "model_")
+        X = _validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+        model = self.model_
+        if model.dtype != np.float64:
+            # float64 inference from the trained weights: a float32 matrix product rounds
+            # differently for different batch shapes, float64 makes predictions independent of
+            # how the samples are batched (to ~1e-16).
+            model = model.astype(np.float64)
+        return model.predict(X)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_trainer", None)  # the optimizer holds views of the model's buffer
+        return state
+
+    def __setstate__(self, state):
+        if hasattr(super(), "__setstate__"):
+            super().__setstate__(state)
+        else:  # pragma: no cover
+            self.__dict__.update(state)
+        self._trainer = None
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"multioutput": self._multioutput}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = self._multioutput
+        tags.target_tags.single_output = True
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multilayer-perceptron classifier: softmax output, cross-entropy loss (with
+    ``label_smoothing``), trained by :class:`fastopt.trainer.Trainer` with any fastopt optimizer.
+    Classes are any labels scikit-learn accepts (``classes_``); y must be 1-D."""
+
+    _multioutput = False
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(512,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=1e-3,
+        batch_size="auto",
+        learning_rate_init=1e-3,
+        max_iter=200,
+        tol=1e-4,
+        n_iter_no_change=10,
+        early_stopping=False,
+        validation_fraction=0.1,
+        shuffle=True,
+        random_state=None,
+        batch_norm=False,
+        dropout=0.0,
+        init="auto",
+        label_smoothing=0.1,
+        standardize=True,
+        dtype="float32",
+        verbose=False,
+        warm_start=False,
+    ):
+        super().__init__(
+            hidden_layer_sizes,
+            activation,
+            solver=solver,
+            alpha=alpha,
+            batch_size=batch_size,
+            learning_rate_init=learning_rate_init,
+            max_iter=max_iter,
+            tol=tol,
+            n_iter_no_change=n_iter_no_change,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            shuffle=shuffle,
+            random_state=random_state,
+            batch_norm=batch_norm,
+            dropout=dropout,
+            init=init,
+            standardize=standardize,
+            dtype=dtype,
+            verbose=verbose,
+            warm_start=warm_start,
+        )
+        self.label_smoothing = label_smoothing
+
+    def _xy_kwargs(self):
+        return {}
+
+    def _model_kwargs(self):
+        return {"label_smoothing": self.label_smoothing}
+
+    def _n_outputs(self):
+        return max(2, len(self.classes_))
+
+    def _encode_targets(self, y, first, classes=None):
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if first:
+            if classes is not None:
+                seen = unique_labels(classes)
+                unknown = np.setdiff1d(unique_labels(y), seen)
+                if unknown.size:
+                    raise ValueError(f"y holds labels {unknown.tolist()} not in classes={seen}")
+                self.classes_ = seen
+            else:
+                self.classes_ = unique_labels(y)
+            if len(self.classes_) < 2:
+                raise ValueError(
+                    "MLPClassifier needs samples of at least 2 classes to train; "
+                    f"y holds only one class ({self.classes_[0]!r})"
+                )
+        else:
+            unknown = np.setdiff1d(unique_labels(y), self.classes_)
+            if unknown.size:
+                raise ValueError(
+                    f"y holds labels {unknown.tolist()} unseen in the first fit; "
+                    f"known classes: {self.classes_.tolist()}"
+                )
+        return np.searchsorted(self.classes_, y).astype(np.int64)
+
+    def fit(self, X, y):
+        """Fit the classifier on (X, y)."""
+        return super().fit(X, y)
+
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y). ``classes`` (every label that will ever appear) is required
+        on the first call unless y of that call holds them all."""
+        if not hasattr(self, "model_") and classes is None:
+            raise ValueError("classes must be passed on the first call to partial_fit")
+        return self._partial_fit(X, y, classes=classes)
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes), columns ordered as ``classes_``."""
+        return self._outputs(X)
+
+    def predict_log_proba(self, X):
+        return np.log(np.clip(self.predict_proba(X), np.finfo(np.float64).tiny, None))
+
+    def predict(self, X):
+        """The most probable class of each sample."""
+        check_is_fitted(self, "model_")
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def score(self, X, y, sample_weight=None):
+        """Accuracy on (X, y); a ValueError names labels of y never seen in fit."""
+        check_is_fitted(self, "model_")
+        known = set(self.classes_.tolist())
+        unknown = [c for c in unique_labels(column_or_1d(y, warn=True)).tolist() if c not in known]
+        if unknown:
+            raise ValueError(
+                f"y holds labels {unknown} unseen in fit; known classes: {self.classes_.tolist()}"
+            )
+        return super().score(X, y, sample_weight=sample_weight)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = False
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multilayer-perceptron regressor: identity output, ``loss`` "mse" (default), "l1" or
+    "huber" (``huber_delta``, in standardized-target units), one or several targets."""
+
+    _multioutput = True
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(512,),
+        activation="relu",
+        *,
+        loss="mse",
+        huber_delta=1.0,
+        solver="adam",
+        alpha=1e-3,
+        batch_size="auto",
+        learning_rate_init=1e-3,
+        max_iter=200,
+        tol=1e-4,
+        n_iter_no_change=10,
+        early_stopping=False,
+        validation_fraction=0.1,
+        shuffle=True,
+        random_state=None,
+        batch_norm=False,
+        dropout=0.0,
+        init="auto",
+        standardize=True,
+        standardize_targets=True,
+        dtype="float32",
+        verbose=False,
+        warm_start=False,
+    ):
+        super().__init__(
+            hidden_layer_sizes,
+            activation,
+            solver=solver,
+            alpha=alpha,
+            batch_size=batch_size,
+            learning_rate_init=learning_rate_init,
+            max_iter=max_iter,
+            tol=tol,
+            n_iter_no_change=n_iter_no_change,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            shuffle=shuffle,
+            random_state=random_state,
+            batch_norm=batch_norm,
+            dropout=dropout,
+            init=init,
+            standardize=standardize,
+            dtype=dtype,
+            verbose=verbose,
+            warm_start=warm_start,
+        )
+        self.loss = loss
+        self.huber_delta = huber_delta
+        self.standardize_targets = standardize_targets
+
+    def _xy_kwargs(self):
+        return {"multi_output": True, "y_numeric": True}
+
+    def _loss_name(self):
+        if self.loss not in ("mse", "l1", "huber"):
+            raise ValueError(f"loss must be 'mse', 'l1' or 'huber', got {self.loss!r}")
+        return self.loss
+
+    def _model_kwargs(self):
+        return {"huber_delta": self.huber_delta}
+
+    def _n_outputs(self):
+        return self.n_outputs_
+
+    def _encode_targets(self, y, first, classes=None):
+        y = np.asarray(y, dtype=np.float64)
+        y2 = y.reshape(-1, 1) if y.ndim == 1 else y
+        if first:
+            self.n_outputs_ = y2.shape[1]
+            self._y_1d = y.ndim == 1
+            if self.standardize_targets:
+                mean = y2.mean(axis=0)
+                std = y2.std(axis=0)
+                std[std <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+            else:
+                mean, std = np.zeros(y2.shape[1]), np.ones(y2.shape[1])
+            self._y_mean, self._y_std = mean, std
+        elif y2.shape[1] != self.n_outputs_:
+            raise ValueError(
+                f"y has {y2.shape[1]} targets, the model was fitted on {self.n_outputs_}"
+            )
+        return (y2 - self._y_mean) / self._y_std
+
+    def fit(self, X, y):
+        """Fit the regressor on (X, y); y of shape (n,) or (n, n_targets)."""
+        return super().fit(X, y)
+
+    def partial_fit(self, X, y):
+        """One epoch over (X, y) (the target standardization is fitted on the first call)."""
+        return self._partial_fit(X, y)
+
+    def predict(self, X):
+        """Predicted targets, shape (n,) or (n, n_targets) as y was in fit."""
+        check_is_fitted(self, "model_")
+        out = self._outputs(X) * self._y_std + self._y_mean
+        return out[:, 0] if self._y_1d else out
