@@ -451,3 +451,279 @@ def test_readme_example(tmp_path, world):
     assert float(lines[-1].split()[-1]) < 0.02  # noise variance 0.01
     ckpt = fo.load(tmp_path / "model.ckpt")
     assert ckpt.algorithm == "Adam" and ckpt.optimizer_state["state"][0]["exp_avg"].shape == (9,)
+
+
+# --------------------------------------------------------------------------- Trainer(distributed=True)
+
+import trainer_common as TC  # noqa: E402
+
+from fastopt.trainer import History, Trainer  # noqa: E402
+
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+TRAINER_RUNS = [
+    (name, mode)
+    for name in TC.SCENARIOS
+    for mode in (("dp", "zero") if name in TC.ZERO_SCENARIOS else ("dp",))
+]
+STEPS_PER_EPOCH = 7  # 80 training samples in global batches of 12
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """Run mpi_scripts/trainer_fit.py once per world size; (output directory, rank 0's stdout
+    and the other ranks', all through mpiexec's stdout)."""
+    done = {}
+
+    def get(world):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"trainer-{world}")
+            proc = mpirun(world, "trainer_fit.py", out)
+            done[world] = (out, proc.stdout)
+        return done[world]
+
+    return get
+
+
+def _trainer_results(trainer_runs, world):
+    out, _ = trainer_runs(world)
+    infos = [json.loads((out / f"fit_rank{r}.json").read_text()) for r in range(world)]
+    arrays = [dict(np.load(out / f"fit_rank{r}.npz")) for r in range(world)]
+    return infos, arrays
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """One-process Trainer references (global batch 12), cached: name -> trainer."""
+    X, y = TC.data()
+    done = {}
+
+    def get(name, **kw):
+        key = (name, tuple(sorted(kw)))
+        if key not in done:
+            t = TC.trainer(TC.model(), name, **kw)
+            t.fit(X, y)
+            done[key] = t
+        return done[key]
+
+    return get
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name,mode", TRAINER_RUNS)
+def test_trainer_equals_one_process_with_the_global_batch(
+    trainer_runs, one_process, world, name, mode
+):
+    """2 ranks x 6 rows (3 ranks: 4, last batch 3/3/2) = one process with batch 12; batch 13
+    shared 7/6 (5/4/4, last batch 1/1/0) = one process with batch 13."""
+    infos, arrays = _trainer_results(trainer_runs, world)
+    ref = one_process(name)
+    key = f"{name}-{mode}"
+    got = arrays[0][f"{key}/flat"]
+    np.testing.assert_allclose(got, ref.model.params.flat, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(got, TC.model().params.flat)  # it did train
+    hist = infos[0]["runs"][key]["history"]
+    assert hist["epoch"] == [1, 2]
+    for m in METRICS:
+        np.testing.assert_allclose(hist[m], ref.history[m], rtol=1e-10, atol=1e-12, err_msg=m)
+    meta = infos[0]["runs"][key]["meta"]
+    assert meta["world_size"] == world and meta["zero"] == (mode == "zero")
+    assert meta["n_train"] == 80 and meta["n_val"] == 20
+    assert meta["batch_size"] == ref.batch_size == TC.SCENARIOS[name][1].get("batch_size", 12)
+    assert meta["steps_per_epoch"] == STEPS_PER_EPOCH == ref.history.meta["steps_per_epoch"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", TC.ZERO_SCENARIOS)
+def test_trainer_zero_equals_data_parallel(trainer_runs, world, name):
+    infos, arrays = _trainer_results(trainer_runs, world)
+    for r in range(world):
+        np.testing.assert_allclose(
+            arrays[r][f"{name}-zero/flat"], arrays[r][f"{name}-dp/flat"], rtol=1e-10, atol=1e-12
+        )
+        hz, hd = (infos[r]["runs"][f"{name}-{m}"]["history"] for m in ("zero", "dp"))
+        for m in METRICS:
+            np.testing.assert_allclose(hz[m], hd[m], rtol=1e-10, atol=1e-12, err_msg=m)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_ranks_agree(trainer_runs, world):
+    """Parameters and buffers bit-identical on every rank (each rank built its model from its
+    own seed: rank 0's were broadcast); histories (time included) and meta identical."""
+    infos, arrays = _trainer_results(trainer_runs, world)
+    assert all(info["world"] == world for info in infos)
+    for key in arrays[0]:
+        for r in range(1, world):
+            assert np.array_equal(arrays[0][key], arrays[r][key]), (key, r)
+    for key, run in infos[0]["runs"].items():
+        for r in range(1, world):
+            other = infos[r]["runs"][key]
+            assert other["history"] == run["history"], (key, r)
+            assert other["meta"] == run["meta"] and other["global_step"] == run["global_step"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_one_collective_per_step(trainer_runs, world):
+    """Data parallel: one Allreduce of the gradients per step; ZeRO-1: Reduce_scatter +
+    Allgatherv (+ the 16-byte norm Allreduce with max_grad_norm); one Bcast at construction."""
+    infos, _ = _trainer_results(trainer_runs, world)
+    steps = STEPS_PER_EPOCH * TC.EPOCHS
+    for info in infos:
+        runs = info["runs"]
+        for name in TC.SCENARIOS:
+            assert runs[f"{name}-dp"]["calls"] == {"Bcast": 1, "Allreduce": steps}
+            assert runs[f"{name}-dp"]["global_step"] == steps
+        assert runs["sgd-zero"]["calls"] == {
+            "Bcast": 1, "Reduce_scatter": steps, "Allgatherv": steps,
+        }  # fmt: skip
+        assert runs["adam-zero"]["calls"] == {
+            "Bcast": 1, "Reduce_scatter": steps, "Allreduce(norm)": steps, "Allgatherv": steps,
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_early_stopping_and_plateau_decided_alike(trainer_runs, one_process, world):
+    infos, arrays = _trainer_results(trainer_runs, world)
+    ref = one_process("adam", epochs=TC.STOPPING_EPOCHS, **TC.STOPPING)
+    assert ref.history.meta["stopped_epoch"] == 6 and ref.history.meta["restored_epoch"] == 4
+    assert ref.history["lr"] == [0.01, 0.01, 0.01, 0.005, 0.005, 0.0025]
+    for info in infos:
+        run = info["runs"]["stopping"]
+        for k in ("stopped_early", "stopped_epoch", "best_epoch", "restored_epoch"):
+            assert run["meta"][k] == ref.history.meta[k], k
+        assert run["meta"]["best"] == pytest.approx(ref.history.meta["best"], rel=1e-10)
+        assert run["history"]["lr"] == ref.history["lr"]
+        assert run["lr"] == 0.00125  # the plateau's last reduction (after epoch 6)
+        np.testing.assert_allclose(
+            run["history"]["val_loss"], ref.history["val_loss"], rtol=1e-10, atol=1e-12
+        )
+    np.testing.assert_allclose(  # the best epoch's weights were restored everywhere
+        arrays[0]["stopping/flat"], ref.model.params.flat, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_only_root_prints_and_writes(trainer_runs, world):
+    out, stdout = trainer_runs(world)
+    infos, _ = _trainer_results(trainer_runs, world)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == [f"epoch {e}" for e in range(1, 7)]
+    # every rank was given its own path; only rank 0's files exist (no stray temporaries)
+    assert sorted(p.name for p in out.glob("*.fo")) == [
+        "intr_rank0.fo", "resume.fo", "stop_rank0.fo",
+    ]  # fmt: skip
+    assert [p.name for p in out.glob("hist_*")] == ["hist_rank0.json"]
+    assert not list(out.glob(".*"))
+    saved = History.from_json(out / "hist_rank0.json")
+    run = infos[0]["runs"]["stopping"]
+    assert saved["val_loss"] == run["history"]["val_loss"] and saved.meta == run["meta"]
+    ckpt = fo.load(out / "stop_rank0.fo")
+    state = ckpt.extra["trainer"]
+    assert state["epoch"] == 6 and state["world_size"] == world and state["zero"] is True
+    assert len(ckpt.extra["rng_states"]) == world
+    assert ckpt.algorithm == "Adam"
+    assert ckpt.optimizer_state["state"][0]["exp_avg"].shape == (TC.model().params.size,)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_batch_norm_and_dropout(trainer_runs, world):
+    """Running statistics averaged (identical everywhere), dropout masks drawn per rank."""
+    infos, arrays = _trainer_results(trainer_runs, world)
+    fresh = TC.model(batch_norm=True, dropout=0.2)
+    for name, init in fresh.arrays().items():
+        got = arrays[0][f"bn_dropout/{name}"]
+        assert np.all(np.isfinite(got))
+        if ".bn.running_" in name:
+            assert not np.allclose(got, init), name  # updated
+    draws = [info["runs"]["bn_dropout"]["next_uniform"] for info in infos]
+    assert len(set(draws)) == world  # a different dropout stream on every rank
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_ctrl_c_on_one_rank_stops_every_rank(trainer_runs, world):
+    """The last rank alone gets SIGINT in step 3: the ranks agree at the end of the epoch (7
+    steps) or, in a 20-step epoch, after step 16, and stop together."""
+    out, _ = trainer_runs(world)
+    infos, _ = _trainer_results(trainer_runs, world)
+    for info in infos:
+        run = info["runs"]["interrupt"]
+        assert run["interrupted"] is True
+        assert run["meta"]["interrupted"] == {"epoch": 1, "global_step": STEPS_PER_EPOCH}
+        assert run["history"]["epoch"] == [1]
+    state = fo.load(out / "intr_rank0.fo").extra["trainer"]
+    assert state["interrupted"] is True and state["epoch"] == 1
+    for info in infos:  # 20 steps per epoch: the ranks agree after 16 steps
+        run = info["runs"]["interrupt_mid_epoch"]
+        assert run["interrupted"] is True and run["global_step"] == 16
+        assert run["meta"]["interrupted"] == {"epoch": 0, "global_step": 16}
+        assert "loss" not in run["history"]
+
+
+@pytest.fixture(scope="module")
+def trainer_resumed(trainer_runs):
+    """resume.fo written by ZeRO-1 on 2 ranks, resumed on 3 ranks (ZeRO-1 and plain DP)."""
+    out, _ = trainer_runs(2)
+    mpirun(3, "trainer_resume.py", out)
+    return out
+
+
+def _saved(out):
+    arrays = dict(np.load(out / "fit_rank0.npz"))
+    state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("saved_state/")}
+    return arrays["saved_flat"], state, arrays["uninterrupted/flat"]
+
+
+def test_trainer_checkpoint_from_2_ranks_resumes_on_3(trainer_resumed):
+    out = trainer_resumed
+    flat, state, final = _saved(out)
+    assert set(state) == {"exp_avg", "exp_avg_sq", "step"}
+    uninterrupted = json.loads((out / "fit_rank0.json").read_text())["runs"]["uninterrupted"]
+    for r in range(3):
+        res = dict(np.load(out / f"resumed_rank{r}.npz"))
+        info = json.loads((out / f"resumed_rank{r}.json").read_text())
+        for tag in ("zero", "dp"):
+            assert np.array_equal(res[f"{tag}/loaded_flat"], flat), (tag, r)
+            for k, v in state.items():  # bit for bit, re-sliced for 3 ranks
+                assert np.array_equal(res[f"{tag}/loaded_state/{k}"], v), (tag, k, r)
+            # 3 ranks (per-rank batches 4, last 3/3/2) go on exactly as the 2 ranks did
+            np.testing.assert_allclose(res[f"{tag}/final_flat"], final, rtol=1e-10, atol=1e-12)
+            h = info[tag]["history"]
+            assert info[tag]["epoch"] == 4 and info[tag]["global_step"] == 4 * STEPS_PER_EPOCH
+            assert h["epoch"] == [1, 2, 3, 4]
+            for m in METRICS:
+                np.testing.assert_allclose(
+                    h[m], uninterrupted["history"][m], rtol=1e-10, atol=1e-12, err_msg=m
+                )
+
+
+def test_trainer_distributed_checkpoint_resumes_in_one_process(trainer_runs):
+    out, _ = trainer_runs(2)
+    flat, state, final = _saved(out)
+    X, y = TC.data()
+    t = TC.trainer(TC.model(seed=42), "adam")
+    t.fit(X, y, resume=out / "resume.fo", epochs=2)  # loads, trains nothing
+    assert np.array_equal(t.model.params.flat, flat)
+    loaded = t.optimizer.state_dict()["state"][0]
+    for k, v in state.items():
+        assert np.array_equal(np.asarray(loaded[k]), v), k
+    ckpt = fo.load(out / "resume.fo")
+    assert t.rng.bit_generator.state == ckpt.extra["rng_states"][0]  # rank 0's generator
+    t.fit(X, y, epochs=4)
+    np.testing.assert_allclose(t.model.params.flat, final, rtol=1e-10, atol=1e-12)
+    assert t.global_step == 4 * STEPS_PER_EPOCH
+
+
+def test_trainer_distributed_arguments():
+    """Checked before any MPI call (a Context stand-in without a communicator)."""
+    ctx = object.__new__(dist.Context)
+    ctx.comm, ctx.root, ctx.rank, ctx.world_size = None, 0, 0, 2
+    with pytest.raises(ValueError, match="zero=True needs distributed"):
+        Trainer(TC.model(), zero=True)
+    with pytest.raises(TypeError, match="distributed must be"):
+        Trainer(TC.model(), distributed="yes")
+    with pytest.raises(ValueError, match="does not support weight_decay"):
+        Trainer(TC.model(), distributed=ctx, zero=True, weight_decay=1e-3)
+    with pytest.raises(ValueError, match="over model.params"):
+        m = TC.model()
+        Trainer(m, fo.Adam(m.param_groups(1e-3)), distributed=ctx, zero=True)
+    with pytest.raises(TypeError, match="optimizer must be"):
+        Trainer(TC.model(), "adam", distributed=ctx, zero=True)
