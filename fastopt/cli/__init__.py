@@ -25,6 +25,8 @@ COMMANDS = (
     ("info", "fastopt.cli.info"),
     ("bench", "fastopt.cli.bench"),
     ("playground", "fastopt.cli.playground"),
+    ("train", "fastopt.cli.train"),
+    ("predict", "fastopt.cli.predict"),
 )
 """(command, module) in the order ``fastopt --help`` lists them."""
 

@@ -1,0 +1,493 @@
+"""``fastopt train`` and ``fastopt predict`` end to end, and ``fastopt.datasets``.
+
+Subprocess runs of ``python -m fastopt.cli`` (cwd = tmp_path) on the built-in digits and on
+small generated CSV / NPZ files: the files written (checkpoint with its documented ``extra``,
+history JSON fields, PNG size), the predictions against an in-process model rebuilt from the
+checkpoint, and bad input as exit code 2 with one line on stderr and no traceback. Small data,
+few epochs: the whole file runs in seconds.
+"""
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import datasets
+from fastopt.cli import main
+from fastopt.cli import train as train_cmd
+
+pytest.importorskip("matplotlib")
+
+DIGITS_QUICK = ("--epochs", "30", "--seed", "0")
+"""The suite's digits settings: the defaults (256 hidden units, Adam 1e-3, batch 64, label
+smoothing 0.1), 30 epochs, seed 0; about 0.3 s of training."""
+
+
+def cli(*args, cwd, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "fastopt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=dict(os.environ, COLUMNS="100"),
+    )
+
+
+def assert_ok(r):
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def assert_bad(r, message):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert message in lines[0], lines[0]
+
+
+def png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    assert data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82"), f"{path} is truncated"
+    return struct.unpack(">II", data[16:24])
+
+
+# ------------------------------------------------------------------------------ data files
+def _features(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3))
+
+
+def _labels(X):
+    return np.where(X[:, 0] + X[:, 1] > 0.3, "yes", np.where(X[:, 2] > 0, "maybe", "no"))
+
+
+def _values(X):
+    return 2 * X[:, 0] - X[:, 1] + 0.5 * X[:, 2] ** 2 + 10.0
+
+
+def write_csv(path, header, columns):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row in zip(*columns):
+            w.writerow([repr(float(v)) if isinstance(v, float) else str(v) for v in row])
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    X = _features(240)
+    Xn = _features(40, seed=1)
+    cols = [X[:, j].tolist() for j in range(3)]
+    new_cols = [Xn[:, j].tolist() for j in range(3)]
+    f = {"dir": d, "X_new": Xn}
+    # classification with string labels; the target in the middle, named with --target
+    f["cls"] = write_csv(d / "cls.csv", ["a", "label", "b", "c"], [cols[0], _labels(X), *cols[1:]])
+    # predict input: features in another order plus the target column
+    f["cls_new"] = write_csv(
+        d / "new.csv", ["c", "a", "b", "label"], [*new_cols[2:], *new_cols[:2], _labels(Xn)]
+    )
+    # regression: the target is the last column (the default)
+    f["reg"] = write_csv(d / "reg.csv", ["a", "b", "c", "price"], [*cols, _values(X).tolist()])
+    f["reg_new"] = write_csv(d / "reg_new.csv", ["a", "b", "c"], new_cols)
+    np.savez(d / "data.npz", X=X, y=(X[:, 0] > 0).astype(np.int64))
+    f["npz"] = d / "data.npz"
+    return f
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    pytest.importorskip("sklearn")  # the built-in datasets are scikit-learn's bundled copies
+    cwd = tmp_path_factory.mktemp("digits")
+    r = cli("train", "digits", *DIGITS_QUICK, cwd=cwd)
+    return r, cwd / "digits-model"
+
+
+@pytest.fixture(scope="module")
+def cls_run(files):
+    cwd = files["dir"]
+    r = cli("train", files["cls"], "--target", "label", "--epochs", "15", "--hidden", "32,16",
+            "--optimizer", "adamw:lr=3e-3,weight_decay=0.01", "--schedule", "cosine",
+            "--warmup", "5", "--quiet", "--out", "cls-model", cwd=cwd)  # fmt: skip
+    return r, cwd / "cls-model"
+
+
+# ------------------------------------------------------------------------------ digits
+def test_train_digits(digits_run):
+    r, out = digits_run
+    assert_ok(r)
+    text = r.stdout
+    assert "digits: 1797 samples x 64 features" in text and "classification, 10 classes" in text
+    assert "split: 1212 train / 135 validation / 450 test (stratified), seed 0" in text
+    assert "epoch 30/30" in text
+    for part in ("train", "validation", "test"):
+        assert any(line.split()[:1] == [part] for line in text.splitlines()), part
+    assert "samples/s" in text and "wrote digits-model" in text
+    history = json.loads((out / "history.json").read_text())
+    test_acc = history["meta"]["final"]["test"]["accuracy"]
+    assert test_acc >= 0.97, test_acc
+    # the summary prints the same number
+    (test_line,) = [line for line in text.splitlines() if line.startswith("test ")]
+    assert float(test_line.split()[2]) == pytest.approx(test_acc, abs=5e-5)
+
+
+def test_digits_history_fields(digits_run):
+    _, out = digits_run
+    doc = json.loads((out / "history.json").read_text())
+    assert set(doc) == {"metrics", "meta"}
+    m = doc["metrics"]
+    keys = {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "time", "samples_per_s"}
+    assert set(m) == keys
+    assert all(len(v) == 30 for v in m.values())
+    assert m["epoch"] == list(range(1, 31))
+    assert m["loss"][-1] < m["loss"][0] and m["val_accuracy"][-1] > 0.9
+    assert all(v == pytest.approx(1e-3) for v in m["lr"])
+    meta = doc["meta"]
+    assert set(train_cmd.HISTORY_META) <= set(meta)
+    for key in ("monitor", "seed", "n_train", "n_val", "batch_size", "steps_per_epoch"):
+        assert key in meta
+    assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (1212, 135, 450)
+    assert meta["steps_per_epoch"] == 19 and meta["batch_size"] == 64
+    assert meta["task"] == "classification" and meta["classes"] == list(range(10))
+    assert meta["dataset"] == "digits" and meta["epochs_run"] == 30 and meta["n_features"] == 64
+    assert set(meta["final"]) == {"train", "validation", "test"}
+    for part in meta["final"].values():
+        assert set(part) == {"loss", "accuracy"}
+    assert meta["train_time_s"] > 0 and meta["samples_per_s"] > 0
+    # History.from_json reads it back
+    h = fastopt.trainer.History.from_json(out / "history.json")
+    assert h["val_accuracy"] == m["val_accuracy"] and h.meta["final"] == meta["final"]
+
+
+def test_digits_checkpoint(digits_run):
+    _, out = digits_run
+    ckpt = fastopt.load(out / "model.ckpt")
+    assert ckpt.algorithm == "Adam" and ckpt.optimizer_state is not None
+    info = ckpt.extra["model"]
+    assert info["format"] == train_cmd.MODEL_FORMAT
+    assert info["task"] == "classification" and info["classes"] == list(range(10))
+    assert info["target"] == "target" and info["target_mean"] is None
+    assert info["n_features"] == 64 and info["feature_names"][:2] == ["pixel_0_0", "pixel_0_1"]
+    assert info["mlp"]["hidden_sizes"] == (256,) and info["mlp"]["n_outputs"] == 10
+    assert info["input_mean"].shape == info["input_std"].shape == (64,)
+    assert np.allclose(1.0 / info["input_std"], ckpt.params["input.inv_std"])
+    assert np.array_equal(info["input_mean"], ckpt.params["input.mean"])
+    assert info["metrics"]["test"]["accuracy"] >= 0.97
+    assert info["settings"]["seed"] == 0 and info["dataset"] == "digits"
+    # the documented recipe rebuilds the model
+    model = fastopt.MLP(**info["mlp"])
+    ckpt.restore(params=model.arrays())
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    assert (np.argmax(model.predict(X), axis=1) == y).mean() > 0.97
+
+
+def test_digits_png(digits_run):
+    _, out = digits_run
+    assert png_size(out / "curves.png") == train_cmd.CURVES_SIZE_PX == (1000, 400)
+
+
+# ------------------------------------------------------------------------------ CSV / NPZ
+def test_train_csv_string_labels(cls_run):
+    r, out = cls_run
+    assert_ok(r)
+    assert "target 'label': classification, 3 classes (non-numeric labels)" in r.stdout
+    assert "epoch " not in r.stdout  # --quiet
+    assert "linear warmup over 5 steps, then CosineAnnealing" in r.stdout
+    info = fastopt.load(out / "model.ckpt").extra["model"]
+    assert info["classes"] == ["maybe", "no", "yes"]
+    assert info["feature_names"] == ["a", "b", "c"] and info["target"] == "label"
+    doc = json.loads((out / "history.json").read_text())
+    lr = doc["metrics"]["lr"]
+    assert lr[-1] < lr[len(lr) // 2] < 3e-3  # cosine decay after the warmup
+    assert doc["meta"]["schedule"]["type"] == "Warmup"
+    assert doc["meta"]["final"]["test"]["accuracy"] > 0.7
+    assert png_size(out / "curves.png") == (1000, 400)
+
+
+def test_train_csv_regression(files, tmp_path):
+    r = cli("train", files["reg"], "--epochs", "40", "--hidden", "64", "--quiet",
+            "--optimizer", "adam:lr=3e-3", "--out", tmp_path / "m", cwd=tmp_path)  # fmt: skip
+    assert_ok(r)
+    assert "target 'price': regression (real-valued target)" in r.stdout
+    assert "(stratified)" not in r.stdout
+    header = next(line for line in r.stdout.splitlines() if "mae" in line)
+    assert header.split() == ["loss", "mae", "rmse", "r2"]
+    doc = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert {"mae", "rmse", "val_mae", "val_rmse"} <= set(doc["metrics"])
+    final = doc["meta"]["final"]
+    assert set(final["test"]) == {"loss", "mae", "rmse", "r2"}
+    assert final["test"]["r2"] > 0.8
+    # mae / rmse are in target units: loss (standardized MSE) * std^2 ~ rmse^2
+    info = fastopt.load(tmp_path / "m" / "model.ckpt").extra["model"]
+    assert info["task"] == "regression" and info["classes"] is None
+    std = info["target_std"]
+    assert final["train"]["rmse"] ** 2 == pytest.approx(final["train"]["loss"] * std**2, rel=1e-3)
+    assert info["target_mean"] == pytest.approx(10.0, abs=1.0)
+    assert png_size(tmp_path / "m" / "curves.png") == (1000, 400)
+
+    # predict to stdout: values, compared with the model rebuilt in process
+    p = cli("predict", tmp_path / "m", files["reg_new"], cwd=tmp_path)
+    assert_ok(p)
+    rows = list(csv.reader(p.stdout.splitlines()))
+    assert rows[0] == ["prediction"] and len(rows) == 41
+    got = np.array([float(v[0]) for v in rows[1:]])
+    assert np.allclose(
+        got, _in_process(tmp_path / "m" / "model.ckpt", files["X_new"]), rtol=0, atol=1e-9
+    )
+    assert np.corrcoef(got, _values(files["X_new"]))[0, 1] > 0.9
+
+
+def test_train_npz(files, tmp_path):
+    r = cli("train", files["npz"], "--epochs", "5", "--no-plot", "--quiet", "--seed", "3",
+            "--out", "npz-model", cwd=tmp_path)  # fmt: skip
+    assert_ok(r)
+    assert (
+        "target 'y': classification, 2 classes (integer labels with 2 distinct values)" in r.stdout
+    )
+    out = tmp_path / "npz-model"
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "model.ckpt"]
+    info = fastopt.load(out / "model.ckpt").extra["model"]
+    assert info["classes"] == [0, 1] and info["feature_names"] is None
+    assert json.loads((out / "history.json").read_text())["meta"]["seed"] == 3
+
+
+def _in_process(ckpt_path, X):
+    """The model's outputs rebuilt from the checkpoint by its documented fields (float64)."""
+    ckpt = fastopt.load(ckpt_path)
+    info = ckpt.extra["model"]
+    model = fastopt.MLP(**info["mlp"])
+    ckpt.restore(params=model.arrays())
+    out = model.astype(np.float64).predict(X)
+    if info["task"] == "regression":
+        return out[:, 0] * info["target_std"] + info["target_mean"]
+    return out
+
+
+def test_predict_csv(cls_run, files, tmp_path):
+    _, model_dir = cls_run
+    out = tmp_path / "pred.csv"
+    r = cli("predict", model_dir, files["cls_new"], "--proba", "--out", out, cwd=tmp_path)
+    assert_ok(r)
+    assert "wrote 40 predictions" in r.stdout and "accuracy" in r.stdout
+    rows = list(csv.reader(out.read_text().splitlines()))
+    assert rows[0] == ["prediction", "proba_maybe", "proba_no", "proba_yes"]
+    proba = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+    labels = [row[0] for row in rows[1:]]
+    expected = _in_process(model_dir / "model.ckpt", files["X_new"])  # columns a, b, c
+    np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-12)
+    assert labels == [["maybe", "no", "yes"][i] for i in expected.argmax(axis=1)]
+    acc = np.mean(np.array(labels) == _labels(files["X_new"]))
+    assert f"accuracy {acc:.4f} on 40 rows" in r.stdout
+    # the library entry point agrees
+    from fastopt.cli.predict import load_model
+
+    m = load_model(model_dir)
+    assert m.predict(files["X_new"]).tolist() == labels
+    np.testing.assert_allclose(m.predict_proba(files["X_new"]), expected, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_subprocess(files, cls_run, tmp_path):
+    _, model_dir = cls_run
+    bad = tmp_path / "corrupt.ckpt"
+    data = bytearray((model_dir / "model.ckpt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    for args, message in (
+        (["train", "missing.csv"], "missing.csv: no such file"),
+        (["predict", bad, files["cls_new"]], "cannot load checkpoint"),
+        (["train", files["cls"], "--optimizer", "adamw:lr=1e-3,betas=0.9"], "--optimizer"),
+    ):
+        r = cli(*args, cwd=tmp_path)
+        assert_bad(r, message)
+        assert r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.ckpt"], "wrote nothing"
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "nonnum.csv").write_text("a,b,y\n1,x,0\n2,3,1\n")
+    (d / "nan.csv").write_text("a,b,y\n1,nan,0\n2,3,1\n")
+    (d / "ragged.csv").write_text("a,b,y\n1,2,0\n1,2\n")
+    (d / "empty.csv").write_text("")
+    (d / "header.csv").write_text("a,b,y\n")
+    (d / "dup.csv").write_text("a,a,y\n1,2,0\n")
+    (d / "binary.csv").write_bytes(b"\xff\xfe\x00\x80garbage")
+    (d / "text.npz").write_text("not a zip")
+    (d / "data.txt.gz").write_bytes(b"")
+    np.savez(d / "noy.npz", X=np.ones((4, 2)))
+    np.savez(d / "x1d.npz", X=np.ones(4), y=np.ones(4))
+    np.savez(d / "short.npz", X=np.ones((4, 2)), y=np.ones(3))
+    np.savez(d / "nanx.npz", X=np.array([[1.0, np.nan], [0.0, 1.0]]), y=np.array([0, 1]))
+    np.savez(d / "wide.npz", X=np.ones((4, 4)))
+    (d / "plain.ckpt").write_bytes(b"")
+    fastopt.save(d / "other.ckpt", params={"w": np.ones(3)})
+    write_csv(d / "one.csv", ["a", "b", "c", "label"], [[1.0] * 5, [2.0] * 5, [3.0] * 5, ["x"] * 5])
+    write_csv(d / "missing_c.csv", ["a", "b"], [[1.0], [2.0]])
+    write_csv(d / "extra.csv", ["a", "b", "c", "id"], [[1.0], [2.0], [3.0], [7]])
+    write_csv(d / "nanpred.csv", ["a", "b", "c"], [[1.0], [float("nan")], [3.0]])
+    return d
+
+
+BAD_TRAIN = [
+    (["nosuch"], "no such file; built-in datasets: digits"),
+    (["{d}/data.txt.gz"], "unsupported file type"),
+    (["{cls}", "--target", "nope"], "no column 'nope' (--target); columns: 'a', 'label', 'b', 'c'"),
+    (["{d}/nonnum.csv"], "feature column 'b' is not numeric (line 2: 'x')"),
+    (["{d}/nan.csv"], "NaN or infinity in feature column 'b' (line 2"),
+    (["{d}/ragged.csv"], "line 3 has 2 fields, the header has 3"),
+    (["{d}/empty.csv"], "the file is empty"),
+    (["{d}/header.csv"], "no data rows"),
+    (["{d}/dup.csv"], "column 'a' appears twice"),
+    (["{d}/binary.csv"], "not a text CSV file"),
+    (["{d}/text.npz"], "not an .npz archive"),
+    (["{d}/noy.npz"], "no target array 'y'"),
+    (["{npz}", "--target", "labels"], "no target array 'labels' (--target); arrays: 'X', 'y'"),
+    (["{d}/x1d.npz"], "X must be 2-D"),
+    (["{d}/short.npz"], "X has 4 rows but 'y' has 3"),
+    (["{d}/nanx.npz"], "NaN or infinity in X (row 0, column 1)"),
+    (["{d}/one.csv"], "holds one class only ('x')"),
+    (["{cls}", "--target", "label", "--task", "regression"], "holds non-numeric values"),
+    (["{reg}", "--loss", "cross_entropy"], "does not fit regression"),
+    (["{cls}", "--optimizer", "foo"], "unknown optimizer 'foo'"),
+    (["{cls}", "--optimizer", "adam:lr"], "'lr' is not key=value"),
+    (["{cls}", "--optimizer", "adam:lr=-1"], "invalid lr"),
+    (["{cls}", "--optimizer", "sgd:nesterov=true"], "nesterov=True requires momentum > 0"),
+    (["{cls}", "--optimizer", "adam:foo=1"], "has no argument 'foo'"),
+    (["{reg}", "--schedule", "bogus"], "unknown schedule 'bogus'"),
+    (["{reg}", "--schedule", "cosine:warmup=3", "--warmup", "2"], "give the warmup once"),
+    (["{reg}", "--warmup", "100000"], "is not shorter than the run"),
+    (["{cls}", "--hidden", "12,x"], "--hidden: 'x' is not a positive layer size"),
+    (["{cls}", "--activation", "swish"], "unknown activation 'swish'"),
+    (["{cls}", "--test-size", "1.5"], "--test-size must be in [0, 1)"),
+    (["{cls}", "--epochs", "0"], "--epochs must be >= 1"),
+    (["{cls}", "--patience", "3", "--validation-split", "0"], "--patience needs a validation"),
+    (["{cls}", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["{cls}", "--delimiter", ";;"], "--delimiter must be one character"),
+    (["{d}/other.ckpt"], "unsupported file type '.ckpt'"),
+]
+
+
+def _fill(args, files, d):
+    subs = {"d": d, "cls": files["cls"], "reg": files["reg"], "npz": files["npz"]}
+    return [a.format(**subs) for a in args]
+
+
+def _check_one_line(capsys, message):
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert ": error: " in lines[0] and message in lines[0], lines[0]
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("args,message", BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
+def test_train_bad_input(args, message, files, bad_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *_fill(args, files, bad_files)]) == 2
+    _check_one_line(capsys, message)
+    assert not list(tmp_path.iterdir()), "bad input must write nothing"
+
+
+BAD_PREDICT = [
+    (["{d}/none", "{cls}"], "no such file or folder"),
+    (["{d}", "{cls}"], "no model.ckpt in this folder"),
+    (["{d}/plain.ckpt", "{cls}"], "the file is empty"),
+    (["{cls}", "{cls}"], "not a fastopt checkpoint"),
+    (["{d}/other.ckpt", "{cls}"], "not a model written by 'fastopt train'"),
+    (["{model}", "{d}/missing_c.csv"], "missing 'c'"),
+    (["{model}", "{d}/extra.csv"], "unexpected column(s) 'id'"),
+    (["{model}", "{d}/wide.npz"], "X has 4 features, the model expects 3"),
+    (["{model}", "{d}/nanpred.csv"], "NaN or infinity in feature column 'b'"),
+    (["{model}", "digits"], "'digits' is a built-in dataset"),
+    (["{model}", "{d}/nope.csv"], "nope.csv: no such file"),
+    (["{model}", "{cls}", "--out", "{d}/no/dir/p.csv"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_PREDICT, ids=[" ".join(a) for a, _ in BAD_PREDICT])
+def test_predict_bad_input(args, message, files, bad_files, cls_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    subs = {"d": bad_files, "cls": files["cls"], "model": cls_run[1]}
+    assert main(["predict", *[a.format(**subs) for a in args]]) == 2
+    _check_one_line(capsys, message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_predict_proba_needs_classification(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(files["reg"]), "--epochs", "1", "--quiet", "--no-plot"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "reg-model", str(files["reg_new"]), "--proba"]) == 2
+    _check_one_line(capsys, "--proba needs a classification model")
+
+
+def test_help(capsys):
+    for command in ("train", "predict"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: fastopt {command}") and "examples:" in out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "predict" in out
+
+
+# ------------------------------------------------------------------------------ datasets
+def test_infer_task():
+    assert datasets.infer_task(np.array(["a", "b", "a"]))[0] == "classification"
+    assert datasets.infer_task(np.arange(100) % 3)[0] == "classification"
+    assert datasets.infer_task(np.arange(100))[0] == "regression"  # many distinct integers
+    assert datasets.infer_task(np.arange(100) % 60)[0] == "regression"  # > MAX_AUTO_CLASSES
+    assert datasets.infer_task(np.array([0.5, 1.5, 0.5]))[0] == "regression"
+    assert datasets.infer_task(np.array([True, False]))[0] == "classification"
+
+
+def test_split_indices_stratified():
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    keep, held = datasets.split_indices(100, 0.2, seed=0, labels=labels)
+    assert held.size == 20 and keep.size == 80
+    assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(100))
+    assert np.bincount(labels[held]).tolist() == [12, 6, 2]
+    again = datasets.split_indices(100, 0.2, seed=0, labels=labels)
+    assert np.array_equal(again[1], held)
+    assert datasets.split_indices(10, 0.0, seed=0)[1].size == 0
+
+
+def test_load_csv_default_target_and_types(tmp_path):
+    p = write_csv(tmp_path / "t.tsv", ["x", "y"], [[1.0, 2.0], [3, 4]])
+    p.write_text(p.read_text().replace(",", "\t"))
+    ds = datasets.load(p)
+    assert ds.target_name == "y" and ds.feature_names == ["x"]
+    assert ds.y.dtype == np.int64 and ds.X.tolist() == [[1.0], [2.0]]
+    pytest.importorskip("sklearn")
+    ds = datasets.load("iris")
+    assert ds.X.shape == (150, 4) and set(ds.y.tolist()) == {"setosa", "versicolor", "virginica"}
+
+
+def test_missing_optional_packages(files, tmp_path, monkeypatch, capsys):
+    """No scikit-learn: the built-in datasets are unavailable; no matplotlib: no curves.png
+    (--no-plot still trains). Exit code 1 and one line saying what to install."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["train", "digits", "--no-plot"]) == 1
+    _check_one_line(capsys, "pip install scikit-learn")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", str(files["npz"])]) == 1
+    _check_one_line(capsys, "needs matplotlib")
+    assert not list(tmp_path.iterdir())
+    assert main(["train", str(files["npz"]), "--no-plot", "--epochs", "1", "--quiet"]) == 0
