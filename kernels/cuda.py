@@ -262,8 +262,8 @@ REDUCTION_THREADS = 256
 """Threads per block of the reduction (a power of two; FO_REDUCTION_THREADS)."""
 
 
-# Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads`` and ``chunk`` are globals
-# bound by ``reduction_kernels`` (globals, not closure variables: the simulator swaps the ``cuda``
+# Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads``, ``chunk`` and
+# ``block_reduce`` are globals bound by ``reduction_globals`` (globals, not closure variables: the simulator swaps the ``cuda``
 # module in a kernel's globals for its own).
 #
 # Partials: block b takes chunks b, b + gridDim, ...; in chunk c = [lo, hi) thread t sums
@@ -275,6 +275,20 @@ REDUCTION_THREADS = 256
 # a*a + acc into an FMA), so the GPU result equals the CUDA C kernels and the NumPy model bit for
 # bit; plain operators under the simulator (Python floats: no contraction either). A value v is
 # non-finite when v - v is not 0 (NaN for +-Inf and NaN), as in kernels/cpu.py.
+
+
+def _block_reduce(s, b, t, acc, flag):
+    """Thread t's (acc, flag) into s[0] (pairwise sums, a fixed order) and b[0] (an OR)."""
+    s[t] = acc
+    b[t] = flag
+    cuda.syncthreads()
+    half = threads // 2
+    while half > 0:
+        if t < half:
+            s[t] = add(s[t], s[t + half])
+            b[t] = b[t] | b[t + half]
+        cuda.syncthreads()
+        half //= 2
 
 
 def _sumsq_partials(x, n, sq, bad):
@@ -295,16 +309,7 @@ def _sumsq_partials(x, n, sq, bad):
             if v - v != 0.0:
                 flag = 1
             i += threads
-        s[t] = acc
-        b[t] = flag
-        cuda.syncthreads()
-        half = threads // 2
-        while half > 0:
-            if t < half:
-                s[t] = add(s[t], s[t + half])
-                b[t] = b[t] | b[t + half]
-            cuda.syncthreads()
-            half //= 2
+        block_reduce(s, b, t, acc, flag)
         if t == 0:
             sq[c] = s[0]
             bad[c] = b[0]
@@ -323,22 +328,24 @@ def _sumsq_finish(sq, bad, m, out):
         acc = add(acc, sq[i])
         flag = flag | bad[i]
         i += threads
-    s[t] = acc
-    b[t] = flag
-    cuda.syncthreads()
-    half = threads // 2
-    while half > 0:
-        if t < half:
-            s[t] = add(s[t], s[t + half])
-            b[t] = b[t] | b[t + half]
-        cuda.syncthreads()
-        half //= 2
+    block_reduce(s, b, t, acc, flag)
     if t == 0:
         out[0] = s[0]
         out[1] = 1.0 if b[0] != 0 else 0.0
 
 
 _REDUCTIONS = {}
+
+
+def reduction_globals(cuda, add, mul, threads):
+    """The globals the reduction templates run with (``block_reduce`` compiled for the target)."""
+    import numpy as np
+
+    glb = {"cuda": cuda, "np": np, "add": add, "mul": mul, "threads": threads}
+    glb["chunk"] = REDUCTION_CHUNK
+    options = {} if _simulating() else {"forceinline": True}
+    glb["block_reduce"] = cuda.jit(device=True, **options)(_with_globals(_block_reduce, glb))
+    return glb
 
 
 def reduction_kernels(threads=None):
@@ -360,10 +367,7 @@ def reduction_kernels(threads=None):
                     from numba.cuda import libdevice
 
                     add, mul = libdevice.dadd_rn, libdevice.dmul_rn
-                import numpy as np
-
-                glb = {"cuda": cuda, "np": np, "add": add, "mul": mul}
-                glb.update(threads=threads, chunk=REDUCTION_CHUNK)
+                glb = reduction_globals(cuda, add, mul, threads)
                 ks = tuple(
                     cuda.jit(_with_globals(fn, glb)) for fn in (_sumsq_partials, _sumsq_finish)
                 )

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from ptx_without_gpu import PREAMBLE
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
@@ -250,28 +251,9 @@ def test_import_and_available_without_simulator():
     assert r.returncode == 0, r.stderr
 
 
-_PTX_CHECK = """
-import json, sys, types as pytypes
-try:  # compile without a GPU: answer the device queries numba-cuda makes while compiling
-    import numba.cuda.cuda_paths as cuda_paths
-    import numba.cuda.cudadrv.nvrtc as nvrtc
-    import numba.cuda.dispatcher as dispatcher
-    from numba import cuda, types
-    from numba.cuda.cudadrv import nvvm
-
-    if not cuda.is_available():
-        dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
-    try:
-        nvrtc.get_supported_ccs()
-    except Exception:
-        nvrtc.get_arch_option = lambda major, minor, arch="": f"compute_{major}{minor}"
-        cuda_paths._get_nvrtc_path = lambda: ("not needed for PTX", None)
-    if not nvvm.is_available():
-        sys.exit(77)
-except Exception as e:
-    print(f"setup: {type(e).__name__}: {e}")
-    sys.exit(77)
-from fastopt.kernels import cuda as kcuda
+_PTX_CHECK = (
+    PREAMBLE
+    + """from fastopt.kernels import cuda as kcuda
 from fastopt.kernels.compile_rules import ARITY
 
 for name, nh in json.loads(sys.argv[1]).items():
@@ -282,6 +264,7 @@ for name, nh in json.loads(sys.argv[1]).items():
         assert "call." not in ptx, f"{name} {dt}: device functions not inlined"
         print(name, dt, "ok")
 """
+)
 
 
 def test_every_kernel_compiles_to_ptx_for_a_real_gpu():

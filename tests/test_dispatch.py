@@ -27,6 +27,7 @@ import types
 import numpy as np
 import pytest
 from optimizer_cases import CASES, grad_of
+from ptx_without_gpu import PREAMBLE
 
 import fastopt as fo
 from fastopt import dispatch
@@ -769,33 +770,11 @@ def test_cupy_sumsq_marshalling(reduction_harness, reduction_ptx, monkeypatch, d
 # ---------------------------------------------------------------------------------------------
 # numba.cuda reductions compile for a real GPU (NVVM, no GPU needed)
 
-_NUMBA_PTX = """
-import sys, types as pytypes
-import numpy as np
-try:
-    import numba.cuda.cuda_paths as cuda_paths
-    import numba.cuda.cudadrv.nvrtc as nvrtc
-    import numba.cuda.dispatcher as dispatcher
-    from numba import cuda, types
-    from numba.cuda import libdevice
-    from numba.cuda.cudadrv import nvvm
+_NUMBA_PTX = (
+    PREAMBLE
+    + """from fastopt.kernels import cuda as kc
 
-    if not cuda.is_available():
-        dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
-    try:
-        nvrtc.get_supported_ccs()
-    except Exception:
-        nvrtc.get_arch_option = lambda major, minor, arch="": f"compute_{major}{minor}"
-        cuda_paths._get_nvrtc_path = lambda: ("not needed for PTX", None)
-    if not nvvm.is_available():
-        sys.exit(77)
-except Exception as e:
-    print(f"setup: {type(e).__name__}: {e}")
-    sys.exit(77)
-from fastopt.kernels import cuda as kc
-
-glb = dict(cuda=cuda, np=np, add=libdevice.dadd_rn, mul=libdevice.dmul_rn, threads=256,
-           chunk=kc.REDUCTION_CHUNK)
+glb = kc.reduction_globals(cuda, libdevice.dadd_rn, libdevice.dmul_rn, 256)
 f64, i32 = types.Array(types.float64, 1, "C"), types.Array(types.int32, 1, "C")
 for dt in (types.float32, types.float64):
     sig = (types.Array(dt, 1, "C"), types.int64, f64, i32)
@@ -809,6 +788,7 @@ ptx, _ = cuda.compile_ptx(kc._with_globals(kc._sumsq_finish, glb), (f64, i32, ty
 assert "fma" not in ptx and "call." not in ptx
 print("ok finish")
 """
+)
 
 
 def test_numba_reduction_compiles_to_ptx_without_fma():
