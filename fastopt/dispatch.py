@@ -81,7 +81,7 @@ class Backend:
 
     def zeros(self, n, dtype, like=None):
         """A zeroed flat state array on this backend's device (``like``'s device when given)."""
-        from .paramset import aligned_zeros
+        from .memory import aligned_zeros
 
         return aligned_zeros(n, dtype)
 
@@ -181,7 +181,7 @@ class CuPyBackend(Backend):
         return self._kernels.sumsq_and_finite(g)
 
     def zeros(self, n, dtype, like=None):
-        from .paramset import aligned_zeros
+        from .memory import aligned_zeros
 
         cupy = self._cp()
         if like is not None and isinstance(like, cupy.ndarray):

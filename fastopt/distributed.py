@@ -64,9 +64,10 @@ import numpy as np
 
 from . import checkpoint as _checkpoint
 from . import dispatch
+from .memory import aligned_zeros
 from .optim.base import Optimizer
 from .optim.validation import check_bool, check_positive
-from .paramset import ParamSet, aligned_zeros
+from .paramset import ParamSet
 
 __all__ = [
     "CommStats",

@@ -9,18 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-ALIGNMENT = 64
-"""Byte alignment of the start of ``flat`` and ``grad_flat`` (a cache line; 16-byte vector loads)."""
-
-
-def aligned_zeros(n, dtype, xp=np):
-    """A zeroed 1-D array of ``n`` elements whose data pointer is ALIGNMENT-byte aligned."""
-    dtype = np.dtype(dtype)
-    pad = ALIGNMENT // dtype.itemsize
-    raw = xp.zeros(n + pad, dtype=dtype)
-    ptr = raw.data.ptr if xp is not np else raw.ctypes.data
-    start = (-ptr % ALIGNMENT) // dtype.itemsize
-    return raw[start : start + n]
+from .memory import aligned_zeros
 
 
 class GradientViews(Mapping):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from fastopt.paramset import ALIGNMENT
+from fastopt.memory import CACHE_LINE
 
 
 def test_views_layout_and_alignment():
@@ -14,7 +14,7 @@ def test_views_layout_and_alignment():
     assert ps.size == 15 and ps.dtype == np.float32
     assert ps.offsets == {"w": (0, 12), "b": (12, 15)}
     assert np.array_equal(ps["w"], w) and np.array_equal(ps["b"], b)
-    assert ps.flat.ctypes.data % ALIGNMENT == 0 and ps.grad_flat.ctypes.data % ALIGNMENT == 0
+    assert ps.flat.ctypes.data % CACHE_LINE == 0 and ps.grad_flat.ctypes.data % CACHE_LINE == 0
     assert np.shares_memory(ps["w"], ps.flat) and np.shares_memory(ps.grads["b"], ps.grad_flat)
     ps["w"][0, 0] = 42
     assert ps.flat[0] == 42 and w[0, 0] == 0  # values were copied in

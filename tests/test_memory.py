@@ -1,0 +1,53 @@
+"""Buffer allocation: cache-line alignment always, 2 MiB alignment for large host buffers."""
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt import memory
+
+LARGE = memory.HUGE_PAGE_MIN_BYTES // 4  # float32 elements at the huge-page threshold
+
+
+def _alignment(a):
+    ptr = a.ctypes.data
+    return ptr & -ptr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 1, 17, 1000, LARGE - 1, LARGE, 3 * LARGE + 5])
+def test_aligned_zeros(n, dtype):
+    a = memory.aligned_zeros(n, dtype)
+    nbytes = n * np.dtype(dtype).itemsize
+    assert a.shape == (n,) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert not a.any()
+    expected = memory.HUGE_PAGE if nbytes >= memory.HUGE_PAGE_MIN_BYTES else memory.CACHE_LINE
+    assert memory.alignment_for(nbytes) == expected
+    if n:  # an empty array has no data to align
+        assert _alignment(a) >= expected
+
+
+def test_alignment_for_device_arrays_is_a_cache_line():
+    class FakeCupy:  # any module other than NumPy: device memory, no huge pages to ask for
+        pass
+
+    assert memory.alignment_for(1 << 30, FakeCupy) == memory.CACHE_LINE
+
+
+def test_large_paramset_and_optimizer_state_are_huge_page_aligned():
+    ps = fo.ParamSet({"w": np.ones((LARGE // 2, 2), np.float32), "b": np.ones(3, np.float32)})
+    opt = fo.Adam(ps)
+    ps.grad_flat[...] = 1
+    opt.step()
+    (state,) = opt.state.values()
+    for a in (ps.flat, ps.grad_flat, state["exp_avg"], state["exp_avg_sq"]):
+        assert _alignment(a) >= memory.HUGE_PAGE
+    assert np.all(ps["b"] < 1) and np.all(ps["w"] < 1)  # the step went through
+
+
+def test_state_of_plain_large_arrays_is_huge_page_aligned_and_small_ones_a_cache_line():
+    big, small = np.ones(LARGE, np.float32), np.ones(10, np.float32)
+    opt = fo.AdamW([big, small])
+    opt.step([np.ones_like(big), np.ones_like(small)])
+    assert _alignment(opt.state[0]["exp_avg_sq"]) >= memory.HUGE_PAGE
+    assert _alignment(opt.state[1]["exp_avg_sq"]) >= memory.CACHE_LINE
