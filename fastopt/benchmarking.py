@@ -1312,6 +1312,11 @@ def format_table(doc, unicode=True):
     return text
 
 
+def _count(n, noun):
+    """``1 thread``, ``2 threads``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def markdown(doc):
     """The results document as Markdown: machine, results table, goals, unavailable peers."""
     m = doc["machine"]
@@ -1328,13 +1333,13 @@ def markdown(doc):
             "",
         ]
     lines += [
-        f"- CPU: {m.get('cpu_model')}; {m.get('logical_cores')} logical cores "
+        f"- CPU: {m.get('cpu_model')}; {_count(m.get('logical_cores'), 'logical core')} "
         f"({m.get('usable_cores')} usable)",
         f"- Numba {m.get('numba')}, threading layer `{m.get('numba_threading_layer')}`, "
-        f"{m.get('numba_threads')} threads",
+        f"{_count(m.get('numba_threads'), 'thread')}",
         f"- NumPy {m.get('numpy')}; torch {m.get('torch') or 'not installed'}"
         + (
-            f" ({m.get('torch_threads')} threads by default; run with Numba's thread count)"
+            f" ({_count(m.get('torch_threads'), 'thread')} by default; run with Numba's thread count)"
             if m.get("torch")
             else ""
         ),

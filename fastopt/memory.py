@@ -3,10 +3,12 @@
 Every buffer starts on a cache line (64 bytes). Host buffers of at least ``HUGE_PAGE_MIN_BYTES``
 also start on a 2 MiB boundary, so that transparent huge pages can back every byte of them
 (NumPy asks the kernel for huge pages on large allocations; see
-``numpy._core.multiarray._get_madvise_hugepage``). On the 2-core AMD EPYC (Zen 4, KVM) the
-benchmarks run on, the Adam step over 16 Mi float32 elements took 12.3 ms on 1 thread with
-64-byte-aligned buffers and 8.5–9.0 ms with 2 MiB-aligned ones (bench/results/README.md); the
-slack before the aligned start is never touched, so it costs address space, not memory.
+``numpy._core.multiarray._get_madvise_hugepage``). NumPy's and torch's allocators align large
+buffers to 64 bytes only. On the 2-core AMD EPYC (Zen 4, KVM) the benchmarks ran on, an Adam step
+over 16 Mi float32 elements with 64-byte-aligned buffers took up to 1.4x as long as with 2 MiB-
+aligned ones on 1 thread, and up to 1.1x on 2 (``bench/test_bench_layout.py``; figures in
+``bench/results/other-2026-11-21.md``). The slack before the aligned start is never touched, so it
+costs address space, not memory.
 """
 
 import numpy as np
