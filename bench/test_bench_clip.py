@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from fastopt.benchmarking import env_n, time_steps
+from fastopt.benchmarking import env_n, median_times
 
 
 def _paramset(n, seed):
@@ -38,10 +38,8 @@ def test_clip_plus_adam(benchmark):
         steps["torch clip_grad_norm_+fused adam"] = torch_step
     except ImportError:
         pass
-    result = time_steps(steps)
-    t = {k: v["median_s"] for k, v in result.items()}
+    t = median_times(steps, benchmark.extra_info)
     ratio = t["clip+adam"] / t["adam"]
-    benchmark.extra_info.update({f"median_s.{k}": v for k, v in t.items()})
     benchmark.extra_info["clip_over_plain"] = ratio
     benchmark.pedantic(clipped.step, rounds=3, iterations=1)
     print(f"\nclip+adam / adam = {ratio:.3f} (goal <= 1.25)")

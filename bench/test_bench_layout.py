@@ -21,7 +21,7 @@ import pytest
 
 import fastopt as fo
 from fastopt import memory
-from fastopt.benchmarking import env_n, time_steps
+from fastopt.benchmarking import env_n, median_times
 
 
 def _adam(n, *, huge_pages):
@@ -92,10 +92,8 @@ def test_huge_page_alignment(benchmark):
         steps.update(torch_steps)
     except ImportError:
         pass
-    result = time_steps(steps)
-    t = {k: v["median_s"] for k, v in result.items()}
+    t = median_times(steps, benchmark.extra_info)
     ratio = t["fastopt"] / t["fastopt, 64 B-aligned"]
-    benchmark.extra_info.update({f"median_s.{k}": v for k, v in t.items()})
     benchmark.extra_info["huge_over_cache_line"] = ratio
     lines = [f"\n{k}: {v * 1e3:.2f} ms/step" for k, v in t.items()]
     if "torch fused" in t:

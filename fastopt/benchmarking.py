@@ -348,6 +348,15 @@ class CudaEventTimer:
         return dev if dev > 0 else host
 
 
+def median_times(steps, extra_info=None, **kwargs):
+    """{name: median seconds per call} from :func:`time_steps`; also stored as
+    ``median_s.<name>`` in ``extra_info`` (a pytest-benchmark ``benchmark.extra_info``) when given."""
+    medians = {name: r["median_s"] for name, r in time_steps(steps, **kwargs).items()}
+    if extra_info is not None:
+        extra_info.update({f"median_s.{name}": t for name, t in medians.items()})
+    return medians
+
+
 def time_steps(steps, *, repeats=None, min_time=None, warmup=WARMUP_STEPS, timer=None):
     """Median seconds per call of each zero-argument callable in ``steps`` (name -> callable).
 
