@@ -529,9 +529,7 @@ def test_reduction_compiles_with_nvrtc():
     from fastopt.kernels import cupy as kcupy
 
     h = _cuda_c_helpers()
-    nvrtc = h._find_nvrtc()
-    if nvrtc is None:
-        pytest.skip("libnvrtc not found (set FASTOPT_NVRTC to its path)")
+    nvrtc = h.nvrtc_or_skip()
     prog = ctypes.c_void_p()
     code = kcupy.reduction_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"r.cu", 0, None, None) == 0
