@@ -201,6 +201,40 @@ def _col_sums(D, out):
 # ------------------------------------------------------------------------------------ losses
 
 
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _max_argmax(x):
+    """(max, index of its first occurrence) of a 1-D row."""
+    mx = x[0]
+    am = 0
+    for j in range(1, x.size):
+        if x[j] > mx:
+            mx = x[j]
+            am = j
+    return mx, am
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _exp_shifted(z, mx, out):
+    """out = exp(z - mx); returns the sum of out (the softmax denominator)."""
+    s = z.dtype.type(0.0)
+    for j in range(z.size):
+        e = math.exp(z[j] - mx)
+        out[j] = e
+        s += e
+    return s
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _totals(row_loss, row_correct):
+    """(sum of the row losses, sum of the row counts), in row order."""
+    total = 0.0
+    correct = 0
+    for i in range(row_loss.size):
+        total += row_loss[i]
+        correct += row_correct[i]
+    return total, correct
+
+
 def _softmax_xent(Z, y, smoothing, scale, D, row_loss, row_correct):
     """Softmax + cross-entropy against integer labels ``y`` with label smoothing ``smoothing``
     (target (1-eps)·onehot + eps/K, torch's ``CrossEntropyLoss(label_smoothing=eps)``).
@@ -217,20 +251,12 @@ def _softmax_xent(Z, y, smoothing, scale, D, row_loss, row_correct):
         z = Z[i]
         d = D[i]
         label = y[i]
-        mx = z[0]
-        am = 0
-        for j in range(1, k):
-            if z[j] > mx:
-                mx = z[j]
-                am = j
-        s = t(0.0)
+        mx, am = _max_argmax(z)
         sz = t(0.0)
         zl = z[label]
         for j in range(k):
             sz += z[j]
-            e = math.exp(z[j] - mx)
-            d[j] = e
-            s += e
+        s = _exp_shifted(z, mx, d)
         lse = mx + math.log(s)
         if eps == t(0.0):
             row_loss[i] = np.float64(lse) - np.float64(zl)
@@ -243,12 +269,7 @@ def _softmax_xent(Z, y, smoothing, scale, D, row_loss, row_correct):
             d[j] = (d[j] * r - off) * sc
         d[label] -= on * sc
         row_correct[i] = 1 if am == label else 0
-    total = 0.0
-    correct = 0
-    for i in range(n):
-        total += row_loss[i]
-        correct += row_correct[i]
-    return total, correct
+    return _totals(row_loss, row_correct)
 
 
 def _softmax_soft(Z, T, kl, scale, D, row_loss, row_correct):
@@ -264,22 +285,9 @@ def _softmax_soft(Z, T, kl, scale, D, row_loss, row_correct):
         z = Z[i]
         d = D[i]
         tr = T[i]
-        mx = z[0]
-        am = 0
-        tm = tr[0]
-        at = 0
-        for j in range(1, k):
-            if z[j] > mx:
-                mx = z[j]
-                am = j
-            if tr[j] > tm:
-                tm = tr[j]
-                at = j
-        s = t(0.0)
-        for j in range(k):
-            e = math.exp(z[j] - mx)
-            d[j] = e
-            s += e
+        mx, am = _max_argmax(z)
+        at = _max_argmax(tr)[1]
+        s = _exp_shifted(z, mx, d)
         lse = mx + math.log(s)
         loss = 0.0
         tsum = t(0.0)
@@ -295,12 +303,7 @@ def _softmax_soft(Z, T, kl, scale, D, row_loss, row_correct):
         for j in range(k):
             d[j] = (d[j] * r * tsum - tr[j]) * sc
         row_correct[i] = 1 if am == at else 0
-    total = 0.0
-    correct = 0
-    for i in range(n):
-        total += row_loss[i]
-        correct += row_correct[i]
-    return total, correct
+    return _totals(row_loss, row_correct)
 
 
 def _sigmoid_bce(Z, T, scale, D, row_loss, row_correct):
@@ -330,12 +333,7 @@ def _sigmoid_bce(Z, T, scale, D, row_loss, row_correct):
                 c += 1
         row_loss[i] = loss
         row_correct[i] = c
-    total = 0.0
-    correct = 0
-    for i in range(n):
-        total += row_loss[i]
-        correct += row_correct[i]
-    return total, correct
+    return _totals(row_loss, row_correct)
 
 
 def _regression(Z, T, kind, delta, scale, D, row_loss, row_abs, row_sq):
