@@ -42,10 +42,6 @@ def _adam(n, *, huge_pages):
     return ps, opt, buffers
 
 
-def _alignment(buffers):
-    return min(a.ctypes.data & -a.ctypes.data for a in buffers)
-
-
 def _torch_steps(torch, ps):
     """{name: step} for torch fused Adam with its own state and with fastopt-allocated state."""
     steps = {}
@@ -80,8 +76,8 @@ def test_huge_page_alignment(benchmark):
         pytest.skip(f"{n} float32 elements are below the huge-page threshold")
     ps, opt, buffers = _adam(n, huge_pages=True)
     ps64, opt64, buffers64 = _adam(n, huge_pages=False)
-    assert _alignment(buffers) >= memory.HUGE_PAGE
-    assert _alignment(buffers64) < memory.HUGE_PAGE
+    assert min(map(memory.alignment_of, buffers)) >= memory.HUGE_PAGE
+    assert min(map(memory.alignment_of, buffers64)) < memory.HUGE_PAGE
     steps = {"fastopt": opt.step, "fastopt, 64 B-aligned": opt64.step}
     keep = None
     try:

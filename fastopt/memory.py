@@ -31,6 +31,12 @@ def alignment_for(nbytes, xp=np):
     return CACHE_LINE
 
 
+def alignment_of(a):
+    """The largest power of two dividing the data address of the NumPy array ``a``."""
+    ptr = a.ctypes.data
+    return ptr & -ptr
+
+
 def aligned_zeros(n, dtype, xp=np):
     """A zeroed, contiguous 1-D array of ``n`` elements of ``xp`` (NumPy or CuPy), aligned as
     :func:`alignment_for` says."""

@@ -9,11 +9,6 @@ from fastopt import memory
 LARGE = memory.HUGE_PAGE_MIN_BYTES // 4  # float32 elements at the huge-page threshold
 
 
-def _alignment(a):
-    ptr = a.ctypes.data
-    return ptr & -ptr
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [0, 1, 17, 1000, LARGE - 1, LARGE, 3 * LARGE + 5])
 def test_aligned_zeros(n, dtype):
@@ -24,7 +19,7 @@ def test_aligned_zeros(n, dtype):
     expected = memory.HUGE_PAGE if nbytes >= memory.HUGE_PAGE_MIN_BYTES else memory.CACHE_LINE
     assert memory.alignment_for(nbytes) == expected
     if n:  # an empty array has no data to align
-        assert _alignment(a) >= expected
+        assert memory.alignment_of(a) >= expected
 
 
 def test_alignment_for_device_arrays_is_a_cache_line():
@@ -41,7 +36,7 @@ def test_large_paramset_and_optimizer_state_are_huge_page_aligned():
     opt.step()
     (state,) = opt.state.values()
     for a in (ps.flat, ps.grad_flat, state["exp_avg"], state["exp_avg_sq"]):
-        assert _alignment(a) >= memory.HUGE_PAGE
+        assert memory.alignment_of(a) >= memory.HUGE_PAGE
     assert np.all(ps["b"] < 1) and np.all(ps["w"] < 1)  # the step went through
 
 
@@ -49,5 +44,5 @@ def test_state_of_plain_large_arrays_is_huge_page_aligned_and_small_ones_a_cache
     big, small = np.ones(LARGE, np.float32), np.ones(10, np.float32)
     opt = fo.AdamW([big, small])
     opt.step([np.ones_like(big), np.ones_like(small)])
-    assert _alignment(opt.state[0]["exp_avg_sq"]) >= memory.HUGE_PAGE
-    assert _alignment(opt.state[1]["exp_avg_sq"]) >= memory.CACHE_LINE
+    assert memory.alignment_of(opt.state[0]["exp_avg_sq"]) >= memory.HUGE_PAGE
+    assert memory.alignment_of(opt.state[1]["exp_avg_sq"]) >= memory.CACHE_LINE
