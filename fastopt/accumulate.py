@@ -1,6 +1,6 @@
 """Gradient accumulation: k micro-batches, one optimizer step on their mean."""
 
-from .optim.validation import check_bool
+from .validation import check_bool
 
 
 class GradientAccumulator:

@@ -1,7 +1,7 @@
 """Backend registry: picks the kernel backend from the arrays an update touches.
 
 A backend applies a named rule of ``kernels/rules.py`` to flat 1-D arrays in place. Which one runs
-is decided by the kind of array (:func:`array_kind`), unless the caller names a backend:
+is decided by the kind of array (:func:`fastopt.arrays.array_kind`), unless the caller names a backend:
 
 ============  =============================================  ==========================
 kind          arrays                                          default backend (others)
@@ -25,19 +25,7 @@ them. The optimizer classes never name a backend.
 
 import numpy as np
 
-from . import reference
-
-KDLCUDA = 2
-"""DLPack device type of CUDA device memory (``__dlpack_device__()[0]``)."""
-KDLCPU = 1
-
-_HOST_KINDS = frozenset(("numpy", "torch-cpu"))
-_DESCRIPTIONS = {
-    "numpy": "a NumPy array (host memory)",
-    "torch-cpu": "a torch CPU tensor (host memory)",
-    "cupy": "a CuPy array (CUDA device memory)",
-    "cuda": "a CUDA device array",
-}
+from . import arrays, reference
 
 
 class Backend:
@@ -55,7 +43,7 @@ class Backend:
 
     name = ""
     array_kind = ""
-    """The kind of array this backend updates by default (see :func:`array_kind`)."""
+    """The kind of array this backend updates by default (see :func:`fastopt.arrays.array_kind`)."""
     kinds = ()
     """Every kind it accepts (``array_kind`` first); empty means ``(array_kind,)``."""
 
@@ -99,12 +87,12 @@ class Backend:
 
     def assign(self, dst, src):
         """Copy ``src`` (NumPy or a device array, any float dtype, same size) into native ``dst``."""
-        dst[...] = to_host(src).reshape(dst.shape)
+        dst[...] = arrays.to_host(src).reshape(dst.shape)
 
     # -- arrays of the kinds the backend accepts
     def native(self, a):
         """A zero-copy view of ``a`` as this backend's native array type (same shape)."""
-        return host_view(a)
+        return arrays.host_view(a)
 
     def flat(self, a):
         """A flat 1-D view of a contiguous native array."""
@@ -197,9 +185,9 @@ class CuPyBackend(Backend):
         if isinstance(src, np.ndarray):
             dst.set(np.ascontiguousarray(src.reshape(dst.shape), dtype=dst.dtype))
             return
-        kind = array_kind(src)
-        if kind in _HOST_KINDS:
-            self.assign(dst, host_view(src))
+        kind = arrays.array_kind(src)
+        if kind in arrays.HOST_KINDS:
+            self.assign(dst, arrays.host_view(src))
             return
         with cupy.cuda.Device(dst.data.device_id):
             dst[...] = self.native(src).reshape(dst.shape)  # device to device, casting
@@ -208,7 +196,7 @@ class CuPyBackend(Backend):
         cupy = self._cp()
         if isinstance(a, cupy.ndarray):
             return a
-        a = _detached(a)
+        a = arrays.detached(a)
         if hasattr(a, "__cuda_array_interface__"):
             return cupy.asarray(a)  # zero-copy view
         return cupy.from_dlpack(a)
@@ -254,11 +242,11 @@ class NumbaCUDA(Backend):
         return a.copy_to_host()
 
     def assign(self, dst, src):
-        host = to_host(src)  # a checkpoint load: a host round trip keeps this simple
+        host = arrays.to_host(src)  # a checkpoint load: a host round trip keeps this simple
         dst.copy_to_device(np.ascontiguousarray(host.reshape(dst.shape), dtype=dst.dtype))
 
     def native(self, a):
-        return self._kernels.as_device_array(_detached(a))
+        return self._kernels.as_device_array(arrays.detached(a))
 
     def is_c_contiguous(self, a):
         return bool(a.is_c_contiguous())
@@ -310,158 +298,6 @@ def _kinds_of(factory_or_backend):
     return tuple(kinds) or ((primary,) if primary else ())
 
 
-# ------------------------------------------------------------------------------------------
-# Array kinds
-
-
-def _type_name(a):
-    cls = type(a)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _root_module(a):
-    return (type(a).__module__ or "").partition(".")[0]
-
-
-def _dlpack_device(a):
-    """``__dlpack_device__()`` as (int type, int id), or None."""
-    fn = getattr(a, "__dlpack_device__", None)
-    if fn is None:
-        return None
-    try:
-        dev_type, dev_id = fn()
-        return int(dev_type), int(dev_id)
-    except Exception:
-        return None
-
-
-def _has_cai(a):
-    try:
-        return getattr(a, "__cuda_array_interface__", None) is not None
-    except Exception:  # e.g. a CPU-resident array whose property raises something else
-        return False
-
-
-def array_kind(a):
-    """The kind of array ``a`` is: ``"numpy"``, ``"torch-cpu"``, ``"cupy"`` or ``"cuda"``
-    (the module docstring has the table). TypeError naming the type for anything unsupported."""
-    if isinstance(a, np.ndarray):
-        return "numpy"
-    root = _root_module(a)
-    if root == "cupy" or root == "cupyx":
-        return "cupy"
-    if root == "torch":
-        device = getattr(getattr(a, "device", None), "type", None)
-        if device == "cpu":
-            return "torch-cpu"
-        if device == "cuda":
-            return "cuda"
-        raise TypeError(
-            f"unsupported array type {_type_name(a)} on device {device!r}; fastopt updates torch "
-            "tensors on the CPU or on a CUDA device"
-        )
-    if getattr(a, "__cuda_ndarray__", False) or _has_cai(a):
-        return "cuda"  # numba device arrays (also the simulator's), CAI exporters
-    dev = _dlpack_device(a)
-    if dev is not None and dev[0] == KDLCUDA:
-        return "cuda"
-    where = ""
-    if dev is not None:
-        where = " in host memory" if dev[0] == KDLCPU else f" on DLPack device type {dev[0]}"
-    raise TypeError(
-        f"unsupported array type {_type_name(a)}{where}; fastopt updates NumPy arrays and torch "
-        "CPU tensors on the CPU, and CuPy arrays, torch CUDA tensors or other CUDA arrays "
-        "(__cuda_array_interface__ / DLPack) on a GPU"
-    )
-
-
-def describe(a, kind=None):
-    """``a`` in words for error messages: its kind, type and device."""
-    kind = array_kind(a) if kind is None else kind
-    dev = device_index(a, kind)
-    where = f" on cuda:{dev}" if dev is not None else ""
-    return f"{_DESCRIPTIONS.get(kind, kind)}{where} ({_type_name(a)})"
-
-
-def is_device_kind(kind):
-    return kind not in _HOST_KINDS
-
-
-def device_index(a, kind=None):
-    """The CUDA device ordinal of a device array when it can be told cheaply, else None
-    (host arrays, numba device arrays, objects with only ``__cuda_array_interface__``)."""
-    kind = array_kind(a) if kind is None else kind
-    if kind in _HOST_KINDS:
-        return None
-    if kind == "cupy":
-        try:
-            return int(a.data.device_id)
-        except Exception:
-            return None
-    if _root_module(a) == "torch":
-        idx = a.device.index
-        return 0 if idx is None else int(idx)
-    if getattr(a, "__cuda_ndarray__", False):
-        return None
-    dev = _dlpack_device(a)
-    return dev[1] if dev is not None and dev[0] == KDLCUDA else None
-
-
-def is_readonly(a):
-    """True when a device array says it is read-only (``__cuda_array_interface__`` data flag)."""
-    try:
-        cai = getattr(a, "__cuda_array_interface__", None)
-    except Exception:
-        return False
-    if cai is None:
-        return False
-    data = cai.get("data")
-    return bool(data[1]) if data is not None and len(data) > 1 else False
-
-
-def data_ptr(a):
-    """Address of the first element of a device array (for telling arrays apart)."""
-    if _root_module(a) == "cupy":
-        return int(a.data.ptr)
-    try:
-        cai = getattr(a, "__cuda_array_interface__", None)
-    except Exception:
-        cai = None
-    if cai is not None:
-        return int(cai["data"][0])
-    return int(a.ctypes.data)  # NumPy, and the CUDA simulator's arrays (backed by NumPy)
-
-
-def _detached(a):
-    """A torch tensor without autograd tracking (shares memory); anything else unchanged."""
-    if _root_module(a) == "torch" and getattr(a, "requires_grad", False):
-        return a.detach()
-    return a
-
-
-def host_view(a):
-    """A zero-copy NumPy view of a host array (NumPy array or torch CPU tensor)."""
-    if isinstance(a, np.ndarray):
-        return a
-    if _root_module(a) == "torch":
-        return _detached(a).numpy()
-    raise TypeError(f"{describe(a)} is not in host memory")
-
-
-def to_host(a):
-    """A NumPy array holding ``a``'s values (a view for host arrays, a copy of device arrays)."""
-    if isinstance(a, np.ndarray):
-        return a
-    root = _root_module(a)
-    if root == "cupy":
-        return a.get()
-    if root == "torch":
-        return _detached(a).cpu().numpy()
-    if getattr(a, "__cuda_ndarray__", False):
-        return a.copy_to_host()
-    return np.asarray(a)
-
-
 def backend_for_kind(kind, name=None):
     """The backend for arrays of ``kind``: ``name`` if given (checked to accept that kind), else
     the kind's default. ValueError for a backend that does not take the kind, RuntimeError
@@ -475,7 +311,7 @@ def backend_for_kind(kind, name=None):
     kinds = _kinds_of(_FACTORIES[name])
     if kinds and kind not in kinds:
         raise ValueError(
-            f"backend {name!r} updates {' or '.join(kinds)} arrays, got {_DESCRIPTIONS.get(kind, kind)}"
+            f"backend {name!r} updates {' or '.join(kinds)} arrays, got {arrays.DESCRIPTIONS.get(kind, kind)}"
         )
     backend = get_backend(name)
     if not kinds and kind not in _kinds_of(backend):
@@ -483,30 +319,30 @@ def backend_for_kind(kind, name=None):
     return backend
 
 
-def backend_for(arrays, name=None):
+def backend_for(group, name=None):
     """The backend for a group of arrays that must all live on one device with one dtype.
 
     NumPy arrays and torch CPU tensors mix (both host memory); otherwise every array must be of
     one kind, and device arrays on one device: ValueError naming the first two that differ."""
-    arrays = list(arrays)
-    if not arrays:
+    group = list(group)
+    if not group:
         raise ValueError("backend_for needs at least one array")
-    kinds = [array_kind(a) for a in arrays]
+    kinds = [arrays.array_kind(a) for a in group]
     kind0 = kinds[0]
-    for a, k in zip(arrays, kinds):
-        if k != kind0 and not (k in _HOST_KINDS and kind0 in _HOST_KINDS):
+    for a, k in zip(group, kinds):
+        if k != kind0 and not (k in arrays.HOST_KINDS and kind0 in arrays.HOST_KINDS):
             raise ValueError(
-                f"arrays live on different devices/libraries: {describe(arrays[0], kind0)} and "
-                f"{describe(a, k)}; parameters, gradients and state must live on one device"
+                f"arrays live on different devices/libraries: {arrays.describe(group[0], kind0)} and "
+                f"{arrays.describe(a, k)}; parameters, gradients and state must live on one device"
             )
-    if kind0 not in _HOST_KINDS:
-        devs = [(a, device_index(a, k)) for a, k in zip(arrays, kinds)]
+    if kind0 not in arrays.HOST_KINDS:
+        devs = [(a, arrays.device_index(a, k)) for a, k in zip(group, kinds)]
         known = [(a, d) for a, d in devs if d is not None]
         for a, d in known[1:]:
             if d != known[0][1]:
                 raise ValueError(
-                    f"arrays live on different devices/libraries: {describe(known[0][0])} and "
-                    f"{describe(a)}"
+                    f"arrays live on different devices/libraries: {arrays.describe(known[0][0])} and "
+                    f"{arrays.describe(a)}"
                 )
     kind = "numpy" if "numpy" in kinds else kind0
     return backend_for_kind(kind, name)

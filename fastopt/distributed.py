@@ -66,8 +66,8 @@ from . import checkpoint as _checkpoint
 from . import dispatch
 from .memory import aligned_zeros
 from .optim.base import Optimizer
-from .optim.validation import check_bool, check_positive
 from .paramset import ParamSet
+from .validation import check_bool, check_positive
 
 __all__ = [
     "CommStats",

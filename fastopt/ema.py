@@ -5,9 +5,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import dispatch
-from .optim.validation import check_bool, check_interval
 from .paramset import ParamSet
 from .structure import flat_arrays
+from .validation import check_bool, check_interval
 
 
 class EMA:

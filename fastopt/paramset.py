@@ -3,12 +3,11 @@
 An optimizer over a ParamSet updates every parameter with one kernel call over ``flat``.
 """
 
-import contextlib
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
+from . import arrays
 from .memory import aligned_zeros
 
 
@@ -53,7 +52,7 @@ class ParamSet(Mapping):
         if len(set(names)) != len(names):
             raise ValueError("ParamSet parameter names must be unique")
         xp, index = _array_module(device)
-        with _on_device(xp, index):
+        with arrays.on_device(xp, index):
             self._init(items, names, dtype, device, xp)
 
     def _init(self, items, names, dtype, device, xp):
@@ -153,51 +152,28 @@ class ParamSet(Mapping):
 
 
 def _array_module(device):
-    """(array module, CUDA device ordinal or None) for ``device``: "cpu", "cuda" (CuPy's current
-    device) or "cuda:<i>"."""
-    if device == "cpu":
-        return np, None
-    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device):
-        try:
-            import cupy
-        except ImportError as exc:
-            raise RuntimeError(
-                f"ParamSet(device={device!r}) needs CuPy, which is not installed"
-            ) from exc
+    """(array module, CUDA device ordinal or None) for ``device``; the CuPy kernels must be able
+    to run there."""
+    xp, index = arrays.array_module(device, "ParamSet")
+    if xp is not np:
         from .kernels import cupy as cupy_kernels
 
         ok, why = cupy_kernels.available()
         if not ok:
             raise RuntimeError(f"ParamSet(device={device!r}) needs a CUDA device: {why}")
-        index = int(device[5:]) if ":" in device else None
-        if index is not None and index >= cupy.cuda.runtime.getDeviceCount():
-            raise RuntimeError(
-                f"ParamSet(device={device!r}): CuPy sees {cupy.cuda.runtime.getDeviceCount()} "
-                "CUDA device(s)"
-            )
-        return cupy, index
-    raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:<index>'")
-
-
-def _on_device(xp, index):
-    """Context in which arrays are allocated: CuPy's device ``index`` when given."""
-    if xp is np or index is None:
-        return contextlib.nullcontext()
-    return xp.cuda.Device(index)
+    return xp, index
 
 
 def _as_host_or_device_array(a, name, xp):
-    from . import dispatch
-
     if isinstance(a, np.ndarray):
         pass
     elif hasattr(a, "shape") and hasattr(a, "dtype"):
         try:
-            kind = dispatch.array_kind(a)
+            kind = arrays.array_kind(a)
         except TypeError:
             kind = None
         if kind is not None and xp is np:
-            a = dispatch.to_host(a)  # a device array copied to the host; torch CPU: a view
+            a = arrays.to_host(a)  # a device array copied to the host; torch CPU: a view
         elif kind is not None and type(a).__module__.partition(".")[0] == "torch":
             a = a.detach()  # torch CUDA tensors refuse __cuda_array_interface__ otherwise
     a = np.asarray(a) if xp is np else xp.asarray(a)

@@ -20,6 +20,7 @@ import types
 
 import numpy as np
 import pytest
+
 from fastopt.kernels import cupy as cupy_backend
 from fastopt.kernels import rules
 from fastopt.kernels.compile_rules import ARITY

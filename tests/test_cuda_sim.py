@@ -24,10 +24,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    from numba import cuda
+
     from fastopt.kernels import cpu, rules
     from fastopt.kernels import cuda as kcuda
     from fastopt.kernels.compile_rules import ARITY
-    from numba import cuda
 else:  # keep collection free of numba.cuda imports outside the simulator
     cuda = cpu = rules = kcuda = ARITY = None
 

@@ -30,7 +30,7 @@ from optimizer_cases import CASES, grad_of
 from ptx_without_gpu import PREAMBLE
 
 import fastopt as fo
-from fastopt import dispatch
+from fastopt import arrays, dispatch
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim_only = pytest.mark.skipif(not SIM, reason="CUDA simulator test: NUMBA_ENABLE_CUDASIM=1")
@@ -104,14 +104,14 @@ def _cupy_available():
 
 
 def test_array_kind_of_fakes():
-    assert dispatch.array_kind(np.zeros(3)) == "numpy"
-    assert dispatch.array_kind(np.zeros(3).view(np.memmap)) == "numpy"  # subclasses too
-    assert dispatch.array_kind(FakeCAI()) == "cuda"
-    assert dispatch.array_kind(FakeDLPack(2, 0)) == "cuda"
-    assert dispatch.array_kind(FakeDLPack(2, 3)) == "cuda"
-    assert dispatch.array_kind(FakeCuPyArray()) == "cupy"
-    assert dispatch.device_index(FakeDLPack(2, 3)) == 3
-    assert dispatch.device_index(FakeCAI()) is None  # not cheaply known
+    assert arrays.array_kind(np.zeros(3)) == "numpy"
+    assert arrays.array_kind(np.zeros(3).view(np.memmap)) == "numpy"  # subclasses too
+    assert arrays.array_kind(FakeCAI()) == "cuda"
+    assert arrays.array_kind(FakeDLPack(2, 0)) == "cuda"
+    assert arrays.array_kind(FakeDLPack(2, 3)) == "cuda"
+    assert arrays.array_kind(FakeCuPyArray()) == "cupy"
+    assert arrays.device_index(FakeDLPack(2, 3)) == 3
+    assert arrays.device_index(FakeCAI()) is None  # not cheaply known
 
 
 @pytest.mark.parametrize(
@@ -127,15 +127,15 @@ def test_array_kind_of_fakes():
 )
 def test_array_kind_rejects(obj, match):
     with pytest.raises(TypeError, match=match):
-        dispatch.array_kind(obj)
+        arrays.array_kind(obj)
 
 
 def test_array_kind_torch():
     torch = pytest.importorskip("torch")
-    assert dispatch.array_kind(torch.zeros(3)) == "torch-cpu"
-    assert dispatch.array_kind(torch.nn.Parameter(torch.zeros(3))) == "torch-cpu"
+    assert arrays.array_kind(torch.zeros(3)) == "torch-cpu"
+    assert arrays.array_kind(torch.nn.Parameter(torch.zeros(3))) == "torch-cpu"
     with pytest.raises(TypeError, match="device 'meta'"):
-        dispatch.array_kind(torch.zeros(3, device="meta"))
+        arrays.array_kind(torch.zeros(3, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,8 +808,9 @@ def test_numba_reduction_compiles_to_ptx_without_fma():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_sim_reduction_matches_model(dtype):
-    from fastopt.kernels import cuda as kc
     from numba import cuda
+
+    from fastopt.kernels import cuda as kc
 
     for n, threads, blocks in [
         (0, 32, None),

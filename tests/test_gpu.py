@@ -20,11 +20,11 @@ import os
 
 import numpy as np
 import pytest
-from fastopt.kernels import cuda as kcuda
-from fastopt.kernels import cupy as kcupy
 from optimizer_cases import CASES, grad_of
 
 import fastopt as fo
+from fastopt.kernels import cuda as kcuda
+from fastopt.kernels import cupy as kcupy
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("GPU tests do not run under the CUDA simulator", allow_module_level=True)

@@ -13,7 +13,29 @@ from .rprop import Rprop
 from .sgd import SGD
 from .yogi import Yogi
 
+OPTIMIZERS = {
+    cls.__name__.lower(): cls
+    for cls in (
+        SGD,
+        Adagrad,
+        RMSprop,
+        Adadelta,
+        Adam,
+        AdamW,
+        Adamax,
+        NAdam,
+        RAdam,
+        Rprop,
+        Yogi,
+        Lion,
+    )
+}
+"""The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
+order they are listed to users. The CLI, the playground, the benchmarks, the scikit-learn
+estimators and the tests read it; a new algorithm is added here once."""
+
 __all__ = [
+    "OPTIMIZERS",
     "Adadelta",
     "Adagrad",
     "Adam",

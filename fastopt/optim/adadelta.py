@@ -1,7 +1,7 @@
 """Adadelta (torch.optim.Adadelta)."""
 
+from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
 from .base import Optimizer
-from .validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
 
 
 class Adadelta(Optimizer):

@@ -1,7 +1,7 @@
 """Adagrad (torch.optim.Adagrad)."""
 
+from ..validation import check_bool, check_lr, check_nonnegative, check_positive
 from .base import Optimizer
-from .validation import check_bool, check_lr, check_nonnegative, check_positive
 
 
 class Adagrad(Optimizer):

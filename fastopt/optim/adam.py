@@ -2,8 +2,8 @@
 
 import math
 
+from ..validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
 from .base import Optimizer
-from .validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
 
 
 def adam_weight_decay(group, lr):

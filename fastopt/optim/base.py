@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import dispatch
+from .. import arrays, dispatch
 from ..paramset import ParamSet
-from .validation import check_bool, check_lr, check_positive, check_scheduled_lr
+from ..validation import check_bool, check_lr, check_positive, check_scheduled_lr
 
 
 class _Unit:
@@ -40,15 +40,15 @@ class _Unit:
         self.state = {}
         self.backend = None
         self.scalar_type = None
-        self.kind = "numpy"  # dispatch.array_kind of the user's array
+        self.kind = "numpy"  # arrays.array_kind of the user's array
         self.device = None  # None: host memory; "cuda:<i>" ("cuda" if unknown): device memory
 
 
 def _host_unit(a, label):
     """A unit over a torch CPU tensor: the kernels update a NumPy view of its memory."""
-    view = dispatch.host_view(a)
+    view = arrays.host_view(a)
     unit = _Unit(_flat_view(view, label), view, tuple(view.shape), None, label)
-    unit.kind = dispatch.array_kind(a)
+    unit.kind = arrays.array_kind(a)
     return unit
 
 
@@ -56,7 +56,7 @@ def _device_unit(a, label, backend_name, default_grad=None):
     """A unit over a CUDA array (CuPy, torch CUDA tensor, ``__cuda_array_interface__`` or DLPack):
     the backend is fixed here, so an unavailable one fails at construction, before any write.
     ``param``/``default_grad`` are the backend's native flat views of the same memory."""
-    kind = dispatch.array_kind(a)
+    kind = arrays.array_kind(a)
     backend = dispatch.backend_for_kind(kind, backend_name)
     native = backend.native(a)
     dtype = native.dtype
@@ -64,13 +64,13 @@ def _device_unit(a, label, backend_name, default_grad=None):
         raise TypeError(f"{label} has dtype {dtype}; fastopt updates float32 or float64 arrays")
     if not backend.is_c_contiguous(native):
         raise ValueError(f"{label} is not C-contiguous; pass a contiguous array")
-    if dispatch.is_readonly(a):
+    if arrays.is_readonly(a):
         raise ValueError(f"{label} is read-only; the optimizer updates parameters in place")
     if default_grad is not None:
         default_grad = backend.flat(backend.native(default_grad))
     unit = _Unit(backend.flat(native), a, tuple(native.shape), default_grad, label)
     unit.kind = kind
-    index = dispatch.device_index(a, kind)
+    index = arrays.device_index(a, kind)
     unit.device = "cuda" if index is None else f"cuda:{index}"
     unit.backend = backend
     unit.scalar_type = backend.scalar_type(dtype)
@@ -80,7 +80,7 @@ def _device_unit(a, label, backend_name, default_grad=None):
 def _unit(a, label, backend_name):
     if isinstance(a, np.ndarray):  # the common case first
         return _Unit(_flat_view(a, label), a, a.shape, None, label)
-    if dispatch.is_device_kind(dispatch.array_kind(a)):
+    if arrays.is_device_kind(arrays.array_kind(a)):
         return _device_unit(a, label, backend_name)
     return _host_unit(a, label)
 
@@ -90,7 +90,7 @@ def _memory_span(u):
     while disjoint views of one buffer (weights and biases of a ParamSet) may be."""
     p = u.param
     if u.device is not None:
-        start = dispatch.data_ptr(p)
+        start = arrays.data_ptr(p)
     else:
         start = p.ctypes.data
     return (u.device or "cpu", start, start + p.size * p.dtype.itemsize)
@@ -102,7 +102,7 @@ def _overlaps(a, b):
 
 def _flat_view(a, label):
     if not isinstance(a, np.ndarray):
-        dispatch.array_kind(a)  # raises a clear error for unsupported types
+        arrays.array_kind(a)  # raises a clear error for unsupported types
     if a.dtype.kind != "f" or a.dtype not in (np.float32, np.float64):
         raise TypeError(f"{label} has dtype {a.dtype}; fastopt updates float32 or float64 arrays")
     if not a.flags.c_contiguous:
@@ -441,12 +441,12 @@ class Optimizer:
         """The gradient of a host unit that is not a plain ndarray: a torch CPU tensor becomes a
         NumPy view (host memory either way); anything else is an error naming the mismatch."""
         if not isinstance(grad, np.ndarray):
-            kind = dispatch.array_kind(grad)  # TypeError for unsupported types
+            kind = arrays.array_kind(grad)  # TypeError for unsupported types
             if kind == "torch-cpu":
-                return dispatch.host_view(grad)
+                return arrays.host_view(grad)
             raise ValueError(
-                f"gradient for {unit.label} is {dispatch.describe(grad, kind)}, the parameter "
-                f"{dispatch.describe(unit.source)}: they live on different devices/libraries"
+                f"gradient for {unit.label} is {arrays.describe(grad, kind)}, the parameter "
+                f"{arrays.describe(unit.source)}: they live on different devices/libraries"
             )
         raise TypeError(
             f"gradient for {unit.label} is a {type(grad).__name__}, the parameter a {type(unit.param).__name__}"
@@ -458,14 +458,14 @@ class Optimizer:
         returns the backend's native flat view of the gradient."""
         if grad is unit.default_grad:
             return grad
-        kind = dispatch.array_kind(grad)  # TypeError for unsupported types
+        kind = arrays.array_kind(grad)  # TypeError for unsupported types
         if kind != unit.kind:
             raise ValueError(
-                f"gradient for {unit.label} is {dispatch.describe(grad, kind)}, the parameter "
-                f"{dispatch.describe(unit.source, unit.kind)}: they live on different "
+                f"gradient for {unit.label} is {arrays.describe(grad, kind)}, the parameter "
+                f"{arrays.describe(unit.source, unit.kind)}: they live on different "
                 "devices/libraries"
             )
-        index = dispatch.device_index(grad, kind)
+        index = arrays.device_index(grad, kind)
         if index is not None and unit.device != "cuda" and unit.device != f"cuda:{index}":
             raise ValueError(
                 f"gradient for {unit.label} is on cuda:{index}, the parameter on {unit.device}"
@@ -705,9 +705,9 @@ def _state_array(v):
     if isinstance(v, np.ndarray) or not hasattr(v, "shape"):
         return np.asarray(v)
     try:
-        kind = dispatch.array_kind(v)
+        kind = arrays.array_kind(v)
     except TypeError:
         return np.asarray(v)
     if kind == "cupy" or getattr(v, "__cuda_ndarray__", False):
         return v
-    return dispatch.to_host(v)
+    return arrays.to_host(v)

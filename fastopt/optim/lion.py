@@ -1,7 +1,7 @@
 """Lion (no torch equivalent; follows the paper and optax.lion)."""
 
+from ..validation import check_betas, check_bool, check_lr, check_nonnegative
 from .base import Optimizer
-from .validation import check_betas, check_bool, check_lr, check_nonnegative
 
 
 class Lion(Optimizer):

@@ -1,7 +1,7 @@
 """NAdam (torch.optim.NAdam)."""
 
+from ..validation import check_nonnegative
 from .adam import AdamBase, adam_moment_scalars
-from .validation import check_nonnegative
 
 
 class NAdam(AdamBase):

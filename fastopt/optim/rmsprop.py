@@ -1,7 +1,7 @@
 """RMSprop (torch.optim.RMSprop)."""
 
+from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
 from .base import Optimizer
-from .validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
 
 
 class RMSprop(Optimizer):

@@ -1,7 +1,7 @@
 """Rprop (torch.optim.Rprop)."""
 
+from ..validation import check_bool, check_lr, check_pair, check_positive
 from .base import Optimizer
-from .validation import check_bool, check_lr, check_pair, check_positive
 
 
 class Rprop(Optimizer):

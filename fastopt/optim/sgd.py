@@ -1,7 +1,7 @@
 """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD)."""
 
+from ..validation import check_bool, check_interval, check_lr, check_nonnegative
 from .base import Optimizer
-from .validation import check_bool, check_interval, check_lr, check_nonnegative
 
 
 class SGD(Optimizer):

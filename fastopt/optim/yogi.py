@@ -1,7 +1,7 @@
 """Yogi (no torch equivalent; follows the paper and optax.yogi)."""
 
+from ..validation import check_nonnegative
 from .adam import AdamBase
-from .validation import check_nonnegative
 
 
 class Yogi(AdamBase):
