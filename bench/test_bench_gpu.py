@@ -27,10 +27,10 @@ import time
 
 import numpy as np
 import pytest
-from fastopt.kernels import cuda as kcuda
-from fastopt.kernels import cupy as kcupy
 
 import fastopt as fo
+from fastopt.kernels import cuda as kcuda
+from fastopt.kernels import cupy as kcupy
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("GPU benchmarks do not run under the CUDA simulator", allow_module_level=True)
