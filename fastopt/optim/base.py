@@ -209,6 +209,18 @@ class Optimizer:
         if not self.param_groups:
             raise ValueError("optimizer got an empty parameter list")
 
+    # ------------------------------------------------------------------ public accessors
+    @property
+    def backend_name(self):
+        """The backend named at construction (``backend=``), or None when picked from the arrays."""
+        return self._backend_name
+
+    def sources(self):
+        """Each param group's ``params`` exactly as given (a ParamSet, an array, a list or dict),
+        in group order: how wrappers (Trainer, DataParallel, ZeRO) check what an optimizer is
+        built over without reaching into its internals."""
+        return [g["source"] for g in self._groups]
+
     # ------------------------------------------------------------------ subclass interface
     def _check(self, group):
         """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``."""
