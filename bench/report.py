@@ -21,15 +21,6 @@ from fastopt import benchmarking
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def build(data, source):
-    """The results document of a loaded pytest-benchmark JSON (kept for existing callers)."""
-    return benchmarking.from_pytest_benchmark(data, source)
-
-
-def markdown(result):
-    return benchmarking.markdown(result)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", help="pytest-benchmark JSON (pytest bench/ --benchmark-json=FILE)")

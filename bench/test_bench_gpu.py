@@ -7,7 +7,9 @@ one goal of the project on ratios measured in the same process, on the same devi
 - ``test_adam_vs_copy[cupy|numba-cuda]``: Adam, float32, over a ParamSet of >= 256 Mi elements
   reaches >= 0.90 of the bandwidth of a device-to-device copy (``cudaMemcpyAsync``) of the same
   number of bytes (read + write counted on both sides: Adam moves 28 bytes per element, 16 read
-  (p, g, m, v) and 12 written (p, m, v); the copy moves 14 bytes per element each way).
+  (p, g, m, v) and 12 written (p, m, v); the copy moves 14 bytes per element each way). The goal
+  is stated for >= 256 Mi elements: below that size (``FASTOPT_BENCH_GPU_N``) the test fails on
+  the size, with the fraction it measured, rather than pass or fail a goal it did not measure.
 - ``test_adamw_one_large_tensor_vs_torch_fused``: >= 1.05x ``torch.optim.AdamW(fused=True)`` on
   one tensor of the same size (fastopt updating the torch tensor in place through the dispatcher).
 - ``test_adamw_many_tensors_vs_torch_fused``: >= 1.5x torch's fused AdamW over 500 tensors of
@@ -47,6 +49,7 @@ ADAM_BYTES_PER_ELEMENT = 28  # float32: read p, g, m, v; write p, m, v
 MANY_COUNT, MANY_LO, MANY_HI = 500, 4 << 10, 256 << 10
 
 GOAL_COPY_FRACTION = 0.90
+GOAL_COPY_MIN_ELEMENTS = 1 << 28  # the copy-fraction goal is stated for >= 256 Mi elements
 GOAL_VS_TORCH_LARGE = 1.05
 GOAL_VS_TORCH_MANY = 1.5
 GOAL_HOST_US = 30.0
@@ -164,11 +167,16 @@ def test_adam_vs_copy(benchmark, large_paramset, copy_baseline, backend):
         "copyto_GBps": nbytes / copy_baseline["copyto_s"] / 1e9,
         "fraction_of_copy": fraction,
         "goal": GOAL_COPY_FRACTION,
-        "goal_size_met": N >= 1 << 28,  # the goal is stated for >= 256 Mi elements
+        "goal_size_met": N >= GOAL_COPY_MIN_ELEMENTS,
         "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
     }
     _record(benchmark, opt.step, info)
     del opt
+    assert info["goal_size_met"], (
+        f"{backend}: Adam reached {fraction:.3f} of a D2D copy on {N:,} elements, but the goal "
+        f"(>= {GOAL_COPY_FRACTION}) is stated for >= {GOAL_COPY_MIN_ELEMENTS:,} elements: "
+        f"run with FASTOPT_BENCH_GPU_N >= {GOAL_COPY_MIN_ELEMENTS}"
+    )
     assert fraction >= GOAL_COPY_FRACTION, (
         f"{backend}: Adam at {info['adam_GBps']:.0f} GB/s is {fraction:.3f} of a D2D copy "
         f"({info['copy_GBps']:.0f} GB/s); goal {GOAL_COPY_FRACTION}"

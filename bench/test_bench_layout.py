@@ -11,17 +11,37 @@ The same Adam step over a 16 Mi-element float32 ParamSet, timed four ways by
 - ``torch fused, fastopt buffers``: the same torch kernel with every buffer, state included, a
   2 MiB-aligned fastopt buffer: torch's kernel against ours on equal memory.
 
-Goal: the 2 MiB layout is never slower than the cache-line layout (ratio <= 1.05, noise allowed).
-The ratio to torch with equal buffers is recorded, not asserted: it separates the kernel from the
-allocator in the ``speedup_vs.torch_fused`` goal of ``test_bench_optimizers``.
+Goal: the 2 MiB layout is never slower than the cache-line layout (ratio <= 1.05, noise allowed)
+at the full size (``FASTOPT_BENCH_N`` >= 16 Mi elements, where the buffers are far larger than
+the caches and the TLB reach). A quick run (smaller ``FASTOPT_BENCH_N``) still builds both layouts,
+checks their alignment and asserts the ratio of the best rounds (load from elsewhere only ever adds
+time; a short run's medians are mostly noise), with a tolerance that fits arrays that partly fit in
+cache (<= 1.20); the size is raised to the smallest that gets 2 MiB pages, so the test never skips
+for being small. The ratio to torch with equal buffers is recorded, not
+asserted: it separates the kernel from the allocator in the ``speedup_vs.torch_fused`` goal of
+``test_bench_optimizers``.
 """
 
 import numpy as np
-import pytest
 
 import fastopt as fo
 from fastopt import memory
-from fastopt.benchmarking import env_n, median_times
+from fastopt.benchmarking import DEFAULT_N, env_n, time_steps
+
+GOAL_RATIO = 1.05
+"""2 MiB / 64 B median step time at the full size (DEFAULT_N and above)."""
+QUICK_RATIO = 1.20
+"""2 MiB / 64 B best-round step time below the full size (short rounds, arrays partly in cache)."""
+
+
+def layout_check(n):
+    """(elements to run, statistic, ratio limit) for a requested size ``n``: at least the smallest
+    float32 buffer that gets 2 MiB pages; from the full size on the goal (medians, 1.05), below it
+    the quick check (best rounds, :data:`QUICK_RATIO`)."""
+    smallest = -(-memory.HUGE_PAGE_MIN_BYTES // 4)
+    if n >= DEFAULT_N:
+        return n, "median_s", GOAL_RATIO
+    return max(n, smallest), "min_s", QUICK_RATIO
 
 
 def _adam(n, *, huge_pages):
@@ -71,9 +91,7 @@ def _torch_steps(torch, ps):
 
 
 def test_huge_page_alignment(benchmark):
-    n = env_n()
-    if n * 4 < memory.HUGE_PAGE_MIN_BYTES:
-        pytest.skip(f"{n} float32 elements are below the huge-page threshold")
+    n, statistic, limit = layout_check(env_n())
     ps, opt, buffers = _adam(n, huge_pages=True)
     ps64, opt64, buffers64 = _adam(n, huge_pages=False)
     assert min(map(memory.alignment_of, buffers)) >= memory.HUGE_PAGE
@@ -88,15 +106,24 @@ def test_huge_page_alignment(benchmark):
         steps.update(torch_steps)
     except ImportError:
         pass
-    t = median_times(steps, benchmark.extra_info)
-    ratio = t["fastopt"] / t["fastopt, 64 B-aligned"]
-    benchmark.extra_info["huge_over_cache_line"] = ratio
+    timings = time_steps(steps)
+    t = {name: r["median_s"] for name, r in timings.items()}
+    benchmark.extra_info.update({f"median_s.{name}": v for name, v in t.items()})
+    ratio = timings["fastopt"][statistic] / timings["fastopt, 64 B-aligned"][statistic]
+    benchmark.extra_info.update(
+        huge_over_cache_line=ratio, statistic=statistic, elements=n, ratio_limit=limit
+    )
     lines = [f"\n{k}: {v * 1e3:.2f} ms/step" for k, v in t.items()]
     if "torch fused" in t:
         for peer in ("torch fused", "torch fused, fastopt buffers"):
             benchmark.extra_info[f"speedup_vs.{peer}"] = t[peer] / t["fastopt"]
             lines.append(f"\n{peer} / fastopt = {t[peer] / t['fastopt']:.3f}x")
     benchmark.pedantic(opt.step, rounds=3, iterations=1)
-    print("".join(lines), f"\n2 MiB / 64 B layout = {ratio:.3f} (goal <= 1.05)")
+    print(
+        "".join(lines), f"\n2 MiB / 64 B layout ({statistic}) = {ratio:.3f} at {n:,} (<= {limit})"
+    )
     del keep
-    assert ratio <= 1.05, f"2 MiB-aligned buffers made the Adam step {ratio:.2f}x slower"
+    assert ratio <= limit, (
+        f"2 MiB-aligned buffers made the Adam step {ratio:.2f}x slower ({statistic}) at "
+        f"{n:,} elements (limit {limit})"
+    )

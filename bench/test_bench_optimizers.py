@@ -4,16 +4,17 @@ Run: ``pytest bench/ --benchmark-json=out.json`` (full size: 16 Mi elements per 
 ``FASTOPT_BENCH_N=1000000``). Two kinds of test:
 
 ``test_speed[<case>]``  measures the case against its peers in one interleaved run
-                        (``cases.run_case``), stores every number in ``benchmark.extra_info`` and
-                        lets pytest-benchmark time fastopt's ``opt.step()`` once more for its table.
+                        (``benchmarking.run_case``), stores every number in ``benchmark.extra_info``
+                        and lets pytest-benchmark time fastopt's ``opt.step()`` once more.
 ``test_goal[<case>-<metric>]``  asserts one speed goal on that SAME measurement (ratios measured in
                         the same run, so machine speed cancels out); skipped, with the reason, when
                         the peer it compares against is unavailable (torch not installed, no fused
                         kernel).
 """
 
-import cases
 import pytest
+
+from fastopt import benchmarking
 
 _RESULTS = {}
 """case name -> (run_case result, whether pytest-benchmark timed it too)."""
@@ -27,17 +28,20 @@ def _measure(case, benchmark=None):
     def on_fastopt(step, steps_per_repeat):
         if benchmark is not None:
             benchmark.pedantic(
-                step, rounds=cases.env_repeats(), iterations=steps_per_repeat, warmup_rounds=1
+                step,
+                rounds=benchmarking.env_repeats(),
+                iterations=steps_per_repeat,
+                warmup_rounds=1,
             )
 
-    result = cases.run_case(case, on_fastopt=on_fastopt)
+    result = benchmarking.run_case(case, on_fastopt=on_fastopt)
     _RESULTS[case.name] = (result, benchmark is not None)
     return result
 
 
-@pytest.mark.parametrize("name", [c.name for c in cases.CASES])
+@pytest.mark.parametrize("name", [c.name for c in benchmarking.CASES])
 def test_speed(benchmark, name):
-    case = cases.CASES_BY_NAME[name]
+    case = benchmarking.CASES_BY_NAME[name]
     benchmark.group = "cpu-float32"
     benchmark.name = case.name
     result = _measure(case, benchmark)
@@ -45,17 +49,19 @@ def test_speed(benchmark, name):
     assert result["median_s"] > 0
 
 
-_GOALS = [(case.name, i) for case in cases.CASES for i in range(len(case.goals))]
+_GOALS = [(case.name, i) for case in benchmarking.CASES for i in range(len(case.goals))]
 
 
 @pytest.mark.parametrize(
-    "name,index", _GOALS, ids=[f"{n}-{cases.CASES_BY_NAME[n].goals[i].metric}" for n, i in _GOALS]
+    "name,index",
+    _GOALS,
+    ids=[f"{n}-{benchmarking.CASES_BY_NAME[n].goals[i].metric}" for n, i in _GOALS],
 )
 def test_goal(name, index):
-    case = cases.CASES_BY_NAME[name]
+    case = benchmarking.CASES_BY_NAME[name]
     goal = case.goals[index]
     result = _measure(case)
-    check = cases.check_goal(result, goal)
+    check = benchmarking.check_goal(result, goal)
     if check["status"] == "skipped":
         pytest.skip(f"{case.name}: {goal.label()}: {check['reason']}")
     assert check["status"] == "pass", (

@@ -6,6 +6,7 @@ input is checked in-process through ``fastopt.cli.main`` (the same code path, an
 subprocesses to see the real stderr.
 """
 
+import importlib.metadata
 import json
 import os
 import struct
@@ -74,11 +75,21 @@ def test_help(command, capsys):
 
 
 # ------------------------------------------------------------------------------ info
+def _installed_version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def test_info_text(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for needle in ("fastopt", "numba", "llvmlite", "threading layer", "threads", "numba-cpu"):
         assert needle in out
+    for dist in ("scikit-learn", "tqdm"):
+        (line,) = [x for x in out.splitlines() if x.split()[:1] == [dist]]
+        assert line.split(None, 1)[1] == (_installed_version(dist) or "not installed")
     assert "available" in out and "GPUs" in out
 
 
@@ -90,6 +101,8 @@ def test_info_json():
         assert key in env
     for key in ("numpy", "numba", "llvmlite", "torch", "cupy", "numba-cuda", "mpi4py"):
         assert key in env["versions"]
+    for dist in ("scikit-learn", "tqdm", "matplotlib"):
+        assert env["versions"][dist] == _installed_version(dist)
     assert env["versions"]["numba"]
     for key in ("threading_layer", "available_layers", "threads", "NUMBA_NUM_THREADS"):
         assert key in env["numba"]

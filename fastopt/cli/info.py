@@ -5,13 +5,14 @@ import json
 HELP = "versions, Numba threading layer and threads, backends and GPUs"
 DESCRIPTION = """\
 Print what fastopt runs on here: the versions of fastopt, Python, NumPy, Numba and llvmlite and of
-the optional packages (torch, CuPy, numba-cuda, mpi4py, matplotlib); Numba's threading layer (the
-one in use and those available: tbb or omp are thread-safe, workqueue is not) and thread count;
-every backend, with what it runs on or why it is unavailable; and the CUDA GPUs."""
+the optional packages (torch, CuPy, numba-cuda, mpi4py, matplotlib, scikit-learn, tqdm); Numba's
+threading layer (the one in use and those available: tbb or omp are thread-safe, workqueue is not)
+and thread count; every backend, with what it runs on or why it is unavailable; and the CUDA
+GPUs."""
 EPILOG = """\
 examples:
   fastopt info
-  fastopt info --json > env.json      # the same as JSON (fields: fastopt.benchmarking.environment)
+  fastopt info --json > env.json      # the same as JSON (fields: fastopt.machine.environment)
 """
 
 
@@ -73,7 +74,7 @@ def format_info(env):
 
 
 def run(args):
-    from ..benchmarking import environment
+    from ..machine import environment
 
     env = environment()
     if args.json:

@@ -98,7 +98,7 @@ def device_copy_step(nbytes, library):
     moved: each byte read once and written once), plus the buffers keeping it alive.
 
     ``library`` is ``"cupy"`` (CuPy's current device and stream) or ``"numba-cuda"`` (the legacy
-    default stream). Launch only; time it with CUDA events (``benchmarking.CudaEventTimer``).
+    default stream). Launch only; time it with CUDA events (:class:`fastopt.benchmarking.timing.CudaEventTimer`).
     """
     half = max(4, (int(nbytes) // 2) // 4 * 4)
     if library == "cupy":
@@ -123,16 +123,3 @@ def device_copy_step(nbytes, library):
         raise ValueError(f"no device copy for {library!r}")
     step.buffers = (src, dst)
     return step
-
-
-def check_roofline_is_identity(n=1000, dtype=np.float32):
-    """True if every CPU kernel leaves finite arrays unchanged with c = 0 (a self-check)."""
-    rng = np.random.default_rng(0)
-    g = rng.standard_normal(n).astype(dtype)
-    ok = True
-    for k in KERNELS:
-        arrays = [rng.standard_normal(n).astype(dtype) for _ in range(k)]
-        before = [a.copy() for a in arrays]
-        roofline_step(g, arrays[0], arrays[1:])()
-        ok &= all(np.array_equal(a, b) for a, b in zip(arrays, before, strict=True))
-    return ok

@@ -1,0 +1,238 @@
+"""The case catalogue: each benchmark case (an optimizer configuration, its memory traffic, its
+layout) with its speed goals, the selection of cases to run, and the check of a goal on a result.
+
+A case's optimizer class is looked up by name in :data:`fastopt.optim.OPTIMIZERS`. Case names and
+parameters are part of the committed results in ``bench/results/``: keep them stable so new runs
+stay comparable with old ones.
+"""
+
+from dataclasses import dataclass
+
+from ..optim import OPTIMIZERS
+from . import roofline
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A speed goal: ``metric op threshold`` on a run_case() result.
+
+    ``metric`` is a key of the result, dotted for nested dicts: ``fraction_of_roofline``,
+    ``us_per_step``, ``speedup_vs.torch_fused``, ``time_ratio_to.single_param``.
+    """
+
+    metric: str
+    op: str  # ">=" or "<="
+    threshold: float
+    text: str
+
+    def label(self):
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: an optimizer configuration, its traffic, its layout and its goals."""
+
+    name: str
+    algorithm: str
+    """fastopt class name (a class of ``fastopt.optim.OPTIMIZERS``); also the torch.optim class
+    unless ``torch_name``."""
+    kwargs: dict
+    state_slots: int
+    """Per-element state arrays the step reads and writes (checked against the optimizer)."""
+    layout: str = "flat"
+    """``flat``: one ``n``-element parameter in a ParamSet; ``many``: COUNT parameters of SIZE."""
+    n: int | None = None
+    """Fixed element count of a flat case (None: the size asked for, FASTOPT_BENCH_N)."""
+    torch_name: str | None = ""
+    """torch.optim class ('' = same as ``algorithm``; None = torch has no such optimizer)."""
+    goals: tuple = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if self.algorithm.lower() not in OPTIMIZERS:
+            raise ValueError(
+                f"case {self.name!r}: {self.algorithm!r} is not in fastopt.optim.OPTIMIZERS"
+            )
+
+    @property
+    def optimizer_class(self):
+        """The fastopt optimizer class of the case (from :data:`fastopt.optim.OPTIMIZERS`)."""
+        return OPTIMIZERS[self.algorithm.lower()]
+
+    def bytes_per_element(self, itemsize=4):
+        """Bytes one step moves per element: the gradient read, parameter and state read and
+        written (:func:`fastopt.benchmarking.roofline.bytes_per_element`)."""
+        return roofline.bytes_per_element(self.state_slots, itemsize)
+
+    @property
+    def torch_class(self):
+        """The torch.optim class name to compare with (None: torch has no such optimizer)."""
+        return self.algorithm if self.torch_name == "" else self.torch_name
+
+    @property
+    def sized(self):
+        """True when the case runs at the size asked for (flat, no fixed ``n``)."""
+        return self.layout == "flat" and self.n is None
+
+
+def _roofline_goal(fraction):
+    return Goal(
+        "fraction_of_roofline",
+        ">=",
+        fraction,
+        f"at least {fraction:.0%} of the throughput of a kernel with the same loads and stores",
+    )
+
+
+ADAM_GOALS = (
+    _roofline_goal(0.90),
+    Goal("speedup_vs.torch_fused", ">=", 1.0, "at least as fast as torch.optim.Adam(fused=True)"),
+    Goal("speedup_vs.numpy", ">=", 15.0, "at least 15x the naive NumPy Adam"),
+)
+MANY_GOALS = (
+    Goal(
+        "speedup_vs.torch_fused",
+        ">=",
+        20.0,
+        "at least 20x torch.optim.Adam(fused=True) over the same separate tensors",
+    ),
+    Goal(
+        "time_ratio_to.single_param",
+        "<=",
+        1.3,
+        "at most 1.3x the time of one parameter with the same total elements",
+    ),
+)
+TINY_GOALS = (Goal("us_per_step", "<=", 10.0, "opt.step() on 1000 elements within 10 µs"),)
+OTHER_GOALS = (_roofline_goal(0.85),)
+
+
+def _other(name, algorithm, kwargs, slots, torch_name="", description=""):
+    return Case(
+        name,
+        algorithm,
+        kwargs,
+        slots,
+        torch_name=torch_name,
+        goals=OTHER_GOALS,
+        description=description,
+    )
+
+
+CASES = (
+    Case(
+        "adam",
+        "Adam",
+        {"lr": 1e-3},
+        2,
+        goals=ADAM_GOALS,
+        description="Adam, float32, one ParamSet of N elements",
+    ),
+    Case(
+        "adam_many",
+        "Adam",
+        {"lr": 1e-3},
+        2,
+        layout="many",
+        goals=MANY_GOALS,
+        description="Adam over COUNT parameters of SIZE elements packed in one ParamSet",
+    ),
+    Case(
+        "adam_tiny",
+        "Adam",
+        {"lr": 1e-3},
+        2,
+        n=1000,
+        goals=TINY_GOALS,
+        description="Adam on a 1000-element ParamSet: per-call overhead",
+    ),
+    _other("sgd", "SGD", {"lr": 1e-2}, 0),
+    _other("sgd_momentum", "SGD", {"lr": 1e-2, "momentum": 0.9}, 1),
+    _other("sgd_nesterov", "SGD", {"lr": 1e-2, "momentum": 0.9, "nesterov": True}, 1),
+    _other("adagrad", "Adagrad", {"lr": 1e-2}, 1),
+    _other("rmsprop", "RMSprop", {"lr": 1e-2}, 1),
+    _other("rmsprop_centered", "RMSprop", {"lr": 1e-2, "centered": True}, 2),
+    _other("rmsprop_momentum", "RMSprop", {"lr": 1e-2, "momentum": 0.9}, 2),
+    _other(
+        "rmsprop_centered_momentum", "RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.9}, 3
+    ),
+    _other("adadelta", "Adadelta", {}, 2),
+    _other("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2),
+    _other("amsgrad", "Adam", {"lr": 1e-3, "amsgrad": True}, 3),
+    _other("adamax", "Adamax", {"lr": 2e-3}, 2),
+    _other("nadam", "NAdam", {"lr": 2e-3}, 2),
+    _other("radam", "RAdam", {"lr": 1e-3}, 2),
+    _other("rprop", "Rprop", {"lr": 1e-2}, 2),
+    _other("yogi", "Yogi", {"lr": 1e-2}, 2, torch_name=None),
+    _other("lion", "Lion", {"lr": 1e-4}, 1, torch_name=None),
+)
+
+CASES_BY_NAME = {c.name: c for c in CASES}
+
+ALGORITHMS = tuple(dict.fromkeys(c.algorithm for c in CASES))
+"""Every algorithm with a case, in case order."""
+
+QUICK_CASES = tuple(
+    next(c.name for c in CASES if c.algorithm == a and c.sized and not c.kwargs.get("amsgrad"))
+    for a in ALGORITHMS
+)
+"""One plain case per algorithm (``fastopt bench --quick``)."""
+
+
+def select_cases(algorithms=None, names=None, quick=False):
+    """Cases to run: by algorithm (case-insensitive class names, e.g. ``adam``: every Adam case)
+    and/or by case name; ``quick`` keeps one plain case per algorithm. ValueError naming the
+    unknown ones."""
+    pool = [CASES_BY_NAME[n] for n in QUICK_CASES] if quick else list(CASES)
+    if not algorithms and not names:
+        return pool
+    chosen = []
+    if algorithms:
+        known = {a.lower(): a for a in ALGORITHMS}
+        for a in algorithms:
+            if a.lower() not in known:
+                hint = f"; {a!r} is a case name: use --cases" if a in CASES_BY_NAME else ""
+                raise ValueError(
+                    f"unknown algorithm {a!r}; known: {', '.join(sorted(known))}{hint}"
+                )
+        wanted = {known[a.lower()] for a in algorithms}
+        chosen += [c for c in pool if c.algorithm in wanted]
+    for name in names or ():
+        if name not in CASES_BY_NAME:
+            raise ValueError(f"unknown case {name!r}; known: {', '.join(CASES_BY_NAME)}")
+        if CASES_BY_NAME[name] not in chosen:
+            chosen.append(CASES_BY_NAME[name])
+    return chosen
+
+
+def _metric(result, metric):
+    """The value of a dotted ``metric`` in a result (None where it was not measured)."""
+    value = result
+    for part in metric.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def check_goal(result, goal):
+    """{goal, text, value, status ('pass'/'fail'/'skipped'), reason} for one Goal."""
+    value = _metric(result, goal.metric)
+    out = {
+        "goal": goal.label(),
+        "metric": goal.metric,
+        "op": goal.op,
+        "threshold": goal.threshold,
+        "text": goal.text,
+        "value": value,
+    }
+    if value is None:
+        peer = goal.metric.split(".")[-1]
+        out["status"] = "skipped"
+        out["reason"] = result.get("skipped_peers", {}).get(peer, f"{goal.metric} was not measured")
+        return out
+    ok = value >= goal.threshold if goal.op == ">=" else value <= goal.threshold
+    out["status"] = "pass" if ok else "fail"
+    out["reason"] = f"{goal.metric} = {value:.4g}, goal {goal.op} {goal.threshold:g}"
+    return out
