@@ -306,7 +306,8 @@ def test_playground_chosen_schedules(tmp_path, capsys):
     assert png_size(out) == playground.schedules_size(2) == (800, 260)
     data = json.loads(js.read_text())
     warm, step = data["schedules"]
-    assert warm["config"]["type"] == "Warmup" and warm["lr"][0] == 0.0
+    # the warmup starts at lr/3 like fastopt.schedules.warmup and torch's LinearLR
+    assert warm["config"]["type"] == "Warmup" and warm["lr"][0] == pytest.approx(0.1 / 3)
     assert max(warm["lr"]) == pytest.approx(0.1)
     assert step["lr"][0] == 0.1 and step["lr"][10] == 0.05  # step_size defaults to steps // 4
 
@@ -320,7 +321,8 @@ BAD = [
     (["playground", "--optimizer", "adam:betas=(0.9"], "unbalanced"),
     (["playground", "--optimizer", "sgd:lr=0.1,lr=0.2"], "'lr' given twice"),
     (["playground", "--problem", "nope"], "unknown problem 'nope'"),
-    (["playground", "--problem", "quadratic:a=-1"], "a must be > 0"),
+    (["playground", "--problem", "quadratic:a=-1"], "invalid a: -1 (must be > 0)"),
+    (["playground", "--problem", "quadratic:a=x"], "a must be a real number, got 'x'"),
     (["playground", "--start", "1,2,3"], "has 2 variable(s)"),
     (["playground", "--start", "a,b"], "not a comma-separated list of numbers"),
     (["playground", "--steps", "x"], "invalid int value"),
