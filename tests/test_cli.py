@@ -7,13 +7,11 @@ subprocesses to see the real stderr.
 """
 
 import json
-import os
-import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_ok, cli, png_size
 
 from fastopt import benchmarking, playground
 from fastopt.cli import main
@@ -21,35 +19,6 @@ from fastopt.cli import main
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, env=None, cwd=None, timeout=300):
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "fastopt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
-def png_size(path):
-    """(width, height) from a PNG's IHDR chunk; asserts the file is a PNG."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    width, height = struct.unpack(">II", data[16:24])
-    assert data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82"), f"{path} is truncated"
-    return width, height
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
 
 
 # ------------------------------------------------------------------------------ version, help

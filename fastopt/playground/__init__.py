@@ -25,6 +25,7 @@ from .drawing import (
     TRAJECTORY_SIZE_PX,
     plot_schedules,
     plot_trajectories,
+    pyplot,
     save_figure,
     schedules_size,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "parse_spec",
     "plot_schedules",
     "plot_trajectories",
+    "pyplot",
     "run",
     "save_figure",
     "schedule_label",
