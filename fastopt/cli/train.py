@@ -37,6 +37,7 @@ Modules: :mod:`.train_options` (option checks), :mod:`.train_data` (loading, tas
 
 import os
 import sys
+import textwrap
 import threading
 import time
 
@@ -100,10 +101,15 @@ HELP = "train an MLP on a built-in dataset or a CSV / NPZ file"
 def _description():
     from ..datasets import BUILTIN
 
+    first = textwrap.fill(
+        "Train a multilayer perceptron (fastopt.MLP with fastopt.Trainer) on a built-in dataset "
+        f"({', '.join(BUILTIN)}: scikit-learn's bundled copies, no download) or on a CSV file "
+        "with a header row (--target COLUMN, default the last column; every other column a "
+        "numeric feature) or an NPZ file (arrays X and y, or --target naming the y array).",
+        96,
+    )
     return f"""\
-Train a multilayer perceptron (fastopt.MLP with fastopt.Trainer) on a built-in dataset ({", ".join(BUILTIN)}: scikit-learn's bundled copies, no download) or on a CSV file
-with a header row (--target COLUMN, default the last column; every other column a numeric
-feature) or an NPZ file (arrays X and y, or --target naming the y array).
+{first}
 
 Classification or regression is inferred from the target (strings, or integers with at most 50
 distinct values -> classification; real numbers -> regression) or forced with --task. Inputs are
@@ -127,6 +133,12 @@ def _epilog():
 
     builtin = "\n".join(f"  {name:<14}{b.task}: {b.description}" for name, b in BUILTIN.items())
     aliases = ", ".join(P.SCHEDULE_ALIASES)
+    notes = textwrap.fill(
+        " ".join(
+            f"""Optimizers: {", ".join(OPTIMIZERS)}, as NAME:k=v,k=v with their torch.optim arguments (and max_grad_norm, max_grad_value, skip_nonfinite). weight_decay applies to the weights only (not biases); it defaults to the optimizer's default (AdamW: 0.01). Activations: {", ".join(ACTIVATIONS)}. Schedules (per step, over the whole run): {aliases}, or a class name of fastopt.schedules, as NAME:k=v; the lr defaults to the optimizer's. --warmup STEPS ramps the lr up linearly first, from --warmup-start-factor times it (default 1/3, as fastopt.schedules.warmup and torch's LinearLR; 0 starts from 0). --patience N stops when the validation loss has not improved for N epochs and restores the best epoch's weights.""".split()
+        ),
+        96,
+    )
     return f"""\
 examples:
   fastopt train digits
@@ -139,14 +151,7 @@ examples:
 built-in datasets:
 {builtin}
 
-Optimizers: {", ".join(OPTIMIZERS)}, as NAME:k=v,k=v with their torch.optim arguments (and
-max_grad_norm, max_grad_value, skip_nonfinite). weight_decay applies to the weights only (not
-biases); it defaults to the optimizer's default (AdamW: 0.01). Activations: {", ".join(ACTIVATIONS)}.
-Schedules (per step, over the whole run): {aliases}, or a class name of fastopt.schedules,
-as NAME:k=v; the lr defaults to the optimizer's. --warmup STEPS ramps the lr up linearly first,
-from --warmup-start-factor times it (default 1/3, as fastopt.schedules.warmup and torch's
-LinearLR; 0 starts from 0). --patience N stops when the validation loss has not improved for N
-epochs and restores the best epoch's weights.
+{notes}
 
 exit codes:
   0    trained; outputs written
@@ -324,7 +329,7 @@ def run(args):
     if trainer.interrupted:
         stop = f", interrupted after epoch {times.epochs}"
     print(
-        f"{times.epochs} epochs in {duration(times.train_s)} ({si(times.samples_per_s)} "
+        f"{times.epochs} epoch{'' if times.epochs == 1 else 's'} in {duration(times.train_s)} ({si(times.samples_per_s)} "
         f"samples/s){stop}; total {time.perf_counter() - t_start:.1f} s"
     )
     print(
