@@ -11,14 +11,15 @@
     mean, std = datasets.target_standardization(y)  # regression targets
     train, test = datasets.split_indices(len(ds.y), 0.25, seed=0, labels=codes)
 
-Built-in datasets (:data:`BUILTIN`) are the copies bundled with scikit-learn (an optional
-dependency): ``digits`` (8x8 images, 10 classes), ``iris``, ``wine``, ``breast_cancer``
+Built-in datasets (the registry :data:`BUILTIN`) are the copies bundled with scikit-learn (an
+optional dependency): ``digits`` (8x8 images, 10 classes), ``iris``, ``wine``, ``breast_cancer``
 (classification) and ``diabetes`` (regression).
 
 CSV files need a header row; the target is the column named ``target`` (default: the last
 column) and every other column is a numeric feature. The delimiter is ``,`` (``.tsv``: a tab)
 unless given. NPZ files hold ``X`` (2-D, numeric) and the target array ``y`` (or the one named by
-``target``), optionally ``feature_names`` (strings). Anything wrong in a file (missing, not a CSV
+``target``; when predicting, the model's target name or else ``y``), optionally
+``feature_names`` (strings). Anything wrong in a file (missing, not a CSV
 or NPZ, ragged rows, an unknown column, a non-numeric feature, NaN/infinity, wrong shapes) raises
 :class:`DatasetError`, a ValueError with one readable line naming the file, column and line.
 """
@@ -36,6 +37,7 @@ import numpy as np
 __all__ = [
     "BUILTIN",
     "MAX_AUTO_CLASSES",
+    "Builtin",
     "Dataset",
     "DatasetError",
     "encode_labels",
@@ -48,14 +50,32 @@ __all__ = [
     "target_standardization",
 ]
 
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in dataset: the ``sklearn.datasets`` function that loads it, its task and a
+    one-line description (shown by ``fastopt train --help``)."""
+
+    loader: str
+    task: str
+    description: str
+
+
 BUILTIN = {
-    "digits": ("load_digits", "classification"),
-    "iris": ("load_iris", "classification"),
-    "wine": ("load_wine", "classification"),
-    "breast_cancer": ("load_breast_cancer", "classification"),
-    "diabetes": ("load_diabetes", "regression"),
+    "digits": Builtin(
+        "load_digits", "classification", "8x8 images of handwritten digits, 10 classes"
+    ),
+    "iris": Builtin("load_iris", "classification", "150 iris flowers, 4 measurements, 3 species"),
+    "wine": Builtin("load_wine", "classification", "178 wines, 13 chemical features, 3 cultivars"),
+    "breast_cancer": Builtin(
+        "load_breast_cancer", "classification", "569 tumours, 30 features, malignant or benign"
+    ),
+    "diabetes": Builtin(
+        "load_diabetes", "regression", "442 patients, 10 features, disease progression"
+    ),
 }
-"""name -> (scikit-learn loader, task): datasets bundled with scikit-learn (no download)."""
+"""The registry of built-in datasets, name -> :class:`Builtin`: the copies bundled with
+scikit-learn (no download). ``fastopt train`` takes its choices and help from here."""
 
 MAX_AUTO_CLASSES = 50
 """Integer targets with at most this many distinct values (and at most half as many as samples)
@@ -120,7 +140,7 @@ def load(source, *, target=None, delimiter=None, features=None):
 def load_builtin(name):
     """One of :data:`BUILTIN`, from scikit-learn's bundled copy (ImportError without it)."""
     try:
-        loader, task = BUILTIN[name]
+        entry = BUILTIN[name]
     except KeyError:
         raise DatasetError(
             f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN)}"
@@ -132,7 +152,8 @@ def load_builtin(name):
             f"the built-in dataset {name!r} is scikit-learn's bundled copy: "
             "pip install scikit-learn (or train on a CSV / NPZ file)"
         ) from None
-    bunch = getattr(skd, loader)()
+    task = entry.task
+    bunch = getattr(skd, entry.loader)()
     X = np.ascontiguousarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target)
     names = getattr(bunch, "target_names", None)
@@ -174,7 +195,7 @@ def load_csv(path, *, target=None, delimiter=None, features=None):
             if len(row) != len(header):
                 raise DatasetError(
                     f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
-                    f"{len(header)}"
+                    f"{len(header)}{_delimiter_hint(header, delimiter)}"
                 )
             rows.append(row)
             lines.append(reader.line_num)
@@ -196,7 +217,8 @@ def load_csv(path, *, target=None, delimiter=None, features=None):
         raise DatasetError(f"{path}: no data rows after the header")
     if len(header) < 2 and features is None:
         raise DatasetError(
-            f"{path}: only one column ({header[0]!r}); expected feature columns and a target column"
+            f"{path}: only one column ({header[0]!r}); expected feature columns and a target "
+            f"column{_delimiter_hint(header, delimiter)}"
         )
     feat_cols, target_col = _csv_columns(path, header, target, features)
     cells = np.array(rows, dtype=str)
@@ -215,6 +237,17 @@ def load_csv(path, *, target=None, delimiter=None, features=None):
         name,
         path,
     )
+
+
+def _delimiter_hint(header, delimiter):
+    """A hint for a file read with the wrong delimiter: its one-column header holds another."""
+    if len(header) != 1:
+        return ""
+    for other in (";", "\t", "|", ","):
+        if other != delimiter and other in header[0]:
+            shown = "$'\\t'" if other == "\t" else repr(other)
+            return f"; is it {other!r}-separated? try --delimiter {shown}"
+    return ""
 
 
 def _csv_columns(path, header, target, features):
@@ -387,6 +420,8 @@ def load_npz(path, *, target=None, features=None):
                         f"{path}: feature_names differ from the model's: {', '.join(diff[:3])}"
                     )
         key = target if target is not None else "y"
+        if features is not None and key not in keys:
+            key = "y"  # predict: the model's target name, else the conventional y
         y = None
         if key in keys and key != "X":
             y = get(key)

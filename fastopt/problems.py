@@ -34,9 +34,11 @@ a function", 1960. Parameters are given as keywords: ``get_problem("quadratic", 
 x1^2 + 4 x2^2.
 """
 
-import math
+import inspect
 
 import numpy as np
+
+from .validation import check_positive, check_real
 
 __all__ = [
     "PROBLEMS",
@@ -51,17 +53,12 @@ __all__ = [
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    check_positive(name, value)
     return float(value)
 
 
 def _finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return check_real(name, value)
 
 
 def _coef(c):
@@ -261,32 +258,35 @@ class Plateau(Problem):
         return 2.0 * tx * (1.0 - tx * tx), 2.0 * ty * (1.0 - ty * ty)
 
 
+def _ellipse(a=0.1, b=2.0):
+    return Quadratic(a, b, name="ellipse")
+
+
 PROBLEMS = {
     "square": Square,
     "quadratic": Quadratic,
-    "ellipse": lambda a=0.1, b=2.0: Quadratic(a, b, name="ellipse"),
+    "ellipse": _ellipse,
     "rosenbrock": Rosenbrock,
     "saddle": Saddle,
     "plateau": Plateau,
 }
-"""name -> factory(**params)."""
+"""The registry of test functions, name -> factory(**params); ``fastopt playground`` and its
+help read it. A new problem is added here once."""
 
 
 def get_problem(name, **params):
     """The problem called ``name`` (see the table in the module docstring), built with ``params``.
-    ValueError naming the known problems, or the bad parameter."""
+    ValueError naming the known problems, or an unknown parameter; a parameter's value is checked
+    by :mod:`fastopt.validation` (TypeError for a wrong type, ValueError for a wrong value)."""
     factory = PROBLEMS.get(str(name).lower())
     if factory is None:
         raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}")
-    try:
-        return factory(**params)
-    except TypeError:
-        import inspect
-
-        target = factory if not isinstance(factory, type) else factory.__init__
-        allowed = [p for p in inspect.signature(target).parameters if p not in ("self", "name")]
-        bad = sorted(set(params) - set(allowed))
+    target = factory.__init__ if isinstance(factory, type) else factory
+    allowed = [p for p in inspect.signature(target).parameters if p not in ("self", "name")]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
         known = ", ".join(allowed) if allowed else "none"
         raise ValueError(
-            f"problem {name!r} has no parameter {bad[0] if bad else '?'!r}; its parameters: {known}"
-        ) from None
+            f"problem {name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
+        )
+    return factory(**params)

@@ -8,13 +8,11 @@ subprocesses to see the real stderr.
 
 import importlib.metadata
 import json
-import os
-import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_ok, cli, png_size
 
 from fastopt import benchmarking, playground
 from fastopt.cli import main
@@ -22,35 +20,6 @@ from fastopt.cli import main
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, env=None, cwd=None, timeout=300):
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "fastopt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
-def png_size(path):
-    """(width, height) from a PNG's IHDR chunk; asserts the file is a PNG."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    width, height = struct.unpack(">II", data[16:24])
-    assert data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82"), f"{path} is truncated"
-    return width, height
-
-
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
 
 
 # ------------------------------------------------------------------------------ version, help
@@ -319,7 +288,8 @@ def test_playground_chosen_schedules(tmp_path, capsys):
     assert png_size(out) == playground.schedules_size(2) == (800, 260)
     data = json.loads(js.read_text())
     warm, step = data["schedules"]
-    assert warm["config"]["type"] == "Warmup" and warm["lr"][0] == 0.0
+    # the warmup starts at lr/3 like fastopt.schedules.warmup and torch's LinearLR
+    assert warm["config"]["type"] == "Warmup" and warm["lr"][0] == pytest.approx(0.1 / 3)
     assert max(warm["lr"]) == pytest.approx(0.1)
     assert step["lr"][0] == 0.1 and step["lr"][10] == 0.05  # step_size defaults to steps // 4
 
@@ -333,7 +303,8 @@ BAD = [
     (["playground", "--optimizer", "adam:betas=(0.9"], "unbalanced"),
     (["playground", "--optimizer", "sgd:lr=0.1,lr=0.2"], "'lr' given twice"),
     (["playground", "--problem", "nope"], "unknown problem 'nope'"),
-    (["playground", "--problem", "quadratic:a=-1"], "a must be > 0"),
+    (["playground", "--problem", "quadratic:a=-1"], "invalid a: -1 (must be > 0)"),
+    (["playground", "--problem", "quadratic:a=x"], "a must be a real number, got 'x'"),
     (["playground", "--start", "1,2,3"], "has 2 variable(s)"),
     (["playground", "--start", "a,b"], "not a comma-separated list of numbers"),
     (["playground", "--steps", "x"], "invalid int value"),

@@ -10,13 +10,11 @@ few epochs: the whole file runs in seconds.
 import csv
 import json
 import os
-import struct
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_ok, cli, png_size
 
 import fastopt
 from fastopt import datasets
@@ -30,37 +28,12 @@ DIGITS_QUICK = ("--epochs", "30", "--seed", "0")
 smoothing 0.1), 30 epochs, seed 0; about 0.3 s of training."""
 
 
-def cli(*args, cwd, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "fastopt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env=dict(os.environ, COLUMNS="100"),
-    )
-
-
-def assert_ok(r):
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr
-
-
 def assert_bad(r, message):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert message in lines[0], lines[0]
-
-
-def png_size(path):
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    length, kind = struct.unpack(">I4s", data[8:16])
-    assert kind == b"IHDR" and length == 13
-    assert data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82"), f"{path} is truncated"
-    return struct.unpack(">II", data[16:24])
 
 
 # ------------------------------------------------------------------------------ data files
@@ -135,6 +108,14 @@ def test_train_digits(digits_run):
     for part in ("train", "validation", "test"):
         assert any(line.split()[:1] == [part] for line in text.splitlines()), part
     assert "samples/s" in text and "wrote digits-model" in text
+    # per-epoch times with enough digits (ms for short epochs), never "0.00 s"
+    import re
+
+    for line in text.splitlines():
+        if line.startswith("epoch "):
+            assert re.search(r"  \d+(\.\d+)? (ms|s)$", line) and "0.00 s" not in line, line
+    # the kernels are compiled (or loaded) before the clock: reported apart
+    assert "kernel compilation: " in text and "not counted in its time" in text
     history = json.loads((out / "history.json").read_text())
     test_acc = history["meta"]["final"]["test"]["accuracy"]
     assert test_acc >= 0.97, test_acc
@@ -259,7 +240,7 @@ def test_train_npz(files, tmp_path):
         "target 'y': classification, 2 classes (integer labels with 2 distinct values)" in r.stdout
     )
     out = tmp_path / "npz-model"
-    assert sorted(p.name for p in out.iterdir()) == ["history.json", "model.ckpt"]
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "model.ckpt", "test.npz"]
     info = fastopt.load(out / "model.ckpt").extra["model"]
     assert info["classes"] == [0, 1] and info["feature_names"] is None
     assert json.loads((out / "history.json").read_text())["meta"]["seed"] == 3
@@ -280,7 +261,8 @@ def _in_process(ckpt_path, X):
 def test_predict_csv(cls_run, files, tmp_path):
     _, model_dir = cls_run
     out = tmp_path / "pred.csv"
-    r = cli("predict", model_dir, files["cls_new"], "--proba", "--out", out, cwd=tmp_path)
+    r = cli("predict", model_dir, files["cls_new"], "--proba", "--precision", "17", "--out", out,
+            cwd=tmp_path)  # fmt: skip
     assert_ok(r)
     assert "wrote 40 predictions" in r.stdout and "accuracy" in r.stdout
     rows = list(csv.reader(out.read_text().splitlines()))
@@ -328,6 +310,8 @@ def bad_files(tmp_path_factory):
     (d / "header.csv").write_text("a,b,y\n")
     (d / "dup.csv").write_text("a,a,y\n1,2,0\n")
     (d / "binary.csv").write_bytes(b"\xff\xfe\x00\x80garbage")
+    (d / "semi.csv").write_text("a;b;y\n1;2;0\n3;4;1\n")
+    (d / "semi_decimal.csv").write_text("a;b;y\n1,5;2;0\n3;4,5;1\n")
     (d / "text.npz").write_text("not a zip")
     (d / "data.txt.gz").write_bytes(b"")
     np.savez(d / "noy.npz", X=np.ones((4, 2)))
@@ -373,6 +357,11 @@ BAD_TRAIN = [
     (["{reg}", "--schedule", "cosine:warmup=3", "--warmup", "2"], "give the warmup once"),
     (["{reg}", "--warmup", "100000"], "is not shorter than the run"),
     (["{cls}", "--hidden", "12,x"], "--hidden: 'x' is not a positive layer size"),
+    (["{cls}", "--hidden", "0,0"], "holds a layer of 0 units; for no hidden layer give --hidden 0"),
+    (["{cls}", "--hidden", "64,0"], "holds a layer of 0 units"),
+    (["{d}/semi.csv"], "is it ';'-separated? try --delimiter ';'"),
+    (["{d}/semi_decimal.csv"], "is it ';'-separated? try --delimiter ';'"),
+    (["{cls}", "--warmup-start-factor", "1.5"], "--warmup-start-factor must be in [0, 1]"),
     (["{cls}", "--activation", "swish"], "unknown activation 'swish'"),
     (["{cls}", "--test-size", "1.5"], "--test-size must be in [0, 1)"),
     (["{cls}", "--epochs", "0"], "--epochs must be >= 1"),
@@ -442,6 +431,16 @@ def test_help(capsys):
         assert main([command, "--help"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: fastopt {command}") and "examples:" in out
+    # train's help reads the registries, and documents the exit codes and the warmup default
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, entry in datasets.BUILTIN.items():
+        assert f"  {name:<14}{entry.task}: {entry.description}" in out
+    flat = " ".join(out.split())
+    assert ", ".join(fastopt.optim.OPTIMIZERS) in flat
+    assert ", ".join(fastopt.nn.ACTIVATIONS) in flat
+    assert "130 interrupted by Ctrl-C" in flat and "1 the loss became non-finite" in flat
+    assert "--warmup-start-factor F" in out and "default 1/3, as torch's LinearLR" in flat
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "train" in out and "predict" in out
@@ -479,15 +478,154 @@ def test_load_csv_default_target_and_types(tmp_path):
     assert ds.X.shape == (150, 4) and set(ds.y.tolist()) == {"setosa", "versicolor", "virginica"}
 
 
-def test_missing_optional_packages(files, tmp_path, monkeypatch, capsys):
-    """No scikit-learn: the built-in datasets are unavailable; no matplotlib: no curves.png
-    (--no-plot still trains). Exit code 1 and one line saying what to install."""
+def test_missing_scikit_learn(tmp_path, monkeypatch, capsys):
+    """No scikit-learn: the built-in datasets are unavailable. Exit code 1 and one line saying
+    what to install; nothing written. (Without matplotlib the run trains and skips curves.png:
+    test_train_without_matplotlib.)"""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert main(["train", "digits", "--no-plot"]) == 1
     _check_one_line(capsys, "pip install scikit-learn")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert main(["train", str(files["npz"])]) == 1
-    _check_one_line(capsys, "needs matplotlib")
     assert not list(tmp_path.iterdir())
-    assert main(["train", str(files["npz"]), "--no-plot", "--epochs", "1", "--quiet"]) == 0
+
+
+# ------------------------------------------------------------------------------ first hour
+def test_digits_test_split_and_predict_command(digits_run):
+    """train saves its test rows beside the model and prints the predict command that scores
+    them; that command runs and scores the NPZ's y (the model's target is named 'target')."""
+    r, out = digits_run
+    with np.load(out / "test.npz") as z:
+        assert z["X"].shape == (450, 64) and z["y"].shape == (450,)
+        assert z["feature_names"].tolist()[:2] == ["pixel_0_0", "pixel_0_1"]
+        X, y = z["X"], z["y"]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("score the test rows: ")]
+    command = line.removeprefix("score the test rows: ").split()
+    assert command == ["fastopt", "predict", "digits-model", "digits-model/test.npz"]
+    p = cli(*command[1:], "--proba", cwd=out.parent)
+    assert_ok(p)
+    rows = list(csv.reader(p.stdout.splitlines()))
+    assert len(rows) == 451
+    expected = _in_process(out / "model.ckpt", X)
+    assert [int(row[0]) for row in rows[1:]] == expected.argmax(axis=1).tolist()
+    acc = float(np.mean(expected.argmax(axis=1) == y))
+    assert f"accuracy {acc:.4f} on 450 rows (target 'y')" in p.stderr
+    # --proba: 6 significant digits by default (no 17-digit noise)
+    cells = [c for row in rows[1:] for c in row[1:]]
+    digits = [c.split("e")[0].replace(".", "").lstrip("0") for c in cells]
+    assert max(map(len, digits)) <= 6 and max(map(len, digits)) >= 5
+    np.testing.assert_allclose(
+        np.array([[float(c) for c in row[1:]] for row in rows[1:]]), expected, rtol=5e-6
+    )
+
+
+def test_train_reports_compile_time_apart(files, tmp_path, monkeypatch, capsys):
+    """A slow kernel compilation is reported on its own line, announced while it runs, and
+    does not count in the training time (it did: the first epoch held it)."""
+    import time as time_module
+
+    compile_kernels = train_cmd.compile_kernels
+
+    def slow_compile(*args):
+        time_module.sleep(1.6)
+        compile_kernels(*args)
+
+    monkeypatch.setattr(train_cmd, "compile_kernels", slow_compile)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(files["npz"]), "--epochs", "3", "--no-plot", "--no-progress"]
+    assert main([*argv, "--out", "m"]) == 0
+    out = capsys.readouterr().out
+    assert "compiling kernels (first run only)..." in out
+    meta = json.loads((tmp_path / "m" / "history.json").read_text())["meta"]
+    assert meta["compile_time_s"] >= 1.6
+    assert meta["train_time_s"] < 1.6
+    assert f"kernel compilation: {meta['compile_time_s']:.2f} s before training" in out
+    epochs = [ln for ln in out.splitlines() if ln.startswith("epoch 1/3")]
+    assert epochs and epochs[0].endswith(" ms"), epochs
+
+
+def test_compile_warm_up_leaves_the_run_unchanged(files, tmp_path, monkeypatch):
+    """The warm-up fits a copy: the real run's numbers are those of a run without it."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(files["npz"]), "--epochs", "3", "--no-plot", "--quiet"]
+    assert main([*argv, "--out", "a"]) == 0
+    monkeypatch.setattr(train_cmd, "compile_kernels", lambda *args: None)
+    assert main([*argv, "--out", "b"]) == 0
+    a, b = (json.loads((tmp_path / d / "history.json").read_text()) for d in "ab")
+    assert a["metrics"]["loss"] == b["metrics"]["loss"]
+    assert a["meta"]["final"] == b["meta"]["final"]
+
+
+def test_train_without_matplotlib(files, tmp_path):
+    """No matplotlib: the run trains, writes everything but curves.png and says so in one line
+    (it used to stop with exit code 1 before training)."""
+    fake = tmp_path / "nomatplotlib"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    path = os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])
+    r = cli("train", files["npz"], "--epochs", "2", "--quiet", "--out", "m", cwd=tmp_path,
+            env={"PYTHONPATH": path})  # fmt: skip
+    assert_ok(r)
+    assert "curves.png skipped: matplotlib is not installed" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "history.json",
+        "model.ckpt",
+        "test.npz",
+    ]
+
+
+def test_diverging_run_is_one_line(files, tmp_path):
+    """sgd lr=1e4: the loss becomes non-finite; one line on stderr says at which epoch and
+    suggests a smaller lr; no NumPy or Trainer warning reaches the terminal; exit code 1."""
+    r = cli("train", files["reg"], "--optimizer", "sgd:lr=1e4", "--epochs", "5", "--no-progress",
+            "--out", "m", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == train_cmd.EXIT_DIVERGED == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    losses = history["metrics"]["loss"]  # JSON null: non-finite
+    first = next(
+        (i + 1 for i, v in enumerate(losses) if v is None or not np.isfinite(v)), len(losses) + 1
+    )
+    assert f"the loss became non-finite (NaN or infinity) at epoch {first};" in lines[0]
+    assert "Try a smaller learning rate (e.g. --optimizer sgd:lr=1000)" in lines[0]
+    assert "Warning" not in r.stdout + r.stderr
+
+
+def test_warmup_starts_at_a_third_of_the_lr(files, tmp_path, monkeypatch):
+    """--warmup ramps from lr/3 like fastopt.schedules.warmup (torch's LinearLR default); the
+    CLI used to start at 0. --warmup-start-factor 0 does that."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(files["npz"]), "--epochs", "2", "--no-plot", "--quiet", "--warmup", "4"]
+    for out, extra, start in (("a", [], 1e-3 / 3), ("b", ["--warmup-start-factor", "0"], 0.0)):
+        assert main([*argv, *extra, "--out", out]) == 0
+        meta = json.loads((tmp_path / out / "history.json").read_text())["meta"]
+        sched = fastopt.schedules.schedule_from_dict(meta["schedule"])
+        assert sched(0) == pytest.approx(start) and sched(4) == pytest.approx(1e-3)
+
+
+def test_hidden_zero_means_no_hidden_layer(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for text in ("0", "none"):
+        argv = ["train", str(files["npz"]), "--hidden", text, "--epochs", "1", "--no-plot"]
+        assert main([*argv, "--quiet", "--out", text]) == 0
+        info = fastopt.load(tmp_path / text / "model.ckpt").extra["model"]
+        assert info["mlp"]["hidden_sizes"] == ()
+
+
+def test_npz_target_y_is_scored(cls_run, files, tmp_path):
+    """An NPZ's y is scored even when the model's target has another name ('label')."""
+    _, model_dir = cls_run
+    X = files["X_new"][:, [0, 1, 2]]
+    np.savez(tmp_path / "new.npz", X=X, y=_labels(files["X_new"]))
+    r = cli("predict", model_dir, tmp_path / "new.npz", "--out", tmp_path / "p.csv", cwd=tmp_path)
+    assert_ok(r)
+    assert "on 40 rows (target 'y')" in r.stdout
+
+
+def test_builtin_registry():
+    """Every built-in dataset of the registry loads, with the task it declares."""
+    pytest.importorskip("sklearn")
+    for name, entry in datasets.BUILTIN.items():
+        ds = datasets.load(name)
+        assert ds.task_hint == entry.task and ds.X.shape[0] == ds.y.shape[0] > 100
+        assert entry.description

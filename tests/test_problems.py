@@ -78,10 +78,15 @@ def test_bad_names_and_parameters():
         problems.get_problem("nope")
     with pytest.raises(ValueError, match="no parameter 'c'; its parameters: a, b"):
         problems.get_problem("quadratic", c=1)
-    with pytest.raises(ValueError, match="a must be > 0"):
+    # fastopt.validation's checks: ValueError for a wrong value, TypeError for a wrong type
+    with pytest.raises(ValueError, match=r"invalid a: 0 \(must be > 0\)"):
         problems.get_problem("quadratic", a=0)
-    with pytest.raises(ValueError, match="b must be a finite number"):
+    with pytest.raises(ValueError, match=r"invalid b: nan \(must be finite\)"):
         problems.get_problem("rosenbrock", b=float("nan"))
+    with pytest.raises(TypeError, match="a must be a real number, got 'x'"):
+        problems.get_problem("rosenbrock", a="x")
+    with pytest.raises(TypeError, match="b must be a real number, got True"):
+        problems.get_problem("quadratic", b=True)
 
 
 def test_textbook_formulas():
@@ -134,3 +139,41 @@ def test_run_rejects_a_bad_start():
     p = problems.get_problem("ellipse")
     with pytest.raises(ValueError, match="2 coordinate"):
         playground.run(p, "sgd:lr=0.1", start=(1.0,))
+
+
+@pytest.mark.parametrize("problem", ["ellipse", "square", "saddle"])
+def test_diverging_run_is_drawn_clipped_without_warnings(problem, tmp_path, monkeypatch):
+    """sgd lr=1e4 reaches f ~ 1e300 before it stops: the loss panel used to come out empty
+    (a log axis over 300 decades) with matplotlib's overflow warning. Now the curve is clipped,
+    on the chart, and the legend says the run diverged; no warning escapes."""
+    pytest.importorskip("matplotlib")
+    import warnings
+
+    from fastopt.playground import drawing
+
+    figures = []
+    save = drawing.save_figure
+
+    def keep(fig, path, title=None):
+        figures.append(fig)
+        save(fig, path, title)
+
+    monkeypatch.setattr(drawing, "save_figure", keep)
+    p = problems.get_problem(problem)
+    runs = [playground.run(p, "sgd:lr=1e4", steps=200), playground.run(p, "adam:lr=0.1", steps=50)]
+    assert runs[0].diverged and runs[0].values.max() > 1e100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            playground.plot_trajectories(p, runs, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 0
+    ax_loss = figures[0].axes[-1]
+    lo, hi = ax_loss.get_ylim()
+    assert np.isfinite([lo, hi]).all()
+    for line in ax_loss.get_lines():
+        y = np.asarray(line.get_ydata(), dtype=float)
+        y = y[np.isfinite(y)]
+        assert y.size and lo <= y.min() and y.max() <= hi  # drawn inside the panel
+    labels = [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert labels[0].startswith("sgd lr=10000 (diverged after") and "clipped from step" in labels[0]
+    assert labels[1] == "adam lr=0.1"

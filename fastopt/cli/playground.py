@@ -6,15 +6,24 @@ import sys
 from . import UsageError, require_matplotlib
 
 HELP = "plot optimizer trajectories on test functions, or learning-rate schedules"
-DESCRIPTION = """\
+
+
+def _description():
+    import textwrap
+
+    from .. import problems
+    from ..playground import OPTIMIZERS
+
+    def block(label, text):
+        return textwrap.fill(text, 100, initial_indent=f"  {label:<12}", subsequent_indent=" " * 14)
+
+    funcs = ", ".join(f"{n} ({problems.get_problem(n).formula})" for n in problems.PROBLEMS)
+    return f"""\
 Run optimizers on a small test function and draw their trajectories over its contours (its curve,
 for one variable), next to the loss per step: the pictures of Dive into Deep Learning, ch. 12.
 
-  problems    square (x^2), quadratic (a x1^2 + b x2^2, a=1, b=2), ellipse (the same, a=0.1,
-              b=2), rosenbrock (a=1, b=100), saddle (x^2 - y^2), plateau (tanh^2 x + tanh^2 y);
-              parameters as NAME:k=v, e.g. quadratic:a=1,b=4
-  optimizers  sgd (gd), adam, adamw, adagrad, rmsprop, adadelta, adamax, nadam, radam, rprop,
-              yogi, lion, with their torch.optim keyword arguments: NAME:k=v,k=v
+{block("problems", funcs + "; parameters as NAME:k=v, e.g. quadratic:a=1,b=4")}
+{block("optimizers", ", ".join(OPTIMIZERS) + " (gd = sgd), with their torch.optim keyword arguments: NAME:k=v,k=v")}
   presets     gd-lr     gradient descent with lr 0.05 / 0.2 / 1.1 on x^2 from 10 (12.3)
               momentum  gd lr 0.4, momentum 0.25 / 0.5 with lr 0.6 on the ellipse (12.6)
               adaptive  Adagrad vs RMSProp vs Adam, lr 0.4, on the ellipse (12.7-12.10)
@@ -22,7 +31,11 @@ for one variable), next to the loss per step: the pictures of Dive into Deep Lea
 With --schedules, plot the learning rate of fastopt.schedules over --steps steps instead: a
 gallery of every kind, or the ones given with --schedule NAME:k=v (class names of
 fastopt.schedules, any case, or cosine, step, multistep, exponential, polynomial, rsqrt, sgdr,
-onecycle, piecewise; extra keys warmup=W and per_epoch=E; step counts default from --steps)."""
+onecycle, piecewise; extra keys warmup=W (starting at warmup_start_factor=F times the lr,
+default 1/3 as torch's LinearLR) and per_epoch=E; step counts default from --steps)."""
+
+
+DESCRIPTION = _description()
 EPILOG = """\
 examples:
   fastopt playground --preset gd-lr --out gd.png

@@ -23,16 +23,22 @@ DESCRIPTION = """\
 Load a model written by 'fastopt train' (its output folder or the model.ckpt in it; the file is
 verified) and predict the target of every row of DATA: a CSV file with a header row holding the
 model's feature columns (in any order; the target column may be there too, and is then scored)
-or an NPZ file with an array X of the model's width (and optionally y).
+or an NPZ file with an array X of the model's width (and optionally the target: an array named
+as the model's target, or y; 'fastopt train' saves its test rows so, as test.npz).
 
 Writes CSV: a 'prediction' column (class labels or values) and, with --proba, one 'proba_LABEL'
-column per class, to --out FILE or to stdout. When DATA holds the target, prints the accuracy
+column per class (--precision significant digits, default 6), to --out FILE or to stdout. When DATA holds the target, prints the accuracy
 (regression: MAE, RMSE, R^2)."""
 EPILOG = """\
 examples:
+  fastopt predict digits-model digits-model/test.npz
   fastopt predict digits-model test.csv --out predictions.csv
   fastopt predict digits-model/model.ckpt test.npz --proba > predictions.csv
   fastopt predict houses-model new-houses.csv --out prices.csv"""
+
+
+PROBA_DIGITS = 6
+"""Significant digits of the ``--proba`` columns by default (``--precision``)."""
 
 
 def add_arguments(p):
@@ -42,6 +48,13 @@ def add_arguments(p):
     p.add_argument("data", metavar="DATA", help="FILE.csv or FILE.npz")
     p.add_argument("--out", metavar="FILE", help="write the predictions here (CSV; default stdout)")
     p.add_argument("--proba", action="store_true", help="add the class probabilities")
+    p.add_argument(
+        "--precision",
+        type=int,
+        default=PROBA_DIGITS,
+        metavar="N",
+        help=f"significant digits of the probabilities (default {PROBA_DIGITS}; 17 round-trips)",
+    )
     p.add_argument(
         "--delimiter", metavar="C", help="CSV delimiter of DATA (default ',', .tsv: tab)"
     )
@@ -165,6 +178,8 @@ def run(args):
 
     if args.delimiter is not None and len(args.delimiter) != 1:
         raise UsageError(f"--delimiter must be one character, got {args.delimiter!r}")
+    if not 1 <= args.precision <= 17:
+        raise UsageError(f"--precision must be in 1..17, got {args.precision}")
     if args.out is not None:
         parent = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(parent):
@@ -199,10 +214,10 @@ def run(args):
             p = pred[i]
             row = [repr(float(p)) if model.task == "regression" else str(p)]
             if args.proba:
-                row += [repr(float(v)) for v in out[i]]
+                row += [f"{float(v):.{args.precision}g}" for v in out[i]]
             yield row
 
-    score = _score(model, ds.y, pred) if ds.y is not None else None
+    score = _score(model, ds.y, pred, ds.target_name) if ds.y is not None else None
     if args.out is None:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(header)
@@ -230,8 +245,8 @@ def run(args):
     return 0
 
 
-def _score(model, y, pred):
-    """One line scoring ``pred`` against the data's own target column."""
+def _score(model, y, pred, target):
+    """One line scoring ``pred`` against the data's own target ``y`` (named ``target``)."""
     import numpy as np
 
     if model.task == "classification":
@@ -244,7 +259,7 @@ def _score(model, y, pred):
             if unseen
             else ""
         )
-        return f"accuracy {acc:.4f} on {len(y_s)} rows (target {model.target!r}){note}"
+        return f"accuracy {acc:.4f} on {len(y_s)} rows (target {target!r}){note}"
     if np.asarray(y).dtype.kind not in "iuf":
         return None
     y = np.asarray(y, np.float64)
@@ -252,4 +267,4 @@ def _score(model, y, pred):
     mse = float((err**2).mean())
     var = float(((y - y.mean()) ** 2).mean())
     r2 = f", R^2 {1 - mse / var:.4f}" if var > 0 else ""
-    return f"MAE {float(np.abs(err).mean()):.4g}, RMSE {math.sqrt(mse):.4g}{r2} on {len(y)} rows (target {model.target!r})"
+    return f"MAE {float(np.abs(err).mean()):.4g}, RMSE {math.sqrt(mse):.4g}{r2} on {len(y)} rows (target {target!r})"

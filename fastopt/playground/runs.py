@@ -1,0 +1,114 @@
+"""Optimizer runs on a test function (:class:`Trajectory`) and the presets of the textbook."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .specs import parse_optimizer
+
+
+@dataclass
+class Trajectory:
+    """One optimizer run: ``points`` (steps+1, dim) starting at the start point, ``values`` f at
+    each point, ``diverged`` when a point became non-finite (the run stops there)."""
+
+    label: str
+    optimizer: str
+    kwargs: dict
+    points: np.ndarray
+    values: np.ndarray
+    diverged: bool
+
+
+def run(problem, spec, steps=20, start=None):
+    """Run ``spec`` (an OptimizerSpec or a spec string) on ``problem`` for ``steps`` steps from
+    ``start`` (default ``problem.start``); returns a :class:`Trajectory`."""
+    if isinstance(spec, str):
+        spec = parse_optimizer(spec)
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    x0 = np.array(problem.start if start is None else start, dtype=np.float64)
+    if x0.shape != (problem.dim,):
+        raise ValueError(
+            f"{problem.name} takes a start point of {problem.dim} coordinate(s), got {x0.size}"
+        )
+    if not np.isfinite(x0).all():
+        raise ValueError("the start point must be finite")
+    x = x0.copy()
+    opt = spec.build([x])
+    points, values = [x.copy()], [float(problem.value(x))]
+    diverged = False
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(steps):
+            opt.step([problem.grad(x)])
+            fx = float(problem.value(x))
+            if not (np.isfinite(x).all() and math.isfinite(fx)):
+                diverged = True
+                break
+            points.append(x.copy())
+            values.append(fx)
+    return Trajectory(
+        spec.label, spec.name, dict(spec.kwargs), np.array(points), np.array(values), diverged
+    )
+
+
+def trajectories_json(problem, runs, steps):
+    """A JSON-serialisable dict of runs: problem {name, formula, params, start, minimum,
+    min_value}, steps, and runs [{label, optimizer, kwargs, points, values, diverged}]."""
+    return {
+        "problem": {
+            "name": problem.name,
+            "formula": problem.formula,
+            "params": problem.params,
+            "start": list(problem.start),
+            "minimum": None if problem.minimum is None else list(problem.minimum),
+            "min_value": problem.min_value,
+        },
+        "steps": steps,
+        "runs": [
+            {
+                "label": r.label,
+                "optimizer": r.optimizer,
+                "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in r.kwargs.items()},
+                "points": r.points.tolist(),
+                "values": r.values.tolist(),
+                "diverged": r.diverged,
+            }
+            for r in runs
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Preset:
+    problem: str
+    optimizers: tuple
+    steps: int
+    text: str
+    start: tuple | None = None
+
+
+PRESETS = {
+    "gd-lr": Preset(
+        "square",
+        ("sgd:lr=0.05", "sgd:lr=0.2", "sgd:lr=1.1"),
+        10,
+        "D2L 12.3.1: gradient descent on x^2 from 10; eta 0.05 is slow, 0.2 converges, 1.1 diverges",
+    ),
+    "momentum": Preset(
+        "ellipse",
+        ("sgd:lr=0.4", "sgd:lr=0.6,momentum=0.25", "sgd:lr=0.6,momentum=0.5"),
+        20,
+        "D2L 12.6: on 0.1 x1^2 + 2 x2^2, gradient descent (eta 0.4) crawls along x1; momentum "
+        "0.25 and 0.5 with eta 0.6 (where plain GD would diverge in x2)",
+    ),
+    "adaptive": Preset(
+        "ellipse",
+        ("adagrad:lr=0.4", "rmsprop:lr=0.4,alpha=0.9", "adam:lr=0.4"),
+        20,
+        "D2L 12.7-12.10: Adagrad, RMSProp (gamma 0.9) and Adam, eta 0.4, on 0.1 x1^2 + 2 x2^2 "
+        "from (-5, -2)",
+    ),
+}
