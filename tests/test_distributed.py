@@ -261,6 +261,15 @@ def test_one_collective_per_step(runs, world):
             for info in infos:
                 sc = info["scenarios"]
                 dp = sc[f"dp-{name}-None-{dtype}"]
+                # what the communicator saw (debug=True's checksum uses the lowercase allgather)
+                assert dp["comm_calls"] == {"Allreduce": steps}
+                assert sc[f"zero-{name}-None-{dtype}"]["comm_calls"] == {
+                    "Reduce_scatter": steps, "Allgatherv": steps,
+                }  # fmt: skip
+                assert sc[f"zero-{name}-0.5-{dtype}"]["comm_calls"] == {
+                    "Reduce_scatter": steps, "Allreduce": steps, "Allgatherv": steps,
+                }  # fmt: skip
+                assert sc[f"dp-{name}-0.5-{dtype}"]["comm_calls"] == {"Allreduce": steps}
                 assert dp["calls"] == {"Allreduce": steps}
                 assert dp["bytes"] == {"Allreduce": steps * n * item}
                 z = sc[f"zero-{name}-None-{dtype}"]
@@ -297,7 +306,10 @@ def test_block_collectives_when_the_world_divides_the_size(runs, world, clip):
         if clip:
             expected["Allreduce(norm)"] = steps
         assert calls == expected
+        at_comm = {"Allreduce" if k.startswith("Allreduce") else k: v for k, v in expected.items()}
+        assert info["scenarios"][f"even-zero-adam-{clip}"]["comm_calls"] == at_comm
         assert info["scenarios"][f"even-dp-adam-{clip}"]["calls"] == {"Allreduce": steps}
+        assert info["scenarios"][f"even-dp-adam-{clip}"]["comm_calls"] == {"Allreduce": steps}
 
 
 # --------------------------------------------------------------------------- robustness
@@ -727,3 +739,171 @@ def test_trainer_distributed_arguments():
         Trainer(m, fo.Adam(m.param_groups(1e-3)), distributed=ctx, zero=True)
     with pytest.raises(TypeError, match="optimizer must be"):
         Trainer(TC.model(), "adam", distributed=ctx, zero=True)
+
+
+# --------------------------------------------------------------------------- in-process fakes
+#
+# A fake communicator (rank 0 of a world whose other ranks hold the same data as this one) and
+# fake CuPy device buffers: the MPI calls are counted where they happen, at the communicator, and
+# the host staging of device buffers is exercised without MPI or a GPU.
+
+
+class _FakeMPI:
+    IN_PLACE = object()
+    SUM, MIN, MAX = "sum", "min", "max"
+    FLOAT, DOUBLE, INT = "float", "double", "int"
+
+
+def _fake_device_class():
+    def __init__(self, host):
+        self.host = np.array(host)
+        self.dtype, self.shape, self.size = self.host.dtype, self.host.shape, self.host.size
+        self.nbytes, self.ndim = self.host.nbytes, self.host.ndim
+
+    def get(self):
+        self.downloads = getattr(self, "downloads", 0) + 1
+        return self.host.copy()
+
+    def set(self, host):
+        self.uploads = getattr(self, "uploads", 0) + 1
+        self.host[...] = host
+
+    cls = type("ndarray", (), {"__init__": __init__, "get": get, "set": set})
+    cls.__module__ = "cupy._core.core"  # what fastopt.arrays recognises as a CuPy array
+    return cls
+
+
+FakeDevice = _fake_device_class()
+
+
+class _FakeComm:
+    def __init__(self, size=2):
+        self.size = size
+        self.calls = []  # (method, type of the buffer MPI was handed)
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return self.size
+
+    @staticmethod
+    def _array(spec):
+        buf = spec[0]
+        return buf.host if isinstance(buf, FakeDevice) else buf
+
+    def _record(self, name, spec):
+        self.calls.append((name, type(spec[0]).__name__))
+
+    def Allreduce(self, send, recv, op):
+        assert send is _FakeMPI.IN_PLACE and op == _FakeMPI.SUM
+        self._record("Allreduce", recv)
+        a = self._array(recv)
+        a *= self.size  # every rank holds the same values
+
+    def Reduce_scatter_block(self, send, recv, op):
+        self._record("Reduce_scatter_block", send)
+        d = self._array(recv)
+        d[...] = self.size * self._array(send)[: d.size]
+
+    def Reduce_scatter(self, send, recv, counts, op):
+        self._record("Reduce_scatter", send)
+        d = self._array(recv)
+        d[...] = self.size * self._array(send)[: d.size]
+
+    def Allgather(self, send, recv):
+        self._record("Allgather", recv)  # the other ranks' slices equal ours: nothing changes
+
+    def Allgatherv(self, send, recv):
+        self._record("Allgatherv", recv)
+
+    def Bcast(self, buf, root):
+        self._record("Bcast", buf)
+
+    def bcast(self, obj, root):
+        return obj
+
+    def allgather(self, obj):
+        return [obj] * self.size
+
+
+@pytest.fixture
+def fake_mpi(monkeypatch):
+    from fastopt.distributed import collectives, mpi
+
+    monkeypatch.setattr(mpi, "import_mpi", lambda: _FakeMPI)
+    monkeypatch.setattr(collectives, "import_mpi", lambda: _FakeMPI)
+    syncs = []
+    stream = type("Stream", (), {"synchronize": lambda self: syncs.append(1)})()
+    cuda = type("cuda", (), {"get_current_stream": staticmethod(lambda: stream)})
+    monkeypatch.setitem(sys.modules, "cupy", type("cupy", (), {"cuda": cuda}))
+    return syncs
+
+
+@pytest.mark.parametrize("cuda_aware", [False, True])
+def test_device_buffers_are_staged_through_the_host(fake_mpi, cuda_aware):
+    """Without a CUDA-aware MPI every collective hands MPI a NumPy copy of the device buffer and
+    copies the result back; with one, the device buffer itself. The stream is synchronised
+    before each call either way."""
+    from fastopt.distributed.collectives import Collectives
+
+    comm = _FakeComm(size=3)
+    coll = Collectives(comm, cuda_aware)
+    grad = FakeDevice(np.arange(6, dtype=np.float32))
+    coll.allreduce_sum(grad)
+    np.testing.assert_array_equal(grad.host, 3 * np.arange(6))
+    shard = FakeDevice(np.zeros(2, np.float32))
+    coll.reduce_scatter_sum(grad, shard, [2, 2, 2])
+    np.testing.assert_array_equal(shard.host, [0, 9])
+    flat = FakeDevice(np.ones(6, np.float64))
+    coll.allgather_inplace(flat, [2, 2, 2], [0, 2, 4])
+    coll.bcast(flat, 0)
+    names = [c[0] for c in comm.calls]
+    assert names == ["Allreduce", "Reduce_scatter_block", "Allgather", "Bcast"]
+    staged = [getattr(b, "downloads", 0) for b in (grad, flat)]
+    if cuda_aware:
+        assert staged == [0, 0] and not hasattr(shard, "uploads")
+    else:
+        assert staged == [2, 2]  # grad: Allreduce + Reduce_scatter; flat: Allgather + Bcast
+        assert grad.uploads == 1 and shard.uploads == 1 and flat.uploads == 2
+    assert len(fake_mpi) == 5  # one synchronisation per device buffer handed to a call
+    assert coll.stats.calls == {"Allreduce": 1, "Reduce_scatter_block": 1, "Allgather": 1,
+                                "Bcast": 1}  # fmt: skip
+
+
+def test_device_buffers_reach_mpi_as_numpy_arrays_when_staged(fake_mpi):
+    from fastopt.distributed.collectives import Collectives
+
+    seen = []
+    comm = _FakeComm(size=2)
+    real = comm.Allreduce
+    comm.Allreduce = lambda send, recv, op: seen.append(type(recv[0])) or real(send, recv, op)
+    Collectives(comm, False).allreduce_sum(FakeDevice(np.ones(4, np.float32)))
+    Collectives(comm, True).allreduce_sum(FakeDevice(np.ones(4, np.float32)))
+    assert seen == [np.ndarray, FakeDevice]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_one_collective_per_step_counted_at_the_communicator(fake_mpi, clip):
+    """DataParallel: one Allreduce per step; ZeRO-1: one Reduce_scatter and one Allgatherv
+    (+ one Allreduce of the norm with clipping): what the communicator saw, not fastopt's own
+    counter."""
+    X, Y = P.data()
+    for mode in ("dp", "zero"):
+        comm = _FakeComm(size=2)
+        ps = P.init_params()
+        if mode == "dp":
+            opt = dist.DataParallel(ps, fo.Adam(ps, lr=0.01, max_grad_norm=clip), comm=comm)
+        else:
+            opt = dist.ZeroRedundancyOptimizer(ps, fo.Adam, lr=0.01, max_grad_norm=clip, comm=comm)
+        assert [c[0] for c in comm.calls] == ["Bcast"]  # the parameters, at construction
+        del comm.calls[:]
+        for step in range(3):
+            P.set_grad(ps, X, Y, P.batch(step, 8, 0, 2))
+            opt.step()
+        names = [c[0] for c in comm.calls]
+        if mode == "dp":
+            assert names == ["Allreduce"] * 3
+        else:
+            per_step = ["Reduce_scatter"] + (["Allreduce"] if clip else []) + ["Allgatherv"]
+            assert names == per_step * 3

@@ -150,6 +150,76 @@ def test_any_optimizer_and_clipping_options():
         Trainer(m, max_grad_norm=-1)
 
 
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_max_grad_norm_clips_the_update(max_norm):
+    """One full-batch SGD step: the parameter change is -lr * g * min(1, c / (||g|| + 1e-6))
+    with g the unclipped gradient (torch's clip_grad_norm_ rule), not -lr * g."""
+    X, y = _blobs(n=64)
+    m = _model()
+    before = m.params.flat.copy()
+    probe = _model()  # the same initial weights: its gradient on the whole batch
+    probe.batch_loss_and_grad(probe.check_X(X), probe.check_targets(y, 64), np.arange(64),
+                              train=True, rng=np.random.default_rng(0))  # fmt: skip
+    g = probe.params.grad_flat.astype(np.float64)
+    norm = float(np.sqrt((g * g).sum()))
+    assert norm > 0.05  # the small max_norm does clip
+    lr = 0.1
+    Trainer(m, fo.SGD, lr=lr, batch_size=64, epochs=1, shuffle=False, max_grad_norm=max_norm,
+            seed=0).fit(X, y)  # fmt: skip
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    step = m.params.flat.astype(np.float64) - before
+    np.testing.assert_allclose(step, -lr * coef * g, rtol=2e-4, atol=1e-7)
+    if coef < 1:
+        assert np.abs(step).max() < 0.5 * lr * np.abs(g).max()  # far from the unclipped step
+
+
+def test_a_diverging_run_stops_and_keeps_finite_weights(tmp_path):
+    """lr=1e4: the loss overflows within the first epoch; training stops at once without NumPy
+    warnings, the initial (last finite) weights are back, and the reason is recorded."""
+    import warnings
+
+    X, y = _blobs()
+    m = _model()
+    initial = m.params.flat.copy()
+    path = tmp_path / "run.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from NumPy (overflow, invalid)
+        t = Trainer(m, fo.SGD, lr=1e4, batch_size=16, epochs=5, seed=0, checkpoint=str(path),
+                    history_path=str(tmp_path / "h.json"))  # fmt: skip
+        h = t.fit(X, y)
+    assert h.stop_reason == "nonfinite_loss" and h.stop_epoch == 1
+    assert len(h["loss"]) == 1 and not np.isfinite(h["loss"][0])
+    assert t.global_step < 15  # stopped inside the epoch (15 steps), at the first bad loss
+    np.testing.assert_array_equal(m.params.flat, initial)
+    assert all(np.isfinite(a).all() for a in fo.load(path).params.values())
+    assert History.from_json(tmp_path / "h.json").meta["stop_reason"] == "nonfinite_loss"
+
+
+def test_divergence_in_a_later_epoch_restores_the_last_finite_epoch():
+    X, y = _blobs()
+
+    def blow_up(trainer, epoch, logs):  # from epoch 2 on the learning rate is far too large
+        trainer.optimizer.param_groups[0]["lr"] = 1e4
+
+    reference = _model()
+    Trainer(reference, fo.SGD, lr=0.1, batch_size=16, epochs=1, seed=0).fit(X, y)
+    m = _model()
+    t = Trainer(m, fo.SGD, lr=0.1, batch_size=16, epochs=5, seed=0, callbacks=[blow_up])
+    h = t.fit(X, y)
+    assert (h.stop_reason, h.stop_epoch) == ("nonfinite_loss", 2) and np.isfinite(h["loss"][0])
+    np.testing.assert_array_equal(m.params.flat, reference.params.flat)
+
+
+def test_stop_reason_of_early_stopping_and_callbacks():
+    X, y = _blobs(n=64)
+    h = Trainer(_model(), epochs=20, patience=2, min_delta=10.0, monitor="loss", seed=0).fit(X, y)
+    assert (h.stop_reason, h.stop_epoch) == ("early_stopping", 3)
+    h = Trainer(_model(), epochs=5, callbacks=[lambda t, e, logs: e == 2], seed=0).fit(X, y)
+    assert (h.stop_reason, h.stop_epoch) == ("callback", 2)
+    h = Trainer(_model(), epochs=2, seed=0).fit(X, y)
+    assert h.stop_reason is None and h.stop_epoch is None
+
+
 def test_early_stopping_restores_best_weights():
     X, y = _blobs(n=90, seed=1)
     X = X + np.random.default_rng(5).standard_normal(X.shape) * 4  # noisy: it overfits

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+from ..fileio import OutputError, atomic_write, check_output
 from . import UsageError
 
 HELP = "apply a model written by 'fastopt train' to a CSV / NPZ file"
@@ -27,8 +28,8 @@ or an NPZ file with an array X of the model's width (and optionally the target: 
 as the model's target, or y; 'fastopt train' saves its test rows so, as test.npz).
 
 Writes CSV: a 'prediction' column (class labels or values) and, with --proba, one 'proba_LABEL'
-column per class (--precision significant digits, default 6), to --out FILE or to stdout. When DATA holds the target, prints the accuracy
-(regression: MAE, RMSE, R^2)."""
+column per class (--precision significant digits, default 6), to --out FILE or to stdout
+(--out -). When DATA holds the target, prints the accuracy (regression: MAE, RMSE, R^2)."""
 EPILOG = """\
 examples:
   fastopt predict digits-model digits-model/test.npz
@@ -46,7 +47,12 @@ def add_arguments(p):
         "model", metavar="MODEL", help="output folder of 'fastopt train', or its model.ckpt"
     )
     p.add_argument("data", metavar="DATA", help="FILE.csv or FILE.npz")
-    p.add_argument("--out", metavar="FILE", help="write the predictions here (CSV; default stdout)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the predictions here (CSV; '-' or default: stdout). A file is replaced "
+        "atomically (through a symlink, its target); a FIFO or /dev/null is written in place",
+    )
     p.add_argument("--proba", action="store_true", help="add the class probabilities")
     p.add_argument(
         "--precision",
@@ -180,12 +186,12 @@ def run(args):
         raise UsageError(f"--delimiter must be one character, got {args.delimiter!r}")
     if not 1 <= args.precision <= 17:
         raise UsageError(f"--precision must be in 1..17, got {args.precision}")
-    if args.out is not None:
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--out: directory {parent!r} does not exist")
-        if os.path.isdir(args.out):
-            raise UsageError(f"--out: {args.out!r} is a directory")
+    to_stdout = args.out is None or args.out == "-"
+    if not to_stdout:
+        try:  # before any work: a missing directory, a directory, a block device ...
+            check_output(args.out)
+        except OutputError as exc:
+            raise UsageError(f"--out: {exc}") from None
     try:
         model = load_model(args.model)
     except ModelError as exc:
@@ -218,7 +224,7 @@ def run(args):
             yield row
 
     score = _score(model, ds.y, pred, ds.target_name) if ds.y is not None else None
-    if args.out is None:
+    if to_stdout:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(header)
         w.writerows(rows())
@@ -226,18 +232,14 @@ def run(args):
         if score:
             print(score, file=sys.stderr)
         return 0
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+    try:  # atomic for a file (a symlink's target is replaced); FIFOs, /dev/null in place
+        with atomic_write(args.out, text=True, newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(header)
             w.writerows(rows())
-        os.replace(tmp, args.out)
+    except OutputError as exc:
+        raise UsageError(f"--out: {exc}") from None
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise UsageError(f"--out: cannot write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {X.shape[0]} predictions to {args.out}")
     if score:

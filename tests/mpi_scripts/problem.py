@@ -74,6 +74,34 @@ def all_optimizer_classes():
     return out
 
 
+class CountingComm:
+    """An mpi4py communicator that counts its buffer collectives (the capitalised calls), so the
+    tests check the MPI calls a step makes where they happen, not fastopt's own counter."""
+
+    COUNTED = (
+        "Allreduce", "Reduce_scatter", "Reduce_scatter_block", "Allgather", "Allgatherv",
+        "Bcast", "Gatherv", "Scatterv",
+    )  # fmt: skip
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.counts = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._comm, name)
+        if name not in self.COUNTED:
+            return attr
+
+        def counted(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+    def reset(self):
+        self.counts = {}
+
+
 def run(main):
     """Run ``main(comm, outdir, *args)``; on an exception print it and abort every rank, so a
     failure on one rank cannot leave the others waiting in a collective until the timeout."""

@@ -19,14 +19,19 @@ STEPS = 12
 def train(comm, mode, cls, kw, dtype, clip, steps=STEPS, pad=0):
     X, Y = P.data(dtype)
     ps = P.init_params(dtype, seed=comm.rank, pad=pad)
+    counting = P.CountingComm(comm)
     if mode == "dp":
-        opt = dist.DataParallel(ps, cls(ps, max_grad_norm=clip, **kw), comm=comm, debug=True)
+        opt = dist.DataParallel(ps, cls(ps, max_grad_norm=clip, **kw), comm=counting, debug=True)
     else:
-        opt = dist.ZeroRedundancyOptimizer(ps, cls, comm=comm, max_grad_norm=clip, debug=True, **kw)
+        opt = dist.ZeroRedundancyOptimizer(
+            ps, cls, comm=counting, max_grad_norm=clip, debug=True, **kw
+        )
     opt.stats.reset()
+    counting.reset()
     for step in range(steps):
         P.set_grad(ps, X, Y, P.batch(step, PER_RANK_BATCH * comm.size, comm.rank, comm.size))
         opt.step()
+    opt.comm_calls = counting.counts
     return ps, opt
 
 
@@ -39,7 +44,11 @@ def main(comm, out):
                     key = f"{mode}-{name}-{clip}-{np.dtype(dtype).name}"
                     ps, opt = train(comm, mode, cls, kw, dtype, clip)
                     results[key] = ps.flat.copy()
-                    entry = {"calls": opt.stats.calls, "bytes": opt.stats.bytes}
+                    entry = {
+                        "calls": opt.stats.calls,
+                        "bytes": opt.stats.bytes,
+                        "comm_calls": opt.comm_calls,
+                    }
                     if mode == "zero":
                         entry["shard"] = list(opt.shard)
                         entry["state_elements"] = opt.local_state_elements()
@@ -51,7 +60,11 @@ def main(comm, out):
             key = f"even-{mode}-adam-{clip}"
             ps, opt = train(comm, mode, *P.OPTIMIZERS["adam"], np.float64, clip, pad=5)
             results[key] = ps.flat.copy()
-            info["scenarios"][key] = {"calls": opt.stats.calls, "bytes": opt.stats.bytes}
+            info["scenarios"][key] = {
+                "calls": opt.stats.calls,
+                "bytes": opt.stats.bytes,
+                "comm_calls": opt.comm_calls,
+            }
     # every optimizer class: ZeRO-1 against plain data parallelism, with global-norm clipping
     for name, (cls, kw) in P.all_optimizer_classes().items():
         for mode in ("dp", "zero"):

@@ -1,0 +1,311 @@
+"""ZeRO stage 1: the optimizer state sharded over the ranks, parameters and gradients replicated."""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from .. import dispatch
+from ..arrays import import_cupy, is_device_array, to_host
+from ..memory import aligned_zeros
+from ..optim.base import Optimizer
+from ..paramset import ParamSet
+from ..validation import check_bool, check_positive
+from .collectives import Collectives, check_params_equal
+from .data_parallel import flat_grad, grad_scale_of
+from .mpi import mpi_type
+from .sharding import shard_sizes
+
+
+class ZeroRedundancyOptimizer:
+    """ZeRO stage 1: optimizer state sharded across ranks, parameters and gradients replicated.
+
+    ``ZeroRedundancyOptimizer(ps, fo.Adam, lr=1e-3, max_grad_norm=1.0)`` builds, on each rank,
+    ``fo.Adam(ps.flat[lo:hi], lr=1e-3)`` over the rank's slice (:func:`shard_bounds`), so each
+    rank keeps ``1/world`` of the state (rounded up to a whole element). Every optimizer class
+    works: the updates are elementwise.
+
+    :meth:`step`: ``Reduce_scatter`` (sum) of the flat gradient into a slice-sized buffer; if
+    ``max_grad_norm`` or ``skip_nonfinite``, one Allreduce of (slice sum of squares, non-finite
+    flag) gives the global norm and the skip decision, the same on every rank; the slice optimizer's
+    fused kernel with ``grad_scale = grad_scale / world * clip``; ``Allgather`` of the parameters
+    in place (block forms when the world size divides the buffer size, else vector forms). Same
+    semantics as the single-process optimizer with the same options (the clip coefficient is
+    torch's ``min(1, max_norm / (norm + 1e-6))``), to float rounding: the gradient sum and the
+    norm are added up in another order.
+
+    ``param_groups`` is the slice optimizer's (change ``lr`` there identically on every rank).
+    :meth:`state_dict` / :meth:`load_state_dict` are collective and use the full-buffer layout of
+    ``optimizer_class(ps)``, so states move between world sizes and to single-process runs.
+    """
+
+    def __init__(
+        self,
+        params,
+        optimizer_class,
+        *,
+        comm=None,
+        root=0,
+        debug=False,
+        cuda_aware=None,
+        max_grad_norm=None,
+        max_grad_value=None,
+        skip_nonfinite=False,
+        backend=None,
+        **defaults,
+    ):
+        if not isinstance(params, ParamSet):
+            raise TypeError(
+                f"ZeroRedundancyOptimizer needs a ParamSet, got {type(params).__name__}"
+            )
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
+            raise TypeError(
+                "optimizer_class must be a fastopt optimizer class (e.g. fo.Adam), got "
+                f"{optimizer_class!r}"
+            )
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
+        check_bool("skip_nonfinite", skip_nonfinite)
+        check_bool("debug", debug)
+        self.params = params
+        self.optimizer_class = optimizer_class
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self.debug = debug
+        self.root = root
+        self.skipped_steps = 0
+        self.last_step_taken = None
+        self.last_grad_norm = None
+        self._coll = Collectives(comm, cuda_aware)
+        self.comm = self._coll.comm
+        self.rank, self.world_size = self._coll.rank, self._coll.size
+        self.counts, self.displs = shard_sizes(params.size, self.world_size)
+        self.lo = self.displs[self.rank]
+        self.hi = self.lo + self.counts[self.rank]
+        xp = (
+            import_cupy("ZeroRedundancyOptimizer on device buffers")
+            if is_device_array(params.flat)
+            else np
+        )
+        if self.hi > self.lo:
+            target = params.flat[self.lo : self.hi]
+            self._grad_shard = aligned_zeros(self.hi - self.lo, params.dtype, xp)
+        else:
+            # fewer elements than ranks: this rank owns nothing; it steps a private 1-element
+            # array (gradient 0) so that its step counters stay in line with the others
+            target = aligned_zeros(1, params.dtype, xp)
+            self._grad_shard = aligned_zeros(1, params.dtype, xp)
+        self.local_optimizer = optimizer_class(
+            target, max_grad_value=max_grad_value, backend=backend, **defaults
+        )
+        self._backend_name = backend
+        self._backend = None  # of the gradient slice, for its sum of squares; found at first use
+        self._coll.bcast(params.flat, root)
+        if debug:
+            check_params_equal(params, self.comm)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def stats(self):
+        """:class:`CommStats` of this object's collectives."""
+        return self._coll.stats
+
+    @property
+    def param_groups(self):
+        return self.local_optimizer.param_groups
+
+    @property
+    def defaults(self):
+        return self.local_optimizer.defaults
+
+    @property
+    def max_grad_value(self):
+        return self.local_optimizer.max_grad_value
+
+    @property
+    def shard(self):
+        """(lo, hi): this rank's slice of the flat buffer."""
+        return self.lo, self.hi
+
+    def local_state_elements(self):
+        """Elements of optimizer state held by this rank (all state arrays together)."""
+        if self.hi == self.lo:
+            return 0
+        return sum(
+            int(v.size)
+            for entry in self.local_optimizer.state.values()
+            for v in entry.values()
+            if hasattr(v, "shape")
+        )
+
+    # ----------------------------------------------------------------- step
+    def zero_grad(self):
+        self.params.zero_grad()
+
+    def step(self, grads=None, *, grad_scale=None):
+        """One ZeRO-1 step on this rank's gradient (``grads``: a flat array, or the ParamSet's
+        gradient buffer); collective."""
+        gs = grad_scale_of(grad_scale)
+        src = flat_grad(self.params, grads, "ZeroRedundancyOptimizer.step")
+        shard = self._grad_shard
+        if self.hi > self.lo:
+            self._coll.reduce_scatter_sum(src, shard, self.counts)
+        else:  # owns nothing: receives nothing, steps its private element with gradient 0
+            self._coll.reduce_scatter_sum(src, shard[:0], self.counts)
+            shard.fill(0)
+        gs /= self.world_size
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            if self._backend is None:
+                self._backend = dispatch.backend_for([shard], self._backend_name)
+            s, finite = self._backend.sumsq_and_finite(shard)
+            total = self._coll.allreduce_scalars([s, 0.0 if finite else 1.0], "Allreduce(norm)")
+            norm = gs * math.sqrt(total[0])
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and total[1] != 0:
+                self.skipped_steps += 1
+                self.last_step_taken = False
+                return
+            if self.max_grad_norm is not None:
+                # TODO(coordinator): clipping.clip_coefficient
+                coef = min(self.max_grad_norm / (norm + 1e-6), 1.0)
+                if coef > 0:
+                    gs *= coef
+                else:  # 0 (norm overflowed) or NaN: as the fused step, g * coef reaches the rule
+                    shard *= shard.dtype.type(coef)
+        self.local_optimizer.step(shard, grad_scale=gs)
+        self._coll.allgather_inplace(self.params.flat, self.counts, self.displs)
+        self.last_step_taken = True
+        if self.debug:
+            check_params_equal(self.params, self.comm)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self, *, root=0):
+        """The optimizer state in the full-buffer layout of ``optimizer_class(params)``
+        (collective). The root gets the dict, the other ranks ``None``; ``root=None`` gives it to
+        every rank (Allgatherv instead of Gatherv)."""
+        local = self.local_optimizer.state_dict()
+        entry = local["state"].get(0)
+        state = {}
+        if entry is not None:
+            full_entry = {}
+            for k in sorted(entry):  # same order on every rank
+                v = entry[k]
+                if isinstance(v, np.ndarray):
+                    mine = np.ascontiguousarray(v.reshape(-1)[: self.hi - self.lo])
+                    typ = mpi_type(mine.dtype)
+                    full = np.empty(self.params.size, mine.dtype)
+                    spec = [full, self.counts, self.displs, typ]
+                    if root is None:
+                        self.comm.Allgatherv([mine, typ], spec)
+                    else:
+                        self.comm.Gatherv([mine, typ], spec if self.rank == root else None, root)
+                    full_entry[k] = full
+                else:
+                    full_entry[k] = v
+            state[0] = full_entry
+        if root is not None and self.rank != root:
+            return None
+        return {
+            "algorithm": local.get("algorithm", self.optimizer_class.__name__),
+            "state": state,
+            "param_groups": local["param_groups"],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict, *, root=0):
+        """Load a full-buffer-layout state (from :meth:`state_dict`, a checkpoint, or a plain
+        ``optimizer_class(params).state_dict()``), given on ``root`` (other ranks may pass
+        ``None``); collective. Each rank takes its slice. Checked on every rank before anything
+        changes; if any rank refuses, every rank raises and keeps its previous state."""
+        if root is None:
+            root = 0
+        msg = None
+        if self.rank == root:
+            try:
+                msg = ("ok", *self.check_state_dict(state_dict))
+            except (TypeError, ValueError) as exc:
+                msg = ("error", type(exc).__name__, str(exc))
+        msg = self.comm.bcast(msg, root=root)
+        if msg[0] == "error":
+            raise (TypeError if msg[1] == "TypeError" else ValueError)(msg[2])
+        _, skeleton, array_names = msg
+        local_entry = None
+        if skeleton["state"]:
+            local_entry = dict(skeleton["state"][0])
+            n_local = self.hi - self.lo
+            for k in array_names:
+                full = state_dict["state"][0][k] if self.rank == root else None
+                mine = np.empty(n_local, self.params.dtype)
+                typ = mpi_type(self.params.dtype)
+                send = None
+                if self.rank == root:
+                    full = np.ascontiguousarray(np.asarray(full).reshape(-1), self.params.dtype)
+                    send = [full, self.counts, self.displs, typ]
+                self.comm.Scatterv(send, [mine, typ], root=root)
+                local_entry[k] = mine if n_local > 0 else np.zeros(1, self.params.dtype)
+        local_sd = {
+            "algorithm": skeleton["algorithm"],
+            "state": {0: local_entry} if local_entry is not None else {},
+            "param_groups": skeleton["param_groups"],
+            "skipped_steps": skeleton["skipped_steps"],
+        }
+        before = self.local_optimizer.state_dict()
+        err = None
+        try:
+            self.local_optimizer.load_state_dict(local_sd)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        if not self._coll.all_true(err is None):
+            if err is None:
+                self.local_optimizer.load_state_dict(before)
+                raise ValueError("another rank refused the optimizer state; nothing was changed")
+            raise err
+        self.skipped_steps = int(skeleton["skipped_steps"])
+
+    def check_state_dict(self, sd):
+        """(state dict with arrays removed, names of the per-element arrays) of a full-buffer
+        layout state dict, after checking it against this optimizer (class, one group, sizes);
+        ValueError / TypeError naming the problem. Local: no communication."""
+        if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
+            raise ValueError(
+                "not an optimizer state_dict: expected keys 'state' and 'param_groups'"
+            )
+        algo = sd.get("algorithm", self.optimizer_class.__name__)
+        if algo != self.optimizer_class.__name__:
+            raise ValueError(
+                f"state_dict is for {algo}, this optimizer is {self.optimizer_class.__name__}"
+            )
+        groups = sd["param_groups"]
+        if len(groups) != 1:
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer 1")
+        state = sd["state"]
+        if not isinstance(state, Mapping) or set(state) - {0}:
+            raise ValueError(f"state_dict['state'] must hold entry 0 only, got {sorted(state)}")
+        names, skel_entry = [], None
+        if 0 in state:
+            entry = state[0]
+            if not isinstance(entry, Mapping):
+                raise ValueError("state[0] is not a state entry")
+            skel_entry = {}
+            for k, v in entry.items():
+                if hasattr(v, "shape") and getattr(v, "ndim", 0) > 0:
+                    a = np.asarray(to_host(v))
+                    if a.dtype.kind != "f":
+                        raise TypeError(f"state[0][{k!r}] has dtype {a.dtype}, expected floats")
+                    if a.size != self.params.size:
+                        raise ValueError(
+                            f"state[0][{k!r}] has {a.size} elements, "
+                            f"the ParamSet {self.params.size}"
+                        )
+                    names.append(k)
+                    skel_entry[k] = None
+                else:
+                    skel_entry[k] = v
+            names.sort()
+        skeleton = {
+            "algorithm": algo,
+            "state": {0: skel_entry} if skel_entry is not None else {},
+            "param_groups": [dict(groups[0])],
+            "skipped_steps": sd.get("skipped_steps", 0),
+        }
+        return skeleton, names
