@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,30 @@ def test_history_and_checkpoint_write_through_symlinks(tmp_path):
     assert (tmp_path / "h.json").is_symlink() and (tmp_path / "m.ckpt").is_symlink()
     assert History.from_json(tmp_path / "store" / "h.json")["loss"] == [0.5]
     assert fo.load(tmp_path / "store" / "m.ckpt").params["w"].shape == (2,)
+
+
+def test_reports_charts_and_figures_are_replaced_atomically(tmp_path):
+    """The benchmark report (JSON, Markdown, chart) and the playground/curves figures go through
+    the writer too: an existing output reached through a symlink keeps the link and its target is
+    REPLACED (a new inode, renamed into place), not truncated and rewritten in place, so a
+    reader never sees half a file."""
+    pytest.importorskip("matplotlib")
+    from fastopt import benchmarking
+    from fastopt.playground import pyplot, save_figure
+
+    (tmp_path / "store").mkdir()
+    names = ("r.json", "r.md", "r.png", "fig.png")
+    inodes = {}
+    for name in names:
+        (tmp_path / "store" / name).write_bytes(b"old")
+        inodes[name] = (tmp_path / "store" / name).stat().st_ino
+        (tmp_path / name).symlink_to(tmp_path / "store" / name)
+    results = sorted(Path(__file__).parents[1].glob("bench/results/*.json"))[0]
+    out = benchmarking.write_outputs(benchmarking.load_results(results), tmp_path / "r")
+    save_figure(pyplot().figure(), tmp_path / "fig.png", "t")
+    written = ["r.json", "r.md", "fig.png"] + (["r.png"] if "png" in out else [])
+    for name in written:
+        target = tmp_path / "store" / name
+        assert (tmp_path / name).is_symlink(), name
+        assert target.stat().st_ino != inodes[name], f"{name} was rewritten in place"
+        assert target.read_bytes() != b"old", name

@@ -3,6 +3,7 @@ per (backend, dtype, elements) panel, the GB/s of fastopt and of each peer, per 
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .settings import CPU_BACKEND
 
 CHART_PEERS = ("roofline", "numpy", "torch_foreach", "torch_fused")
@@ -102,6 +103,7 @@ def plot_chart(doc, path):
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=len(present), loc="upper center", frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=CHART_DPI, format="png")
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=CHART_DPI, format="png")
     plt.close(fig)
     return width, height

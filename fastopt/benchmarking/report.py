@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import pathlib
 
+from ..fileio import write_text
 from ..machine import machine_info, package_version
 from .charts import plot_chart
 from .settings import CPU_BACKEND
@@ -378,11 +379,11 @@ def write_outputs(doc, prefix, *, chart=True, md=True):
         prefix.parent.mkdir(parents=True, exist_ok=True)
     out = {}
     json_path = prefix.with_name(prefix.name + ".json")
-    json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    write_text(json_path, json.dumps(doc, indent=1) + "\n")
     out["json"] = str(json_path)
     if md:
         md_path = prefix.with_name(prefix.name + ".md")
-        md_path.write_text(markdown(doc), encoding="utf-8")
+        write_text(md_path, markdown(doc))
         out["md"] = str(md_path)
     if chart:
         if package_version("matplotlib") is None:

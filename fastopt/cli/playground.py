@@ -3,6 +3,7 @@
 import json
 import sys
 
+from ..fileio import write_text
 from . import UsageError, require_matplotlib
 
 HELP = "plot optimizer trajectories on test functions, or learning-rate schedules"
@@ -209,9 +210,7 @@ def _check_json(path):
 
 def _write_json(path, data):
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
+        write_text(path, json.dumps(data, indent=1) + "\n")
     except OSError as exc:
         raise UsageError(f"--json: cannot write {path}: {exc.strerror or exc}") from None
 

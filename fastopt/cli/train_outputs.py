@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 
+from ..fileio import atomic_write
 from . import UsageError
 from .train_data import class_list
 
@@ -107,7 +108,8 @@ def write_outputs(args, opts, data, model, trainer, hist, final, title):
             arrays = {"X": data.ds.X[data.test], "y": data.ds.y[data.test]}
             if data.ds.feature_names is not None:
                 arrays["feature_names"] = np.array(data.ds.feature_names, dtype=str)
-            np.savez(test_path, **arrays)
+            with atomic_write(test_path) as f:
+                np.savez(f, **arrays)
             written.append(test_path)
     except OSError as exc:
         raise UsageError(

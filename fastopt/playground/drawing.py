@@ -3,6 +3,7 @@ learning-rate schedules. Needs matplotlib (imported on first use)."""
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .schedule_specs import schedule_values
 
 FIGURE_DPI = 100
@@ -52,7 +53,8 @@ def save_figure(fig, path, title=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI, format="png")
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=FIGURE_DPI, format="png")
     plt.close(fig)
 
 
