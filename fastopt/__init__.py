@@ -1,12 +1,18 @@
-"""fastopt: compiled-kernel optimizers for NumPy and CUDA arrays with torch.optim semantics."""
+"""fastopt: compiled-kernel optimizers for NumPy and CUDA arrays with torch.optim semantics.
 
-from . import nn, schedules, trainer
+``import fastopt`` loads the optimizer core only (optimizers, ParamSet, clipping, EMA, gradient
+accumulation, the backend registry). The model, training loop, schedules, checkpoints, the
+scikit-learn estimators and the command line load on first use of one of their names
+(``fastopt.MLP``, ``fastopt.Trainer``, ``fastopt.save``, ...; PEP 562), so importing the core
+never pays for them.
+"""
+
+import importlib
+
 from .accumulate import GradientAccumulator
-from .checkpoint import CheckpointError, load, save
 from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
-from .nn import MLP
 from .optim import (
     SGD,
     Adadelta,
@@ -23,10 +29,38 @@ from .optim import (
     Yogi,
 )
 from .paramset import ParamSet
-from .schedules import ReduceLROnPlateau
-from .trainer import History, Trainer
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("nn", "trainer", "schedules", "checkpoint", "sklearn", "cli")
+"""Submodules that ``fastopt.<name>`` imports on first access."""
+
+_LAZY_NAMES = {
+    "MLP": "nn",
+    "Trainer": "trainer",
+    "History": "trainer",
+    "ReduceLROnPlateau": "schedules",
+    "save": "checkpoint",
+    "load": "checkpoint",
+    "CheckpointError": "checkpoint",
+}
+"""Public names -> the submodule that defines them, imported on first access."""
+
+
+def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))
+
 
 __all__ = [
     "EMA",

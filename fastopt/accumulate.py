@@ -34,11 +34,10 @@ class GradientAccumulator:
     def add(self, grads=None):
         opt = self.optimizer
         if grads is not None:
-            plan = opt._plan(grads)  # validates structure, shapes, dtypes: before any write
-            for _, _, _, work in plan:
-                for unit, g in work:
-                    unit.backend.add(self._buffer(unit), g)
-        elif any(u.default_grad is None for g in opt._groups for u in g["units"]):
+            work = opt.check_grads(grads)  # structure, shapes, dtypes: checked before any write
+            for unit, g in work:
+                unit.backend.add(self._buffer(unit), g)
+        elif any(u.default_grad is None for u in opt.units()):
             raise ValueError(
                 "add() without gradients needs every parameter group to be a ParamSet "
                 "(plain arrays have no gradient buffer to accumulate into)"
@@ -70,22 +69,13 @@ class GradientAccumulator:
         return entry[1]
 
     def _structured_sums(self):
-        """The accumulated sums in the structure ``optimizer.step`` expects."""
-        opt = self.optimizer
-        entries = []
-        for g in opt._groups:
-            units, structure = g["units"], g["structure"]
-            bufs = [self._sums.get(id(u)) for u in units]
-            bufs = [None if e is None else e[1].reshape(u.shape) for e, u in zip(bufs, units)]
-            if structure == "paramset":
-                entries.append(None)
-            elif structure == "dict":
-                entries.append(dict(zip(g["keys"], bufs)))
-            elif structure == "array":
-                entries.append(bufs[0])
-            else:
-                entries.append(bufs)
-        return entries if opt._grouped else entries[0]
+        """The accumulated sums in the structure ``optimizer.step`` expects (None for a ParamSet:
+        its own gradient buffer holds the sum; None for a parameter that got no gradient)."""
+        per_unit = []
+        for u in self.optimizer.units():
+            entry = self._sums.get(id(u))
+            per_unit.append(None if entry is None else entry[1].reshape(u.shape))
+        return self.optimizer.structure_grads(per_unit)
 
 
 __all__ = ["GradientAccumulator"]

@@ -16,6 +16,14 @@ def _norm_and_finite(arrays):
     return math.sqrt(sumsq), finite
 
 
+def clip_coefficient(norm, max_norm):
+    r"""The factor that brings gradients of global norm ``norm`` within ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_``: :math:`\min(1, \text{max\_norm} / (\text{norm} + 10^{-6}))`
+    (NaN for a NaN norm). The one definition used by clipping, the optimizers' fused
+    ``max_grad_norm`` and the distributed optimizers."""
+    return min(max_norm / (norm + 1e-6), 1.0)
+
+
 def global_norm(grads):
     r"""The L2 norm over every array, :math:`\sqrt{\sum_i \|g_i\|_2^2}`, accumulated in float64.
 
@@ -44,7 +52,7 @@ def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False):
         raise FloatingPointError(
             f"the total gradient norm is {norm}: some gradient holds NaN or Inf"
         )
-    coef = min(max_norm / (norm + 1e-6), 1.0)
+    coef = clip_coefficient(norm, max_norm)
     if coef < 1.0 or not finite:
         for a in arrays:
             a *= a.dtype.type(coef)

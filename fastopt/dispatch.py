@@ -267,14 +267,6 @@ _DEFAULT_FOR_KIND = {
 _INSTANCES = {}
 
 
-def register_backend(name, factory, *, default_for=None):
-    """Add a backend (``factory()`` builds it lazily); optionally the default for an array kind."""
-    _FACTORIES[name] = factory
-    _INSTANCES.pop(name, None)
-    if default_for is not None:
-        _DEFAULT_FOR_KIND[default_for] = name
-
-
 def get_backend(name):
     """The backend called ``name``; ValueError for unknown names, RuntimeError if unavailable."""
     if name not in _FACTORIES:

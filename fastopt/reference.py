@@ -6,6 +6,8 @@ meanings; the operations follow torch.optim's single-tensor implementations (eps
 correction, lerp, weight decay) so this file can be read side by side with torch's source. Python
 float hyperparameters never promote float32 arrays (NumPy >= 2 weak scalars), so float32 stays
 float32. Kept free of the kernels' host-side scalar folding on purpose: it is an independent oracle.
+Every hyperparameter is passed (the optimizer classes own torch's defaults; the ``numpy`` backend
+passes a group's full set).
 """
 
 import math
@@ -55,11 +57,11 @@ def sgd(
     *,
     step,
     lr,
-    momentum=0.0,
-    dampening=0.0,
-    weight_decay=0.0,
-    nesterov=False,
-    maximize=False,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
 ):
     r"""SGD with momentum (torch.optim.SGD; Sutskever et al. 2013 form).
 
@@ -83,11 +85,11 @@ def adagrad(
     *,
     step,
     lr,
-    lr_decay=0.0,
-    weight_decay=0.0,
-    initial_accumulator_value=0.0,
-    eps=1e-10,
-    maximize=False,
+    lr_decay,
+    weight_decay,
+    initial_accumulator_value,
+    eps,
+    maximize,
 ):
     r"""Adagrad (Duchi et al. 2011; torch.optim.Adagrad).
 
@@ -107,12 +109,12 @@ def rmsprop(
     *,
     step,
     lr,
-    alpha=0.99,
-    eps=1e-8,
-    weight_decay=0.0,
-    momentum=0.0,
-    centered=False,
-    maximize=False,
+    alpha,
+    eps,
+    weight_decay,
+    momentum,
+    centered,
+    maximize,
 ):
     r"""RMSprop (Hinton's lecture 6e; Graves 2013 centered form; torch.optim.RMSprop).
 
@@ -136,9 +138,7 @@ def rmsprop(
         param[...] = param - lr * (g / avg)
 
 
-def adadelta(
-    param, grad, state, *, step, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False
-):
+def adadelta(param, grad, state, *, step, lr, rho, eps, weight_decay, maximize):
     r"""Adadelta (Zeiler 2012; torch.optim.Adadelta).
 
     v ← ρ v + (1 − ρ) g²;  Δ = √(u + ε) / √(v + ε) · g;  u ← ρ u + (1 − ρ) Δ²;  θ ← θ − η Δ
@@ -158,12 +158,12 @@ def adam(
     *,
     step,
     lr,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    amsgrad=False,
-    maximize=False,
-    decoupled_weight_decay=False,
+    betas,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    decoupled_weight_decay,
 ):
     r"""Adam / AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019; torch.optim.Adam/AdamW).
 
@@ -183,22 +183,17 @@ def adam(
     param[...] = param - step_size * (m / (np.sqrt(v) / bias_correction2_sqrt + eps))
 
 
-def adamw(param, grad, state, *, weight_decay=1e-2, **kw):
-    """AdamW: :func:`adam` with decoupled weight decay (torch.optim.AdamW, default λ = 1e-2)."""
-    adam(param, grad, state, weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
-
-
 def adamax(
     param,
     grad,
     state,
     *,
     step,
-    lr=2e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    maximize=False,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    maximize,
 ):
     r"""Adamax (Kingma & Ba 2015, §7.1; torch.optim.Adamax).
 
@@ -219,13 +214,13 @@ def nadam(
     state,
     *,
     step,
-    lr=2e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    momentum_decay=4e-3,
-    decoupled_weight_decay=False,
-    maximize=False,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    momentum_decay,
+    decoupled_weight_decay,
+    maximize,
 ):
     r"""NAdam (Dozat 2016; torch.optim.NAdam), with the momentum schedule of torch.
 
@@ -233,18 +228,13 @@ def nadam(
     θ ← θ − η(1 − μ_t)/(1 − Π_t) · g/d − η μ_{t+1}/(1 − Π_t μ_{t+1}) · m/d,  d = √(v/(1 − β₂ᵗ)) + ε
     """
     beta1, beta2 = betas
-    if weight_decay != 0 and decoupled_weight_decay:
-        param[...] = param * (1 - lr * weight_decay)
-        g = _grad(param, grad, maximize, 0.0)
-    else:
-        g = _grad(param, grad, maximize, weight_decay)
+    g, m, v = _adam_moments(
+        param, grad, state, lr, betas, weight_decay, decoupled_weight_decay, maximize
+    )
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     mu_product = state["mu_product"] * mu
     state["mu_product"] = mu_product
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = _lerp(m, g, 1 - beta1)
-    v[...] = v * beta2 + (1 - beta2) * (g * g)
     denom = np.sqrt(v / (1 - beta2**step)) + eps
     p = param - (lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
     param[...] = p - (lr * mu_next / (1.0 - mu_product * mu_next)) * (m / denom)
@@ -256,12 +246,12 @@ def radam(
     state,
     *,
     step,
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    decoupled_weight_decay=False,
-    maximize=False,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    maximize,
 ):
     r"""RAdam (Liu et al. 2020; torch.optim.RAdam).
 
@@ -288,9 +278,7 @@ def radam(
         param[...] = param - m_hat * lr
 
 
-def rprop(
-    param, grad, state, *, step, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False
-):
+def rprop(param, grad, state, *, step, lr, etas, step_sizes, maximize):
     r"""Rprop (Riedmiller & Braun 1993, the "Rprop−" variant of torch.optim.Rprop).
 
     s = sign(g · g_prev): step ← clip(step · η₊ / η₋ / 1);  g ← 0 where s < 0;
@@ -314,12 +302,12 @@ def yogi(
     state,
     *,
     step,
-    lr=1e-2,
-    betas=(0.9, 0.999),
-    eps=1e-3,
-    initial_accumulator_value=1e-6,
-    weight_decay=0.0,
-    maximize=False,
+    lr,
+    betas,
+    eps,
+    initial_accumulator_value,
+    weight_decay,
+    maximize,
 ):
     r"""Yogi (Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018).
 
@@ -336,7 +324,7 @@ def yogi(
     param[...] = param - lr * (m / (np.sqrt(v) + eps))
 
 
-def lion(param, grad, state, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+def lion(param, grad, state, *, step, lr, betas, weight_decay, maximize):
     r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; optax.lion).
 
     c = β₁ m + (1 − β₁) g;  θ ← θ(1 − ηλ) − η sign(c);  m ← β₂ m + (1 − β₂) g

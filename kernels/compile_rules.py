@@ -3,22 +3,23 @@
 The rules call each other by global name (``adam`` calls ``adam_moments``). A decorated copy of
 each function gets a globals dict in which every other rule/helper is the decorated copy too, so
 ``numba.njit`` and ``numba.cuda.jit(device=True)`` can both compile the same plain-Python source.
+The loop templates of ``kernels/loops.py`` and the CUDA reduction templates are bound the same
+way (:func:`rebind`): one mechanism for every function compiled from Python here.
 """
 
 import hashlib
-import inspect
 import pathlib
 import types
 
-from . import rules
+from . import layout, loops, rules
+from .layout import ARITY
 
-ARITY = {name: len(inspect.signature(getattr(rules, name)).parameters) - 3 for name in rules.RULES}
-"""Number of optimizer-state slots of each rule: ``rule(p, g, *state, h)``."""
+__all__ = ["ARITY", "SOURCE_TAG", "compile_rules", "loop_kernel", "rebind", "specialize"]
 
 SOURCE_TAG = hashlib.sha256(
     b"".join(
         (pathlib.Path(__file__).parent / f).read_bytes()
-        for f in ("rules.py", "compile_rules.py", "cpu.py", "cuda.py")
+        for f in ("rules.py", "compile_rules.py", "loops.py", "cpu.py", "cuda.py")
         if (pathlib.Path(__file__).parent / f).exists()
     )
 ).hexdigest()[:12]
@@ -26,22 +27,46 @@ SOURCE_TAG = hashlib.sha256(
 watches the file a kernel is defined in, so a change to a rule must change the kernel's name."""
 
 
+def rebind(fn, glb, name=None):
+    """A copy of function ``fn`` whose globals are ``glb`` (and whose name is ``name``)."""
+    name = fn.__name__ if name is None else name
+    copy = types.FunctionType(fn.__code__, glb, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = name if name != fn.__name__ else fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
+
+
 def compile_rules(decorate):
-    """Return {name: decorate(copy of rules.name)} for every function defined in ``rules``."""
+    """Return {name: decorate(copy of rules.name)} for every function defined in ``rules``
+    (``_``-prefixed module-level declarations excepted), after :func:`layout.check_rules`."""
+    layout.check_rules()
     namespace = dict(vars(rules))
     for name, fn in vars(rules).items():
-        if isinstance(fn, types.FunctionType) and fn.__module__ == rules.__name__:
-            copy = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__)
-            namespace[name] = decorate(copy)
+        if (
+            isinstance(fn, types.FunctionType)
+            and fn.__module__ == rules.__name__
+            and not name.startswith("_")
+        ):
+            namespace[name] = decorate(rebind(fn, namespace))
     return {name: namespace[name] for name in vars(rules) if name in namespace}
 
 
 def specialize(template, rule_name, rule, extra_globals, decorate, variant=""):
     """A copy of a loop ``template`` whose global ``rule`` is ``rule``, with a unique, cacheable name
     (``variant`` tells apart copies of one template and rule compiled differently)."""
-    glb = dict(extra_globals, rule=rule)
     name = f"{template.__name__.lstrip('_')}_{rule_name}{variant}_{SOURCE_TAG}"
-    fn = types.FunctionType(template.__code__, glb, name)
-    fn.__qualname__ = name
-    fn.__module__ = template.__module__
-    return decorate(fn)
+    return decorate(rebind(template, dict(extra_globals, rule=rule), name))
+
+
+def loop_kernel(rule_name, compiled_rules, indices, decorate, variant=""):
+    """The elementwise loop of one rule for a target: the template of ``kernels/loops.py`` for its
+    number of state slots, with ``rule`` and ``transformed_grad`` from ``compiled_rules`` (what
+    :func:`compile_rules` returned for the target) and ``indices`` the target's index range."""
+    return specialize(
+        loops.TEMPLATES[ARITY[rule_name]],
+        rule_name,
+        compiled_rules[rule_name],
+        {"indices": indices, "transformed_grad": compiled_rules["transformed_grad"]},
+        decorate,
+        variant,
+    )

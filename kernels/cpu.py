@@ -1,49 +1,27 @@
 """CPU kernels: every rule of ``rules.py`` applied elementwise by a ``numba.njit(parallel=True)`` loop.
 
-One loop template per number of state slots; each rule gets its own compiled, disk-cached copy
-(``compile_rules.specialize``), twice: a ``prange`` loop for large arrays and a serial loop (the same
-template with ``prange`` bound to ``range``) below ``PARALLEL_THRESHOLD`` elements, where waking
-threads costs more than it saves and, with another OpenMP runtime in the process (torch's),
-can stall for milliseconds. ``error_model="numpy"`` everywhere: IEEE results for x/0 and sqrt(-1)
-(as torch), and no per-element exception checks, which would block vectorization. Elementwise updates touch each element once, in any order, so the
-result is bit-identical for any thread count. Indices are ``prange`` over ``p.size`` (int64).
+The loop templates of ``kernels/loops.py`` (shared with ``cuda.py``); each rule gets its own
+compiled, disk-cached copy (``compile_rules.loop_kernel``), twice: a ``prange`` loop for large
+arrays and a serial loop (the same template with ``indices`` bound to ``range``) below
+``PARALLEL_THRESHOLD`` elements, where waking threads costs more than it saves and, with another
+OpenMP runtime in the process (torch's), can stall for milliseconds. ``error_model="numpy"``
+everywhere: IEEE results for x/0 and sqrt(-1) (as torch), and no per-element exception checks,
+which would block vectorization. Elementwise updates touch each element once, in any order, so
+the result is bit-identical for any thread count. Indices are ``prange`` over ``p.size`` (int64).
 """
 
 import numba
 import numpy as np
 from numba import njit, prange, uint64
 
-from .compile_rules import ARITY, compile_rules, specialize
+from .compile_rules import compile_rules, loop_kernel
+from .layout import REDUCTION_CHUNK
 
 _RULES = compile_rules(njit(inline="always", cache=True, error_model="numpy"))
 
 PARALLEL_THRESHOLD = 1 << 15
 """Arrays with fewer elements run the serial loop."""
 
-
-def _loop0(p, g, h, gs):
-    for i in prange(p.size):
-        (p[i],) = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), h)
-
-
-def _loop1(p, g, s0, h, gs):
-    for i in prange(p.size):
-        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h)
-
-
-def _loop2(p, g, s0, s1, h, gs):
-    for i in prange(p.size):
-        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h)
-
-
-def _loop3(p, g, s0, s1, s2, h, gs):
-    for i in prange(p.size):
-        p[i], s0[i], s1[i], s2[i] = rule(
-            p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], s2[i], h
-        )
-
-
-_TEMPLATES = (_loop0, _loop1, _loop2, _loop3)
 _KERNELS = {}
 _SERIAL_KERNELS = {}
 
@@ -53,14 +31,10 @@ def kernel(rule_name, parallel=True):
     cache = _KERNELS if parallel else _SERIAL_KERNELS
     k = cache.get(rule_name)
     if k is None:
-        k = specialize(
-            _TEMPLATES[ARITY[rule_name]],
+        k = loop_kernel(
             rule_name,
-            _RULES[rule_name],
-            {
-                "prange": prange if parallel else range,
-                "transformed_grad": _RULES["transformed_grad"],
-            },
+            _RULES,
+            prange if parallel else range,
             njit(parallel=parallel, cache=True, nogil=True, error_model="numpy"),
             variant="" if parallel else "_serial",
         )
@@ -84,9 +58,8 @@ def apply(rule_name, p, g, states, h, gs):
 # ---------------------------------------------------------------------------------------------
 # Reductions and plain kernels shared by the utilities and the benchmarks.
 
-REDUCTION_CHUNK = 1 << 14
-"""Elements per partial sum. Fixed chunks, each summed in a fixed order, then the partials summed
-pairwise by NumPy: the result does not depend on the number of threads."""
+# Fixed chunks of REDUCTION_CHUNK elements (kernels/layout.py), each summed in a fixed order, then
+# the partials summed pairwise by NumPy: the result does not depend on the number of threads.
 
 
 @njit(fastmath={"reassoc"}, cache=True, nogil=True, error_model="numpy")

@@ -1,9 +1,10 @@
 """CUDA kernels: every rule of ``rules.py`` applied elementwise by a ``numba.cuda.jit`` kernel.
 
 The rules are compiled as ``cuda.jit(device=True, forceinline=True)`` device functions (NVVM-level
-``alwaysinline``; Numba-IR-level ``inline="always"`` only helps type inference, not speed). One loop
-template per number of state slots; each rule gets its own kernel (``compile_rules.specialize``),
-compiled on first use and cached in memory and on disk. The loop is grid-stride over 64-bit indices:
+``alwaysinline``; Numba-IR-level ``inline="always"`` only helps type inference, not speed). The
+loop templates are those of ``kernels/loops.py`` (shared with ``cpu.py``); each rule gets its own
+kernel (``compile_rules.loop_kernel``), compiled on first use and cached in memory and on disk.
+The loop is grid-stride over 64-bit indices (``indices`` bound to :func:`_grid_stride`):
 ``cuda.grid(1)`` and ``cuda.gridsize(1)`` are int64 in numba-cuda (computed in 64 bits from the
 32-bit special registers) and ``p.size`` is intp, so arrays over 2**31 elements are covered.
 
@@ -27,7 +28,8 @@ for any launch configuration, but may differ from the CPU kernels in the last bi
 import math
 import threading
 
-from .compile_rules import ARITY, compile_rules, specialize
+from .compile_rules import ARITY, compile_rules, loop_kernel, rebind
+from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
 
 THREADS = 256
 """Threads per block."""
@@ -54,49 +56,33 @@ def _simulating():
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop templates. ``rule`` and ``cuda`` are globals bound by ``specialize``.
+# Kernels of the rules. ``cuda`` is a global of the device functions bound by ``rebind`` (globals,
+# not closure variables: the simulator swaps the ``cuda`` module in a function's globals for its own).
 
 
-def _loop0(p, g, h, gs):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        (p[i],) = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), h)
+def _grid_stride(n):
+    """The indices of an ``n``-element grid-stride loop that this thread takes."""
+    return range(cuda.grid(1), n, cuda.gridsize(1))
 
 
-def _loop1(p, g, s0, h, gs):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h)
-
-
-def _loop2(p, g, s0, s1, h, gs):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h)
-
-
-def _loop3(p, g, s0, s1, s2, h, gs):
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        p[i], s0[i], s1[i], s2[i] = rule(
-            p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], s2[i], h
-        )
-
-
-_TEMPLATES = (_loop0, _loop1, _loop2, _loop3)
 _KERNELS = {}
-_RULES = None
+_DEVICE = None  # (compiled rules, compiled _grid_stride), built on first use
 _SM_COUNT = {}
 _LOCK = threading.Lock()
 
 
-def _device_rules():
-    global _RULES
-    if _RULES is None:
+def _device_functions():
+    """(rules compiled as device functions, the grid-stride ``indices``)."""
+    global _DEVICE
+    if _DEVICE is None:
         cuda = _cuda()
         if _simulating():
             # The simulator's jit takes no ``forceinline``; its device functions run as Python.
             decorate = cuda.jit(device=True)
         else:
             decorate = cuda.jit(device=True, forceinline=True)
-        _RULES = compile_rules(decorate)
-    return _RULES
+        _DEVICE = compile_rules(decorate), decorate(rebind(_grid_stride, {"cuda": cuda}))
+    return _DEVICE
 
 
 def kernel(rule_name):
@@ -106,14 +92,9 @@ def kernel(rule_name):
         with _LOCK:
             k = _KERNELS.get(rule_name)
             if k is None:
-                cuda = _cuda()
-                k = specialize(
-                    _TEMPLATES[ARITY[rule_name]],
-                    rule_name,
-                    _device_rules()[rule_name],
-                    {"cuda": cuda, "transformed_grad": _device_rules()["transformed_grad"]},
-                    cuda.jit(cache=True),
-                )
+                rules, indices = _device_functions()
+                # The variant keeps the disk cache entries apart from the CPU kernels' (same file).
+                k = loop_kernel(rule_name, rules, indices, _cuda().jit(cache=True), "_cuda")
                 _KERNELS[rule_name] = k
     return k
 
@@ -215,12 +196,23 @@ def as_device_array(a):
     raise TypeError(f"{type(a).__name__} is not a CUDA array (no __cuda_array_interface__/DLPack)")
 
 
-def _fill_kernel(a, value):
-    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+def _fill(a, value):
+    for i in indices(a.size):
         a[i] = value
 
 
-_FILL = {}
+_FILL = []
+
+
+def fill_kernel():
+    """The kernel behind :func:`fill` (built on first use)."""
+    if not _FILL:
+        with _LOCK:
+            if not _FILL:
+                _FILL.append(
+                    _cuda().jit(rebind(_fill, {"indices": _device_functions()[1]}, "fill"))
+                )
+    return _FILL[0]
 
 
 def fill(a, value, stream=0):
@@ -228,12 +220,8 @@ def fill(a, value, stream=0):
     n = a.size
     if n == 0:
         return
-    cuda = _cuda()
-    k = _FILL.get("fill")
-    if k is None:
-        k = _FILL["fill"] = cuda.jit(_with_globals(_fill_kernel, {"cuda": cuda}))
     nblocks, nthreads = launch_config(n)
-    k[nblocks, nthreads, _as_stream(cuda, stream)](a, a.dtype.type(value))
+    fill_kernel()[nblocks, nthreads, _as_stream(_cuda(), stream)](a, a.dtype.type(value))
 
 
 def zeros(n, dtype, stream=0):
@@ -243,28 +231,14 @@ def zeros(n, dtype, stream=0):
     return a
 
 
-def _with_globals(fn, glb):
-    """A copy of ``fn`` whose globals are ``glb`` (binds ``cuda`` without a module-level import)."""
-    import types
-
-    copy = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__qualname__ = fn.__qualname__
-    copy.__module__ = fn.__module__
-    return copy
-
-
 # ---------------------------------------------------------------------------------------------
 # Reductions: sum of squares in float64 and a non-finite flag (kernels/cpu.py sumsq_and_finite).
 
-REDUCTION_CHUNK = 1 << 14
-"""Elements per partial sum, as kernels/cpu.py (and FO_REDUCTION_CHUNK in optim_kernels.cu)."""
-REDUCTION_THREADS = 256
-"""Threads per block of the reduction (a power of two; FO_REDUCTION_THREADS)."""
-
-
+# REDUCTION_CHUNK elements per partial sum, as kernels/cpu.py; REDUCTION_THREADS threads per block
+# by default (both from kernels/layout.py, which the CUDA C sees as FO_REDUCTION_CHUNK/THREADS).
+#
 # Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads``, ``chunk`` and
-# ``block_reduce`` are globals bound by ``reduction_globals`` (globals, not closure variables: the simulator swaps the ``cuda``
-# module in a kernel's globals for its own).
+# ``block_reduce`` are globals bound by ``_reduction_globals`` (through ``rebind``).
 #
 # Partials: block b takes chunks b, b + gridDim, ...; in chunk c = [lo, hi) thread t sums
 # x[lo + t]^2, x[lo + t + T]^2, ... in index order (float64), then the block adds its T sums
@@ -337,14 +311,14 @@ def _sumsq_finish(sq, bad, m, out):
 _REDUCTIONS = {}
 
 
-def reduction_globals(cuda, add, mul, threads):
+def _reduction_globals(cuda, add, mul, threads):
     """The globals the reduction templates run with (``block_reduce`` compiled for the target)."""
     import numpy as np
 
     glb = {"cuda": cuda, "np": np, "add": add, "mul": mul, "threads": threads}
     glb["chunk"] = REDUCTION_CHUNK
     options = {} if _simulating() else {"forceinline": True}
-    glb["block_reduce"] = cuda.jit(device=True, **options)(_with_globals(_block_reduce, glb))
+    glb["block_reduce"] = cuda.jit(device=True, **options)(rebind(_block_reduce, glb))
     return glb
 
 
@@ -367,10 +341,8 @@ def reduction_kernels(threads=None):
                     from numba.cuda import libdevice
 
                     add, mul = libdevice.dadd_rn, libdevice.dmul_rn
-                glb = reduction_globals(cuda, add, mul, threads)
-                ks = tuple(
-                    cuda.jit(_with_globals(fn, glb)) for fn in (_sumsq_partials, _sumsq_finish)
-                )
+                glb = _reduction_globals(cuda, add, mul, threads)
+                ks = tuple(cuda.jit(rebind(fn, glb)) for fn in (_sumsq_partials, _sumsq_finish))
                 _REDUCTIONS[threads] = ks
     return ks
 

@@ -2,15 +2,17 @@
 
 ``apply(rule_name, p, g, states, h, gs)`` has the contract of ``kernels/cpu.py``'s ``apply``:
 flat, equal-length, C-contiguous 1-D ``cupy.ndarray`` arrays of one dtype (float32 or float64),
-updated in place; ``h`` the rule's scalar tuple (the layout documented in ``rules.py``) and ``gs``
+updated in place; ``h`` the rule's scalar tuple (the layout declared in ``rules.py``) and ``gs``
 = (gradient scale, clip value or 0) for ``transformed_grad``, already cast to that dtype on the
 host. One kernel launch, asynchronous on ``stream`` (default: the current stream); no device
 memory is allocated and nothing synchronises.
 
-The kernel sources ship as package data (``optim_kernels.cu`` and ``rules.cuh`` next to this
-file). The header is inlined into the source before compiling, rather than passed with ``-I``:
-CuPy's kernel cache is keyed on the source text and options only, so an edit to an included
-header would otherwise keep serving the stale cached binary.
+The kernel sources ship as package data (``optim_kernels.cu``, ``rules.cuh`` and the generated
+``rules_layout.cuh`` next to this file). The headers are inlined into the source before compiling,
+rather than passed with ``-I``: CuPy's kernel cache is keyed on the source text and options only,
+so an edit to an included header would otherwise keep serving the stale cached binary. A
+``rules_layout.cuh`` that no longer matches the declarations of ``rules.py`` is refused
+(``layout.check_header``) before anything is compiled.
 
 Launch: 256 threads per block; grid = min(ceil(work / 256), 32 * SMs) blocks, where work is the
 number of 16-byte vectors (float4 / double2) plus the scalar tail when every array is 16-byte
@@ -22,10 +24,12 @@ passes by value (its custom-structure kernel arguments; older CuPy releases lack
 """
 
 import pathlib
-import re
 import threading
 
 import numpy as np
+
+from . import layout, rules
+from .layout import MAX_SCALARS, REDUCTION_CHUNK, REDUCTION_THREADS
 
 _HERE = pathlib.Path(__file__).resolve().parent
 KERNEL_SOURCE = "optim_kernels.cu"
@@ -34,7 +38,6 @@ HEADER = "rules.cuh"
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 32
 VECTOR_BYTES = 16
-MAX_SCALARS = 16  # FO_MAX_SCALARS in rules.cuh (checked against the header in rule_table())
 
 # No --std: the sources are C++11 and CuPy (>= 13) picks its own default when none is given.
 # CuPy appends -ftz=true to every compile; the rules depend neither on it nor on --fmad, because
@@ -44,10 +47,6 @@ COMPILE_OPTIONS = ("--fmad=false",)
 
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-REDUCTION_CHUNK = 1 << 14
-"""Elements per partial sum of the reduction (kernels/cpu.py; FO_REDUCTION_CHUNK)."""
-REDUCTION_THREADS = 256
-"""Threads per block of the reduction kernels (FO_REDUCTION_THREADS)."""
 _REDUCE = "reduce"
 
 _lock = threading.Lock()
@@ -55,7 +54,7 @@ _modules = {}  # dtype suffix -> cupy.RawModule (RawModule compiles and caches p
 _kernels = {}  # (device id, kernel name) -> cupy.RawKernel
 _sm_counts = {}  # device id -> number of SMs
 _struct_dtypes = {}  # dtype -> numpy structured dtype matching fo::Scalars<T>
-_rule_table = None
+_RULE_TABLE = {name: (layout.ARITY[name], len(rules.SCALARS[name])) for name in rules.RULES}
 
 
 def _read(name):
@@ -63,38 +62,37 @@ def _read(name):
 
 
 def rule_table():
-    """{rule name: (number of state slots, length of h)} parsed from ``FO_RULES`` in rules.cuh."""
-    return dict(_table())
+    """{rule name: (number of state slots, length of h)}: the ``FO_RULES`` list the kernels are
+    generated from (``rules_layout.cuh``, generated from ``rules.py``)."""
+    return dict(_RULE_TABLE)
 
 
-def _table():
-    global _rule_table
-    if _rule_table is None:
-        header = _read(HEADER)
-        block = re.search(r"#define FO_RULES\(X\)(.*?)\n\s*\n", header, re.S)
-        if block is None:
-            raise RuntimeError(f"FO_RULES list not found in {HEADER}")
-        entries = re.findall(r"X\(\s*(\w+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)", block.group(1))
-        max_scalars = re.search(r"#define FO_MAX_SCALARS (\d+)", header)
-        if max_scalars is None or int(max_scalars.group(1)) != MAX_SCALARS:
-            raise RuntimeError(f"FO_MAX_SCALARS in {HEADER} is not {MAX_SCALARS}")
-        _rule_table = {name: (int(ns), int(nh)) for name, ns, nh in entries}
-    return _rule_table
+def _inline(name, text=None):
+    """``name``'s text with its ``#include "<kernel file>"`` lines replaced by the files' text
+    (recursively), each marked with ``#line`` so compiler messages name the right file and line."""
+    text = _read(name) if text is None else text
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):
+        included = line.strip().removeprefix("#include ").strip('"')
+        if line.startswith('#include "') and (_HERE / included).is_file():
+            header = layout.check_header() if included == layout.HEADER else None
+            out.append(f'#line 1 "{included}"\n{_inline(included, header)}')
+            out.append(f'#line {number + 1} "{name}"')
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def source(dtype=None):
-    """The CUDA source handed to NVRTC: optim_kernels.cu with rules.cuh inlined.
+    """The CUDA source handed to NVRTC: optim_kernels.cu with rules.cuh and rules_layout.cuh
+    inlined (RuntimeError when rules_layout.cuh is stale).
 
     ``dtype`` (float32 / float64) restricts the kernels to that dtype; None keeps both.
     """
     code = _read(KERNEL_SOURCE)
-    include = f'#include "{HEADER}"'
-    if include not in code:
+    if f'#include "{HEADER}"' not in code:
         raise RuntimeError(f"{KERNEL_SOURCE} does not include {HEADER}")
-    inlined = f'#line 1 "{HEADER}"\n{_read(HEADER)}\n'
-    head, tail = code.split(include, 1)
-    line = head.count("\n") + 2  # line after the #include, in optim_kernels.cu's numbering
-    code = f'{head}{inlined}#line {line} "{KERNEL_SOURCE}"{tail}'
+    code = _inline(KERNEL_SOURCE, code)
     if dtype is not None:
         suffix = _suffix(np.dtype(dtype))
         defines = {"f32": "#define FO_ENABLE_F64 0\n", "f64": "#define FO_ENABLE_F32 0\n"}
@@ -103,19 +101,9 @@ def source(dtype=None):
 
 
 def reduction_source():
-    """The CUDA source of the reduction module: optim_kernels.cu with rules.cuh inlined,
-    the update kernels left out and the reduction kernels (both dtypes) in."""
-    code = "#define FO_ENABLE_RULES 0\n#define FO_ENABLE_REDUCTIONS 1\n" + source()
-    for macro, value in (("FO_REDUCTION_CHUNK", REDUCTION_CHUNK), ("FO_REDUCTION_THREADS", None)):
-        m = re.search(rf"#define {macro} \(?([0-9< ]+)\)?\n", code)
-        if m is None:
-            raise RuntimeError(f"{macro} not found in {KERNEL_SOURCE}")
-        left, _, shift = m.group(1).partition("<<")  # "1 << 14" or "256"
-        found = int(left) << int(shift) if shift else int(left)
-        expected = REDUCTION_THREADS if value is None else value
-        if found != expected:
-            raise RuntimeError(f"{macro} in {KERNEL_SOURCE} is {found}, cupy.py expects {expected}")
-    return code
+    """The CUDA source of the reduction module: optim_kernels.cu with the headers inlined, the
+    update kernels left out and the reduction kernels (both dtypes) in."""
+    return "#define FO_ENABLE_RULES 0\n#define FO_ENABLE_REDUCTIONS 1\n" + source()
 
 
 def available():
@@ -174,7 +162,7 @@ def kernel(rule_name, dtype):
     import cupy
 
     suffix = _suffix(np.dtype(dtype))
-    if rule_name not in _table():
+    if rule_name not in _RULE_TABLE:
         raise KeyError(f"unknown rule {rule_name!r}")
     key = (cupy.cuda.runtime.getDevice(), f"{rule_name}_{suffix}")
     k = _kernels.get(key)
@@ -227,7 +215,7 @@ def apply(rule_name, p, g, states, h, gs=None, stream=None, *, check=True):
         return
     import cupy
 
-    table = _table()
+    table = _RULE_TABLE
     if rule_name not in table:
         raise KeyError(f"unknown rule {rule_name!r}")
     nstates, nscalars = table[rule_name]

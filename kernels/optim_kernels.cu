@@ -4,7 +4,7 @@
 // Kernel signature (k = number of state slots of the rule, 0..3):
 //   name_f32(float* p, const float* g, float* s_0, ..., float* s_{k-1},
 //            long long n, int vectorize, fo::Scalars<float> h, float gscale, float clip)
-// h holds the rule's scalar tuple (rules.py order) padded to FO_MAX_SCALARS; (gscale, clip) is
+// h holds the rule's scalars (rules.py's declared order) padded to FO_MAX_SCALARS; (gscale, clip) is
 // the pair `gs` of kernels/cpu.py: every gradient goes through fo::transformed_grad before the
 // rule, as in the Numba loops. All scalars are passed by value.
 //
@@ -180,8 +180,7 @@ FO_RULES(FO_KERNEL_F64)
 
 #if FO_ENABLE_REDUCTIONS
 
-#define FO_REDUCTION_CHUNK (1 << 14)
-#define FO_REDUCTION_THREADS 256
+// FO_REDUCTION_CHUNK and FO_REDUCTION_THREADS come from rules_layout.cuh (kernels/layout.py).
 
 namespace fo {
 

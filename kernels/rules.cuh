@@ -2,7 +2,9 @@
 //
 // Every public rule of rules.py (rules.RULES) is a `__host__ __device__` function template here,
 // with the same name, the same state slots (by reference, updated in place) and the same per-step
-// scalar tuple `h` (a pointer to the scalars, in the order rules.py documents next to each rule).
+// scalars `h` (a pointer to the scalars), read by field: h[FO_<LAYOUT>_<FIELD>]. The indices, the
+// FO_RULES list and the shared constants come from rules_layout.cuh, generated from the
+// declarations next to the rules in rules.py (python -m fastopt.kernels.layout).
 // Python expressions are transcribed with the same parenthesisation, so every intermediate result
 // is rounded exactly where the Python/Numba version rounds it.
 //
@@ -14,12 +16,13 @@
 // subnormals (CuPy appends -ftz=true to every RawModule compile, after the caller's options).
 // That keeps the CuPy kernels bit-identical to the Numba CPU kernels.
 //
-// Adding a rule: write it below and add one line to FO_RULES (name, number of state slots,
-// length of h). The kernels (optim_kernels.cu), the CuPy launcher and the test harness are all
-// generated from FO_RULES; none of them needs changes. tests/test_cuda_c.py checks FO_RULES
-// against rules.RULES and every rule, bit for bit, against rules.py: keep the two in step.
+// Adding a rule: write it (and its scalar declaration) in rules.py, regenerate rules_layout.cuh,
+// then write it below. The kernels (optim_kernels.cu), the CuPy launcher and the test harness are
+// all generated from FO_RULES; none of them needs changes. tests/test_cuda_c.py checks every rule,
+// bit for bit, against rules.py: keep the two in step.
 //
-// No #include: the file must compile under NVRTC (no standard headers) as well as nvcc.
+// No standard #include: the file must compile under NVRTC (no standard headers) as well as nvcc.
+// kernels/cupy.py inlines rules_layout.cuh for NVRTC (and refuses a stale one).
 
 #ifndef FASTOPT_RULES_CUH
 #define FASTOPT_RULES_CUH
@@ -30,28 +33,9 @@
 #define FO_HD inline
 #endif
 
-// Largest length of any rule's scalar tuple h (the kernels take a fixed-size struct).
-#define FO_MAX_SCALARS 16
-
-// X-macro list of the public rules, in rules.RULES order: X(name, state slots, len(h)).
-#define FO_RULES(X)                     \
-    X(sgd, 0, 3)                        \
-    X(sgd_momentum, 1, 7)               \
-    X(adagrad, 1, 4)                    \
-    X(rmsprop, 1, 7)                    \
-    X(rmsprop_momentum, 2, 7)           \
-    X(rmsprop_centered, 2, 7)           \
-    X(rmsprop_centered_momentum, 3, 7)  \
-    X(adadelta, 2, 6)                   \
-    X(adam, 2, 10)                      \
-    X(adam_amsgrad, 3, 10)              \
-    X(adamax, 2, 7)                     \
-    X(nadam, 2, 11)                     \
-    X(radam, 2, 13)                     \
-    X(rprop, 2, 6)                      \
-    X(yogi, 2, 7)                       \
-    X(lion, 1, 7)                       \
-    X(ema, 0, 2)
+// FO_MAX_SCALARS (the kernels take a fixed-size struct), FO_RULES (X(name, state slots, len(h)),
+// in rules.RULES order) and the FO_<LAYOUT>_<FIELD> indices into h.
+#include "rules_layout.cuh"
 
 namespace fo {
 
@@ -206,19 +190,26 @@ FO_HD T second_moment(T v, T g, T beta, T one_minus_beta) {
 }
 
 // -------------------------------------------------------------------------------------------
-// SGD.  h = (lr, weight_decay, gsign)    momentum: + (momentum, 1 - dampening, nesterov, first)
+// SGD (rules.py: sgd, sgd_momentum).
 
 template <typename T>
 FO_HD void sgd(T& p, T g, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2];
+    const T lr = h[FO_SGD_LR];
+    const T weight_decay = h[FO_SGD_WEIGHT_DECAY];
+    const T gsign = h[FO_SGD_GSIGN];
     g = l2_grad(p, g, gsign, weight_decay);
     p = p - lr * g;
 }
 
 template <typename T>
 FO_HD void sgd_momentum(T& p, T g, T& buf, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], momentum = h[3];
-    const T one_minus_dampening = h[4], nesterov = h[5], first = h[6];
+    const T lr = h[FO_SGD_MOMENTUM_LR];
+    const T weight_decay = h[FO_SGD_MOMENTUM_WEIGHT_DECAY];
+    const T gsign = h[FO_SGD_MOMENTUM_GSIGN];
+    const T momentum = h[FO_SGD_MOMENTUM_MOMENTUM];
+    const T one_minus_dampening = h[FO_SGD_MOMENTUM_ONE_MINUS_DAMPENING];
+    const T nesterov = h[FO_SGD_MOMENTUM_NESTEROV];
+    const T first = h[FO_SGD_MOMENTUM_FIRST];
     g = l2_grad(p, g, gsign, weight_decay);
     if (first > T(0)) {
         buf = g;
@@ -235,24 +226,31 @@ FO_HD void sgd_momentum(T& p, T g, T& buf, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// Adagrad.  h = (clr, weight_decay, gsign, eps) with clr = lr / (1 + (t - 1) lr_decay)
+// Adagrad.
 
 template <typename T>
 FO_HD void adagrad(T& p, T g, T& acc, const T* h) {
-    const T clr = h[0], weight_decay = h[1], gsign = h[2], eps = h[3];
+    const T clr = h[FO_ADAGRAD_CLR];
+    const T weight_decay = h[FO_ADAGRAD_WEIGHT_DECAY];
+    const T gsign = h[FO_ADAGRAD_GSIGN];
+    const T eps = h[FO_ADAGRAD_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     acc = acc + g * g;
     p = p - clr * (g / (fo_sqrt(acc) + eps));
 }
 
 // -------------------------------------------------------------------------------------------
-// RMSprop.  h = (lr, weight_decay, gsign, alpha, 1 - alpha, eps, momentum)
+// RMSprop (the four variants share the rmsprop layout).
 // State order follows torch: square_avg, momentum_buffer (if momentum), grad_avg (if centered).
 
 template <typename T>
 FO_HD void rmsprop(T& p, T g, T& sq, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], alpha = h[3];
-    const T one_minus_alpha = h[4], eps = h[5];
+    const T lr = h[FO_RMSPROP_LR];
+    const T weight_decay = h[FO_RMSPROP_WEIGHT_DECAY];
+    const T gsign = h[FO_RMSPROP_GSIGN];
+    const T alpha = h[FO_RMSPROP_ALPHA];
+    const T one_minus_alpha = h[FO_RMSPROP_ONE_MINUS_ALPHA];
+    const T eps = h[FO_RMSPROP_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     sq = second_moment(sq, g, alpha, one_minus_alpha);
     p = p - lr * (g / (fo_sqrt(sq) + eps));
@@ -260,8 +258,13 @@ FO_HD void rmsprop(T& p, T g, T& sq, const T* h) {
 
 template <typename T>
 FO_HD void rmsprop_momentum(T& p, T g, T& sq, T& buf, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], alpha = h[3];
-    const T one_minus_alpha = h[4], eps = h[5], momentum = h[6];
+    const T lr = h[FO_RMSPROP_LR];
+    const T weight_decay = h[FO_RMSPROP_WEIGHT_DECAY];
+    const T gsign = h[FO_RMSPROP_GSIGN];
+    const T alpha = h[FO_RMSPROP_ALPHA];
+    const T one_minus_alpha = h[FO_RMSPROP_ONE_MINUS_ALPHA];
+    const T eps = h[FO_RMSPROP_EPS];
+    const T momentum = h[FO_RMSPROP_MOMENTUM];
     g = l2_grad(p, g, gsign, weight_decay);
     sq = second_moment(sq, g, alpha, one_minus_alpha);
     buf = buf * momentum + g / (fo_sqrt(sq) + eps);
@@ -270,8 +273,12 @@ FO_HD void rmsprop_momentum(T& p, T g, T& sq, T& buf, const T* h) {
 
 template <typename T>
 FO_HD void rmsprop_centered(T& p, T g, T& sq, T& gavg, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], alpha = h[3];
-    const T one_minus_alpha = h[4], eps = h[5];
+    const T lr = h[FO_RMSPROP_LR];
+    const T weight_decay = h[FO_RMSPROP_WEIGHT_DECAY];
+    const T gsign = h[FO_RMSPROP_GSIGN];
+    const T alpha = h[FO_RMSPROP_ALPHA];
+    const T one_minus_alpha = h[FO_RMSPROP_ONE_MINUS_ALPHA];
+    const T eps = h[FO_RMSPROP_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     sq = second_moment(sq, g, alpha, one_minus_alpha);
     gavg = lerp(gavg, g, one_minus_alpha, alpha);
@@ -280,8 +287,13 @@ FO_HD void rmsprop_centered(T& p, T g, T& sq, T& gavg, const T* h) {
 
 template <typename T>
 FO_HD void rmsprop_centered_momentum(T& p, T g, T& sq, T& buf, T& gavg, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], alpha = h[3];
-    const T one_minus_alpha = h[4], eps = h[5], momentum = h[6];
+    const T lr = h[FO_RMSPROP_LR];
+    const T weight_decay = h[FO_RMSPROP_WEIGHT_DECAY];
+    const T gsign = h[FO_RMSPROP_GSIGN];
+    const T alpha = h[FO_RMSPROP_ALPHA];
+    const T one_minus_alpha = h[FO_RMSPROP_ONE_MINUS_ALPHA];
+    const T eps = h[FO_RMSPROP_EPS];
+    const T momentum = h[FO_RMSPROP_MOMENTUM];
     g = l2_grad(p, g, gsign, weight_decay);
     sq = second_moment(sq, g, alpha, one_minus_alpha);
     gavg = lerp(gavg, g, one_minus_alpha, alpha);
@@ -290,12 +302,16 @@ FO_HD void rmsprop_centered_momentum(T& p, T g, T& sq, T& buf, T& gavg, const T*
 }
 
 // -------------------------------------------------------------------------------------------
-// Adadelta.  h = (lr, weight_decay, gsign, rho, 1 - rho, eps)
+// Adadelta.
 
 template <typename T>
 FO_HD void adadelta(T& p, T g, T& sq, T& acc_delta, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], rho = h[3];
-    const T one_minus_rho = h[4], eps = h[5];
+    const T lr = h[FO_ADADELTA_LR];
+    const T weight_decay = h[FO_ADADELTA_WEIGHT_DECAY];
+    const T gsign = h[FO_ADADELTA_GSIGN];
+    const T rho = h[FO_ADADELTA_RHO];
+    const T one_minus_rho = h[FO_ADADELTA_ONE_MINUS_RHO];
+    const T eps = h[FO_ADADELTA_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     sq = second_moment(sq, g, rho, one_minus_rho);
     const T delta = fo_sqrt(acc_delta + eps) / fo_sqrt(sq + eps) * g;
@@ -304,15 +320,19 @@ FO_HD void adadelta(T& p, T g, T& sq, T& acc_delta, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// Adam / AdamW.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-//                     step_size, sqrt(bias_correction2), eps)
+// Adam / AdamW (the adam layout; adam_moments reads the prefix shared by NAdam and RAdam).
 // decay = 1 - lr * wd for decoupled (AdamW) weight decay, else 1 with weight_decay the L2 term.
 
 // Decay, L2 term and both moments; g becomes the effective gradient.
 template <typename T>
 FO_HD void adam_moments(T& p, T& g, T& m, T& v, const T* h) {
-    const T decay = h[0], weight_decay = h[1], gsign = h[2], beta1 = h[3];
-    const T one_minus_beta1 = h[4], beta2 = h[5], one_minus_beta2 = h[6];
+    const T decay = h[FO_ADAM_MOMENTS_DECAY];
+    const T weight_decay = h[FO_ADAM_MOMENTS_WEIGHT_DECAY];
+    const T gsign = h[FO_ADAM_MOMENTS_GSIGN];
+    const T beta1 = h[FO_ADAM_MOMENTS_BETA1];
+    const T one_minus_beta1 = h[FO_ADAM_MOMENTS_ONE_MINUS_BETA1];
+    const T beta2 = h[FO_ADAM_MOMENTS_BETA2];
+    const T one_minus_beta2 = h[FO_ADAM_MOMENTS_ONE_MINUS_BETA2];
     p = p * decay;
     g = l2_grad(p, g, gsign, weight_decay);
     m = lerp(m, g, one_minus_beta1, beta1);
@@ -321,7 +341,9 @@ FO_HD void adam_moments(T& p, T& g, T& m, T& v, const T* h) {
 
 template <typename T>
 FO_HD void adam_apply(T& p, T m, T v, const T* h) {
-    const T step_size = h[7], bias_correction2_sqrt = h[8], eps = h[9];
+    const T step_size = h[FO_ADAM_STEP_SIZE];
+    const T bias_correction2_sqrt = h[FO_ADAM_BIAS_CORRECTION2_SQRT];
+    const T eps = h[FO_ADAM_EPS];
     p = p - step_size * (m / (fo_sqrt(v) / bias_correction2_sqrt + eps));
 }
 
@@ -339,12 +361,17 @@ FO_HD void adam_amsgrad(T& p, T g, T& m, T& v, T& vmax, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// Adamax.  h = (weight_decay, gsign, beta1, 1 - beta1, beta2, eps, clr), clr = lr / (1 - beta1^t)
+// Adamax.
 
 template <typename T>
 FO_HD void adamax(T& p, T g, T& m, T& u, const T* h) {
-    const T weight_decay = h[0], gsign = h[1], beta1 = h[2], one_minus_beta1 = h[3];
-    const T beta2 = h[4], eps = h[5], clr = h[6];
+    const T weight_decay = h[FO_ADAMAX_WEIGHT_DECAY];
+    const T gsign = h[FO_ADAMAX_GSIGN];
+    const T beta1 = h[FO_ADAMAX_BETA1];
+    const T one_minus_beta1 = h[FO_ADAMAX_ONE_MINUS_BETA1];
+    const T beta2 = h[FO_ADAMAX_BETA2];
+    const T eps = h[FO_ADAMAX_EPS];
+    const T clr = h[FO_ADAMAX_CLR];
     g = l2_grad(p, g, gsign, weight_decay);
     m = lerp(m, g, one_minus_beta1, beta1);
     u = maximum(u * beta2, fo_abs(g) + eps);
@@ -352,27 +379,32 @@ FO_HD void adamax(T& p, T g, T& m, T& u, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// NAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-//              bias_correction2, eps, c_grad, c_avg)
+// NAdam.
 
 template <typename T>
 FO_HD void nadam(T& p, T g, T& m, T& v, const T* h) {
     adam_moments(p, g, m, v, h);
-    const T bias_correction2 = h[7], eps = h[8], c_grad = h[9], c_avg = h[10];
+    const T bias_correction2 = h[FO_NADAM_BIAS_CORRECTION2];
+    const T eps = h[FO_NADAM_EPS];
+    const T c_grad = h[FO_NADAM_C_GRAD];
+    const T c_avg = h[FO_NADAM_C_AVG];
     const T denom = fo_sqrt(v / bias_correction2) + eps;
     p = p - c_grad * (g / denom);
     p = p - c_avg * (m / denom);
 }
 
 // -------------------------------------------------------------------------------------------
-// RAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-//              bias_correction1, lr, rectify, rect, sqrt(bias_correction2), eps)
+// RAdam.
 
 template <typename T>
 FO_HD void radam(T& p, T g, T& m, T& v, const T* h) {
     adam_moments(p, g, m, v, h);
-    const T bias_correction1 = h[7], lr = h[8], rectify = h[9], rect = h[10];
-    const T bias_correction2_sqrt = h[11], eps = h[12];
+    const T bias_correction1 = h[FO_RADAM_BIAS_CORRECTION1];
+    const T lr = h[FO_RADAM_LR];
+    const T rectify = h[FO_RADAM_RECTIFY];
+    const T rect = h[FO_RADAM_RECT];
+    const T bias_correction2_sqrt = h[FO_RADAM_BIAS_CORRECTION2_SQRT];
+    const T eps = h[FO_RADAM_EPS];
     const T m_hat = m / bias_correction1;
     if (rectify > T(0)) {
         p = p - m_hat * lr * (bias_correction2_sqrt / (fo_sqrt(v) + eps)) * rect;
@@ -382,13 +414,17 @@ FO_HD void radam(T& p, T g, T& m, T& v, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// Rprop.  h = (gsign, etaminus, etaplus, step_size_min, step_size_max, zero)
+// Rprop.
 // State slots: prev (the previous, possibly zeroed, gradient), step_size.
 
 template <typename T>
 FO_HD void rprop(T& p, T g, T& prev, T& step_size, const T* h) {
-    const T gsign = h[0], etaminus = h[1], etaplus = h[2];
-    const T step_size_min = h[3], step_size_max = h[4], zero = h[5];
+    const T gsign = h[FO_RPROP_GSIGN];
+    const T etaminus = h[FO_RPROP_ETAMINUS];
+    const T etaplus = h[FO_RPROP_ETAPLUS];
+    const T step_size_min = h[FO_RPROP_STEP_SIZE_MIN];
+    const T step_size_max = h[FO_RPROP_STEP_SIZE_MAX];
+    const T zero = h[FO_RPROP_ZERO];
     g = gsign * g;
     const T same_direction = g * prev;
     if (same_direction > T(0)) {
@@ -409,12 +445,16 @@ FO_HD void rprop(T& p, T g, T& prev, T& step_size, const T* h) {
 
 // -------------------------------------------------------------------------------------------
 // Yogi (Zaheer et al., NeurIPS 2018; optax.scale_by_yogi: no bias correction).
-// h = (lr, weight_decay, gsign, beta1, 1 - beta1, 1 - beta2, eps)
 
 template <typename T>
 FO_HD void yogi(T& p, T g, T& m, T& v, const T* h) {
-    const T lr = h[0], weight_decay = h[1], gsign = h[2], beta1 = h[3];
-    const T one_minus_beta1 = h[4], one_minus_beta2 = h[5], eps = h[6];
+    const T lr = h[FO_YOGI_LR];
+    const T weight_decay = h[FO_YOGI_WEIGHT_DECAY];
+    const T gsign = h[FO_YOGI_GSIGN];
+    const T beta1 = h[FO_YOGI_BETA1];
+    const T one_minus_beta1 = h[FO_YOGI_ONE_MINUS_BETA1];
+    const T one_minus_beta2 = h[FO_YOGI_ONE_MINUS_BETA2];
+    const T eps = h[FO_YOGI_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     m = one_minus_beta1 * g + beta1 * m;
     const T g2 = g * g;
@@ -428,12 +468,16 @@ FO_HD void yogi(T& p, T g, T& m, T& v, const T* h) {
 
 // -------------------------------------------------------------------------------------------
 // Lion (Chen et al., 2023; optax.lion).
-// h = (decay, lr, gsign, beta1, 1 - beta1, beta2, 1 - beta2) with decay = 1 - lr * wd
 
 template <typename T>
 FO_HD void lion(T& p, T g, T& m, const T* h) {
-    const T decay = h[0], lr = h[1], gsign = h[2], beta1 = h[3];
-    const T one_minus_beta1 = h[4], beta2 = h[5], one_minus_beta2 = h[6];
+    const T decay = h[FO_LION_DECAY];
+    const T lr = h[FO_LION_LR];
+    const T gsign = h[FO_LION_GSIGN];
+    const T beta1 = h[FO_LION_BETA1];
+    const T one_minus_beta1 = h[FO_LION_ONE_MINUS_BETA1];
+    const T beta2 = h[FO_LION_BETA2];
+    const T one_minus_beta2 = h[FO_LION_ONE_MINUS_BETA2];
     g = gsign * g;
     const T c = beta1 * m + one_minus_beta1 * g;
     p = p * decay;
@@ -447,11 +491,12 @@ FO_HD void lion(T& p, T g, T& m, const T* h) {
 
 // -------------------------------------------------------------------------------------------
 // EMA of parameters (torch.optim.swa_utils get_ema_multi_avg_fn: avg.lerp_(param, 1 - decay)).
-// The average takes the parameter slot, the parameter the gradient slot.  h = (1 - decay, decay)
+// The average takes the parameter slot, the parameter the gradient slot.
 
 template <typename T>
 FO_HD void ema(T& avg, T p, const T* h) {
-    const T one_minus_decay = h[0], decay = h[1];
+    const T one_minus_decay = h[FO_EMA_ONE_MINUS_DECAY];
+    const T decay = h[FO_EMA_DECAY];
     avg = lerp(avg, p, one_minus_decay, decay);
 }
 

@@ -2,10 +2,15 @@
 
 Each public rule has the signature ``rule(p, g, *state, h) -> (p, *state)``: one element of the
 parameter, its gradient (after ``transformed_grad``) and its optimizer-state slots in, the new
-values out. ``h`` is a tuple of
-per-step scalars computed on the host in float64 and cast to the parameter dtype, so the arithmetic
-here stays in that dtype (no Python float literals in the math: they would promote float32 to
-float64). The tuple layout of every rule is documented next to it and built by the optimizer class.
+values out. ``h`` is a tuple of per-step scalars computed on the host in float64 and cast to the
+parameter dtype, so the arithmetic here stays in that dtype (no Python float literals in the math:
+they would promote float32 to float64).
+
+The fields of every ``h`` are declared once, next to the rule, with ``_declare_scalars``: the
+optimizer classes return their scalars by these names (``fastopt.optim.base`` orders them into the
+tuple), ``kernels/rules_layout.cuh`` gives the CUDA C one index macro per field
+(``h[FO_ADAM_STEP_SIZE]``), and ``kernels/layout.py`` checks, before anything is compiled, that each
+rule unpacks ``h`` (or a slice of it) into exactly the declared names in the declared order.
 
 No decorators: ``kernels/compile_rules.py`` compiles this module twice (``numba.njit`` for the CPU
 loops, ``numba.cuda.jit(device=True)`` for the GPU kernels) by rebinding the helpers below to their
@@ -16,6 +21,28 @@ order, same lerp), so results agree with torch to rounding.
 """
 
 import math
+
+SCALARS = {}
+"""Rule name -> the names of the fields of its scalar tuple ``h``, in order (rules in the order
+the kernels are listed)."""
+
+LAYOUTS = {}
+"""Layout name -> field names: every declared layout, including shared prefixes that are no rule's
+whole tuple (``adam_moments``). The CUDA C reads field ``f`` of layout ``l`` as ``h[FO_<L>_<F>]``."""
+
+
+def _declare_scalars(layout, fields, rules=None):
+    """Declare the scalar tuple ``fields`` (names, in order) under the name ``layout``, as the
+    ``h`` of ``rules`` (default: the rule called ``layout``; ``()`` for a shared prefix).
+    Returns ``fields``, for longer layouts that extend it."""
+    fields = tuple(fields)
+    if len(set(fields)) != len(fields) or layout in LAYOUTS:
+        raise ValueError(f"scalar layout {layout!r} {fields} repeats a name or an existing layout")
+    LAYOUTS[layout] = fields
+    for rule in (layout,) if rules is None else rules:
+        SCALARS[rule] = fields
+    return fields
+
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -73,7 +100,10 @@ def second_moment(v, g, beta, one_minus_beta):
 
 
 # ---------------------------------------------------------------------------------------------
-# SGD.  h = (lr, weight_decay, gsign)             momentum: + (momentum, 1 - dampening, nesterov, first)
+# SGD.  one_minus_dampening = 1 - dampening; nesterov, first (step 1): 1.0 or 0.0
+
+SGD = _declare_scalars("sgd", ("lr", "weight_decay", "gsign"))
+_declare_scalars("sgd_momentum", SGD + ("momentum", "one_minus_dampening", "nesterov", "first"))
 
 
 def sgd(p, g, h):
@@ -97,7 +127,9 @@ def sgd_momentum(p, g, buf, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adagrad.  h = (clr, weight_decay, gsign, eps) with clr = lr / (1 + (t - 1) lr_decay)
+# Adagrad.  clr = lr / (1 + (t - 1) lr_decay)
+
+_declare_scalars("adagrad", ("clr", "weight_decay", "gsign", "eps"))
 
 
 def adagrad(p, g, acc, h):
@@ -108,8 +140,14 @@ def adagrad(p, g, acc, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# RMSprop.  h = (lr, weight_decay, gsign, alpha, 1 - alpha, eps, momentum)
-# State order follows torch: square_avg, momentum_buffer (if momentum), grad_avg (if centered).
+# RMSprop. State order follows torch: square_avg, momentum_buffer (if momentum), grad_avg (if
+# centered). The four variants share one layout.
+
+_declare_scalars(
+    "rmsprop",
+    ("lr", "weight_decay", "gsign", "alpha", "one_minus_alpha", "eps", "momentum"),
+    rules=("rmsprop", "rmsprop_momentum", "rmsprop_centered", "rmsprop_centered_momentum"),
+)
 
 
 def rmsprop(p, g, sq, h):
@@ -145,7 +183,9 @@ def rmsprop_centered_momentum(p, g, sq, buf, gavg, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adadelta.  h = (lr, weight_decay, gsign, rho, 1 - rho, eps)
+# Adadelta.
+
+_declare_scalars("adadelta", ("lr", "weight_decay", "gsign", "rho", "one_minus_rho", "eps"))
 
 
 def adadelta(p, g, sq, acc_delta, h):
@@ -158,9 +198,20 @@ def adadelta(p, g, sq, acc_delta, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adam / AdamW.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-#                     step_size, sqrt(bias_correction2), eps)
-# decay = 1 - lr * wd for decoupled (AdamW) weight decay, else 1 with weight_decay the L2 term.
+# Adam / AdamW. decay = 1 - lr * wd for decoupled (AdamW) weight decay, else 1 with weight_decay
+# the L2 term. ADAM_MOMENTS is the prefix of every rule built on adam_moments.
+# step_size = lr / (1 - beta1^t), bias_correction2_sqrt = sqrt(1 - beta2^t).
+
+ADAM_MOMENTS = _declare_scalars(
+    "adam_moments",
+    ("decay", "weight_decay", "gsign", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"),
+    rules=(),
+)
+_declare_scalars(
+    "adam",
+    ADAM_MOMENTS + ("step_size", "bias_correction2_sqrt", "eps"),
+    rules=("adam", "adam_amsgrad"),
+)
 
 
 def adam_moments(p, g, m, v, h):
@@ -188,7 +239,11 @@ def adam_amsgrad(p, g, m, v, vmax, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Adamax.  h = (weight_decay, gsign, beta1, 1 - beta1, beta2, eps, clr) with clr = lr / (1 - beta1^t)
+# Adamax.  clr = lr / (1 - beta1^t)
+
+_declare_scalars(
+    "adamax", ("weight_decay", "gsign", "beta1", "one_minus_beta1", "beta2", "eps", "clr")
+)
 
 
 def adamax(p, g, m, u, h):
@@ -200,9 +255,10 @@ def adamax(p, g, m, u, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# NAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-#              bias_correction2, eps, c_grad, c_avg)
+# NAdam.  bias_correction2 = 1 - beta2^t,
 # c_grad = lr (1 - mu_t) / (1 - prod mu_1..t), c_avg = lr mu_{t+1} / (1 - prod mu_1..t+1)
+
+_declare_scalars("nadam", ADAM_MOMENTS + ("bias_correction2", "eps", "c_grad", "c_avg"))
 
 
 def nadam(p, g, m, v, h):
@@ -214,9 +270,13 @@ def nadam(p, g, m, v, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# RAdam.  h = (decay, weight_decay, gsign, beta1, 1 - beta1, beta2, 1 - beta2,
-#              bias_correction1, lr, rectify, rect, sqrt(bias_correction2), eps)
-# rectify > 0 when rho_t > 5 (the variance is tractable); rect is the rectification term r_t.
+# RAdam.  rectify > 0 when rho_t > 5 (the variance is tractable); rect is the rectification
+# term r_t; bias_correction1 = 1 - beta1^t, bias_correction2_sqrt = sqrt(1 - beta2^t).
+
+_declare_scalars(
+    "radam",
+    ADAM_MOMENTS + ("bias_correction1", "lr", "rectify", "rect", "bias_correction2_sqrt", "eps"),
+)
 
 
 def radam(p, g, m, v, h):
@@ -231,7 +291,11 @@ def radam(p, g, m, v, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rprop.  h = (gsign, etaminus, etaplus, step_size_min, step_size_max, zero)
+# Rprop.  zero is 0.0 (a literal would promote float32 to float64).
+
+_declare_scalars(
+    "rprop", ("gsign", "etaminus", "etaplus", "step_size_min", "step_size_max", "zero")
+)
 
 
 def rprop(p, g, prev, step_size, h):
@@ -254,7 +318,10 @@ def rprop(p, g, prev, step_size, h):
 
 # ---------------------------------------------------------------------------------------------
 # Yogi (Zaheer et al., NeurIPS 2018; optax.scale_by_yogi: no bias correction).
-# h = (lr, weight_decay, gsign, beta1, 1 - beta1, 1 - beta2, eps)
+
+_declare_scalars(
+    "yogi", ("lr", "weight_decay", "gsign", "beta1", "one_minus_beta1", "one_minus_beta2", "eps")
+)
 
 
 def yogi(p, g, m, v, h):
@@ -271,7 +338,11 @@ def yogi(p, g, m, v, h):
 
 # ---------------------------------------------------------------------------------------------
 # Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"; optax.lion).
-# h = (decay, lr, gsign, beta1, 1 - beta1, beta2, 1 - beta2) with decay = 1 - lr * wd (decoupled)
+# decay = 1 - lr * wd (decoupled weight decay)
+
+_declare_scalars(
+    "lion", ("decay", "lr", "gsign", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2")
+)
 
 
 def lion(p, g, m, h):
@@ -289,7 +360,9 @@ def lion(p, g, m, h):
 # ---------------------------------------------------------------------------------------------
 # Exponential moving average of parameters (Polyak averaging), torch.optim.swa_utils'
 # get_ema_multi_avg_fn: ``ema.lerp_(param, 1 - decay)``. The averaged copy takes the parameter
-# slot and the parameter the gradient slot.  h = (1 - decay, decay)
+# slot and the parameter the gradient slot.
+
+_declare_scalars("ema", ("one_minus_decay", "decay"))
 
 
 def ema(avg, p, h):
@@ -297,23 +370,5 @@ def ema(avg, p, h):
     return (lerp(avg, p, one_minus_decay, decay),)
 
 
-RULES = (
-    "sgd",
-    "sgd_momentum",
-    "adagrad",
-    "rmsprop",
-    "rmsprop_momentum",
-    "rmsprop_centered",
-    "rmsprop_centered_momentum",
-    "adadelta",
-    "adam",
-    "adam_amsgrad",
-    "adamax",
-    "nadam",
-    "radam",
-    "rprop",
-    "yogi",
-    "lion",
-    "ema",
-)
+RULES = tuple(SCALARS)
 """The public rules, in the order the kernels are listed; everything else here is a helper."""

@@ -84,3 +84,25 @@ def test_flush_steps_on_a_partial_window():
     acc.add([np.full(2, 4.0)])
     acc.flush()
     np.testing.assert_array_equal(w, -3.0)
+
+
+def test_optimizer_accessors_check_and_rebuild_gradient_structures():
+    """Optimizer.check_grads validates like step() and writes nothing; structure_grads puts one
+    array per unit back into the structure step() takes (what GradientAccumulator uses)."""
+    w, b = np.ones((3, 2)), np.ones(2)
+    ps = fo.ParamSet({"v": np.ones(4)})
+    opt = fo.SGD([{"params": {"w": w, "b": b}}, {"params": ps}], lr=0.1)
+    units = opt.units()
+    assert [u.shape for u in units] == [(3, 2), (2,), (4,)]
+    gw, gb = np.full((3, 2), 2.0), np.full(2, 3.0)
+    work = opt.check_grads([{"w": gw, "b": gb}, None])
+    assert [u for u, _ in work] == units
+    assert [g.shape for _, g in work] == [(6,), (2,), (4,)]
+    assert np.shares_memory(work[0][1], gw) and work[2][1] is ps.grad_flat
+    with pytest.raises(ValueError, match="shape"):
+        opt.check_grads([{"w": gb, "b": gb}, None])
+    assert np.array_equal(w, np.ones((3, 2))) and not opt.state  # nothing written
+    grads = opt.structure_grads([gw, None, None])
+    assert grads[0]["w"] is gw and grads[0]["b"] is None and grads[1] is None
+    opt.step(grads)
+    assert np.allclose(w, 0.8) and np.array_equal(b, np.ones(2))

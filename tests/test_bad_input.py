@@ -223,3 +223,20 @@ def test_paramset_construction_errors():
         fo.ParamSet({1: np.zeros(2)})
     with pytest.raises(ValueError, match="device"):
         fo.ParamSet({"a": np.zeros(2)}, device="tpu")
+
+
+def test_scalars_with_wrong_field_names_fail_before_any_write():
+    """_scalars returns its fields by name; the base class orders them by the declaration in
+    kernels/rules.py and names what is missing or unexpected."""
+
+    class Broken(fo.Adam):
+        def _scalars(self, group, state, step, lr):
+            h, updates = super()._scalars(group, state, step, lr)
+            h["stepsize"] = h.pop("step_size")
+            return h, updates
+
+    w, b = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt = Broken([w, b], lr=0.1)
+    with pytest.raises(TypeError, match=r"missing \['step_size'\], unexpected \['stepsize'\]"):
+        opt.step([np.ones_like(w), np.ones_like(b)])
+    assert np.array_equal(w, np.ones(3)) and np.array_equal(b, np.ones(2))

@@ -141,3 +141,10 @@ def test_bad_clip_options():
         fo.Adam([np.zeros(2)], max_grad_value=0.0)
     with pytest.raises(TypeError, match="skip_nonfinite"):
         fo.Adam([np.zeros(2)], skip_nonfinite=1)
+
+
+def test_clip_coefficient_is_torchs():
+    assert fo.clipping.clip_coefficient(0.5, 1.0) == 1.0
+    assert fo.clipping.clip_coefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6)
+    assert fo.clipping.clip_coefficient(float("inf"), 1.0) == 0.0
+    assert np.isnan(fo.clipping.clip_coefficient(float("nan"), 1.0))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from fastopt.kernels import cupy as cupy_backend
-from fastopt.kernels import rules
+from fastopt.kernels import layout, rules
 from fastopt.kernels.compile_rules import ARITY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,6 +74,38 @@ def test_header_rule_table_matches_rules_py():
         assert nstates == ARITY[name], name
         assert 1 <= nscalars <= cupy_backend.MAX_SCALARS, name
         assert len(H_CASES[name](np.float64)[0]) == nscalars, name
+
+
+def test_committed_layout_header_is_the_generated_one():
+    """kernels/rules_layout.cuh is generated from rules.py (python -m fastopt.kernels.layout)."""
+    text = (KERNELS / layout.HEADER).read_text(encoding="utf-8")
+    assert text == layout.header_text()
+    assert layout.check_header() == text
+    for name, fields in rules.LAYOUTS.items():
+        for i, field in enumerate(fields):
+            assert f"#define {layout.field_macro(name, field)} " in text
+            assert re.search(rf"#define {layout.field_macro(name, field)} +{i}\n", text)
+    assert f"#define FO_REDUCTION_CHUNK {layout.REDUCTION_CHUNK}\n" in text
+
+
+def test_stale_layout_header_is_refused(tmp_path, monkeypatch):
+    """A header that no longer matches the declarations fails before anything compiles."""
+    stale = tmp_path / layout.HEADER
+    stale.write_text(layout.header_text().replace("FO_ADAM_STEP_SIZE", "FO_ADAM_STEPSIZE"))
+    with pytest.raises(RuntimeError, match="stale"):
+        layout.check_header(stale)
+    monkeypatch.setattr(layout, "HEADER_PATH", stale)
+    with pytest.raises(RuntimeError, match="python -m fastopt.kernels.layout"):
+        cupy_backend.source()
+
+
+def test_rules_cuh_reads_scalars_by_field():
+    """rules.cuh indexes h only through the generated FO_<LAYOUT>_<FIELD> macros."""
+    text = (KERNELS / "rules.cuh").read_text(encoding="utf-8")
+    assert not re.search(r"\bh\[\d+\]", text)
+    used = set(re.findall(r"\bh\[(FO_\w+)\]", text))
+    macros = {layout.field_macro(n, f) for n, fs in rules.LAYOUTS.items() for f in fs}
+    assert used and used <= macros
 
 
 # ---------------------------------------------------------------------------------------------

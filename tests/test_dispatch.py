@@ -772,17 +772,15 @@ _NUMBA_PTX = (
     PREAMBLE
     + """from fastopt.kernels import cuda as kc
 
-glb = kc.reduction_globals(cuda, libdevice.dadd_rn, libdevice.dmul_rn, 256)
+partials, finish = (k.py_func for k in kc.reduction_kernels(256))
 f64, i32 = types.Array(types.float64, 1, "C"), types.Array(types.int32, 1, "C")
 for dt in (types.float32, types.float64):
     sig = (types.Array(dt, 1, "C"), types.int64, f64, i32)
-    ptx, _ = cuda.compile_ptx(kc._with_globals(kc._sumsq_partials, glb), sig, cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(partials, sig, cc=(9, 0))
     assert "fma" not in ptx and "call." not in ptx and "add.rn.f64" in ptx, dt
-    ptx, _ = cuda.compile_ptx(kc._with_globals(kc._fill_kernel, {"cuda": cuda}), (sig[0], dt),
-                              cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(kc.fill_kernel().py_func, (sig[0], dt), cc=(9, 0))
     print("ok", dt)
-ptx, _ = cuda.compile_ptx(kc._with_globals(kc._sumsq_finish, glb), (f64, i32, types.int64, f64),
-                          cc=(9, 0))
+ptx, _ = cuda.compile_ptx(finish, (f64, i32, types.int64, f64), cc=(9, 0))
 assert "fma" not in ptx and "call." not in ptx
 print("ok finish")
 """

@@ -147,3 +147,32 @@ def test_serial_and_parallel_loops_agree_bitwise(rule):
     below = [a[: n - 10].copy() for a in (p, g, *states)]
     cpu.apply(rule, below[0], below[1], below[2:], h, gs)  # below the threshold: serial path
     assert np.array_equal(below[0], big[0][: n - 10])
+
+
+def test_rules_read_their_declared_scalars():
+    """Every rule unpacks h into exactly the fields rules.py declares for it, in order; a rule
+    and its declaration edited apart fail before compiling, not in the numerics."""
+    import inspect
+
+    from fastopt.kernels import layout, rules
+
+    layout.check_rules()
+    source = inspect.getsource(rules)
+    swapped = source.replace(
+        "step_size, bias_correction2_sqrt, eps = h[7:]",
+        "bias_correction2_sqrt, step_size, eps = h[7:]",
+    )
+    assert swapped != source
+    with pytest.raises(ValueError, match="adam_apply unpacks h\\[7:\\]"):
+        layout.check_rules(swapped)
+    unread = source.replace(
+        "clr, weight_decay, gsign, eps = h\n", "clr, weight_decay, gsign = h[:3]\n    eps = clr\n"
+    )
+    assert unread != source
+    with pytest.raises(ValueError, match=r"adagrad reads h\[:3\]"):
+        layout.check_rules(unread)
+    indexed = source.replace(
+        "one_minus_decay, decay = h\n", "one_minus_decay, decay = h[0], h[1]\n"
+    )
+    with pytest.raises(ValueError, match="ema reads h"):
+        layout.check_rules(indexed)

@@ -1,7 +1,7 @@
 """Adadelta (torch.optim.Adadelta)."""
 
 from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, l2_scalars
 
 
 class Adadelta(Optimizer):
@@ -21,8 +21,7 @@ class Adadelta(Optimizer):
     def __init__(
         self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False, **options
     ):
-        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -39,5 +38,6 @@ class Adadelta(Optimizer):
 
     def _scalars(self, group, state, step, lr):
         rho = group["rho"]
-        gsign = -1.0 if group["maximize"] else 1.0
-        return (lr, group["weight_decay"], gsign, rho, 1.0 - rho, group["eps"]), None
+        return dict(
+            lr=lr, **l2_scalars(group), rho=rho, one_minus_rho=1.0 - rho, eps=group["eps"]
+        ), None

@@ -1,7 +1,7 @@
 """Adagrad (torch.optim.Adagrad)."""
 
 from ..validation import check_bool, check_lr, check_nonnegative, check_positive
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, l2_scalars
 
 
 class Adagrad(Optimizer):
@@ -29,15 +29,7 @@ class Adagrad(Optimizer):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -58,4 +50,4 @@ class Adagrad(Optimizer):
 
     def _scalars(self, group, state, step, lr):
         clr = lr / (1 + (step - 1) * group["lr_decay"])
-        return (clr, group["weight_decay"], -1.0 if group["maximize"] else 1.0, group["eps"]), None
+        return dict(clr=clr, **l2_scalars(group), eps=group["eps"]), None

@@ -3,7 +3,7 @@
 import math
 
 from ..validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, maximize_sign
 
 
 def adam_weight_decay(group, lr):
@@ -15,11 +15,18 @@ def adam_weight_decay(group, lr):
 
 
 def adam_moment_scalars(group, lr):
-    """The leading scalars shared by every rule built on ``rules.adam_moments``."""
+    """The ``rules.ADAM_MOMENTS`` fields, shared by every rule built on ``rules.adam_moments``."""
     beta1, beta2 = group["betas"]
     decay, l2 = adam_weight_decay(group, lr)
-    gsign = -1.0 if group["maximize"] else 1.0
-    return (decay, l2, gsign, beta1, 1.0 - beta1, beta2, 1.0 - beta2)
+    return dict(
+        decay=decay,
+        weight_decay=l2,
+        gsign=maximize_sign(group),
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+    )
 
 
 class AdamBase(Optimizer):
@@ -69,16 +76,7 @@ class Adam(AdamBase):
         decoupled_weight_decay=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _rule(self, group):
         return "adam_amsgrad" if group["amsgrad"] else "adam"
@@ -89,13 +87,13 @@ class Adam(AdamBase):
 
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        return adam_moment_scalars(group, lr) + (
-            step_size,
-            bias_correction2_sqrt,
-            group["eps"],
-        ), None
+        h = adam_moment_scalars(group, lr)
+        h.update(
+            step_size=lr / (1 - beta1**step),
+            bias_correction2_sqrt=math.sqrt(1 - beta2**step),
+            eps=group["eps"],
+        )
+        return h, None
 
 
 class AdamW(Adam):

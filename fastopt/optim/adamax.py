@@ -1,6 +1,7 @@
 """Adamax (torch.optim.Adamax)."""
 
 from .adam import AdamBase
+from .base import constructor_defaults, l2_scalars
 
 
 class Adamax(AdamBase):
@@ -26,8 +27,7 @@ class Adamax(AdamBase):
         maximize=False,
         **options,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _rule(self, group):
         return "adamax"
@@ -37,6 +37,11 @@ class Adamax(AdamBase):
 
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
-        gsign = -1.0 if group["maximize"] else 1.0
-        clr = lr / (1 - beta1**step)
-        return (group["weight_decay"], gsign, beta1, 1.0 - beta1, beta2, group["eps"], clr), None
+        return dict(
+            **l2_scalars(group),
+            beta1=beta1,
+            one_minus_beta1=1.0 - beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            clr=lr / (1 - beta1**step),
+        ), None

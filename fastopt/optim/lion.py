@@ -1,7 +1,7 @@
 """Lion (no torch equivalent; follows the paper and optax.lion)."""
 
 from ..validation import check_betas, check_bool, check_lr, check_nonnegative
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, maximize_sign
 
 
 class Lion(Optimizer):
@@ -22,8 +22,7 @@ class Lion(Optimizer):
     def __init__(
         self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options
     ):
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -39,6 +38,12 @@ class Lion(Optimizer):
 
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
-        gsign = -1.0 if group["maximize"] else 1.0
-        decay = 1.0 - lr * group["weight_decay"]
-        return (decay, lr, gsign, beta1, 1.0 - beta1, beta2, 1.0 - beta2), None
+        return dict(
+            decay=1.0 - lr * group["weight_decay"],
+            lr=lr,
+            gsign=maximize_sign(group),
+            beta1=beta1,
+            one_minus_beta1=1.0 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1.0 - beta2,
+        ), None

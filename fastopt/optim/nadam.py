@@ -2,6 +2,7 @@
 
 from ..validation import check_nonnegative
 from .adam import AdamBase, adam_moment_scalars
+from .base import constructor_defaults
 
 
 class NAdam(AdamBase):
@@ -33,16 +34,7 @@ class NAdam(AdamBase):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         super()._check(group)
@@ -62,5 +54,6 @@ class NAdam(AdamBase):
         mu_product = state["mu_product"] * mu
         c_grad = lr * (1.0 - mu) / (1.0 - mu_product)
         c_avg = lr * mu_next / (1.0 - mu_product * mu_next)
-        h = adam_moment_scalars(group, lr) + (1 - beta2**step, group["eps"], c_grad, c_avg)
+        h = adam_moment_scalars(group, lr)
+        h.update(bias_correction2=1 - beta2**step, eps=group["eps"], c_grad=c_grad, c_avg=c_avg)
         return h, {"mu_product": mu_product}

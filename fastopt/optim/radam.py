@@ -3,6 +3,7 @@
 import math
 
 from .adam import AdamBase, adam_moment_scalars
+from .base import constructor_defaults
 
 
 class RAdam(AdamBase):
@@ -33,15 +34,7 @@ class RAdam(AdamBase):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _rule(self, group):
         return "radam"
@@ -58,12 +51,13 @@ class RAdam(AdamBase):
             if rectify
             else 0.0
         )
-        tail = (
-            bias_correction1,
-            lr,
-            float(rectify),
-            rect,
-            math.sqrt(bias_correction2),
-            group["eps"],
+        h = adam_moment_scalars(group, lr)
+        h.update(
+            bias_correction1=bias_correction1,
+            lr=lr,
+            rectify=float(rectify),
+            rect=rect,
+            bias_correction2_sqrt=math.sqrt(bias_correction2),
+            eps=group["eps"],
         )
-        return adam_moment_scalars(group, lr) + tail, None
+        return h, None

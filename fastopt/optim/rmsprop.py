@@ -1,7 +1,7 @@
 """RMSprop (torch.optim.RMSprop)."""
 
 from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, l2_scalars
 
 
 class RMSprop(Optimizer):
@@ -34,16 +34,7 @@ class RMSprop(Optimizer):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -70,13 +61,11 @@ class RMSprop(Optimizer):
 
     def _scalars(self, group, state, step, lr):
         alpha = group["alpha"]
-        gsign = -1.0 if group["maximize"] else 1.0
-        return (
-            lr,
-            group["weight_decay"],
-            gsign,
-            alpha,
-            1.0 - alpha,
-            group["eps"],
-            group["momentum"],
+        return dict(
+            lr=lr,
+            **l2_scalars(group),
+            alpha=alpha,
+            one_minus_alpha=1.0 - alpha,
+            eps=group["eps"],
+            momentum=group["momentum"],
         ), None

@@ -1,7 +1,7 @@
 """Rprop (torch.optim.Rprop)."""
 
 from ..validation import check_bool, check_lr, check_pair, check_positive
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, maximize_sign
 
 
 class Rprop(Optimizer):
@@ -29,8 +29,7 @@ class Rprop(Optimizer):
         maximize=False,
         **options,
     ):
-        defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -58,4 +57,11 @@ class Rprop(Optimizer):
     def _scalars(self, group, state, step, lr):
         etaminus, etaplus = group["etas"]
         lo, hi = group["step_sizes"]
-        return (-1.0 if group["maximize"] else 1.0, etaminus, etaplus, lo, hi, 0.0), None
+        return dict(
+            gsign=maximize_sign(group),
+            etaminus=etaminus,
+            etaplus=etaplus,
+            step_size_min=lo,
+            step_size_max=hi,
+            zero=0.0,
+        ), None

@@ -1,7 +1,7 @@
 """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD)."""
 
 from ..validation import check_bool, check_interval, check_lr, check_nonnegative
-from .base import Optimizer
+from .base import Optimizer, constructor_defaults, l2_scalars
 
 
 class SGD(Optimizer):
@@ -31,15 +31,7 @@ class SGD(Optimizer):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -58,13 +50,12 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _scalars(self, group, state, step, lr):
-        gsign = -1.0 if group["maximize"] else 1.0
-        h = (lr, group["weight_decay"], gsign)
+        h = dict(lr=lr, **l2_scalars(group))
         if group["momentum"] != 0:
-            h += (
-                group["momentum"],
-                1.0 - group["dampening"],
-                float(group["nesterov"]),
-                float(step == 1),
+            h.update(
+                momentum=group["momentum"],
+                one_minus_dampening=1.0 - group["dampening"],
+                nesterov=float(group["nesterov"]),
+                first=float(step == 1),
             )
         return h, None

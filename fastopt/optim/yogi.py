@@ -2,6 +2,7 @@
 
 from ..validation import check_nonnegative
 from .adam import AdamBase
+from .base import constructor_defaults, l2_scalars
 
 
 class Yogi(AdamBase):
@@ -32,15 +33,7 @@ class Yogi(AdamBase):
         maximize=False,
         **options,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            initial_accumulator_value=initial_accumulator_value,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults, **options)
+        super().__init__(params, constructor_defaults(locals()), **options)
 
     def _check(self, group):
         super()._check(group)
@@ -54,13 +47,11 @@ class Yogi(AdamBase):
 
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
-        gsign = -1.0 if group["maximize"] else 1.0
-        return (
-            lr,
-            group["weight_decay"],
-            gsign,
-            beta1,
-            1.0 - beta1,
-            1.0 - beta2,
-            group["eps"],
+        return dict(
+            lr=lr,
+            **l2_scalars(group),
+            beta1=beta1,
+            one_minus_beta1=1.0 - beta1,
+            one_minus_beta2=1.0 - beta2,
+            eps=group["eps"],
         ), None

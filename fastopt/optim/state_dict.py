@@ -1,0 +1,151 @@
+"""An optimizer's state as a plain dict (torch.optim's layout) and back, checked before it is
+restored: ``Optimizer.state_dict`` and ``Optimizer.load_state_dict`` call these."""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from .. import arrays
+from ..validation import check_lr
+
+
+def state_dict(opt):
+    """Plain-dict snapshot (NumPy copies and Python scalars) of ``opt``, torch.optim's layout:
+    ``{"algorithm", "state": {i: {"step", <arrays shaped like param i>...}}, "param_groups",
+    "skipped_steps"}``."""
+    state, groups = {}, []
+    base = opt._index_base()
+    for gi, (group, g_int) in enumerate(zip(opt.param_groups, opt._groups)):
+        for j, u in enumerate(g_int["units"]):
+            if not u.state:
+                continue
+            entry = {}
+            for k, v in u.state.items():
+                if k == "step":
+                    entry[k] = int(v)
+                elif isinstance(v, float):
+                    entry[k] = v
+                else:
+                    entry[k] = u.backend.to_numpy(v).reshape(u.shape)
+            state[base[gi] + j] = entry
+        saved = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items() if k != "params"
+        }
+        saved["params"] = list(range(base[gi], base[gi] + len(g_int["units"])))
+        saved["steps"] = g_int["steps"]
+        groups.append(saved)
+    return {
+        "algorithm": type(opt).__name__,
+        "state": state,
+        "param_groups": groups,
+        "skipped_steps": opt.skipped_steps,
+    }
+
+
+def load_state_dict(opt, sd):
+    """Restore a :func:`state_dict` of the same optimizer class over parameters of the same
+    shapes into ``opt``. Everything is checked before anything changes."""
+    if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
+        raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
+    name = type(opt).__name__
+    algo = sd.get("algorithm", name)
+    if algo != name:
+        raise ValueError(f"state_dict is for {algo}, this optimizer is {name}")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(
+            f"state_dict has {len(groups)} param groups, this optimizer {len(opt.param_groups)}"
+        )
+    base = opt._index_base()
+    new_groups, new_states = [], {}
+    for gi, (saved, g_int) in enumerate(zip(groups, opt._groups)):
+        idx = list(range(base[gi], base[gi] + len(g_int["units"])))
+        if list(saved.get("params", [])) != idx:
+            raise ValueError(
+                f"param_groups[{gi}] has {len(saved.get('params', []))} parameters in the "
+                f"state_dict, {len(idx)} here"
+            )
+        unknown = set(saved) - set(opt.defaults) - {"params", "initial_lr", "steps"}
+        if unknown:
+            raise ValueError(f"param_groups[{gi}] has unknown hyperparameters {sorted(unknown)}")
+        group = {
+            **opt.param_groups[gi],
+            **{k: v for k, v in saved.items() if k not in ("params", "steps")},
+        }
+        group["params"] = opt.param_groups[gi]["params"]
+        check_lr(group["lr"])
+        opt._check(group)
+        names = opt._state_names(group)
+        for j, u in enumerate(g_int["units"]):
+            entry = sd["state"].get(base[gi] + j)
+            if entry is None:
+                continue
+            new_states[(gi, j)] = _checked_entry(opt, entry, names, group, u, base[gi] + j)
+        new_groups.append(group)
+    skipped = sd.get("skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
+        raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
+    # commit
+    opt.skipped_steps = int(skipped)
+    for gi, group in enumerate(new_groups):
+        opt.param_groups[gi].clear()
+        opt.param_groups[gi].update(group)
+        opt._groups[gi]["steps"] = int(groups[gi].get("steps", 0))
+        opt._groups[gi]["checked"] = None
+        for j, u in enumerate(opt._groups[gi]["units"]):
+            u.state = new_states.get((gi, j), {})
+
+
+def _checked_entry(opt, entry, names, group, unit, index):
+    """One unit's state entry, checked and copied into fresh state arrays of its backend."""
+    if not isinstance(entry, Mapping) or "step" not in entry:
+        raise ValueError(f"state[{index}] is not a state entry with a 'step'")
+    expected = set(names) | set(opt._initial_scalar_state(group)) | {"step"}
+    if set(entry) != expected:
+        raise ValueError(
+            f"state[{index}] holds {sorted(entry)}, {type(opt).__name__} with these settings "
+            f"needs {sorted(expected)}"
+        )
+    step = entry["step"]
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
+    opt._ensure_backend(unit)
+    out = {"step": int(step)}
+    for k, v in entry.items():
+        if k == "step":
+            continue
+        if k not in names:
+            if not isinstance(v, (float, int)) or not math.isfinite(v):
+                raise ValueError(f"state[{index}][{k!r}] must be a finite float, got {v!r}")
+            out[k] = float(v)
+            continue
+        a = _state_array(v)
+        if a.dtype.kind != "f":
+            raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
+        if a.size != unit.param.size or tuple(a.shape) not in (
+            tuple(unit.shape),
+            (unit.param.size,),
+        ):
+            raise ValueError(
+                f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}"
+            )
+        dst = unit.backend.zeros(unit.param.size, unit.param.dtype, like=unit.param)
+        unit.backend.assign(dst, a.reshape(a.size))  # host or device source, cast
+        out[k] = dst
+    return out
+
+
+def _state_array(v):
+    """A state entry of load_state_dict as an array with ``dtype``/``shape``/``size``: NumPy and
+    CuPy arrays and numba device arrays as they are (device entries are copied device to
+    device), torch tensors as NumPy, anything else through ``np.asarray``."""
+    if isinstance(v, np.ndarray) or not hasattr(v, "shape"):
+        return np.asarray(v)
+    try:
+        kind = arrays.array_kind(v)
+    except TypeError:
+        return np.asarray(v)
+    if kind == "cupy" or getattr(v, "__cuda_ndarray__", False):
+        return v
+    return arrays.to_host(v)
