@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import dispatch
 from ..arrays import import_cupy, is_device_array, to_host
+from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
 from ..optim.base import Optimizer
 from ..paramset import ParamSet
@@ -166,8 +167,7 @@ class ZeroRedundancyOptimizer:
                 self.last_step_taken = False
                 return
             if self.max_grad_norm is not None:
-                # TODO(coordinator): clipping.clip_coefficient
-                coef = min(self.max_grad_norm / (norm + 1e-6), 1.0)
+                coef = clip_coefficient(norm, self.max_grad_norm)
                 if coef > 0:
                     gs *= coef
                 else:  # 0 (norm overflowed) or NaN: as the fused step, g * coef reaches the rule
