@@ -361,30 +361,25 @@ FO_STORAGE_HD float dequantize(unsigned char code, float absmax, const float* qm
     return st_mul(qmap[code], absmax);
 }
 
-// bitsandbytes' dQuantize<0> binary search (see storage.quantize for the tie rule).
+// Nearest entry, ties to the even code: bitsandbytes' dQuantize<0> (see storage.quantize).
 FO_STORAGE_HD unsigned char quantize(float xn, const float* qmap) {
-    int pivot = 127;
-    int lower_pivot = 0;
-    int upper_pivot = 255;
-    float lower = qmap[0];
-    float upper = qmap[255];
-    float val = qmap[pivot];
-    for (int step = 64; step > 0; step >>= 1) {
-        if (st_gt(xn, val)) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
+    int r = 0;
+    for (int step = 128; step > 0; step >>= 1) {
+        if (st_lt(qmap[r + step - 1], xn)) {
+            r += step;
         }
-        val = qmap[pivot];
     }
-    if (st_gt(xn, val)) {
-        return (unsigned char)(st_gt(xn, st_mul(st_add(upper, val), 0.5f)) ? upper_pivot : pivot);
+    if (r == 0) {
+        return 0;
     }
-    return (unsigned char)(st_lt(xn, st_mul(st_add(lower, val), 0.5f)) ? lower_pivot : pivot);
+    const float mid = st_mul(st_add(qmap[r - 1], qmap[r]), 0.5f);
+    if (st_gt(xn, mid)) {
+        return (unsigned char)r;
+    }
+    if (st_lt(xn, mid)) {
+        return (unsigned char)(r - 1);
+    }
+    return (unsigned char)(r - (r & 1));
 }
 
 FO_STORAGE_HD unsigned char quantize_value(float x, float absmax, const float* qmap) {

@@ -257,38 +257,29 @@ def dequantize(code, absmax, qmap):
 
 def quantize(xn, qmap):
     """The code of float32 ``xn`` (a value divided by its block's absmax) in the sorted 256-entry
-    ``qmap``: the nearest entry, found by bitsandbytes' binary search (``dQuantize<0>`` of its
-    csrc/kernels.cu). After 7 halving steps from entry 127 the probed entry ``v`` is compared with
-    the midpoint (float32) toward its neighbour on ``xn``'s side; an exact tie keeps ``v`` (so
-    ties break toward the last entry probed, not in a fixed direction). Values beyond the ends
-    take the end codes; NaN takes code 0.
+    ``qmap``: the nearest entry, with bitsandbytes' tie rule.
+
+    A binary search counts the entries of qmap[0:255] below ``xn`` (r); the code is r or r - 1,
+    whichever entry is nearer as judged against their float32 midpoint (qmap[r - 1] + qmap[r])
+    * 0.5, and an exact tie goes to the even code. Values beyond the ends take the end codes; NaN
+    takes code 0. This is exactly bitsandbytes' ``dQuantize<0>`` (csrc/kernels.cu), whose eight
+    comparisons walk a complete binary tree over entries 0..254 with the even codes as leaves and
+    then compare with the midpoint toward the neighbour on ``xn``'s side, keeping the leaf on a tie.
     """
-    half = np.float32(0.5)
-    pivot = 127
-    lower_pivot = 0
-    upper_pivot = 255
-    lower = qmap[0]
-    upper = qmap[255]
-    val = qmap[pivot]
-    step = 64
+    r = 0
+    step = 128
     while step > 0:
-        if xn > val:
-            lower_pivot = pivot
-            lower = val
-            pivot += step
-        else:
-            upper_pivot = pivot
-            upper = val
-            pivot -= step
-        val = qmap[pivot]
+        if qmap[r + step - 1] < xn:
+            r += step
         step >>= 1
-    if xn > val:
-        if xn > (upper + val) * half:
-            return upper_pivot
-        return pivot
-    if xn < (lower + val) * half:
-        return lower_pivot
-    return pivot
+    if r == 0:
+        return 0
+    mid = (qmap[r - 1] + qmap[r]) * np.float32(0.5)
+    if xn > mid:
+        return r
+    if xn < mid:
+        return r - 1
+    return r - (r & 1)
 
 
 def quantize_value(x, absmax, qmap):
