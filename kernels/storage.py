@@ -1,0 +1,469 @@
+"""Storage helpers: 16-bit floats as raw bits, stochastic rounding, a counter-based hash, 8-bit state.
+
+An array is *stored* in one dtype and the rules *compute* in another (float32 for bfloat16, float16
+and 8-bit storage). A loop template loads an element (``bf16_to_f32``, ``f16_to_f32``,
+``dequantize``), applies the unchanged rule, and stores it back (``f32_to_bf16_rne`` /
+``f32_to_f16_rne``, or the stochastic ``*_sr`` variants fed with ``random_bits``; ``quantize_value``
+for 8-bit codes). ``kernels/storage.cuh`` is the same arithmetic in CUDA C; tests/test_storage.py
+checks the two bit for bit against each other, against ml_dtypes/NumPy casts and bitsandbytes.
+
+16-bit values are their IEEE bits held in an integer (Numba has no bfloat16 type): a loop views an
+``ml_dtypes.bfloat16`` or ``np.float16`` array as ``np.uint16`` and passes the element; a store
+helper returns the new bits (an int in [0, 65535]) to write back. Bit manipulation happens on
+plain ints (int64 under Numba), never on float arithmetic, so results do not depend on
+flush-to-zero settings.
+
+No decorators, as in ``rules.py``: ``compile_storage(decorate, target)`` returns compiled copies for
+``numba.njit`` (target ``"cpu"``) or ``numba.cuda.jit(device=True)`` (target ``"cuda"``), with the
+two float32 <-> bits casts below replaced by an LLVM ``bitcast`` of that target. Called directly
+(and under the CUDA simulator) the functions are plain Python on NumPy scalars, bit-identical.
+Float arguments of the helpers must be float32 (NumPy scalars or Numba float32); integer arguments
+int64 / Python int.
+"""
+
+import os
+import types
+
+import numpy as np
+
+MASK16 = 0xFFFF
+MASK32 = 0xFFFFFFFF
+
+# ---------------------------------------------------------------------------------------------
+# float32 <-> bits. Plain-Python versions; compile_storage swaps in bitcast intrinsics.
+
+
+def float32_bits(x):
+    """The IEEE 754 bits of float32 ``x``, as a non-negative int below 2**32."""
+    return int(np.float32(x).view(np.uint32))
+
+
+def bits_float32(u):
+    """The float32 whose IEEE 754 bits are ``u`` (an int in [0, 2**32))."""
+    return np.uint32(u).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16: the upper half of a float32.
+
+
+def bf16_to_f32(bits):
+    """The float32 of bfloat16 ``bits`` (exact: bfloat16 is float32 with 16 fewer mantissa bits)."""
+    return bits_float32((int(bits) & MASK16) << 16)
+
+
+def bf16_nan(u):
+    """The bfloat16 NaN stored for float32 NaN bits ``u``: the sign and the canonical quiet NaN
+    0x7FC0 (the payload is dropped), as ``ml_dtypes`` casts it."""
+    return ((u >> 16) & 0x8000) | 0x7FC0
+
+
+def f32_to_bf16_rne(x):
+    """bfloat16 bits of float32 ``x`` rounded to nearest, ties to even (IEEE 754 roundTiesToEven).
+
+    Finite values above the largest bfloat16 by at least half an ulp become Inf, subnormals round
+    like normals (bfloat16 has float32's exponent range), Inf stays Inf, NaN becomes
+    ``bf16_nan``. Bit-exact with ``ml_dtypes.bfloat16`` and torch's ``.to(torch.bfloat16)`` (torch
+    writes other NaN bits).
+    """
+    u = float32_bits(x)
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return bf16_nan(u)
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+def f32_to_bf16_sr(x, rbits):
+    """bfloat16 bits of float32 ``x`` rounded stochastically with the low 16 bits of ``rbits``.
+
+    ``(bits(x) + (rbits & 0xFFFF)) >> 16``: with uniform ``rbits`` the magnitude rounds up (away
+    from zero) with probability (|x| - |t|) / ulp, where t is ``x`` truncated toward zero to
+    bfloat16, so the expected result is exactly ``x``. Between the largest finite bfloat16 and
+    2**128 the upper neighbour is Inf (as if 2**128 were representable). Inf stays Inf; NaN
+    becomes ``bf16_nan``, as in ``f32_to_bf16_rne``.
+    """
+    u = float32_bits(x)
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return bf16_nan(u)
+    return (u + (int(rbits) & MASK16)) >> 16
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 (IEEE binary16): 1 sign, 5 exponent (bias 15), 10 mantissa bits.
+
+
+def f16_to_f32(bits):
+    """The float32 of IEEE binary16 ``bits`` (exact, subnormals included). Inf stays Inf; a NaN
+    keeps its sign and payload (shifted into the top of float32's mantissa), as NumPy casts it."""
+    h = int(bits) & MASK16
+    sign = (h & 0x8000) << 16
+    exponent = (h >> 10) & 0x1F
+    mantissa = h & 0x3FF
+    if exponent == 0x1F:
+        return bits_float32(sign | 0x7F800000 | (mantissa << 13))
+    if exponent == 0:
+        if mantissa == 0:
+            return bits_float32(sign)
+        # Subnormal m * 2**-24: normalise so that bit 10 is the implicit one.
+        exponent = 1
+        while (mantissa & 0x400) == 0:
+            mantissa <<= 1
+            exponent -= 1
+        mantissa &= 0x3FF
+    return bits_float32(sign | ((exponent + 112) << 23) | (mantissa << 13))
+
+
+def f16_nan(u):
+    """The float16 NaN stored for float32 NaN bits ``u``, as NumPy's cast makes it: the sign and
+    the top 10 mantissa bits (payload and quiet bit), with the lowest bit set if those are zero."""
+    h = (u >> 13) & 0x3FF
+    if h == 0:
+        h = 1
+    return ((u >> 16) & 0x8000) | 0x7C00 | h
+
+
+def f32_to_f16_rne(x):
+    """IEEE binary16 bits of float32 ``x`` rounded to nearest, ties to even.
+
+    |x| >= 65520 (half an ulp above the largest float16, 65504) becomes Inf; values below the
+    smallest normal (2**-14) round to subnormals m * 2**-24, |x| <= 2**-25 to a signed zero; NaN
+    becomes ``f16_nan``. Bit-exact with NumPy's ``astype(np.float16)``.
+    """
+    u = float32_bits(x)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return f16_nan(u)
+    if a >= 0x477FF000:  # 65520
+        return sign | 0x7C00
+    if a >= 0x38800000:  # 2**-14: normal. Rebias the exponent (127 - 15), drop 13 bits.
+        h = (a - 0x38000000) >> 13
+        rest = a & 0x1FFF
+        if rest > 0x1000 or (rest == 0x1000 and (h & 1) == 1):
+            h += 1  # a carry into the exponent is the correct result
+        return sign | h
+    if a <= 0x33000000:  # 2**-25: half the smallest subnormal; the tie goes to even (zero)
+        return sign
+    # Subnormal result: mant * 2**(e - 150) = m * 2**-24 with m = mant >> (126 - e), rounded.
+    shift = 126 - (a >> 23)  # 14 .. 24
+    mant = (a & 0x7FFFFF) | 0x800000
+    h = mant >> shift
+    rest = mant & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if rest > half or (rest == half and (h & 1) == 1):
+        h += 1
+    return sign | h
+
+
+def f32_to_f16_sr(x, rbits):
+    """IEEE binary16 bits of float32 ``x`` rounded stochastically with the low bits of ``rbits``.
+
+    The magnitude rounds up (away from zero) with probability (|x| - |t|) / ulp, t being ``x``
+    truncated toward zero to float16, ulp the spacing there (2**-24 in the subnormal range): the
+    k bits of |x| below float16's last place are added to the low k bits of ``rbits`` and the sum
+    truncated. k = 13 for normal results, 14 to 32 for subnormal ones; where more than 32 bits
+    lie below (|x| < 2**-32) the fraction is first truncated to 32 bits, so the probability is
+    exact down to 2**-32 of an ulp. Between 65504 and 65536 the upper neighbour is Inf; |x| >=
+    65536 becomes Inf; Inf stays Inf; NaN becomes ``f16_nan``.
+    """
+    u = float32_bits(x)
+    r = int(rbits) & MASK32
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return f16_nan(u)
+    if a >= 0x47800000:  # 65536
+        return sign | 0x7C00
+    if a >= 0x38800000:
+        return sign | ((a - 0x38000000 + (r & 0x1FFF)) >> 13)
+    e = a >> 23
+    if e == 0:  # float32 subnormal: no implicit bit, exponent as for e = 1
+        e = 1
+        mant = a & 0x7FFFFF
+    else:
+        mant = (a & 0x7FFFFF) | 0x800000
+    shift = 126 - e  # 14 .. 125
+    if shift >= 56:  # |x| < 2**-32 ulp: the 32-bit fraction is zero
+        return sign
+    if shift > 32:
+        mant >>= shift - 32
+        shift = 32
+    return sign | ((mant + (r & ((1 << shift) - 1))) >> shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random bits: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers:
+# as easy as 1, 2, 3", SC 2011; the generator of Random123, cuRAND and torch's CUDA RNG).
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def mulhilo32(a, m):
+    """(high, low) 32-bit halves of the 64-bit product of 32-bit ``a`` and ``m``."""
+    p = np.uint64(a) * np.uint64(m)
+    return np.int64(p >> np.uint64(32)), np.int64(p & np.uint64(MASK32))
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of the 128-bit counter (c0, c1, c2, c3) under the 64-bit key (k0, k1), all
+    32-bit words: the four 32-bit output words (Random123's ``philox4x32``, 10 rounds)."""
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def random_bits4(seed, step, index):
+    """Four independent uniform 32-bit words for element ``index`` at optimizer step ``step``.
+
+    Philox4x32-10 with counter (index low, index high, step low, step high) and key (seed low,
+    seed high): every (seed, step, index) triple with 64-bit non-negative values gets its own
+    counter, so draws never repeat or depend on the launch configuration. Negative ints are taken
+    modulo 2**64 (two's complement), as the CUDA C version's unsigned arguments.
+    """
+    return philox4x32_10(
+        index & MASK32,
+        (index >> 32) & MASK32,
+        step & MASK32,
+        (step >> 32) & MASK32,
+        seed & MASK32,
+        (seed >> 32) & MASK32,
+    )
+
+
+def random_bits(seed, step, index):
+    """One uniform 32-bit word for (seed, step, index): the first word of ``random_bits4``."""
+    return random_bits4(seed, step, index)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit blockwise state (Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
+# Quantization", ICLR 2022): codes index a 256-entry dynamic map, scaled by the block's absmax.
+
+QUANT_BLOCK = 256
+"""Elements per quantization block (one float32 absmax each)."""
+
+
+def dequantize(code, absmax, qmap):
+    """The float32 value of 8-bit ``code`` in a block with float32 ``absmax``: qmap[code] * absmax."""
+    return qmap[code] * absmax
+
+
+def quantize(xn, qmap):
+    """The code of float32 ``xn`` (a value divided by its block's absmax) in the sorted 256-entry
+    ``qmap``: the nearest entry, with bitsandbytes' tie rule.
+
+    A binary search counts the entries of qmap[0:255] below ``xn`` (r); the code is r or r - 1,
+    whichever entry is nearer as judged against their float32 midpoint (qmap[r - 1] + qmap[r])
+    * 0.5, and an exact tie goes to the even code. Values beyond the ends take the end codes; NaN
+    takes code 0. This is exactly bitsandbytes' ``dQuantize<0>`` (csrc/kernels.cu), whose eight
+    comparisons walk a complete binary tree over entries 0..254 with the even codes as leaves and
+    then compare with the midpoint toward the neighbour on ``xn``'s side, keeping the leaf on a tie.
+    """
+    r = 0
+    step = 128
+    while step > 0:
+        if qmap[r + step - 1] < xn:
+            r += step
+        step >>= 1
+    if r == 0:
+        return 0
+    mid = (qmap[r - 1] + qmap[r]) * np.float32(0.5)
+    if xn > mid:
+        return r
+    if xn < mid:
+        return r - 1
+    return r - (r & 1)
+
+
+def quantize_value(x, absmax, qmap):
+    """The code of float32 ``x`` in a block with float32 ``absmax``: ``quantize(x / absmax)``, and
+    the code of zero when absmax is zero (an all-zero block). A block holding a NaN has a NaN
+    absmax (``absmax_update``), so all its values dequantize to NaN whatever their codes."""
+    if absmax > 0:
+        return quantize(x / absmax, qmap)
+    return quantize(np.float32(0.0), qmap)
+
+
+def absmax_update(m, x):
+    """max(m, |x|) for float32 ``m`` and ``x``, propagating NaN from either side (as
+    torch.maximum), so a block with a NaN gets a NaN absmax."""
+    a = abs(x)
+    if a > m:
+        return a
+    if a <= m:
+        return m
+    return m + a
+
+
+def block_absmax(a, start, stop):
+    """The absmax of float32 array ``a[start:stop]`` (one quantization block): the largest |a[i]|,
+    NaN if any element is NaN, 0 for an empty or all-zero block."""
+    m = np.float32(0.0)
+    for i in range(start, stop):
+        m = absmax_update(m, a[i])
+    return m
+
+
+def dynamic_map(signed):
+    """The 256 sorted float32 entries of bitsandbytes' dynamic quantization map
+    (``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``).
+
+    For i = 0..6, the midpoints of a float32 ``linspace(0.1, 1, n_i)`` (n_i = 2**i + 1 signed,
+    2**(i+1) + 1 unsigned) scaled by float32(10**(i - 6)) (and negated, when signed), plus 0 and
+    1: 127 negative, 0, 127 positive and 1 (signed), or 0, 254 positive and 1 (unsigned).
+    linspace is computed as torch's vectorised CPU kernel does (with which bitsandbytes builds
+    the map on x86-64): step = (end - start) / (n - 1) in float32, then start + step * k for the
+    first half and end - step * (n - 1 - k) for the rest, each one fused multiply-add (a single
+    rounding to float32; torch's scalar path rounds twice and differs in a few entries).
+    Host-side NumPy, not a kernel helper; ``storage.cuh`` holds the same tables
+    (``dynamic_map_macros``).
+    """
+    start, end = np.float32(0.1), np.float32(1.0)
+    entries = [np.float32(0.0), np.float32(1.0)]
+    for i in range(7):
+        n = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        step = (end - start) / np.float32(n - 1)
+        # One rounding of start + step * k (a fused multiply-add): exact in float64 here (at
+        # most 32 significant bits), then rounded once to float32.
+        bounds = [
+            np.float32(float(start) + float(step) * k)
+            if k < n // 2
+            else np.float32(float(end) - float(step) * (n - 1 - k))
+            for k in range(n)
+        ]
+        scale = np.float32(10.0 ** (i - 6))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            mean = (lo + hi) / np.float32(2.0)
+            entries.append(scale * mean)
+            if signed:
+                entries.append(-scale * mean)
+    table = np.array(entries, dtype=np.float32)
+    table.sort()
+    return table
+
+
+DYNAMIC_MAP_SIGNED = dynamic_map(True)
+"""Map of signed 8-bit state (first moments)."""
+DYNAMIC_MAP_UNSIGNED = dynamic_map(False)
+"""Map of non-negative 8-bit state (second moments)."""
+for _table in (DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED):
+    _table.flags.writeable = False
+
+
+def dynamic_map_macros():
+    """The C preprocessor definitions ``FO_DYNAMIC_MAP_SIGNED`` and ``FO_DYNAMIC_MAP_UNSIGNED`` of
+    ``storage.cuh``: initializers of the two maps as exact hexadecimal float literals. The header
+    holds this text verbatim (tests/test_storage.py checks it); paste it there if a map changes."""
+    blocks = []
+    for name, signed in (("FO_DYNAMIC_MAP_SIGNED", True), ("FO_DYNAMIC_MAP_UNSIGNED", False)):
+        values = []
+        for v in dynamic_map(signed):
+            mantissa, exponent = float(v).hex().split("p")
+            values.append(f"{mantissa.rstrip('0').rstrip('.')}p{exponent}f")
+        rows = [", ".join(values[k : k + 6]) for k in range(0, len(values), 6)]
+        body = ", \\\n    ".join(rows)
+        blocks.append(f"#define {name} \\\n    {{{body}}}\n")
+    return "\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation.
+
+HELPERS = (
+    "float32_bits",
+    "bits_float32",
+    "bf16_to_f32",
+    "bf16_nan",
+    "f32_to_bf16_rne",
+    "f32_to_bf16_sr",
+    "f16_to_f32",
+    "f16_nan",
+    "f32_to_f16_rne",
+    "f32_to_f16_sr",
+    "mulhilo32",
+    "philox4x32_10",
+    "random_bits4",
+    "random_bits",
+    "dequantize",
+    "quantize",
+    "quantize_value",
+    "absmax_update",
+    "block_absmax",
+)
+"""The scalar helpers ``compile_storage`` compiles (everything above but the host-side maps)."""
+
+
+def _simulating():
+    try:
+        from numba.cuda.core import config
+    except Exception:  # pragma: no cover - older numba-cuda
+        return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _bitcast_intrinsics(target):
+    """(float32 -> uint32, uint32 -> float32) bitcasts as Numba intrinsics of ``target``."""
+    if target == "cuda":
+        from numba.cuda import types as nbtypes
+        from numba.cuda.extending import intrinsic
+    else:
+        from numba.core import types as nbtypes
+        from numba.core.extending import intrinsic
+
+    def bitcast(src, dst):
+        def typer(typingctx, x):
+            if x != src:
+                return None
+
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(args[0], context.get_value_type(dst))
+
+            return dst(src), codegen
+
+        typer.__name__ = f"bitcast_{src}_{dst}"
+        return intrinsic(typer)
+
+    return bitcast(nbtypes.float32, nbtypes.uint32), bitcast(nbtypes.uint32, nbtypes.float32)
+
+
+# Compiled float32_bits / bits_float32: f32_as_u32 and u32_as_f32 are the intrinsics that
+# compile_storage binds in the copies' globals.
+
+
+def _float32_bits_compiled(x):
+    return np.int64(f32_as_u32(np.float32(x)))  # noqa: F821
+
+
+def _bits_float32_compiled(u):
+    return u32_as_f32(np.uint32(u))  # noqa: F821
+
+
+def compile_storage(decorate, target):
+    """Return {name: decorate(copy of storage.name)} for every helper in ``HELPERS``.
+
+    ``target`` is ``"cpu"`` for ``numba.njit``, ``"cuda"`` for ``numba.cuda.jit(device=True)``
+    (under the CUDA simulator the plain-Python bit casts are kept) or ``"python"`` to keep them
+    whatever ``decorate`` is. The copies call each other through one shared globals dict, as
+    ``compile_rules.compile_rules`` does for the rules.
+    """
+    if target not in ("cpu", "cuda", "python"):
+        raise ValueError(f"target must be 'cpu', 'cuda' or 'python', not {target!r}")
+    module = globals()
+    namespace = dict(module)
+    sources = {name: module[name] for name in HELPERS}
+    if target == "cpu" or (target == "cuda" and not _simulating()):
+        namespace["f32_as_u32"], namespace["u32_as_f32"] = _bitcast_intrinsics(target)
+        sources["float32_bits"] = _float32_bits_compiled
+        sources["bits_float32"] = _bits_float32_compiled
+    for name, fn in sources.items():
+        copy = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__)
+        copy.__qualname__ = name
+        namespace[name] = decorate(copy)
+    return {name: namespace[name] for name in HELPERS}
