@@ -472,10 +472,9 @@ def _cuda_c_helpers():
 
 @pytest.fixture(scope="module")
 def nvcc():
-    path = _cuda_c_helpers()._find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    return path
+    from cuda_toolchain import nvcc_or_skip
+
+    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")
