@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from oracle import import_or_skip
 
 from fastopt import benchmarking, playground
 from fastopt.cli import main
 
-pytest.importorskip("matplotlib")
+import_or_skip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
 

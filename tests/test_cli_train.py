@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt
 from fastopt import datasets
 from fastopt.cli import main
 from fastopt.cli import train as train_cmd
 
-pytest.importorskip("matplotlib")
+import_or_skip("matplotlib")
 
 DIGITS_QUICK = ("--epochs", "30", "--seed", "0")
 """The suite's digits settings: the defaults (256 hidden units, Adam 1e-3, batch 64, label
@@ -109,7 +110,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    pytest.importorskip("sklearn")  # the built-in datasets are scikit-learn's bundled copies
+    import_or_skip("sklearn")  # the built-in datasets are scikit-learn's bundled copies
     cwd = tmp_path_factory.mktemp("digits")
     r = cli("train", "digits", *DIGITS_QUICK, cwd=cwd)
     return r, cwd / "digits-model"
@@ -474,7 +475,7 @@ def test_load_csv_default_target_and_types(tmp_path):
     ds = datasets.load(p)
     assert ds.target_name == "y" and ds.feature_names == ["x"]
     assert ds.y.dtype == np.int64 and ds.X.tolist() == [[1.0], [2.0]]
-    pytest.importorskip("sklearn")
+    import_or_skip("sklearn")
     ds = datasets.load("iris")
     assert ds.X.shape == (150, 4) and set(ds.y.tolist()) == {"setosa", "versicolor", "virginica"}
 
