@@ -385,6 +385,8 @@ def available():
         cuda = _cuda()
     except Exception as e:  # numba-cuda or the CUDA bindings missing
         return False, f"numba.cuda cannot be imported: {type(e).__name__}: {e}"
+    if getattr(cuda, "implementation", None) != "NVIDIA":  # numba's old built-in target
+        return False, "numba.cuda is numba's built-in CUDA target, not numba-cuda"
     try:
         if _simulating():
             return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"

@@ -32,3 +32,27 @@ def torch_or_skip():
             allow_module_level=True,
         )
     return torch
+
+
+EXTRAS_ENV = "FASTOPT_REQUIRE_EXTRAS"
+"""Set to 1 (CI does) to make a missing matplotlib, scikit-learn or tqdm (the test extra) an error."""
+
+_REQUIRED_BY = {"torch": REQUIRE_ENV, "matplotlib": EXTRAS_ENV, "sklearn": EXTRAS_ENV}
+_REQUIRED_BY["tqdm"] = EXTRAS_ENV
+
+
+def import_or_skip(name):
+    """``pytest.importorskip(name)`` that honours the FASTOPT_REQUIRE_* flag of the module's
+    distribution (``torch``: FASTOPT_REQUIRE_ORACLE; ``matplotlib``, ``sklearn``, ``tqdm`` and
+    their submodules: FASTOPT_REQUIRE_EXTRAS): with the flag set, a failed import fails the test."""
+    flag = _REQUIRED_BY.get(name.split(".")[0])
+    if flag is None:
+        raise ValueError(f"no FASTOPT_REQUIRE_* flag covers {name!r}; add it to _REQUIRED_BY")
+    if os.environ.get(flag, "").strip() == "1":
+        import importlib
+
+        try:
+            return importlib.import_module(name)
+        except (ImportError, OSError) as exc:
+            pytest.fail(f"{flag}=1 but {name} cannot be imported ({exc!r})", pytrace=False)
+    return pytest.importorskip(name)

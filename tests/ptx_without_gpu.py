@@ -1,10 +1,25 @@
 """Preamble of the subprocess scripts that compile numba.cuda kernels to PTX on a machine without a
 GPU: it answers the device queries numba-cuda makes while compiling, and exits 77 (the tests' skip
-code) where libNVVM is missing. Defines ``cuda``, ``types``, ``libdevice``, ``np`` and ``sys``."""
+code) where numba-cuda, libNVVM or libdevice is missing, or exits 1 (a failure) instead when
+``FASTOPT_REQUIRE_NVVM=1`` (CI sets it: the test extra's nvidia-cuda-nvcc wheel depends on
+nvidia-nvvm, which carries libNVVM and libdevice). Defines ``cuda``, ``types``, ``libdevice``, ``np``
+and ``sys``."""
+
+REQUIRE_ENV = "FASTOPT_REQUIRE_NVVM"
 
 PREAMBLE = """
-import json, sys, types as pytypes
+import json, os, sys, types as pytypes
 import numpy as np
+
+
+def _unavailable(why):
+    if os.environ.get("FASTOPT_REQUIRE_NVVM", "").strip() == "1":
+        print(f"FASTOPT_REQUIRE_NVVM=1 but numba-cuda cannot compile PTX here: {why}")
+        sys.exit(1)
+    print(why)
+    sys.exit(77)
+
+
 try:
     import numba.cuda.cuda_paths as cuda_paths
     import numba.cuda.cudadrv.nvrtc as nvrtc
@@ -21,8 +36,7 @@ try:
         nvrtc.get_arch_option = lambda major, minor, arch="": f"compute_{major}{minor}"
         cuda_paths._get_nvrtc_path = lambda: ("not needed for PTX", None)
     if not nvvm.is_available():
-        sys.exit(77)
+        _unavailable("libNVVM not found")
 except Exception as e:
-    print(f"setup: {type(e).__name__}: {e}")
-    sys.exit(77)
+    _unavailable(f"setup: {type(e).__name__}: {e}")
 """

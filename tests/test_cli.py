@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import assert_ok, cli, png_size
+from oracle import import_or_skip
 
 from fastopt import benchmarking, playground
 from fastopt.cli import main
 
-pytest.importorskip("matplotlib")
+import_or_skip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
 

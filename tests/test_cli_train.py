@@ -15,13 +15,14 @@ import sys
 import numpy as np
 import pytest
 from cli_helpers import assert_ok, cli, png_size
+from oracle import import_or_skip
 
 import fastopt
 from fastopt import datasets
 from fastopt.cli import main
 from fastopt.cli import train as train_cmd
 
-pytest.importorskip("matplotlib")
+import_or_skip("matplotlib")
 
 DIGITS_QUICK = ("--epochs", "30", "--seed", "0")
 """The suite's digits settings: the defaults (256 hidden units, Adam 1e-3, batch 64, label
@@ -82,7 +83,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    pytest.importorskip("sklearn")  # the built-in datasets are scikit-learn's bundled copies
+    import_or_skip("sklearn")  # the built-in datasets are scikit-learn's bundled copies
     cwd = tmp_path_factory.mktemp("digits")
     r = cli("train", "digits", *DIGITS_QUICK, cwd=cwd)
     return r, cwd / "digits-model"
@@ -473,7 +474,7 @@ def test_load_csv_default_target_and_types(tmp_path):
     ds = datasets.load(p)
     assert ds.target_name == "y" and ds.feature_names == ["x"]
     assert ds.y.dtype == np.int64 and ds.X.tolist() == [[1.0], [2.0]]
-    pytest.importorskip("sklearn")
+    import_or_skip("sklearn")
     ds = datasets.load("iris")
     assert ds.X.shape == (150, 4) and set(ds.y.tolist()) == {"setosa", "versicolor", "virginica"}
 
@@ -624,7 +625,7 @@ def test_npz_target_y_is_scored(cls_run, files, tmp_path):
 
 def test_builtin_registry():
     """Every built-in dataset of the registry loads, with the task it declares."""
-    pytest.importorskip("sklearn")
+    import_or_skip("sklearn")
     for name, entry in datasets.BUILTIN.items():
         ds = datasets.load(name)
         assert ds.task_hint == entry.task and ds.X.shape[0] == ds.y.shape[0] > 100

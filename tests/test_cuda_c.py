@@ -4,7 +4,8 @@ Runs without a GPU: nvcc compiles the kernels to PTX (and ptxas assembles them),
 harness (tests/cuda_c_host_harness.cu, built with nvcc as a shared library, loaded with ctypes)
 applies every rule of rules.cuh to host arrays. Its results must be bit-identical to the scalar
 Python rules of kernels/rules.py run elementwise on NumPy scalars of the same dtype. Tests that
-need nvcc skip without it; the CuPy end-to-end test skips without CuPy and a CUDA device.
+need nvcc (tests/cuda_toolchain.py finds it, also in the nvidia-cuda-nvcc wheel) skip without it,
+or fail with FASTOPT_REQUIRE_NVCC=1; the CuPy end-to-end test skips without CuPy and a CUDA device.
 """
 
 import ctypes
@@ -13,13 +14,13 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
+from cuda_toolchain import nvcc_or_skip
 
 from fastopt.kernels import cupy as cupy_backend
 from fastopt.kernels import layout, rules
@@ -32,16 +33,6 @@ ARCHS = ("sm_80", "sm_90")
 DTYPES = (np.float32, np.float64)
 
 
-def _find_nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and (pathlib.Path(candidate) / "bin" / "nvcc").is_file():
-            return str(pathlib.Path(candidate) / "bin" / "nvcc")
-    return None
-
-
 def _run(cmd, cwd):
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -52,10 +43,7 @@ def _run(cmd, cwd):
 
 @pytest.fixture(scope="module")
 def nvcc():
-    path = _find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    return path
+    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import types
 import numpy as np
 import pytest
 from optimizer_cases import CASES, grad_of
+from oracle import import_or_skip
 from ptx_without_gpu import PREAMBLE
 
 import fastopt as fo
@@ -131,7 +132,7 @@ def test_array_kind_rejects(obj, match):
 
 
 def test_array_kind_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     assert arrays.array_kind(torch.zeros(3)) == "torch-cpu"
     assert arrays.array_kind(torch.nn.Parameter(torch.zeros(3))) == "torch-cpu"
     with pytest.raises(TypeError, match="device 'meta'"):
@@ -169,7 +170,7 @@ def test_backend_for_mixed_is_a_value_error_naming_both(make, words):
 
 
 def test_backend_for_host_kinds_mix():
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     assert dispatch.backend_for([np.zeros(2), torch.zeros(2)]).name == "numba-cpu"
     assert dispatch.backend_for([torch.zeros(2)]).name == "numba-cpu"
 
@@ -304,7 +305,7 @@ def _params(dtype, seed=1):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_torch_cpu_tensors_match_numpy_bit_for_bit(case, dtype):
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     _, cls, kwargs = case
     ref = _params(dtype)
     tensors = [torch.tensor(a.copy()) for a in ref]
@@ -326,7 +327,7 @@ def test_torch_cpu_tensors_match_numpy_bit_for_bit(case, dtype):
 
 
 def test_torch_cpu_dict_state_dict_and_errors():
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     w = torch.randn(3, 4, dtype=torch.float64)
     opt = fo.Adam({"w": w}, lr=0.1)
     opt.step({"w": torch.ones(3, 4, dtype=torch.float64)})
@@ -353,7 +354,7 @@ def test_torch_cpu_dict_state_dict_and_errors():
 
 
 def test_torch_cpu_paramset_values():
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     w = torch.nn.Parameter(torch.randn(2, 3))
     ps = fo.ParamSet({"w": w, "b": torch.zeros(3)})
     assert np.array_equal(ps["w"], w.detach().numpy())
@@ -472,10 +473,9 @@ def _cuda_c_helpers():
 
 @pytest.fixture(scope="module")
 def nvcc():
-    path = _cuda_c_helpers()._find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    return path
+    from cuda_toolchain import nvcc_or_skip
+
+    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")

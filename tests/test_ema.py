@@ -35,11 +35,14 @@ def test_ema_formula_warmup_and_dtype():
     for t in range(20):
         p[...] = t
         d = ema.current_decay()
-        assert d == (min(0.99, (1 + t) / (10 + t)) if t else d)
+        assert d == min(0.99, (1 + t) / (10 + t))  # 0.1 at t = 0, unused: the first update copies
         ema.update()
         expected = np.full(5, 0.0) if t == 0 else expected + (1 - d) * (t - expected)
     np.testing.assert_allclose(ema.averages[0], expected, rtol=1e-5)
     assert ema.averages[0].dtype == np.float32
+    ema.num_updates = 10_000  # (1 + t) / (10 + t) > 0.99 from t = 882 on: the decay is capped
+    assert ema.current_decay() == 0.99
+    assert fo.EMA([p], decay=0.99).current_decay() == 0.99  # no warmup: the decay from the start
 
 
 def test_swapped_context_restores_even_on_error():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt import fileio
@@ -194,7 +195,7 @@ def test_reports_charts_and_figures_are_replaced_atomically(tmp_path):
     the writer too: an existing output reached through a symlink keeps the link and its target is
     REPLACED (a new inode, renamed into place), not truncated and rewritten in place, so a
     reader never sees half a file."""
-    pytest.importorskip("matplotlib")
+    import_or_skip("matplotlib")
     from fastopt import benchmarking
     from fastopt.playground import pyplot, save_figure
 

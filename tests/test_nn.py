@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt import nn
@@ -225,7 +226,7 @@ def test_zeros_init_and_auto_choice():
 
 
 def _digits():
-    datasets = pytest.importorskip("sklearn.datasets")
+    datasets = import_or_skip("sklearn.datasets")
     X, y = datasets.load_digits(return_X_y=True)
     return X[:1200], y[:1200], X[1200:], y[1200:]
 

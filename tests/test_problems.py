@@ -3,6 +3,7 @@ the playground's runs reproduce the numbers Dive into Deep Learning prints (ch. 
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 from fastopt import playground, problems
 
@@ -146,7 +147,7 @@ def test_diverging_run_is_drawn_clipped_without_warnings(problem, tmp_path, monk
     """sgd lr=1e4 reaches f ~ 1e300 before it stops: the loss panel used to come out empty
     (a log axis over 300 decades) with matplotlib's overflow warning. Now the curve is clipped,
     on the chart, and the legend says the run diverged; no warning escapes."""
-    pytest.importorskip("matplotlib")
+    import_or_skip("matplotlib")
     import warnings
 
     from fastopt.playground import drawing

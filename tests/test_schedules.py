@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import import_or_skip
 
 from fastopt import schedules as S
 
@@ -25,7 +26,7 @@ def _torch():
         import torch  # an ImportError must fail the test here
 
         return torch
-    return pytest.importorskip("torch")
+    return import_or_skip("torch")
 
 
 def _torch_opt(torch, *lrs):

@@ -9,8 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
-sklearn = pytest.importorskip("sklearn")
+sklearn = import_or_skip("sklearn")
 
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_diabetes, load_digits, load_iris  # noqa: E402

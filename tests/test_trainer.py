@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt import schedules
@@ -352,7 +353,7 @@ def test_keyboard_interrupt_from_a_callback_saves_checkpoint(tmp_path):
 
 
 def test_progress_bar(capsys, monkeypatch):
-    pytest.importorskip("tqdm")
+    import_or_skip("tqdm")
     X, y = _blobs(n=64)
     Trainer(_model(), epochs=1, progress=True, seed=0).fit(X, y)
     err = capsys.readouterr().err
