@@ -308,11 +308,13 @@ def yogi(
     initial_accumulator_value,
     weight_decay,
     maximize,
+    bias_correction,
 ):
     r"""Yogi (Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018).
 
-    Follows optax.yogi (no bias correction; m and v start at ``initial_accumulator_value``):
-    m ← β₁ m + (1 − β₁) g;  v ← v − (1 − β₂) sign(v − g²) g²;  θ ← θ − η m / (√v + ε).
+    m and v start at ``initial_accumulator_value``:
+    m ← β₁ m + (1 − β₁) g;  v ← v − (1 − β₂) sign(v − g²) g²;  θ ← θ − η m / (√v + ε) (the paper);
+    with ``bias_correction`` (optax.yogi) θ ← θ − η/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε).
     ``weight_decay`` adds the L2 term λθ to g (torch-style), off by default.
     """
     beta1, beta2 = betas
@@ -321,7 +323,11 @@ def yogi(
     m[...] = (1 - beta1) * g + beta1 * m
     g2 = g * g
     v[...] = v - (1 - beta2) * np.sign(v - g2) * g2
-    param[...] = param - lr * (m / (np.sqrt(v) + eps))
+    if bias_correction:
+        step_size, bc2_sqrt = lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
+        param[...] = param - step_size * (m / (np.sqrt(v) / bc2_sqrt + eps))
+    else:
+        param[...] = param - lr * (m / (np.sqrt(v) + eps))
 
 
 def lion(param, grad, state, *, step, lr, betas, weight_decay, maximize):

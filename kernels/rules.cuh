@@ -444,16 +444,18 @@ FO_HD void rprop(T& p, T g, T& prev, T& step_size, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
-// Yogi (Zaheer et al., NeurIPS 2018; optax.scale_by_yogi: no bias correction).
+// Yogi (Zaheer et al., NeurIPS 2018); with bias correction (optax.yogi) when the host passes
+// step_size = lr / (1 - beta1^t) and bias_correction2_sqrt = sqrt(1 - beta2^t), else lr and 1.
 
 template <typename T>
 FO_HD void yogi(T& p, T g, T& m, T& v, const T* h) {
-    const T lr = h[FO_YOGI_LR];
+    const T step_size = h[FO_YOGI_STEP_SIZE];
     const T weight_decay = h[FO_YOGI_WEIGHT_DECAY];
     const T gsign = h[FO_YOGI_GSIGN];
     const T beta1 = h[FO_YOGI_BETA1];
     const T one_minus_beta1 = h[FO_YOGI_ONE_MINUS_BETA1];
     const T one_minus_beta2 = h[FO_YOGI_ONE_MINUS_BETA2];
+    const T bias_correction2_sqrt = h[FO_YOGI_BIAS_CORRECTION2_SQRT];
     const T eps = h[FO_YOGI_EPS];
     g = l2_grad(p, g, gsign, weight_decay);
     m = one_minus_beta1 * g + beta1 * m;
@@ -463,7 +465,7 @@ FO_HD void yogi(T& p, T g, T& m, T& v, const T* h) {
     } else if (v < g2) {
         v = v + one_minus_beta2 * g2;
     }
-    p = p - lr * (m / (fo_sqrt(v) + eps));
+    p = p - step_size * (m / (fo_sqrt(v) / bias_correction2_sqrt + eps));
 }
 
 // -------------------------------------------------------------------------------------------

@@ -317,15 +317,28 @@ def rprop(p, g, prev, step_size, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Yogi (Zaheer et al., NeurIPS 2018; optax.scale_by_yogi: no bias correction).
+# Yogi (Zaheer et al., NeurIPS 2018). step_size = lr and bias_correction2_sqrt = 1 give the
+# paper's update; lr / (1 - beta1^t) and sqrt(1 - beta2^t) give optax.yogi's bias-corrected one
+# (dividing by 1 is exact, so the paper's form loses no bits to the shared code).
 
 _declare_scalars(
-    "yogi", ("lr", "weight_decay", "gsign", "beta1", "one_minus_beta1", "one_minus_beta2", "eps")
+    "yogi",
+    (
+        "step_size",
+        "weight_decay",
+        "gsign",
+        "beta1",
+        "one_minus_beta1",
+        "one_minus_beta2",
+        "bias_correction2_sqrt",
+        "eps",
+    ),
 )
 
 
 def yogi(p, g, m, v, h):
-    lr, weight_decay, gsign, beta1, one_minus_beta1, one_minus_beta2, eps = h
+    (step_size, weight_decay, gsign, beta1, one_minus_beta1, one_minus_beta2,
+     bias_correction2_sqrt, eps) = h  # fmt: skip
     g = l2_grad(p, g, gsign, weight_decay)
     m = one_minus_beta1 * g + beta1 * m
     g2 = g * g
@@ -333,7 +346,7 @@ def yogi(p, g, m, v, h):
         v = v - one_minus_beta2 * g2
     elif v < g2:
         v = v + one_minus_beta2 * g2
-    return p - lr * (m / (math.sqrt(v) + eps)), m, v
+    return p - step_size * (m / (math.sqrt(v) / bias_correction2_sqrt + eps)), m, v
 
 
 # ---------------------------------------------------------------------------------------------

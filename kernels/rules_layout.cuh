@@ -102,13 +102,14 @@
 #define FO_RPROP_STEP_SIZE_MAX              4
 #define FO_RPROP_ZERO                       5
 // yogi (yogi)
-#define FO_YOGI_LR                          0
+#define FO_YOGI_STEP_SIZE                   0
 #define FO_YOGI_WEIGHT_DECAY                1
 #define FO_YOGI_GSIGN                       2
 #define FO_YOGI_BETA1                       3
 #define FO_YOGI_ONE_MINUS_BETA1             4
 #define FO_YOGI_ONE_MINUS_BETA2             5
-#define FO_YOGI_EPS                         6
+#define FO_YOGI_BIAS_CORRECTION2_SQRT       6
+#define FO_YOGI_EPS                         7
 // lion (lion)
 #define FO_LION_DECAY                       0
 #define FO_LION_LR                          1
@@ -137,7 +138,7 @@
     X(nadam, 2, 11)                    \
     X(radam, 2, 13)                    \
     X(rprop, 2, 6)                     \
-    X(yogi, 2, 7)                      \
+    X(yogi, 2, 8)                      \
     X(lion, 1, 7)                      \
     X(ema, 0, 2)
 

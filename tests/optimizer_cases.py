@@ -60,6 +60,7 @@ CASES = [
     ),
     ("yogi", fo.Yogi, dict(lr=0.01)),
     ("yogi_wd", fo.Yogi, dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.01, maximize=True)),
+    ("yogi_bias_correction", fo.Yogi, dict(lr=0.01, bias_correction=True)),
     ("lion", fo.Lion, dict(lr=0.001)),
     ("lion_wd", fo.Lion, dict(lr=0.001, weight_decay=0.1, maximize=True)),
 ]

@@ -66,7 +66,7 @@ def _h(rule_name, t):
         "nadam": adam_head + (bc2, eps, lr * 0.05 / 0.95, lr * 0.9 / 0.5),
         "radam": adam_head + (bc1, lr, float(t >= 2), 0.3 * t, math.sqrt(bc2), eps),
         "rprop": (gsign, 0.5, 1.2, 1e-6, 50.0, 0.0),
-        "yogi": (lr, wd, gsign, beta1, 1 - beta1, 1 - beta2, 1e-3),
+        "yogi": (lr, wd, gsign, beta1, 1 - beta1, 1 - beta2, 1.0, 1e-3),
         "lion": (decay, 1e-3, gsign, beta1, 1 - beta1, 0.99, 0.01),
         "ema": (0.001, 0.999) if t % 2 else (0.7, 0.3),
     }

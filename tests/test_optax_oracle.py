@@ -7,8 +7,9 @@ takes the same gradients, step by step, and must stay within float64 rtol 1e-12 
 of optax (one rounding per operation apart: optax applies Lion's weight decay as
 ``-lr * (sign + wd * p)``, fastopt as ``p * (1 - lr * wd) - lr * sign``).
 
-Lion is ``optax.lion`` itself. Yogi: ``optax.yogi`` bias-corrects both moments, fastopt.Yogi
-documents the paper's update without bias correction; the ``yogi_default`` and
+Lion is ``optax.lion`` itself. Yogi: ``optax.yogi`` bias-corrects both moments, fastopt.Yogi's
+default is the paper's update without bias correction; ``yogi_optax*`` (``bias_correction=True``)
+are ``optax.scale_by_yogi`` itself, bias correction included; the ``yogi_default`` and
 ``yogi_wd_maximize`` references are the optax chain with fastopt's documented semantics
 (``add_decayed_weights`` for the L2 term, optax's Yogi moments from ``initial_accumulator_value``
 without the bias correction, ``scale_by_learning_rate``), and ``yogi_nobias`` (b1 = b2 = 0, where

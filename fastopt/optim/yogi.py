@@ -1,6 +1,8 @@
-"""Yogi (no torch equivalent; follows the paper and optax.yogi)."""
+"""Yogi (no torch equivalent; the paper's update, or optax.yogi's with ``bias_correction=True``)."""
 
-from ..validation import check_nonnegative
+import math
+
+from ..validation import check_bool, check_nonnegative
 from .adam import AdamBase
 from .base import constructor_defaults, l2_scalars
 
@@ -13,10 +15,14 @@ class Yogi(AdamBase):
         v_t = v_{t-1} - (1-\beta_2)\operatorname{sign}(v_{t-1} - g_t^2)\, g_t^2,\quad
         \theta_t = \theta_{t-1} - \eta\frac{m_t}{\sqrt{v_t} + \epsilon}
 
-    torch has no Yogi. This follows Zaheer et al., "Adaptive Methods for Nonconvex Optimization",
-    NeurIPS 2018 (defaults lr = 1e-2, eps = 1e-3) as implemented by optax.yogi: no bias correction,
-    both moments start at ``initial_accumulator_value`` (1e-6). ``weight_decay`` adds the L2 term
-    λθ to the gradient (torch style; 0 by default).
+    torch has no Yogi. By default this is Algorithm 2 of Zaheer et al., "Adaptive Methods for
+    Nonconvex Optimization", NeurIPS 2018 (defaults lr = 1e-2, eps = 1e-3): no bias correction.
+    ``bias_correction=True`` gives ``optax.yogi`` (``scale_by_yogi``), which divides the moments
+    by :math:`1-\beta_1^t` and :math:`1-\beta_2^t` as Adam does:
+    :math:`\theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}
+    + \epsilon}` (equal to optax's :math:`\hat m / (\sqrt{\hat v} + \epsilon)` to rounding).
+    Both moments start at ``initial_accumulator_value`` (1e-6, as optax). ``weight_decay`` adds the
+    L2 term λθ to the gradient (torch style; 0 by default).
     """
 
     algorithm = "yogi"
@@ -31,6 +37,7 @@ class Yogi(AdamBase):
         weight_decay=0.0,
         *,
         maximize=False,
+        bias_correction=False,
         **options,
     ):
         super().__init__(params, constructor_defaults(locals()), **options)
@@ -38,6 +45,7 @@ class Yogi(AdamBase):
     def _check(self, group):
         super()._check(group)
         check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
+        check_bool("bias_correction", group["bias_correction"])
 
     def _rule(self, group):
         return "yogi"
@@ -47,8 +55,10 @@ class Yogi(AdamBase):
 
     def _scalars(self, group, state, step, lr):
         beta1, beta2 = group["betas"]
+        corrected = group["bias_correction"]
         return dict(
-            lr=lr,
+            step_size=lr / (1.0 - beta1**step) if corrected else lr,
+            bias_correction2_sqrt=math.sqrt(1.0 - beta2**step) if corrected else 1.0,
             **l2_scalars(group),
             beta1=beta1,
             one_minus_beta1=1.0 - beta1,
