@@ -252,12 +252,17 @@ def test_zero_init_fails_to_break_symmetry():
         m.fit_standardizer(Xtr)
         _train(m, Xtr, ytr)
         scores[init, act] = m.evaluate(Xte, yte)["accuracy"]
-        if init == "zeros":
-            w1, w2 = m.weights
-            np.testing.assert_array_equal(w1, w1[:, :1] * np.ones((1, 32)))  # equal columns
-            np.testing.assert_array_equal(w2, w2[:1] * np.ones((32, 1)))  # equal rows
-            if act == "relu":
-                assert not w1.any() and not w2.any()
+        w1, w2 = m.weights
+        if init == "zeros" and act == "relu":
+            assert not w1.any() and not w2.any()
+        elif init == "zeros":
+            # equal columns of w1 and rows of w2, up to rounding: BLAS computes the columns of a
+            # product in tiles of different widths, whose different summation orders give the
+            # units different last bits, which 15 epochs of Adam amplify to a few percent
+            assert np.abs(w1 - w1[:, :1]).max() < 0.1 * np.abs(w1).max()
+            assert np.abs(w2 - w2[:1]).max() < 0.1 * np.abs(w2).max()
+        else:  # a random init: the units differ by as much as the weights themselves
+            assert np.abs(w1 - w1[:, :1]).max() > 0.5 * np.abs(w1).max()
     assert scores["zeros", "relu"] < 0.2  # the class prior, nothing more
     assert scores["zeros", "sigmoid"] < 0.6
     assert scores["auto", "sigmoid"] > 0.9
