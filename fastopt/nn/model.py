@@ -102,8 +102,9 @@ class MLP:
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if n_outputs < LOSSES[loss].min_outputs:
-            raise ValueError(f"loss={loss!r} needs n_outputs >= 2 classes, got {n_outputs}")
+        fewest = LOSSES[loss].min_outputs
+        if n_outputs < fewest:
+            raise ValueError(f"loss={loss!r} needs n_outputs >= {fewest} classes, got {n_outputs}")
 
         self._config = dict(
             n_features=n_features,
