@@ -37,17 +37,9 @@ import numpy as np
 from numba import njit, prange, uint64
 
 IDENTITY, RELU, LEAKY_RELU, ELU, GELU, TANH, SIGMOID = range(7)
-ACTIVATION_CODES = {
-    "identity": IDENTITY,
-    "relu": RELU,
-    "leaky_relu": LEAKY_RELU,
-    "elu": ELU,
-    "gelu": GELU,
-    "tanh": TANH,
-    "sigmoid": SIGMOID,
-}
+"""Activation codes (``fastopt.nn.ACTIVATIONS`` maps the names to them)."""
 MSE, L1, HUBER = range(3)
-REGRESSION_CODES = {"mse": MSE, "l1": L1, "huber": HUBER}
+"""Regression loss codes (``fastopt.nn.LOSSES`` maps the names to them)."""
 
 COL_BLOCK = 64
 """Columns per block in the column-parallel kernels (a block's rows are summed in order)."""
@@ -59,6 +51,30 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+# ------------------------------------------------------------------------------------ helpers
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _activation_constants(X, alpha, U, p, scale):
+    """0, 1, 1/2, alpha, the dropout threshold p and the dropout scale in the dtype of X (p in
+    U's): the constants of the activation kernels."""
+    t = X.dtype.type
+    return t(0.0), t(1.0), t(0.5), t(alpha), U.dtype.type(p), t(scale)
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _n_blocks(m):
+    """How many column blocks of :data:`COL_BLOCK` columns cover ``m`` columns."""
+    return (m + COL_BLOCK - 1) // COL_BLOCK
+
+
+@njit(inline="always", cache=True, nogil=True, error_model="numpy")
+def _block(blk, m):
+    """(first, end) column of block ``blk`` of ``m`` columns."""
+    lo = blk * COL_BLOCK
+    return lo, min(lo + COL_BLOCK, m)
+
+
 # ------------------------------------------------------------------------------------ forward
 
 
@@ -68,12 +84,7 @@ def _act_forward(H, s, b, Z, A, code, alpha, U, p, scale, drop):
     its pre-activation in Z (its derivative needs it); the others are differentiated from A.
     H, Z and A must be distinct arrays (aliasing would block vectorization)."""
     t = A.dtype.type
-    zero = t(0.0)
-    one = t(1.0)
-    half = t(0.5)
-    al = t(alpha)
-    pp = U.dtype.type(p)
-    sc = t(scale)
+    zero, one, half, al, pp, sc = _activation_constants(A, alpha, U, p, scale)
     sqrt_half = t(_SQRT_HALF)
     n, m = A.shape
     for i in prange(n):
@@ -124,20 +135,13 @@ def _act_backward(G, Z, A, code, alpha, U, p, scale, D, db, drop, has_bias):
     by the dropout scale where the unit was kept; dropped units get 0 anyway) or from Z (gelu).
     Column blocks in parallel, rows in order inside a block: the column sums are deterministic."""
     t = D.dtype.type
-    zero = t(0.0)
-    one = t(1.0)
-    half = t(0.5)
-    al = t(alpha)
-    pp = U.dtype.type(p)
-    sc = t(scale)
+    zero, one, half, al, pp, sc = _activation_constants(D, alpha, U, p, scale)
     inv = t(1.0 - p) if drop else one
     sqrt_half = t(_SQRT_HALF)
     inv_sqrt_2pi = t(_INV_SQRT_2PI)
     n, m = D.shape
-    nblocks = (m + COL_BLOCK - 1) // COL_BLOCK
-    for blk in prange(nblocks):
-        lo = blk * COL_BLOCK
-        hi = min(lo + COL_BLOCK, m)
+    for blk in prange(_n_blocks(m)):
+        lo, hi = _block(blk, m)
         if has_bias:
             for j in range(uint64(lo), uint64(hi)):
                 db[j] = zero
@@ -186,10 +190,8 @@ def _col_sums(D, out):
     """out[j] = sum_i D[i, j], rows in order (deterministic)."""
     t = out.dtype.type
     n, m = D.shape
-    nblocks = (m + COL_BLOCK - 1) // COL_BLOCK
-    for blk in prange(nblocks):
-        lo = blk * COL_BLOCK
-        hi = min(lo + COL_BLOCK, m)
+    for blk in prange(_n_blocks(m)):
+        lo, hi = _block(blk, m)
         for j in range(uint64(lo), uint64(hi)):
             out[j] = t(0.0)
         for i in range(n):
@@ -395,11 +397,9 @@ def _bn_train(H, gamma, beta, eps, momentum, running_mean, running_var, update, 
     output is H·s + b."""
     t = H.dtype.type
     n, m = H.shape
-    nblocks = (m + COL_BLOCK - 1) // COL_BLOCK
     unbias = n / (n - 1.0) if n > 1 else 1.0
-    for blk in prange(nblocks):
-        lo = blk * COL_BLOCK
-        hi = min(lo + COL_BLOCK, m)
+    for blk in prange(_n_blocks(m)):
+        lo, hi = _block(blk, m)
         acc = np.zeros(COL_BLOCK)
         for i in range(n):
             h = H[i]
@@ -431,10 +431,8 @@ def _bn_backward(G, H, mean, invstd, gamma, dgamma, dbeta, DH, batch_stats):
     DH must not be G."""
     t = G.dtype.type
     n, m = G.shape
-    nblocks = (m + COL_BLOCK - 1) // COL_BLOCK
-    for blk in prange(nblocks):
-        lo = blk * COL_BLOCK
-        hi = min(lo + COL_BLOCK, m)
+    for blk in prange(_n_blocks(m)):
+        lo, hi = _block(blk, m)
         sg = np.zeros(COL_BLOCK)
         sgx = np.zeros(COL_BLOCK)
         for i in range(n):

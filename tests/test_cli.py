@@ -315,7 +315,7 @@ BAD = [
     (["playground", "--out", "/nonexistent-dir/x.png"], "does not exist"),
     (["playground", "--json", "/nonexistent-dir/x.json"], "does not exist"),
     (["playground", "--schedule", "bogus"], "unknown schedule 'bogus'"),
-    (["playground", "--schedule", "cosine:lr=-1"], "lr must be >= 0"),
+    (["playground", "--schedule", "cosine:lr=-1"], "invalid lr: -1 (must be >= 0"),
     (["playground", "--schedule", "cosine:foo=1"], "has no argument 'foo'"),
     (["playground", "--schedules", "--optimizer", "sgd"], "takes no"),
     (["bench", "--from-json", "/nonexistent/file.json"], "no such file"),

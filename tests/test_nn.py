@@ -12,6 +12,7 @@ from oracle import import_or_skip
 import fastopt as fo
 from fastopt import nn
 from fastopt.nn import MLP
+from fastopt.nn.ops import NumbaOps
 
 ACTS = ["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid", "identity"]
 
@@ -127,7 +128,7 @@ def test_parallel_kernels_bit_identical_to_serial(dtype):
     kw = dict(activation="gelu", batch_norm=True, dropout=0.2, dtype=dtype, seed=0)
     serial = MLP(20, (130, 70), 4, **kw)
     par = MLP(20, (130, 70), 4, **kw)
-    par._ops = nn._NumbaOps(parallel_threshold=0)
+    par._ops = NumbaOps(parallel_threshold=0)
     for m in (serial, par):
         m.loss_and_grad(X, y, rng=np.random.default_rng(1))
     np.testing.assert_array_equal(serial.params.grad_flat, par.params.grad_flat)
@@ -252,12 +253,17 @@ def test_zero_init_fails_to_break_symmetry():
         m.fit_standardizer(Xtr)
         _train(m, Xtr, ytr)
         scores[init, act] = m.evaluate(Xte, yte)["accuracy"]
-        if init == "zeros":
-            w1, w2 = m.weights
-            np.testing.assert_array_equal(w1, w1[:, :1] * np.ones((1, 32)))  # equal columns
-            np.testing.assert_array_equal(w2, w2[:1] * np.ones((32, 1)))  # equal rows
-            if act == "relu":
-                assert not w1.any() and not w2.any()
+        w1, w2 = m.weights
+        if init == "zeros" and act == "relu":
+            assert not w1.any() and not w2.any()
+        elif init == "zeros":
+            # equal columns of w1 and rows of w2, up to rounding: BLAS computes the columns of a
+            # product in tiles of different widths, whose different summation orders give the
+            # units different last bits, which 15 epochs of Adam amplify to a few percent
+            assert np.abs(w1 - w1[:, :1]).max() < 0.1 * np.abs(w1).max()
+            assert np.abs(w2 - w2[:1]).max() < 0.1 * np.abs(w2).max()
+        else:  # a random init: the units differ by as much as the weights themselves
+            assert np.abs(w1 - w1[:, :1]).max() > 0.5 * np.abs(w1).max()
     assert scores["zeros", "relu"] < 0.2  # the class prior, nothing more
     assert scores["zeros", "sigmoid"] < 0.6
     assert scores["auto", "sigmoid"] > 0.9
@@ -301,7 +307,17 @@ def test_dropout_masks_rate_scale_and_eval():
     kept = a != 0
     assert kept.mean() == pytest.approx(0.7, abs=0.01)
     np.testing.assert_allclose(a[kept], z[kept] / 0.7, rtol=1e-5)
-    np.testing.assert_array_equal(m.predict(X), m.predict(X))  # no dropout when evaluating
+    # no dropout when evaluating: the same weights without dropout give the same outputs, and so
+    # does the forward pass by hand (dropout at evaluation would zero ~30 % of the 500 units)
+    plain = MLP(10, (500,), 1, loss="mse", activation="identity", seed=1)
+    plain.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(m.predict(X), plain.predict(X))
+    W0, W1 = (w.astype(np.float64) for w in m.weights)
+    b0, b1 = (b.astype(np.float64) for b in m.biases)
+    by_hand = (X @ W0 + b0) @ W1 + b1
+    np.testing.assert_allclose(m.predict(X), by_hand, rtol=1e-4, atol=1e-5 * np.abs(by_hand).max())
+    y = np.zeros(400)
+    assert m.compute_loss(X, y) == plain.compute_loss(X, y) == m.evaluate(X, y)["loss"]
     l1 = m.compute_loss(X, np.zeros(400), train=True, rng=np.random.default_rng(1))
     l2 = m.compute_loss(X, np.zeros(400), train=True, rng=np.random.default_rng(2))
     assert l1 != l2
@@ -435,16 +451,40 @@ def test_bad_inputs_raise_clear_errors():
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
         (dict(label_smoothing=0.1, loss="mse"), "label_smoothing"),
-        (dict(dtype="float16"), "float32 or float64"),
         (dict(backend="cuda"), "unknown backend"),
         (dict(device="tpu"), "unknown device"),
-        (dict(hidden_sizes=(4, 0)), "positive int"),
+        (dict(hidden_sizes=(4, 0)), r"hidden_sizes\[1\]"),
         (dict(n_outputs=1), "n_outputs >= 2"),
         (dict(huber_delta=0.0), "huber_delta"),
+        (dict(dropout=float("nan")), "dropout"),
     ],
 )
-def test_bad_constructor_arguments(kw, match):
+def test_bad_constructor_values(kw, match):
     args = dict(n_features=3, hidden_sizes=(4,), n_outputs=2)
     args.update(kw)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(ValueError, match=match) as info:
+        MLP(**args)
+    assert info.type is ValueError
+
+
+# a wrong type is a TypeError, as in the optimizers (fastopt.validation)
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dtype="float16"), "float32 or float64"),
+        (dict(hidden_sizes=(4, 2.0)), r"hidden_sizes\[1\]"),
+        (dict(hidden_sizes=None), "hidden_sizes"),
+        (dict(n_features="3"), "n_features"),
+        (dict(n_outputs=True), "n_outputs"),
+        (dict(dropout="0.1"), "dropout"),
+        (dict(label_smoothing=None), "label_smoothing"),
+        (dict(bn_eps=[1e-5]), "bn_eps"),
+        (dict(batch_norm=1), "batch_norm"),
+        (dict(activation=None), "activation"),
+    ],
+)
+def test_wrong_constructor_types(kw, match):
+    args = dict(n_features=3, hidden_sizes=(4,), n_outputs=2)
+    args.update(kw)
+    with pytest.raises(TypeError, match=match):
         MLP(**args)

@@ -375,7 +375,7 @@ def test_as_schedule():
     assert S.as_schedule(f) is f
     s = S.StepDecay(0.1, 10)
     assert S.as_schedule(s) is s
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(TypeError, match="lr"):
         S.as_schedule("0.1")
     with pytest.raises(ValueError, match="lr"):
         S.as_schedule(-1.0)
@@ -444,8 +444,10 @@ def test_serialisation_errors():
         S.schedule_from_dict({"type": "Nope"})
     with pytest.raises(ValueError, match="unknown keys"):
         S.schedule_from_dict({"type": "Constant", "lr": 0.1, "gamma": 2})
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(TypeError, match="lr"):
         S.schedule_from_dict({"type": "Constant", "lr": "x"})
+    with pytest.raises(ValueError, match="lr"):
+        S.schedule_from_dict({"type": "Constant", "lr": -1.0})
 
 
 # --------------------------------------------------------------------------- argument validation
@@ -453,17 +455,13 @@ def test_serialisation_errors():
 BAD_ARGS = [
     ("lr", lambda: S.Constant(-0.1)),
     ("lr", lambda: S.Constant(float("nan"))),
-    ("lr", lambda: S.Constant(True)),
     ("step_size", lambda: S.StepDecay(0.1, 0)),
-    ("step_size", lambda: S.StepDecay(0.1, 2.5)),
     ("gamma", lambda: S.StepDecay(0.1, 3, -0.5)),
     ("milestones", lambda: S.MultiStepDecay(0.1, [3, -1])),
-    ("milestones", lambda: S.MultiStepDecay(0.1, 5)),
     ("gamma", lambda: S.MultiStepDecay(0.1, [3], float("inf"))),
     ("gamma or rate", lambda: S.ExponentialDecay(0.1)),
     ("gamma or rate", lambda: S.ExponentialDecay(0.1, 0.9, rate=0.1)),
     ("gamma", lambda: S.ExponentialDecay(0.1, -0.9)),
-    ("rate", lambda: S.ExponentialDecay(0.1, rate="fast")),
     ("total_iters", lambda: S.PolynomialDecay(0.1, 0)),
     ("power", lambda: S.PolynomialDecay(0.1, 10, -1.0)),
     ("rate", lambda: S.InverseTimeDecay(0.1, -0.01)),
@@ -473,7 +471,6 @@ BAD_ARGS = [
     ("eta_min", lambda: S.CosineAnnealing(0.1, 10, -1e-3)),
     ("T_0", lambda: S.CosineAnnealingWarmRestarts(0.1, 0)),
     ("T_mult", lambda: S.CosineAnnealingWarmRestarts(0.1, 10, 0)),
-    ("T_mult", lambda: S.CosineAnnealingWarmRestarts(0.1, 10, 1.5)),
     ("max_lr", lambda: S.OneCycle(-1.0, 100)),
     ("total_steps", lambda: S.OneCycle(1.0)),
     ("total_steps", lambda: S.OneCycle(1.0, 0)),
@@ -485,22 +482,40 @@ BAD_ARGS = [
     ("anneal_strategy", lambda: S.OneCycle(1.0, 100, anneal_strategy="exp")),
     ("div_factor", lambda: S.OneCycle(1.0, 100, div_factor=0)),
     ("final_div_factor", lambda: S.OneCycle(1.0, 100, final_div_factor=-1)),
-    ("three_phase", lambda: S.OneCycle(1.0, 100, three_phase="yes")),
     ("boundaries", lambda: S.PiecewiseConstant([5, 3], [1, 2, 3])),
     ("values", lambda: S.PiecewiseConstant([5], [1.0])),
     ("values", lambda: S.PiecewiseConstant([5], [1.0, -2.0])),
-    ("schedule", lambda: S.warmup("cosine", 10)),
     ("warmup_steps", lambda: S.warmup(0.1, -1)),
     ("start_factor", lambda: S.warmup(0.1, 10, 1.5)),
     ("lr", lambda: S.warmup(0.1, 10, 0.5, lr=-1)),
     ("schedules", lambda: S.join([], [])),
-    ("schedules", lambda: S.join(S.Constant(0.1), [])),
     ("boundaries", lambda: S.join([0.1, 0.2], [])),
     ("boundaries", lambda: S.join([0.1, 0.2, 0.3], [5, 2])),
-    ("schedules", lambda: S.join([0.1, None], [5])),
     ("steps_per_epoch", lambda: S.PerEpoch(0.1, 0)),
     ("factor", lambda: S.Scaled(0.1, -1)),
     ("min_lr", lambda: S.Scaled(0.1, 0.5, -1)),
+]
+
+
+# an argument of the wrong type is a TypeError, as in the optimizers (fastopt.validation)
+BAD_TYPES = [
+    ("lr", lambda: S.Constant(True)),
+    ("lr", lambda: S.Constant("0.1")),
+    ("step_size", lambda: S.StepDecay(0.1, 2.5)),
+    ("milestones", lambda: S.MultiStepDecay(0.1, 5)),
+    ("milestones", lambda: S.MultiStepDecay(0.1, [3, 4.5])),
+    ("rate", lambda: S.ExponentialDecay(0.1, rate="fast")),
+    ("T_mult", lambda: S.CosineAnnealingWarmRestarts(0.1, 10, 1.5)),
+    ("total_steps", lambda: S.OneCycle(1.0, 10.0)),
+    ("three_phase", lambda: S.OneCycle(1.0, 100, three_phase="yes")),
+    ("anneal_strategy", lambda: S.OneCycle(1.0, 100, anneal_strategy=1)),
+    ("values", lambda: S.PiecewiseConstant([5], 1.0)),
+    ("schedule", lambda: S.warmup("cosine", 10)),
+    ("warmup_steps", lambda: S.warmup(0.1, 2.0)),
+    ("schedules", lambda: S.join(S.Constant(0.1), [])),
+    ("schedules", lambda: S.join([0.1, None], [5])),
+    ("steps_per_epoch", lambda: S.PerEpoch(0.1, None)),
+    ("factor", lambda: S.Scaled(0.1, "2")),
 ]
 
 
@@ -508,7 +523,16 @@ BAD_ARGS = [
     ("name", "build"), BAD_ARGS, ids=[f"{i}-{a[0]}" for i, a in enumerate(BAD_ARGS)]
 )
 def test_bad_arguments_raise_value_error(name, build):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as info:
+        build()
+    assert info.type is ValueError
+
+
+@pytest.mark.parametrize(
+    ("name", "build"), BAD_TYPES, ids=[f"{i}-{a[0]}" for i, a in enumerate(BAD_TYPES)]
+)
+def test_wrong_argument_types_raise_type_error(name, build):
+    with pytest.raises(TypeError, match=name):
         build()
 
 
@@ -713,7 +737,6 @@ def test_plateau_param_group_count_changes():
         ("threshold_mode", {"threshold_mode": "pct"}),
         ("threshold", {"threshold": -1e-4}),
         ("patience", {"patience": -1}),
-        ("patience", {"patience": 1.5}),
         ("cooldown", {"cooldown": -2}),
         ("min_lr", {"min_lr": [0.0, 0.0]}),
         ("min_lr", {"min_lr": -1.0}),
@@ -725,7 +748,62 @@ def test_plateau_bad_arguments(name, kwargs):
         S.ReduceLROnPlateau(FakeOptimizer(0.1), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("patience", {"patience": 1.5}),
+        ("cooldown", {"cooldown": "2"}),
+        ("factor", {"factor": None}),
+        ("mode", {"mode": 1}),
+        ("eps", {"eps": True}),
+    ],
+)
+def test_plateau_wrong_argument_types(name, kwargs):
+    with pytest.raises(TypeError, match=name):
+        S.ReduceLROnPlateau(FakeOptimizer(0.1), **kwargs)
+
+
 def test_plateau_needs_param_groups():
     with pytest.raises(TypeError, match="param_groups"):
         S.ReduceLROnPlateau(object())
     assert "ReduceLROnPlateau(mode='min'" in repr(S.ReduceLROnPlateau(FakeOptimizer(0.1)))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_every_schedule_type_by_name():
+    classes = {
+        name: obj
+        for name, obj in vars(S).items()
+        if isinstance(obj, type) and issubclass(obj, S.Schedule) and obj is not S.Schedule
+    }
+    assert S.SCHEDULES == classes  # one registry: every public schedule class, nothing else
+    nested = {name for name, cls in S.SCHEDULES.items() if cls.nested}
+    assert nested == {"Warmup", "Join", "PerEpoch", "Scaled"}
+    for sched in _ROUNDTRIP:  # from_dict reads the same registry
+        assert S.SCHEDULES[sched.to_dict()["type"]] is type(sched)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("CosineAnnealing", "CosineAnnealing"),
+        ("cosine_annealing", "CosineAnnealing"),
+        ("COSINE", "CosineAnnealing"),
+        ("one-cycle", "OneCycle"),
+        ("sgdr", "CosineAnnealingWarmRestarts"),
+        ("exp", "ExponentialDecay"),
+        ("warmup", "Warmup"),
+    ],
+)
+def test_schedule_class_resolves_names_and_aliases(name, cls):
+    assert S.schedule_class(name) is S.SCHEDULES[cls]
+
+
+def test_schedule_class_errors():
+    assert all(target in S.SCHEDULES for target in S.ALIASES.values())
+    with pytest.raises(ValueError, match="unknown schedule 'swirl'; known: Constant"):
+        S.schedule_class("swirl")
+    with pytest.raises(TypeError, match="string"):
+        S.schedule_class(3)

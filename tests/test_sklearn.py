@@ -17,11 +17,18 @@ from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_diabetes, load_digits, load_iris  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.neural_network import MLPClassifier as SkMLPClassifier  # noqa: E402
+from sklearn.neural_network import MLPRegressor as SkMLPRegressor  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from fastopt.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+from fastopt.sklearn import (  # noqa: E402
+    TUNED_CLASSIFIER,
+    TUNED_REGRESSOR,
+    MLPClassifier,
+    MLPRegressor,
+)
 
 
 def _expected_failed_checks(estimator):
@@ -54,9 +61,65 @@ def _split(loader, stratify=True, seed=0):
     )
 
 
-def test_digits_default_settings_reach_98_percent():
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (MLPClassifier, SkMLPClassifier),
+        (MLPRegressor, SkMLPRegressor),
+    ],
+)
+def test_defaults_are_scikit_learns(ours, theirs):
+    """A drop-in replacement trains what scikit-learn would: every parameter the two share has
+    scikit-learn's default, and fastopt's additions (but input standardization) are off."""
+    mine = inspect.signature(ours).parameters
+    ref = inspect.signature(theirs).parameters
+    # scikit-learn >= 1.7's regressor names its loss "squared_error"; fastopt's is "mse"
+    shared = sorted(set(mine) & set(ref) - {"loss"})
+    assert len(shared) >= 15
+    assert {n: mine[n].default for n in shared} == {n: ref[n].default for n in shared}
+    assert [n for n, p in mine.items() if p.kind != p.KEYWORD_ONLY] == [
+        "hidden_layer_sizes",
+        "activation",
+    ]
+    defaults = ours().get_params()
+    assert defaults["dropout"] == 0.0 and defaults["batch_norm"] is False
+    assert defaults.get("label_smoothing", 0.0) == 0.0
+    X, y = load_iris(return_X_y=True)
+    # batch_size="auto": min(200, n_samples) as in scikit-learn (one 150-sample batch an epoch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = ours(max_iter=2, random_state=0).fit(X, y)
+    assert est.t_ == 2 * 150 and est._trainer.batch_size == 150
+    assert est.model_.hidden_sizes == (100,) and est.model_.label_smoothing == 0.0
+
+
+def test_tuned_settings():
+    assert TUNED_CLASSIFIER == {
+        "hidden_layer_sizes": (512,),
+        "alpha": 1e-3,
+        "batch_size": 64,
+        "label_smoothing": 0.1,
+    }
+    assert TUNED_REGRESSOR == {"hidden_layer_sizes": (512,), "alpha": 1e-3, "batch_size": 64}
+    clf = MLPClassifier.tuned(random_state=3, alpha=0.5)
+    assert (
+        clf.get_params()
+        == MLPClassifier(
+            hidden_layer_sizes=(512,), alpha=0.5, batch_size=64, label_smoothing=0.1, random_state=3
+        ).get_params()
+    )
+    assert MLPRegressor.tuned().get_params()["hidden_layer_sizes"] == (512,)
+    assert "label_smoothing" not in MLPRegressor.tuned().get_params()
+    with pytest.raises(TypeError, match="label_smoothing"):
+        MLPRegressor(label_smoothing=0.1)
+    with pytest.raises(TypeError):
+        MLPClassifier((8,), "relu", "adam")  # the rest is keyword-only, as in scikit-learn
+
+
+def test_digits_tuned_settings_reach_98_percent():
+    """The README's digits result (and bench/test_bench_mlp.py's goal) with the tuned settings."""
     Xtr, Xte, ytr, yte = _split(load_digits)
-    clf = MLPClassifier(random_state=0).fit(Xtr, ytr)
+    clf = MLPClassifier.tuned(random_state=0).fit(Xtr, ytr)
     assert clf.score(Xte, yte) >= 0.98
     assert clf.n_iter_ < clf.max_iter  # stopped by tol, as scikit-learn does
     proba = clf.predict_proba(Xte)
@@ -69,7 +132,9 @@ def test_iris():
     names = np.array(["setosa", "versicolor", "virginica"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_layer_sizes=(32,), random_state=0).fit(Xtr, names[ytr])
+        # scikit-learn's batch_size="auto" makes an epoch of these 112 samples one step
+        clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=400, random_state=0)
+        clf.fit(Xtr, names[ytr])
     assert clf.classes_.tolist() == names.tolist()
     assert clf.score(Xte, names[yte]) >= 0.9
     assert set(clf.predict(Xte)) <= set(names)

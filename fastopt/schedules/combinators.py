@@ -1,0 +1,158 @@
+"""Schedules built from other schedules: a linear warmup in front, schedules joined at
+boundaries, a schedule advanced once per epoch, a scaled schedule (what ReduceLROnPlateau puts
+in a param group whose lr is a schedule). Numbers are accepted as constant schedules, and dicts
+as :meth:`Schedule.to_dict` configs."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .base import RATE, STEPS, Schedule, integer, real, set_field, steps
+from .registry import schedule_arg
+
+__all__ = ["Join", "PerEpoch", "Scaled", "Warmup", "join", "warmup"]
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    r"""Linear warmup in front of another schedule, which then restarts at its step 0.
+
+    .. math:: \eta_k = \begin{cases}
+        \text{lr}\,\big(s + (1 - s)\,k / w\big) & k < w \\
+        \text{schedule}(k - w) & k \ge w \end{cases}
+
+    with ``w = warmup_steps``, ``s = start_factor`` and ``lr`` defaulting to ``schedule(0)``.
+    torch: ``SequentialLR(optimizer, [LinearLR(optimizer, s, 1.0, total_iters=w), other],
+    milestones=[w])`` where ``other`` is the torch scheduler of ``schedule`` and ``lr`` is the
+    optimizer's initial lr.  Unlike ``LinearLR``, ``start_factor = 0`` is allowed.
+    D2L 12.11 "warmup".
+    """
+
+    schedule: Callable[[int], float]
+    warmup_steps: int
+    start_factor: float = 1.0 / 3
+    lr: float | None = None
+
+    nested = True
+    _checks = {
+        "schedule": schedule_arg,
+        "warmup_steps": integer(ge=0),
+        "start_factor": real(ge=0.0, le=1.0),
+    }
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        lr = self.schedule(0) if self.lr is None else self.lr
+        set_field(self, "lr", RATE("lr", lr))
+
+    def _value(self, k: int) -> float:
+        w = self.warmup_steps
+        if k < w:
+            s = self.start_factor
+            return self.lr * (s + (1.0 - s) * k / w)  # type: ignore[operator]
+        return self.schedule(k - w)
+
+
+def warmup(
+    schedule: float | Callable[[int], float],
+    warmup_steps: int,
+    start_factor: float = 1.0 / 3,
+    lr: float | None = None,
+) -> Warmup:
+    """Linear warmup over ``warmup_steps`` steps in front of ``schedule``; see :class:`Warmup`."""
+    return Warmup(schedule, warmup_steps, start_factor, lr)
+
+
+@dataclass(frozen=True)
+class Join(Schedule):
+    r"""Run ``schedules[i]`` between ``boundaries[i-1]`` and ``boundaries[i]``.
+
+    .. math:: \eta_k = \text{schedules}[i](k - b_{i-1}), \quad
+              i = \#\{b \in \text{boundaries}: b \le k\}, \; b_{-1} = 0
+
+    Each schedule sees the step relative to the boundary where it starts, as in
+    ``optax.join_schedules``.  torch: ``SequentialLR`` (which restarts each scheduler at 0 at its
+    milestone).  Numbers are accepted as constant schedules.
+    """
+
+    schedules: tuple[Callable[[int], float], ...]
+    boundaries: tuple[int, ...]
+
+    nested = True
+    _checks = {"boundaries": steps(nondecreasing=True)}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedules, (str, bytes, dict)) or callable(self.schedules):
+            raise TypeError(f"schedules must be a sequence of schedules, got {self.schedules!r}")
+        try:
+            scheds = list(self.schedules)
+        except TypeError:
+            raise TypeError(
+                f"schedules must be a sequence of schedules, got {self.schedules!r}"
+            ) from None
+        if not scheds:
+            raise ValueError("schedules must not be empty")
+        set_field(
+            self,
+            "schedules",
+            tuple(schedule_arg(f"schedules[{i}]", s) for i, s in enumerate(scheds)),
+        )
+        self._check_fields()
+        if len(self.boundaries) != len(self.schedules) - 1:
+            raise ValueError(
+                f"boundaries must have len(schedules) - 1 = {len(self.schedules) - 1} entries, "
+                f"got {len(self.boundaries)}"
+            )
+
+    def _value(self, k: int) -> float:
+        i = bisect_right(self.boundaries, k)
+        return self.schedules[i](k - self.boundaries[i - 1] if i else k)
+
+
+def join(schedules: Sequence[float | Callable[[int], float]], boundaries: Sequence[int]) -> Join:
+    """Concatenate schedules at ``boundaries`` (as ``optax.join_schedules``); see :class:`Join`."""
+    return Join(schedules, boundaries)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PerEpoch(Schedule):
+    r"""Advance ``schedule`` once per epoch: :math:`\eta_k = s(\lfloor k / n \rfloor)`.
+
+    ``n = steps_per_epoch``.  The optimizer counts steps; this makes any schedule count epochs,
+    which is torch's usual "``scheduler.step()`` once per epoch" pattern.
+    """
+
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+
+    nested = True
+    _checks = {"schedule": schedule_arg, "steps_per_epoch": STEPS}
+
+    def _value(self, k: int) -> float:
+        return self.schedule(k // self.steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class Scaled(Schedule):
+    r"""A schedule multiplied by ``factor``, never pushed below ``min_lr`` by the scaling.
+
+    .. math:: \eta_k = \max\big(f\,s(k),\; \min(s(k), \text{min\_lr})\big)
+
+    i.e. ``f·s(k)`` floored at ``min_lr``, except that where ``s(k)`` itself is below ``min_lr``
+    it is left unchanged (the scaling never raises the lr).  With ``min_lr = 0`` it is simply
+    ``f·s(k)``.  This is what :class:`ReduceLROnPlateau` puts in a param group whose lr is a
+    schedule: each reduction multiplies ``factor`` and keeps the schedule's shape.
+    """
+
+    schedule: Callable[[int], float]
+    factor: float
+    min_lr: float = 0.0
+
+    nested = True
+    _checks = {"schedule": schedule_arg, "factor": RATE, "min_lr": RATE}
+
+    def _value(self, k: int) -> float:
+        v = self.schedule(k)
+        return max(self.factor * v, min(v, self.min_lr))
