@@ -218,7 +218,7 @@ def add_arguments(p):
         "--label-smoothing",
         type=float,
         metavar="E",
-        help="classification (default 0.1, as fastopt.sklearn.MLPClassifier)",
+        help="classification (default 0.1, the tuned setting fastopt.sklearn.MLPClassifier.tuned() uses)",
     )
     m.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(float32)")
     t = p.add_argument_group("training")

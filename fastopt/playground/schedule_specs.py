@@ -8,40 +8,14 @@ import numpy as np
 from .. import schedules as _schedules
 from .specs import parse_spec
 
-
-def _base_schedules():
-    """The schedules of :mod:`fastopt.schedules` that produce an lr on their own: its public
-    Schedule classes, less the wrappers around another schedule (Warmup, Join, PerEpoch, ...)."""
-    names = {}
-    for name in _schedules.__all__:
-        cls = getattr(_schedules, name)
-        if not (isinstance(cls, type) and issubclass(cls, _schedules.Schedule)):
-            continue
-        if not dataclasses.is_dataclass(cls):
-            continue
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if fields & {"schedule", "schedules"}:
-            continue
-        names[name.lower()] = name
-    return names
-
-
-SCHEDULE_NAMES = _base_schedules()
-"""Schedules a ``--schedule`` spec can name (lowercase name -> class name of
-:mod:`fastopt.schedules`), plus the aliases below."""
-SCHEDULE_ALIASES = {
-    "step": "StepDecay",
-    "multistep": "MultiStepDecay",
-    "exponential": "ExponentialDecay",
-    "exp": "ExponentialDecay",
-    "polynomial": "PolynomialDecay",
-    "inversetime": "InverseTimeDecay",
-    "rsqrt": "InverseSqrt",
-    "cosine": "CosineAnnealing",
-    "sgdr": "CosineAnnealingWarmRestarts",
-    "onecycle": "OneCycle",
-    "piecewise": "PiecewiseConstant",
+SCHEDULE_NAMES = {
+    name.lower(): name for name, cls in _schedules.SCHEDULES.items() if not cls.nested
 }
+"""Schedules a ``--schedule`` spec can name (lowercase name -> class name of
+:mod:`fastopt.schedules`): the registry's schedules that produce an lr on their own (the wrappers
+around another schedule, Warmup, Join, PerEpoch, ..., are built from the spec's keys instead)."""
+SCHEDULE_ALIASES = _schedules.ALIASES
+"""Short names (``cosine``, ``step``, ...): :data:`fastopt.schedules.ALIASES`."""
 
 
 WARMUP_START_FACTOR = 1.0 / 3
