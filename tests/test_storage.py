@@ -20,8 +20,9 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from cuda_toolchain import nvcc_or_skip
 from ptx_without_gpu import PREAMBLE
-from test_cuda_c import _find_nvcc, _run, nvrtc_or_skip
+from test_cuda_c import _run, nvrtc_or_skip
 
 from fastopt.kernels import storage
 
@@ -677,10 +678,7 @@ def test_header_tables_are_the_python_maps():
 
 @pytest.fixture(scope="module")
 def nvcc():
-    path = _find_nvcc()
-    if path is None:
-        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-    return path
+    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")
