@@ -13,7 +13,7 @@ import threading
 
 from . import rules, segment_loops
 from .compile_rules import compile_rules, rebind, specialize
-from .cuda import BLOCKS_PER_SM, _as_stream, _cuda, _sm_count, _simulating
+from .cuda import BLOCKS_PER_SM, _as_stream, _cuda, _simulating, _sm_count
 from .segment_cpu import _TAG, pre_arity
 
 _KERNELS = {}
