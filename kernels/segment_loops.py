@@ -2,8 +2,9 @@
 that reads its segment's scalars, for the per-segment rules of ``rules.py`` (``SEGMENT_RULES``).
 
 A *segment* is one parameter tensor in a flat buffer (a ParamSet's ``offsets``; a plain array is
-one segment). A *piece* is the intersection of a segment with a fixed chunk
-``[c * REDUCTION_CHUNK, (c + 1) * REDUCTION_CHUNK)`` of the flat buffer (:func:`pieces`): the
+one segment). A *piece* is a chunk of ``REDUCTION_CHUNK`` elements of a segment, counted from the
+segment's start (:func:`pieces`), so the sums of a tensor do not depend on where it lies in the
+buffer (a list of arrays and a ParamSet of the same arrays give the same bits). Pieces are the
 unit of parallel work, so a step is the same three launches whatever the number of tensors:
 
 1. ``reduce``: per piece, the sums of ``x^2`` and ``y^2`` in float64, where
@@ -43,13 +44,11 @@ def pieces(bounds, chunk=REDUCTION_CHUNK):
     a, b = bounds[:-1], bounds[1:]
     if bounds[0] != 0 or np.any(b < a):
         raise ValueError("segment bounds must start at 0 and not decrease")
-    counts = np.where(b > a, (b - 1) // chunk - a // chunk + 1, 0)
+    counts = -(-(b - a) // chunk)
     first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     seg = np.repeat(np.arange(a.size, dtype=np.int64), counts)
-    within = np.arange(first[-1], dtype=np.int64) - first[seg]
-    start_chunk = a[seg] // chunk + within
-    lo = np.maximum(start_chunk * chunk, a[seg])
-    hi = np.minimum((start_chunk + 1) * chunk, b[seg])
+    lo = a[seg] + (np.arange(first[-1], dtype=np.int64) - first[seg]) * chunk
+    hi = np.minimum(lo + chunk, b[seg])
     return lo, hi, seg, first
 
 
