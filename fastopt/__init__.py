@@ -14,6 +14,8 @@ from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
 from .optim import (
+    LAMB,
+    LARS,
     SGD,
     Adadelta,
     Adagrad,
@@ -22,6 +24,7 @@ from .optim import (
     AdamW,
     Lion,
     NAdam,
+    NovoGrad,
     Optimizer,
     RAdam,
     RMSprop,
@@ -74,8 +77,11 @@ __all__ = [
     "GradientAccumulator",
     "History",
     "MLP",
+    "LAMB",
+    "LARS",
     "Lion",
     "NAdam",
+    "NovoGrad",
     "Optimizer",
     "ParamSet",
     "RAdam",

@@ -342,3 +342,67 @@ def lion(param, grad, state, *, step, lr, betas, weight_decay, maximize):
     c = beta1 * m + (1 - beta1) * g
     param[...] = param * (1 - lr * weight_decay) - lr * np.sign(c)
     m[...] = beta2 * m + (1 - beta2) * g
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor rules (optax's compositions). ``segments``: the (start, stop) of each tensor in the
+# flat ``param``; ``decay`` / ``trust``: per tensor, whether weight decay / the trust ratio apply.
+
+
+def _norm(x):
+    return math.sqrt(float(np.dot(x.astype(np.float64), x.astype(np.float64))))
+
+
+def _trust_ratio(param, update, trust_coefficient=1.0, eps=0.0):
+    """optax.scale_by_trust_ratio: tc |p| / (|u| + eps), 1 when either norm is 0."""
+    pn, un = _norm(param), _norm(update)
+    if pn == 0.0 or un == 0.0:
+        return 1.0
+    return trust_coefficient * pn / (un + eps)
+
+
+def lamb(param, grad, state, *, step, segments, decay, trust, lr, betas, eps, weight_decay,
+         eps_root, weight_decay_mask, maximize):  # fmt: skip
+    """optax.lamb: scale_by_adam, add_decayed_weights, scale_by_trust_ratio, -lr."""
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = (1 - beta1) * g + beta1 * m
+    v[...] = (1 - beta2) * (g * g) + beta2 * v
+    u = (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step) + eps_root) + eps)
+    for (lo, hi), d in zip(segments, decay):
+        p = param[lo:hi]
+        us = u[lo:hi] + weight_decay * p if d else u[lo:hi]
+        p[...] = p - lr * _trust_ratio(p, us) * us
+
+
+def lars(param, grad, state, *, step, segments, decay, trust, lr, momentum, weight_decay,
+         trust_coefficient, eps, nesterov, weight_decay_mask, trust_ratio_mask, maximize):  # fmt: skip
+    """optax.lars: add_decayed_weights (masked), scale_by_trust_ratio (masked), -lr, trace."""
+    g = -grad if maximize else grad
+    buf = state["momentum_buffer"]
+    for (lo, hi), d, t in zip(segments, decay, trust):
+        p = param[lo:hi]
+        u = g[lo:hi] + weight_decay * p if d else g[lo:hi]
+        ratio = _trust_ratio(p, u, trust_coefficient, eps) if t else 1.0
+        s = lr * ratio * u
+        b = buf[lo:hi]
+        b[...] = s + momentum * b
+        p[...] = p - (s + momentum * b if nesterov else b)
+
+
+def novograd(param, grad, state, *, step, segments, decay, trust, lr, betas, eps, weight_decay,
+             eps_root, weight_decay_mask, maximize):  # fmt: skip
+    """optax.novograd: per-tensor nu = |g|^2 (step 1) or b2 nu + (1 - b2)|g|^2; m = b1 m +
+    g / (sqrt(nu + eps_root) + eps) + wd p (no b1 m at step 1); p -= lr m."""
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    m, nu = state["exp_avg"], state["exp_avg_sq"]
+    for s, ((lo, hi), d) in enumerate(zip(segments, decay)):
+        n2 = _norm(g[lo:hi]) ** 2
+        nu[s] = n2 if step == 1 else (1 - beta2) * n2 + beta2 * nu[s]
+        u = g[lo:hi] / (math.sqrt(nu[s] + eps_root) + eps)
+        if d:
+            u = u + weight_decay * param[lo:hi]
+        m[lo:hi] = u if step == 1 else beta1 * m[lo:hi] + u
+        param[lo:hi] -= lr * m[lo:hi]

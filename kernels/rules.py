@@ -383,5 +383,164 @@ def ema(avg, p, h):
     return (lerp(avg, p, one_minus_decay, decay),)
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-segment rules (one value per parameter tensor: LAMB, LARS, NovoGrad), run by the templates
+# of ``kernels/segment_loops.py`` over a ParamSet's segments. Each has three functions:
+#   ``<rule>_pre(p, g, *state, h, flags) -> (x, y)``: the two values whose squares the segmented
+#       reduction sums over each segment (read only: nothing is written in that pass);
+#   ``<rule>_segment(sx, sy, flags, st, h) -> (r0, r1, st)``: the segment's scalars from the two
+#       float64 sums (and its scalar state ``st``), once per segment;
+#   ``<rule>(p, g, *state, h, flags, r0, r1) -> (p, *state)``: the elementwise update.
+# ``flags`` are the segment's bits: FLAG_DECAY (weight decay applies), FLAG_TRUST (trust ratio
+# applies). Their layouts are declared with ``rules=()``: they are no elementwise rule (RULES).
+
+FLAG_DECAY = 1
+FLAG_TRUST = 2
+
+_declare_scalars("segment_norms", ("gsign",), rules=())
+
+
+def segment_norms_pre(p, g, h, flags):
+    """The parameter and the gradient: their per-segment sums of squares."""
+    (gsign,) = h
+    return p, gsign * g
+
+
+def segment_norms_segment(sx, sy, flags, st, h):
+    """The two sums themselves."""
+    (gsign,) = h
+    return sx, sy, st
+
+
+def trust_ratio(param_norm, update_norm, trust_coefficient, eps):
+    """optax.scale_by_trust_ratio: ``tc * |p| / (|u| + eps)``, 1 when either norm is 0."""
+    if param_norm == 0.0 or update_norm == 0.0:
+        return 1.0
+    return trust_coefficient * param_norm / (update_norm + eps)
+
+
+# LAMB (You et al., ICLR 2020; optax.lamb = scale_by_adam, add_decayed_weights,
+# scale_by_trust_ratio, scale_by_learning_rate). bias_correction{1,2} = 1 - beta{1,2}^t.
+
+_declare_scalars(
+    "lamb",
+    ("gsign", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction1",
+     "bias_correction2", "eps", "eps_root", "weight_decay", "lr"),
+    rules=(),
+)  # fmt: skip
+
+
+def lamb_direction(p, g, m, v, h, flags):
+    """(update before the trust ratio, new m, new v): optax's Adam direction plus wd * p."""
+    (gsign, beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction1, bias_correction2,
+     eps, eps_root, weight_decay, lr) = h  # fmt: skip
+    g = gsign * g
+    m = one_minus_beta1 * g + beta1 * m
+    v = one_minus_beta2 * (g * g) + beta2 * v
+    u = (m / bias_correction1) / (math.sqrt(v / bias_correction2 + eps_root) + eps)
+    if flags & FLAG_DECAY and weight_decay != 0:
+        u = u + weight_decay * p
+    return u, m, v
+
+
+def lamb_pre(p, g, m, v, h, flags):
+    u, m, v = lamb_direction(p, g, m, v, h, flags)
+    return p, u
+
+
+def lamb_segment(sx, sy, flags, st, h):
+    """r0 = lr * trust ratio of the segment."""
+    (gsign, beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction1, bias_correction2,
+     eps, eps_root, weight_decay, lr) = h  # fmt: skip
+    return lr * trust_ratio(math.sqrt(sx), math.sqrt(sy), 1.0, 0.0), 0.0, st
+
+
+def lamb(p, g, m, v, h, flags, r0, r1):
+    u, m, v = lamb_direction(p, g, m, v, h, flags)
+    return p - r0 * u, m, v
+
+
+# LARS (You et al., 2017; optax.lars = add_decayed_weights (masked), scale_by_trust_ratio
+# (masked), scale_by_learning_rate, trace). nesterov: 1.0 or 0.0.
+
+_declare_scalars(
+    "lars",
+    ("gsign", "weight_decay", "trust_coefficient", "eps", "lr", "momentum", "nesterov"),
+    rules=(),
+)
+
+
+def lars_pre(p, g, h, flags):
+    """The parameter and the update ``g + wd * p`` (wd where FLAG_DECAY is set)."""
+    gsign, weight_decay, trust_coefficient, eps, lr, momentum, nesterov = h
+    u = gsign * g
+    if flags & FLAG_DECAY and weight_decay != 0:
+        u = u + weight_decay * p
+    return p, u
+
+
+def lars_segment(sx, sy, flags, st, h):
+    """r0 = lr * trust ratio (lr alone where FLAG_TRUST is clear)."""
+    gsign, weight_decay, trust_coefficient, eps, lr, momentum, nesterov = h
+    if flags & FLAG_TRUST:
+        return lr * trust_ratio(math.sqrt(sx), math.sqrt(sy), trust_coefficient, eps), 0.0, st
+    return lr * 1.0, 0.0, st
+
+
+def lars(p, g, buf, h, flags, r0, r1):
+    """optax.trace on the scaled update s: buf = s + momentum * buf; the step is buf, or
+    s + momentum * buf with Nesterov."""
+    p, u = lars_pre(p, g, h, flags)
+    gsign, weight_decay, trust_coefficient, eps, lr, momentum, nesterov = h
+    s = r0 * u
+    buf = s + momentum * buf
+    if nesterov > 0:
+        return p - (s + momentum * buf), buf
+    return p - buf, buf
+
+
+# NovoGrad (Ginsburg et al., 2019; optax.novograd = scale_by_novograd, scale_by_learning_rate).
+# Per segment nu = |g|^2 at step 1, else beta2 * nu + (1 - beta2) |g|^2; first: 1.0 at step 1.
+
+_declare_scalars(
+    "novograd",
+    ("gsign", "beta1", "beta2", "one_minus_beta2", "eps", "eps_root", "weight_decay", "lr",
+     "first"),
+    rules=(),
+)  # fmt: skip
+
+
+def novograd_pre(p, g, h, flags):
+    """The gradient (twice: only its sum of squares is used)."""
+    gsign, beta1, beta2, one_minus_beta2, eps, eps_root, weight_decay, lr, first = h
+    g = gsign * g
+    return g, g
+
+
+def novograd_segment(sx, sy, flags, nu, h):
+    """(sqrt(nu + eps_root) + eps, 0, new nu)."""
+    gsign, beta1, beta2, one_minus_beta2, eps, eps_root, weight_decay, lr, first = h
+    if first > 0:
+        nu = sx
+    else:
+        nu = one_minus_beta2 * sx + beta2 * nu
+    return math.sqrt(nu + eps_root) + eps, 0.0, nu
+
+
+def novograd(p, g, m, h, flags, r0, r1):
+    gsign, beta1, beta2, one_minus_beta2, eps, eps_root, weight_decay, lr, first = h
+    u = (gsign * g) / r0
+    if flags & FLAG_DECAY and weight_decay != 0:
+        u = u + weight_decay * p
+    if first == 0:
+        u = beta1 * m + u
+    return p - lr * u, u
+
+
+SEGMENT_RULES = {"segment_norms": 0, "lamb": 2, "lars": 1, "novograd": 1}
+"""Per-segment rule -> number of element state slots of its update (its ``_pre`` takes as many,
+or none: see ``kernels/segment_loops.py``)."""
+
+
 RULES = tuple(SCALARS)
 """The public rules, in the order the kernels are listed; everything else here is a helper."""

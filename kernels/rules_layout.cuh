@@ -121,6 +121,38 @@
 // ema (ema)
 #define FO_EMA_ONE_MINUS_DECAY              0
 #define FO_EMA_DECAY                        1
+// segment_norms (shared prefix)
+#define FO_SEGMENT_NORMS_GSIGN              0
+// lamb (shared prefix)
+#define FO_LAMB_GSIGN                       0
+#define FO_LAMB_BETA1                       1
+#define FO_LAMB_ONE_MINUS_BETA1             2
+#define FO_LAMB_BETA2                       3
+#define FO_LAMB_ONE_MINUS_BETA2             4
+#define FO_LAMB_BIAS_CORRECTION1            5
+#define FO_LAMB_BIAS_CORRECTION2            6
+#define FO_LAMB_EPS                         7
+#define FO_LAMB_EPS_ROOT                    8
+#define FO_LAMB_WEIGHT_DECAY                9
+#define FO_LAMB_LR                          10
+// lars (shared prefix)
+#define FO_LARS_GSIGN                       0
+#define FO_LARS_WEIGHT_DECAY                1
+#define FO_LARS_TRUST_COEFFICIENT           2
+#define FO_LARS_EPS                         3
+#define FO_LARS_LR                          4
+#define FO_LARS_MOMENTUM                    5
+#define FO_LARS_NESTEROV                    6
+// novograd (shared prefix)
+#define FO_NOVOGRAD_GSIGN                   0
+#define FO_NOVOGRAD_BETA1                   1
+#define FO_NOVOGRAD_BETA2                   2
+#define FO_NOVOGRAD_ONE_MINUS_BETA2         3
+#define FO_NOVOGRAD_EPS                     4
+#define FO_NOVOGRAD_EPS_ROOT                5
+#define FO_NOVOGRAD_WEIGHT_DECAY            6
+#define FO_NOVOGRAD_LR                      7
+#define FO_NOVOGRAD_FIRST                   8
 
 // The public rules, in rules.RULES order: X(name, state slots, scalars).
 #define FO_RULES(X)                    \

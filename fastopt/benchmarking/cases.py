@@ -166,6 +166,9 @@ CASES = (
     _other("rprop", "Rprop", {"lr": 1e-2}, 2),
     _other("yogi", "Yogi", {"lr": 1e-2}, 2, torch_name=None),
     _other("lion", "Lion", {"lr": 1e-4}, 1, torch_name=None),
+    _other("lamb", "LAMB", {"lr": 1e-3, "weight_decay": 1e-2}, 2, torch_name=None),
+    _other("lars", "LARS", {"lr": 1e-1, "weight_decay": 1e-4}, 1, torch_name=None),
+    _other("novograd", "NovoGrad", {"lr": 1e-3}, 1, torch_name=None),
 )
 
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -5,8 +5,11 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .base import Optimizer
+from .lamb import LAMB
+from .lars import LARS
 from .lion import Lion
 from .nadam import NAdam
+from .novograd import NovoGrad
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -28,6 +31,9 @@ OPTIMIZERS = {
         Rprop,
         Yogi,
         Lion,
+        LAMB,
+        LARS,
+        NovoGrad,
     )
 }
 """The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
@@ -41,8 +47,11 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "LAMB",
+    "LARS",
     "Lion",
     "NAdam",
+    "NovoGrad",
     "Optimizer",
     "RAdam",
     "RMSprop",

@@ -1,0 +1,204 @@
+"""Base of the optimizers whose update needs one value per parameter tensor (LAMB, LARS,
+NovoGrad): the per-segment rules of ``kernels/rules.py`` (``SEGMENT_RULES``), run by the
+templates of ``kernels/segment_loops.py``.
+
+A unit's segments are its ParamSet's parameters (``names``, ``offsets``, ``shapes``) or, for a
+plain array, the array itself. A step of a unit is three launches whatever the number of
+tensors: the segmented reduction (per-piece partial sums), the per-segment pass (sums, scalars,
+scalar state) and the elementwise update. The list path and the ParamSet path compute the same
+bits: the order of every addition depends only on the segment itself.
+
+Masks (``weight_decay_mask``, ``trust_ratio_mask``) are ``True``/``False`` or a callable
+``mask(name, shape) -> bool``, where ``name`` is the ParamSet name, the dict key, or the list
+index of the parameter (optax's masks over a pytree, by name).
+"""
+
+import numpy as np
+
+from .. import reference
+from ..kernels import rules, segment_loops
+from ..paramset import ParamSet
+from .base import Optimizer
+
+_KERNEL_MODULES = {"numba-cpu": "segment_cpu", "numba-cuda": "segment_cuda"}
+
+
+def check_mask(name, value):
+    """TypeError unless ``value`` is a bool or a callable (name, shape) -> bool."""
+    if not (isinstance(value, bool) or callable(value)):
+        raise TypeError(f"{name} must be True, False or a callable (name, shape) -> bool")
+
+
+def _mask_value(mask, name, shape, what):
+    if isinstance(mask, bool):
+        return mask
+    value = mask(name, shape)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what}({name!r}, {shape}) returned {value!r}, not a bool")
+    return bool(value)
+
+
+class SegmentedOptimizer(Optimizer):
+    """Optimizer base for the per-segment rules. Subclasses implement ``_check``,
+    ``_state_names`` (element state, the rule's slot order), ``_scalars`` (the rule's fields by
+    name), and may set ``segment_state`` (the name of a per-segment scalar state array) and
+    ``_masks(group)`` (``(weight decay mask, trust ratio mask)``)."""
+
+    segment_state = None
+
+    def __init__(self, params, defaults, **options):
+        self._segment_cache = {}
+        super().__init__(params, defaults, **options)
+
+    def _rule(self, group):
+        return self.algorithm
+
+    def _masks(self, group):
+        return True, True
+
+    # ------------------------------------------------------------------ segments
+    def _segments(self, g_int, unit):
+        """[(name, shape, lo, hi)] of a unit."""
+        source = g_int["source"]
+        if isinstance(source, ParamSet):
+            offs, shapes = source.offsets, source.shapes
+            return [(n, shapes[n], *offs[n]) for n in source.names]
+        units = g_int["units"]
+        j = next(i for i, u in enumerate(units) if u is unit)
+        name = g_int["keys"][j] if g_int["keys"] is not None else j
+        return [(name, tuple(unit.shape), 0, int(unit.param.size))]
+
+    def _flags(self, group, segs):
+        decay, trust = self._masks(group)
+        flags = np.zeros(len(segs), np.int32)
+        for s, (name, shape, _, _) in enumerate(segs):
+            if _mask_value(decay, name, shape, "weight_decay_mask"):
+                flags[s] |= rules.FLAG_DECAY
+            if _mask_value(trust, name, shape, "trust_ratio_mask"):
+                flags[s] |= rules.FLAG_TRUST
+        return flags
+
+    def _work(self, group, g_int, unit):
+        """The cached per-unit arrays: segments, layout, flags and scratch on the unit's device."""
+        key = (id(unit), g_int["checked"])
+        work = self._segment_cache.get(id(unit))
+        if work is not None and work["key"] == key:
+            return work
+        segs = self._segments(g_int, unit)
+        bounds = [0] + [hi for _, _, _, hi in segs]
+        layout = segment_loops.pieces(bounds)
+        flags = self._flags(group, segs)
+        nseg, npieces = len(segs), layout[0].size
+        dtype = unit.param.dtype
+        host = {
+            "out": np.zeros((npieces, 2)),
+            "r": np.zeros((nseg, 2), dtype),
+            "sums": np.zeros((nseg, 2)),
+            "flags": flags,
+            "st": np.zeros(nseg, dtype),  # segment state of rules that keep none
+        }
+        name = unit.backend.name
+        if name == "numba-cuda":
+            from numba import cuda
+
+            arrays = {k: cuda.to_device(v) for k, v in host.items()}
+            layout = tuple(cuda.to_device(a) for a in layout)
+        else:
+            arrays = host
+        work = dict(arrays, key=key, segs=segs, layout=layout)
+        self._segment_cache[id(unit)] = work
+        return work
+
+    def _check_backend(self, unit):
+        name = unit.backend.name
+        if name not in _KERNEL_MODULES and name != "numpy":
+            raise RuntimeError(
+                f"{type(self).__name__} runs on the numba-cpu, numba-cuda and numpy backends; "
+                f"{unit.label} is on {name!r}"
+            )
+
+    def _allocate(self, group, unit, names, lr):
+        super()._allocate(group, unit, names, lr)
+        if self.segment_state is not None:
+            n = len(self._segment_cache[id(unit)]["segs"])
+            unit.state[self.segment_state] = unit.backend.zeros(n, unit.param.dtype)
+
+    # ------------------------------------------------------------------ step
+    def step(self, grads=None, *, grad_scale=None):
+        """One update of every parameter whose gradient is given (see ``Optimizer.step``):
+        gradient scaling, clipping and non-finite skipping as there, then three launches per
+        unit."""
+        from ..clipping import clip_coefficient
+        from ..validation import check_positive
+
+        plan = self._plan(grads)
+        gscale = 1.0
+        if grad_scale is not None:
+            check_positive("grad_scale", grad_scale)
+            gscale = float(grad_scale)
+        for _, _, _, work in plan:
+            for unit, _ in work:
+                self._check_backend(unit)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm, finite = self._grad_norm(plan, gscale)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not finite:
+                self.skipped_steps += 1
+                self.last_step_taken = False
+                return
+            if self.max_grad_norm is not None:
+                gscale *= clip_coefficient(norm, self.max_grad_norm)
+        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+        launches = []
+        for group, g_int, lr, work in plan:
+            for unit, grad in work:
+                seg_work = self._work(group, g_int, unit)
+                if not unit.state:
+                    self._allocate(group, unit, g_int["state_names"], lr)
+                step = unit.state["step"] + 1
+                values, _ = self._scalars(group, unit.state, step, lr)
+                fields = rules.LAYOUTS[self.algorithm]
+                missing = set(fields) ^ set(values)
+                if missing:
+                    raise TypeError(f"{type(self).__name__}._scalars: wrong fields {missing}")
+                h64 = tuple(float(values[f]) for f in fields)
+                launches.append((group, g_int, lr, unit, grad, step, h64, seg_work))
+        for group, g_int, lr, unit, grad, step, h64, seg_work in launches:
+            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, (gscale, gclip))
+            unit.state["step"] = step
+        for _, g_int, _, _ in plan:
+            g_int["steps"] += 1
+        self.last_step_taken = True
+
+    def _launch(self, group, g_int, lr, unit, grad, step, h64, w, gs):
+        state = unit.state
+        names = g_int["state_names"]
+        p = unit.param
+        if unit.backend.name == "numpy":
+            g = reference.transformed_grad(grad, gs[0], gs[1])
+            segments = [(lo, hi) for _, _, lo, hi in w["segs"]]
+            flags = w["flags"]
+            getattr(reference, self.algorithm)(
+                p,
+                g,
+                state,
+                step=step,
+                segments=segments,
+                decay=[bool(f & rules.FLAG_DECAY) for f in flags],
+                trust=[bool(f & rules.FLAG_TRUST) for f in flags],
+                **self.hyperparameters(group, lr),
+            )
+            return
+        import importlib
+
+        k = importlib.import_module(f"..kernels.{_KERNEL_MODULES[unit.backend.name]}", __package__)
+        st = unit.scalar_type
+        h = tuple(st(v) for v in h64)
+        gs = (st(gs[0]), st(gs[1]))
+        states = [state[n] for n in names]
+        seg_state = state[self.segment_state] if self.segment_state else w["st"]
+        k.reduce(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"])
+        k.segment(
+            self.algorithm, p, w["flags"], w["layout"], w["out"], seg_state, w["r"], w["sums"], h64
+        )
+        k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"])

@@ -1,0 +1,244 @@
+"""Segment-aware loop templates: per-parameter (per-segment) reductions and the elementwise pass
+that reads its segment's scalars, for the per-segment rules of ``rules.py`` (``SEGMENT_RULES``).
+
+A *segment* is one parameter tensor in a flat buffer (a ParamSet's ``offsets``; a plain array is
+one segment). A *piece* is a chunk of ``REDUCTION_CHUNK`` elements of a segment, counted from the
+segment's start (:func:`pieces`), so the sums of a tensor do not depend on where it lies in the
+buffer (a list of arrays and a ParamSet of the same arrays give the same bits). Pieces are the
+unit of parallel work, so a step is the same three launches whatever the number of tensors:
+
+1. ``reduce``: per piece, the sums of ``x^2`` and ``y^2`` in float64, where
+   ``(x, y) = <rule>_pre(p, g, ...)`` (the parameter and the update, say). The order is fixed:
+   lane ``t`` of ``LANES`` adds the elements ``lo + t, lo + t + LANES, ...`` in index order, then
+   the lanes are added pairwise (``s[t] += s[t + half]`` for half = LANES/2, ..., 1). Nothing is
+   written but the partial sums.
+2. ``segment``: per segment, its pieces' partials added in piece order, then
+   ``<rule>_segment(sx, sy, flags, st, h) -> (r0, r1, st)``: the segment's scalars (a trust
+   ratio, NovoGrad's per-tensor second moment) and its scalar state.
+3. ``apply``: per piece, ``<rule>(p, g, *state, h, flags, r0, r1)`` for every element.
+
+The order of every addition depends only on the segment layout and ``LANES``: the CPU templates
+(``prange`` over pieces, a lane array per piece) and the CUDA ones (one block of ``LANES``
+threads per piece, a shared-memory tree) compute the same bits, for any thread count or grid.
+``add``/``mul`` are the target's explicitly rounded float64 operations (plain operators on the
+CPU and under the CUDA simulator, libdevice's ``dadd_rn``/``dmul_rn`` on a GPU).
+
+Globals bound by ``compile_rules.specialize``: ``pre``, ``segrule``, ``rule``,
+``transformed_grad``, ``indices`` (CPU: ``prange`` or ``range``), ``add``, ``mul``, ``np``,
+``cuda`` (CUDA only) and ``LANES``.
+"""
+
+import numpy as np
+
+from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
+
+LANES = REDUCTION_THREADS
+"""Lanes of each piece's sum (the CUDA block size of the segment kernels)."""
+
+
+def pieces(bounds, chunk=REDUCTION_CHUNK):
+    """``(lo, hi, seg, first)`` of the segment layout ``bounds`` (offsets, ``nseg + 1`` of them,
+    non-decreasing from 0): int64 arrays with piece ``k`` = ``[lo[k], hi[k])`` of segment
+    ``seg[k]``, and segment ``s``'s pieces ``first[s] .. first[s + 1] - 1``."""
+    bounds = np.asarray(bounds, np.int64)
+    a, b = bounds[:-1], bounds[1:]
+    if bounds[0] != 0 or np.any(b < a):
+        raise ValueError("segment bounds must start at 0 and not decrease")
+    counts = -(-(b - a) // chunk)
+    first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    seg = np.repeat(np.arange(a.size, dtype=np.int64), counts)
+    lo = a[seg] + (np.arange(first[-1], dtype=np.int64) - first[seg]) * chunk
+    hi = np.minimum(lo + chunk, b[seg])
+    return lo, hi, seg, first
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU templates (one per number of state slots the function takes)
+
+
+def _lane_tree(acc):
+    half = LANES // 2
+    while half > 0:
+        for t in range(half):
+            acc[t] = add(acc[t], acc[t + half])
+        half //= 2
+    return acc[0]
+
+
+def cpu_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
+    for k in indices(lo.size):
+        f = flags[seg[k]]
+        ax = np.zeros(LANES, np.float64)
+        ay = np.zeros(LANES, np.float64)
+        for base in range(lo[k], hi[k], LANES):
+            for i in range(base, min(base + LANES, hi[k])):
+                x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), h, f)
+                xv = np.float64(x)
+                yv = np.float64(y)
+                ax[i - base] = add(ax[i - base], mul(xv, xv))
+                ay[i - base] = add(ay[i - base], mul(yv, yv))
+        out[k, 0] = lane_tree(ax)
+        out[k, 1] = lane_tree(ay)
+
+
+def cpu_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
+    for k in indices(lo.size):
+        f = flags[seg[k]]
+        ax = np.zeros(LANES, np.float64)
+        ay = np.zeros(LANES, np.float64)
+        for base in range(lo[k], hi[k], LANES):
+            for i in range(base, min(base + LANES, hi[k])):
+                x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f)
+                xv = np.float64(x)
+                yv = np.float64(y)
+                ax[i - base] = add(ax[i - base], mul(xv, xv))
+                ay[i - base] = add(ay[i - base], mul(yv, yv))
+        out[k, 0] = lane_tree(ax)
+        out[k, 1] = lane_tree(ay)
+
+
+def segment_pass(first, out, flags, st, r, sums, h):
+    """Shared by the CPU (``indices`` = range) and CUDA (grid-stride) targets."""
+    for s in indices(flags.size):
+        sx = 0.0
+        sy = 0.0
+        for k in range(first[s], first[s + 1]):
+            sx = add(sx, out[k, 0])
+            sy = add(sy, out[k, 1])
+        r0, r1, v = segrule(sx, sy, flags[s], st[s], h)
+        r[s, 0] = r0
+        r[s, 1] = r1
+        st[s] = v
+        sums[s, 0] = sx
+        sums[s, 1] = sy
+
+
+def cpu_apply1(p, g, s0, h, gs, flags, lo, hi, seg, r):
+    for k in indices(lo.size):
+        j = seg[k]
+        f = flags[j]
+        r0 = r[j, 0]
+        r1 = r[j, 1]
+        for i in range(lo[k], hi[k]):
+            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h, f, r0, r1)
+
+
+def cpu_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
+    for k in indices(lo.size):
+        j = seg[k]
+        f = flags[j]
+        r0 = r[j, 0]
+        r1 = r[j, 1]
+        for i in range(lo[k], hi[k]):
+            p[i], s0[i], s1[i] = rule(
+                p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f, r0, r1
+            )
+
+
+CPU_REDUCE = {0: cpu_reduce0, 2: cpu_reduce2}
+CPU_APPLY = {1: cpu_apply1, 2: cpu_apply2}
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA templates: block b takes pieces b, b + gridDim, ...; blockDim.x == LANES.
+
+
+def cuda_block_sum(s, t):
+    """The pairwise tree of the CPU's ``lane_tree`` over shared ``s`` (every thread calls it)."""
+    cuda.syncthreads()
+    half = LANES // 2
+    while half > 0:
+        if t < half:
+            s[t] = add(s[t], s[t + half])
+        cuda.syncthreads()
+        half //= 2
+
+
+def cuda_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
+    sx = cuda.shared.array(LANES, np.float64)
+    sy = cuda.shared.array(LANES, np.float64)
+    t = cuda.threadIdx.x
+    k = np.int64(cuda.blockIdx.x)
+    while k < lo.size:
+        f = flags[seg[k]]
+        ax = 0.0
+        ay = 0.0
+        i = lo[k] + t
+        while i < hi[k]:
+            x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), h, f)
+            xv = np.float64(x)
+            yv = np.float64(y)
+            ax = add(ax, mul(xv, xv))
+            ay = add(ay, mul(yv, yv))
+            i += LANES
+        sx[t] = ax
+        sy[t] = ay
+        block_sum(sx, t)
+        block_sum(sy, t)
+        if t == 0:
+            out[k, 0] = sx[0]
+            out[k, 1] = sy[0]
+        cuda.syncthreads()
+        k += cuda.gridDim.x
+
+
+def cuda_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
+    sx = cuda.shared.array(LANES, np.float64)
+    sy = cuda.shared.array(LANES, np.float64)
+    t = cuda.threadIdx.x
+    k = np.int64(cuda.blockIdx.x)
+    while k < lo.size:
+        f = flags[seg[k]]
+        ax = 0.0
+        ay = 0.0
+        i = lo[k] + t
+        while i < hi[k]:
+            x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f)
+            xv = np.float64(x)
+            yv = np.float64(y)
+            ax = add(ax, mul(xv, xv))
+            ay = add(ay, mul(yv, yv))
+            i += LANES
+        sx[t] = ax
+        sy[t] = ay
+        block_sum(sx, t)
+        block_sum(sy, t)
+        if t == 0:
+            out[k, 0] = sx[0]
+            out[k, 1] = sy[0]
+        cuda.syncthreads()
+        k += cuda.gridDim.x
+
+
+def cuda_apply1(p, g, s0, h, gs, flags, lo, hi, seg, r):
+    k = np.int64(cuda.blockIdx.x)
+    while k < lo.size:
+        j = seg[k]
+        f = flags[j]
+        r0 = r[j, 0]
+        r1 = r[j, 1]
+        i = lo[k] + cuda.threadIdx.x
+        while i < hi[k]:
+            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h, f, r0, r1)
+            i += cuda.blockDim.x
+        k += cuda.gridDim.x
+
+
+def cuda_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
+    k = np.int64(cuda.blockIdx.x)
+    while k < lo.size:
+        j = seg[k]
+        f = flags[j]
+        r0 = r[j, 0]
+        r1 = r[j, 1]
+        i = lo[k] + cuda.threadIdx.x
+        while i < hi[k]:
+            p[i], s0[i], s1[i] = rule(
+                p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f, r0, r1
+            )
+            i += cuda.blockDim.x
+        k += cuda.gridDim.x
+
+
+CUDA_REDUCE = {0: cuda_reduce0, 2: cuda_reduce2}
+CUDA_APPLY = {1: cuda_apply1, 2: cuda_apply2}

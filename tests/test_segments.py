@@ -1,0 +1,249 @@
+"""Per-segment work (the matrix issue): the segmented reduction of kernels/segment_loops.py and
+LAMB, LARS, NovoGrad over it.
+
+- the piece layout; per-segment sums of squares against NumPy;
+- identical bits for 1 and 2 Numba threads (child processes with NUMBA_NUM_THREADS);
+- the numba-cuda templates under the CUDA simulator equal the CPU kernels bit for bit;
+- the ParamSet path equals the list path bit for bit;
+- each optimizer against the NumPy reference (float64, 1e-12), including zero-norm tensors.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt.kernels import segment_cpu, segment_loops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = {"w": (30, 40), "b": (40,), "z": (7,), "e": (100, 300)}
+
+CASES = {
+    "lamb": (fo.LAMB, dict(lr=0.01, weight_decay=0.1, weight_decay_mask=lambda n, s: len(s) > 1)),
+    "lamb_max": (fo.LAMB, dict(lr=0.02, betas=(0.8, 0.99), eps_root=1e-8, maximize=True)),
+    "lars": (fo.LARS, dict(lr=0.1, weight_decay=0.01, trust_ratio_mask=lambda n, s: len(s) > 1)),
+    "lars_nesterov": (fo.LARS, dict(lr=0.5, weight_decay=0.1, nesterov=True, eps=1e-3)),
+    "novograd": (fo.NovoGrad, dict(lr=0.01, weight_decay=0.01)),
+    "novograd_max": (fo.NovoGrad, dict(lr=0.05, betas=(0.5, 0.9), maximize=True)),
+}
+
+
+def _init(dtype, zero=None):
+    out = {}
+    for i, (k, s) in enumerate(SHAPES.items()):
+        out[k] = np.random.default_rng(i).standard_normal(s).astype(dtype)
+    if zero is not None:
+        out[zero][...] = 0
+    return out
+
+
+def _grads(t, dtype, zero_grad=None):
+    out = {}
+    for i, (k, s) in enumerate(SHAPES.items()):
+        out[k] = np.random.default_rng(100 * t + i).standard_normal(s).astype(dtype)
+    if zero_grad is not None:
+        out[zero_grad][...] = 0
+    return out
+
+
+def run(name, backend, *, dtype=np.float64, steps=6, paramset=True, zero=None, zero_grad=None):
+    cls, kw = CASES[name]
+    init = _init(dtype, zero)
+    if paramset:
+        ps = fo.ParamSet(init)
+        opt = cls(ps, backend=backend, **kw)
+        for t in range(steps):
+            for k, g in _grads(t, dtype, zero_grad).items():
+                ps.grads[k][...] = g
+            opt.step()
+        return np.concatenate([ps[k].ravel() for k in SHAPES])
+    arrays = [init[k].copy() for k in SHAPES]
+    opt = cls(arrays, backend=backend, **kw)
+    for t in range(steps):
+        opt.step(list(_grads(t, dtype, zero_grad).values()))
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def test_pieces_cut_each_segment_from_its_start():
+    lo, hi, seg, first = segment_loops.pieces([0, 3, 3, 40003, 41003], chunk=16384)
+    assert lo.tolist() == [0, 3, 16387, 32771, 40003]
+    assert hi.tolist() == [3, 16387, 32771, 40003, 41003]
+    assert seg.tolist() == [0, 2, 2, 2, 3]
+    assert first.tolist() == [0, 1, 1, 4, 5]
+    with pytest.raises(ValueError, match="bounds"):
+        segment_loops.pieces([1, 4])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_sums_match_numpy(dtype):
+    rng = np.random.default_rng(0)
+    sizes = [3, 0, 40000, 1000, 17000, 5]
+    b = np.concatenate([[0], np.cumsum(sizes)])
+    layout = segment_loops.pieces(b)
+    p, g = rng.standard_normal((2, b[-1])).astype(dtype)
+    ns = len(sizes)
+    out = np.empty((layout[0].size, 2))
+    sums = np.empty((ns, 2))
+    flags = np.zeros(ns, np.int32)
+    h, gs = (dtype(-1.0),), (dtype(2.0), dtype(0.0))
+    segment_cpu.reduce("segment_norms", p, g, [], h, gs, flags, layout, out)
+    r = np.zeros((ns, 2), dtype)
+    segment_cpu.segment(
+        "segment_norms", p, flags, layout, out, np.zeros(ns, dtype), r, sums, (-1.0,)
+    )
+    for s in range(ns):
+        x = p[b[s] : b[s + 1]].astype(np.float64)
+        y = 2 * g[b[s] : b[s + 1]].astype(np.float64)
+        np.testing.assert_allclose(sums[s], [x @ x, y @ y], rtol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_against_reference(name):
+    got = run(name, "numba-cpu")
+    want = run(name, "numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_paramset_path_equals_list_path(name, dtype):
+    a = run(name, "numba-cpu", dtype=dtype)
+    b = run(name, "numba-cpu", dtype=dtype, paramset=False)
+    assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "novograd"])
+def test_zero_norm_tensors(name):
+    # A zero parameter tensor (trust ratio 1 as optax) and a zero gradient tensor.
+    got = run(name, "numba-cpu", zero="b", zero_grad="z", steps=3)
+    want = run(name, "numpy", zero="b", zero_grad="z", steps=3)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    assert np.isfinite(got).all()
+
+
+def test_lamb_trust_ratio_on_one_tensor():
+    # One step by hand: u = m_hat / (sqrt(v_hat) + eps) = sign(g) / (1 + eps/|g|), r = |p|/|u|.
+    p = np.array([3.0, 4.0])
+    g = np.array([0.5, -2.0])
+    fo.LAMB([p], lr=0.1, eps=0.0).step([g])
+    u = np.sign(g)
+    np.testing.assert_allclose(p, [3.0, 4.0] - 0.1 * (5.0 / np.sqrt(2.0)) * u, rtol=1e-15)
+
+
+def test_masks_are_checked():
+    with pytest.raises(TypeError, match="weight_decay_mask"):
+        fo.LAMB([np.zeros(3)], weight_decay_mask="yes")
+    opt = fo.LARS([np.zeros(3)], trust_ratio_mask=lambda n, s: "no")
+    p0 = opt.sources()[0][0].copy()
+    with pytest.raises(TypeError, match="trust_ratio_mask"):
+        opt.step([np.ones(3)])
+    assert np.array_equal(opt.sources()[0][0], p0)
+
+
+def child_digests():
+    """Run in a child process: sha-like bytes of LAMB/LARS/NovoGrad over > PARALLEL_THRESHOLD."""
+    out = {}
+    sizes = {"a": (300, 200), "b": (50_000,), "c": (9,)}
+    for cls in (fo.LAMB, fo.LARS, fo.NovoGrad):
+        ps = fo.ParamSet({k: np.random.default_rng(1).standard_normal(s) for k, s in sizes.items()})
+        assert ps.size >= segment_cpu.PARALLEL_THRESHOLD
+        opt = cls(ps, lr=0.01, weight_decay=0.01)
+        for t in range(3):
+            ps.grad_flat[...] = np.random.default_rng(t).standard_normal(ps.size)
+            opt.step()
+        out[cls.__name__] = ps.flat.tobytes().hex()
+    return out
+
+
+def _digests(threads):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_segments as t; "
+        "print(json.dumps(t.child_digests()))"
+    )
+    here = str(pathlib.Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_two_threads_give_the_bits_of_one():
+    one, two = _digests(1), _digests(2)
+    assert set(one) == {"LAMB", "LARS", "NovoGrad"}
+    assert one == two
+
+
+def child_sim_vs_cpu():
+    """Run under NUMBA_ENABLE_CUDASIM=1: every per-segment rule's three launches on the numba-cuda
+    templates equal the CPU kernels bit for bit (sums, segment scalars, parameters, state)."""
+    from numba import cuda
+
+    from fastopt.kernels import segment_cuda
+
+    sizes = [3, 0, 700, 300, 5]
+    b = np.concatenate([[0], np.cumsum(sizes)])
+    layout = segment_loops.pieces(b, chunk=512)
+    ns = len(sizes)
+    hs = {
+        "segment_norms": (1.0,),
+        "lamb": (1, 0.9, 0.1, 0.999, 0.001, 0.1, 0.001, 1e-6, 0, 0.01, 0.1),
+        "lars": (1, 0.01, 0.001, 0.0, 0.1, 0.9, 1.0),
+        "novograd": (1, 0.9, 0.25, 0.75, 1e-6, 0, 0.01, 0.1, 0.0),
+    }
+    ok = {}
+    for rule, h64 in hs.items():
+        for dtype in (np.float32, np.float64):
+            rng = np.random.default_rng(0)
+            base = [rng.standard_normal(b[-1]).astype(dtype) for _ in range(4)]
+            base[3] = np.abs(base[3])
+            res = []
+            for mod in (segment_cpu, segment_cuda):
+                arrs = [a.copy() for a in base]
+                extra = [
+                    np.zeros((layout[0].size, 2)),
+                    np.array([3, 1, 2, 0, 3], np.int32),
+                    np.full(ns, 0.5, dtype),
+                    np.zeros((ns, 2), dtype),
+                    np.zeros((ns, 2)),
+                ]
+                lay = layout
+                if mod is segment_cuda:
+                    arrs = [cuda.to_device(a) for a in arrs]
+                    extra = [cuda.to_device(a) for a in extra]
+                    lay = tuple(cuda.to_device(a) for a in layout)
+                out, flags, st, r, sums = extra
+                h = tuple(dtype(x) for x in h64)
+                gs = (dtype(1.0), dtype(0.0))
+                states = arrs[2 : 2 + segment_cpu.rules.SEGMENT_RULES[rule]]
+                mod.reduce(rule, arrs[0], arrs[1], arrs[2:], h, gs, flags, lay, out)
+                mod.segment(rule, arrs[0], flags, lay, out, st, r, sums, h64)
+                if rule != "segment_norms":
+                    mod.apply(rule, arrs[0], arrs[1], states, h, gs, flags, lay, r)
+                host = [a if isinstance(a, np.ndarray) else a.copy_to_host() for a in arrs + extra]
+                res.append(b"".join(np.ascontiguousarray(a).tobytes() for a in host))
+            ok[f"{rule}/{np.dtype(dtype).name}"] = res[0] == res[1]
+    return ok
+
+
+def test_cuda_simulator_equals_cpu_bit_for_bit():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_segments as t; "
+        "print(json.dumps(t.child_sim_vs_cpu()))"
+    )
+    here = str(pathlib.Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(ok) == 8 and all(ok.values()), ok
