@@ -98,8 +98,11 @@ class FastoptOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        by_dtype = {}
+        by_dtype, seen = {}, set()
         for name, p in items:
+            if id(p) in seen:  # a tied parameter listed twice: one slot (torch warns)
+                continue
+            seen.add(id(p))
             if p.requires_grad:
                 by_dtype.setdefault(p.dtype, []).append((name, p))
             else:

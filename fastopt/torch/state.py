@@ -45,6 +45,12 @@ def install_state(opt):
                 runs.append((start, i))
                 start = i
         tg = opt.param_groups[gi]
+        missing = [n for n in opt._hyper_names if n not in tg]
+        if missing:
+            raise ValueError(
+                f"the state_dict does not fit {type(opt).__name__}: its param_groups[{gi}] has "
+                f"no {missing}"
+            )
         groups, states = [], {}
         for r, (i, j) in enumerate(runs):
             groups.append(
