@@ -19,8 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastopt import benchmarking  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
+from fastopt import benchmarking  # noqa: E402
 
 SCALE = int(os.environ.get("FASTOPT_BENCH_TORCH_SCALE", "1"))
 _RESULTS = {}
