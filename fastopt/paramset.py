@@ -3,6 +3,7 @@
 An optimizer over a ParamSet updates every parameter with one kernel call over ``flat``.
 """
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -87,6 +88,43 @@ class ParamSet(Mapping):
             grad_views[name] = self._grad_flat[lo:hi].reshape(self._shapes[name])
         self._grads = GradientViews(grad_views)
 
+    @classmethod
+    def from_buffers(cls, flat, grad_flat, segments):
+        """A ParamSet that ADOPTS ``flat`` and ``grad_flat`` instead of copying into new buffers:
+        the optimizer then updates the caller's memory in place (``fastopt.torch`` rebinds a
+        model's parameters and gradients to views of such buffers).
+
+        ``flat`` and ``grad_flat``: 1-D, C-contiguous, writable arrays of one floating dtype and
+        size, both in host memory (NumPy arrays or torch CPU tensors, adopted as zero-copy NumPy
+        views) or both on one CUDA device (CuPy arrays, torch CUDA tensors, any array with
+        ``__cuda_array_interface__``). ``segments``: ``(name, shape)`` pairs (or a dict name ->
+        shape), packed in order from element 0; their sizes must add up to ``flat.size``.
+        """
+        flat, grad_flat, device = _adopted_buffers(flat, grad_flat)
+        items = list(segments.items()) if isinstance(segments, Mapping) else list(segments)
+        self = cls.__new__(cls)
+        self.device = device
+        self._xp = None if device != "cpu" else np
+        self._shapes, self._offsets, self._views = {}, {}, {}
+        grad_views, lo = {}, 0
+        for name, shape in items:
+            if not isinstance(name, str) or not name or name in self._shapes:
+                raise ValueError(f"segment names must be unique non-empty strings, got {name!r}")
+            shape = tuple(int(d) for d in shape)
+            hi = lo + math.prod(shape)
+            self._shapes[name], self._offsets[name] = shape, (lo, hi)
+            self._views[name] = flat[lo:hi].reshape(shape)
+            grad_views[name] = grad_flat[lo:hi].reshape(shape)
+            lo = hi
+        if not items or lo != flat.size:
+            raise ValueError(
+                f"the segments cover {lo} elements, the buffers hold {flat.size}; "
+                "they must cover them exactly"
+            )
+        self._flat, self._grad_flat = flat, grad_flat
+        self._grads = GradientViews(grad_views)
+        return self
+
     # mapping interface: name -> parameter view
     def __getitem__(self, name):
         return self._views[name]
@@ -144,7 +182,10 @@ class ParamSet(Mapping):
 
     def zero_grad(self):
         """Set every gradient to zero (one fill of the gradient buffer)."""
-        self._grad_flat.fill(0)
+        if hasattr(self._grad_flat, "fill"):
+            self._grad_flat.fill(0)
+        else:  # an adopted torch CUDA tensor
+            self._grad_flat.zero_()
 
     def to_dict(self):
         """Copies of the parameters, name -> array."""
@@ -182,3 +223,37 @@ def _as_host_or_device_array(a, name, xp):
             f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point"
         )
     return a
+
+
+def _adopted_buffers(flat, grad_flat):
+    """(flat, grad_flat, device) of :meth:`ParamSet.from_buffers`, checked: host buffers as NumPy
+    views, device buffers as given."""
+    kinds = [arrays.array_kind(a) for a in (flat, grad_flat)]  # TypeError for non-arrays
+    on_device = [arrays.is_device_kind(k) for k in kinds]
+    if on_device[0] != on_device[1]:
+        raise ValueError(
+            f"flat is {arrays.describe(flat, kinds[0])}, grad_flat "
+            f"{arrays.describe(grad_flat, kinds[1])}: both must be in host memory or on one device"
+        )
+    if on_device[0]:
+        index = [arrays.device_index(a, k) for a, k in zip((flat, grad_flat), kinds)]
+        if index[0] != index[1]:
+            raise ValueError(f"flat is on cuda:{index[0]}, grad_flat on cuda:{index[1]}")
+        device = "cuda" if index[0] is None else f"cuda:{index[0]}"
+        flat, grad_flat = arrays.detached(flat), arrays.detached(grad_flat)
+    else:
+        device = "cpu"
+        flat, grad_flat = arrays.host_view(flat), arrays.host_view(grad_flat)
+    for label, a in (("flat", flat), ("grad_flat", grad_flat)):
+        if len(a.shape) != 1:
+            raise ValueError(f"{label} must be 1-D, got shape {tuple(a.shape)}")
+        if device == "cpu":  # device buffers are checked when an optimizer takes them
+            arrays.check_float_dtype(a.dtype, label)
+            arrays.check_contiguous(a.flags.c_contiguous, label)
+            arrays.check_writable(a.flags.writeable, label)
+    if flat.shape != grad_flat.shape or str(flat.dtype) != str(grad_flat.dtype):
+        raise ValueError(
+            f"flat ({flat.dtype}, {tuple(flat.shape)}) and grad_flat ({grad_flat.dtype}, "
+            f"{tuple(grad_flat.shape)}) must have the same dtype and size"
+        )
+    return flat, grad_flat, device

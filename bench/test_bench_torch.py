@@ -1,0 +1,107 @@
+"""fastopt.torch.AdamW against torch.optim.AdamW (fused and foreach) on the same parameters, in one
+interleaved run (``fastopt.benchmarking.time_steps``).
+
+Cases: ``transformer`` (the parameter shapes of a small transformer: embedding 8000 x 128, 16
+blocks of attention and MLP weights with LayerNorms and biases, the output layer; 197 tensors,
+5.2M parameters) and ``many_small`` (1000 tensors of 1000 elements). ``FASTOPT_BENCH_TORCH_SCALE``
+(default 1) divides the vocabulary and the widths for a quick run. Besides the steps, the host
+overhead of ``step()`` (197 tensors of 4 elements) and ``zero_grad()`` in both modes, and the cost
+of a step after ``zero_grad(set_to_none=True)`` (fresh gradient tensors copied into the flat
+buffer) are measured. Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
+``many_small``.
+
+Run: ``pytest bench/test_bench_torch.py --benchmark-disable -s`` (prints the table).
+"""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt.torch as fot  # noqa: E402
+from fastopt import benchmarking  # noqa: E402
+
+SCALE = int(os.environ.get("FASTOPT_BENCH_TORCH_SCALE", "1"))
+_RESULTS = {}
+
+
+def transformer_shapes(vocab=8000, d=128, blocks=16, hidden=512):
+    vocab, d, hidden = vocab // SCALE, max(8, d // SCALE), max(8, hidden // SCALE)
+    shapes = [(vocab, d)]
+    for _ in range(blocks):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,)]  # attention, LayerNorm
+        shapes += [(hidden, d), (hidden,), (d, hidden), (d,), (d,), (d,)]  # MLP, LayerNorm
+    return shapes + [(d,), (d,), (vocab, d), (vocab,)]  # final LayerNorm, output layer
+
+
+CASES = {
+    "transformer": transformer_shapes(),
+    "many_small": [(1000 // SCALE,)] * 1000,
+    "overhead_197x4": [(4,)] * 197,
+}
+
+
+def _params(shapes):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return ps
+
+
+def measure(name):
+    if name in _RESULTS:
+        return _RESULTS[name]
+    shapes = CASES[name]
+    fast, fused, foreach = _params(shapes), _params(shapes), _params(shapes)
+    opt_fast = fot.AdamW(fast, lr=1e-3)
+    opt_fast.step()  # attaches the gradient views: later steps read the flat buffer in place
+    peers = {
+        "fastopt": opt_fast.step,
+        "torch_foreach": torch.optim.AdamW(foreach, lr=1e-3, foreach=True).step,
+    }
+    try:
+        fused_opt = torch.optim.AdamW(fused, lr=1e-3, fused=True)
+        fused_opt.step()
+        peers["torch_fused"] = fused_opt.step
+    except (RuntimeError, ValueError):
+        pass  # no fused CPU AdamW in this torch
+    copied = _params(shapes)
+    opt_copied = fot.AdamW(copied, lr=1e-3)
+    fresh = [p.grad.clone() for p in copied]
+
+    def step_after_set_to_none():
+        for p, g in zip(copied, fresh):
+            p.grad = g  # as autograd leaves them after zero_grad(set_to_none=True)
+        opt_copied.step()
+
+    peers["fastopt_fresh_grads"] = step_after_set_to_none
+    opt_zero = fot.AdamW(_params(shapes), lr=1e-3)
+    peers["zero_grad_none"] = lambda: opt_zero.zero_grad(set_to_none=True)
+    peers["zero_grad_fill"] = lambda: opt_zero.zero_grad(set_to_none=False)
+    times = benchmarking.median_times(peers)
+    n = sum(p.numel() for p in fast)
+    out = {"tensors": len(shapes), "elements": n, **{f"median_s.{k}": v for k, v in times.items()}}
+    for peer in ("torch_fused", "torch_foreach"):
+        if peer in times:
+            out[f"speedup_vs_{peer}"] = times[peer] / times["fastopt"]
+    _RESULTS[name] = out
+    print(name, {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in out.items()})
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_speed(benchmark, name):
+    result = measure(name)
+    benchmark.extra_info.update(result)
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert result["median_s.fastopt"] > 0
+
+
+@pytest.mark.parametrize("name,goal", [("transformer", 1.5), ("many_small", 10.0)])
+def test_goal_vs_fused(name, goal):
+    result = measure(name)
+    if "speedup_vs_torch_fused" not in result:
+        pytest.skip("this torch has no fused CPU AdamW")
+    assert result["speedup_vs_torch_fused"] >= goal, result

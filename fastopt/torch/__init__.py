@@ -1,0 +1,70 @@
+"""fastopt for PyTorch: drop-in ``torch.optim`` optimizers running fastopt's fused kernels.
+
+::
+
+    import fastopt.torch as fot
+    opt = fot.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)   # was torch.optim.AdamW
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
+
+Every algorithm of :data:`fastopt.optim.OPTIMIZERS` (``SGD``, ``Adagrad``, ``RMSprop``,
+``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``, ``Rprop``, ``Yogi``,
+``Lion``) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
+hyperparameters and defaults, plus fastopt's options as keywords. Each param group's trainable
+parameters are rebound to views of one flat buffer per dtype (:mod:`fastopt.torch.flat`), so a
+step is one kernel call per group; state_dicts are torch's and load both ways.
+
+torch is an optional dependency (``pip install fastopt[torch]``); ``import fastopt`` never
+imports it.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "fastopt.torch needs PyTorch: pip install fastopt[torch] (or install torch)"
+    ) from exc
+
+from ..optim import OPTIMIZERS
+from .flat import FlatBuffer, flatten_
+from .offload import CPUOffload
+from .optimizer import FastoptOptimizer, split_arguments
+
+
+def _adapter_class(core_class):
+    """The ``torch.optim.Optimizer`` subclass running ``core_class`` (one of OPTIMIZERS)."""
+    import inspect
+
+    sig = inspect.signature(core_class.__init__)
+    params = [p for name, p in sig.parameters.items() if name != "self"]
+    doc = (
+        f"``torch.optim``-compatible {core_class.__name__} running fastopt's kernels "
+        f"(:class:`fastopt.optim.{core_class.__name__}`; see :class:`FastoptOptimizer`).\n\n"
+        + (core_class.__doc__ or "")
+    )
+    return type(
+        core_class.__name__,
+        (FastoptOptimizer,),
+        {
+            "core_class": core_class,
+            "__doc__": doc,
+            "__module__": __name__,
+            "__qualname__": core_class.__name__,
+            "__signature__": sig.replace(parameters=params),
+        },
+    )
+
+
+OPTIMIZER_CLASSES = {name: _adapter_class(cls) for name, cls in OPTIMIZERS.items()}
+"""Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS`."""
+
+globals().update({cls.__name__: cls for cls in OPTIMIZER_CLASSES.values()})
+
+__all__ = [
+    "OPTIMIZER_CLASSES",
+    "CPUOffload",
+    "FastoptOptimizer",
+    "FlatBuffer",
+    "flatten_",
+    "split_arguments",
+    *(cls.__name__ for cls in OPTIMIZER_CLASSES.values()),
+]

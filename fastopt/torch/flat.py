@@ -1,0 +1,216 @@
+"""Flat buffers: a model's parameters and gradients rebound to views of one parameter buffer and
+one gradient buffer per (device, dtype), so that one kernel call updates them all.
+
+``param.data = flat[lo:hi].view(shape)`` moves a parameter into the buffer (its values copied
+once); the module keeps using the same ``nn.Parameter`` object. A gradient is attached as
+``param.grad = grad_flat[lo:hi].view(shape)``: autograd's AccumulateGrad then adds every later
+backward pass into that view in place (it only allocates a new ``.grad`` when the old one is
+None), so after ``zero_grad(set_to_none=False)`` gradients land straight in ``grad_flat``.
+``zero_grad(set_to_none=True)`` (torch's default) sets ``.grad`` to None, as torch does, and the
+next backward allocates fresh tensors: :meth:`FlatBuffer.gather_grads` copies those into the
+buffer at the next step and re-attaches the views (one copy per gradient; the benchmark reports
+its cost). Keeping None semantics exact matters: torch skips a parameter whose ``.grad`` is None
+(no update, no weight decay, no state change).
+
+What must be redone after the parameters move (``model.to(other device or dtype)``,
+``model.cuda()``, ``model.half()``, an assignment to ``param.data``): the optimizer notices that a
+parameter no longer lives at its place in the buffer and raises; build a new optimizer over the
+moved parameters and load the old one's ``state_dict()``.
+"""
+
+import weakref
+
+import torch
+
+from ..memory import aligned_zeros
+from ..paramset import ParamSet
+
+_BUFFERS = weakref.WeakValueDictionary()
+"""(device, first byte of the storage) -> the FlatBuffer that owns that storage: an optimizer built
+over parameters :func:`flatten_` already packed adopts their buffer instead of copying again."""
+
+
+def describe_param(p, name):
+    return f"parameter {name}" + f" ({tuple(p.shape)}, {p.dtype}, {p.device})"
+
+
+def check_param(p, name):
+    """TypeError for parameters fastopt cannot update: sparse and complex ones, non-tensors."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} is a {type(p).__name__}, not a torch tensor")
+    if p.layout != torch.strided:
+        raise TypeError(
+            f"{describe_param(p, name)} is sparse ({p.layout}); fastopt.torch needs dense parameters"
+        )
+    if p.is_complex():
+        raise TypeError(
+            f"{describe_param(p, name)} is complex; fastopt.torch updates real floating-point "
+            "parameters (view a complex parameter as real with torch.view_as_real)"
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"{describe_param(p, name)} is not floating point")
+
+
+class FlatBuffer:
+    """Parameters of one device and dtype packed in ``flat``, their gradients in ``grad``.
+
+    ``params``: the tensors, in buffer order; ``names``: labels for errors; ``offsets``: their
+    (start, stop) element ranges; ``grad_views``: the gradient views attached as ``.grad``;
+    ``paramset``: a :class:`fastopt.ParamSet` adopting both buffers (no copy). Built by
+    :meth:`pack`; :meth:`slice` gives a sub-range as a ParamSet for a kernel call over part.
+    """
+
+    def __init__(self, params, names, flat, grad):
+        self.params = list(params)
+        self.names = list(names)
+        self.flat, self.grad = flat, grad
+        self.offsets, lo = [], 0
+        for p in self.params:
+            self.offsets.append((lo, lo + p.numel()))
+            lo += p.numel()
+        self.grad_views = [grad[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
+        base, size = flat.data_ptr(), flat.element_size()
+        self._ptrs = [base + a * size for a, _ in self.offsets]
+        self.device, self.dtype = flat.device, flat.dtype
+        self.paramset = self.slice(0, len(self.params))
+
+    @classmethod
+    def pack(cls, params, names, *, pin_memory=False):
+        """A FlatBuffer over ``params`` (one device and dtype): adopt the buffer they already are
+        consecutive views of (from :func:`flatten_`), else copy them into a new buffer and rebind
+        each ``param.data`` to its view. Gradients already present are copied in and attached."""
+        adopted = _adopt(params, names)
+        if adopted is not None:
+            return adopted
+        p0 = params[0]
+        n = sum(p.numel() for p in params)
+        flat, grad = (
+            allocate(n, p0.dtype, p0.device, pin_memory),
+            allocate(n, p0.dtype, p0.device, pin_memory),
+        )
+        lo = 0
+        with torch.no_grad():
+            for p in params:
+                hi = lo + p.numel()
+                flat[lo:hi].copy_(p.detach().reshape(-1))
+                p.data = flat[lo:hi].view(p.shape)
+                lo = hi
+        buf = cls(params, names, flat, grad)
+        with torch.no_grad():
+            for p, view in zip(params, buf.grad_views):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                    p.grad = view
+        _BUFFERS[(str(flat.device), flat.untyped_storage().data_ptr())] = buf
+        return buf
+
+    def slice(self, i, j):
+        """A ParamSet adopting the buffers' range of params ``i .. j-1`` (no copy)."""
+        lo, hi = self.offsets[i][0], self.offsets[j - 1][1]
+        segments = [(str(k), tuple(p.shape)) for k, p in zip(range(i, j), self.params[i:j])]
+        return ParamSet.from_buffers(self.flat[lo:hi], self.grad[lo:hi], segments)
+
+    def check_in_place(self):
+        """RuntimeError naming the first parameter that no longer lives in the buffer."""
+        for p, ptr, name in zip(self.params, self._ptrs, self.names):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"{describe_param(p, name)} no longer lives in the optimizer's flat buffer "
+                    "(model.to()/.cuda()/.half() or an assignment to .data moved it): build a new "
+                    "optimizer over the moved parameters and load this one's state_dict()"
+                )
+
+    def gather_grads(self):
+        """Which params have a gradient (a list of bools), after checking each and copying the
+        ones autograd allocated anew (after ``zero_grad(set_to_none=True)``) into ``grad``,
+        re-attaching the views. Every check runs before the first copy."""
+        present, copies = [], []
+        for p, view, name in zip(self.params, self.grad_views, self.names):
+            g = p.grad
+            if g is None:
+                present.append(False)
+                continue
+            present.append(True)
+            if g is view:
+                continue
+            if g.layout != torch.strided:
+                raise TypeError(
+                    f"the gradient of {describe_param(p, name)} is sparse ({g.layout}); "
+                    "fastopt.torch needs dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(
+                    f"the gradient of {describe_param(p, name)} is {tuple(g.shape)}, {g.dtype}, "
+                    f"{g.device}; it must match its parameter"
+                )
+            copies.append((p, view, g))
+        if copies:
+            with torch.no_grad():
+                for p, view, g in copies:
+                    view.copy_(g)
+                    p.grad = view
+        return present
+
+    def zero_grad(self, set_to_none):
+        """torch's ``zero_grad``: gradients to None, or zeroed in place with one fill."""
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+        else:
+            self.grad.zero_()
+            for p, view in zip(self.params, self.grad_views):
+                if p.grad is not None and p.grad is not view:
+                    p.grad = None  # a stray tensor: zeroing the buffer view is the same value
+                    p.grad = view
+
+
+def allocate(n, dtype, device, pin_memory):
+    """A zeroed 1-D buffer: host buffers cache-line (and huge-page) aligned through
+    ``fastopt.memory``, or pinned for copies to and from a GPU; device buffers from torch."""
+    if device.type == "cpu" and not pin_memory:
+        return torch.from_numpy(aligned_zeros(n, torch.empty((), dtype=dtype).numpy().dtype))
+    return torch.zeros(n, dtype=dtype, device=device, pin_memory=pin_memory)
+
+
+def _adopt(params, names):
+    """The FlatBuffer whose consecutive params are exactly ``params``, as a new FlatBuffer over
+    that range of its buffers; None if they are not packed that way."""
+    p0 = params[0]
+    owner = _BUFFERS.get((str(p0.device), p0.untyped_storage().data_ptr()))
+    if owner is None or owner.dtype != p0.dtype:
+        return None
+    try:
+        i = next(k for k, q in enumerate(owner.params) if q is p0)
+    except StopIteration:
+        return None
+    run = owner.params[i : i + len(params)]
+    if len(run) != len(params) or any(a is not b for a, b in zip(run, params)):
+        return None
+    owner.check_in_place()
+    lo, hi = owner.offsets[i][0], owner.offsets[i + len(params) - 1][1]
+    buf = FlatBuffer(params, names, owner.flat[lo:hi], owner.grad[lo:hi])
+    for p, view, old in zip(params, buf.grad_views, owner.grad_views[i:]):
+        if p.grad is old:
+            p.grad = view
+    return buf
+
+
+def flatten_(model, *, pin_memory=False):
+    """Rebind every trainable parameter of ``model`` (an ``nn.Module`` or an iterable of
+    parameters) to a view of one flat buffer per (device, dtype), in place; returns the
+    :class:`FlatBuffer` objects. A ``fastopt.torch`` optimizer built afterwards over the same
+    parameters, in the same order, adopts these buffers without copying again (it flattens by
+    itself otherwise). Tied parameters occupy one slot; frozen ones (``requires_grad=False``)
+    stay where they are."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    groups, seen = {}, set()
+    for i, p in enumerate(params):
+        check_param(p, f"[{i}]")
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        groups.setdefault((str(p.device), p.dtype), []).append((f"[{i}]", p))
+    return [
+        FlatBuffer.pack([p for _, p in items], [n for n, _ in items], pin_memory=pin_memory)
+        for items in groups.values()
+    ]

@@ -1,0 +1,131 @@
+"""CPU offload (ZeRO-Offload style): the optimizer step of a GPU model runs on the host.
+
+``CPUOffload(fastopt.torch.AdamW, model.parameters(), lr=...)`` keeps a float32 master copy of
+every parameter and the optimizer state in host memory (pinned when the model is on a GPU, packed
+into one flat buffer per group by :func:`fastopt.torch.flatten_`). A step copies the gradients
+to the host (non-blocking, on a side CUDA stream), runs the fused CPU step of the inner
+``fastopt.torch`` optimizer over the master weights, and copies the updated weights back to the
+device parameters (cast to their dtype, non-blocking on the side stream; torch's current stream
+waits for it). With CPU tensors standing in for the device, the copies are plain copies and the
+result is the inner optimizer's, bit for bit.
+"""
+
+import torch
+
+from .flat import check_param, flatten_
+from .optimizer import FastoptOptimizer
+
+
+class CPUOffload(torch.optim.Optimizer):
+    """Run ``optimizer_class`` (a ``fastopt.torch`` class) on host master weights of ``params``
+    (tensors or param groups of one device each). Other arguments go to ``optimizer_class``.
+
+    ``param_groups`` are this object's (LR schedulers drive it like any torch optimizer);
+    ``state_dict()``/``load_state_dict()`` are the inner optimizer's, in torch's format, so a
+    state saved from ``torch.optim.AdamW`` or ``fastopt.torch.AdamW`` loads here and back.
+    ``inner`` is the host optimizer, ``masters`` the host copies in parameter order.
+    """
+
+    def __init__(self, optimizer_class, params, *args, **kwargs):
+        if not (
+            isinstance(optimizer_class, type) and issubclass(optimizer_class, FastoptOptimizer)
+        ):
+            raise TypeError(
+                f"optimizer_class must be a fastopt.torch optimizer class, got {optimizer_class!r}"
+            )
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            groups = [dict(g, params=list(g["params"])) for g in params]
+        else:
+            groups = [{"params": params}]
+        self._pairs, master_groups = [], []
+        for gi, g in enumerate(groups):
+            masters = []
+            for j, p in enumerate(g["params"]):
+                check_param(p, f"param_groups[{gi}][{j}]")
+                m = torch.nn.Parameter(
+                    p.detach().to("cpu", torch.float32, copy=True), requires_grad=p.requires_grad
+                )
+                masters.append(m)
+                self._pairs.append((p, m))
+            master_groups.append({**g, "params": masters})
+        self.masters = [m for _, m in self._pairs]
+        devices = {p.device for p, _ in self._pairs}
+        self._cuda = any(d.type == "cuda" for d in devices)
+        self._host = flatten_(self.masters, pin_memory=self._cuda)
+        self.inner = optimizer_class(master_groups, *args, **kwargs)
+        self._stream = torch.cuda.Stream(next(iter(devices))) if self._cuda else None
+        self._grad_views = {
+            id(m): v for _, buf in self.inner._buckets for m, v in zip(buf.params, buf.grad_views)
+        }
+        super().__init__(groups, self.inner.defaults)
+
+    def _sync_hyperparameters(self):
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            for k in self.inner._hyper_names:
+                inner[k] = outer[k]
+
+    def zero_grad(self, set_to_none=True):
+        """Gradients of the device parameters (and of the host masters) to None or zero."""
+        for p, _ in self._pairs:
+            if p.grad is not None:
+                p.grad = None if set_to_none else p.grad.zero_()
+        self.inner.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Gradients to the host, the inner step on the masters, weights back to the device."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_hyperparameters()
+        views = self._grad_views
+        with self._side_stream():
+            for p, m in self._pairs:
+                if p.grad is None or id(m) not in views:
+                    m.grad = None
+                    continue
+                view = views[id(m)]
+                view.copy_(p.grad, non_blocking=self._cuda)
+                m.grad = view
+        if self._stream is not None:
+            self._stream.synchronize()  # the host step needs every gradient
+        self.inner.step()
+        with self._side_stream():
+            for p, m in self._pairs:
+                if p.requires_grad:
+                    p.copy_(m, non_blocking=self._cuda)
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        return loss
+
+    def _side_stream(self):
+        if self._stream is None:
+            return _Nothing()
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        return torch.cuda.stream(self._stream)
+
+    @property
+    def skipped_steps(self):
+        return self.inner.skipped_steps
+
+    def state_dict(self):
+        """The inner optimizer's state_dict (torch's format), with this object's hyperparameters."""
+        self._sync_hyperparameters()
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        """Load into the inner optimizer (checked there), then take over its hyperparameters."""
+        self.inner.load_state_dict(state_dict)
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            for k in self.inner._hyper_names:
+                outer[k] = inner[k]
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
