@@ -64,6 +64,12 @@ class ZeroRedundancyOptimizer:
                 "optimizer_class must be a fastopt optimizer class (e.g. fo.Adam), got "
                 f"{optimizer_class!r}"
             )
+        if not optimizer_class.elementwise:
+            raise ValueError(
+                f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
+                "needs each tensor's norm, and a shard boundary would cut a tensor; use "
+                "DataParallel for it"
+            )
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
         check_bool("skip_nonfinite", skip_nonfinite)

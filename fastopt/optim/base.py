@@ -89,6 +89,11 @@ class Optimizer:
     algorithm = ""
     """Name of the rule family and of its reference function in ``fastopt.reference``."""
 
+    elementwise = True
+    """True when every element's update depends on that element alone, so any slice of the flat
+    buffer can be stepped on its own (ZeRO-1 shards, plain-array slices). Per-tensor rules (LAMB,
+    LARS, NovoGrad: a norm per tensor) set it False."""
+
     def __init__(
         self,
         params,

@@ -45,6 +45,7 @@ class SegmentedOptimizer(Optimizer):
     ``_masks(group)`` (``(weight decay mask, trust ratio mask)``)."""
 
     segment_state = None
+    elementwise = False
 
     def __init__(self, params, defaults, **options):
         self._segment_cache = {}
