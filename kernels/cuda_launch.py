@@ -138,11 +138,6 @@ def as_stream(cuda, stream, device=None):
     return s
 
 
-def _sync_stream(cuda, stream):
-    """A stream object to synchronise on for a launch's stream argument (the default stream for 0)."""
-    return stream if stream else cuda.default_stream()
-
-
 def _configure(k, blocks, threads, stream):
     """``k[blocks, threads, stream]`` with numba's low-occupancy warning silenced (it would be
     built on every launch of a grid under 128 blocks; our grids are sized on purpose)."""
