@@ -10,15 +10,18 @@ The loop is grid-stride over 64-bit indices (``indices`` bound to :func:`_grid_s
 
 ``numba.cuda`` is imported on first use only, and nothing here touches a device before
 ``kernel``/``apply`` is called, so ``import fastopt.kernels.cuda`` works on machines without CUDA.
-``apply`` only launches: no allocation, no copy, no synchronisation. (numba-cuda views CuPy arrays
-and torch tensors through DLPack; an object offering only ``__cuda_array_interface__`` with a
-``stream`` entry makes numba-cuda synchronise that stream unless
-``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``.)
+``apply`` only launches: no allocation, no copy, no synchronisation. Launches go on the stream
+given (a handle or a stream object; ``fastopt.streams`` picks the one of the arrays' library) and
+on the arrays' device; the launch plumbing (devices, external streams, configured launches,
+reduction scratch, all cached) is ``kernels/cuda_launch.py``. Arrays are viewed without
+synchronising the stream their ``__cuda_array_interface__`` names (``sync=False``): the caller
+launches on that stream instead.
 
 Also here: ``as_device_array`` (zero-copy numba views of CuPy arrays, torch CUDA tensors and
 DLPack exporters), ``zeros``/``fill`` (state allocation), and ``sumsq_and_finite``, the
 deterministic float64 sum of squares and finiteness flag behind gradient clipping and non-finite
-skipping (the only call here that synchronises: it returns host values).
+skipping (the only call here that synchronises, the launch stream alone: it returns host values),
+and ``transform`` (in-place scaling and clamping for the clipping functions).
 
 Numerics: without ``fastmath`` NVVM still contracts ``a * b + c`` into fused multiply-adds (its
 default ``-fma=1``; numba-cuda offers no switch), so GPU results are bit-identical run to run and

@@ -477,3 +477,35 @@ def test_sim_no_allocation_or_configuration_after_first_step(monkeypatch):
         opt.step(grads)
     assert counts == {"device_array": 0, "pinned_array": 0, "configure": 0, "get_current_device": 0}
     assert opt.state[0]["step"] == 4
+
+
+_TRANSFORM_PTX = """from fastopt.kernels import cuda as kc
+
+for dt in (types.float32, types.float64):
+    sig = (types.Array(dt, 1, "C"), dt, dt)
+    ptx, _ = cuda.compile_ptx(kc.transform_kernel().py_func, sig, cc=(9, 0))
+    assert ("mul.f" in ptx or "mul.rn.f" in ptx) and "fma" not in ptx, dt
+    print("ok", dt)
+"""
+
+
+@no_sim
+def test_transform_kernel_compiles_to_ptx():
+    """The scaling/clamping kernel of the clipping functions compiles for a real GPU, and its
+    multiply is a plain rounded one (no FMA), as torch's ``mul_``."""
+    import subprocess
+
+    from ptx_without_gpu import PREAMBLE
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run(
+        [sys.executable, "-c", PREAMBLE + _TRANSFORM_PTX],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode == 77:
+        pytest.skip(f"cannot compile CUDA here: {r.stdout.strip() or 'libNVVM not found'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok") == 2
