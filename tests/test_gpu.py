@@ -463,6 +463,7 @@ def test_step_follows_torch_side_stream(torch_cuda, backend):
     p = torch.zeros(RACE_N, device="cuda")
     g = torch.zeros(RACE_N, device="cuda")
     opt = fo.SGD([p], lr=1.0, max_grad_norm=1e30, backend=backend)
+    opt.step([torch.zeros_like(g)])  # compile first: the race is on the device, not in a compile
     torch.cuda.synchronize()
     s = torch.cuda.Stream()  # torch's pool streams are non-blocking
     with torch.cuda.stream(s):
@@ -482,6 +483,9 @@ def test_stream_option_orders_on_the_given_stream(torch_cuda, backend):
     g = torch.zeros(RACE_N, device="cuda")
     s = torch.cuda.Stream()
     opt = fo.Adam([p], lr=1.0, skip_nonfinite=True, backend=backend, stream=s)
+    ref = fo.Adam([np.zeros(RACE_N, np.float32)], lr=1.0)
+    opt.step([torch.zeros_like(g)])  # compile first
+    ref.step([np.zeros(RACE_N, np.float32)])
     torch.cuda.synchronize()
     with torch.cuda.stream(s):
         torch.cuda._sleep(SPIN_CYCLES)
@@ -492,11 +496,12 @@ def test_stream_option_orders_on_the_given_stream(torch_cuda, backend):
         torch.cuda._sleep(SPIN_CYCLES)
         g.fill_(1.0)
     opt.step([g])
+    ref.step([np.ones(RACE_N, np.float32)])
     with torch.cuda.stream(s):
         p.add_(1.0)
     s.synchronize()
-    assert opt.last_step_taken is True
-    np.testing.assert_allclose(p.cpu().numpy(), 0.0, atol=1e-6)  # Adam's first step: -lr * 1
+    assert opt.last_step_taken is True and opt.state[0]["step"] == 2
+    np.testing.assert_allclose(p.cpu().numpy(), ref.units()[0].param + 1.0, rtol=1e-6)
 
 
 def test_clipping_follows_torch_side_stream(torch_cuda):
@@ -504,6 +509,8 @@ def test_clipping_follows_torch_side_stream(torch_cuda):
     if not NUMBA_OK:
         pytest.skip(f"torch CUDA tensors default to numba-cuda: {NUMBA_WHY}")
     g = torch.zeros(RACE_N, device="cuda")
+    fo.clip_grad_norm([g], 1.0)  # compile first
+    fo.clip_grad_value([g], 1.0)
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
@@ -522,6 +529,8 @@ def test_step_follows_cupy_nonblocking_stream(backend):
     p = cupy.zeros(RACE_N, dtype=cupy.float32)
     g = cupy.zeros(RACE_N, dtype=cupy.float32)
     opt = fo.SGD([p], lr=1.0, max_grad_norm=1e30, backend=backend)
+    opt.step([cupy.zeros_like(g)])  # compile first
+    _cupy_spin()  # and the spin kernel
     cupy.cuda.Device().synchronize()
     s = cupy.cuda.Stream(non_blocking=True)
     with s:
