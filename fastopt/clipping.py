@@ -3,14 +3,24 @@ into their step: ``max_grad_norm=``, ``max_grad_value=``, ``skip_nonfinite=``)."
 
 import math
 
-from . import dispatch
-from .structure import flat_arrays
+from . import streams
+from .structure import flat_units
 
 
-def _norm_and_finite(arrays):
+def _units(grads, stream):
+    """[(backend, flat native view, stream handle)] of every gradient: ``stream`` when given,
+    else the stream of the library that owns the array (:func:`fastopt.streams.current`)."""
+    override = streams.handle(stream)
+    return [
+        (b, flat, override if override is not None else streams.current(a))
+        for b, flat, a in flat_units(grads, "grads")
+    ]
+
+
+def _norm_and_finite(units):
     sumsq, finite = 0.0, True
-    for a in arrays:
-        s, f = dispatch.backend_for([a]).sumsq_and_finite(a)
+    for backend, a, stream in units:
+        s, f = backend.sumsq_and_finite(a, stream)
         sumsq += s
         finite = finite and f
     return math.sqrt(sumsq), finite
@@ -24,45 +34,51 @@ def clip_coefficient(norm, max_norm):
     return min(max_norm / (norm + 1e-6), 1.0)
 
 
-def global_norm(grads):
+def global_norm(grads, *, stream=None):
     r"""The L2 norm over every array, :math:`\sqrt{\sum_i \|g_i\|_2^2}`, accumulated in float64.
 
     Deterministic: fixed chunks summed in a fixed order, whatever the thread count. ``grads``: a
-    ParamSet (its gradient buffer), an array, or a list/tuple/dict of arrays.
+    ParamSet (its gradient buffer), an array, or a list/tuple/dict of arrays (NumPy, torch CPU
+    or CUDA tensors, CuPy or other CUDA arrays). On a GPU the reduction runs on ``stream`` (a
+    torch/CuPy/numba stream or a handle; by default the arrays' library's current stream,
+    :mod:`fastopt.streams`) and only that stream is synchronised to read the result.
     """
-    return _norm_and_finite(flat_arrays(grads, "grads"))[0]
+    return _norm_and_finite(_units(grads, stream))[0]
 
 
-def all_finite(grads):
-    """True when no element of any gradient is NaN or +-Inf (one read of each array)."""
-    return _norm_and_finite(flat_arrays(grads, "grads"))[1]
+def all_finite(grads, *, stream=None):
+    """True when no element of any gradient is NaN or +-Inf (one read of each array);
+    ``stream`` as for :func:`global_norm`."""
+    return _norm_and_finite(_units(grads, stream))[1]
 
 
-def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False):
+def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False, stream=None):
     r"""Scale ``grads`` in place so their global L2 norm is at most ``max_norm``; return the norm
     before clipping. Same rule as ``torch.nn.utils.clip_grad_norm_`` (L2):
 
     .. math:: g \leftarrow g \cdot \min\!\left(1, \frac{\text{max\_norm}}{\|g\| + 10^{-6}}\right)
+
+    The norm and the scaling run on ``stream`` (as for :func:`global_norm`).
     """
     if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"invalid max_norm: {max_norm!r} (must be a finite number > 0)")
-    arrays = flat_arrays(grads, "grads")
-    norm, finite = _norm_and_finite(arrays)
+    units = _units(grads, stream)
+    norm, finite = _norm_and_finite(units)
     if error_if_nonfinite and not finite:
         raise FloatingPointError(
             f"the total gradient norm is {norm}: some gradient holds NaN or Inf"
         )
     coef = clip_coefficient(norm, max_norm)
     if coef < 1.0 or not finite:
-        for a in arrays:
-            a *= a.dtype.type(coef)
+        for backend, a, s in units:
+            backend.scale(a, coef, s)
     return norm
 
 
-def clip_grad_value(grads, clip_value):
+def clip_grad_value(grads, clip_value, *, stream=None):
     """Clip every gradient element to [-clip_value, clip_value] in place
-    (``torch.nn.utils.clip_grad_value_``)."""
+    (``torch.nn.utils.clip_grad_value_``); on a GPU on ``stream`` (as for :func:`global_norm`)."""
     if not (isinstance(clip_value, (int, float)) and math.isfinite(clip_value) and clip_value > 0):
         raise ValueError(f"invalid clip_value: {clip_value!r} (must be a finite number > 0)")
-    for a in flat_arrays(grads, "grads"):
-        a.clip(-clip_value, clip_value, out=a)
+    for backend, a, s in _units(grads, stream):
+        backend.clamp(a, clip_value, s)

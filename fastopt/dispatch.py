@@ -36,9 +36,14 @@ class Backend:
     backends, ``cupy.ndarray`` for ``cupy``, numba device arrays for ``numba-cuda``).
 
     ``update`` only launches work: on a GPU it is asynchronous and never synchronises.
-    ``sumsq_and_finite`` returns host Python values, so on a GPU it waits for the device (a
-    device-to-host copy of two numbers): the optimizers call it only when asked for gradient
-    clipping by norm (``max_grad_norm``) or non-finite skipping (``skip_nonfinite``).
+    ``sumsq_and_finite`` returns host Python values, so on a GPU it waits for its own two
+    kernels (a device-to-host copy of two numbers, synchronising the launch stream alone): the
+    optimizers call it only when asked for gradient clipping by norm (``max_grad_norm``) or
+    non-finite skipping (``skip_nonfinite``).
+
+    ``stream``: the ``cudaStream_t`` handle (an int, see :mod:`fastopt.streams`) the GPU
+    backends launch on; None for the backend's default (numba-cuda: the legacy default stream;
+    CuPy: its current stream). The CPU backends ignore it. Launches go to the arrays' device.
     """
 
     name = ""
@@ -51,14 +56,14 @@ class Backend:
         """(bool, reason): whether it can run here, and why not."""
         return True, ""
 
-    def update(self, rule, p, g, states, h, gs, spec):
+    def update(self, rule, p, g, states, h, gs, spec, stream=None):
         """Apply ``rule`` in place to flat arrays; ``states`` in the rule's slot order, ``h`` its
         scalars and ``gs`` = (gradient scale, clip value or 0), cast to the parameter dtype.
         ``spec`` = (optimizer, group, state, lr, step), for backends that work from the
         hyperparameters instead (the reference)."""
         raise NotImplementedError
 
-    def sumsq_and_finite(self, g):
+    def sumsq_and_finite(self, g, stream=None):
         """(sum of squares in float64, every element finite?) of a flat array, deterministic.
         Host values: on a GPU this synchronises (see the class docstring)."""
         raise NotImplementedError
@@ -67,19 +72,31 @@ class Backend:
         """The constructor that casts host float64 scalars to the parameter dtype."""
         return np.float32 if dtype == np.float32 else float
 
-    def zeros(self, n, dtype, like=None):
+    def zeros(self, n, dtype, like=None, stream=None):
         """A zeroed flat state array on this backend's device (``like``'s device when given)."""
         from .memory import aligned_zeros
 
         return aligned_zeros(n, dtype)
 
-    def fill(self, a, value):
+    def fill(self, a, value, stream=None):
         """Set every element of a native array to ``value``."""
         a.fill(value)
 
-    def add(self, dst, src):
+    def add(self, dst, src, stream=None):
         """``dst += src`` for native flat arrays of one dtype (gradient accumulation)."""
         dst += src
+
+    def scale(self, a, factor, stream=None):
+        """``a *= factor`` in place (``factor`` cast to ``a``'s dtype, as torch's ``mul_``)."""
+        a *= a.dtype.type(factor)
+
+    def clamp(self, a, limit, stream=None):
+        """Clip every element of ``a`` to [-limit, limit] in place (NaN stays NaN)."""
+        np.clip(a, -limit, limit, out=a)
+
+    def device_of(self, a):
+        """The CUDA device ordinal of a native array (None for host memory or when unknown)."""
+        return None
 
     def to_numpy(self, a):
         """A NumPy copy of a native array."""
@@ -111,10 +128,13 @@ class NumbaCPU(Backend):
         from .kernels import cpu
 
         self._apply = cpu.apply
-        self.sumsq_and_finite = cpu.sumsq_and_finite
+        self._sumsq_and_finite = cpu.sumsq_and_finite
 
-    def update(self, rule, p, g, states, h, gs, spec):
+    def update(self, rule, p, g, states, h, gs, spec, stream=None):
         self._apply(rule, p, g, states, h, gs)
+
+    def sumsq_and_finite(self, g, stream=None):
+        return self._sumsq_and_finite(g)
 
 
 class NumPyReference(Backend):
@@ -124,7 +144,7 @@ class NumPyReference(Backend):
     array_kind = "numpy"
     kinds = ("numpy", "torch-cpu")
 
-    def update(self, rule, p, g, states, h, gs, spec):
+    def update(self, rule, p, g, states, h, gs, spec, stream=None):
         optimizer, group, state, lr, step = spec
         g = reference.transformed_grad(g, gs[0], gs[1])
         # The reference advances scalar state (NAdam's mu_product) itself; the optimizer owns the
@@ -132,15 +152,16 @@ class NumPyReference(Backend):
         rule_fn = getattr(reference, optimizer.algorithm)
         rule_fn(p, g, dict(state), step=step, **optimizer.hyperparameters(group, lr))
 
-    def sumsq_and_finite(self, g):
+    def sumsq_and_finite(self, g, stream=None):
         g64 = g.astype(np.float64)
         return float(np.dot(g64, g64)), bool(np.isfinite(g).all())
 
 
 class CuPyBackend(Backend):
     """The CUDA C rules (``kernels/rules.cuh``) as CuPy raw kernels: bit-identical to the Numba
-    CPU kernels (explicitly rounded IEEE operations). Launches on CuPy's current stream.
-    Other CUDA arrays (torch CUDA tensors, ...) are viewed as CuPy arrays, zero-copy."""
+    CPU kernels (explicitly rounded IEEE operations). Launches on ``stream`` (a handle: CuPy's
+    current stream when None), on the arrays' device. Other CUDA arrays (torch CUDA tensors,
+    ...) are viewed as CuPy arrays, zero-copy."""
 
     name = "cupy"
     array_kind = "cupy"
@@ -162,20 +183,51 @@ class CuPyBackend(Backend):
     def available(self):
         return self._kernels.available()
 
-    def update(self, rule, p, g, states, h, gs, spec):
-        self._kernels.apply(rule, p, g, states, h, gs, check=False)
+    def update(self, rule, p, g, states, h, gs, spec, stream=None):
+        self._kernels.apply(rule, p, g, states, h, gs, stream, check=False)
 
-    def sumsq_and_finite(self, g):
-        return self._kernels.sumsq_and_finite(g)
+    def sumsq_and_finite(self, g, stream=None):
+        return self._kernels.sumsq_and_finite(g, stream)
 
-    def zeros(self, n, dtype, like=None):
+    def _on(self, a, stream):
+        """Context for CuPy operations on ``a``: its device and ``stream`` (None: the current)."""
+        import contextlib
+
+        cupy = self._cp()
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(cupy.cuda.Device(a.data.device_id))
+        s = self._kernels.as_stream(stream, a.data.device_id)
+        if s is not None:
+            ctx.enter_context(s)
+        return ctx
+
+    def zeros(self, n, dtype, like=None, stream=None):
         from .memory import aligned_zeros
 
         cupy = self._cp()
         if like is not None and isinstance(like, cupy.ndarray):
-            with cupy.cuda.Device(like.data.device_id):
+            with self._on(like, stream):
                 return aligned_zeros(n, dtype, cupy)
         return aligned_zeros(n, dtype, cupy)
+
+    def fill(self, a, value, stream=None):
+        with self._on(a, stream):
+            a.fill(value)
+
+    def add(self, dst, src, stream=None):
+        with self._on(dst, stream):
+            dst += src
+
+    def scale(self, a, factor, stream=None):
+        with self._on(a, stream):
+            a *= a.dtype.type(factor)
+
+    def clamp(self, a, limit, stream=None):
+        with self._on(a, stream):
+            self._cp().clip(a, -limit, limit, out=a)
+
+    def device_of(self, a):
+        return int(a.data.device_id)
 
     def to_numpy(self, a):
         return self._cp().asnumpy(a)
@@ -197,16 +249,18 @@ class CuPyBackend(Backend):
         if isinstance(a, cupy.ndarray):
             return a
         a = arrays.detached(a)
-        if hasattr(a, "__cuda_array_interface__"):
-            return cupy.asarray(a)  # zero-copy view
-        return cupy.from_dlpack(a)
+        device = arrays.device_index(a)
+        with arrays.on_device(cupy, device):
+            if hasattr(a, "__cuda_array_interface__"):
+                return cupy.asarray(a)  # zero-copy view
+            return cupy.from_dlpack(a)
 
 
 class NumbaCUDA(Backend):
     """The rules of ``kernels/rules.py`` as ``numba.cuda`` kernels (``kernels/cuda.py``).
-    Launches on the legacy default stream (which orders with torch's and CuPy's default
-    streams); CUDA arrays are viewed as numba device arrays, zero-copy, without synchronising
-    the stream they name (work queued on other streams must be ordered by the caller)."""
+    Launches on ``stream`` (a handle; the legacy default stream when None) and on the arrays'
+    device; CUDA arrays are viewed as numba device arrays, zero-copy, in their device's context,
+    without synchronising the stream they name (the optimizers launch on it instead)."""
 
     name = "numba-cuda"
     array_kind = "cuda"
@@ -214,29 +268,42 @@ class NumbaCUDA(Backend):
 
     def __init__(self):
         from .kernels import cuda as kernels
+        from .kernels import cuda_launch
 
         self._kernels = kernels
+        self._launch = cuda_launch
 
     def available(self):
         return self._kernels.available()
 
-    def update(self, rule, p, g, states, h, gs, spec):
-        self._kernels.apply(rule, p, g, states, h, gs)
+    def update(self, rule, p, g, states, h, gs, spec, stream=None):
+        self._kernels.apply(rule, p, g, states, h, gs, stream)
 
-    def sumsq_and_finite(self, g):
-        return self._kernels.sumsq_and_finite(g)
+    def sumsq_and_finite(self, g, stream=None):
+        return self._kernels.sumsq_and_finite(g, stream)
 
-    def zeros(self, n, dtype, like=None):
-        return self._kernels.zeros(n, dtype)
+    def zeros(self, n, dtype, like=None, stream=None):
+        device = None if like is None else self.device_of(like)
+        return self._kernels.zeros(n, dtype, stream, device)
 
-    def fill(self, a, value):
-        self._kernels.fill(a, value)
+    def fill(self, a, value, stream=None):
+        self._kernels.fill(a, value, stream)
 
-    def add(self, dst, src):
+    def add(self, dst, src, stream=None):
         # numba device arrays have no in-place arithmetic: the SGD rule with lr = -1 is
         # dst - (-1) * src = dst + src exactly, one kernel launch
         st = self.scalar_type(dst.dtype)
-        self.update("sgd", dst, src, [], (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0)), None)
+        h, gs = (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0))
+        self.update("sgd", dst, src, [], h, gs, None, stream)
+
+    def scale(self, a, factor, stream=None):
+        self._kernels.transform(a, factor, 0.0, stream)
+
+    def clamp(self, a, limit, stream=None):
+        self._kernels.transform(a, 1.0, limit, stream)
+
+    def device_of(self, a):
+        return self._launch.device_of(a)
 
     def to_numpy(self, a):
         return a.copy_to_host()
@@ -246,7 +313,8 @@ class NumbaCUDA(Backend):
         dst.copy_to_device(np.ascontiguousarray(host.reshape(dst.shape), dtype=dst.dtype))
 
     def native(self, a):
-        return self._kernels.as_device_array(arrays.detached(a))
+        a = arrays.detached(a)
+        return self._kernels.as_device_array(a, arrays.device_index(a))
 
     def is_c_contiguous(self, a):
         return bool(a.is_c_contiguous())

@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, streams
 from .paramset import ParamSet
 from .structure import flat_arrays
 from .validation import check_bool, check_interval
@@ -24,13 +24,18 @@ class EMA:
     ``params``: a ParamSet, an array, or a list/tuple/dict of arrays (the live parameters, read
     at each ``update()``). ``with ema.swapped(): ...`` puts the averages into the parameters for
     evaluation and restores the trained values afterwards, even if the block raises.
+
+    ``stream``: the CUDA stream the averaging kernels run on (a torch/CuPy/numba stream or a
+    handle); by default the current stream of the library that owns each array
+    (:mod:`fastopt.streams`).
     """
 
-    def __init__(self, params, decay=0.999, *, warmup=False):
+    def __init__(self, params, decay=0.999, *, warmup=False, stream=None):
         check_interval("decay", decay, 0.0, 1.0, hi_closed=True)
         check_bool("warmup", warmup)
         self.decay = float(decay)
         self.warmup = warmup
+        self._stream = streams.handle(stream)
         self._params = (
             [params.flat] if isinstance(params, ParamSet) else flat_arrays(params, "params")
         )
@@ -39,7 +44,10 @@ class EMA:
             if not p.flags.writeable:
                 raise ValueError("EMA parameters must be writable (swapped() writes them)")
         self._backends = [dispatch.backend_for([p]) for p in self._params]
-        self._averages = [b.zeros(p.size, p.dtype) for b, p in zip(self._backends, self._params)]
+        self._averages = [
+            b.zeros(p.size, p.dtype, like=p, stream=self._launch_stream(p))
+            for b, p in zip(self._backends, self._params)
+        ]
         self.num_updates = 0
 
     def current_decay(self):
@@ -58,8 +66,13 @@ class EMA:
             d = self.current_decay()
             for b, avg, p in zip(self._backends, self._averages, self._params):
                 st = b.scalar_type(p.dtype)
-                b.update("ema", avg, p, [], (st(1.0 - d), st(d)), (st(1.0), st(0.0)), None)
+                h, gs = (st(1.0 - d), st(d)), (st(1.0), st(0.0))
+                b.update("ema", avg, p, [], h, gs, None, self._launch_stream(p))
         self.num_updates += 1
+
+    def _launch_stream(self, p):
+        """The stream handle of the kernels over parameter ``p`` (see the class docstring)."""
+        return self._stream if self._stream is not None else streams.current(p)
 
     @property
     def averages(self):

@@ -2,35 +2,52 @@
 
 from collections.abc import Mapping
 
+from . import arrays, dispatch
 from .paramset import ParamSet
 
 
-def flat_arrays(tree, what="arrays"):
-    """The 1-D views of every array in ``tree``, in a fixed order (a ParamSet's gradient buffer).
-
-    The views share memory with the originals, so in-place changes reach them."""
+def _items(tree, what):
     if isinstance(tree, ParamSet):
         return [tree.grad_flat]
     if isinstance(tree, Mapping):
-        items = list(tree.values())
-    elif isinstance(tree, (list, tuple)):
-        items = list(tree)
-    elif hasattr(tree, "shape"):
-        items = [tree]
-    else:
-        raise TypeError(
-            f"{what} must be a ParamSet, an array or a list/tuple/dict of arrays, "
-            f"got {type(tree).__name__}"
-        )
+        return list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return list(tree)
+    if hasattr(tree, "shape") or hasattr(tree, "__dlpack_device__"):
+        return [tree]
+    raise TypeError(
+        f"{what} must be a ParamSet, an array or a list/tuple/dict of arrays, "
+        f"got {type(tree).__name__}"
+    )
+
+
+def flat_units(tree, what="arrays"):
+    """``[(backend, flat native view, array as given)]`` for every array in ``tree`` (None
+    entries left out), in a fixed order (a ParamSet's gradient buffer). Each array is viewed
+    through its default backend (:func:`fastopt.dispatch.backend_for`): NumPy views of NumPy
+    arrays and torch CPU tensors, CuPy arrays as they are, numba device arrays for torch CUDA
+    tensors and other CUDA arrays. The views share memory with the originals, so in-place
+    changes reach them. TypeError/ValueError naming the entry for non-arrays, non-float dtypes
+    and non-contiguous arrays."""
     out = []
-    for i, a in enumerate(items):
+    for i, a in enumerate(_items(tree, what)):
         if a is None:
             continue
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise TypeError(f"{what}[{i}] is a {type(a).__name__}, not an array")
-        if a.dtype.kind != "f":
-            raise TypeError(f"{what}[{i}] has dtype {a.dtype}; expected floats")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{what}[{i}] is not C-contiguous")
-        out.append(a.reshape(-1))
+        label = f"{what}[{i}]"
+        try:
+            kind = arrays.array_kind(a)
+        except TypeError as exc:
+            raise TypeError(f"{label} is a {type(a).__name__}, not an array ({exc})") from None
+        backend = dispatch.backend_for_kind("numpy" if kind == "torch-cpu" else kind)
+        native = backend.native(a)
+        if native.dtype.kind != "f":
+            raise TypeError(f"{label} has dtype {native.dtype}; expected floats")
+        if not backend.is_c_contiguous(native):
+            raise ValueError(f"{label} is not C-contiguous")
+        out.append((backend, backend.flat(native), a))
     return out
+
+
+def flat_arrays(tree, what="arrays"):
+    """The 1-D views of every array in ``tree`` (:func:`flat_units` without the backends)."""
+    return [flat for _, flat, _ in flat_units(tree, what)]

@@ -10,15 +10,18 @@ The loop is grid-stride over 64-bit indices (``indices`` bound to :func:`_grid_s
 
 ``numba.cuda`` is imported on first use only, and nothing here touches a device before
 ``kernel``/``apply`` is called, so ``import fastopt.kernels.cuda`` works on machines without CUDA.
-``apply`` only launches: no allocation, no copy, no synchronisation. (numba-cuda views CuPy arrays
-and torch tensors through DLPack; an object offering only ``__cuda_array_interface__`` with a
-``stream`` entry makes numba-cuda synchronise that stream unless
-``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``.)
+``apply`` only launches: no allocation, no copy, no synchronisation. Launches go on the stream
+given (a handle or a stream object; ``fastopt.streams`` picks the one of the arrays' library) and
+on the arrays' device; the launch plumbing (devices, external streams, configured launches,
+reduction scratch, all cached) is ``kernels/cuda_launch.py``. Arrays are viewed without
+synchronising the stream their ``__cuda_array_interface__`` names (``sync=False``): the caller
+launches on that stream instead.
 
 Also here: ``as_device_array`` (zero-copy numba views of CuPy arrays, torch CUDA tensors and
 DLPack exporters), ``zeros``/``fill`` (state allocation), and ``sumsq_and_finite``, the
 deterministic float64 sum of squares and finiteness flag behind gradient clipping and non-finite
-skipping (the only call here that synchronises: it returns host values).
+skipping (the only call here that synchronises, the launch stream alone: it returns host values),
+and ``transform`` (in-place scaling and clamping for the clipping functions).
 
 Numerics: without ``fastmath`` NVVM still contracts ``a * b + c`` into fused multiply-adds (its
 default ``-fma=1``; numba-cuda offers no switch), so GPU results are bit-identical run to run and
@@ -28,31 +31,15 @@ for any launch configuration, but may differ from the CPU kernels in the last bi
 import math
 import threading
 
+from . import cuda_launch as launch
 from .compile_rules import ARITY, compile_rules, loop_kernel, rebind
+from .cuda_launch import SIMULATOR_SM_COUNT, _cuda, _simulating  # noqa: F401 (re-exported)
 from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
 
 THREADS = 256
 """Threads per block."""
 BLOCKS_PER_SM = 32
 """Upper bound on blocks per streaming multiprocessor; the grid-stride loop covers the rest."""
-SIMULATOR_SM_COUNT = 1
-"""SM count assumed under the CUDA simulator (every simulated thread is a Python thread)."""
-
-
-def _cuda():
-    from numba import cuda
-
-    return cuda
-
-
-def _simulating():
-    try:
-        from numba.cuda.core import config
-    except Exception:  # pragma: no cover - very old numba-cuda
-        import os
-
-        return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-    return bool(config.ENABLE_CUDASIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +54,6 @@ def _grid_stride(n):
 
 _KERNELS = {}
 _DEVICE = None  # (compiled rules, compiled _grid_stride), built on first use
-_SM_COUNT = {}
 _LOCK = threading.Lock()
 
 
@@ -99,21 +85,11 @@ def kernel(rule_name):
     return k
 
 
-def _sm_count(cuda):
-    if _simulating():
-        return SIMULATOR_SM_COUNT
-    dev = cuda.get_current_device()
-    n = _SM_COUNT.get(dev.id)
-    if n is None:
-        n = _SM_COUNT[dev.id] = int(dev.MULTIPROCESSOR_COUNT)
-    return n
-
-
-def launch_config(n, threads=None, blocks=None):
+def launch_config(n, threads=None, blocks=None, device=None):
     """``(blocks, threads)`` for ``n`` elements: ``min(ceil(n / threads), BLOCKS_PER_SM * SMs)``."""
     threads = THREADS if threads is None else int(threads)
     if blocks is None:
-        blocks = min(-(-n // threads), BLOCKS_PER_SM * _sm_count(_cuda()))
+        blocks = min(-(-n // threads), BLOCKS_PER_SM * launch.sm_count(_cuda(), device))
     return max(int(blocks), 1), threads
 
 
@@ -123,27 +99,15 @@ def _is_device_array(a):
     return getattr(a, "__cuda_ndarray__", False) or hasattr(a, "__cuda_array_interface__")
 
 
-def _as_stream(cuda, stream):
-    """numba Stream / 0 pass through; a raw handle or a CuPy/torch stream becomes external."""
-    if not stream or _simulating():
-        return 0
-    if isinstance(stream, int):
-        return cuda.external_stream(stream)
-    for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
-        handle = getattr(stream, attr, None)
-        if isinstance(handle, int):
-            return cuda.external_stream(handle) if handle else 0
-    return stream
-
-
 def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D device arrays, in place.
 
     Arrays may be any objects with ``__cuda_array_interface__`` (numba device arrays, CuPy arrays,
     torch CUDA tensors). ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip
     value or 0), both already cast to ``p``'s dtype.
-    ``stream``: 0 (default stream), a numba stream, a raw ``cudaStream_t`` handle or a CuPy/torch
-    stream. The launch is asynchronous; ``threads``/``blocks`` override the launch configuration.
+    ``stream``: 0/None (default stream), a numba stream, a raw ``cudaStream_t`` handle or a
+    CuPy/torch stream. The launch is asynchronous, on ``p``'s device; ``threads``/``blocks``
+    override the launch configuration.
     """
     arrays = (p, g, *states)
     for a in arrays:
@@ -158,42 +122,58 @@ def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None
     if n == 0:
         return
     cuda = _cuda()
-    nblocks, nthreads = launch_config(n, threads, blocks)
-    kernel(rule_name)[nblocks, nthreads, _as_stream(cuda, stream)](p, g, *states, h, gs)
+    device = launch.launch_device(p)
+    with launch.on_device(device):
+        nblocks, nthreads = launch_config(n, threads, blocks, device)
+        s = launch.as_stream(cuda, stream, device)
+        launch.configured(kernel(rule_name), nblocks, nthreads, s, device)(p, g, *states, h, gs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Device arrays: zero-copy views, allocation, fill.
 
 
-def as_device_array(a):
+def as_device_array(a, device=None):
     """A numba device array viewing ``a``'s memory (zero-copy): numba device arrays as they are,
     objects with ``__cuda_array_interface__`` through ``cuda.as_cuda_array`` (without
     synchronising the stream the interface names), DLPack exporters through
-    ``cuda.core``'s ``StridedMemoryView``. TypeError for anything else."""
+    ``cuda.core``'s ``StridedMemoryView``. TypeError for anything else.
+
+    The view belongs to the context of ``a``'s device: ``device`` when the caller knows it (torch
+    and CuPy metadata), else the device that owns the pointer (asked from the driver when the
+    machine has several GPUs), so launches over it go to that device."""
     if getattr(a, "__cuda_ndarray__", False):
         return a
     cuda = _cuda()
-    if getattr(a, "__cuda_array_interface__", None) is not None:
-        return cuda.as_cuda_array(a, sync=False)
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        if device is None and launch.gpu_count(cuda) > 1 and cai["data"][0]:
+            device = launch.pointer_device(cai["data"][0])
+        with launch.on_device(device):
+            return cuda.as_cuda_array(a, sync=False)
     if hasattr(a, "__dlpack__"):
-        from cuda.core.utils import StridedMemoryView
-
-        view = StridedMemoryView.from_dlpack(a, stream_ptr=-1)
-        if not view.is_device_accessible:
-            raise TypeError(f"{type(a).__name__} is not in device memory")
-        strides = view.strides
-        itemsize = view.dtype.itemsize
-        desc = {
-            "shape": tuple(view.shape),
-            "strides": None if strides is None else tuple(s * itemsize for s in strides),
-            "typestr": view.dtype.str,
-            "data": (int(view.ptr), bool(view.readonly)),
-            "version": 3,
-        }
-        # The view owns the DLPack capsule: keep it alive as long as the device array.
-        return cuda.from_cuda_array_interface(desc, owner=view, sync=False)
+        with launch.on_device(device):
+            return _from_dlpack(cuda, a)
     raise TypeError(f"{type(a).__name__} is not a CUDA array (no __cuda_array_interface__/DLPack)")
+
+
+def _from_dlpack(cuda, a):
+    from cuda.core.utils import StridedMemoryView
+
+    view = StridedMemoryView.from_dlpack(a, stream_ptr=-1)
+    if not view.is_device_accessible:
+        raise TypeError(f"{type(a).__name__} is not in device memory")
+    strides = view.strides
+    itemsize = view.dtype.itemsize
+    desc = {
+        "shape": tuple(view.shape),
+        "strides": None if strides is None else tuple(s * itemsize for s in strides),
+        "typestr": view.dtype.str,
+        "data": (int(view.ptr), bool(view.readonly)),
+        "version": 3,
+    }
+    # The view owns the DLPack capsule: keep it alive as long as the device array.
+    return cuda.from_cuda_array_interface(desc, owner=view, sync=False)
 
 
 def _fill(a, value):
@@ -216,18 +196,58 @@ def fill_kernel():
 
 
 def fill(a, value, stream=0):
-    """Set every element of a flat device array to ``value`` (asynchronous)."""
+    """Set every element of a flat device array to ``value`` (asynchronous, on ``a``'s device)."""
     n = a.size
     if n == 0:
         return
-    nblocks, nthreads = launch_config(n)
-    fill_kernel()[nblocks, nthreads, _as_stream(_cuda(), stream)](a, a.dtype.type(value))
+    device = launch.launch_device(a)
+    with launch.on_device(device):
+        nblocks, nthreads = launch_config(n, device=device)
+        s = launch.as_stream(_cuda(), stream, device)
+        launch.configured(fill_kernel(), nblocks, nthreads, s, device)(a, a.dtype.type(value))
 
 
-def zeros(n, dtype, stream=0):
-    """A zeroed flat device array of ``n`` elements (cudaMalloc'd: 256-byte aligned)."""
-    a = _cuda().device_array(int(n), dtype=dtype, stream=_as_stream(_cuda(), stream))
-    fill(a, 0, stream)
+def _transform(a, gscale, clip):
+    for i in indices(a.size):
+        a[i] = transformed_grad(a[i], gscale, clip)
+
+
+_TRANSFORM = []
+
+
+def transform_kernel():
+    """The kernel behind :func:`transform` (built on first use)."""
+    if not _TRANSFORM:
+        with _LOCK:
+            if not _TRANSFORM:
+                rules, indices = _device_functions()
+                glb = {"indices": indices, "transformed_grad": rules["transformed_grad"]}
+                _TRANSFORM.append(_cuda().jit(rebind(_transform, glb, "transform")))
+    return _TRANSFORM[0]
+
+
+def transform(a, gscale, clip=0.0, stream=0):
+    """``a = transformed_grad(a, gscale, clip)`` in place on a flat device array (asynchronous):
+    ``a * gscale``, then clipped to [-clip, clip] when ``clip > 0``, the rules' own arithmetic
+    (``clip_grad_norm``'s scaling and ``clip_grad_value``'s clamp, as torch)."""
+    n = a.size
+    if n == 0:
+        return
+    t = a.dtype.type
+    device = launch.launch_device(a)
+    with launch.on_device(device):
+        nblocks, nthreads = launch_config(n, device=device)
+        s = launch.as_stream(_cuda(), stream, device)
+        launch.configured(transform_kernel(), nblocks, nthreads, s, device)(a, t(gscale), t(clip))
+
+
+def zeros(n, dtype, stream=0, device=None):
+    """A zeroed flat device array of ``n`` elements on ``device`` (None: the current one),
+    cudaMalloc'd (256-byte aligned); zeroed on ``stream``."""
+    cuda = _cuda()
+    with launch.on_device(device):
+        a = cuda.device_array(int(n), dtype=dtype, stream=launch.as_stream(cuda, stream, device))
+        fill(a, 0, stream)
     return a
 
 
@@ -351,10 +371,9 @@ def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):
     """(sum of squares in float64, all finite?) of a flat device array, deterministic: fixed
     chunks of REDUCTION_CHUNK elements, a fixed-order tree in each block, the partials summed
     in a fixed order by one block on the device. Returns host values, so it waits for the
-    device (a copy of two numbers). ``threads`` changes the summation order (it is part of
-    the definition); ``blocks`` does not."""
-    import numpy as np
-
+    two kernels: the result is copied back on ``stream`` and only that stream is synchronised
+    (the launch stream: 0/None the default stream, or a handle/stream as for :func:`apply`).
+    ``threads`` changes the summation order (it is part of the definition); ``blocks`` does not."""
     n = int(x.size)
     if n == 0:
         return 0.0, True
@@ -362,17 +381,15 @@ def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):
     threads = REDUCTION_THREADS if threads is None else int(threads)
     partials, finish = reduction_kernels(threads)
     nchunks = -(-n // REDUCTION_CHUNK)
-    if blocks is None:
-        blocks = min(nchunks, BLOCKS_PER_SM * _sm_count(cuda))
-    s = _as_stream(cuda, stream)
-    sq = cuda.device_array(nchunks, dtype=np.float64, stream=s)
-    bad = cuda.device_array(nchunks, dtype=np.int32, stream=s)
-    out = cuda.device_array(2, dtype=np.float64, stream=s)
-    partials[max(int(blocks), 1), threads, s](x, n, sq, bad)
-    finish[1, threads, s](sq, bad, nchunks, out)
-    host = out.copy_to_host(stream=s)
-    if s != 0:
-        s.synchronize()
+    device = launch.launch_device(x)
+    with launch.on_device(device):
+        if blocks is None:
+            blocks = min(nchunks, BLOCKS_PER_SM * launch.sm_count(cuda, device))
+        s = launch.as_stream(cuda, stream, device)
+        sc = launch.scratch(cuda, nchunks, device, s)
+        launch.configured(partials, max(int(blocks), 1), threads, s, device)(x, n, sc.sq, sc.bad)
+        launch.configured(finish, 1, threads, s, device)(sc.sq, sc.bad, nchunks, sc.out)
+        host = launch.read_back(sc, s)
     return float(host[0]), bool(host[1] == 0.0)
 
 

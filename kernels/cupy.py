@@ -201,6 +201,33 @@ def launch_config(n, aligned, dtype, sm_count):
     return grid, THREADS_PER_BLOCK, int(aligned)
 
 
+_streams = {}  # (device id, handle) -> cupy.cuda.ExternalStream
+
+
+def as_stream(stream, device):
+    """A CuPy stream for a launch on ``device``: None stays None (CuPy's current stream), a CuPy
+    stream as it is, a raw ``cudaStream_t`` handle (0 the null stream) or a torch/numba stream
+    as a ``cupy.cuda.ExternalStream`` (cached per device and handle)."""
+    if stream is None:
+        return None
+    handle = stream
+    if not isinstance(stream, int):
+        handle = getattr(stream, "cuda_stream", None)  # torch.cuda.Stream
+        if handle is None:
+            return stream  # a CuPy stream (or anything usable as ``with stream:``)
+    import cupy
+
+    if handle == 0:
+        return cupy.cuda.Stream.null
+    key = (device, handle)
+    s = _streams.get(key)
+    if s is None:
+        if len(_streams) >= 4096:
+            _streams.clear()
+        s = _streams[key] = cupy.cuda.ExternalStream(handle, device)
+    return s
+
+
 def apply(rule_name, p, g, states, h, gs=None, stream=None, *, check=True):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D cupy arrays, in place.
 
@@ -256,6 +283,7 @@ def _launch(rule_name, p, g, states, h, gs, stream):
     arrays = (p, g, *states)
     device = p.data.device_id
     aligned = all(a.data.ptr % VECTOR_BYTES == 0 for a in arrays)
+    stream = as_stream(stream, device)
     with cupy.cuda.Device(device):
         k = kernel(rule_name, dtype)
         grid, block, vectorize = launch_config(n, aligned, dtype, _sm_count(device))
@@ -274,7 +302,8 @@ def sumsq_and_finite(x, stream=None):
     """(sum of squares in float64, all finite?) of a flat, contiguous cupy array: two kernel
     launches (fixed-chunk partials, then one block over the partials; see optim_kernels.cu),
     deterministic for any grid. Returns host values, so it waits for the device (a copy of two
-    numbers) on ``stream`` (None: the current stream)."""
+    numbers) on ``stream`` (None: the current stream; a handle: :func:`as_stream`), and
+    synchronises that stream alone."""
     import cupy
 
     if not isinstance(x, cupy.ndarray):
@@ -287,6 +316,7 @@ def sumsq_and_finite(x, stream=None):
         return 0.0, True
     nchunks = -(-n // REDUCTION_CHUNK)
     device = x.data.device_id
+    stream = as_stream(stream, device)
     with cupy.cuda.Device(device):
         if stream is None:
             host = _reduce(cupy, x, n, nchunks, suffix, device)

@@ -499,3 +499,135 @@ def test_checkpoint_load_on_cuda(tmp_path, backend):
             _assert_same(cupy.asnumpy(dev[name]), a, name)
         else:
             _assert_close(cupy.asnumpy(dev[name]), a, FMA_TOL[np.float64], name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream ordering: a producer delayed on a non-blocking stream, then step() ordered on it. Run on
+# the legacy default stream, the update would read the gradient before it is written (and the
+# norm read-back would return 0); work queued on the stream after step() must see the update.
+
+RACE_N = 1 << 20
+SPIN_CYCLES = 200_000_000  # ~0.1 s at ~2 GHz: far longer than any launch latency
+
+
+def _cupy_spin():
+    """Delay the current CuPy stream by SPIN_CYCLES clock cycles (one thread spinning)."""
+    k = cupy.RawKernel(
+        'extern "C" __global__ void fo_spin(long long cycles) {'
+        " long long t0 = clock64(); while (clock64() - t0 < cycles) {} }",
+        "fo_spin",
+    )
+    k((1,), (1,), (np.int64(SPIN_CYCLES),))
+
+
+def _torch_backends():
+    return [pytest.param(None, marks=needs_numba, id="default"), pytest.param("cupy", id="cupy")]
+
+
+@pytest.mark.parametrize("backend", _torch_backends())
+def test_step_follows_torch_side_stream(torch_cuda, backend):
+    torch = torch_cuda
+    p = torch.zeros(RACE_N, device="cuda")
+    g = torch.zeros(RACE_N, device="cuda")
+    opt = fo.SGD([p], lr=1.0, max_grad_norm=1e30, backend=backend)
+    opt.step([torch.zeros_like(g)])  # compile first: the race is on the device, not in a compile
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()  # torch's pool streams are non-blocking
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        g.fill_(1.0)
+        opt.step([g])  # p = 0 - 1 * 1
+        p.add_(1.0)  # queued after the update: sees it
+    s.synchronize()
+    assert opt.last_grad_norm == pytest.approx(np.sqrt(RACE_N))
+    assert bool(torch.all(p == 0.0))
+
+
+@pytest.mark.parametrize("backend", _torch_backends())
+def test_stream_option_orders_on_the_given_stream(torch_cuda, backend):
+    torch = torch_cuda
+    p = torch.zeros(RACE_N, device="cuda")
+    g = torch.zeros(RACE_N, device="cuda")
+    s = torch.cuda.Stream()
+    opt = fo.Adam([p], lr=1.0, skip_nonfinite=True, backend=backend, stream=s)
+    ref = fo.Adam([np.zeros(RACE_N, np.float32)], lr=1.0)
+    opt.step([torch.zeros_like(g)])  # compile first
+    ref.step([np.zeros(RACE_N, np.float32)])
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        g.fill_(float("nan"))
+    opt.step([g])  # outside the context: stream= keeps it on s, so the NaN is seen
+    assert opt.last_step_taken is False and opt.skipped_steps == 1
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        g.fill_(1.0)
+    opt.step([g])
+    ref.step([np.ones(RACE_N, np.float32)])
+    with torch.cuda.stream(s):
+        p.add_(1.0)
+    s.synchronize()
+    assert opt.last_step_taken is True and opt.state[0]["step"] == 2
+    np.testing.assert_allclose(p.cpu().numpy(), ref.units()[0].param + 1.0, rtol=1e-6)
+
+
+def test_clipping_follows_torch_side_stream(torch_cuda):
+    torch = torch_cuda
+    if not NUMBA_OK:
+        pytest.skip(f"torch CUDA tensors default to numba-cuda: {NUMBA_WHY}")
+    g = torch.zeros(RACE_N, device="cuda")
+    fo.clip_grad_norm([g], 1.0)  # compile first
+    fo.clip_grad_value([g], 1.0)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        g.fill_(2.0)
+        norm = fo.clip_grad_norm([g], 1.0)
+        fo.clip_grad_value([g], 1e-4)
+        g.mul_(2.0)
+    s.synchronize()
+    assert norm == pytest.approx(2.0 * np.sqrt(RACE_N))
+    assert bool(torch.all(g == torch.tensor(2e-4, device="cuda")))
+
+
+@pytest.mark.parametrize("backend", ["cupy", pytest.param("numba-cuda", marks=needs_numba)])
+def test_step_follows_cupy_nonblocking_stream(backend):
+    p = cupy.zeros(RACE_N, dtype=cupy.float32)
+    g = cupy.zeros(RACE_N, dtype=cupy.float32)
+    opt = fo.SGD([p], lr=1.0, max_grad_norm=1e30, backend=backend)
+    opt.step([cupy.zeros_like(g)])  # compile first
+    _cupy_spin()  # and the spin kernel
+    cupy.cuda.Device().synchronize()
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        _cupy_spin()
+        g.fill(1.0)
+        opt.step([g])
+        p += 1.0
+    s.synchronize()
+    assert opt.last_grad_norm == pytest.approx(np.sqrt(RACE_N))
+    assert bool(cupy.all(p == 0.0))
+
+
+@needs_numba
+@pytest.mark.skipif(cupy.cuda.runtime.getDeviceCount() < 2, reason="needs two CUDA devices")
+def test_numba_cuda_state_and_launches_on_the_parameters_device(torch_cuda):
+    from fastopt.kernels import cuda_launch
+
+    torch = torch_cuda
+    gen = torch.Generator().manual_seed(0)
+    host, grad = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    p = host.to("cuda:1")
+    opt = fo.Adam([p], lr=0.1)  # numba-cuda, the default for torch tensors
+    ref = fo.Adam([host.numpy().copy()], lr=0.1)
+    with torch.cuda.device(0):  # another device current: state and launches still on cuda:1
+        opt.step([grad.to("cuda:1")])
+        ref.step([grad.numpy()])
+        assert cuda_launch.device_of(opt.state[0]["exp_avg"]) == 1
+        torch.cuda.synchronize(1)
+        np.testing.assert_allclose(p.cpu().numpy(), ref.units()[0].param, **FMA_TOL[np.float32])
+        before = p.cpu().numpy()
+        with pytest.raises(ValueError, match="cuda:0"):
+            opt.step([grad.to("cuda:0")])
+        assert np.array_equal(p.cpu().numpy(), before)

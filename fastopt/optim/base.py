@@ -11,7 +11,7 @@ state_dict in ``state_dict.py``.
 import math
 from collections.abc import Mapping
 
-from .. import dispatch
+from .. import dispatch, streams
 from ..clipping import clip_coefficient
 from ..kernels.rules import SCALARS
 from ..validation import check_bool, check_positive, check_scheduled_lr
@@ -84,6 +84,12 @@ class Optimizer:
     - ``skip_nonfinite``: if any gradient holds NaN or Inf, skip the whole step (parameters,
       state, step counters and schedules untouched), count it in ``skipped_steps`` and set
       ``last_step_taken = False``. Without it, a NaN propagates into the parameters, as in torch.
+
+    ``stream``: the CUDA stream every launch goes on (a torch/CuPy/numba stream or a
+    ``cudaStream_t`` handle). By default each step follows the arrays' library: torch's current
+    stream on the tensor's device, CuPy's current stream, the ``__cuda_array_interface__``
+    stream entry (:mod:`fastopt.streams`), so ``with torch.cuda.stream(s): opt.step()`` is
+    ordered on ``s``. The norm/finiteness check synchronises that stream alone.
     """
 
     algorithm = ""
@@ -103,9 +109,11 @@ class Optimizer:
         max_grad_norm=None,
         max_grad_value=None,
         skip_nonfinite=False,
+        stream=None,
     ):
         self.defaults = dict(defaults)
         self._backend_name = backend
+        self._stream = streams.handle(stream)
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
         if max_grad_value is not None:
@@ -244,12 +252,13 @@ class Optimizer:
     # ------------------------------------------------------------------ step
     def zero_grad(self):
         """Zero the gradient buffers of every ParamSet group (plain arrays own no gradient buffer)."""
+        stream_of = streams.StepStreams(self._stream)
         for u in self.units():
             if u.default_grad is not None:
                 if u.device is None:
                     u.default_grad.fill(0)
                 else:
-                    u.backend.fill(u.default_grad, 0)
+                    u.backend.fill(u.default_grad, 0, stream_of(u))
 
     def step(self, grads=None, *, grad_scale=None):
         """One update of every parameter whose gradient is given, in place.
@@ -262,12 +271,13 @@ class Optimizer:
         before anything is written.
         """
         plan = self._plan(grads)
+        stream_of = streams.StepStreams(self._stream)
         gscale = 1.0
         if grad_scale is not None:
             check_positive("grad_scale", grad_scale)
             gscale = float(grad_scale)
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm, finite = self._grad_norm(plan, gscale)
+            norm, finite = self._grad_norm(plan, gscale, stream_of)
             self.last_grad_norm = norm
             if self.skip_nonfinite and not finite:
                 self.skipped_steps += 1
@@ -284,7 +294,7 @@ class Optimizer:
             for unit, grad in work:
                 state = unit.state
                 if not state:
-                    self._allocate(group, unit, names, lr)
+                    self._allocate(group, unit, names, lr, stream_of(unit))
                 step = state["step"] + 1
                 values, updates = self._scalars(group, state, step, lr)
                 h = scalar_tuple(self, rule, values, unit.scalar_type)
@@ -300,6 +310,7 @@ class Optimizer:
                 h,
                 (st(gscale), st(gclip)),
                 (self, group, state, lr, step),
+                stream_of(unit),
             )
             state["step"] = step
             if updates:
@@ -309,13 +320,13 @@ class Optimizer:
         self.last_step_taken = True
 
     @staticmethod
-    def _grad_norm(plan, gscale):
+    def _grad_norm(plan, gscale, stream_of):
         """Global L2 norm of the (scaled) gradients and whether all are finite: one read of each
         gradient, summed in a fixed order (groups, then parameters) so it is deterministic."""
         sumsq, finite = 0.0, True
         for _, _, _, work in plan:
             for unit, grad in work:
-                s, f = unit.backend.sumsq_and_finite(grad)
+                s, f = unit.backend.sumsq_and_finite(grad, stream_of(unit))
                 sumsq += s
                 finite = finite and f
         return gscale * math.sqrt(sumsq), finite
@@ -400,13 +411,13 @@ class Optimizer:
             for i, (g, gr) in enumerate(zip(groups, grads))
         ]
 
-    def _allocate(self, group, unit, names, lr):
+    def _allocate(self, group, unit, names, lr, stream=None):
         dtype = unit.param.dtype
         for n in names:
-            a = unit.backend.zeros(unit.param.size, dtype, like=unit.param)
+            a = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
             fill = self._initial_value(group, n, lr)
             if fill != 0:
-                unit.backend.fill(a, fill)
+                unit.backend.fill(a, fill, stream)
             unit.state[n] = a
         unit.state.update(self._initial_scalar_state(group))
         unit.state["step"] = 0

@@ -131,6 +131,8 @@ def _device_unit(a, label, backend_name, default_grad=None):
     unit = Unit(backend.flat(native), a, tuple(native.shape), default_grad, label)
     unit.kind = kind
     index = arrays.device_index(a, kind)
+    if index is None:  # numba device arrays, CAI-only arrays: ask the backend
+        index = backend.device_of(unit.param)
     unit.device = "cuda" if index is None else f"cuda:{index}"
     unit.use_backend(backend)
     return unit
@@ -191,11 +193,14 @@ def _native_grad(unit, grad):
             f"{arrays.describe(unit.source, unit.kind)}: they live on different devices/libraries"
         )
     index = arrays.device_index(grad, kind)
+    native = unit.backend.native(grad)
+    if index is None:  # numba device arrays, CAI-only arrays: ask the backend
+        index = unit.backend.device_of(native)
     if index is not None and unit.device != "cuda" and unit.device != f"cuda:{index}":
         raise ValueError(
             f"gradient for {unit.label} is on cuda:{index}, the parameter on {unit.device}"
         )
-    return unit.backend.native(grad)
+    return native
 
 
 def split_grads(structure, units, keys, grads, where):
