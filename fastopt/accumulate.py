@@ -35,8 +35,10 @@ class GradientAccumulator:
         opt = self.optimizer
         if grads is not None:
             work = opt.check_grads(grads)  # structure, shapes, dtypes: checked before any write
+            stream_of = opt.step_streams()
             for unit, g in work:
-                unit.backend.add(self._buffer(unit), g)
+                stream = stream_of(unit)
+                unit.backend.add(self._buffer(unit, stream), g, stream)
         elif any(u.default_grad is None for u in opt.units()):
             raise ValueError(
                 "add() without gradients needs every parameter group to be a ParamSet "
@@ -55,16 +57,19 @@ class GradientAccumulator:
         opt = self.optimizer
         opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
         opt.zero_grad()
+        stream_of = opt.step_streams()
         for unit, buf in self._sums.values():
-            unit.backend.fill(buf, 0)
+            unit.backend.fill(buf, 0, stream_of(unit))
         self.count = 0
 
-    def _buffer(self, unit):
+    def _buffer(self, unit, stream):
         if unit.default_grad is not None:
             return unit.default_grad
         entry = self._sums.get(id(unit))
         if entry is None:
-            buf = unit.backend.zeros(unit.param.size, unit.param.dtype, like=unit.param)
+            buf = unit.backend.zeros(
+                unit.param.size, unit.param.dtype, like=unit.param, stream=stream
+            )
             entry = self._sums[id(unit)] = (unit, buf)
         return entry[1]
 

@@ -509,3 +509,26 @@ def test_transform_kernel_compiles_to_ptx():
         pytest.skip(f"cannot compile CUDA here: {r.stdout.strip() or 'libNVVM not found'}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("ok") == 2
+
+
+@sim_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_sim_gradient_accumulator_follows_torch_current_stream(monkeypatch, sim_recorder):
+    """The accumulator's buffer allocation, adds and reset go on the stream the optimizer uses
+    (torch's current stream here), never the legacy default stream."""
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch(0xACC))
+    host = np.linspace(-1, 1, 8).astype(np.float32)
+    p = _sim_torch_tensor(host)
+    opt = fo.SGD([p], lr=0.1)
+    acc = fo.GradientAccumulator(opt, steps=2)
+    for k in range(4):
+        acc.add([_sim_torch_tensor(np.full(8, float(k), np.float32))])
+    assert set(sim_recorder.streams) == {0xACC}
+    assert sim_recorder.launches and all(
+        s is sim_recorder.streams[0xACC] for s in sim_recorder.launches
+    )
+    ref = fo.SGD([host.copy()], lr=0.1)
+    ref_acc = fo.GradientAccumulator(ref, steps=2)
+    for k in range(4):
+        ref_acc.add([np.full(8, float(k), np.float32)])
+    assert np.array_equal(p.copy_to_host(), ref.units()[0].param)

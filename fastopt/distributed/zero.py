@@ -5,7 +5,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import dispatch
+from .. import dispatch, streams
 from ..arrays import import_cupy, is_device_array, to_host
 from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
@@ -164,7 +164,7 @@ class ZeroRedundancyOptimizer:
         if self.max_grad_norm is not None or self.skip_nonfinite:
             if self._backend is None:
                 self._backend = dispatch.backend_for([shard], self._backend_name)
-            s, finite = self._backend.sumsq_and_finite(shard)
+            s, finite = self._backend.sumsq_and_finite(shard, streams.current(shard))
             total = self._coll.allreduce_scalars([s, 0.0 if finite else 1.0], "Allreduce(norm)")
             norm = gs * math.sqrt(total[0])
             self.last_grad_norm = norm

@@ -152,6 +152,13 @@ class Optimizer:
         built over without reaching into its internals."""
         return [g["source"] for g in self._groups]
 
+    def step_streams(self):
+        """A :class:`fastopt.streams.StepStreams` for one round of work on this optimizer's
+        arrays: ``stream_of(unit)`` is the ``stream=`` given at construction, else the current
+        stream of the library owning the unit's arrays (None for host arrays). Wrappers that
+        launch on the optimizer's arrays (GradientAccumulator) order their work with it."""
+        return streams.StepStreams(self._stream)
+
     def units(self):
         """Every :class:`~fastopt.optim.units.Unit` (one kernel call's arrays), in group order,
         then in the order of each group's params."""
