@@ -2,6 +2,7 @@
 
 from collections.abc import Mapping
 
+from .arrays import storage_name
 from .paramset import ParamSet
 
 
@@ -28,7 +29,7 @@ def flat_arrays(tree, what="arrays"):
             continue
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{what}[{i}] is a {type(a).__name__}, not an array")
-        if a.dtype.kind != "f":
+        if storage_name(a.dtype) is None:
             raise TypeError(f"{what}[{i}] has dtype {a.dtype}; expected floats")
         if not a.flags.c_contiguous:
             raise ValueError(f"{what}[{i}] is not C-contiguous")

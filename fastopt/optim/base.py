@@ -15,6 +15,7 @@ from .. import dispatch
 from ..clipping import clip_coefficient
 from ..kernels.rules import SCALARS
 from ..validation import check_bool, check_positive, check_scheduled_lr
+from . import precision
 from . import state_dict as _state_dict
 from .units import check_grad, join_grads, overlaps, split_grads, units_of
 
@@ -84,6 +85,13 @@ class Optimizer:
     - ``skip_nonfinite``: if any gradient holds NaN or Inf, skip the whole step (parameters,
       state, step counters and schedules untouched), count it in ``skipped_steps`` and set
       ``last_step_taken = False``. Without it, a NaN propagates into the parameters, as in torch.
+
+    Storage precision (``fastopt.optim.precision``): parameters and gradients may be float32,
+    float64, bfloat16 (``ml_dtypes.bfloat16`` arrays, torch bfloat16 tensors) or float16, and a
+    gradient's dtype may differ from its parameter's (Numba CPU backend). 16-bit values are
+    widened to float32, the rule runs in float32 and the results are rounded on store.
+    ``state_dtype=`` (default: the parameter's dtype), ``master_weights=`` (a float32 copy of
+    16-bit parameters), ``stochastic_rounding=`` and ``seed=`` choose how.
     """
 
     algorithm = ""
@@ -98,8 +106,16 @@ class Optimizer:
         max_grad_norm=None,
         max_grad_value=None,
         skip_nonfinite=False,
+        state_dtype=None,
+        master_weights=False,
+        stochastic_rounding=False,
+        seed=0,
     ):
         self.defaults = dict(defaults)
+        self.precision = precision.precision_options(
+            state_dtype, master_weights, stochastic_rounding, seed
+        )
+        self._offsets = None
         self._backend_name = backend
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
@@ -206,7 +222,11 @@ class Optimizer:
         if self._backend_name is not None:
             for u in units:  # a named backend must take these arrays: say so now, not at step()
                 if u.backend is None:
-                    dispatch.backend_for_kind(u.kind, self._backend_name)
+                    backend = dispatch.backend_for_kind(u.kind, self._backend_name)
+                    precision.check_param_storable(backend, u.param, u.label)
+        for u in units:
+            if u.backend is not None:
+                precision.check_param_storable(u.backend, u.param, u.label)
         taken = [u.memory_span() for u in self.units()]
         for u in units:
             span = u.memory_span()
@@ -274,6 +294,10 @@ class Optimizer:
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
+        for _, _, _, work in plan:
+            for unit, grad in work:
+                storage = precision.storage_of(self.precision, unit.param, grad)
+                precision.check_backend_stores(unit.backend, storage, unit.label)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
             for unit, grad in work:
@@ -281,21 +305,35 @@ class Optimizer:
                 if not state:
                     self._allocate(group, unit, names, lr)
                 step = state["step"] + 1
+                storage = precision.storage_of(self.precision, unit.param, grad)
                 values, updates = self._scalars(group, state, step, lr)
                 h = scalar_tuple(self, rule, values, unit.scalar_type)
-                launches.append((group, rule, names, lr, unit, grad, step, h, updates))
-        for group, rule, names, lr, unit, grad, step, h, updates in launches:
+                launches.append((group, rule, names, lr, unit, grad, step, h, updates, storage))
+        for group, rule, names, lr, unit, grad, step, h, updates, storage in launches:
             state = unit.state
             st = unit.scalar_type
-            unit.backend.update(
-                rule,
-                unit.param,
-                grad,
-                [state[n] for n in names],
-                h,
-                (st(gscale), st(gclip)),
-                (self, group, state, lr, step),
-            )
+            if precision.is_plain(storage):
+                unit.backend.update(
+                    rule,
+                    unit.param,
+                    grad,
+                    [state[n] for n in names],
+                    h,
+                    (st(gscale), st(gclip)),
+                    (self, group, state, lr, step),
+                )
+            else:
+                unit.backend.update_storage(
+                    rule,
+                    storage,
+                    unit.param,
+                    grad,
+                    [state[n] for n in names],
+                    state.get(precision.MASTER),
+                    h,
+                    (st(gscale), st(gclip)),
+                    (self.precision.seed, step, self._offset_of(unit)),
+                )
             state["step"] = step
             if updates:
                 state.update(updates)
@@ -375,7 +413,19 @@ class Optimizer:
     def _ensure_backend(self, unit):
         """Pick a host unit's backend on first use (device units got theirs at construction)."""
         if unit.backend is None:
-            unit.use_backend(dispatch.backend_for([unit.param], self._backend_name))
+            backend = dispatch.backend_for([unit.param], self._backend_name)
+            precision.check_param_storable(backend, unit.param, unit.label)
+            unit.use_backend(backend)
+
+    def _offset_of(self, unit):
+        """Index of the unit's first element among all the optimizer's parameters (the element
+        index of stochastic rounding's random bits)."""
+        if self._offsets is None or unit not in self._offsets:
+            self._offsets, n = {}, 0
+            for u in self.units():
+                self._offsets[u] = n
+                n += u.param.size
+        return self._offsets[unit]
 
     def _split_grads(self, grads):
         """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
@@ -396,12 +446,14 @@ class Optimizer:
         ]
 
     def _allocate(self, group, unit, names, lr):
-        dtype = unit.param.dtype
-        for n in names:
+        for n, dtype in precision.slot_dtypes(self.precision, unit.param, names).items():
             a = unit.backend.zeros(unit.param.size, dtype, like=unit.param)
-            fill = self._initial_value(group, n, lr)
-            if fill != 0:
-                unit.backend.fill(a, fill)
+            if n == precision.MASTER:
+                unit.backend.assign(a, unit.param)  # exact: float32 holds every 16-bit value
+            else:
+                fill = self._initial_value(group, n, lr)
+                if fill != 0:
+                    unit.backend.fill(a, fill)
             unit.state[n] = a
         unit.state.update(self._initial_scalar_state(group))
         unit.state["step"] = 0
