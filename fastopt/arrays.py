@@ -166,7 +166,7 @@ def host_view(a):
     if isinstance(a, np.ndarray):
         return a
     if root_module(a) == "torch":
-        return detached(a).numpy()
+        return torch_numpy(detached(a))
     raise TypeError(f"{describe(a)} is not in host memory")
 
 
@@ -178,7 +178,7 @@ def to_host(a):
     if root == "cupy":
         return a.get()
     if root == "torch":
-        return detached(a).cpu().numpy()
+        return torch_numpy(detached(a).cpu())
     if getattr(a, "__cuda_ndarray__", False):
         return a.copy_to_host()
     return np.asarray(a)
@@ -269,3 +269,72 @@ def check_writable(is_writable, label):
     """ValueError unless the array ``label`` names may be written."""
     if not is_writable:
         raise ValueError(f"{label} is read-only; the optimizer updates parameters in place")
+
+
+# ------------------------------------------------------------------------------------------
+# Storage dtypes (the precision issue): what parameters, gradients and state may be stored in.
+
+STORAGE_NAMES = ("float32", "float64", "bfloat16", "float16")
+"""Storage dtypes of parameters and gradients, by name: the Numba CPU kernels load them into
+float32 (float64 stays float64), run the rule and round on store."""
+
+
+def bfloat16():
+    """The NumPy dtype of ``ml_dtypes.bfloat16`` (what JAX and TensorFlow use for bfloat16)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def storage_name(dtype):
+    """The name in ``STORAGE_NAMES`` of a NumPy dtype (CuPy and numba arrays have NumPy dtypes),
+    or None for any other dtype (integers, complex, ...)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.name in STORAGE_NAMES:
+        return dtype.name
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16":
+        return "bfloat16"
+    return None
+
+
+def storage_dtype(value, what="dtype"):
+    """The NumPy dtype named by ``value``: a name in ``STORAGE_NAMES`` (``"bf16"``/``"fp16"``/
+    ``"fp32"`` too), ``ml_dtypes.bfloat16``, ``np.float16``/``np.float32``/``np.float64`` or their
+    dtypes. ValueError naming ``what`` and the accepted values otherwise."""
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+    if isinstance(value, str):
+        name = aliases.get(value, value)
+        if name == "bfloat16":
+            return bfloat16()
+        if name in STORAGE_NAMES:
+            return np.dtype(name)
+    else:
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            dtype = None
+        if dtype is not None and storage_name(dtype) is not None:
+            return dtype
+    raise ValueError(
+        f"{what} must be one of {', '.join(STORAGE_NAMES)} (a name, a NumPy dtype or "
+        f"ml_dtypes.bfloat16), got {value!r}"
+    )
+
+
+def check_storage_dtype(dtype, label):
+    """TypeError unless ``dtype`` is a storage dtype (float32, float64, bfloat16, float16)."""
+    if storage_name(dtype) is None:
+        raise TypeError(
+            f"{label} has dtype {dtype}; fastopt updates float32, float64, bfloat16 "
+            "(ml_dtypes.bfloat16) or float16 arrays"
+        )
+
+
+def torch_numpy(t):
+    """A zero-copy NumPy view of a torch CPU tensor; a bfloat16 tensor (which torch cannot hand
+    to NumPy) as an ``ml_dtypes.bfloat16`` view of the same memory."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(bfloat16())
+    return t.numpy()

@@ -51,6 +51,11 @@ class Backend:
     """The kind of array this backend updates by default (see :func:`fastopt.arrays.array_kind`)."""
     kinds = ()
     """Every kind it accepts (``array_kind`` first); empty means ``(array_kind,)``."""
+    storage_names = ("float32", "float64")
+    """Storage dtypes it updates (``fastopt.arrays.STORAGE_NAMES``)."""
+    mixed_storage = False
+    """Whether it runs ``update_storage``: 16-bit arrays, gradients or state in another dtype
+    than the parameter, float32 master weights, stochastic rounding."""
 
     def available(self):
         """(bool, reason): whether it can run here, and why not."""
@@ -63,14 +68,22 @@ class Backend:
         hyperparameters instead (the reference)."""
         raise NotImplementedError
 
+    def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
+        """``update`` for arrays stored as ``storage`` (a ``kernels.access.Storage``) says:
+        ``master`` the float32 master copy of ``p`` or None, ``h``/``gs`` cast to the compute
+        dtype, ``rs`` = (seed, step, index of ``p[0]`` among the optimizer's parameters) for
+        stochastic rounding. Only backends with ``mixed_storage``."""
+        raise NotImplementedError
+
     def sumsq_and_finite(self, g, stream=None):
         """(sum of squares in float64, every element finite?) of a flat array, deterministic.
         Host values: on a GPU this synchronises (see the class docstring)."""
         raise NotImplementedError
 
     def scalar_type(self, dtype):
-        """The constructor that casts host float64 scalars to the parameter dtype."""
-        return np.float32 if dtype == np.float32 else float
+        """The constructor that casts host float64 scalars to the compute dtype of parameters of
+        ``dtype`` (float64 for float64, float32 for everything else)."""
+        return float if dtype == np.float64 else np.float32
 
     def zeros(self, n, dtype, like=None, stream=None):
         """A zeroed flat state array on this backend's device (``like``'s device when given)."""
@@ -123,18 +136,26 @@ class NumbaCPU(Backend):
     name = "numba-cpu"
     array_kind = "numpy"
     kinds = ("numpy", "torch-cpu")
+    storage_names = arrays.STORAGE_NAMES
+    mixed_storage = True
 
     def __init__(self):
-        from .kernels import cpu
+        from .kernels import cpu, cpu_storage
 
         self._apply = cpu.apply
-        self._sumsq_and_finite = cpu.sumsq_and_finite
+        self._sumsq = cpu.sumsq_and_finite
+        self._storage = cpu_storage
 
     def update(self, rule, p, g, states, h, gs, spec, stream=None):
         self._apply(rule, p, g, states, h, gs)
 
+    def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
+        self._storage.apply(rule, storage, p, g, states, master, h, gs, rs)
+
     def sumsq_and_finite(self, g, stream=None):
-        return self._sumsq_and_finite(g)
+        if g.dtype.itemsize == 2:
+            return self._storage.sumsq_and_finite(g)
+        return self._sumsq(g)
 
 
 class NumPyReference(Backend):

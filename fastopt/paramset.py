@@ -36,8 +36,9 @@ class ParamSet(Mapping):
 
     ``ParamSet({"w": w, "b": b})`` copies the values in; afterwards ``ps["w"]`` and
     ``ps.grads["w"]`` are views into ``ps.flat`` and ``ps.grad_flat``, which optimizers update in
-    place. All parameters share one floating dtype (float32 or float64), the first array's unless
-    ``dtype`` is given. ``device="cuda"`` (CuPy's current device) or ``"cuda:<i>"`` allocates
+    place. All parameters share one floating dtype (float32, float64, bfloat16 or float16; names,
+    NumPy dtypes and ``ml_dtypes.bfloat16`` are accepted), the first array's unless ``dtype`` is
+    given; values are converted with rounding to nearest even. ``device="cuda"`` (CuPy's current device) or ``"cuda:<i>"`` allocates
     the buffers with CuPy, on the GPU; the values may then come from NumPy arrays, CuPy arrays,
     torch tensors or other CUDA arrays. Optimizers over it run the GPU backends (CuPy by default).
     """
@@ -59,9 +60,7 @@ class ParamSet(Mapping):
     def _init(self, items, names, dtype, device, xp):
         arrays = [_as_host_or_device_array(a, name, xp) for name, a in items]
         explicit = dtype is not None
-        dtype = np.dtype(dtype if explicit else arrays[0].dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"ParamSet dtype must be float32 or float64, got {dtype}")
+        dtype = _storage_dtype(dtype if explicit else arrays[0].dtype, xp)
         for (name, _), a in zip(items, arrays):
             if a.dtype != dtype and not explicit:
                 raise TypeError(
@@ -218,7 +217,7 @@ def _as_host_or_device_array(a, name, xp):
         elif kind is not None and type(a).__module__.partition(".")[0] == "torch":
             a = a.detach()  # torch CUDA tensors refuse __cuda_array_interface__ otherwise
     a = np.asarray(a) if xp is np else xp.asarray(a)
-    if a.dtype.kind != "f":
+    if arrays.storage_name(a.dtype) is None and a.dtype.kind != "f":
         raise TypeError(
             f"parameter {name!r} has dtype {a.dtype}; parameters must be floating point"
         )
@@ -257,3 +256,15 @@ def _adopted_buffers(flat, grad_flat):
             f"{tuple(grad_flat.shape)}) must have the same dtype and size"
         )
     return flat, grad_flat, device
+
+
+def _storage_dtype(dtype, xp):
+    """The ParamSet's dtype: TypeError unless it is a storage dtype the arrays of ``xp`` hold
+    (CuPy has no bfloat16)."""
+    try:
+        dtype = arrays.storage_dtype(dtype, "ParamSet dtype")
+    except ValueError as exc:
+        raise TypeError(str(exc)) from None
+    if xp is not np and arrays.storage_name(dtype) == "bfloat16":
+        raise TypeError("ParamSet dtype bfloat16 is host-only: CuPy arrays cannot hold bfloat16")
+    return dtype

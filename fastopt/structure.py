@@ -40,7 +40,7 @@ def flat_units(tree, what="arrays"):
             raise TypeError(f"{label} is a {type(a).__name__}, not an array ({exc})") from None
         backend = dispatch.backend_for_kind("numpy" if kind == "torch-cpu" else kind)
         native = backend.native(a)
-        if native.dtype.kind != "f":
+        if arrays.storage_name(native.dtype) is None:
             raise TypeError(f"{label} has dtype {native.dtype}; expected floats")
         if not backend.is_c_contiguous(native):
             raise ValueError(f"{label} is not C-contiguous")

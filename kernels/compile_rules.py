@@ -11,15 +11,32 @@ import hashlib
 import pathlib
 import types
 
-from . import layout, loops, rules
+from . import access, layout, loops, rules
 from .layout import ARITY
 
-__all__ = ["ARITY", "SOURCE_TAG", "compile_rules", "loop_kernel", "rebind", "specialize"]
+__all__ = [
+    "ARITY",
+    "SOURCE_TAG",
+    "compile_rules",
+    "loop_kernel",
+    "rebind",
+    "specialize",
+    "storage_loop_kernel",
+]
 
 SOURCE_TAG = hashlib.sha256(
     b"".join(
         (pathlib.Path(__file__).parent / f).read_bytes()
-        for f in ("rules.py", "compile_rules.py", "loops.py", "cpu.py", "cuda.py")
+        for f in (
+            "rules.py",
+            "compile_rules.py",
+            "loops.py",
+            "cpu.py",
+            "cuda.py",
+            "storage.py",
+            "access.py",
+            "cpu_storage.py",
+        )
         if (pathlib.Path(__file__).parent / f).exists()
     )
 ).hexdigest()[:12]
@@ -69,4 +86,25 @@ def loop_kernel(rule_name, compiled_rules, indices, decorate, variant=""):
         {"indices": indices, "transformed_grad": compiled_rules["transformed_grad"]},
         decorate,
         variant,
+    )
+
+
+def storage_loop_kernel(
+    rule_name, storage, compiled_rules, element_access, indices, decorate, variant=""
+):
+    """The storage loop of one rule and storage combination for a target: the template of
+    ``loops.STORAGE_TEMPLATES`` for its number of state slots, with ``rule`` and
+    ``transformed_grad`` from ``compiled_rules`` and the element access of ``element_access``
+    (what ``access.bind`` returned for ``storage``)."""
+    return specialize(
+        loops.STORAGE_TEMPLATES[ARITY[rule_name]],
+        rule_name,
+        compiled_rules[rule_name],
+        {
+            "indices": indices,
+            "transformed_grad": compiled_rules["transformed_grad"],
+            **element_access,
+        },
+        decorate,
+        access.variant_name(storage) + variant,
     )

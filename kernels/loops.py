@@ -38,3 +38,73 @@ def loop3(p, g, s0, s1, s2, h, gs):
 
 TEMPLATES = (loop0, loop1, loop2, loop3)
 """The template of each number of state slots (index = ``compile_rules.ARITY[rule]``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage loops (the precision issue): the same loops for arrays stored in another dtype than the
+# one the rule computes in. ``kernels/access.py`` binds, per storage combination:
+#
+# - ``load_param(p, w, i)`` / ``store_param(p, w, i, x, r)``: the parameter in the compute dtype,
+#   read from ``p`` (widened) or from the float32 master copy ``w``; stored rounded into ``p``
+#   (and exactly into ``w``);
+# - ``load_grad(g, i)``, ``load_state(s, i)`` / ``store_state(s, i, x, r)``: widen and round;
+# - ``draw(rs, i)``: four random words for element ``i`` (``rs`` = seed, step, index offset),
+#   one per store, for stochastic rounding; zeros when rounding to nearest.
+#
+# Without a master copy ``w`` is ``p`` (unused).
+
+
+def storage_loop0(p, w, g, h, gs, rs):
+    for i in indices(p.size):
+        r = draw(rs, i)
+        (x,) = rule(load_param(p, w, i), transformed_grad(load_grad(g, i), gs[0], gs[1]), h)
+        store_param(p, w, i, x, r[0])
+
+
+def storage_loop1(p, w, g, s0, h, gs, rs):
+    for i in indices(p.size):
+        r = draw(rs, i)
+        x, a = rule(
+            load_param(p, w, i),
+            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            load_state(s0, i),
+            h,
+        )
+        store_param(p, w, i, x, r[0])
+        store_state(s0, i, a, r[1])
+
+
+def storage_loop2(p, w, g, s0, s1, h, gs, rs):
+    for i in indices(p.size):
+        r = draw(rs, i)
+        x, a, b = rule(
+            load_param(p, w, i),
+            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            load_state(s0, i),
+            load_state(s1, i),
+            h,
+        )
+        store_param(p, w, i, x, r[0])
+        store_state(s0, i, a, r[1])
+        store_state(s1, i, b, r[2])
+
+
+def storage_loop3(p, w, g, s0, s1, s2, h, gs, rs):
+    for i in indices(p.size):
+        r = draw(rs, i)
+        x, a, b, c = rule(
+            load_param(p, w, i),
+            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            load_state(s0, i),
+            load_state(s1, i),
+            load_state(s2, i),
+            h,
+        )
+        store_param(p, w, i, x, r[0])
+        store_state(s0, i, a, r[1])
+        store_state(s1, i, b, r[2])
+        store_state(s2, i, c, r[3])
+
+
+STORAGE_TEMPLATES = (storage_loop0, storage_loop1, storage_loop2, storage_loop3)
+"""The storage loop of each number of state slots."""

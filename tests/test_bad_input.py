@@ -35,7 +35,11 @@ BAD_GRADS = {
         ValueError,
         "shape",
     ),
-    "wrong dtype": (lambda w, b: [np.ones(w.shape), np.ones_like(b)], TypeError, "dtype"),
+    "wrong dtype": (
+        lambda w, b: [np.ones(w.shape, np.complex64), np.ones_like(b)],
+        TypeError,
+        "dtype",
+    ),
     "integer dtype": (
         lambda w, b: [np.ones(w.shape, np.int32), np.ones_like(b)],
         TypeError,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..arrays import is_device_array, to_host
+from ..arrays import is_device_array, storage_name, to_host
 from ..schedules import Schedule, schedule_from_dict, schedule_to_dict
 
 ALLOWED_KINDS = "biufc"
@@ -79,7 +79,7 @@ class Encoder:
 
     def _add_array(self, a, path):
         a = to_host(a)
-        if a.dtype.kind not in ALLOWED_KINDS:
+        if a.dtype.kind not in ALLOWED_KINDS and storage_name(a.dtype) != "bfloat16":
             raise TypeError(
                 f"cannot save {format_path(path)}: arrays of dtype {a.dtype} are not supported"
             )

@@ -26,6 +26,7 @@ import zlib
 
 import numpy as np
 
+from ..arrays import bfloat16, storage_name
 from ..fileio import atomic_write
 from .encoding import ALLOWED_KINDS, format_path
 
@@ -75,7 +76,7 @@ def write_file(path, fields, arrays):
                 "name": format_path(p),
                 "path": list(p),
                 "shape": list(a.shape),
-                "dtype": a.dtype.str,
+                "dtype": dtype_tag(a.dtype),
                 "offset": offset,
                 "nbytes": int(data.nbytes),
                 "sha256": digest,
@@ -247,13 +248,8 @@ def _read_arrays(meta, view, data_start, total, fail):
     out = []
     for e in table:
         name = e["name"]
-        dt = np.dtype(e["dtype"]) if isinstance(e["dtype"], str) else None
-        if (
-            dt is None
-            or dt.kind not in ALLOWED_KINDS
-            or dt.str != e["dtype"]
-            or dt.byteorder == ">"
-        ):
+        dt = dtype_of_tag(e["dtype"])
+        if dt is None:
             raise ValueError(f"array {name!r} has unsupported dtype {e['dtype']!r}")
         shape = e["shape"]
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
@@ -276,3 +272,22 @@ def _read_arrays(meta, view, data_start, total, fail):
         a = np.frombuffer(view, dtype=dt, count=count, offset=lo).reshape(shape)
         out.append(a if dt.isnative else a.astype(dt.newbyteorder("=")))
     return out
+
+
+def dtype_tag(dtype):
+    """The ``dtype`` entry of an array in the header: NumPy's ``dtype.str`` (``"<f4"``), or
+    ``"bfloat16"`` for ``ml_dtypes.bfloat16`` (whose ``str`` ``"<V2"`` does not name it)."""
+    return "bfloat16" if storage_name(dtype) == "bfloat16" else dtype.str
+
+
+def dtype_of_tag(tag):
+    """The NumPy dtype of a header ``dtype`` entry, or None for one a checkpoint cannot hold."""
+    if tag == "bfloat16":
+        return bfloat16()
+    try:
+        dt = np.dtype(tag) if isinstance(tag, str) else None
+    except TypeError:
+        return None
+    if dt is None or dt.kind not in ALLOWED_KINDS or dt.str != tag or dt.byteorder == ">":
+        return None
+    return dt

@@ -15,6 +15,7 @@ from .. import dispatch, streams
 from ..clipping import clip_coefficient
 from ..kernels.rules import SCALARS
 from ..validation import check_bool, check_positive, check_scheduled_lr
+from . import precision
 from . import state_dict as _state_dict
 from .units import check_grad, join_grads, overlaps, split_grads, units_of
 
@@ -90,6 +91,13 @@ class Optimizer:
     stream on the tensor's device, CuPy's current stream, the ``__cuda_array_interface__``
     stream entry (:mod:`fastopt.streams`), so ``with torch.cuda.stream(s): opt.step()`` is
     ordered on ``s``. The norm/finiteness check synchronises that stream alone.
+
+    Storage precision (``fastopt.optim.precision``): parameters and gradients may be float32,
+    float64, bfloat16 (``ml_dtypes.bfloat16`` arrays, torch bfloat16 tensors) or float16, and a
+    gradient's dtype may differ from its parameter's (Numba CPU backend). 16-bit values are
+    widened to float32, the rule runs in float32 and the results are rounded on store.
+    ``state_dtype=`` (default: the parameter's dtype), ``master_weights=`` (a float32 copy of
+    16-bit parameters), ``stochastic_rounding=`` and ``seed=`` choose how.
     """
 
     algorithm = ""
@@ -110,8 +118,16 @@ class Optimizer:
         max_grad_value=None,
         skip_nonfinite=False,
         stream=None,
+        state_dtype=None,
+        master_weights=False,
+        stochastic_rounding=False,
+        seed=0,
     ):
         self.defaults = dict(defaults)
+        self.precision = precision.precision_options(
+            state_dtype, master_weights, stochastic_rounding, seed
+        )
+        self._offsets = None
         self._backend_name = backend
         self._stream = streams.handle(stream)
         if max_grad_norm is not None:
@@ -226,7 +242,11 @@ class Optimizer:
         if self._backend_name is not None:
             for u in units:  # a named backend must take these arrays: say so now, not at step()
                 if u.backend is None:
-                    dispatch.backend_for_kind(u.kind, self._backend_name)
+                    backend = dispatch.backend_for_kind(u.kind, self._backend_name)
+                    precision.check_param_storable(backend, u.param, u.label)
+        for u in units:
+            if u.backend is not None:
+                precision.check_param_storable(u.backend, u.param, u.label)
         taken = [u.memory_span() for u in self.units()]
         for u in units:
             span = u.memory_span()
@@ -296,6 +316,10 @@ class Optimizer:
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
+        for _, _, _, work in plan:
+            for unit, grad in work:
+                storage = precision.storage_of(self.precision, unit.param, grad)
+                precision.check_backend_stores(unit.backend, storage, unit.label)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
             for unit, grad in work:
@@ -303,22 +327,37 @@ class Optimizer:
                 if not state:
                     self._allocate(group, unit, names, lr, stream_of(unit))
                 step = state["step"] + 1
+                storage = precision.storage_of(self.precision, unit.param, grad)
                 values, updates = self._scalars(group, state, step, lr)
                 h = scalar_tuple(self, rule, values, unit.scalar_type)
-                launches.append((group, rule, names, lr, unit, grad, step, h, updates))
-        for group, rule, names, lr, unit, grad, step, h, updates in launches:
+                launches.append((group, rule, names, lr, unit, grad, step, h, updates, storage))
+        for group, rule, names, lr, unit, grad, step, h, updates, storage in launches:
             state = unit.state
             st = unit.scalar_type
-            unit.backend.update(
-                rule,
-                unit.param,
-                grad,
-                [state[n] for n in names],
-                h,
-                (st(gscale), st(gclip)),
-                (self, group, state, lr, step),
-                stream_of(unit),
-            )
+            if precision.is_plain(storage):
+                unit.backend.update(
+                    rule,
+                    unit.param,
+                    grad,
+                    [state[n] for n in names],
+                    h,
+                    (st(gscale), st(gclip)),
+                    (self, group, state, lr, step),
+                    stream_of(unit),
+                )
+            else:
+                unit.backend.update_storage(
+                    rule,
+                    storage,
+                    unit.param,
+                    grad,
+                    [state[n] for n in names],
+                    state.get(precision.MASTER),
+                    h,
+                    (st(gscale), st(gclip)),
+                    (self.precision.seed, step, self._offset_of(unit)),
+                    stream_of(unit),
+                )
             state["step"] = step
             if updates:
                 state.update(updates)
@@ -398,7 +437,19 @@ class Optimizer:
     def _ensure_backend(self, unit):
         """Pick a host unit's backend on first use (device units got theirs at construction)."""
         if unit.backend is None:
-            unit.use_backend(dispatch.backend_for([unit.param], self._backend_name))
+            backend = dispatch.backend_for([unit.param], self._backend_name)
+            precision.check_param_storable(backend, unit.param, unit.label)
+            unit.use_backend(backend)
+
+    def _offset_of(self, unit):
+        """Index of the unit's first element among all the optimizer's parameters (the element
+        index of stochastic rounding's random bits)."""
+        if self._offsets is None or unit not in self._offsets:
+            self._offsets, n = {}, 0
+            for u in self.units():
+                self._offsets[u] = n
+                n += u.param.size
+        return self._offsets[unit]
 
     def _split_grads(self, grads):
         """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
@@ -419,12 +470,14 @@ class Optimizer:
         ]
 
     def _allocate(self, group, unit, names, lr, stream=None):
-        dtype = unit.param.dtype
-        for n in names:
+        for n, dtype in precision.slot_dtypes(self.precision, unit.param, names).items():
             a = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
-            fill = self._initial_value(group, n, lr)
-            if fill != 0:
-                unit.backend.fill(a, fill, stream)
+            if n == precision.MASTER:
+                unit.backend.assign(a, unit.param)  # exact: float32 holds every 16-bit value
+            else:
+                fill = self._initial_value(group, n, lr)
+                if fill != 0:
+                    unit.backend.fill(a, fill, stream)
             unit.state[n] = a
         unit.state.update(self._initial_scalar_state(group))
         unit.state["step"] = 0

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import arrays
 from ..validation import check_lr
+from . import precision
 
 
 def state_dict(opt):
@@ -101,7 +102,9 @@ def _checked_entry(opt, entry, names, group, unit, index):
     """One unit's state entry, checked and copied into fresh state arrays of its backend."""
     if not isinstance(entry, Mapping) or "step" not in entry:
         raise ValueError(f"state[{index}] is not a state entry with a 'step'")
-    expected = set(names) | set(opt._initial_scalar_state(group)) | {"step"}
+    opt._ensure_backend(unit)
+    slots = precision.slot_dtypes(opt.precision, unit.param, names)
+    expected = set(slots) | set(opt._initial_scalar_state(group)) | {"step"}
     if set(entry) != expected:
         raise ValueError(
             f"state[{index}] holds {sorted(entry)}, {type(opt).__name__} with these settings "
@@ -110,18 +113,17 @@ def _checked_entry(opt, entry, names, group, unit, index):
     step = entry["step"]
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
-    opt._ensure_backend(unit)
     out = {"step": int(step)}
     for k, v in entry.items():
         if k == "step":
             continue
-        if k not in names:
+        if k not in slots:
             if not isinstance(v, (float, int)) or not math.isfinite(v):
                 raise ValueError(f"state[{index}][{k!r}] must be a finite float, got {v!r}")
             out[k] = float(v)
             continue
         a = _state_array(v)
-        if a.dtype.kind != "f":
+        if arrays.storage_name(a.dtype) is None:
             raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
         if a.size != unit.param.size or tuple(a.shape) not in (
             tuple(unit.shape),
@@ -130,7 +132,7 @@ def _checked_entry(opt, entry, names, group, unit, index):
             raise ValueError(
                 f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}"
             )
-        dst = unit.backend.zeros(unit.param.size, unit.param.dtype, like=unit.param)
+        dst = unit.backend.zeros(unit.param.size, slots[k], like=unit.param)
         unit.backend.assign(dst, a.reshape(a.size))  # host or device source, cast
         out[k] = dst
     return out

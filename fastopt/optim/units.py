@@ -110,7 +110,7 @@ def _unit(a, label, backend_name):
 
 
 def _flat_view(a, label):
-    arrays.check_float_dtype(a.dtype, label)
+    arrays.check_storage_dtype(a.dtype, label)
     arrays.check_contiguous(a.flags.c_contiguous, label)
     arrays.check_writable(a.flags.writeable, label)
     return a.reshape(-1)
@@ -123,7 +123,7 @@ def _device_unit(a, label, backend_name, default_grad=None):
     kind = arrays.array_kind(a)
     backend = dispatch.backend_for_kind(kind, backend_name)
     native = backend.native(a)
-    arrays.check_float_dtype(native.dtype, label)
+    arrays.check_storage_dtype(native.dtype, label)
     arrays.check_contiguous(backend.is_c_contiguous(native), label)
     arrays.check_writable(not arrays.is_readonly(a), label)
     if default_grad is not None:
@@ -152,7 +152,12 @@ def check_grad(unit, grad):
     g = _native_grad(unit, grad)
     p = unit.param
     if g.dtype != p.dtype:
-        raise TypeError(f"gradient for {unit.label} has dtype {g.dtype}, the parameter {p.dtype}")
+        arrays.check_storage_dtype(g.dtype, f"gradient for {unit.label}")
+        if not unit.backend.mixed_storage:
+            raise TypeError(
+                f"gradient for {unit.label} has dtype {g.dtype}, the parameter {p.dtype}; "
+                f"backend {unit.backend.name!r} needs gradients of the parameter's dtype"
+            )
     shape = tuple(g.shape)
     if shape != unit.shape and not (unit.default_grad is not None and shape == (p.size,)):
         raise ValueError(f"gradient for {unit.label} has shape {shape}, expected {unit.shape}")
