@@ -14,25 +14,28 @@ from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
 from .optim import (
+    ASGD,
     SGD,
     Adadelta,
     Adagrad,
     Adam,
     Adamax,
     AdamW,
+    AdamWScheduleFree,
     Lion,
     NAdam,
     Optimizer,
     RAdam,
     RMSprop,
     Rprop,
+    SGDScheduleFree,
     Yogi,
 )
 from .paramset import ParamSet
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("nn", "trainer", "schedules", "checkpoint", "sklearn", "cli")
+_LAZY_MODULES = ("nn", "trainer", "schedules", "checkpoint", "sklearn", "cli", "swa")
 """Submodules that ``fastopt.<name>`` imports on first access."""
 
 _LAZY_NAMES = {
@@ -63,12 +66,14 @@ def __dir__():
 
 
 __all__ = [
+    "ASGD",
     "EMA",
     "SGD",
     "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWScheduleFree",
     "Adamax",
     "CheckpointError",
     "GradientAccumulator",
@@ -82,6 +87,7 @@ __all__ = [
     "RMSprop",
     "ReduceLROnPlateau",
     "Rprop",
+    "SGDScheduleFree",
     "Trainer",
     "Yogi",
     "__version__",

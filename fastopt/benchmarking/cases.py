@@ -166,6 +166,9 @@ CASES = (
     _other("rprop", "Rprop", {"lr": 1e-2}, 2),
     _other("yogi", "Yogi", {"lr": 1e-2}, 2, torch_name=None),
     _other("lion", "Lion", {"lr": 1e-4}, 1, torch_name=None),
+    _other("asgd", "ASGD", {"lr": 1e-2, "t0": 0.0}, 1),
+    _other("sgd_schedulefree", "SGDScheduleFree", {"lr": 1.0}, 1, torch_name=None),
+    _other("adamw_schedulefree", "AdamWScheduleFree", {"lr": 2.5e-3}, 2, torch_name=None),
 )
 
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -1,15 +1,17 @@
-"""Optimizer classes: torch.optim's names, arguments, defaults and semantics (plus Yogi and Lion)."""
+"""Optimizer classes: torch.optim's names, arguments, defaults and semantics (plus Yogi, Lion and schedule-free SGD/AdamW)."""
 
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .asgd import ASGD
 from .base import Optimizer
 from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .yogi import Yogi
 
@@ -28,6 +30,9 @@ OPTIMIZERS = {
         Rprop,
         Yogi,
         Lion,
+        ASGD,
+        SGDScheduleFree,
+        AdamWScheduleFree,
     )
 }
 """The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
@@ -40,7 +45,9 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWScheduleFree",
     "Adamax",
+    "ASGD",
     "Lion",
     "NAdam",
     "Optimizer",
@@ -48,5 +55,6 @@ __all__ = [
     "RMSprop",
     "Rprop",
     "SGD",
+    "SGDScheduleFree",
     "Yogi",
 ]
