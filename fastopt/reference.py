@@ -400,3 +400,9 @@ def adamw_schedulefree(
     v[...] = v * beta2 + (1 - beta2) * (grad * grad)
     d = grad / (np.sqrt(v / (1 - beta2**step)) + eps)
     _schedulefree(param, d, state, step, lr, beta1, weight_decay, warmup_steps, r, weight_lr_power)
+
+
+def schedulefree_swap(param, z, weight):
+    """``train()`` / ``eval()`` of the schedule-free optimizers: θ ← lerp(θ, z, weight), with
+    weight 1 − 1/β (y to x) or 1 − β (x to y)."""
+    param[...] = _lerp(param, z, weight)

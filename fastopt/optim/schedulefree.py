@@ -1,5 +1,6 @@
 """Schedule-free SGD and AdamW (the ``schedulefree`` package's SGDScheduleFree, AdamWScheduleFree)."""
 
+from .. import reference
 from ..validation import (
     check_betas,
     check_int,
@@ -103,11 +104,13 @@ class ScheduleFree(Optimizer):
 
     def _interpolate(self, weight_of):
         """p <- lerp(p, z, weight_of(beta)) for every parameter with state (the ``ema`` rule:
-        the parameter in its average slot, z in its parameter slot)."""
+        the parameter in its average slot, z in its parameter slot; NumPy on the reference)."""
         for group, g_int in zip(self.param_groups, self._groups):
             w = weight_of(self._momentum(group))
             for u in g_int["units"]:
-                if u.state:
+                if u.state and u.backend.name == "numpy":
+                    reference.schedulefree_swap(u.param, u.state["z"], w)
+                elif u.state:
                     st = u.scalar_type
                     h = (st(w), st(1.0 - w))
                     u.backend.update("ema", u.param, u.state["z"], [], h, (st(1.0), st(0.0)), None)
