@@ -100,5 +100,6 @@ __all__ = [
     "nn",
     "save",
     "schedules",
+    "swa",
     "trainer",
 ]

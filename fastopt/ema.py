@@ -55,11 +55,16 @@ class EMA:
             for avg, p in zip(self._averages, self._params):
                 avg[...] = p
         else:
-            d = self.current_decay()
+            weight, decay = self._lerp_weights()
             for b, avg, p in zip(self._backends, self._averages, self._params):
                 st = b.scalar_type(p.dtype)
-                b.update("ema", avg, p, [], (st(1.0 - d), st(d)), (st(1.0), st(0.0)), None)
+                b.update("ema", avg, p, [], (st(weight), st(decay)), (st(1.0), st(0.0)), None)
         self.num_updates += 1
+
+    def _lerp_weights(self):
+        """(w, 1 - w) of the next update's ``avg.lerp_(param, w)``: w = 1 - decay."""
+        d = self.current_decay()
+        return 1.0 - d, d
 
     @property
     def averages(self):
