@@ -320,6 +320,8 @@ def run(args):
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         history, caught = _fit(trainer, data)
         _finish_swa(averaging, history, ds.X[fit])
+        if hasattr(trainer.optimizer, "eval"):
+            trainer.optimizer.eval()  # schedule-free: the averaged point x is the model
         final = {
             part: final_metrics(model, ds.X[rows], data.targets[rows], data)
             for part, rows in (("train", fit), ("validation", val), ("test", test))

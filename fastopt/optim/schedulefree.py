@@ -1,5 +1,7 @@
 """Schedule-free SGD and AdamW (the ``schedulefree`` package's SGDScheduleFree, AdamWScheduleFree)."""
 
+from contextlib import contextmanager
+
 from .. import reference
 from ..validation import (
     check_betas,
@@ -210,3 +212,18 @@ class AdamWScheduleFree(ScheduleFree):
             eps=group["eps"],
         )
         return h, updates
+
+
+@contextmanager
+def evaluation_point(optimizer):
+    """Within the block a schedule-free optimizer's parameters hold the averaged point x
+    (:meth:`ScheduleFree.eval`), afterwards the point they held before; any other optimizer is
+    left as it is. What the Trainer evaluates the validation set under."""
+    swap = isinstance(optimizer, ScheduleFree) and optimizer.train_mode
+    if swap:
+        optimizer.eval()
+    try:
+        yield optimizer
+    finally:
+        if swap:
+            optimizer.train()
