@@ -22,14 +22,16 @@ def walk(shapes, seed=0):
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("decay", [None, 0.95], ids=["swa", "ema"])
-def test_averaged_model_matches_torch(decay):
+def test_averaged_model_matches_torch(decay, dtype):
     torch = import_or_skip("torch")
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     torch.manual_seed(0)
-    module = torch.nn.Linear(4, 3).double()
-    ps = fo.ParamSet({"weight": np.zeros((3, 4)), "bias": np.zeros(3)})
+    module = torch.nn.Linear(4, 3).to(torch.float64 if dtype is np.float64 else torch.float32)
+    ps = fo.ParamSet({"weight": np.zeros((3, 4)), "bias": np.zeros(3)}, dtype=dtype)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype is np.float64 else dict(rtol=1e-5, atol=1e-6)
     ours = swa.AveragedModel(ps, decay)
     if decay is None:
         theirs = AveragedModel(module)
@@ -41,15 +43,15 @@ def test_averaged_model_matches_torch(decay):
         ps["weight"][...] = w
         ps["bias"][...] = b
         with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(w))
-            module.bias.copy_(torch.from_numpy(b))
+            module.weight.copy_(torch.from_numpy(ps["weight"].copy()))
+            module.bias.copy_(torch.from_numpy(ps["bias"].copy()))
         ours.update_parameters()
         theirs.update_parameters(module)
         (avg,) = ours.averages
         ref = np.concatenate(
             [theirs.module.weight.detach().numpy().ravel(), theirs.module.bias.detach().numpy()]
         )
-        np.testing.assert_allclose(avg, ref, rtol=1e-12, atol=1e-13, err_msg=f"update {t + 1}")
+        np.testing.assert_allclose(avg, ref, err_msg=f"update {t + 1}", **tol)
     assert ours.n_averaged == int(theirs.n_averaged) == UPDATES
     # the average is not the last snapshot (it averaged something)
     assert np.max(np.abs(avg - ps.flat)) > 1e-2
