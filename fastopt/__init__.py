@@ -14,6 +14,7 @@ from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
 from .optim import (
+    ASGD,
     LAMB,
     LARS,
     SGD,
@@ -22,6 +23,7 @@ from .optim import (
     Adam,
     Adamax,
     AdamW,
+    AdamWScheduleFree,
     Lion,
     NAdam,
     NovoGrad,
@@ -29,13 +31,14 @@ from .optim import (
     RAdam,
     RMSprop,
     Rprop,
+    SGDScheduleFree,
     Yogi,
 )
 from .paramset import ParamSet
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("nn", "trainer", "schedules", "checkpoint", "sklearn", "cli")
+_LAZY_MODULES = ("nn", "trainer", "schedules", "checkpoint", "sklearn", "cli", "swa")
 """Submodules that ``fastopt.<name>`` imports on first access."""
 
 _LAZY_NAMES = {
@@ -66,12 +69,14 @@ def __dir__():
 
 
 __all__ = [
+    "ASGD",
     "EMA",
     "SGD",
     "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWScheduleFree",
     "Adamax",
     "CheckpointError",
     "GradientAccumulator",
@@ -88,6 +93,7 @@ __all__ = [
     "RMSprop",
     "ReduceLROnPlateau",
     "Rprop",
+    "SGDScheduleFree",
     "Trainer",
     "Yogi",
     "__version__",
@@ -100,5 +106,6 @@ __all__ = [
     "nn",
     "save",
     "schedules",
+    "swa",
     "trainer",
 ]

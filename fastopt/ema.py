@@ -63,12 +63,25 @@ class EMA:
             for avg, p in zip(self._averages, self._params):
                 avg[...] = p
         else:
-            d = self.current_decay()
+            weight, decay = self._lerp_weights()
             for b, avg, p in zip(self._backends, self._averages, self._params):
                 st = b.scalar_type(p.dtype)
-                h, gs = (st(1.0 - d), st(d)), (st(1.0), st(0.0))
-                b.update("ema", avg, p, [], h, gs, None, self._launch_stream(p))
+                b.update(
+                    "ema",
+                    avg,
+                    p,
+                    [],
+                    (st(weight), st(decay)),
+                    (st(1.0), st(0.0)),
+                    None,
+                    self._launch_stream(p),
+                )
         self.num_updates += 1
+
+    def _lerp_weights(self):
+        """(w, 1 - w) of the next update's ``avg.lerp_(param, w)``: w = 1 - decay."""
+        d = self.current_decay()
+        return 1.0 - d, d
 
     def _launch_stream(self, p):
         """The stream handle of the kernels over parameter ``p`` (see the class docstring)."""

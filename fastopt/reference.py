@@ -406,3 +406,67 @@ def novograd(param, grad, state, *, step, segments, decay, trust, lr, betas, eps
             u = u + weight_decay * param[lo:hi]
         m[lo:hi] = u if step == 1 else beta1 * m[lo:hi] + u
         param[lo:hi] -= lr * m[lo:hi]
+
+
+def asgd(param, grad, state, *, step, lr, lambd, alpha, t0, weight_decay, maximize):
+    r"""ASGD (torch.optim.ASGD; Polyak & Juditsky 1992), with η = ``state["eta"]`` and
+    μ = ``state["mu"]`` from the previous step (lr and 1 at the first):
+
+    θ ← θ(1 − λη) − η g;  ā ← θ if μ = 1 else ā + μ(θ − ā);
+    then η ← lr / (1 + λ·lr·t)^α and μ ← 1 / max(1, t − t₀) (advanced in ``state`` here).
+    """
+    g = _grad(param, grad, maximize, weight_decay)
+    eta, mu, ax = state["eta"], state["mu"], state["ax"]
+    param[...] = param * (1 - lambd * eta)
+    param[...] = param - eta * g
+    ax[...] = param if mu == 1 else ax + (param - ax) * mu
+    state["eta"] = lr / ((1 + lambd * lr * step) ** alpha)
+    state["mu"] = 1 / max(1, step - t0)
+
+
+def _schedulefree(param, d, state, step, lr, beta, weight_decay, warmup_steps, r, weight_lr_power):
+    """The schedulefree package's y/z step for the normalized gradient ``d``; advances
+    ``state["lr_max"]`` and ``state["weight_sum"]``."""
+    lr = lr * ((step / warmup_steps) if step <= warmup_steps else 1.0)
+    lr_max = state["lr_max"] = max(lr, state["lr_max"])
+    weight = step**r * lr_max**weight_lr_power
+    weight_sum = state["weight_sum"] = state["weight_sum"] + weight
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    z = state["z"]
+    if weight_decay != 0:
+        d = d + weight_decay * param
+    param[...] = _lerp(param, z, ckp1)
+    param[...] = param + lr * (beta * (1 - ckp1) - 1) * d
+    z[...] = z - lr * d
+
+
+def sgd_schedulefree(
+    param, grad, state, *, step, lr, momentum, weight_decay, warmup_steps, r, weight_lr_power
+):
+    r"""Schedule-free SGD (Defazio et al. 2024; schedulefree.SGDScheduleFree). ``param`` is y;
+    with γ the warmed-up lr, c = w_t / Σ w (w_t = t^r · max γ^p) and β = ``momentum``:
+    d = g + λy;  y ← lerp(y, z, c) + γ(β(1 − c) − 1) d;  z ← z − γ d.
+    """
+    _schedulefree(
+        param, grad, state, step, lr, momentum, weight_decay, warmup_steps, r, weight_lr_power
+    )
+
+
+def adamw_schedulefree(
+    param, grad, state, *, step, lr, betas, eps, weight_decay, warmup_steps, r, weight_lr_power
+):
+    r"""Schedule-free AdamW (Defazio et al. 2024; schedulefree.AdamWScheduleFree): the
+    schedule-free SGD step of :func:`sgd_schedulefree` with β = β₁ on the normalized gradient
+    g / (√(v / (1 − β₂ᵗ)) + ε), v ← β₂ v + (1 − β₂) g².
+    """
+    beta1, beta2 = betas
+    v = state["exp_avg_sq"]
+    v[...] = v * beta2 + (1 - beta2) * (grad * grad)
+    d = grad / (np.sqrt(v / (1 - beta2**step)) + eps)
+    _schedulefree(param, d, state, step, lr, beta1, weight_decay, warmup_steps, r, weight_lr_power)
+
+
+def schedulefree_swap(param, z, weight):
+    """``train()`` / ``eval()`` of the schedule-free optimizers: θ ← lerp(θ, z, weight), with
+    weight 1 − 1/β (y to x) or 1 − β (x to y)."""
+    param[...] = _lerp(param, z, weight)

@@ -503,6 +503,60 @@ FO_HD void ema(T& avg, T p, const T* h) {
 }
 
 // -------------------------------------------------------------------------------------------
+// ASGD (torch.optim.ASGD): decay = 1 - lambd * eta; average = 0 while mu = 1 (ax copies p).
+
+template <typename T>
+FO_HD void asgd(T& p, T g, T& ax, const T* h) {
+    const T decay = h[FO_ASGD_DECAY];
+    const T eta = h[FO_ASGD_ETA];
+    const T weight_decay = h[FO_ASGD_WEIGHT_DECAY];
+    const T gsign = h[FO_ASGD_GSIGN];
+    const T mu = h[FO_ASGD_MU];
+    const T average = h[FO_ASGD_AVERAGE];
+    g = l2_grad(p, g, gsign, weight_decay);
+    p = p * decay;
+    p = p - eta * g;
+    if (average > T(0)) {
+        ax = ax + (p - ax) * mu;
+    } else {
+        ax = p;
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Schedule-free SGD / AdamW (Defazio et al., 2024; the schedulefree package). p holds y.
+
+template <typename T>
+FO_HD void schedulefree_apply(T& y, T g, T& z, const T* h) {
+    const T lr = h[FO_SCHEDULEFREE_LR];
+    const T weight_decay = h[FO_SCHEDULEFREE_WEIGHT_DECAY];
+    const T ckp1 = h[FO_SCHEDULEFREE_CKP1];
+    const T one_minus_ckp1 = h[FO_SCHEDULEFREE_ONE_MINUS_CKP1];
+    const T y_step = h[FO_SCHEDULEFREE_Y_STEP];
+    if (weight_decay != T(0)) {
+        g = g + weight_decay * y;
+    }
+    y = lerp(y, z, ckp1, one_minus_ckp1);
+    y = y + y_step * g;
+    z = z - lr * g;
+}
+
+template <typename T>
+FO_HD void sf_sgd(T& y, T g, T& z, const T* h) {
+    schedulefree_apply(y, g, z, h);
+}
+
+template <typename T>
+FO_HD void sf_adamw(T& y, T g, T& z, T& v, const T* h) {
+    const T beta2 = h[FO_SF_ADAMW_BETA2];
+    const T one_minus_beta2 = h[FO_SF_ADAMW_ONE_MINUS_BETA2];
+    const T bias_correction2 = h[FO_SF_ADAMW_BIAS_CORRECTION2];
+    const T eps = h[FO_SF_ADAMW_EPS];
+    v = second_moment(v, g, beta2, one_minus_beta2);
+    schedulefree_apply(y, g / (fo_sqrt(v / bias_correction2) + eps), z, h);
+}
+
+// -------------------------------------------------------------------------------------------
 // One functor per rule, generated from FO_RULES, with a uniform call: apply(p, g, s, h) where
 // s is an array of the rule's state slots. Used by the kernels and the host test harness.
 

@@ -540,6 +540,56 @@ def novograd(p, g, m, h, flags, r0, r1):
 SEGMENT_RULES = {"segment_norms": 0, "lamb": 2, "lars": 1, "novograd": 1}
 """Per-segment rule -> number of element state slots of its update (its ``_pre`` takes as many,
 or none: see ``kernels/segment_loops.py``)."""
+# ASGD (torch.optim.ASGD; Polyak & Juditsky 1992). eta and mu are the values torch keeps in the
+# state from the previous step: decay = 1 - lambd * eta; average = 0.0 while mu = 1 (ax copies
+# the parameter), else 1.0 (ax moves toward it by mu).
+
+_declare_scalars("asgd", ("decay", "eta", "weight_decay", "gsign", "mu", "average"))
+
+
+def asgd(p, g, ax, h):
+    decay, eta, weight_decay, gsign, mu, average = h
+    g = l2_grad(p, g, gsign, weight_decay)
+    p = p * decay
+    p = p - eta * g
+    if average > 0:
+        ax = ax + (p - ax) * mu
+    else:
+        ax = p
+    return p, ax
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule-free SGD and AdamW (Defazio et al., "The Road Less Scheduled", 2024; the schedulefree
+# package's SGDScheduleFree / AdamWScheduleFree). The parameter holds the gradient point y, the
+# state z; ckp1 = c_{k+1} is the averaging weight, y_step = lr (beta1 (1 - ckp1) - 1) (beta1 is
+# SGD's momentum), lr the warmed-up learning rate, bias_correction2 = 1 - beta2^t.
+
+SCHEDULEFREE = _declare_scalars(
+    "schedulefree", ("lr", "weight_decay", "ckp1", "one_minus_ckp1", "y_step"), rules=()
+)
+_declare_scalars("sf_sgd", SCHEDULEFREE)
+_declare_scalars("sf_adamw", SCHEDULEFREE + ("beta2", "one_minus_beta2", "bias_correction2", "eps"))
+
+
+def schedulefree_apply(y, g, z, h):
+    """The y/z update of both: weight decay at y, y <- lerp(y, z, ckp1) + y_step g, z <- z - lr g."""
+    lr, weight_decay, ckp1, one_minus_ckp1, y_step = h[:5]
+    if weight_decay != 0:
+        g = g + weight_decay * y
+    y = lerp(y, z, ckp1, one_minus_ckp1)
+    return y + y_step * g, z - lr * g
+
+
+def sf_sgd(y, g, z, h):
+    return schedulefree_apply(y, g, z, h)
+
+
+def sf_adamw(y, g, z, v, h):
+    beta2, one_minus_beta2, bias_correction2, eps = h[5:]
+    v = second_moment(v, g, beta2, one_minus_beta2)
+    y, z = schedulefree_apply(y, g / (math.sqrt(v / bias_correction2) + eps), z, h)
+    return y, z, v
 
 
 RULES = tuple(SCALARS)

@@ -153,6 +153,35 @@
 #define FO_NOVOGRAD_WEIGHT_DECAY            6
 #define FO_NOVOGRAD_LR                      7
 #define FO_NOVOGRAD_FIRST                   8
+// asgd (asgd)
+#define FO_ASGD_DECAY                       0
+#define FO_ASGD_ETA                         1
+#define FO_ASGD_WEIGHT_DECAY                2
+#define FO_ASGD_GSIGN                       3
+#define FO_ASGD_MU                          4
+#define FO_ASGD_AVERAGE                     5
+// schedulefree (sf_sgd)
+#define FO_SCHEDULEFREE_LR                  0
+#define FO_SCHEDULEFREE_WEIGHT_DECAY        1
+#define FO_SCHEDULEFREE_CKP1                2
+#define FO_SCHEDULEFREE_ONE_MINUS_CKP1      3
+#define FO_SCHEDULEFREE_Y_STEP              4
+// sf_sgd (sf_sgd)
+#define FO_SF_SGD_LR                        0
+#define FO_SF_SGD_WEIGHT_DECAY              1
+#define FO_SF_SGD_CKP1                      2
+#define FO_SF_SGD_ONE_MINUS_CKP1            3
+#define FO_SF_SGD_Y_STEP                    4
+// sf_adamw (sf_adamw)
+#define FO_SF_ADAMW_LR                      0
+#define FO_SF_ADAMW_WEIGHT_DECAY            1
+#define FO_SF_ADAMW_CKP1                    2
+#define FO_SF_ADAMW_ONE_MINUS_CKP1          3
+#define FO_SF_ADAMW_Y_STEP                  4
+#define FO_SF_ADAMW_BETA2                   5
+#define FO_SF_ADAMW_ONE_MINUS_BETA2         6
+#define FO_SF_ADAMW_BIAS_CORRECTION2        7
+#define FO_SF_ADAMW_EPS                     8
 
 // The public rules, in rules.RULES order: X(name, state slots, scalars).
 #define FO_RULES(X)                    \
@@ -172,6 +201,9 @@
     X(rprop, 2, 6)                     \
     X(yogi, 2, 8)                      \
     X(lion, 1, 7)                      \
-    X(ema, 0, 2)
+    X(ema, 0, 2)                       \
+    X(asgd, 1, 6)                      \
+    X(sf_sgd, 1, 5)                    \
+    X(sf_adamw, 2, 9)
 
 #endif  // FASTOPT_RULES_LAYOUT_CUH

@@ -63,6 +63,20 @@ CASES = [
     ("yogi_bias_correction", fo.Yogi, dict(lr=0.01, bias_correction=True)),
     ("lion", fo.Lion, dict(lr=0.001)),
     ("lion_wd", fo.Lion, dict(lr=0.001, weight_decay=0.1, maximize=True)),
+    ("asgd", fo.ASGD, dict(lr=0.05)),
+    ("asgd_averaging", fo.ASGD, dict(lr=0.05, lambd=0.01, t0=2, weight_decay=0.01, maximize=True)),
+    ("sgd_schedulefree", fo.SGDScheduleFree, dict(lr=0.1)),
+    (
+        "sgd_schedulefree_all",
+        fo.SGDScheduleFree,
+        dict(lr=0.1, momentum=0.8, weight_decay=0.01, warmup_steps=3, r=0.5, weight_lr_power=1.0),
+    ),
+    ("adamw_schedulefree", fo.AdamWScheduleFree, dict(lr=0.01)),
+    (
+        "adamw_schedulefree_all",
+        fo.AdamWScheduleFree,
+        dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.01, warmup_steps=4, r=1.0),
+    ),
 ]
 
 

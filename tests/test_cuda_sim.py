@@ -69,6 +69,10 @@ def _h(rule_name, t):
         "yogi": (lr, wd, gsign, beta1, 1 - beta1, 1 - beta2, 1.0, 1e-3),
         "lion": (decay, 1e-3, gsign, beta1, 1 - beta1, 0.99, 0.01),
         "ema": (0.001, 0.999) if t % 2 else (0.7, 0.3),
+        "asgd": (1 - 1e-4 * lr, lr, wd, gsign, 1.0 / t, float(t > 1)),
+        "sf_sgd": (lr, wd, 1.0 / t, 1 - 1.0 / t, lr * (0.9 * (1 - 1.0 / t) - 1)),
+        "sf_adamw": (lr, wd, 1.0 / t, 1 - 1.0 / t, lr * (beta1 * (1 - 1.0 / t) - 1))
+        + (beta2, 1 - beta2, bc2, eps),
     }
     return table[rule_name]
 
@@ -94,6 +98,7 @@ def _initial_state(rule_name, n, dtype, rng):
         "radam": (1,),
         "rprop": (1,),
         "yogi": (1,),
+        "sf_adamw": (1,),
     }.get(rule_name, ())
     for j in positive:
         states[j] = np.abs(states[j]) + 0.1

@@ -780,7 +780,7 @@ def test_registry_holds_every_schedule_type_by_name():
     }
     assert S.SCHEDULES == classes  # one registry: every public schedule class, nothing else
     nested = {name for name, cls in S.SCHEDULES.items() if cls.nested}
-    assert nested == {"Warmup", "Join", "PerEpoch", "Scaled"}
+    assert nested == {"Warmup", "Join", "PerEpoch", "Scaled", "ChainedScheduler"}
     for sched in _ROUNDTRIP:  # from_dict reads the same registry
         assert S.SCHEDULES[sched.to_dict()["type"]] is type(sched)
 
@@ -803,7 +803,9 @@ def test_schedule_class_resolves_names_and_aliases(name, cls):
 
 def test_schedule_class_errors():
     assert all(target in S.SCHEDULES for target in S.ALIASES.values())
-    with pytest.raises(ValueError, match="unknown schedule 'swirl'; known: Constant"):
+    with pytest.raises(
+        ValueError, match="unknown schedule 'swirl'; known: ChainedScheduler, Constant"
+    ):
         S.schedule_class("swirl")
     with pytest.raises(TypeError, match="string"):
         S.schedule_class(3)

@@ -169,6 +169,9 @@ CASES = (
     _other("lamb", "LAMB", {"lr": 1e-3, "weight_decay": 1e-2}, 2, torch_name=None),
     _other("lars", "LARS", {"lr": 1e-1, "weight_decay": 1e-4}, 1, torch_name=None),
     _other("novograd", "NovoGrad", {"lr": 1e-3}, 1, torch_name=None),
+    _other("asgd", "ASGD", {"lr": 1e-2, "t0": 0.0}, 1),
+    _other("sgd_schedulefree", "SGDScheduleFree", {"lr": 1.0}, 1, torch_name=None),
+    _other("adamw_schedulefree", "AdamWScheduleFree", {"lr": 2.5e-3}, 2, torch_name=None),
 )
 
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -244,6 +244,16 @@ def add_arguments(p):
     t.add_argument(
         "--patience", type=int, metavar="N", help="early stopping on the validation loss"
     )
+    t.add_argument(
+        "--swa-start",
+        type=int,
+        metavar="EPOCH",
+        help="stochastic weight averaging: average the weights of every epoch after EPOCH and "
+        "keep the average (batch-norm statistics recomputed); see fastopt.swa",
+    )
+    t.add_argument(
+        "--swa-lr", type=float, metavar="LR", help="with --swa-start: anneal the lr to LR (SWALR)"
+    )
     t.add_argument("--seed", type=int, default=0, metavar="S", help="splits, init, order (0)")
     t.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default) or cuda[:N]")
     o = p.add_argument_group("output")
@@ -277,6 +287,7 @@ def run(args):
     sched, steps_per_epoch = _schedule(args, opts, data)
     model = _model(args, opts, data)
     trainer = _trainer(args, opts, model, sched, args.epochs, args.quiet, args.patience)
+    averaging = _swa_callback(args, model, trainer)
     if not args.quiet:
         scale = 1.0 if data.y_std is None else data.y_std
         trainer.callbacks.append(epoch_printer(args.epochs, data.task, scale))
@@ -308,6 +319,9 @@ def run(args):
     compile_s = _timed_compile(args, opts, data, sched)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         history, caught = _fit(trainer, data)
+        _finish_swa(averaging, history, ds.X[fit])
+        if hasattr(trainer.optimizer, "eval"):
+            trainer.optimizer.eval()  # schedule-free: the averaged point x is the model
         final = {
             part: final_metrics(model, ds.X[rows], data.targets[rows], data)
             for part, rows in (("train", fit), ("validation", val), ("test", test))
@@ -351,6 +365,37 @@ def run(args):
         )
         return EXIT_DIVERGED
     return EXIT_INTERRUPTED if trainer.interrupted else 0
+
+
+def _swa_callback(args, model, trainer):
+    """The :class:`fastopt.swa.SWA` callback of ``--swa-start`` / ``--swa-lr`` (None without)."""
+    if args.swa_start is None:
+        return None
+    from ..swa import SWA
+
+    averaging = SWA(model, args.swa_start, swa_lr=args.swa_lr)
+    trainer.callbacks.append(averaging)
+    return averaging
+
+
+def _finish_swa(averaging, history, X):
+    """Put the SWA average into the model (batch-norm statistics recomputed on ``X``) when an
+    epoch was averaged; record what was averaged in the history."""
+    if averaging is None:
+        return
+    n = averaging.averaged.n_averaged
+    if n:
+        averaging.finish(X)
+        last = averaging.first_epoch + n - 1
+        print(f"SWA: the model is the average of epochs {averaging.first_epoch}-{last}")
+    else:
+        print(f"SWA: no epoch after {averaging.swa_start} was trained; nothing averaged")
+    history.meta["swa"] = {
+        "start": averaging.swa_start,
+        "lr": averaging.swa_lr,
+        "averaged_epochs": n,
+        "first_epoch": averaging.first_epoch,
+    }
 
 
 def _schedule(args, opts, data):

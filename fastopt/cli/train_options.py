@@ -49,6 +49,7 @@ def check_options(args):
     _interval("--warmup-start-factor", args.warmup_start_factor, closed_hi=True)
     if args.patience is not None and args.validation_split == 0:
         raise UsageError("--patience needs a validation set (--validation-split > 0)")
+    _check_swa(args)
     _interval("--dropout", args.dropout, closed_hi=False)
     if args.label_smoothing is not None:
         _interval("--label-smoothing", args.label_smoothing, closed_hi=True)
@@ -69,6 +70,28 @@ def check_options(args):
         raise UsageError(f"--out: {out_dir!r} exists and is not a directory")
     plot = not args.no_plot and has_matplotlib()
     return Options(hidden, device, spec, lr, weight_decay, opt_kwargs, out_dir, plot)
+
+
+def _check_swa(args):
+    """``--swa-start`` within the run (averaging needs an epoch after it), ``--swa-lr`` > 0 and
+    only with ``--swa-start``, and not together with ``--patience``."""
+    start, lr = getattr(args, "swa_start", None), getattr(args, "swa_lr", None)
+    if start is None:
+        if lr is not None:
+            raise UsageError("--swa-lr needs --swa-start EPOCH")
+        return
+    if not 1 <= start < args.epochs:
+        raise UsageError(
+            f"--swa-start must be in [1, --epochs - 1] = [1, {args.epochs - 1}] so that at least "
+            f"one epoch is averaged, got {start}"
+        )
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--swa-lr must be a finite number > 0, got {lr:g}")
+    if args.patience is not None:
+        raise UsageError(
+            "--swa-start and --patience: early stopping restores the best epoch's weights, SWA "
+            "replaces them with the average; give one"
+        )
 
 
 def has_matplotlib():

@@ -1,9 +1,10 @@
-"""Optimizer classes: torch.optim's names, arguments, defaults and semantics (plus Yogi and Lion)."""
+"""Optimizer classes: torch.optim's names, arguments, defaults and semantics (plus Yogi, Lion and schedule-free SGD/AdamW)."""
 
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .asgd import ASGD
 from .base import Optimizer
 from .lamb import LAMB
 from .lars import LARS
@@ -13,6 +14,7 @@ from .novograd import NovoGrad
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .yogi import Yogi
 
@@ -34,6 +36,9 @@ OPTIMIZERS = {
         LAMB,
         LARS,
         NovoGrad,
+        ASGD,
+        SGDScheduleFree,
+        AdamWScheduleFree,
     )
 }
 """The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
@@ -46,9 +51,11 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWScheduleFree",
     "Adamax",
     "LAMB",
     "LARS",
+    "ASGD",
     "Lion",
     "NAdam",
     "NovoGrad",
@@ -57,5 +64,6 @@ __all__ = [
     "RMSprop",
     "Rprop",
     "SGD",
+    "SGDScheduleFree",
     "Yogi",
 ]

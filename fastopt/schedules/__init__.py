@@ -24,16 +24,18 @@ rounding (relative differences below ~1e-12 over thousands of steps).
 
 Modules: :mod:`~fastopt.schedules.base` (the base class, :data:`SCHEDULES`, the argument
 checks), :mod:`~fastopt.schedules.decay` (the formulas), :mod:`~fastopt.schedules.combinators`
-(warmup, join, per epoch, scaled), :mod:`~fastopt.schedules.registry` (lookups by name,
+(warmup, join, per epoch, chained, scaled), :mod:`~fastopt.schedules.registry` (lookups by name,
 to/from dict), :mod:`~fastopt.schedules.plateau` (ReduceLROnPlateau).
 """
 
 from .base import SCHEDULES, Schedule
-from .combinators import Join, PerEpoch, Scaled, Warmup, join, warmup
+from .combinators import ChainedScheduler, Join, PerEpoch, Scaled, Warmup, join, warmup
 from .decay import (
+    SWALR,
     Constant,
     CosineAnnealing,
     CosineAnnealingWarmRestarts,
+    CyclicLR,
     ExponentialDecay,
     InverseSqrt,
     InverseTimeDecay,
@@ -67,10 +69,13 @@ __all__ = [
     "CosineAnnealingWarmRestarts",
     "OneCycle",
     "PiecewiseConstant",
+    "CyclicLR",
+    "SWALR",
     "Warmup",
     "Join",
     "PerEpoch",
     "Scaled",
+    "ChainedScheduler",
     "warmup",
     "join",
     "as_schedule",

@@ -1,5 +1,6 @@
 """Schedules built from other schedules: a linear warmup in front, schedules joined at
-boundaries, a schedule advanced once per epoch, a scaled schedule (what ReduceLROnPlateau puts
+boundaries, a schedule advanced once per epoch, schedules chained (factors multiplied), a
+scaled schedule (what ReduceLROnPlateau puts
 in a param group whose lr is a schedule). Numbers are accepted as constant schedules, and dicts
 as :meth:`Schedule.to_dict` configs."""
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from .base import RATE, STEPS, Schedule, integer, real, set_field, steps
 from .registry import schedule_arg
 
-__all__ = ["Join", "PerEpoch", "Scaled", "Warmup", "join", "warmup"]
+__all__ = ["ChainedScheduler", "Join", "PerEpoch", "Scaled", "Warmup", "join", "warmup"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,50 @@ class Scaled(Schedule):
     def _value(self, k: int) -> float:
         v = self.schedule(k)
         return max(self.factor * v, min(v, self.min_lr))
+
+
+@dataclass(frozen=True)
+class ChainedScheduler(Schedule):
+    r"""Several schedules of the same base lr applied together: their factors multiply.
+
+    .. math:: \eta_k = \text{lr}\prod_i \frac{s_i(k)}{\text{lr}}
+
+    with ``lr`` defaulting to ``schedules[0](0)`` (0 when ``lr`` is 0). torch:
+    ``ChainedScheduler([...])`` over one optimizer with initial lr ``lr``, when every scheduler
+    in it is *chainable*, i.e. updates the lr multiplicatively (``StepLR``, ``MultiStepLR``,
+    ``ExponentialLR``, ``PolynomialLR``, ``CosineAnnealingLR`` with ``eta_min=0`` up to
+    ``T_max``): torch
+    multiplies each one's factor into the lr in turn, which is this product (equal to
+    rounding). A scheduler that sets the lr outright (``CyclicLR``, ``OneCycleLR``, ``SWALR``,
+    ...) makes torch's chain depend on the order of the recursion; that is not reproduced.
+    Numbers are accepted as constant schedules.
+    """
+
+    schedules: tuple[Callable[[int], float], ...]
+    lr: float | None = None
+
+    nested = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedules, (str, bytes, dict)) or callable(self.schedules):
+            raise TypeError(f"schedules must be a sequence of schedules, got {self.schedules!r}")
+        try:
+            scheds = list(self.schedules)
+        except TypeError:
+            raise TypeError(
+                f"schedules must be a sequence of schedules, got {self.schedules!r}"
+            ) from None
+        if not scheds:
+            raise ValueError("schedules must not be empty")
+        scheds = tuple(schedule_arg(f"schedules[{i}]", s) for i, s in enumerate(scheds))
+        set_field(self, "schedules", scheds)
+        set_field(self, "lr", RATE("lr", scheds[0](0) if self.lr is None else self.lr))
+
+    def _value(self, k: int) -> float:
+        lr = self.lr
+        if lr == 0:
+            return 0.0
+        out = lr
+        for s in self.schedules:
+            out *= s(k) / lr
+        return out

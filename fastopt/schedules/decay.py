@@ -1,4 +1,5 @@
-"""The schedules that are formulas of the step: decays, cosine annealing, 1cycle, piecewise.
+"""The schedules that are formulas of the step: decays, cosine annealing, 1cycle, piecewise,
+cyclical, SWA.
 
 Formulas follow ``torch.optim.lr_scheduler`` in closed form, or the textbook *Dive into Deep
 Learning*, section 12.11 "Learning Rate Scheduling", where torch has no equivalent.
@@ -11,13 +12,14 @@ from bisect import bisect_right
 from dataclasses import InitVar, dataclass
 from typing import Any
 
-from ..validation import check_bool, check_choice
-from .base import RATE, STEPS, Schedule, real, set_field, steps
+from ..validation import check_bool, check_choice, check_int
+from .base import RATE, STEPS, Schedule, integer, real, set_field, steps
 
 __all__ = [
     "Constant",
     "CosineAnnealing",
     "CosineAnnealingWarmRestarts",
+    "CyclicLR",
     "ExponentialDecay",
     "InverseSqrt",
     "InverseTimeDecay",
@@ -25,6 +27,7 @@ __all__ = [
     "OneCycle",
     "PiecewiseConstant",
     "PolynomialDecay",
+    "SWALR",
     "StepDecay",
 ]
 
@@ -364,3 +367,105 @@ class PiecewiseConstant(Schedule):
 
     def _value(self, k: int) -> float:
         return self.values[bisect_right(self.boundaries, k)]
+
+
+@dataclass(frozen=True)
+class CyclicLR(Schedule):
+    r"""Cyclical learning rate (Smith, "Cyclical Learning Rates for Training Neural Networks",
+    WACV 2017): up from ``base_lr`` to ``max_lr`` in ``step_size_up`` steps, back down in
+    ``step_size_down`` (default: the same), the height scaled per cycle or per step.
+
+    .. math::
+        c = \lfloor 1 + k / T \rfloor,\quad x = 1 + k/T - c,\quad
+        s = \begin{cases} x / r & x \le r \\ (x - 1)/(r - 1) & \text{else}\end{cases},\quad
+        \eta_k = \text{base\_lr} + (\text{max\_lr} - \text{base\_lr})\, s\, f(c \text{ or } k)
+
+    with :math:`T` = up + down and :math:`r` = up / T; :math:`f` is 1 (``"triangular"``),
+    :math:`2^{1-c}` (``"triangular2"``, per cycle), :math:`\gamma^k` (``"exp_range"``, per
+    step), or ``scale_fn`` of the cycle or the step (``scale_mode``) when given, which then
+    overrides ``mode``. torch: ``CyclicLR(optimizer, base_lr, max_lr, step_size_up,
+    step_size_down, mode, gamma, scale_fn, scale_mode, cycle_momentum=False)``, identical
+    (the same closed form). Momentum cycling (torch's default ``cycle_momentum=True``) is not
+    part of a schedule: fastopt schedules set the learning rate only.
+    """
+
+    base_lr: float
+    max_lr: float
+    step_size_up: int = 2000
+    step_size_down: int | None = None
+    mode: str = "triangular"
+    gamma: float = 1.0
+    scale_fn: Any = None
+    scale_mode: str = "cycle"
+
+    _checks = {
+        "base_lr": RATE,
+        "max_lr": RATE,
+        "step_size_up": STEPS,
+        "gamma": RATE,
+    }
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        if self.step_size_down is not None:
+            set_field(
+                self, "step_size_down", check_int("step_size_down", self.step_size_down, lo=0)
+            )
+        check_choice("mode", self.mode, ("triangular", "triangular2", "exp_range"))
+        check_choice("scale_mode", self.scale_mode, ("cycle", "iterations"))
+        if self.scale_fn is not None and not callable(self.scale_fn):
+            raise TypeError(f"scale_fn must be a callable or None, got {self.scale_fn!r}")
+
+    def _scale(self, cycle: int, k: int) -> float:
+        if self.scale_fn is not None:
+            return self.scale_fn(cycle if self.scale_mode == "cycle" else k)
+        if self.mode == "triangular":
+            return 1.0
+        if self.mode == "triangular2":
+            return 1 / (2.0 ** (cycle - 1))
+        return self.gamma**k
+
+    def _value(self, k: int) -> float:
+        up = float(self.step_size_up)
+        down = up if self.step_size_down is None else float(self.step_size_down)
+        total = up + down
+        ratio = up / total
+        cycle = math.floor(1 + k / total)
+        x = 1.0 + k / total - cycle
+        factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+        return self.base_lr + (self.max_lr - self.base_lr) * factor * self._scale(cycle, k)
+
+
+@dataclass(frozen=True)
+class SWALR(Schedule):
+    r"""The SWA learning rate (Izmailov et al., "Averaging Weights Leads to Wider Optima and
+    Better Generalization", UAI 2018): from ``lr`` to ``swa_lr`` over ``anneal_epochs`` steps,
+    then constant.
+
+    .. math:: \eta_k = \alpha_k\,\text{swa\_lr} + (1 - \alpha_k)\,\text{lr},\quad
+              \alpha_k = a\bigl(\min(1, k / \max(1, E))\bigr)
+
+    with :math:`a(t) = (1 - \cos \pi t)/2` (``"cos"``) or :math:`t` (``"linear"``) and
+    :math:`E` = ``anneal_epochs`` (:math:`E = 0`: ``swa_lr`` from the first step). torch:
+    ``SWALR(optimizer, swa_lr, anneal_epochs, anneal_strategy)`` over an optimizer whose lr is
+    ``lr`` when it is built (torch's recursion recovers ``lr`` each step; this is its closed
+    form, equal to rounding). Count ``k`` in epochs with :class:`PerEpoch`, as torch steps it.
+    """
+
+    lr: float
+    swa_lr: float
+    anneal_epochs: int = 10
+    anneal_strategy: str = "cos"
+
+    _checks = {"lr": RATE, "swa_lr": RATE, "anneal_epochs": integer(ge=0)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        check_choice("anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+
+    def _value(self, k: int) -> float:
+        if self.anneal_epochs == 0:
+            k = max(1, k)
+        t = max(0, min(1, k / max(1, self.anneal_epochs)))
+        alpha = (1 - math.cos(math.pi * t)) / 2 if self.anneal_strategy == "cos" else t
+        return self.swa_lr * alpha + self.lr * (1 - alpha)

@@ -36,6 +36,8 @@ ALIASES = {
     "sgdr": "CosineAnnealingWarmRestarts",
     "onecycle": "OneCycle",
     "piecewise": "PiecewiseConstant",
+    "cyclic": "CyclicLR",
+    "swa": "SWALR",
 }
 """Short names of schedule types (alias -> class name in :data:`SCHEDULES`)."""
 

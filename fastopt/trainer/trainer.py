@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ..arrays import array_module
+from ..optim.schedulefree import evaluation_point
 from ..schedules import PerEpoch, ReduceLROnPlateau
 from ..validation import check_bool, check_choice, check_int, check_positive, check_real
 from . import data, resume
@@ -463,7 +464,8 @@ class Trainer:
             row = {"epoch": self.epoch + 1}
             row.update(model.metrics_from_sums(total[:3], max(total[3], 1.0)))
             if val is not None:
-                vm = strategy.evaluate(self, *val)
+                with evaluation_point(opt):  # schedule-free: validate at the averaged point
+                    vm = strategy.evaluate(self, *val)
                 row.update({f"val_{k}": v for k, v in vm.items()})
         row["lr"] = self._current_lr()
         row["time"] = elapsed

@@ -1,0 +1,77 @@
+"""ASGD: averaged stochastic gradient descent (torch.optim.ASGD)."""
+
+from ..validation import check_bool, check_lr, check_nonnegative, check_real
+from .base import Optimizer, constructor_defaults, l2_scalars
+
+
+class ASGD(Optimizer):
+    r"""Averaged SGD, exactly torch.optim.ASGD (its single-tensor path).
+
+    .. math::
+        g_t = \pm\nabla f(\theta_{t-1}) + \lambda_{wd}\theta_{t-1},\quad
+        \theta_t = \theta_{t-1}(1 - \lambda\eta_{t-1}) - \eta_{t-1} g_t,
+
+        \bar\theta_t = \theta_t \text{ if } \mu_{t-1} = 1 \text{ else }
+        \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1}),
+
+        \eta_t = \frac{\eta}{(1 + \lambda\eta t)^{\alpha}},\quad \mu_t = \frac{1}{\max(1, t - t_0)}
+
+    with :math:`\eta_0` = lr and :math:`\mu_0 = 1`: the averaged parameters :math:`\bar\theta`
+    (``ax`` in the state) are the running mean of the iterates from step :math:`t_0` on, until
+    then a copy of them. ``eta`` and ``mu`` are host state in float64 (torch keeps them as tensors
+    of its default dtype, float32 unless ``torch.set_default_dtype(torch.float64)``).
+    Reference: Polyak & Juditsky, "Acceleration of stochastic approximation by averaging",
+    SIAM J. Control Optim. 1992.
+    """
+
+    algorithm = "asgd"
+
+    def __init__(
+        self,
+        params,
+        lr=1e-2,
+        lambd=1e-4,
+        alpha=0.75,
+        t0=1e6,
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        **options,
+    ):
+        super().__init__(params, constructor_defaults(locals()), **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_nonnegative("lambd", group["lambd"])
+        check_nonnegative("alpha", group["alpha"])
+        check_real("t0", group["t0"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("maximize", group["maximize"])
+
+    def _rule(self, group):
+        return "asgd"
+
+    def _state_names(self, group):
+        return ("ax",)
+
+    def _initial_scalar_state(self, group):
+        return {"eta": 0.0, "mu": 1.0}  # eta is set to the lr at allocation
+
+    def _allocate(self, group, unit, names, lr):
+        super()._allocate(group, unit, names, lr)
+        unit.state["eta"] = lr
+
+    def _scalars(self, group, state, step, lr):
+        lambd, eta, mu = group["lambd"], state["eta"], state["mu"]
+        h = dict(
+            decay=1.0 - lambd * eta,
+            eta=eta,
+            **l2_scalars(group),
+            mu=mu,
+            average=float(mu != 1.0),
+        )
+        updates = {
+            "eta": lr / ((1.0 + lambd * lr * step) ** group["alpha"]),
+            "mu": 1.0 / max(1.0, step - group["t0"]),
+        }
+        return h, updates

@@ -1,0 +1,215 @@
+"""CyclicLR, SWALR and ChainedScheduler against torch.optim.lr_scheduler, step for step (>= 1000
+steps, as tests/test_schedules.py checks the others), plus their arguments and configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from test_schedules import LR, torch_lrs, values
+
+from fastopt import schedules as S
+
+
+def triangular_height(x):  # a scale_fn (module level: picklable, like torch's advice)
+    return 1 / (1 + 0.1 * x)
+
+
+CYCLIC = [
+    (
+        "triangular",
+        S.CyclicLR(0.01, 0.1, step_size_up=50),
+        lambda L, o: L.CyclicLR(o, 0.01, 0.1, step_size_up=50, cycle_momentum=False),
+    ),
+    (
+        "triangular-asymmetric",
+        S.CyclicLR(0.001, 0.05, step_size_up=30, step_size_down=70),
+        lambda L, o: L.CyclicLR(o, 0.001, 0.05, 30, 70, cycle_momentum=False),
+    ),
+    (
+        "triangular2",
+        S.CyclicLR(0.01, 0.2, step_size_up=40, mode="triangular2"),
+        lambda L, o: L.CyclicLR(
+            o, 0.01, 0.2, step_size_up=40, mode="triangular2", cycle_momentum=False
+        ),
+    ),
+    (
+        "exp_range",
+        S.CyclicLR(0.005, 0.1, step_size_up=25, step_size_down=15, mode="exp_range", gamma=0.999),
+        lambda L, o: L.CyclicLR(
+            o, 0.005, 0.1, 25, 15, mode="exp_range", gamma=0.999, cycle_momentum=False
+        ),
+    ),
+    (
+        "scale_fn-cycle",
+        S.CyclicLR(0.01, 0.1, step_size_up=20, scale_fn=triangular_height),
+        lambda L, o: L.CyclicLR(o, 0.01, 0.1, 20, scale_fn=triangular_height, cycle_momentum=False),
+    ),
+    (
+        "scale_fn-iterations",
+        S.CyclicLR(0.01, 0.1, step_size_up=20, scale_fn=triangular_height, scale_mode="iterations"),
+        lambda L, o: L.CyclicLR(
+            o,
+            0.01,
+            0.1,
+            20,
+            scale_fn=triangular_height,
+            scale_mode="iterations",
+            cycle_momentum=False,
+        ),
+    ),
+    (
+        "down-0",
+        S.CyclicLR(0.01, 0.1, step_size_up=9, step_size_down=0),
+        lambda L, o: L.CyclicLR(o, 0.01, 0.1, 9, 0, cycle_momentum=False),
+    ),
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(("schedule", "make"), [c[1:] for c in CYCLIC], ids=[c[0] for c in CYCLIC])
+def test_cyclic_matches_torch_bit_for_bit(schedule, make):
+    """torch's CyclicLR is a closed form too (it sets the lr outright): the same floats."""
+    ours = values(schedule, 1200)
+    assert ours == torch_lrs(make, LR, 1200)
+    assert max(ours) > min(ours) * 2  # it cycles
+
+
+def swalr(optimizer, **kwargs):
+    from torch.optim.swa_utils import SWALR
+
+    return SWALR(optimizer, **kwargs)
+
+
+SWALR_CASES = [
+    ("cos", S.SWALR(LR, 0.01, 50), lambda L, o: swalr(o, swa_lr=0.01, anneal_epochs=50)),
+    (
+        "linear",
+        S.SWALR(LR, 0.02, 300, "linear"),
+        lambda L, o: swalr(o, swa_lr=0.02, anneal_epochs=300, anneal_strategy="linear"),
+    ),
+    ("anneal-0", S.SWALR(LR, 0.03, 0), lambda L, o: swalr(o, swa_lr=0.03, anneal_epochs=0)),
+    ("anneal-1", S.SWALR(LR, 0.5, 1), lambda L, o: swalr(o, swa_lr=0.5, anneal_epochs=1)),
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    ("schedule", "make"), [c[1:] for c in SWALR_CASES], ids=[c[0] for c in SWALR_CASES]
+)
+def test_swalr_matches_torch(schedule, make):
+    """torch recovers the start lr from the current one each step; the closed form agrees to
+    rounding, and both end at swa_lr."""
+    ref = torch_lrs(make, LR, 1000)
+    ours = values(schedule, 1000)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+    assert ours[-1] == pytest.approx(schedule.swa_lr, rel=1e-15)
+
+
+CHAINED = [
+    (
+        "step-exp",
+        S.ChainedScheduler([S.StepDecay(LR, 100, 0.5), S.ExponentialDecay(LR, 0.999)]),
+        lambda L, o: L.ChainedScheduler(
+            [L.StepLR(o, step_size=100, gamma=0.5), L.ExponentialLR(o, gamma=0.999)]
+        ),
+    ),
+    (
+        "multistep-cosine-poly",
+        S.ChainedScheduler(
+            [
+                S.MultiStepDecay(LR, [200, 600], 0.3),
+                S.CosineAnnealing(LR, 1300),
+                S.PolynomialDecay(LR, 1500, 0.5),
+            ]
+        ),
+        lambda L, o: L.ChainedScheduler(
+            [
+                L.MultiStepLR(o, milestones=[200, 600], gamma=0.3),
+                L.CosineAnnealingLR(o, T_max=1300),
+                L.PolynomialLR(o, total_iters=1500, power=0.5),
+            ]
+        ),
+    ),
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    ("schedule", "make"), [c[1:] for c in CHAINED], ids=[c[0] for c in CHAINED]
+)
+def test_chained_matches_torch(schedule, make):
+    ref = torch_lrs(make, LR, 1200)
+    ours = values(schedule, 1200)
+    assert all(type(v) is float for v in ours)
+    np.testing.assert_allclose(ours, ref, rtol=1e-11, atol=1e-15)
+
+
+def test_chained_formula_and_lr():
+    a, b = S.StepDecay(0.2, 3, 0.5), S.ExponentialDecay(0.2, 0.9)
+    c = S.ChainedScheduler([a, b])
+    assert c.lr == 0.2
+    for k in range(20):
+        assert c(k) == pytest.approx(0.2 * 0.5 ** (k // 3) * 0.9**k, rel=1e-14)
+    assert S.ChainedScheduler([S.Constant(0.0), b])(5) == 0.0
+    assert S.ChainedScheduler([0.1]) == S.ChainedScheduler([S.Constant(0.1)], lr=0.1)
+
+
+def test_cyclic_triangular2_halves_each_cycle():
+    s = S.CyclicLR(0.0, 1.0, step_size_up=10, mode="triangular2")
+    assert [s(10), s(30), s(50)] == [1.0, 0.5, 0.25]
+    assert s(0) == s(20) == 0.0
+
+
+def test_swalr_formula():
+    s = S.SWALR(1.0, 0.0, 4, "cos")
+    assert [s(k) for k in range(6)] == pytest.approx(
+        [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0, 0],
+        abs=1e-15,
+    )
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [
+        S.CyclicLR(0.01, 0.1, 7, 3, "exp_range", 0.99),
+        S.SWALR(0.1, 0.01, 5, "linear"),
+        S.ChainedScheduler([S.StepDecay(0.1, 3), S.CyclicLR(0.1, 0.2, 5)]),
+    ],
+    ids=["CyclicLR", "SWALR", "ChainedScheduler"],
+)
+def test_new_schedules_round_trip_through_json(sched):
+    back = S.schedule_from_dict(json.loads(json.dumps(sched.to_dict(), allow_nan=False)))
+    assert back == sched
+    assert [back(k) for k in range(40)] == [sched(k) for k in range(40)]
+
+
+def test_registry_names():
+    assert S.schedule_class("cyclic") is S.CyclicLR
+    assert S.schedule_class("swa") is S.SWALR
+    assert S.schedule_class("chained_scheduler") is S.ChainedScheduler
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: S.CyclicLR(-0.1, 0.1), ValueError, "base_lr"),
+        (lambda: S.CyclicLR(0.01, 0.1, step_size_up=0), ValueError, "step_size_up"),
+        (lambda: S.CyclicLR(0.01, 0.1, step_size_down=-1), ValueError, "step_size_down"),
+        (lambda: S.CyclicLR(0.01, 0.1, step_size_down=2.5), TypeError, "step_size_down"),
+        (lambda: S.CyclicLR(0.01, 0.1, mode="sawtooth"), ValueError, "mode"),
+        (lambda: S.CyclicLR(0.01, 0.1, scale_mode="epoch"), ValueError, "scale_mode"),
+        (lambda: S.CyclicLR(0.01, 0.1, scale_fn=3), TypeError, "scale_fn"),
+        (lambda: S.SWALR(0.1, -0.01), ValueError, "swa_lr"),
+        (lambda: S.SWALR(0.1, 0.01, -1), ValueError, "anneal_epochs"),
+        (lambda: S.SWALR(0.1, 0.01, 5, "cosine"), ValueError, "anneal_strategy"),
+        (lambda: S.ChainedScheduler([]), ValueError, "empty"),
+        (lambda: S.ChainedScheduler(S.Constant(0.1)), TypeError, "sequence"),
+        (lambda: S.ChainedScheduler([0.1], lr=-1.0), ValueError, "lr"),
+    ],
+)
+def test_bad_arguments(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
