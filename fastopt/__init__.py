@@ -14,6 +14,7 @@ from .clipping import all_finite, clip_grad_norm, clip_grad_value, global_norm
 from .dispatch import backends
 from .ema import EMA
 from .optim import (
+    LBFGS,
     SGD,
     Adadelta,
     Adagrad,
@@ -73,6 +74,7 @@ __all__ = [
     "CheckpointError",
     "GradientAccumulator",
     "History",
+    "LBFGS",
     "MLP",
     "Lion",
     "NAdam",

@@ -5,6 +5,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .base import Optimizer
+from .lbfgs import LBFGS
 from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
@@ -28,6 +29,7 @@ OPTIMIZERS = {
         Rprop,
         Yogi,
         Lion,
+        LBFGS,
     )
 }
 """The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
@@ -41,6 +43,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "LBFGS",
     "Lion",
     "NAdam",
     "Optimizer",

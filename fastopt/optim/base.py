@@ -88,6 +88,8 @@ class Optimizer:
 
     algorithm = ""
     """Name of the rule family and of its reference function in ``fastopt.reference``."""
+    requires_closure = False
+    """True for optimizers whose ``step(closure)`` re-evaluates the objective (LBFGS)."""
 
     def __init__(
         self,
