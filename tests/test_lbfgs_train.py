@@ -88,3 +88,24 @@ def test_trainer_refuses_lbfgs_with_clipping():
     model = MLP(4, (3,), 2, seed=0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         fo.Trainer(model, fo.LBFGS, max_grad_norm=1.0)
+
+
+def test_cli_train_with_lbfgs(tmp_path, capsys):
+    from fastopt.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "digits", "--optimizer", "lbfgs:lr=1,history_size=10,max_iter=5"]
+    assert main([*args, "--epochs", "2", "--batch-size", "512", "--out", str(out)]) == 0
+    ckpt = fo.checkpoint.load(out / "model.ckpt")
+    assert ckpt.algorithm == "LBFGS"
+    assert len(ckpt.optimizer_state["state"][0]["old_dirs"]) == 10  # the history is saved
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    test_acc = [float(r[2]) for r in rows if len(r) == 3 and r[0] == "test"]
+    assert test_acc and test_acc[0] >= 0.95
+
+
+def test_cli_train_refuses_playground_methods(capsys):
+    from fastopt.cli import main
+
+    assert main(["train", "digits", "--optimizer", "newton", "--epochs", "1"]) != 0
+    assert "playground method" in capsys.readouterr().err
