@@ -12,6 +12,9 @@ window, and its minimum where it has one::
     >>> xs = np.zeros((2, 50, 60)); p.value(xs).shape   # a grid: shape (dim, *batch)
     (50, 60)
 
+Every problem also has its analytic Hessian, ``p.hess(x)`` (shape ``(dim, dim, *batch)``), for
+Newton's method in the playground (``fastopt.playground.methods``).
+
 Points are arrays whose FIRST axis holds the coordinates: ``(dim,)`` for one point, ``(dim, ...)``
 for many (a meshgrid stacked along axis 0), so contour plots need no Python loop.
 
@@ -72,8 +75,8 @@ class Problem:
     ``params`` (the keyword arguments it was built with); ``start`` (a tuple of ``dim`` floats);
     ``minimum`` (the minimiser as a tuple, or None when the function is unbounded below);
     ``min_value`` (f at the minimiser, or None); ``window`` (``dim`` (low, high) plotting ranges);
-    ``source`` (where it comes from). Subclasses implement ``_value(*coords)`` and
-    ``_grad(*coords)`` on the coordinate arrays.
+    ``source`` (where it comes from). Subclasses implement ``_value(*coords)``,
+    ``_grad(*coords)`` and ``_hess(*coords)`` (the rows of the Hessian) on the coordinate arrays.
     """
 
     name = ""
@@ -108,6 +111,16 @@ class Problem:
         coords = self._coords(x)
         return np.stack([np.broadcast_to(g, coords[0].shape) for g in self._grad(*coords)])
 
+    def hess(self, x):
+        """The Hessian at ``x`` (shape ``(dim, *batch)``): shape ``(dim, dim, *batch)``."""
+        coords = self._coords(x)
+        return np.stack(
+            [
+                np.stack([np.broadcast_to(h, coords[0].shape) for h in row])
+                for row in self._hess(*coords)
+            ]
+        )
+
     def __call__(self, x):
         return self.value(x)
 
@@ -115,6 +128,9 @@ class Problem:
         raise NotImplementedError
 
     def _grad(self, *coords):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _hess(self, *coords):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self):
@@ -155,6 +171,9 @@ class Square(Problem):
     def _grad(self, x):
         return (2.0 * x,)
 
+    def _hess(self, x):
+        return ((2.0,),)
+
 
 class Quadratic(Problem):
     """f(x) = a x1^2 + b x2^2, a, b > 0: a bowl, ill-conditioned when a/b is far from 1.
@@ -187,6 +206,9 @@ class Quadratic(Problem):
     def _grad(self, x1, x2):
         return 2.0 * self.a * x1, 2.0 * self.b * x2
 
+    def _hess(self, x1, x2):
+        return (2.0 * self.a, 0.0), (0.0, 2.0 * self.b)
+
 
 class Rosenbrock(Problem):
     """f(x, y) = (a - x)^2 + b (y - x^2)^2: a curved valley, minimum (a, a^2)."""
@@ -214,6 +236,11 @@ class Rosenbrock(Problem):
         r = y - x * x
         return -2.0 * (self.a - x) - 4.0 * self.b * x * r, 2.0 * self.b * r
 
+    def _hess(self, x, y):
+        # d2f/dx2 = 2 - 4b (y - x^2) + 8b x^2, d2f/dxdy = -4b x, d2f/dy2 = 2b
+        fxy = -4.0 * self.b * x
+        return (2.0 - 4.0 * self.b * (y - x * x) + 8.0 * self.b * x * x, fxy), (fxy, 2.0 * self.b)
+
 
 class Saddle(Problem):
     """f(x, y) = x^2 - y^2: a saddle point at the origin, unbounded below (D2L 12.1.2.2).
@@ -236,6 +263,9 @@ class Saddle(Problem):
     def _grad(self, x, y):
         return 2.0 * x, -2.0 * y
 
+    def _hess(self, x, y):
+        return (2.0, 0.0), (0.0, -2.0)
+
 
 class Plateau(Problem):
     """f(x, y) = tanh(x)^2 + tanh(y)^2: a minimum at 0 inside plateaus where the gradient
@@ -256,6 +286,13 @@ class Plateau(Problem):
     def _grad(self, x, y):
         tx, ty = np.tanh(x), np.tanh(y)
         return 2.0 * tx * (1.0 - tx * tx), 2.0 * ty * (1.0 - ty * ty)
+
+    def _hess(self, x, y):
+        # d/dx 2t(1 - t^2) with t = tanh x, dt/dx = 1 - t^2: 2(1 - t^2)(1 - 3t^2)
+        tx, ty = np.tanh(x), np.tanh(y)
+        hx = 2.0 * (1.0 - tx * tx) * (1.0 - 3.0 * tx * tx)
+        hy = 2.0 * (1.0 - ty * ty) * (1.0 - 3.0 * ty * ty)
+        return (hx, 0.0), (0.0, hy)
 
 
 def _ellipse(a=0.1, b=2.0):

@@ -26,6 +26,15 @@ accuracy; see the README) are :data:`TUNED_CLASSIFIER` / :data:`TUNED_REGRESSOR`
 ``hidden_layer_sizes=(512,)``, ``alpha=1e-3``, ``batch_size=64`` and, for the classifier,
 ``label_smoothing=0.1``.
 
+``solver="lbfgs"`` (:class:`fastopt.optim.LBFGS`), as scikit-learn's: full-batch, one
+``step()`` of at most ``max_iter`` L-BFGS iterations and 15000 loss evaluations (``max_fun``),
+stopping when ``max |grad| <= tol``; ``n_iter_`` counts the iterations, ``learning_rate_init``,
+``batch_size``, ``shuffle`` and ``early_stopping`` do not apply and there is no ``partial_fit``.
+The algorithm is torch's L-BFGS (strong-Wolfe line search, 10 curvature pairs, its
+``tolerance_change=1e-9`` on loss and step), not scipy's L-BFGS-B that scikit-learn calls
+(``gtol=tol``, relative ``ftol``, a More-Thuente line search), so the iterates differ; the L2 term
+``alpha/2 |W|^2`` is part of the objective.
+
 Stopping, as scikit-learn: training stops when the training loss (or, with ``early_stopping``,
 the validation loss on a held-out ``validation_fraction``, and the best weights are restored)
 has not improved by more than ``tol`` for ``n_iter_no_change`` epochs, or after ``max_iter``
@@ -47,6 +56,7 @@ import numpy as np
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, unique_labels
     from sklearn.utils.validation import check_is_fitted, check_random_state, column_or_1d
 except ImportError as exc:  # pragma: no cover - exercised without scikit-learn
@@ -132,6 +142,34 @@ def _estimator_init(kind):
 
     __init__.__signature__ = signature
     return __init__
+
+
+LBFGS_MAX_FUN = 15000
+"""Closure evaluations allowed to one ``fit`` with ``solver="lbfgs"``: scikit-learn's ``max_fun``
+default."""
+
+
+def _lbfgs_kwargs(max_iter, tol):
+    """LBFGS settings of ``solver="lbfgs"``: ``max_iter`` L-BFGS iterations, at most
+    :data:`LBFGS_MAX_FUN` evaluations, stop when ``max |grad| <= tol`` (scikit-learn passes
+    ``gtol=tol`` to scipy), 10 curvature pairs (scipy's ``maxcor``), strong-Wolfe line search."""
+    return {
+        "max_iter": max_iter,
+        "max_eval": max(LBFGS_MAX_FUN, max_iter),
+        "tolerance_grad": tol,
+        "history_size": 10,
+        "line_search_fn": "strong_wolfe",
+    }
+
+
+def _stochastic_solver(estimator):
+    """``partial_fit`` exists for minibatch solvers only, as in scikit-learn (not for lbfgs)."""
+    if _optimizer_class(estimator.solver).requires_closure:
+        raise AttributeError(
+            f"partial_fit is only available for stochastic solvers; solver={estimator.solver!r} "
+            "is full-batch (as scikit-learn's lbfgs)"
+        )
+    return True
 
 
 def _optimizer_class(solver):
@@ -242,18 +280,21 @@ class _BaseMLP(BaseEstimator):
     def _make_trainer(self, n, *, epochs, partial):
         cls = _optimizer_class(self.solver)
         kwargs = dict(_SOLVER_DEFAULTS.get(cls.__name__.lower(), {}))
-        early = self.early_stopping and not partial
+        full_batch = cls.requires_closure  # lbfgs: one full-batch step() of max_iter iterations
+        if full_batch:
+            kwargs = {**_lbfgs_kwargs(self.max_iter, self.tol), **kwargs}
+        early = self.early_stopping and not partial and not full_batch
         self._trainer = Trainer(
             self.model_,
             cls,
-            lr=self.learning_rate_init,
+            lr=1.0 if full_batch else self.learning_rate_init,
             weight_decay=self.alpha,
             optimizer_kwargs=kwargs,
-            batch_size=self._batch_size(n),
+            batch_size=n if full_batch else self._batch_size(n),
             epochs=epochs,
-            shuffle=bool(self.shuffle),
+            shuffle=bool(self.shuffle) and not full_batch,
             validation_split=self.validation_fraction if early else 0.0,
-            patience=None if partial else self.n_iter_no_change,
+            patience=None if partial or full_batch else self.n_iter_no_change,
             min_delta=self.tol,
             restore_best_weights=bool(early),
             progress=bool(self.verbose) and None,
@@ -286,6 +327,18 @@ class _BaseMLP(BaseEstimator):
                 {k: list(v) for k, v in self.history_.items()}, meta=self.history_.meta
             )
             trainer.epoch = len(self.history_.get("loss", []))
+        if trainer.optimizer.requires_closure:
+            history = trainer.fit(X, t, epochs=trainer.epoch + 1)
+            self._record(history)
+            self.n_iter_ = trainer.optimizer.state[0]["n_iter"] if trainer.optimizer.state else 0
+            if self.n_iter_ >= self.max_iter:
+                warnings.warn(
+                    f"lbfgs failed to converge after {self.max_iter} iteration(s) "
+                    "(max_iter reached)",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
+            return self
         target = trainer.epoch + self.max_iter
         history = trainer.fit(X, t, epochs=target)
         self._record(history)
@@ -431,6 +484,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         """Fit the classifier on (X, y)."""
         return super().fit(X, y)
 
+    @available_if(_stochastic_solver)
     def partial_fit(self, X, y, classes=None):
         """One epoch over (X, y). ``classes`` (every label that will ever appear) is required
         on the first call unless y of that call holds them all."""
@@ -514,6 +568,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         """Fit the regressor on (X, y); y of shape (n,) or (n, n_targets)."""
         return super().fit(X, y)
 
+    @available_if(_stochastic_solver)
     def partial_fit(self, X, y):
         """One epoch over (X, y) (the target standardization is fitted on the first call)."""
         return self._partial_fit(X, y)

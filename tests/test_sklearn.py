@@ -253,7 +253,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="only one class"):
         MLPClassifier().fit(X[:10], np.zeros(10))
     for bad, match in [
-        (dict(solver="lbfgs"), "unknown solver"),
+        (dict(solver="newton"), "unknown solver"),
         (dict(max_iter=0), "max_iter"),
         (dict(alpha=-1), "alpha"),
         (dict(batch_size=0), "batch_size"),

@@ -24,10 +24,13 @@ Run optimizers on a small test function and draw their trajectories over its con
 for one variable), next to the loss per step: the pictures of Dive into Deep Learning, ch. 12.
 
 {block("problems", funcs + "; parameters as NAME:k=v, e.g. quadratic:a=1,b=4")}
-{block("optimizers", ", ".join(OPTIMIZERS) + " (gd = sgd), with their torch.optim keyword arguments: NAME:k=v,k=v")}
+{block("optimizers", ", ".join(OPTIMIZERS) + " (gd = sgd), with their torch.optim keyword arguments: NAME:k=v,k=v; newton (damped, modified Newton: lr, line_search, rho) and armijo (gd with backtracking: lr, rho, c1) are the playground's own; lbfgs makes one step() (max_iter iterations) per point")}
   presets     gd-lr     gradient descent with lr 0.05 / 0.2 / 1.1 on x^2 from 10 (12.3)
               momentum  gd lr 0.4, momentum 0.25 / 0.5 with lr 0.6 on the ellipse (12.6)
               adaptive  Adagrad vs RMSProp vs Adam, lr 0.4, on the ellipse (12.7-12.10)
+              curvature gd, momentum, Newton and L-BFGS on the ellipse (curvature-rosenbrock:
+                        the same on Rosenbrock)
+              armijo    gd with fixed lr vs backtracking (Armijo) line search on Rosenbrock
 
 With --schedules, plot the learning rate of fastopt.schedules over --steps steps instead: a
 gallery of every kind, or the ones given with --schedule NAME:k=v (class names of
@@ -57,7 +60,11 @@ MAX_STEPS = 1_000_000
 
 def add_arguments(p):
     t = p.add_argument_group("trajectories")
-    t.add_argument("--preset", metavar="NAME", help="gd-lr, momentum or adaptive")
+    t.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="gd-lr, momentum, adaptive, curvature, curvature-rosenbrock or armijo",
+    )
     t.add_argument(
         "--problem", metavar="SPEC", help="test function, e.g. ellipse or quadratic:a=1,b=4"
     )

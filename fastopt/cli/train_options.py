@@ -161,6 +161,8 @@ def parse_optimizer(text):
         spec = P.parse_optimizer(text)
     except ValueError as exc:
         raise UsageError(f"--optimizer: {exc}") from None
+    if not hasattr(spec.cls, "requires_closure"):  # newton, armijo: the playground's own
+        raise UsageError(f"--optimizer: {spec.name} is a playground method, not an optimizer")
     params = inspect.signature(spec.cls.__init__).parameters
     kwargs = dict(spec.kwargs)
     lr = kwargs.pop("lr", params["lr"].default if "lr" in params else 1e-3)

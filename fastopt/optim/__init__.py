@@ -8,6 +8,7 @@ from .asgd import ASGD
 from .base import Optimizer
 from .lamb import LAMB
 from .lars import LARS
+from .lbfgs import LBFGS
 from .lion import Lion
 from .nadam import NAdam
 from .novograd import NovoGrad
@@ -39,6 +40,7 @@ OPTIMIZERS = {
         ASGD,
         SGDScheduleFree,
         AdamWScheduleFree,
+        LBFGS,
     )
 }
 """The registry of optimizer classes by lowercase name (``"adamw"`` -> :class:`AdamW`), in the
@@ -56,6 +58,7 @@ __all__ = [
     "LAMB",
     "LARS",
     "ASGD",
+    "LBFGS",
     "Lion",
     "NAdam",
     "NovoGrad",

@@ -102,6 +102,8 @@ class Optimizer:
 
     algorithm = ""
     """Name of the rule family and of its reference function in ``fastopt.reference``."""
+    requires_closure = False
+    """True for optimizers whose ``step(closure)`` re-evaluates the objective (LBFGS)."""
 
     elementwise = True
     """True when every element's update depends on that element alone, so any slice of the flat

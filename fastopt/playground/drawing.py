@@ -165,8 +165,9 @@ def _draw_contours(ax, problem, runs, shown, colors):
 
 
 def _draw_losses(ax, problem, runs, shown, ceiling, colors):
-    """f per step, as f - f* on a log scale when the minimum is known and every drawn value is
-    above it; values past the chart clipped at the ceiling, non-finite ones left out."""
+    """f per step, as f - f* on a log scale when the minimum is known and no drawn value is
+    below it (values equal to f* drawn at 1% of the smallest positive gap); values past the
+    chart clipped at the ceiling, non-finite ones left out."""
     fstar = problem.min_value
     curves = []
     for r in runs:
@@ -174,12 +175,17 @@ def _draw_losses(ax, problem, runs, shown, ceiling, colors):
         y[~np.isfinite(y)] = np.nan
         curves.append(y)
     log = fstar is not None and all(
-        (y[np.isfinite(y)] - fstar > 0).all() for y in curves if np.isfinite(y).any()
+        (y[np.isfinite(y)] - fstar >= 0).all() for y in curves if np.isfinite(y).any()
     )
+    if log:  # a run that hits f* exactly (Newton on a quadratic) drops to a floor below the rest
+        gaps = np.concatenate([y[np.isfinite(y)] - fstar for y in curves] or [np.zeros(0)])
+        positive = gaps[gaps > 0]
+        log = positive.size > 0
+        floor = positive.min() * 1e-2 if log else 0.0
     for i, (r, y) in enumerate(zip(runs, curves)):
         c = colors[i % len(colors)]
         if log:
-            y = np.clip(y - fstar, 1e-300, ceiling)
+            y = np.clip(y - fstar, floor, ceiling)
         else:
             y = np.clip(y, -ceiling, ceiling)
         ms = 3 if len(y) <= 80 else 0

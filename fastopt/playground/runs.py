@@ -42,7 +42,7 @@ def run(problem, spec, steps=20, start=None):
     diverged = False
     with np.errstate(over="ignore", invalid="ignore"):
         for _ in range(steps):
-            opt.step([problem.grad(x)])
+            _one_step(opt, problem, x)
             fx = float(problem.value(x))
             if not (np.isfinite(x).all() and math.isfinite(fx)):
                 diverged = True
@@ -52,6 +52,18 @@ def run(problem, spec, steps=20, start=None):
     return Trajectory(
         spec.label, spec.name, dict(spec.kwargs), np.array(points), np.array(values), diverged
     )
+
+
+def _one_step(opt, problem, x):
+    """One step of ``opt`` on ``problem`` at ``x`` (updated in place): a playground method's
+    ``step_on``, a closure step (L-BFGS: one ``step()``, up to its ``max_iter`` iterations; the
+    presets use ``max_iter=1``, one iteration per point), or a gradient step."""
+    if hasattr(opt, "step_on"):
+        opt.step_on(problem)
+    elif opt.requires_closure:
+        opt.step(lambda: (float(problem.value(x)), [problem.grad(x)]))
+    else:
+        opt.step([problem.grad(x)])
 
 
 def trajectories_json(problem, runs, steps):
@@ -110,5 +122,36 @@ PRESETS = {
         20,
         "D2L 12.7-12.10: Adagrad, RMSProp (gamma 0.9) and Adam, eta 0.4, on 0.1 x1^2 + 2 x2^2 "
         "from (-5, -2)",
+    ),
+    "curvature": Preset(
+        "ellipse",
+        (
+            "gd:lr=0.4",
+            "sgd:lr=0.6,momentum=0.5",
+            "newton",
+            "lbfgs:max_iter=1,history_size=10",
+        ),
+        20,
+        "What curvature buys on 0.1 x1^2 + 2 x2^2 (condition number 20): gradient descent, "
+        "momentum, Newton (one step) and L-BFGS (one iteration per step)",
+    ),
+    "curvature-rosenbrock": Preset(
+        "rosenbrock",
+        (
+            "gd:lr=0.001",
+            "sgd:lr=0.0005,momentum=0.9",
+            "newton",
+            "lbfgs:max_iter=1,max_eval=25,history_size=10,line_search_fn=strong_wolfe",
+        ),
+        100,
+        "The same on Rosenbrock's curved valley: gradient descent and momentum crawl, damped "
+        "Newton and L-BFGS (strong Wolfe) reach the minimum",
+    ),
+    "armijo": Preset(
+        "rosenbrock",
+        ("gd:lr=0.001", "gd:lr=0.0025", "armijo:lr=1"),
+        200,
+        "Backtracking (Armijo) line search for gradient descent on Rosenbrock: a fixed lr is "
+        "slow (0.001) or diverges (0.0025); backtracking from t = 1 picks a length per step",
     ),
 }

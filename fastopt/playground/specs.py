@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import problems as _problems
 from ..optim import OPTIMIZERS as _REGISTRY
+from .methods import METHODS
 
 
 # --------------------------------------------------------------------------------- specs
@@ -94,9 +95,10 @@ def parse_spec(text, what="spec"):
     return name, kwargs
 
 
-OPTIMIZERS = tuple(_REGISTRY)
+OPTIMIZERS = (*_REGISTRY, *METHODS)
 """Optimizer names :func:`parse_optimizer` accepts (plus ``gd`` for ``sgd``): the names of the
-registry :data:`fastopt.optim.OPTIMIZERS`, in its order."""
+registry :data:`fastopt.optim.OPTIMIZERS`, in its order, then the playground's own methods
+(:data:`fastopt.playground.methods.METHODS`: ``newton``, ``armijo``)."""
 
 _BASE_OPTIONS = ("backend", "max_grad_norm", "max_grad_value", "skip_nonfinite")
 
@@ -119,12 +121,14 @@ def parse_optimizer(text):
     dummy array (so a bad name, key or value fails here, with a ValueError saying what)."""
     name, kwargs = parse_spec(text, "optimizer")
     key = name.lower()
-    cls = _REGISTRY.get("sgd" if key == "gd" else key)
+    cls = _REGISTRY.get("sgd" if key == "gd" else key) or METHODS.get(key)
     if cls is None:
         known = ", ".join(OPTIMIZERS)
         raise ValueError(f"unknown optimizer {name!r}; known: {known} (gd = sgd)")
     params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
-    allowed = [p for p in params if p != "options"] + list(_BASE_OPTIONS)
+    allowed = [p for p in params if p != "options"]
+    if key not in METHODS and not cls.requires_closure:
+        allowed += list(_BASE_OPTIONS)
     for key in kwargs:
         if key not in allowed:
             raise ValueError(

@@ -16,6 +16,7 @@ from ..optim.schedulefree import evaluation_point
 from ..schedules import PerEpoch, ReduceLROnPlateau
 from ..validation import check_bool, check_choice, check_int, check_positive, check_real
 from . import data, resume
+from .closure import check_closure_optimizer, closure_step
 from .early_stopping import EarlyStopping, choose_monitor
 from .history import History
 from .interrupt import StopRequest
@@ -182,6 +183,10 @@ class Trainer:
         for name, value in clip.items():
             if value is not None:
                 _check_clip_option(name, value)
+        self._closure_decay = 0.0
+        if getattr(optimizer, "requires_closure", False):
+            check_closure_optimizer(optimizer, model, weight_decay, distributed or zero, clip)
+            self._closure_decay = float(weight_decay)
         if zero:
             self.optimizer = self._strategy.build_zero(
                 model, optimizer, lr, weight_decay, optimizer_kwargs, clip
@@ -194,7 +199,10 @@ class Trainer:
                         f"optimizer class {optimizer.__name__} is not a fastopt optimizer"
                     )
                 # without weight decay one group over the whole ParamSet: one kernel per step
+                # (a closure optimizer takes the ParamSet; its L2 term is in the closure)
+                closure_opt = optimizer.requires_closure
                 params = model.param_groups(weight_decay) if weight_decay else model.params
+                params = model.params if closure_opt else params
                 optimizer = optimizer(params, lr=lr, **dict(optimizer_kwargs or {}))
             elif optimizer_kwargs:
                 raise ValueError("optimizer_kwargs apply only when optimizer is a class")
@@ -430,21 +438,26 @@ class Trainer:
         start = time.perf_counter()
         last_post = start
         grads = self._grads
+        closure_opt = getattr(opt, "requires_closure", False)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for s in range(steps):
                 lo, hi, m = strategy.batch_bounds(s, n, self.batch_size)
                 strategy.set_batch_rows(lo, hi, m)
                 if hi > lo:
                     idx = order[lo:hi]
-                    out = model.batch_loss_and_grad(X, y, idx, train=True, rng=self.rng)
+                    if closure_opt:  # its step re-evaluates the batch (and steps) itself
+                        out = closure_step(opt, model, X, y, idx, self._closure_decay, self.rng)
+                    else:
+                        out = model.batch_loss_and_grad(X, y, idx, train=True, rng=self.rng)
                     sums[0] += out[0]
                     sums[1] += out[1]
                     sums[2] += out[2]
                     if check_each_step and not math.isfinite(out[0]):
                         seen += hi - lo
                         break  # diverged: no step on a non-finite gradient
-                self.reduce_gradients()
-                self._step(opt, grads)
+                if not closure_opt:
+                    self.reduce_gradients()
+                    self._step(opt, grads)
                 self.global_step += 1
                 seen += hi - lo
                 if bar is not None:

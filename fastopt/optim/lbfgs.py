@@ -1,0 +1,365 @@
+"""L-BFGS with torch.optim.LBFGS's semantics, over the flat parameter vector.
+
+The control flow is torch's ``torch/optim/lbfgs.py`` (itself after minFunc), statement for
+statement: the same hyperparameters and defaults, the same state entries (``func_evals``,
+``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``, ``H_diag``, ``prev_flat_grad``,
+``prev_loss``, ``al``), the same stopping tests and the same strong-Wolfe line search
+(:mod:`.line_search`), so the iterates and the number of closure calls match torch's. The vector
+work runs on the ParamSet's flat buffer (or on one flat work vector for plain arrays) through
+:mod:`fastopt.kernels.vector`: every dot product is fused into the pass of the axpy before it
+and reduced deterministically (fixed chunks, fixed order, any thread count).
+"""
+
+import math
+
+import numpy as np
+
+from ..kernels import vector
+from ..validation import check_choice, check_int, check_nonnegative
+from . import lbfgs_state
+from .base import Optimizer
+from .line_search import strong_wolfe
+
+LINE_SEARCHES = (None, "strong_wolfe")
+
+
+class _HostOps:
+    """The vector operations :func:`.line_search.strong_wolfe` needs, on host arrays."""
+
+    dot = staticmethod(vector.dot)
+
+    @staticmethod
+    def abs_max(x):
+        return vector.abs_sum_max(x)[1]
+
+    @staticmethod
+    def clone(x):
+        return x.copy()
+
+
+class LBFGS(Optimizer):
+    """L-BFGS (Nocedal & Wright, *Numerical Optimization*, Algorithm 7.4 and 7.5) as
+    ``torch.optim.LBFGS``: ``lr`` (default 1), ``max_iter`` iterations per ``step()`` (20),
+    ``max_eval`` closure calls per ``step()`` (``max_iter * 5 // 4``), ``tolerance_grad`` on
+    ``max |g|`` (1e-7), ``tolerance_change`` on the change of loss and parameters (1e-9),
+    ``history_size`` curvature pairs (100), ``line_search_fn`` None (fixed step ``lr``) or
+    ``"strong_wolfe"``.
+
+    ``step(closure)`` re-evaluates the objective as often as the algorithm needs:
+
+    - over a ParamSet, ``closure()`` writes the gradient into ``ps.grads`` and returns the loss
+      (as a torch closure fills ``.grad``);
+    - over plain arrays (one, or a list/tuple/dict), ``closure()`` returns ``(loss, grads)``
+      with ``grads`` in the params' structure (a None gradient counts as zeros, as torch's
+      missing ``.grad``).
+
+    It returns the loss of the first evaluation. The loss must be a finite real number and the
+    gradients must fit the parameters, else TypeError/ValueError: on the first evaluation of a
+    ``step()`` before anything is written; on a later one the parameters are at the point that
+    was evaluated and the step is abandoned (the state keeps the last completed iteration's
+    history; reload a ``state_dict()`` to go back further).
+
+    Like torch: one param group only; the parameters must share one dtype; memory is about
+    ``(2 * history_size + 3)`` copies of the parameters. Host arrays only (NumPy, torch CPU
+    tensors, a host ParamSet): the CUDA vector kernels are not wired into this class (a device
+    array raises TypeError at construction). Reductions accumulate in float64 for float32
+    parameters too (torch's float32 dot products round in float32).
+
+    Not elementwise, so not a rule of the fused kernels: ``step()`` takes a closure, not
+    gradients (``requires_closure`` is True), and ``max_grad_norm``/``skip_nonfinite`` are not
+    offered.
+    """
+
+    algorithm = "lbfgs"
+    requires_closure = True
+
+    def __init__(
+        self,
+        params,
+        lr=1.0,
+        max_iter=20,
+        max_eval=None,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-9,
+        history_size=100,
+        line_search_fn=None,
+    ):
+        check_int("max_iter", max_iter, lo=1)
+        if max_eval is None:
+            max_eval = max_iter * 5 // 4
+        defaults = {
+            "lr": lr,
+            "max_iter": max_iter,
+            "max_eval": max_eval,
+            "tolerance_grad": tolerance_grad,
+            "tolerance_change": tolerance_change,
+            "history_size": history_size,
+            "line_search_fn": line_search_fn,
+        }
+        super().__init__(params, defaults)
+        units = self.units()
+        for u in units:
+            if u.device is not None:
+                raise TypeError(
+                    f"LBFGS runs on host arrays; {u.label} is on {u.device} "
+                    "(the CUDA vector kernels are not wired into LBFGS)"
+                )
+        dtypes = {u.param.dtype for u in units}
+        if len(dtypes) != 1:
+            raise TypeError(f"LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self._dtype = units[0].param.dtype
+        self._numel = sum(u.param.size for u in units)
+        self._paramset = self._groups[0]["structure"] == "paramset"
+        self._gbuf = None  # gathered gradient of plain arrays, reused by every evaluation
+        self._spare = None  # (y, s) buffers for the next curvature pair
+
+    def add_param_group(self, param_group):
+        """As torch: LBFGS takes exactly one param group (no per-parameter options)."""
+        if self.param_groups:
+            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        super().add_param_group(param_group)
+
+    def _check(self, group):
+        lr = group["lr"]
+        if callable(lr):
+            raise TypeError("LBFGS takes a constant lr (a number), not a schedule")
+        check_nonnegative("lr", lr)
+        check_int("max_iter", group["max_iter"], lo=1)
+        check_int("max_eval", group["max_eval"], lo=1)
+        check_nonnegative("tolerance_grad", group["tolerance_grad"])
+        check_nonnegative("tolerance_change", group["tolerance_change"])
+        check_int("history_size", group["history_size"], lo=1)
+        if group["line_search_fn"] is not None:
+            check_choice("line_search_fn", group["line_search_fn"], ("strong_wolfe",))
+
+    # ------------------------------------------------------------------ flat vector
+    def _new_vector(self):
+        return np.empty(self._numel, self._dtype)
+
+    def _segments(self, flat):
+        """(unit, slice of ``flat``) per unit: the flat vector cut like the parameters."""
+        out, off = [], 0
+        for u in self.units():
+            out.append((u, flat[off : off + u.param.size]))
+            off += u.param.size
+        return out
+
+    def _add_grad(self, t, d):
+        """Parameters ``+= t * d``; returns ``max |d|``."""
+        return max(vector.axpy_absmax(u.param, t, seg) for u, seg in self._segments(d))
+
+    def _clone_param(self):
+        if self._paramset:
+            return self.units()[0].param.copy()
+        return np.concatenate([u.param for u in self.units()])
+
+    def _set_param(self, x):
+        for u, seg in self._segments(x):
+            vector.copy(u.param, seg)
+
+    def _evaluate(self, closure):
+        """(what the closure returned as loss, loss as float, flat gradient): the gradient is
+        the ParamSet's buffer or this optimizer's gather buffer, overwritten by the next call."""
+        result = closure()
+        if self._paramset:
+            if isinstance(result, tuple):
+                raise TypeError(
+                    "LBFGS over a ParamSet: the closure writes ps.grads and returns the loss, "
+                    "not a tuple"
+                )
+            loss = _finite_loss(result)
+            grad = self.units()[0].default_grad
+            self.check_grads(None)  # the parameter buffer must still be writable
+            return result, loss, grad
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise TypeError(
+                "LBFGS over plain arrays: the closure returns (loss, grads), grads in the "
+                f"structure of the params; it returned a {type(result).__name__}"
+            )
+        loss = _finite_loss(result[0])
+        if result[1] is None:
+            raise TypeError("LBFGS over plain arrays: the closure returned no gradients (None)")
+        given = dict((id(u), g) for u, g in self.check_grads(result[1]))
+        if self._gbuf is None:
+            self._gbuf = self._new_vector()
+        for u, seg in self._segments(self._gbuf):
+            g = given.get(id(u))
+            if g is None:
+                seg.fill(0)
+            else:
+                vector.copy(seg, g)
+        return result[0], loss, self._gbuf
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure):
+        """Up to ``max_iter`` L-BFGS iterations (torch's ``LBFGS.step``); returns the loss of
+        the first closure call."""
+        if not callable(closure):
+            raise TypeError(
+                "LBFGS.step takes a closure that re-evaluates the loss and gradient, got "
+                f"{type(closure).__name__}"
+            )
+        group = self.param_groups[0]
+        self._check(group)
+        if group["params"] is not self._groups[0]["source"]:
+            raise ValueError("param_groups[0]['params'] was replaced; create a new LBFGS")
+        lr = float(group["lr"])
+        max_iter, max_eval = group["max_iter"], group["max_eval"]
+        tolerance_grad = group["tolerance_grad"]
+        tolerance_change = group["tolerance_change"]
+        line_search_fn, history_size = group["line_search_fn"], group["history_size"]
+
+        orig_loss, loss, flat_grad = self._evaluate(closure)  # first: checked before any write
+        state = self.units()[0].state
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+        current_evals = 1
+        state["func_evals"] += 1
+
+        g_abs_sum, g_abs_max = vector.abs_sum_max(flat_grad)
+        if g_abs_max <= tolerance_grad:
+            return orig_loss
+
+        d, t = state.get("d"), state.get("t")
+        old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
+        H_diag = state.get("H_diag")
+        prev_flat_grad, prev_loss = state.get("prev_flat_grad"), state.get("prev_loss")
+
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+
+            # ---- the descent direction
+            if state["n_iter"] == 1:
+                d = np.negative(flat_grad)
+                old_dirs, old_stps, ro = [], [], []
+                H_diag = 1
+            else:
+                y, s = self._spare or (self._new_vector(), self._new_vector())
+                self._spare = None
+                ys, yy = vector.curvature_pair(flat_grad, prev_flat_grad, d, t, y, s)
+                if ys > 1e-10:
+                    if len(old_dirs) == history_size:  # drop the oldest pair, reuse its memory
+                        self._spare = (old_dirs.pop(0), old_stps.pop(0))
+                        ro.pop(0)
+                    old_dirs.append(y)
+                    old_stps.append(s)
+                    ro.append(1.0 / ys)
+                    H_diag = ys / yy
+                else:
+                    self._spare = (y, s)
+                if "al" not in state:
+                    state["al"] = [None] * history_size
+                _two_loop(flat_grad, d, old_dirs, old_stps, ro, H_diag, state["al"])
+
+            if prev_flat_grad is None:
+                prev_flat_grad = flat_grad.copy()
+            else:
+                vector.copy(prev_flat_grad, flat_grad)
+            prev_loss = loss
+
+            # ---- the step length
+            if state["n_iter"] == 1:
+                t = min(1.0, 1.0 / g_abs_sum) * lr
+            else:
+                t = lr
+            gtd = vector.dot(flat_grad, d)
+            if gtd > -tolerance_change:
+                break
+
+            ls_func_evals = 0
+            if line_search_fn is not None:
+                x_init = self._clone_param()
+
+                def obj_func(t_trial, x_init=x_init, d=d):
+                    self._add_grad(t_trial, d)
+                    _, f, g = self._evaluate(closure)
+                    self._set_param(x_init)
+                    return f, g
+
+                loss, flat_grad, t, ls_func_evals = strong_wolfe(
+                    obj_func, t, d, loss, flat_grad, gtd, _HostOps, max_ls=max_eval - current_evals
+                )
+                d_abs_max = self._add_grad(t, d)
+                opt_cond = vector.abs_sum_max(flat_grad)[1] <= tolerance_grad
+            else:
+                d_abs_max = self._add_grad(t, d)
+                if n_iter != max_iter:
+                    # as torch: no re-evaluation after the last iteration
+                    _, loss, flat_grad = self._evaluate(closure)
+                    opt_cond = vector.abs_sum_max(flat_grad)[1] <= tolerance_grad
+                    ls_func_evals = 1
+            current_evals += ls_func_evals
+            state["func_evals"] += ls_func_evals
+
+            # ---- stopping tests
+            if n_iter == max_iter or current_evals >= max_eval or opt_cond:
+                break
+            if abs(t) * d_abs_max <= tolerance_change:  # max |t*d|: rounding is monotone
+                break
+            if abs(loss - prev_loss) < tolerance_change:
+                break
+
+        state.update(
+            d=d,
+            t=t,
+            old_dirs=old_dirs,
+            old_stps=old_stps,
+            ro=ro,
+            H_diag=H_diag,
+            prev_flat_grad=prev_flat_grad,
+            prev_loss=prev_loss,
+        )
+        return orig_loss
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """torch's LBFGS layout: ``{"algorithm", "state": {0: {func_evals, n_iter, d, t,
+        old_dirs, old_stps, ro, H_diag, prev_flat_grad, prev_loss, al}}, "param_groups"}``,
+        vectors as flat NumPy copies (the history as lists of them)."""
+        return lbfgs_state.state_dict(self)
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict` of an LBFGS over as many parameters; everything is
+        checked (keys, types, lengths, history sizes) before anything changes."""
+        lbfgs_state.load_state_dict(self, state_dict)
+        self._spare = None
+
+
+def _two_loop(flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
+    """``d <- -H g`` with the L-BFGS inverse-Hessian approximation H (the two-loop recursion,
+    Nocedal & Wright Algorithm 7.4; torch's single-buffer form), ``al`` torch's scratch list.
+    Each dot product is fused into the pass of the update before it."""
+    m = len(old_dirs)
+    if m == 0:
+        np.multiply(flat_grad, -H_diag, out=d)  # (-g) * H_diag, exactly
+        return
+    dot = vector.scale_dot(d, -1.0, flat_grad, old_stps[m - 1])  # q = -g; s_{m-1} . q
+    for i in range(m - 1, 0, -1):
+        al[i] = dot * ro[i]
+        dot = vector.update_dot(d, -al[i], old_dirs[i], 1.0, old_stps[i - 1])
+    al[0] = dot * ro[0]
+    dot = vector.update_dot(d, -al[0], old_dirs[0], H_diag, old_dirs[0])  # r = q * H_diag
+    for i in range(m):
+        be_i = dot * ro[i]
+        if i + 1 < m:
+            dot = vector.update_dot(d, al[i] - be_i, old_stps[i], 1.0, old_dirs[i + 1])
+        else:
+            vector.axpy_absmax(d, al[i] - be_i, old_stps[i])
+
+
+def _finite_loss(value):
+    """The closure's loss as a float: TypeError unless it is a real scalar, ValueError unless
+    it is finite."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"the closure's loss must be a real number, got {value!r}")
+    try:
+        loss = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"the closure's loss must be a real number (a scalar), got {type(value).__name__}"
+        ) from exc
+    if not math.isfinite(loss):
+        raise ValueError(f"the closure returned a non-finite loss ({loss})")
+    return loss
