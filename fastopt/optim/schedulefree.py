@@ -62,9 +62,9 @@ class ScheduleFree(Optimizer):
     def _initial_scalar_state(self, group):
         return {"weight_sum": 0.0, "lr_max": -1.0}
 
-    def _allocate(self, group, unit, names, lr):
-        super()._allocate(group, unit, names, lr)
-        unit.backend.add(unit.state["z"], unit.param)  # z starts at the parameters (0 + p)
+    def _allocate(self, group, unit, names, lr, stream=None):
+        super()._allocate(group, unit, names, lr, stream)
+        unit.backend.add(unit.state["z"], unit.param, stream)  # z starts at the parameters (0 + p)
 
     def _scalars(self, group, state, step, lr):
         warmup = group["warmup_steps"]
