@@ -75,31 +75,77 @@ def all_optimizer_classes():
 
 
 class CountingComm:
-    """An mpi4py communicator that counts its buffer collectives (the capitalised calls), so the
-    tests check the MPI calls a step makes where they happen, not fastopt's own counter."""
+    """An mpi4py communicator that counts its collectives, so the tests check the MPI calls a
+    step makes where they happen, not fastopt's own counter.
+
+    :attr:`counts`: calls per buffer collective (the capitalised calls in :data:`COUNTED`).
+    :attr:`sizes`: per buffer collective, ``{elements: calls}``, the elements of the buffer the
+    call carried (the first buffer argument that is not ``MPI.IN_PLACE``: the whole gradient of
+    an in-place Allreduce or of a Reduce_scatter, the whole parameter buffer of an in-place
+    Allgather(v) or a Bcast). :attr:`objects`: calls per pickled-object collective (lowercase)
+    and Barrier. fastopt accepts any object with mpi4py's methods as a communicator
+    (``fastopt.distributed.mpi.communicator`` does not type-check it), so this wrapper goes
+    wherever a ``comm`` does, ``fastopt.distributed.Context(CountingComm(comm))`` included.
+    """
 
     COUNTED = (
         "Allreduce", "Reduce_scatter", "Reduce_scatter_block", "Allgather", "Allgatherv",
         "Bcast", "Gatherv", "Scatterv",
     )  # fmt: skip
+    OBJECT_COUNTED = (
+        "allreduce", "bcast", "allgather", "gather", "scatter", "reduce", "alltoall", "Barrier",
+    )  # fmt: skip
 
     def __init__(self, comm):
         self._comm = comm
-        self.counts = {}
+        self.reset()
 
     def __getattr__(self, name):
         attr = getattr(self._comm, name)
-        if name not in self.COUNTED:
-            return attr
+        if name in self.COUNTED:
 
-        def counted(*args, **kwargs):
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return attr(*args, **kwargs)
+            def counted(*args, **kwargs):
+                self.counts[name] = self.counts.get(name, 0) + 1
+                per_size = self.sizes.setdefault(name, {})
+                n = _buffer_elements(args)
+                per_size[n] = per_size.get(n, 0) + 1
+                return attr(*args, **kwargs)
 
-        return counted
+            return counted
+        if name in self.OBJECT_COUNTED:
+
+            def counted_object(*args, **kwargs):
+                self.objects[name] = self.objects.get(name, 0) + 1
+                return attr(*args, **kwargs)
+
+            return counted_object
+        return attr
 
     def reset(self):
         self.counts = {}
+        self.sizes = {}
+        self.objects = {}
+
+    def split(self, n):
+        """``{name: {"full": calls carrying ``n`` elements, "small": calls carrying fewer}}``
+        (a buffer larger than ``n`` counts as "large"; there should be none)."""
+        out = {}
+        for name, per_size in self.sizes.items():
+            row = out.setdefault(name, {"full": 0, "small": 0})
+            for size, calls in per_size.items():
+                key = "full" if size == n else "small" if size < n else "large"
+                row[key] = row.get(key, 0) + calls
+        return out
+
+
+def _buffer_elements(args):
+    """Elements of the first buffer among mpi4py call arguments (``[array, ...]`` or an array;
+    ``MPI.IN_PLACE`` and None skipped); -1 when there is none."""
+    for a in args:
+        buf = a[0] if isinstance(a, (list, tuple)) and a else a
+        if hasattr(buf, "size") and hasattr(buf, "dtype"):
+            return int(buf.size)
+    return -1
 
 
 def run(main):

@@ -6,10 +6,12 @@ Writes ``fit_rank<r>.json`` (histories, meta, collective counts, dropout draws, 
 and checkpoint files, although every rank is given its own path (``*_rank<r>.*``).
 
 Runs: each scenario of ``trainer_common`` with data parallelism and (sgd, adam) with ZeRO-1 for
-2 epochs; early stopping + plateau with ``verbose=1`` (only rank 0 prints); batch norm + dropout;
-a Ctrl-C on the last rank only (acted on at the end of the epoch, and after 16 steps within a
-longer one); ZeRO-1 adam saving ``resume.fo`` after 2 epochs and then going
-on to 4 epochs (the uninterrupted run that ``trainer_resume.py`` resumes with another world).
+2 epochs, over a ``problem.CountingComm`` (the MPI calls counted at the communicator, split into
+parameter-sized and small buffers, at construction and in ``fit``); early stopping + plateau
+with ``verbose=1`` (only rank 0 prints); batch norm + dropout; a Ctrl-C on the last rank only
+(acted on at the end of the epoch, and after 16 steps within a longer one); ZeRO-1 adam saving
+``resume.fo`` after 2 epochs and then going on to 4 epochs (the uninterrupted run that
+``trainer_resume.py`` resumes with another world).
 """
 
 import json
@@ -17,8 +19,10 @@ import os
 import signal
 
 import numpy as np
+import problem as P
 import trainer_common as C
 
+from fastopt import distributed as dist
 from fastopt.trainer import Trainer
 
 
@@ -51,12 +55,21 @@ def main(comm, out):
             arrays[f"{key}/{k}"] = np.array(v)
         arrays[f"{key}/flat"] = t.model.params.flat.copy()
 
-    # ---- every scenario, data parallel and ZeRO-1, against one process (in the test)
+    def at_comm(counting, n):
+        return {"buffers": counting.split(n), "objects": dict(counting.objects)}
+
+    # ---- every scenario, data parallel and ZeRO-1, against one process (in the test); the MPI
+    # calls counted at the communicator, at construction and in fit
     for name in C.SCENARIOS:
         for zero in (False, True) if name in C.ZERO_SCENARIOS else (False,):
-            t = C.trainer(C.model(seed=r), name, distributed=True, zero=zero)
+            counting = P.CountingComm(comm)
+            m = C.model(seed=r)
+            t = C.trainer(m, name, distributed=dist.Context(counting), zero=zero)
+            built = at_comm(counting, m.params.size)
+            counting.reset()
             t.fit(X, y)
-            record(f"{name}-{'zero' if zero else 'dp'}", t)
+            fitted = at_comm(counting, m.params.size)
+            record(f"{name}-{'zero' if zero else 'dp'}", t, comm_built=built, comm_fit=fitted)
 
     # ---- early stopping + plateau, verbose; files only from the root
     t = C.trainer(
@@ -106,6 +119,4 @@ def main(comm, out):
 
 
 if __name__ == "__main__":
-    import problem as P
-
     P.run(main)
