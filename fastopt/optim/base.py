@@ -16,6 +16,7 @@ from ..clipping import clip_coefficient
 from ..kernels.rules import SCALARS
 from ..validation import check_bool, check_positive, check_scheduled_lr
 from . import state_dict as _state_dict
+from .hyperparameters import check_table, constructor
 from .units import check_grad, join_grads, overlaps, split_grads, units_of
 
 
@@ -167,9 +168,28 @@ class Optimizer:
         return entries if self._grouped else entries[0]
 
     # ------------------------------------------------------------------ subclass interface
+    hyperparameter_table = None
+    """The class's hyperparameters as :class:`~fastopt.optim.hyperparameters.Hyper` rows, in
+    torch's argument order. A class that declares one gets its ``__init__`` (real signature),
+    defaults and ``_check`` built from it; a class with a hand-written ``__init__`` (passing
+    ``constructor_defaults(locals())``) and ``_check`` leaves it None."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "hyperparameter_table" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = constructor(cls)
+
     def _check(self, group):
-        """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``."""
-        raise NotImplementedError
+        """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``: each
+        row's check in table order, then ``_check_together`` (classes without a table override
+        this)."""
+        if self.hyperparameter_table is None:
+            raise NotImplementedError
+        check_table(self.hyperparameter_table, group)
+        self._check_together(group)
+
+    def _check_together(self, group):
+        """Checks across hyperparameters (e.g. SGD's nesterov needing momentum), after the rows'."""
 
     def _rule(self, group):
         """Name of the rule in kernels/rules.py that this group's settings select."""

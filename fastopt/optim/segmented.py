@@ -19,6 +19,7 @@ from .. import reference
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
 from .base import Optimizer
+from .hyperparameters import Hyper
 
 _KERNEL_MODULES = {"numba-cpu": "segment_cpu", "numba-cuda": "segment_cuda"}
 
@@ -27,6 +28,11 @@ def check_mask(name, value):
     """TypeError unless ``value`` is a bool or a callable (name, shape) -> bool."""
     if not (isinstance(value, bool) or callable(value)):
         raise TypeError(f"{name} must be True, False or a callable (name, shape) -> bool")
+
+
+def mask(name):
+    """The hyperparameter row of a mask (keyword-only, True by default)."""
+    return Hyper(name, True, check_mask, keyword_only=True)
 
 
 def _mask_value(mask, name, shape, what):
@@ -39,10 +45,11 @@ def _mask_value(mask, name, shape, what):
 
 
 class SegmentedOptimizer(Optimizer):
-    """Optimizer base for the per-segment rules. Subclasses implement ``_check``,
-    ``_state_names`` (element state, the rule's slot order), ``_scalars`` (the rule's fields by
-    name), and may set ``segment_state`` (the name of a per-segment scalar state array) and
-    ``_masks(group)`` (``(weight decay mask, trust ratio mask)``)."""
+    """Optimizer base for the per-segment rules. Subclasses declare ``hyperparameter_table``
+    (``weight_decay_mask`` and ``trust_ratio_mask`` rows, made by :func:`mask`, select the
+    tensors decayed and adapted), implement ``_state_names`` (element state, the rule's slot
+    order) and ``_scalars`` (the rule's fields by name), and may set ``segment_state`` (the name
+    of a per-segment scalar state array)."""
 
     segment_state = None
     elementwise = False
@@ -55,7 +62,8 @@ class SegmentedOptimizer(Optimizer):
         return self.algorithm
 
     def _masks(self, group):
-        return True, True
+        """(weight decay mask, trust ratio mask) of ``group``: True where it has none."""
+        return group.get("weight_decay_mask", True), group.get("trust_ratio_mask", True)
 
     # ------------------------------------------------------------------ segments
     def _segments(self, g_int, unit):
