@@ -40,22 +40,4 @@ OPTIMIZERS = {
 order they are listed to users. The CLI, the playground, the benchmarks, the scikit-learn
 estimators and the tests read it; a new algorithm is added here once."""
 
-__all__ = [
-    "OPTIMIZERS",
-    "Adadelta",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "LAMB",
-    "LARS",
-    "Lion",
-    "NAdam",
-    "NovoGrad",
-    "Optimizer",
-    "RAdam",
-    "RMSprop",
-    "Rprop",
-    "SGD",
-    "Yogi",
-]
+__all__ = ["OPTIMIZERS", "Optimizer", *(cls.__name__ for cls in OPTIMIZERS.values())]

@@ -14,19 +14,16 @@ def adam_weight_decay(group, lr):
     return 1.0, wd
 
 
+def beta_scalars(group):
+    """The fields ``beta1, one_minus_beta1, beta2, one_minus_beta2`` of two moving averages."""
+    beta1, beta2 = group["betas"]
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2)
+
+
 def adam_moment_scalars(group, lr):
     """The ``rules.ADAM_MOMENTS`` fields, shared by every rule built on ``rules.adam_moments``."""
-    beta1, beta2 = group["betas"]
     decay, l2 = adam_weight_decay(group, lr)
-    return dict(
-        decay=decay,
-        weight_decay=l2,
-        gsign=maximize_sign(group),
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-    )
+    return dict(decay=decay, weight_decay=l2, gsign=maximize_sign(group), **beta_scalars(group))
 
 
 class AdamBase(Optimizer):

@@ -282,20 +282,10 @@ class Optimizer:
         before anything is written.
         """
         plan = self._plan(grads)
-        gscale = 1.0
-        if grad_scale is not None:
-            check_positive("grad_scale", grad_scale)
-            gscale = float(grad_scale)
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm, finite = self._grad_norm(plan, gscale)
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not finite:
-                self.skipped_steps += 1
-                self.last_step_taken = False
-                return
-            if self.max_grad_norm is not None:
-                gscale *= clip_coefficient(norm, self.max_grad_norm)
-        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+        scales = self._grad_scales(plan, grad_scale)
+        if scales is None:
+            return
+        gscale, gclip = scales
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
@@ -324,6 +314,29 @@ class Optimizer:
             state["step"] = step
             if updates:
                 state.update(updates)
+        self._count_step(plan)
+
+    def _grad_scales(self, plan, grad_scale):
+        """(gscale, gclip) of this step: ``grad_scale`` times the norm-clipping coefficient,
+        and the elementwise clip (0 for none); None when ``skip_nonfinite`` skips the step
+        (counted here)."""
+        gscale = 1.0
+        if grad_scale is not None:
+            check_positive("grad_scale", grad_scale)
+            gscale = float(grad_scale)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm, finite = self._grad_norm(plan, gscale)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not finite:
+                self.skipped_steps += 1
+                self.last_step_taken = False
+                return None
+            if self.max_grad_norm is not None:
+                gscale *= clip_coefficient(norm, self.max_grad_norm)
+        return gscale, 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+
+    def _count_step(self, plan):
+        """Advance the step counters of the groups in ``plan`` once every kernel has run."""
         for _, g_int, _, _ in plan:
             g_int["steps"] += 1
         self.last_step_taken = True

@@ -1,5 +1,6 @@
 """LAMB (no torch equivalent; follows the paper and optax.lamb)."""
 
+from .adam import beta_scalars
 from .base import maximize_sign
 from .hyperparameters import MAXIMIZE, betas, lr, nonnegative, weight_decay
 from .segmented import SegmentedOptimizer, mask
@@ -42,10 +43,7 @@ class LAMB(SegmentedOptimizer):
         beta1, beta2 = group["betas"]
         return dict(
             gsign=maximize_sign(group),
-            beta1=beta1,
-            one_minus_beta1=1.0 - beta1,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
+            **beta_scalars(group),
             bias_correction1=1.0 - beta1**step,
             bias_correction2=1.0 - beta2**step,
             eps=group["eps"],

@@ -1,5 +1,6 @@
 """Lion (no torch equivalent; follows the paper and optax.lion)."""
 
+from .adam import beta_scalars
 from .base import Optimizer, maximize_sign
 from .hyperparameters import MAXIMIZE, betas, lr, weight_decay
 
@@ -28,13 +29,9 @@ class Lion(Optimizer):
         return ("exp_avg",)
 
     def _scalars(self, group, state, step, lr):
-        beta1, beta2 = group["betas"]
         return dict(
             decay=1.0 - lr * group["weight_decay"],
             lr=lr,
             gsign=maximize_sign(group),
-            beta1=beta1,
-            one_minus_beta1=1.0 - beta1,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
+            **beta_scalars(group),
         ), None

@@ -137,27 +137,13 @@ class SegmentedOptimizer(Optimizer):
         """One update of every parameter whose gradient is given (see ``Optimizer.step``):
         gradient scaling, clipping and non-finite skipping as there, then three launches per
         unit."""
-        from ..clipping import clip_coefficient
-        from ..validation import check_positive
-
         plan = self._plan(grads)
-        gscale = 1.0
-        if grad_scale is not None:
-            check_positive("grad_scale", grad_scale)
-            gscale = float(grad_scale)
         for _, _, _, work in plan:
             for unit, _ in work:
                 self._check_backend(unit)
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm, finite = self._grad_norm(plan, gscale)
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not finite:
-                self.skipped_steps += 1
-                self.last_step_taken = False
-                return
-            if self.max_grad_norm is not None:
-                gscale *= clip_coefficient(norm, self.max_grad_norm)
-        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+        scales = self._grad_scales(plan, grad_scale)
+        if scales is None:
+            return
         launches = []
         for group, g_int, lr, work in plan:
             for unit, grad in work:
@@ -173,11 +159,9 @@ class SegmentedOptimizer(Optimizer):
                 h64 = tuple(float(values[f]) for f in fields)
                 launches.append((group, g_int, lr, unit, grad, step, h64, seg_work))
         for group, g_int, lr, unit, grad, step, h64, seg_work in launches:
-            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, (gscale, gclip))
+            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
             unit.state["step"] = step
-        for _, g_int, _, _ in plan:
-            g_int["steps"] += 1
-        self.last_step_taken = True
+        self._count_step(plan)
 
     def _launch(self, group, g_int, lr, unit, grad, step, h64, w, gs):
         state = unit.state
