@@ -21,6 +21,7 @@ import types
 import numpy as np
 import pytest
 from cuda_toolchain import nvcc_or_skip
+from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
 from fastopt.kernels import cupy as cupy_backend
 from fastopt.kernels import layout, rules
@@ -593,73 +594,32 @@ def test_launch_config(dtype):
             assert grid == min(-(-work // 256), 32 * sms)
 
 
-class _FakeCuPy:
-    """Just enough of CuPy for kernels/cupy.py's apply(), backed by NumPy arrays: each launch
-    is recorded and executed by the host harness (the kernel's scalar path), so the launcher's
-    argument marshalling (array order, n, flag, the scalar struct) is checked end to end."""
-
-    class ndarray:
-        def __init__(self, host):
-            self.host = host
-            self.dtype, self.ndim, self.size, self.shape = (
-                host.dtype,
-                host.ndim,
-                host.size,
-                host.shape,
-            )
-            self.flags = types.SimpleNamespace(c_contiguous=host.flags.c_contiguous)
-            self.data = types.SimpleNamespace(ptr=host.ctypes.data, device_id=0)
-
-    def __init__(self, dll):
-        self.launches = []
-        fake = self
-
-        class Device:
-            def __init__(self, device_id=0):
-                self.attributes = {"MultiProcessorCount": 4}
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        class RawModule:
-            def __init__(self, code, options):
-                assert (
-                    '#include "rules.cuh"' not in code and options == cupy_backend.COMPILE_OPTIONS
-                )
-
-            def get_function(self, name):
-                def launch(grid, block, args):
-                    fake.launches.append((name, grid, block, args))
-                    rule_name, suffix = name.rsplit("_", 1)
-                    arrays = [a.host for a in args[:-5]]
-                    n, vectorize, scalars, gscale, clip = args[-5:]
-                    assert type(n) is np.int64 and n == arrays[0].size
-                    assert type(vectorize) is np.int32
-                    assert scalars.shape == (1,) and scalars.dtype.names == ("v",)
-                    assert scalars.dtype["v"].base == arrays[0].dtype
-                    assert type(gscale) is type(clip) is arrays[0].dtype.type
-                    h = scalars["v"][0]
-                    gs = (gscale, clip)
-                    harness_apply(dll, rule_name, arrays[0], arrays[1], arrays[2:], h, gs, False)
-
-                return launch
-
-        self.RawModule = RawModule
-        self.cuda = types.SimpleNamespace(
-            Device=Device,
-            runtime=types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1),
-        )
+def _check_rule_source(code, options):
+    assert '#include "rules.cuh"' not in code and options == cupy_backend.COMPILE_OPTIONS
 
 
 @pytest.fixture
 def fake_cupy(harness, monkeypatch):
-    fake = _FakeCuPy(harness)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    for cache in ("_modules", "_kernels", "_sm_counts"):
-        monkeypatch.setattr(cupy_backend, cache, {})
+    """A fake CuPy whose launches run on the host harness (the kernel's scalar path), so the
+    launcher's argument marshalling (array order, n, flag, the scalar struct) is checked end to
+    end."""
+
+    def run(name, grid, block, args):
+        rule_name, suffix = name.rsplit("_", 1)
+        arrays = [a.host for a in args[:-5]]
+        n, vectorize, scalars, gscale, clip = args[-5:]
+        assert type(n) is np.int64 and n == arrays[0].size
+        assert type(vectorize) is np.int32
+        assert scalars.shape == (1,) and scalars.dtype.names == ("v",)
+        assert scalars.dtype["v"].base == arrays[0].dtype
+        assert type(gscale) is type(clip) is arrays[0].dtype.type
+        h = scalars["v"][0]
+        harness_apply(
+            harness, rule_name, arrays[0], arrays[1], arrays[2:], h, (gscale, clip), False
+        )
+
+    fake = FakeCuPy(run, _check_rule_source, sm_count=4)
+    install(monkeypatch, fake)
     return fake
 
 
@@ -677,7 +637,7 @@ def test_cupy_apply_marshalling(fake_cupy, kernels_ptx, dtype):
             bufs = [np.empty(p.size + offset, dtype) for _ in range(2 + len(states))]
             for buf, a in zip(bufs, (p, g, *states), strict=True):
                 buf[offset:] = a
-            views = [_FakeCuPy.ndarray(b[offset:]) for b in bufs]
+            views = [FakeDeviceArray(b[offset:]) for b in bufs]
             cupy_backend.apply(rule_name, views[0], views[1], views[2:], h, gs)
             name, grid, block, args = fake_cupy.launches[-1]
             assert name == f"{rule_name}_{suffix}"
@@ -686,7 +646,7 @@ def test_cupy_apply_marshalling(fake_cupy, kernels_ptx, dtype):
             expected_grid = cupy_backend.launch_config(p.size, aligned, dtype, 4)[0]
             assert (grid, block, int(args[-4])) == ((expected_grid,), (256,), int(aligned))
             # The arguments match the kernel's PTX signature, parameter by parameter.
-            sizes = [8 if isinstance(a, _FakeCuPy.ndarray) else a.itemsize for a in args]
+            sizes = [8 if isinstance(a, FakeDeviceArray) else a.itemsize for a in args]
             assert sizes == _param_sizes(ptx, name)
             assert args[-3].itemsize == cupy_backend.MAX_SCALARS * itemsize
             tag = f"fake-cupy {rule_name} {suffix} offset {offset}"

@@ -26,6 +26,7 @@ import types
 
 import numpy as np
 import pytest
+from fake_cupy import FakeCuPy, FakeDeviceArray, install
 from optimizer_cases import CASES, grad_of
 from oracle import import_or_skip
 from ptx_without_gpu import PREAMBLE
@@ -667,86 +668,39 @@ def test_harness_flags_nonfinite(reduction_harness, dtype, bad_value):
     assert harness_sumsq(reduction_harness, y)[2][1] == 0.0
 
 
-class _FakeDeviceArray:
-    def __init__(self, host):
-        self.host = host
-        self.dtype, self.ndim, self.size, self.shape = host.dtype, host.ndim, host.size, host.shape
-        self.flags = types.SimpleNamespace(c_contiguous=host.flags.c_contiguous)
-        self.data = types.SimpleNamespace(ptr=host.ctypes.data, device_id=0)
+def _reduction_launch(dll, ptx):
+    """Run a launch of the CuPy reduction kernels on the host harness ``dll``, checking its
+    arguments against the kernel's PTX signature."""
 
-    def get(self):
-        return self.host.copy()
+    def run(name, grid, block, args):
+        assert block == (256,)
+        sizes = [8 if isinstance(a, FakeDeviceArray) else a.itemsize for a in args]
+        assert sizes == _cuda_c_helpers()._param_sizes(ptx, name)
+        assert type(args[1 if name != "fo_sumsq_finish" else 2]) is np.int64
+        ptrs = [a.host.ctypes.data if isinstance(a, FakeDeviceArray) else a for a in args]
+        if name == "fo_sumsq_finish":
+            assert grid == (1,)
+            dll.fo_host_sumsq_finish(*ptrs[:2], int(ptrs[2]), ptrs[3])
+        else:
+            getattr(dll, name.replace("fo_", "fo_host_"))(ptrs[0], int(ptrs[1]), *ptrs[2:])
+
+    return run
 
 
-class _FakeCuPy:
-    """Just enough CuPy for kernels/cupy.py's sumsq_and_finite, backed by NumPy: launches are
-    recorded and run by the host harness."""
-
-    ndarray = _FakeDeviceArray
-
-    def __init__(self, dll, ptx):
-        self.launches = []
-        fake = self
-
-        class Device:
-            def __init__(self, device_id=0):
-                self.attributes = {"MultiProcessorCount": 2}
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        class RawModule:
-            def __init__(self, code, options):
-                assert "#define FO_ENABLE_REDUCTIONS 1" in code
-                fake.compiled = code
-
-            def get_function(self, name):
-                def launch(grid, block, args):
-                    fake.launches.append((name, grid, block, args))
-                    assert block == (256,)
-                    sizes = [8 if isinstance(a, _FakeDeviceArray) else a.itemsize for a in args]
-                    assert sizes == _cuda_c_helpers()._param_sizes(ptx, name)
-                    assert type(args[1 if name != "fo_sumsq_finish" else 2]) is np.int64
-                    ptrs = [
-                        a.host.ctypes.data if isinstance(a, _FakeDeviceArray) else a for a in args
-                    ]
-                    if name == "fo_sumsq_finish":
-                        assert grid == (1,)
-                        dll.fo_host_sumsq_finish(*ptrs[:2], int(ptrs[2]), ptrs[3])
-                    else:
-                        getattr(dll, name.replace("fo_", "fo_host_"))(
-                            ptrs[0], int(ptrs[1]), *ptrs[2:]
-                        )
-
-                return launch
-
-        self.RawModule = RawModule
-        self.cuda = types.SimpleNamespace(
-            Device=Device,
-            runtime=types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1),
-        )
-
-    def empty(self, n, dtype):
-        host = np.empty(n, dtype)
-        host[...] = np.nan if host.dtype.kind == "f" else -1
-        return _FakeDeviceArray(host)
+def _check_reduction_source(code, options):
+    assert "#define FO_ENABLE_REDUCTIONS 1" in code
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_cupy_sumsq_marshalling(reduction_harness, reduction_ptx, monkeypatch, dtype):
     from fastopt.kernels import cupy as kcupy
 
-    fake = _FakeCuPy(reduction_harness, reduction_ptx)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    for cache in ("_modules", "_kernels", "_sm_counts"):
-        monkeypatch.setattr(kcupy, cache, {})
+    fake = FakeCuPy(_reduction_launch(reduction_harness, reduction_ptx), _check_reduction_source, 2)
+    install(monkeypatch, fake)
     for n in (0, 5, CHUNK, 70 * CHUNK + 3):
         x = _reduction_input(n, dtype, seed=n)
         fake.launches.clear()
-        total, finite = kcupy.sumsq_and_finite(_FakeDeviceArray(x))
+        total, finite = kcupy.sumsq_and_finite(FakeDeviceArray(x))
         assert finite is True and isinstance(total, float)
         if n == 0:
             assert total == 0.0 and not fake.launches
@@ -758,11 +712,11 @@ def test_cupy_sumsq_marshalling(reduction_harness, reduction_ptx, monkeypatch, d
         assert p_grid == (min(-(-n // CHUNK), kcupy.BLOCKS_PER_SM * 2),)
     x = _reduction_input(CHUNK + 1, dtype)
     x[-1] = np.nan
-    assert kcupy.sumsq_and_finite(_FakeDeviceArray(x))[1] is False
+    assert kcupy.sumsq_and_finite(FakeDeviceArray(x))[1] is False
     with pytest.raises(TypeError, match="cupy.ndarray"):
         kcupy.sumsq_and_finite(x)
     with pytest.raises(ValueError, match="1-D"):
-        kcupy.sumsq_and_finite(_FakeDeviceArray(np.zeros((2, 2), dtype)))
+        kcupy.sumsq_and_finite(FakeDeviceArray(np.zeros((2, 2), dtype)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,20 @@ def mlp(device="cuda"):
     )
 
 
+def train_in_lockstep(pairs, steps, batch, after_step=None):
+    """Train every (model, optimizer) of ``pairs`` on the same random batches (loss: the mean
+    square of the output), calling ``after_step(t)`` after each step; then synchronize."""
+    for t in range(steps):
+        x = torch.randn(batch, 32, device="cuda")
+        for m, o in pairs:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+        if after_step is not None:
+            after_step(t)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd", "nadam", "rmsprop"])
 def test_cuda_matches_torch_with_state_swap(name):
     cls = fot.OPTIMIZER_CLASSES[name]
@@ -26,17 +40,14 @@ def test_cuda_matches_torch_with_state_swap(name):
     of = cls(mf.parameters(), lr=1e-2)
     ot = getattr(torch.optim, cls.__name__)(mt.parameters(), lr=1e-2)
     assert all(p.is_cuda for p in mf.parameters())
-    for t in range(50):
-        x = torch.randn(16, 32, device="cuda")
-        for m, o in ((mf, of), (mt, ot)):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            o.step()
+
+    def swap_states(t):
         if t == 20:
             a, b = copy.deepcopy(of.state_dict()), copy.deepcopy(ot.state_dict())
             of.load_state_dict(b)
             ot.load_state_dict(a)
-    torch.cuda.synchronize()
+
+    train_in_lockstep(((mf, of), (mt, ot)), steps=50, batch=16, after_step=swap_states)
     for a, b in zip(mf.parameters(), mt.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -63,13 +74,7 @@ def test_cpu_offload_of_a_gpu_model_equals_the_gpu_optimizer():
     off = fot.CPUOffload(fot.AdamW, mb.parameters(), lr=1e-2)
     assert all(m.device.type == "cpu" for m in off.masters)
     assert off.inner._buckets[0][1].flat.is_pinned()
-    for _ in range(10):
-        x = torch.randn(8, 32, device="cuda")
-        for m, o in ((ma, on_gpu), (mb, off)):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            o.step()
-    torch.cuda.synchronize()
+    train_in_lockstep(((ma, on_gpu), (mb, off)), steps=10, batch=8)
     for a, b in zip(ma.parameters(), mb.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -16,19 +16,7 @@ import pytest
 
 import fastopt as fo
 
-
-@pytest.fixture(autouse=True)
-def _serial_kernels():
-    """One Numba thread: on 1-2 element arrays a parallel launch is pure overhead, and on a loaded
-    machine it can cost milliseconds per step (results do not depend on the thread count)."""
-    import numba
-
-    old = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("serial_kernels")  # conftest.py
 
 
 def square_grad(x):

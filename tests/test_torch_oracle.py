@@ -24,7 +24,7 @@ import fastopt as fo
 
 torch = torch_or_skip()
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("serial_kernels")]
 
 STEPS = 120
 SHAPES = ((5,), (2, 3), (4,))
@@ -163,21 +163,6 @@ def loss_grad(x, k, i, sign=1.0):
 
 
 # ------------------------------------------------------------------------------------- harness
-@pytest.fixture(autouse=True)
-def _serial_kernels():
-    """Run the Numba kernels on one thread here. The arrays have a handful of elements, and a
-    parallel launch between torch calls costs milliseconds when torch's and Numba's OpenMP pools
-    contend for a loaded machine; elementwise results do not depend on the thread count."""
-    import numba
-
-    old = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
-
-
 @pytest.fixture(params=[np.float64, np.float32], ids=["f64", "f32"])
 def dtype(request):
     """The parameter dtype; float64 runs set torch's default dtype to float64 (and restore it)."""

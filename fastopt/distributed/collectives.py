@@ -61,6 +61,13 @@ class Collectives:
         self.cuda_aware = cuda_aware_default() if cuda_aware is None else bool(cuda_aware)
         self.stats = CommStats()
 
+    def start_from_root(self, params, root, debug):
+        """Give every rank the root's ParamSet values (one Bcast of the flat buffer); with
+        ``debug``, then check that all ranks hold the same bits (:func:`check_params_equal`)."""
+        self.bcast(params.flat, root)
+        if debug:
+            check_params_equal(params, self.comm)
+
     def _device_ready(self, buf):
         """``buf`` itself for MPI (after a stream sync) or None when it must be staged."""
         if not is_device_array(buf):

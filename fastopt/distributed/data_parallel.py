@@ -65,9 +65,7 @@ class DataParallel:
         self._coll = Collectives(comm, cuda_aware)
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
-        self._coll.bcast(params.flat, root)
-        if debug:
-            check_params_equal(params, self.comm)
+        self._coll.start_from_root(params, root, debug)
 
     @property
     def stats(self):

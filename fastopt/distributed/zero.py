@@ -18,6 +18,14 @@ from .mpi import mpi_type
 from .sharding import shard_sizes
 
 
+def _of_local_optimizer(name):
+    """A read-only property giving the rank's local optimizer's attribute ``name``."""
+    return property(
+        lambda self: getattr(self.local_optimizer, name),
+        doc=f"The local (shard) optimizer's ``{name}``.",
+    )
+
+
 class ZeroRedundancyOptimizer:
     """ZeRO stage 1: optimizer state sharded across ranks, parameters and gradients replicated.
 
@@ -107,9 +115,7 @@ class ZeroRedundancyOptimizer:
         )
         self._backend_name = backend
         self._backend = None  # of the gradient slice, for its sum of squares; found at first use
-        self._coll.bcast(params.flat, root)
-        if debug:
-            check_params_equal(params, self.comm)
+        self._coll.start_from_root(params, root, debug)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -117,17 +123,9 @@ class ZeroRedundancyOptimizer:
         """:class:`CommStats` of this object's collectives."""
         return self._coll.stats
 
-    @property
-    def param_groups(self):
-        return self.local_optimizer.param_groups
-
-    @property
-    def defaults(self):
-        return self.local_optimizer.defaults
-
-    @property
-    def max_grad_value(self):
-        return self.local_optimizer.max_grad_value
+    param_groups = _of_local_optimizer("param_groups")
+    defaults = _of_local_optimizer("defaults")
+    max_grad_value = _of_local_optimizer("max_grad_value")
 
     @property
     def shard(self):

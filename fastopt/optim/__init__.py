@@ -47,26 +47,4 @@ OPTIMIZERS = {
 order they are listed to users. The CLI, the playground, the benchmarks, the scikit-learn
 estimators and the tests read it; a new algorithm is added here once."""
 
-__all__ = [
-    "OPTIMIZERS",
-    "Adadelta",
-    "Adagrad",
-    "Adam",
-    "AdamW",
-    "AdamWScheduleFree",
-    "Adamax",
-    "LAMB",
-    "LARS",
-    "ASGD",
-    "LBFGS",
-    "Lion",
-    "NAdam",
-    "NovoGrad",
-    "Optimizer",
-    "RAdam",
-    "RMSprop",
-    "Rprop",
-    "SGD",
-    "SGDScheduleFree",
-    "Yogi",
-]
+__all__ = ["OPTIMIZERS", "Optimizer", *(cls.__name__ for cls in OPTIMIZERS.values())]

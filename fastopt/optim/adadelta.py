@@ -1,7 +1,7 @@
 """Adadelta (torch.optim.Adadelta)."""
 
-from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
-from .base import Optimizer, constructor_defaults, l2_scalars
+from .base import Optimizer, l2_scalars
+from .hyperparameters import MAXIMIZE, eps, lr, unit_interval, weight_decay
 
 
 class Adadelta(Optimizer):
@@ -18,17 +18,7 @@ class Adadelta(Optimizer):
 
     algorithm = "adadelta"
 
-    def __init__(
-        self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False, **options
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_interval("rho", group["rho"], 0.0, 1.0, hi_closed=True)
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (lr(1.0), unit_interval("rho", 0.9), eps(1e-6), weight_decay(), MAXIMIZE)
 
     def _rule(self, group):
         return "adadelta"

@@ -1,7 +1,7 @@
 """Adagrad (torch.optim.Adagrad)."""
 
-from ..validation import check_bool, check_lr, check_nonnegative, check_positive
-from .base import Optimizer, constructor_defaults, l2_scalars
+from .base import Optimizer, l2_scalars
+from .hyperparameters import MAXIMIZE, eps, lr, nonnegative, weight_decay
 
 
 class Adagrad(Optimizer):
@@ -17,27 +17,14 @@ class Adagrad(Optimizer):
 
     algorithm = "adagrad"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-2,
-        lr_decay=0.0,
-        weight_decay=0.0,
-        initial_accumulator_value=0.0,
-        eps=1e-10,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("lr_decay", group["lr_decay"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
-        check_positive("eps", group["eps"])
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (
+        lr(1e-2),
+        nonnegative("lr_decay", 0.0),
+        weight_decay(),
+        nonnegative("initial_accumulator_value", 0.0),
+        eps(1e-10),
+        MAXIMIZE,
+    )
 
     def _rule(self, group):
         return "adagrad"

@@ -2,8 +2,8 @@
 
 import math
 
-from ..validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
-from .base import Optimizer, constructor_defaults, maximize_sign
+from .base import Optimizer, maximize_sign
+from .hyperparameters import MAXIMIZE, adam_family, flag, revise
 
 
 def adam_weight_decay(group, lr):
@@ -14,32 +14,20 @@ def adam_weight_decay(group, lr):
     return 1.0, wd
 
 
+def beta_scalars(group):
+    """The fields ``beta1, one_minus_beta1, beta2, one_minus_beta2`` of two moving averages."""
+    beta1, beta2 = group["betas"]
+    return dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2)
+
+
 def adam_moment_scalars(group, lr):
     """The ``rules.ADAM_MOMENTS`` fields, shared by every rule built on ``rules.adam_moments``."""
-    beta1, beta2 = group["betas"]
     decay, l2 = adam_weight_decay(group, lr)
-    return dict(
-        decay=decay,
-        weight_decay=l2,
-        gsign=maximize_sign(group),
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-    )
+    return dict(decay=decay, weight_decay=l2, gsign=maximize_sign(group), **beta_scalars(group))
 
 
 class AdamBase(Optimizer):
-    """Hyperparameter checks and state of the Adam family (betas, eps, weight decay)."""
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
-            if flag in group:
-                check_bool(flag, group[flag])
+    """State of the Adam family: the two moments (their rows: ``hyperparameters.adam_family``)."""
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq")
@@ -63,20 +51,12 @@ class Adam(AdamBase):
 
     algorithm = "adam"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        amsgrad=False,
-        *,
-        maximize=False,
-        decoupled_weight_decay=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (
+        *adam_family(1e-3),
+        flag("amsgrad"),
+        MAXIMIZE,
+        flag("decoupled_weight_decay", keyword_only=True),
+    )
 
     def _rule(self, group):
         return "adam_amsgrad" if group["amsgrad"] else "adam"
@@ -104,26 +84,6 @@ class AdamW(Adam):
     Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
     """
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=1e-2,
-        amsgrad=False,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=True,
-            **options,
-        )
+    hyperparameter_table = revise(
+        Adam.hyperparameter_table, weight_decay=1e-2, fixed={"decoupled_weight_decay": True}
+    )

@@ -1,7 +1,8 @@
 """Adamax (torch.optim.Adamax)."""
 
 from .adam import AdamBase
-from .base import constructor_defaults, l2_scalars
+from .base import l2_scalars
+from .hyperparameters import MAXIMIZE, adam_family
 
 
 class Adamax(AdamBase):
@@ -16,18 +17,7 @@ class Adamax(AdamBase):
 
     algorithm = "adamax"
 
-    def __init__(
-        self,
-        params,
-        lr=2e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (*adam_family(2e-3), MAXIMIZE)
 
     def _rule(self, group):
         return "adamax"

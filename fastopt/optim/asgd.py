@@ -57,8 +57,8 @@ class ASGD(Optimizer):
     def _initial_scalar_state(self, group):
         return {"eta": 0.0, "mu": 1.0}  # eta is set to the lr at allocation
 
-    def _allocate(self, group, unit, names, lr):
-        super()._allocate(group, unit, names, lr)
+    def _allocate(self, group, unit, names, lr, stream=None):
+        super()._allocate(group, unit, names, lr, stream)
         unit.state["eta"] = lr
 
     def _scalars(self, group, state, step, lr):

@@ -17,6 +17,7 @@ from ..kernels.rules import SCALARS
 from ..validation import check_bool, check_positive, check_scheduled_lr
 from . import precision
 from . import state_dict as _state_dict
+from .hyperparameters import check_table, constructor
 from .units import check_grad, join_grads, overlaps, split_grads, units_of
 
 
@@ -200,9 +201,28 @@ class Optimizer:
         return entries if self._grouped else entries[0]
 
     # ------------------------------------------------------------------ subclass interface
+    hyperparameter_table = None
+    """The class's hyperparameters as :class:`~fastopt.optim.hyperparameters.Hyper` rows, in
+    torch's argument order. A class that declares one gets its ``__init__`` (real signature),
+    defaults and ``_check`` built from it; a class with a hand-written ``__init__`` (passing
+    ``constructor_defaults(locals())``) and ``_check`` leaves it None."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "hyperparameter_table" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = constructor(cls)
+
     def _check(self, group):
-        """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``."""
-        raise NotImplementedError
+        """Raise ValueError/TypeError naming any out-of-range hyperparameter of ``group``: each
+        row's check in table order, then ``_check_together`` (classes without a table override
+        this)."""
+        if self.hyperparameter_table is None:
+            raise NotImplementedError
+        check_table(self.hyperparameter_table, group)
+        self._check_together(group)
+
+    def _check_together(self, group):
+        """Checks across hyperparameters (e.g. SGD's nesterov needing momentum), after the rows'."""
 
     def _rule(self, group):
         """Name of the rule in kernels/rules.py that this group's settings select."""
@@ -301,20 +321,10 @@ class Optimizer:
         """
         plan = self._plan(grads)
         stream_of = streams.StepStreams(self._stream)
-        gscale = 1.0
-        if grad_scale is not None:
-            check_positive("grad_scale", grad_scale)
-            gscale = float(grad_scale)
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm, finite = self._grad_norm(plan, gscale, stream_of)
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not finite:
-                self.skipped_steps += 1
-                self.last_step_taken = False
-                return
-            if self.max_grad_norm is not None:
-                gscale *= clip_coefficient(norm, self.max_grad_norm)
-        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+        scales = self._grad_scales(plan, grad_scale, stream_of)
+        if scales is None:
+            return
+        gscale, gclip = scales
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
@@ -363,6 +373,31 @@ class Optimizer:
             state["step"] = step
             if updates:
                 state.update(updates)
+        self._count_step(plan)
+
+    def _grad_scales(self, plan, grad_scale, stream_of=None):
+        """(gscale, gclip) of this step: ``grad_scale`` times the norm-clipping coefficient,
+        and the elementwise clip (0 for none); None when ``skip_nonfinite`` skips the step
+        (counted here). ``stream_of``: the step's :class:`fastopt.streams.StepStreams`."""
+        if stream_of is None:
+            stream_of = streams.StepStreams(self._stream)
+        gscale = 1.0
+        if grad_scale is not None:
+            check_positive("grad_scale", grad_scale)
+            gscale = float(grad_scale)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm, finite = self._grad_norm(plan, gscale, stream_of)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not finite:
+                self.skipped_steps += 1
+                self.last_step_taken = False
+                return None
+            if self.max_grad_norm is not None:
+                gscale *= clip_coefficient(norm, self.max_grad_norm)
+        return gscale, 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+
+    def _count_step(self, plan):
+        """Advance the step counters of the groups in ``plan`` once every kernel has run."""
         for _, g_int, _, _ in plan:
             g_int["steps"] += 1
         self.last_step_taken = True

@@ -1,8 +1,9 @@
 """LAMB (no torch equivalent; follows the paper and optax.lamb)."""
 
-from ..validation import check_betas, check_bool, check_lr, check_nonnegative
-from .base import constructor_defaults, maximize_sign
-from .segmented import SegmentedOptimizer, check_mask
+from .adam import beta_scalars
+from .base import maximize_sign
+from .hyperparameters import MAXIMIZE, betas, lr, nonnegative, weight_decay
+from .segmented import SegmentedOptimizer, mask
 
 
 class LAMB(SegmentedOptimizer):
@@ -25,32 +26,15 @@ class LAMB(SegmentedOptimizer):
 
     algorithm = "lamb"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-6,
-        weight_decay=0.0,
-        *,
-        eps_root=0.0,
-        weight_decay_mask=True,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("eps_root", group["eps_root"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_mask("weight_decay_mask", group["weight_decay_mask"])
-        check_bool("maximize", group["maximize"])
-
-    def _masks(self, group):
-        return group["weight_decay_mask"], True
+    hyperparameter_table = (
+        lr(1e-3),
+        betas(),
+        nonnegative("eps", 1e-6),
+        weight_decay(),
+        nonnegative("eps_root", 0.0, keyword_only=True),
+        mask("weight_decay_mask"),
+        MAXIMIZE,
+    )
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq")
@@ -59,10 +43,7 @@ class LAMB(SegmentedOptimizer):
         beta1, beta2 = group["betas"]
         return dict(
             gsign=maximize_sign(group),
-            beta1=beta1,
-            one_minus_beta1=1.0 - beta1,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
+            **beta_scalars(group),
             bias_correction1=1.0 - beta1**step,
             bias_correction2=1.0 - beta2**step,
             eps=group["eps"],

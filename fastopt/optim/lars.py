@@ -1,8 +1,8 @@
 """LARS (no torch equivalent; follows the paper and optax.lars)."""
 
-from ..validation import check_bool, check_lr, check_nonnegative, check_real
-from .base import constructor_defaults, maximize_sign
-from .segmented import SegmentedOptimizer, check_mask
+from .base import maximize_sign
+from .hyperparameters import MAXIMIZE, flag, lr, nonnegative, real, weight_decay
+from .segmented import SegmentedOptimizer, mask
 
 
 class LARS(SegmentedOptimizer):
@@ -26,36 +26,17 @@ class LARS(SegmentedOptimizer):
 
     algorithm = "lars"
 
-    def __init__(
-        self,
-        params,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=0.0,
-        *,
-        trust_coefficient=0.001,
-        eps=0.0,
-        nesterov=False,
-        weight_decay_mask=True,
-        trust_ratio_mask=True,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_real("momentum", group["momentum"], lo=0.0, hi=1.0, hi_open=True)
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_real("trust_coefficient", group["trust_coefficient"], lo=0.0, lo_open=True)
-        check_nonnegative("eps", group["eps"])
-        check_bool("nesterov", group["nesterov"])
-        check_mask("weight_decay_mask", group["weight_decay_mask"])
-        check_mask("trust_ratio_mask", group["trust_ratio_mask"])
-        check_bool("maximize", group["maximize"])
-
-    def _masks(self, group):
-        return group["weight_decay_mask"], group["trust_ratio_mask"]
+    hyperparameter_table = (
+        lr(0.1),
+        real("momentum", 0.9, lo=0.0, hi=1.0, hi_open=True),
+        weight_decay(),
+        real("trust_coefficient", 0.001, keyword_only=True, lo=0.0, lo_open=True),
+        nonnegative("eps", 0.0, keyword_only=True),
+        flag("nesterov", keyword_only=True),
+        mask("weight_decay_mask"),
+        mask("trust_ratio_mask"),
+        MAXIMIZE,
+    )
 
     def _state_names(self, group):
         return ("momentum_buffer",)

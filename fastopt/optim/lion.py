@@ -1,7 +1,8 @@
 """Lion (no torch equivalent; follows the paper and optax.lion)."""
 
-from ..validation import check_betas, check_bool, check_lr, check_nonnegative
-from .base import Optimizer, constructor_defaults, maximize_sign
+from .adam import beta_scalars
+from .base import Optimizer, maximize_sign
+from .hyperparameters import MAXIMIZE, betas, lr, weight_decay
 
 
 class Lion(Optimizer):
@@ -19,16 +20,7 @@ class Lion(Optimizer):
 
     algorithm = "lion"
 
-    def __init__(
-        self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (lr(1e-4), betas((0.9, 0.99)), weight_decay(), MAXIMIZE)
 
     def _rule(self, group):
         return "lion"
@@ -37,13 +29,9 @@ class Lion(Optimizer):
         return ("exp_avg",)
 
     def _scalars(self, group, state, step, lr):
-        beta1, beta2 = group["betas"]
         return dict(
             decay=1.0 - lr * group["weight_decay"],
             lr=lr,
             gsign=maximize_sign(group),
-            beta1=beta1,
-            one_minus_beta1=1.0 - beta1,
-            beta2=beta2,
-            one_minus_beta2=1.0 - beta2,
+            **beta_scalars(group),
         ), None

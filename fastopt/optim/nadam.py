@@ -1,8 +1,7 @@
 """NAdam (torch.optim.NAdam)."""
 
-from ..validation import check_nonnegative
 from .adam import AdamBase, adam_moment_scalars
-from .base import constructor_defaults
+from .hyperparameters import MAXIMIZE, adam_family, flag, nonnegative
 
 
 class NAdam(AdamBase):
@@ -21,24 +20,12 @@ class NAdam(AdamBase):
 
     algorithm = "nadam"
 
-    def __init__(
-        self,
-        params,
-        lr=2e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum_decay=4e-3,
-        decoupled_weight_decay=False,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        super()._check(group)
-        check_nonnegative("momentum_decay", group["momentum_decay"])
+    hyperparameter_table = (
+        *adam_family(2e-3),
+        nonnegative("momentum_decay", 4e-3),
+        flag("decoupled_weight_decay"),
+        MAXIMIZE,
+    )
 
     def _rule(self, group):
         return "nadam"

@@ -1,8 +1,9 @@
 """NovoGrad (no torch equivalent; follows the paper and optax.novograd)."""
 
-from ..validation import check_betas, check_bool, check_lr, check_nonnegative
-from .base import constructor_defaults, maximize_sign
-from .segmented import SegmentedOptimizer, check_mask
+from .base import maximize_sign
+from .hyperparameters import revise
+from .lamb import LAMB
+from .segmented import SegmentedOptimizer
 
 
 class NovoGrad(SegmentedOptimizer):
@@ -27,32 +28,8 @@ class NovoGrad(SegmentedOptimizer):
     algorithm = "novograd"
     segment_state = "exp_avg_sq"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.25),
-        eps=1e-6,
-        weight_decay=0.0,
-        *,
-        eps_root=0.0,
-        weight_decay_mask=True,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("eps_root", group["eps_root"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_mask("weight_decay_mask", group["weight_decay_mask"])
-        check_bool("maximize", group["maximize"])
-
-    def _masks(self, group):
-        return group["weight_decay_mask"], True
+    hyperparameter_table = revise(LAMB.hyperparameter_table, betas=(0.9, 0.25))
+    """LAMB's rows (optax.novograd takes the same arguments) with its betas (0.9, 0.25)."""
 
     def _state_names(self, group):
         return ("exp_avg",)

@@ -3,7 +3,7 @@
 import math
 
 from .adam import AdamBase, adam_moment_scalars
-from .base import constructor_defaults
+from .hyperparameters import MAXIMIZE, adam_family, flag
 
 
 class RAdam(AdamBase):
@@ -22,19 +22,7 @@ class RAdam(AdamBase):
 
     algorithm = "radam"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (*adam_family(1e-3), flag("decoupled_weight_decay"), MAXIMIZE)
 
     def _rule(self, group):
         return "radam"

@@ -1,7 +1,7 @@
 """RMSprop (torch.optim.RMSprop)."""
 
-from ..validation import check_bool, check_interval, check_lr, check_nonnegative, check_positive
-from .base import Optimizer, constructor_defaults, l2_scalars
+from .base import Optimizer, l2_scalars
+from .hyperparameters import MAXIMIZE, eps, flag, lr, nonnegative, unit_interval, weight_decay
 
 
 class RMSprop(Optimizer):
@@ -21,29 +21,15 @@ class RMSprop(Optimizer):
 
     algorithm = "rmsprop"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-2,
-        alpha=0.99,
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum=0.0,
-        centered=False,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_interval("alpha", group["alpha"], 0.0, 1.0, hi_closed=True)
-        check_positive("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("momentum", group["momentum"])
-        check_bool("centered", group["centered"])
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (
+        lr(1e-2),
+        unit_interval("alpha", 0.99),
+        eps(1e-8),
+        weight_decay(),
+        nonnegative("momentum", 0.0),
+        flag("centered"),
+        MAXIMIZE,
+    )
 
     def _rule(self, group):
         return (

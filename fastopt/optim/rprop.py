@@ -1,7 +1,30 @@
 """Rprop (torch.optim.Rprop)."""
 
-from ..validation import check_bool, check_lr, check_pair, check_positive
-from .base import Optimizer, constructor_defaults, maximize_sign
+from ..validation import check_pair, check_positive
+from .base import Optimizer, maximize_sign
+from .hyperparameters import MAXIMIZE, Hyper, lr
+
+
+def positive_pair(name, value):
+    """``value`` as a pair ``(a, b)`` of floats > 0; ValueError naming ``name[0]``/``name[1]``."""
+    a, b = check_pair(name, value)
+    check_positive(f"{name}[0]", a)
+    check_positive(f"{name}[1]", b)
+    return a, b
+
+
+def check_etas(name, value):
+    """``(etaminus, etaplus)`` with 0 < etaminus < 1 < etaplus."""
+    etaminus, etaplus = positive_pair(name, value)
+    if not etaminus < 1.0 < etaplus:
+        raise ValueError(f"invalid {name}: {value} (need 0 < etaminus < 1 < etaplus)")
+
+
+def check_step_sizes(name, value):
+    """``(min, max)`` step sizes, 0 < min <= max."""
+    lo, hi = positive_pair(name, value)
+    if lo > hi:
+        raise ValueError(f"invalid {name}: {value} (min > max)")
 
 
 class Rprop(Optimizer):
@@ -19,31 +42,12 @@ class Rprop(Optimizer):
 
     algorithm = "rprop"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-2,
-        etas=(0.5, 1.2),
-        step_sizes=(1e-6, 50.0),
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        etaminus, etaplus = check_pair("etas", group["etas"])
-        check_positive("etas[0]", etaminus)
-        check_positive("etas[1]", etaplus)
-        if not etaminus < 1.0 < etaplus:
-            raise ValueError(f"invalid etas: {group['etas']} (need 0 < etaminus < 1 < etaplus)")
-        lo, hi = check_pair("step_sizes", group["step_sizes"])
-        check_positive("step_sizes[0]", lo)
-        check_positive("step_sizes[1]", hi)
-        if lo > hi:
-            raise ValueError(f"invalid step_sizes: {group['step_sizes']} (min > max)")
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (
+        lr(1e-2),
+        Hyper("etas", (0.5, 1.2), check_etas),
+        Hyper("step_sizes", (1e-6, 50.0), check_step_sizes),
+        MAXIMIZE,
+    )
 
     def _rule(self, group):
         return "rprop"

@@ -19,6 +19,7 @@ from .. import reference
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
 from .base import Optimizer
+from .hyperparameters import Hyper
 
 _KERNEL_MODULES = {"numba-cpu": "segment_cpu", "numba-cuda": "segment_cuda"}
 
@@ -27,6 +28,11 @@ def check_mask(name, value):
     """TypeError unless ``value`` is a bool or a callable (name, shape) -> bool."""
     if not (isinstance(value, bool) or callable(value)):
         raise TypeError(f"{name} must be True, False or a callable (name, shape) -> bool")
+
+
+def mask(name):
+    """The hyperparameter row of a mask (keyword-only, True by default)."""
+    return Hyper(name, True, check_mask, keyword_only=True)
 
 
 def _mask_value(mask, name, shape, what):
@@ -39,10 +45,11 @@ def _mask_value(mask, name, shape, what):
 
 
 class SegmentedOptimizer(Optimizer):
-    """Optimizer base for the per-segment rules. Subclasses implement ``_check``,
-    ``_state_names`` (element state, the rule's slot order), ``_scalars`` (the rule's fields by
-    name), and may set ``segment_state`` (the name of a per-segment scalar state array) and
-    ``_masks(group)`` (``(weight decay mask, trust ratio mask)``)."""
+    """Optimizer base for the per-segment rules. Subclasses declare ``hyperparameter_table``
+    (``weight_decay_mask`` and ``trust_ratio_mask`` rows, made by :func:`mask`, select the
+    tensors decayed and adapted), implement ``_state_names`` (element state, the rule's slot
+    order) and ``_scalars`` (the rule's fields by name), and may set ``segment_state`` (the name
+    of a per-segment scalar state array)."""
 
     segment_state = None
     elementwise = False
@@ -55,7 +62,8 @@ class SegmentedOptimizer(Optimizer):
         return self.algorithm
 
     def _masks(self, group):
-        return True, True
+        """(weight decay mask, trust ratio mask) of ``group``: True where it has none."""
+        return group.get("weight_decay_mask", True), group.get("trust_ratio_mask", True)
 
     # ------------------------------------------------------------------ segments
     def _segments(self, g_int, unit):
@@ -118,8 +126,8 @@ class SegmentedOptimizer(Optimizer):
                 f"{unit.label} is on {name!r}"
             )
 
-    def _allocate(self, group, unit, names, lr):
-        super()._allocate(group, unit, names, lr)
+    def _allocate(self, group, unit, names, lr, stream=None):
+        super()._allocate(group, unit, names, lr, stream)
         if self.segment_state is not None:
             n = len(self._segment_cache[id(unit)]["segs"])
             unit.state[self.segment_state] = unit.backend.zeros(n, unit.param.dtype)
@@ -129,27 +137,13 @@ class SegmentedOptimizer(Optimizer):
         """One update of every parameter whose gradient is given (see ``Optimizer.step``):
         gradient scaling, clipping and non-finite skipping as there, then three launches per
         unit."""
-        from ..clipping import clip_coefficient
-        from ..validation import check_positive
-
         plan = self._plan(grads)
-        gscale = 1.0
-        if grad_scale is not None:
-            check_positive("grad_scale", grad_scale)
-            gscale = float(grad_scale)
         for _, _, _, work in plan:
             for unit, _ in work:
                 self._check_backend(unit)
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm, finite = self._grad_norm(plan, gscale)
-            self.last_grad_norm = norm
-            if self.skip_nonfinite and not finite:
-                self.skipped_steps += 1
-                self.last_step_taken = False
-                return
-            if self.max_grad_norm is not None:
-                gscale *= clip_coefficient(norm, self.max_grad_norm)
-        gclip = 0.0 if self.max_grad_value is None else float(self.max_grad_value)
+        scales = self._grad_scales(plan, grad_scale)
+        if scales is None:
+            return
         launches = []
         for group, g_int, lr, work in plan:
             for unit, grad in work:
@@ -165,11 +159,9 @@ class SegmentedOptimizer(Optimizer):
                 h64 = tuple(float(values[f]) for f in fields)
                 launches.append((group, g_int, lr, unit, grad, step, h64, seg_work))
         for group, g_int, lr, unit, grad, step, h64, seg_work in launches:
-            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, (gscale, gclip))
+            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
             unit.state["step"] = step
-        for _, g_int, _, _ in plan:
-            g_int["steps"] += 1
-        self.last_step_taken = True
+        self._count_step(plan)
 
     def _launch(self, group, g_int, lr, unit, grad, step, h64, w, gs):
         state = unit.state

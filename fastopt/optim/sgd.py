@@ -1,7 +1,7 @@
 """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD)."""
 
-from ..validation import check_bool, check_interval, check_lr, check_nonnegative
-from .base import Optimizer, constructor_defaults, l2_scalars
+from .base import Optimizer, l2_scalars
+from .hyperparameters import MAXIMIZE, flag, lr, nonnegative, unit_interval, weight_decay
 
 
 class SGD(Optimizer):
@@ -19,27 +19,16 @@ class SGD(Optimizer):
 
     algorithm = "sgd"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        momentum=0.0,
-        dampening=0.0,
-        weight_decay=0.0,
-        nesterov=False,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (
+        lr(1e-3),
+        nonnegative("momentum", 0.0),
+        unit_interval("dampening", 0.0),
+        weight_decay(),
+        flag("nesterov"),
+        MAXIMIZE,
+    )
 
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("momentum", group["momentum"])
-        check_interval("dampening", group["dampening"], 0.0, 1.0, hi_closed=True)
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_bool("nesterov", group["nesterov"])
-        check_bool("maximize", group["maximize"])
+    def _check_together(self, group):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
 

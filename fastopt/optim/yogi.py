@@ -2,9 +2,9 @@
 
 import math
 
-from ..validation import check_bool, check_nonnegative
 from .adam import AdamBase
-from .base import constructor_defaults, l2_scalars
+from .base import l2_scalars
+from .hyperparameters import MAXIMIZE, betas, eps, flag, lr, nonnegative, weight_decay
 
 
 class Yogi(AdamBase):
@@ -27,25 +27,15 @@ class Yogi(AdamBase):
 
     algorithm = "yogi"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-2,
-        betas=(0.9, 0.999),
-        eps=1e-3,
-        initial_accumulator_value=1e-6,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        bias_correction=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        super()._check(group)
-        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"])
-        check_bool("bias_correction", group["bias_correction"])
+    hyperparameter_table = (
+        lr(1e-2),
+        betas(),
+        eps(1e-3),
+        nonnegative("initial_accumulator_value", 1e-6),
+        weight_decay(),
+        MAXIMIZE,
+        flag("bias_correction", keyword_only=True),
+    )
 
     def _rule(self, group):
         return "yogi"

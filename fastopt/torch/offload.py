@@ -13,7 +13,7 @@ result is the inner optimizer's, bit for bit.
 import torch
 
 from .flat import check_param, flatten_
-from .optimizer import FastoptOptimizer
+from .optimizer import FastoptOptimizer, closure_loss
 
 
 class CPUOffload(torch.optim.Optimizer):
@@ -75,10 +75,7 @@ class CPUOffload(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Gradients to the host, the inner step on the masters, weights back to the device."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._sync_hyperparameters()
         views = self._grad_views
         with self._side_stream():

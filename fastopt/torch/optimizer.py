@@ -41,6 +41,15 @@ def split_arguments(core_class, args, kwargs):
     return hyper, options
 
 
+def closure_loss(closure):
+    """The ``closure`` argument of torch's ``step``: its loss, evaluated with gradients
+    enabled (``step`` itself runs under ``no_grad``), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _plain(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
@@ -144,10 +153,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter with a ``.grad`` (torch's ``step``)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for _, buf in self._buckets:
             buf.check_in_place()
         for name, p in self._frozen:
