@@ -9,7 +9,13 @@ own iterate, so differences feed back). For float64 torch's default dtype is flo
 import numpy as np
 import pytest
 from oracle import torch_or_skip
-from test_torch_oracle import Pair, assert_close, f64, run_and_compare  # noqa: F401
+from test_torch_oracle import (  # noqa: F401 (fixtures)
+    Pair,
+    assert_close,
+    f64,
+    run_and_compare,
+    torch_default_dtype,
+)
 
 import fastopt as fo
 
@@ -38,17 +44,6 @@ def compare_asgd_state(pair, steps):
             assert ours[name] == pytest.approx(float(theirs[name].item()), rel=1e-6, abs=0)
         assert_close(ours["ax"], theirs["ax"].detach().numpy(), pair.dtype, f"ax of param {i}")
     return sd
-
-
-@pytest.fixture(params=[np.float64, np.float32], ids=["f64", "f32"])
-def dtype(request):
-    old = torch.get_default_dtype()
-    if request.param is np.float64:
-        torch.set_default_dtype(torch.float64)
-    try:
-        yield request.param
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,7 +8,12 @@ FASTOPT_REQUIRE_ORACLE=1 makes a missing one an error (tests/oracle.py).
 import numpy as np
 import pytest
 from oracle import import_or_skip, torch_or_skip
-from test_torch_oracle import assert_close, initial_arrays, loss_grad
+from test_torch_oracle import (  # noqa: F401 (the dtype fixture)
+    assert_close,
+    initial_arrays,
+    loss_grad,
+    torch_default_dtype,
+)
 
 import fastopt as fo
 
@@ -40,17 +45,6 @@ CASES = {
         ),
     ),
 }
-
-
-@pytest.fixture(params=[np.float64, np.float32], ids=["f64", "f32"])
-def dtype(request):
-    old = torch.get_default_dtype()
-    if request.param is np.float64:
-        torch.set_default_dtype(torch.float64)
-    try:
-        yield request.param
-    finally:
-        torch.set_default_dtype(old)
 
 
 class SFPair:

@@ -163,8 +163,8 @@ def loss_grad(x, k, i, sign=1.0):
 
 
 # ------------------------------------------------------------------------------------- harness
-@pytest.fixture(params=[np.float64, np.float32], ids=["f64", "f32"])
-def dtype(request):
+@pytest.fixture(name="dtype", params=[np.float64, np.float32], ids=["f64", "f32"])
+def torch_default_dtype(request):
     """The parameter dtype; float64 runs set torch's default dtype to float64 (and restore it)."""
     old = torch.get_default_dtype()
     if request.param is np.float64:
