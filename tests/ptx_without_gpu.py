@@ -5,7 +5,30 @@ code) where numba-cuda, libNVVM or libdevice is missing, or exits 1 (a failure) 
 nvidia-nvvm, which carries libNVVM and libdevice). Defines ``cuda``, ``types``, ``libdevice``, ``np``
 and ``sys``."""
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 REQUIRE_ENV = "FASTOPT_REQUIRE_NVVM"
+
+
+def run_ptx_script(source, *args, path=None):
+    """Run ``source`` (a script that starts with :data:`PREAMBLE`) in a fresh Python outside the
+    CUDA simulator, with ``path`` put in front of PYTHONPATH; skip the calling test when the
+    preamble exits 77 (nothing to compile with), fail on any other error; return its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    r = subprocess.run(
+        [sys.executable, "-c", source, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    if r.returncode == 77:
+        pytest.skip(f"cannot compile CUDA here: {r.stdout.strip() or 'libNVVM not found'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
 
 PREAMBLE = """
 import json, os, sys, types as pytypes

@@ -10,10 +10,7 @@ the compiled ones bit for bit. Tests that need nvcc skip without it.
 
 import ctypes
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import warnings
 
 import ml_dtypes
@@ -21,7 +18,7 @@ import numba
 import numpy as np
 import pytest
 from cuda_toolchain import nvcc_or_skip
-from ptx_without_gpu import PREAMBLE
+from ptx_without_gpu import PREAMBLE, run_ptx_script
 from test_cuda_c import _run, nvrtc_or_skip
 
 from fastopt.kernels import storage
@@ -869,11 +866,5 @@ print("ok")
 def test_numba_cuda_helpers_compile_to_ptx():
     """The cuda target (bitcast intrinsics of numba.cuda) compiles every helper; skipped where
     libNVVM is missing."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    r = subprocess.run(
-        [sys.executable, "-c", _NUMBA_PTX], env=env, capture_output=True, text=True, timeout=600
-    )
-    if r.returncode == 77:
-        pytest.skip(f"cannot compile CUDA here: {r.stdout.strip() or 'libNVVM not found'}")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    out = run_ptx_script(_NUMBA_PTX, path=ROOT)
+    assert out.strip().endswith("ok"), out
