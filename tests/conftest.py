@@ -28,3 +28,13 @@ def serial_kernels():
         yield
     finally:
         numba.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def nvcc():
+    """Path of the CUDA compiler (``tests/cuda_toolchain.py``: PATH, CUDA_HOME, the
+    nvidia-cuda-nvcc wheel, /usr/local/cuda); a skip without one, a failure when
+    ``FASTOPT_REQUIRE_NVCC=1``."""
+    from cuda_toolchain import nvcc_or_skip
+
+    return nvcc_or_skip()

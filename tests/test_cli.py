@@ -252,7 +252,9 @@ def test_playground_preset_subprocess(tmp_path):
     assert "sgd lr=1.1" in r.stdout
 
 
-@pytest.mark.parametrize("preset", ["momentum", "adaptive"])
+@pytest.mark.parametrize(
+    "preset", ["momentum", "adaptive", "curvature", "curvature-rosenbrock", "armijo"]
+)
 def test_playground_presets(preset, tmp_path, capsys):
     out = tmp_path / f"{preset}.png"
     assert main(["playground", "--preset", preset, "--out", str(out)]) == 0

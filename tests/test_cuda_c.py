@@ -20,7 +20,6 @@ import types
 
 import numpy as np
 import pytest
-from cuda_toolchain import nvcc_or_skip
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
 from fastopt.kernels import cupy as cupy_backend
@@ -40,11 +39,6 @@ def _run(cmd, cwd):
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output}"
     assert "warning" not in output.lower(), f"{' '.join(map(str, cmd))} warned:\n{output}"
     return output
-
-
-@pytest.fixture(scope="module")
-def nvcc():
-    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")

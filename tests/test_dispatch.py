@@ -473,13 +473,6 @@ def _cuda_c_helpers():
 
 
 @pytest.fixture(scope="module")
-def nvcc():
-    from cuda_toolchain import nvcc_or_skip
-
-    return nvcc_or_skip()
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("reductions")
 

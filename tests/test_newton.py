@@ -3,11 +3,8 @@ curvature / armijo presets."""
 
 import numpy as np
 import pytest
-from cli_helpers import png_size
-from oracle import import_or_skip
 
 from fastopt import playground, problems
-from fastopt.cli import main
 from fastopt.playground.methods import ArmijoGD, Newton
 
 
@@ -106,14 +103,3 @@ def test_newton_and_lbfgs_beat_gradient_descent_on_the_presets():
         for name in ("newton", "lbfgs"):
             assert runs[name].values[-1] < tol
             assert runs[name].values[-1] < runs["gd"].values[-1] * 1e-6
-
-
-@pytest.mark.parametrize("preset", ["curvature", "curvature-rosenbrock", "armijo"])
-def test_curvature_presets_write_pngs(preset, tmp_path, capsys):
-    import_or_skip("matplotlib")
-    out = tmp_path / f"{preset}.png"
-    assert main(["playground", "--preset", preset, "--out", str(out)]) == 0
-    assert png_size(out) == (1200, 500)
-    text = capsys.readouterr().out
-    for spec in playground.PRESETS[preset].optimizers:
-        assert playground.parse_optimizer(spec).label in text

@@ -17,7 +17,6 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
-from cuda_toolchain import nvcc_or_skip
 from ptx_without_gpu import PREAMBLE, run_ptx_script
 from test_cuda_c import _run, nvrtc_or_skip
 
@@ -671,11 +670,6 @@ def test_compile_storage_rejects_unknown_target():
 
 def test_header_tables_are_the_python_maps():
     assert storage.dynamic_map_macros() in (KERNELS / "storage.cuh").read_text()
-
-
-@pytest.fixture(scope="module")
-def nvcc():
-    return nvcc_or_skip()
 
 
 @pytest.fixture(scope="module")
