@@ -47,8 +47,13 @@ def test_positional_and_keyword_arguments_bind_as_a_written_constructor():
 
 
 def test_every_table_class_builds_defaults_in_signature_order():
+    """Every registered optimizer declares a table, except L-BFGS (a closure optimizer whose
+    max_eval default depends on max_iter, as torch's): its constructor is its own."""
     for cls in OPTIMIZERS.values():
         table = cls.hyperparameter_table
+        if cls.requires_closure:
+            assert table is None and "__init__" in cls.__dict__, cls
+            continue
         assert table, cls
         opt = cls([_w()])
         assert list(opt.defaults) == [row.name for row in table]

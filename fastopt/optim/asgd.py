@@ -1,7 +1,7 @@
 """ASGD: averaged stochastic gradient descent (torch.optim.ASGD)."""
 
-from ..validation import check_bool, check_lr, check_nonnegative, check_real
-from .base import Optimizer, constructor_defaults, l2_scalars
+from .base import Optimizer, l2_scalars
+from .hyperparameters import MAXIMIZE, lr, nonnegative, real, weight_decay
 
 
 class ASGD(Optimizer):
@@ -26,27 +26,14 @@ class ASGD(Optimizer):
 
     algorithm = "asgd"
 
-    def __init__(
-        self,
-        params,
-        lr=1e-2,
-        lambd=1e-4,
-        alpha=0.75,
-        t0=1e6,
-        weight_decay=0.0,
-        *,
-        maximize=False,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("lambd", group["lambd"])
-        check_nonnegative("alpha", group["alpha"])
-        check_real("t0", group["t0"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_bool("maximize", group["maximize"])
+    hyperparameter_table = (
+        lr(1e-2),
+        nonnegative("lambd", 1e-4),
+        nonnegative("alpha", 0.75),
+        real("t0", 1e6),
+        weight_decay(),
+        MAXIMIZE,
+    )
 
     def _rule(self, group):
         return "asgd"

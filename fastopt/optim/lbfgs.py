@@ -179,7 +179,14 @@ class LBFGS(Optimizer):
         loss = _finite_loss(result[0])
         if result[1] is None:
             raise TypeError("LBFGS over plain arrays: the closure returned no gradients (None)")
-        given = dict((id(u), g) for u, g in self.check_grads(result[1]))
+        pairs = self.check_grads(result[1])
+        for u, g in pairs:
+            if g.dtype != self._dtype:  # the flat vector has one dtype (the steps may mix them)
+                raise TypeError(
+                    f"LBFGS: the gradient of {u.label} has dtype {g.dtype}, the parameters "
+                    f"{self._dtype}; the closure must return gradients of the parameters' dtype"
+                )
+        given = {id(u): g for u, g in pairs}
         if self._gbuf is None:
             self._gbuf = self._new_vector()
         for u, seg in self._segments(self._gbuf):

@@ -1,18 +1,20 @@
 """Schedule-free SGD and AdamW (the ``schedulefree`` package's SGDScheduleFree, AdamWScheduleFree)."""
 
+import functools
 from contextlib import contextmanager
 
 from .. import reference
-from ..validation import (
-    check_betas,
-    check_int,
-    check_interval,
-    check_lr,
-    check_nonnegative,
-    check_positive,
-    check_real,
+from ..validation import check_int, check_interval, check_positive
+from .base import Optimizer
+from .hyperparameters import Hyper, betas, eps, lr, nonnegative, real, weight_decay
+
+SCHEDULE_FREE_ROWS = (
+    weight_decay(),
+    Hyper("warmup_steps", 0, functools.partial(check_int, lo=0)),
+    real("r", 0.0),
+    nonnegative("weight_lr_power", 2.0),
 )
-from .base import Optimizer, constructor_defaults
+"""The rows both schedule-free optimizers end with, in the package's argument order."""
 
 
 class ScheduleFree(Optimizer):
@@ -51,13 +53,6 @@ class ScheduleFree(Optimizer):
     def _momentum(self, group):
         """The interpolation constant beta of the y/x/z relation."""
         raise NotImplementedError
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_int("warmup_steps", group["warmup_steps"], lo=0)
-        check_real("r", group["r"])
-        check_nonnegative("weight_lr_power", group["weight_lr_power"])
 
     def _initial_scalar_state(self, group):
         return {"weight_sum": 0.0, "lr_max": -1.0}
@@ -137,25 +132,14 @@ class SGDScheduleFree(ScheduleFree):
 
     algorithm = "sgd_schedulefree"
 
-    def __init__(
-        self,
-        params,
-        lr=1.0,
-        momentum=0.9,
-        weight_decay=0.0,
-        warmup_steps=0,
-        r=0.0,
-        weight_lr_power=2.0,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (
+        lr(1.0),
+        Hyper("momentum", 0.9, functools.partial(check_interval, lo=0.0, hi=1.0, lo_closed=False)),
+        *SCHEDULE_FREE_ROWS,
+    )
 
     def _momentum(self, group):
         return group["momentum"]
-
-    def _check(self, group):
-        super()._check(group)
-        check_interval("momentum", group["momentum"], 0.0, 1.0, lo_closed=False)
 
     def _rule(self, group):
         return "sf_sgd"
@@ -173,28 +157,13 @@ class AdamWScheduleFree(ScheduleFree):
 
     algorithm = "adamw_schedulefree"
 
-    def __init__(
-        self,
-        params,
-        lr=0.0025,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        warmup_steps=0,
-        r=0.0,
-        weight_lr_power=2.0,
-        **options,
-    ):
-        super().__init__(params, constructor_defaults(locals()), **options)
+    hyperparameter_table = (lr(0.0025), betas(), eps(), *SCHEDULE_FREE_ROWS)
 
     def _momentum(self, group):
         return group["betas"][0]
 
-    def _check(self, group):
-        super()._check(group)
-        check_betas(group["betas"])
+    def _check_together(self, group):
         check_positive("betas[0]", group["betas"][0])
-        check_positive("eps", group["eps"])
 
     def _rule(self, group):
         return "sf_adamw"
