@@ -103,3 +103,22 @@ class LocalStrategy:
 
     def restore_rng(self, trainer, rng_states):
         pass
+
+
+def strategy_for(distributed, zero):
+    """The strategy of ``Trainer(distributed=..., zero=...)``: :class:`LocalStrategy` for one
+    process, :class:`fastopt.distributed.trainer_strategy.MPIStrategy` over MPI."""
+    if distributed is None or distributed is False:
+        if zero:
+            raise ValueError("zero=True needs distributed=True (or a distributed.Context)")
+        return LocalStrategy()
+    from ..distributed import Context
+    from ..distributed.trainer_strategy import MPIStrategy
+
+    if distributed is True:
+        return MPIStrategy(Context(), zero)
+    if isinstance(distributed, Context):
+        return MPIStrategy(distributed, zero)
+    raise TypeError(
+        f"distributed must be a bool or a fastopt.distributed.Context, got {distributed!r}"
+    )

@@ -21,7 +21,7 @@ from .early_stopping import EarlyStopping, choose_monitor
 from .history import History
 from .interrupt import StopRequest
 from .progress import bar_factory
-from .strategy import LocalStrategy
+from .strategy import strategy_for
 
 _CLIP_OPTIONS = ("max_grad_norm", "max_grad_value", "skip_nonfinite")
 
@@ -171,7 +171,7 @@ class Trainer:
         self.model = model
         check_bool("zero", zero)
         self.zero = zero
-        self._strategy = _strategy(distributed, zero)
+        self._strategy = strategy_for(distributed, zero)
         self.rank = self._strategy.rank
         """This process's rank (0 without ``distributed``)."""
         self.world_size = self._strategy.world_size
@@ -607,23 +607,6 @@ class Trainer:
         state, best_state, rng_states = self._strategy.load_checkpoint(self, path, plateau_factory)
         resume.apply_state(self, state, best_state)
         self._strategy.restore_rng(self, rng_states)
-
-
-def _strategy(distributed, zero):
-    if distributed is None or distributed is False:
-        if zero:
-            raise ValueError("zero=True needs distributed=True (or a distributed.Context)")
-        return LocalStrategy()
-    from ..distributed import Context
-    from ..distributed.trainer_strategy import MPIStrategy
-
-    if distributed is True:
-        return MPIStrategy(Context(), zero)
-    if isinstance(distributed, Context):
-        return MPIStrategy(distributed, zero)
-    raise TypeError(
-        f"distributed must be a bool or a fastopt.distributed.Context, got {distributed!r}"
-    )
 
 
 def _check_clip_option(name, value):
