@@ -952,3 +952,17 @@ def test_one_collective_per_step_counted_at_the_communicator(fake_mpi, clip):
         else:
             per_step = ["Reduce_scatter"] + (["Allreduce"] if clip else []) + ["Allgatherv"]
             assert names == per_step * 3
+
+
+def test_closure_and_per_tensor_optimizers_are_refused_by_name(fake_mpi):
+    """DataParallel and ZeRO-1 step with averaged gradients: L-BFGS (a closure optimizer) is
+    refused by name at construction, and ZeRO-1 refuses it and the per-tensor rules, whose
+    norms a shard boundary would cut; nothing is communicated before the refusal."""
+    ps = fo.ParamSet({"w": np.zeros(4)})
+    comm = _FakeComm(size=2)
+    with pytest.raises(TypeError, match="LBFGS steps with a closure"):
+        dist.DataParallel(ps, fo.LBFGS(ps), comm=comm)
+    for cls in (fo.LBFGS, fo.LAMB):
+        with pytest.raises(ValueError, match=f"cannot shard {cls.__name__}"):
+            dist.ZeroRedundancyOptimizer(ps, cls, comm=comm)
+    assert comm.calls == []

@@ -121,6 +121,11 @@ def check_over_paramset(optimizer, params, who):
     over the ParamSet ``params`` itself with one param group."""
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"{who} needs a fastopt optimizer, got {type(optimizer).__name__}")
+    if optimizer.requires_closure:
+        raise TypeError(
+            f"{who} steps with averaged gradients; {type(optimizer).__name__} steps with a "
+            "closure (average the gradients inside it with allreduce_grads instead)"
+        )
     sources = optimizer.sources()
     if len(sources) != 1 or sources[0] is not params:
         raise ValueError(

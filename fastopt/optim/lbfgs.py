@@ -72,6 +72,7 @@ class LBFGS(Optimizer):
 
     algorithm = "lbfgs"
     requires_closure = True
+    elementwise = False
 
     def __init__(
         self,
