@@ -11,9 +11,10 @@ addition, plain IEEE operators). On a GPU the float64 sums use libdevice's expli
 
 import threading
 
+from . import cuda_launch as launch
 from . import rules, segment_loops
 from .compile_rules import compile_rules, rebind, specialize
-from .cuda import BLOCKS_PER_SM, _as_stream, _cuda, _simulating, _sm_count
+from .cuda import BLOCKS_PER_SM, _cuda, _simulating
 from .segment_cpu import _TAG, pre_arity
 
 _KERNELS = {}
@@ -72,7 +73,7 @@ def kernels(rule_name):
 
 
 def _blocks(n):
-    return max(1, min(int(n), BLOCKS_PER_SM * _sm_count(_cuda())))
+    return max(1, min(int(n), BLOCKS_PER_SM * launch.sm_count(_cuda())))
 
 
 def reduce(rule_name, p, g, states, h, gs, flags, layout, out, stream=0):
@@ -80,7 +81,7 @@ def reduce(rule_name, p, g, states, h, gs, flags, layout, out, stream=0):
     lo, hi, seg, _ = layout
     if lo.size == 0:
         return
-    s = _as_stream(_cuda(), stream)
+    s = launch.as_stream(_cuda(), stream)
     k = kernels(rule_name)[0]
     k[_blocks(lo.size), segment_loops.LANES, s](
         p, g, *states[: pre_arity(rule_name)], h, gs, flags, lo, hi, seg, out
@@ -91,7 +92,7 @@ def segment(rule_name, p, flags, layout, out, st, r, sums, h64, stream=0):
     """Launch 2 (see ``segment_cpu.segment``): one thread per segment."""
     n = flags.size
     threads = 128
-    s = _as_stream(_cuda(), stream)
+    s = launch.as_stream(_cuda(), stream)
     kernels(rule_name)[1][_blocks(-(-n // threads)), threads, s](
         layout[3], out, flags, st, r, sums, h64
     )
@@ -102,7 +103,7 @@ def apply(rule_name, p, g, states, h, gs, flags, layout, r, stream=0):
     lo, hi, seg, _ = layout
     if lo.size == 0:
         return
-    s = _as_stream(_cuda(), stream)
+    s = launch.as_stream(_cuda(), stream)
     kernels(rule_name)[2][_blocks(lo.size), segment_loops.LANES, s](
         p, g, *states, h, gs, flags, lo, hi, seg, r
     )

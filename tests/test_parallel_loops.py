@@ -54,6 +54,9 @@ CONFIGS = {
     "yogi": ("Yogi", dict(weight_decay=0.01)),
     "lion": ("Lion", dict(lr=1e-3, weight_decay=0.1)),
     "ema": ("EMA", dict(decay=0.9)),
+    "asgd": ("ASGD", dict(lr=0.05, t0=2.0, weight_decay=0.01)),
+    "sf_sgd": ("SGDScheduleFree", dict(lr=0.5, weight_decay=0.01, warmup_steps=2)),
+    "sf_adamw": ("AdamWScheduleFree", dict(lr=0.01, weight_decay=0.01, warmup_steps=2)),
 }
 DTYPES = (np.float64, np.float32)
 STEPS = 6
@@ -211,6 +214,7 @@ TORCH_CASES = {
     "nadam": ("NAdam", dict(lr=0.05)),
     "radam": ("RAdam", dict(lr=0.05)),
     "rprop": ("Rprop", dict()),
+    "asgd": ("ASGD", dict(lr=0.05, t0=5.0, weight_decay=0.01)),
 }
 TORCH_STEPS = 15
 TORCH_TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=1e-5, atol=1e-6)}

@@ -54,8 +54,12 @@ def _adapter_class(core_class):
     )
 
 
-OPTIMIZER_CLASSES = {name: _adapter_class(cls) for name, cls in OPTIMIZERS.items()}
-"""Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS`."""
+OPTIMIZER_CLASSES = {
+    name: _adapter_class(cls) for name, cls in OPTIMIZERS.items() if not cls.requires_closure
+}
+"""Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS` that steps
+with gradients (L-BFGS steps with a closure over fastopt's flat buffer; torch models use
+``torch.optim.LBFGS``)."""
 
 globals().update({cls.__name__: cls for cls in OPTIMIZER_CLASSES.values()})
 

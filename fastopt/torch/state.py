@@ -9,9 +9,9 @@ Only then are the flat state tensors written.
 
 import torch
 
-SCALAR_STATE = ("step", "mu_product")
-"""The state entries torch keeps as 0-d tensors (NAdam's running product of momentum factors);
-every other tensor entry is a per-element array."""
+SCALAR_STATE = ("step", "mu_product", "eta", "mu")
+"""The state entries torch keeps as 0-d tensors (NAdam's running product of momentum factors,
+ASGD's eta and mu); every other tensor entry is a per-element array."""
 
 
 def _entry(p, raw):
