@@ -56,6 +56,20 @@ class Warmup(Schedule):
         return self.schedule(k - w)
 
 
+def _schedule_tuple(schedules):
+    """``schedules`` (a non-empty sequence of schedules or numbers) as a tuple of schedules:
+    TypeError for a non-sequence (a string, a dict, a single callable), ValueError when empty."""
+    if isinstance(schedules, (str, bytes, dict)) or callable(schedules):
+        raise TypeError(f"schedules must be a sequence of schedules, got {schedules!r}")
+    try:
+        scheds = list(schedules)
+    except TypeError:
+        raise TypeError(f"schedules must be a sequence of schedules, got {schedules!r}") from None
+    if not scheds:
+        raise ValueError("schedules must not be empty")
+    return tuple(schedule_arg(f"schedules[{i}]", s) for i, s in enumerate(scheds))
+
+
 def warmup(
     schedule: float | Callable[[int], float],
     warmup_steps: int,
@@ -85,21 +99,7 @@ class Join(Schedule):
     _checks = {"boundaries": steps(nondecreasing=True)}
 
     def __post_init__(self) -> None:
-        if isinstance(self.schedules, (str, bytes, dict)) or callable(self.schedules):
-            raise TypeError(f"schedules must be a sequence of schedules, got {self.schedules!r}")
-        try:
-            scheds = list(self.schedules)
-        except TypeError:
-            raise TypeError(
-                f"schedules must be a sequence of schedules, got {self.schedules!r}"
-            ) from None
-        if not scheds:
-            raise ValueError("schedules must not be empty")
-        set_field(
-            self,
-            "schedules",
-            tuple(schedule_arg(f"schedules[{i}]", s) for i, s in enumerate(scheds)),
-        )
+        set_field(self, "schedules", _schedule_tuple(self.schedules))
         self._check_fields()
         if len(self.boundaries) != len(self.schedules) - 1:
             raise ValueError(
@@ -182,17 +182,7 @@ class ChainedScheduler(Schedule):
     nested = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.schedules, (str, bytes, dict)) or callable(self.schedules):
-            raise TypeError(f"schedules must be a sequence of schedules, got {self.schedules!r}")
-        try:
-            scheds = list(self.schedules)
-        except TypeError:
-            raise TypeError(
-                f"schedules must be a sequence of schedules, got {self.schedules!r}"
-            ) from None
-        if not scheds:
-            raise ValueError("schedules must not be empty")
-        scheds = tuple(schedule_arg(f"schedules[{i}]", s) for i, s in enumerate(scheds))
+        scheds = _schedule_tuple(self.schedules)
         set_field(self, "schedules", scheds)
         set_field(self, "lr", RATE("lr", scheds[0](0) if self.lr is None else self.lr))
 
