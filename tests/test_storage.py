@@ -17,6 +17,7 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from elementwise import elementwise
 from ptx_without_gpu import PREAMBLE, run_ptx_script
 from test_cuda_c import _run, nvrtc_or_skip
 
@@ -35,36 +36,13 @@ N_RANDOM = 1_000_000
 H = storage.compile_storage(numba.njit, "cpu")
 
 
-def _elementwise(f, nargs, out_dtype):
-    """An njit loop out[i] = f(a0[i], ..., a{nargs-1}[i])."""
-    if nargs == 1:
-
-        @numba.njit
-        def run(a, out):
-            for i in range(out.size):
-                out[i] = f(a[i])
-    else:
-
-        @numba.njit
-        def run(a, b, out):
-            for i in range(out.size):
-                out[i] = f(a[i], b[i])
-
-    def call(*arrays):
-        out = np.empty(arrays[0].size, out_dtype)
-        run(*arrays, out)
-        return out
-
-    return call
-
-
-bf16_rne = _elementwise(H["f32_to_bf16_rne"], 1, np.uint16)
-f16_rne = _elementwise(H["f32_to_f16_rne"], 1, np.uint16)
-bf16_sr = _elementwise(H["f32_to_bf16_sr"], 2, np.uint16)
-f16_sr = _elementwise(H["f32_to_f16_sr"], 2, np.uint16)
-bf16_widen = _elementwise(H["bf16_to_f32"], 1, np.float32)
-f16_widen = _elementwise(H["f16_to_f32"], 1, np.float32)
-absmax_update = _elementwise(H["absmax_update"], 2, np.float32)
+bf16_rne = elementwise(H["f32_to_bf16_rne"], 1, np.uint16)
+f16_rne = elementwise(H["f32_to_f16_rne"], 1, np.uint16)
+bf16_sr = elementwise(H["f32_to_bf16_sr"], 2, np.uint16)
+f16_sr = elementwise(H["f32_to_f16_sr"], 2, np.uint16)
+bf16_widen = elementwise(H["bf16_to_f32"], 1, np.float32)
+f16_widen = elementwise(H["f16_to_f32"], 1, np.float32)
+absmax_update = elementwise(H["absmax_update"], 2, np.float32)
 
 
 @numba.njit

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import pytest
+from elementwise import elementwise
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
@@ -78,28 +79,9 @@ def results():
     return x, h, rbits.reshape(N, 4), f.reshape(N, 3), o.reshape(N, 4), c
 
 
-def _njit_loop(f, nargs):
-    if nargs == 1:
-
-        @numba.njit
-        def run(a, out):
-            for i in range(out.size):
-                out[i] = f(a[i])
-    else:
-
-        @numba.njit
-        def run(a, b, out):
-            for i in range(out.size):
-                out[i] = f(a[i], b[i])
-
-    return run
-
-
 def _cpu(name, out_dtype, *arrays):
     f = storage.compile_storage(numba.njit, "cpu")[name]
-    out = np.empty(arrays[0].size, out_dtype)
-    _njit_loop(f, len(arrays))(*arrays, out)
-    return out
+    return elementwise(f, len(arrays), out_dtype)(*arrays)
 
 
 def test_random_bits_match_cpu(results):
