@@ -286,15 +286,26 @@ def bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+_STORAGE_NAMES_BY_DTYPE = {}
+"""dtype -> storage name (or None), filled on first use: every step asks for each array's, and
+``dtype.name`` costs microseconds."""
+
+
 def storage_name(dtype):
     """The name in ``STORAGE_NAMES`` of a NumPy dtype (CuPy and numba arrays have NumPy dtypes),
     or None for any other dtype (integers, complex, ...)."""
     dtype = np.dtype(dtype)
+    try:
+        return _STORAGE_NAMES_BY_DTYPE[dtype]
+    except KeyError:
+        pass
+    name = None
     if dtype.kind == "f" and dtype.name in STORAGE_NAMES:
-        return dtype.name
-    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16":
-        return "bfloat16"
-    return None
+        name = dtype.name
+    elif dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16":
+        name = "bfloat16"
+    _STORAGE_NAMES_BY_DTYPE[dtype] = name
+    return name
 
 
 def storage_dtype(value, what="dtype"):
