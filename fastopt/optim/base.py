@@ -328,9 +328,12 @@ class Optimizer:
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
+        storages = {}
         for _, _, _, work in plan:
             for unit, grad in work:
-                storage = precision.storage_of(self.precision, unit.param, grad)
+                storage = storages[id(unit)] = precision.storage_of(
+                    self.precision, unit.param, grad
+                )
                 precision.check_backend_stores(unit.backend, storage, unit.label)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
@@ -339,7 +342,7 @@ class Optimizer:
                 if not state:
                     self._allocate(group, unit, names, lr, stream_of(unit))
                 step = state["step"] + 1
-                storage = precision.storage_of(self.precision, unit.param, grad)
+                storage = storages[id(unit)]
                 values, updates = self._scalars(group, state, step, lr)
                 h = scalar_tuple(self, rule, values, unit.scalar_type)
                 launches.append((group, rule, names, lr, unit, grad, step, h, updates, storage))

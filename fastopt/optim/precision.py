@@ -20,6 +20,7 @@ The rules compute in float32 for 16-bit storage and in float64 for float64 param
 (``kernels/access.py``).
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -74,13 +75,20 @@ def slot_dtypes(options, param, names):
 
 def storage_of(options, param, grad):
     """The ``access.Storage`` of one update of ``param`` with gradient ``grad``."""
+    return _storage(options, param.dtype, grad.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _storage(options, param_dtype, grad_dtype):
+    # Cached: it is asked once per unit and step, and depends on nothing but these three.
+    param = np.empty(0, param_dtype)
     sd = state_dtype(options, param)
     return Storage(
-        arrays.storage_name(param.dtype),
-        arrays.storage_name(grad.dtype),
+        arrays.storage_name(param_dtype),
+        arrays.storage_name(grad_dtype),
         arrays.storage_name(sd),
         has_master(options, param),
-        options.stochastic_rounding and (is_16bit(param.dtype) or is_16bit(sd)),
+        options.stochastic_rounding and (is_16bit(param_dtype) or is_16bit(sd)),
     )
 
 
