@@ -133,6 +133,67 @@ CHAINED = [
             ]
         ),
     ),
+    # Schedules that set the lr (CyclicLR, OneCycleLR, CosineAnnealingWarmRestarts): the last one
+    # wins, the multiplicative ones after it scale its value by their factor of the step.
+    (
+        "step-cyclic",
+        S.ChainedScheduler([S.StepDecay(LR, 100, 0.5), S.CyclicLR(0.01, 0.1, step_size_up=50)]),
+        lambda L, o: L.ChainedScheduler(
+            [
+                L.StepLR(o, step_size=100, gamma=0.5),
+                L.CyclicLR(o, 0.01, 0.1, step_size_up=50, cycle_momentum=False),
+            ]
+        ),
+    ),
+    (
+        "cyclic-exp-step",
+        S.ChainedScheduler(
+            [
+                S.CyclicLR(0.01, 0.1, step_size_up=30, mode="triangular2"),
+                S.ExponentialDecay(LR, 0.999),
+                S.StepDecay(LR, 100, 0.5),
+            ]
+        ),
+        lambda L, o: L.ChainedScheduler(
+            [
+                L.CyclicLR(o, 0.01, 0.1, 30, mode="triangular2", cycle_momentum=False),
+                L.ExponentialLR(o, gamma=0.999),
+                L.StepLR(o, step_size=100, gamma=0.5),
+            ]
+        ),
+    ),
+    (
+        "exp-onecycle-poly",
+        S.ChainedScheduler(
+            [
+                S.ExponentialDecay(LR, 0.99),
+                S.OneCycle(0.5, total_steps=1300),
+                S.PolynomialDecay(LR, 900, 2.0),
+            ]
+        ),
+        lambda L, o: L.ChainedScheduler(
+            [
+                L.ExponentialLR(o, gamma=0.99),
+                L.OneCycleLR(o, 0.5, total_steps=1300, cycle_momentum=False),
+                L.PolynomialLR(o, total_iters=900, power=2.0),
+            ]
+        ),
+    ),
+    (
+        "warmrestarts-multistep",
+        S.ChainedScheduler(
+            [
+                S.CosineAnnealingWarmRestarts(LR, 100, 2, 0.001),
+                S.MultiStepDecay(LR, [300, 700], 0.5),
+            ]
+        ),
+        lambda L, o: L.ChainedScheduler(
+            [
+                L.CosineAnnealingWarmRestarts(o, 100, 2, 0.001),
+                L.MultiStepLR(o, milestones=[300, 700], gamma=0.5),
+            ]
+        ),
+    ),
 ]
 
 
@@ -155,6 +216,22 @@ def test_chained_formula_and_lr():
         assert c(k) == pytest.approx(0.2 * 0.5 ** (k // 3) * 0.9**k, rel=1e-14)
     assert S.ChainedScheduler([S.Constant(0.0), b])(5) == 0.0
     assert S.ChainedScheduler([0.1]) == S.ChainedScheduler([S.Constant(0.1)], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "schedules",
+    [
+        [S.SWALR(0.1, 0.01, 5), S.StepDecay(0.1, 3)],
+        [S.StepDecay(0.1, 3), S.CosineAnnealing(0.1, 50, eta_min=0.01)],
+    ],
+    ids=["SWALR", "CosineAnnealing-eta_min"],
+)
+def test_chained_refuses_schedules_torch_cannot_chain(schedules):
+    with pytest.raises(
+        ValueError, match=type(schedules[0 if "SWALR" in repr(schedules[0]) else 1]).__name__
+    ):
+        S.ChainedScheduler(schedules)
+    assert S.ChainedScheduler(schedules[:1])(3) == schedules[0](3)
 
 
 def test_cyclic_triangular2_halves_each_cycle():

@@ -90,6 +90,10 @@ class Schedule:
     _serializable: ClassVar[bool] = True
     _checks: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
     nested: ClassVar[bool] = False
+    multiplicative: ClassVar[bool] = False
+    """True when torch's scheduler of this schedule scales the lr it finds by a factor
+    (chainable), so that :class:`ChainedScheduler` multiplies it in rather than letting it
+    set the lr."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

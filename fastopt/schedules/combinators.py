@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .base import RATE, STEPS, Schedule, integer, real, set_field, steps
 from .registry import schedule_arg
@@ -161,19 +161,34 @@ class Scaled(Schedule):
 
 @dataclass(frozen=True)
 class ChainedScheduler(Schedule):
-    r"""Several schedules of the same base lr applied together: their factors multiply.
+    r"""Several schedules stepped together, as torch's ``ChainedScheduler`` steps its schedulers
+    in turn on one optimizer.
+
+    A schedule whose torch scheduler scales the lr it finds by a factor (*multiplicative*:
+    :class:`Constant`, :class:`StepDecay`, :class:`MultiStepDecay`, :class:`ExponentialDecay`,
+    :class:`PolynomialDecay`, :class:`CosineAnnealing` with ``eta_min = 0`` up to ``T_max``)
+    contributes its factor; any other schedule *sets* the lr (as ``CyclicLR``, ``OneCycleLR``,
+    ``CosineAnnealingWarmRestarts`` and ``LambdaLR`` do in torch), discarding what the schedules
+    before it in the chain did. With no setter:
 
     .. math:: \eta_k = \text{lr}\prod_i \frac{s_i(k)}{\text{lr}}
 
-    with ``lr`` defaulting to ``schedules[0](0)`` (0 when ``lr`` is 0). torch:
-    ``ChainedScheduler([...])`` over one optimizer with initial lr ``lr``, when every scheduler
-    in it is *chainable*, i.e. updates the lr multiplicatively (``StepLR``, ``MultiStepLR``,
-    ``ExponentialLR``, ``PolynomialLR``, ``CosineAnnealingLR`` with ``eta_min=0`` up to
-    ``T_max``): torch
-    multiplies each one's factor into the lr in turn, which is this product (equal to
-    rounding). A scheduler that sets the lr outright (``CyclicLR``, ``OneCycleLR``, ``SWALR``,
-    ...) makes torch's chain depend on the order of the recursion; that is not reproduced.
-    Numbers are accepted as constant schedules.
+    with ``lr`` defaulting to ``schedules[0](0)`` (0 when ``lr`` is 0). With setters, the last
+    one (index :math:`j`) gives the value and the multiplicative schedules after it apply their
+    factor of this step:
+
+    .. math:: \eta_k = s_j(k)\prod_{i > j} \rho_i(k),\quad
+              \rho_i(k) = \frac{\hat s_i(k)}{\hat s_i(k - 1)},\ \rho_i(0) = \hat s_i(0)
+
+    where :math:`\hat s_i` is :math:`s_i` with ``lr = 1`` (a ratio of 0/0, where the schedule has
+    already reached 0, counts as 1, as torch's ``PolynomialLR`` leaves the lr alone then). As in
+    torch, a :class:`CyclicLR` that is not first in the chain starts from ``lr`` at step 0.
+    torch: ``ChainedScheduler([...])`` over one optimizer whose initial lr is ``lr`` (equal to
+    rounding). :class:`SWALR` is refused in a chain with other schedules: torch's ``SWALR``
+    recovers its start lr from the lr it set the step before, which a chain changes, and so is
+    :class:`CosineAnnealing` with ``eta_min != 0`` (torch's recursion then shifts the lr it
+    finds, not only scales it). Numbers are
+    accepted as constant schedules.
     """
 
     schedules: tuple[Callable[[int], float], ...]
@@ -183,14 +198,58 @@ class ChainedScheduler(Schedule):
 
     def __post_init__(self) -> None:
         scheds = _schedule_tuple(self.schedules)
+        if len(scheds) > 1:
+            for i, s in enumerate(scheds):
+                if type(s).__name__ == "SWALR":
+                    raise ValueError(
+                        f"schedules[{i}]: SWALR cannot be chained with other schedules (torch's "
+                        "SWALR recovers its start lr from the lr it set last step); use it alone"
+                    )
+                if type(s).__name__ == "CosineAnnealing" and s.eta_min != 0:
+                    raise ValueError(
+                        f"schedules[{i}]: CosineAnnealing with eta_min != 0 cannot be chained with "
+                        "other schedules (torch's CosineAnnealingLR then shifts the lr it finds, "
+                        "not only scales it)"
+                    )
         set_field(self, "schedules", scheds)
         set_field(self, "lr", RATE("lr", scheds[0](0) if self.lr is None else self.lr))
 
+    def _last_setter(self) -> int | None:
+        for i in range(len(self.schedules) - 1, -1, -1):
+            if not getattr(self.schedules[i], "multiplicative", False):
+                return i
+        return None
+
     def _value(self, k: int) -> float:
-        lr = self.lr
-        if lr == 0:
-            return 0.0
-        out = lr
-        for s in self.schedules:
-            out *= s(k) / lr
+        j = self._last_setter()
+        if j is None:
+            lr = self.lr
+            if lr == 0:
+                return 0.0
+            out = lr
+            for s in self.schedules:
+                out *= s(k) / lr
+            return out
+        setter = self.schedules[j]
+        if k == 0 and j > 0 and type(setter).__name__ == "CyclicLR":
+            # torch's CyclicLR computes its first value from the optimizer's initial_lr, which
+            # the first scheduler built on the optimizer recorded: the chain's lr, not base_lr.
+            out = self.lr
+        else:
+            out = setter(k)
+        for s in self.schedules[j + 1 :]:
+            out *= _step_factor(s, k)
         return out
+
+
+def _step_factor(schedule, k):
+    """The factor by which multiplicative ``schedule``'s torch scheduler scales the lr at step
+    ``k``: the ratio of its consecutive values at ``lr = 1``."""
+    unit = replace(schedule, lr=1.0)
+    now = unit(k)
+    if k == 0:
+        return now
+    before = unit(k - 1)
+    if before == 0:
+        return 1.0
+    return now / before

@@ -39,6 +39,8 @@ class Constant(Schedule):
     torch: no scheduler (a plain float ``lr``).
     """
 
+    multiplicative = True
+
     lr: float
 
     _checks = {"lr": RATE}
@@ -59,6 +61,8 @@ class StepDecay(Schedule):
     ``step_size = L * steps_per_epoch``).
     """
 
+    multiplicative = True
+
     lr: float
     step_size: int
     gamma: float = 0.1
@@ -78,6 +82,8 @@ class MultiStepDecay(Schedule):
     torch: ``MultiStepLR(optimizer, milestones, gamma)`` (a repeated milestone decays twice, as in
     torch).  Milestones are stored sorted.
     """
+
+    multiplicative = True
 
     lr: float
     milestones: tuple[int, ...]
@@ -104,6 +110,8 @@ class ExponentialDecay(Schedule):
     D2L 12.11's exponential schedule :math:`\eta_0 e^{-\lambda t}` (``a·e^{-bk}`` with
     ``a = lr``, ``b = rate``).  ``gamma > 1`` / ``rate < 0`` grow the lr.
     """
+
+    multiplicative = True
 
     lr: float
     gamma: float | None = None
@@ -135,6 +143,8 @@ class PolynomialDecay(Schedule):
 
     torch: ``PolynomialLR(optimizer, total_iters, power)``.
     """
+
+    multiplicative = True
 
     lr: float
     total_iters: int = 5
@@ -203,6 +213,8 @@ class CosineAnnealing(Schedule):
     afterwards use ``join([CosineAnnealing(lr, T, m), Constant(m)], [T])``.  D2L 12.11 "cosine
     scheduler".
     """
+
+    multiplicative = True
 
     lr: float
     T_max: int
