@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from test_schedules import LR, torch_lrs, values
+from test_schedules import LR, _torch, torch_lrs, values
 
 from fastopt import schedules as S
 
@@ -290,3 +290,117 @@ def test_registry_names():
 def test_bad_arguments(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+def torch_momenta(make, n, key="momentum"):
+    """Group 0's momentum (or betas[0]) for each of n steps under a torch CyclicLR."""
+    torch = _torch()
+    p = torch.zeros(1, requires_grad=True)
+    if key == "momentum":
+        opt = torch.optim.SGD([p], lr=LR, momentum=0.9)
+    else:
+        opt = torch.optim.Adam([p], lr=LR)
+    sched = make(torch.optim.lr_scheduler, opt)
+    out = []
+    for _ in range(n):
+        g = opt.param_groups[0]
+        out.append(g["momentum"] if key == "momentum" else g["betas"][0])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("key", ["momentum", "betas"])
+@pytest.mark.parametrize(
+    ("schedule", "make"),
+    [(c[1], c[2]) for c in CYCLIC],
+    ids=[c[0] for c in CYCLIC],
+)
+def test_cyclic_momentum_matches_torch(schedule, make, key):
+    """torch's default cycle_momentum=True: the momentum (or betas[0]) it sets each step."""
+
+    def with_momentum(L, o):
+        sched = make(L, o)
+        base, top = (0.85, 0.95) if key == "betas" else (0.8, 0.9)
+        return L.CyclicLR(
+            o,
+            sched.base_lrs[0],
+            sched.max_lrs[0],
+            step_size_up=schedule.step_size_up,
+            step_size_down=schedule.step_size_down,
+            mode=schedule.mode,
+            gamma=schedule.gamma,
+            scale_fn=schedule.scale_fn,
+            scale_mode=schedule.scale_mode,
+            base_momentum=base,
+            max_momentum=top,
+        )
+
+    mom = schedule.momentum(0.85, 0.95) if key == "betas" else schedule.momentum()
+    ref = torch_momenta(with_momentum, 1000, key)
+    np.testing.assert_allclose(values(mom, 1000), ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("algo", ["SGD", "Adam"])
+def test_optimizer_with_cycled_momentum_matches_torch(algo):
+    """A CyclicMomentum as SGD's momentum / Adam's betas[0] steps as torch's CyclicLR with
+    cycle_momentum=True drives torch's optimizer (200 steps, float64)."""
+    import fastopt as fo
+
+    torch = _torch()
+    cyc = S.CyclicLR(0.01, 0.1, step_size_up=7, step_size_down=13, mode="triangular2")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(64)
+    tw = torch.tensor(w.copy(), requires_grad=True)
+    if algo == "SGD":
+        ours = fo.SGD([w], lr=cyc, momentum=cyc.momentum(), nesterov=True)
+        theirs = torch.optim.SGD([tw], lr=0.1, momentum=0.9, nesterov=True)
+        base, top = 0.8, 0.9
+    else:
+        ours = fo.Adam([w], lr=cyc, betas=(cyc.momentum(0.85, 0.95), 0.999))
+        theirs = torch.optim.Adam([tw], lr=0.1)
+        base, top = 0.85, 0.95
+    sched = torch.optim.lr_scheduler.CyclicLR(
+        theirs, 0.01, 0.1, 7, 13, mode="triangular2", base_momentum=base, max_momentum=top
+    )
+    for _ in range(200):
+        g = rng.standard_normal(64)
+        ours.step([g.copy()])
+        tw.grad = torch.tensor(g)
+        theirs.step()
+        sched.step()
+    np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_cyclic_momentum_checks_and_round_trip():
+    cyc = S.CyclicLR(0.01, 0.1, step_size_up=4)
+    mom = cyc.momentum()
+    assert mom(0) == 0.9 and mom(4) == pytest.approx(0.8, abs=1e-15)
+    back = S.schedule_from_dict(json.loads(json.dumps(mom.to_dict())))
+    assert back == mom
+    with pytest.raises(TypeError, match="cyclic must be a CyclicLR"):
+        S.CyclicMomentum(S.StepDecay(0.1, 3))
+    with pytest.raises(ValueError, match="base_momentum"):
+        cyc.momentum(-0.1)
+
+
+def test_cycled_momentum_survives_a_checkpoint(tmp_path):
+    import fastopt as fo
+
+    cyc = S.CyclicLR(0.01, 0.1, step_size_up=5)
+    w = np.linspace(-1, 1, 16)
+    opt = fo.Adam({"w": w}, lr=cyc, betas=(cyc.momentum(), 0.999))
+    grads = [np.cos(np.arange(16.0) * k) for k in range(12)]
+    for g in grads[:6]:
+        opt.step({"w": g})
+    fo.save(tmp_path / "c", params={"w": w}, optimizer=opt)
+    w2 = w.copy()
+    opt2 = fo.Adam({"w": w2}, lr=0.5)
+    opt2.load_state_dict(fo.load(tmp_path / "c").optimizer_state)
+    assert opt2.param_groups[0]["betas"] == (cyc.momentum(), 0.999)
+    for g in grads[6:]:
+        opt.step({"w": g})
+        opt2.step({"w": g})
+    np.testing.assert_array_equal(w2, w)

@@ -218,6 +218,7 @@ class Optimizer:
         this)."""
         if self.hyperparameter_table is None:
             raise NotImplementedError
+        group = self._scheduled(group, 0)  # a scheduled hyperparameter: its first value
         check_table(self.hyperparameter_table, group)
         self._check_together(group)
 
@@ -452,6 +453,7 @@ class Optimizer:
         checked = self._checked_grads(grads)
         plan = []
         for i, (group, (g_int, work)) in enumerate(zip(self.param_groups, checked)):
+            group = self._scheduled(group, g_int["steps"])
             self._group_settings(i, group, g_int)
             lr = group["lr"]
             if callable(lr):
@@ -460,6 +462,26 @@ class Optimizer:
                 lr = float(lr)
             plan.append((group, g_int, lr, work))
         return plan
+
+    def _scheduled(self, group, k):
+        """``group``, or a copy with its scheduled hyperparameters other than ``lr`` (callables
+        such as :class:`fastopt.schedules.CyclicMomentum`, also as entries of a tuple such as
+        ``betas``) replaced by their value at step ``k``; the table checks then see numbers."""
+        out = None
+        for name in self.defaults:
+            if name == "lr":
+                continue
+            v = group[name]
+            if callable(v):
+                value = v(k)
+            elif isinstance(v, (tuple, list)) and any(map(callable, v)):
+                value = tuple(x(k) if callable(x) else x for x in v)
+            else:
+                continue
+            if out is None:
+                out = dict(group)
+            out[name] = value
+        return group if out is None else out
 
     def _checked_grads(self, grads):
         """[(internal group, [(unit, checked flat grad)])] for every group (None grads left out)."""

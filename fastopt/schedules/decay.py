@@ -20,6 +20,7 @@ __all__ = [
     "CosineAnnealing",
     "CosineAnnealingWarmRestarts",
     "CyclicLR",
+    "CyclicMomentum",
     "ExponentialDecay",
     "InverseSqrt",
     "InverseTimeDecay",
@@ -397,8 +398,8 @@ class CyclicLR(Schedule):
     step), or ``scale_fn`` of the cycle or the step (``scale_mode``) when given, which then
     overrides ``mode``. torch: ``CyclicLR(optimizer, base_lr, max_lr, step_size_up,
     step_size_down, mode, gamma, scale_fn, scale_mode, cycle_momentum=False)``, identical
-    (the same closed form). Momentum cycling (torch's default ``cycle_momentum=True``) is not
-    part of a schedule: fastopt schedules set the learning rate only.
+    (the same closed form). torch's default ``cycle_momentum=True`` also moves the momentum
+    against the lr: pass :meth:`momentum` as the optimizer's ``momentum`` (or ``betas[0]``).
     """
 
     base_lr: float
@@ -437,7 +438,8 @@ class CyclicLR(Schedule):
             return 1 / (2.0 ** (cycle - 1))
         return self.gamma**k
 
-    def _value(self, k: int) -> float:
+    def shape(self, k: int) -> tuple[float, float]:
+        """(position in the cycle's triangle in [0, 1], height scale) at step ``k``."""
         up = float(self.step_size_up)
         down = up if self.step_size_down is None else float(self.step_size_down)
         total = up + down
@@ -445,7 +447,46 @@ class CyclicLR(Schedule):
         cycle = math.floor(1 + k / total)
         x = 1.0 + k / total - cycle
         factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
-        return self.base_lr + (self.max_lr - self.base_lr) * factor * self._scale(cycle, k)
+        return factor, self._scale(cycle, k)
+
+    def _value(self, k: int) -> float:
+        factor, scale = self.shape(k)
+        return self.base_lr + (self.max_lr - self.base_lr) * factor * scale
+
+    def momentum(self, base_momentum: float = 0.8, max_momentum: float = 0.9) -> CyclicMomentum:
+        """The momentum that torch's ``CyclicLR(..., cycle_momentum=True, base_momentum,
+        max_momentum)`` sets alongside this lr (its defaults): a :class:`CyclicMomentum`."""
+        return CyclicMomentum(self, base_momentum, max_momentum)
+
+
+@dataclass(frozen=True)
+class CyclicMomentum(Schedule):
+    r"""The momentum torch's ``CyclicLR`` cycles against the lr (``cycle_momentum=True``).
+
+    .. math:: \mu_k = \text{max\_momentum} - (\text{max\_momentum} - \text{base\_momentum})\,
+              s\, f(c \text{ or } k)
+
+    with the triangle position :math:`s` and height scale :math:`f` of ``cyclic`` (a
+    :class:`CyclicLR`) at step ``k``: the momentum is high where the lr is low. Give it as an
+    optimizer's ``momentum`` (SGD, RMSprop) or first beta (``betas=(m, 0.999)``), as torch sets
+    ``momentum`` or ``betas[0]``. Identical to torch (the same closed form).
+    """
+
+    cyclic: CyclicLR
+    base_momentum: float = 0.8
+    max_momentum: float = 0.9
+
+    nested = True
+    _checks = {"base_momentum": RATE, "max_momentum": RATE}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        if not isinstance(self.cyclic, CyclicLR):
+            raise TypeError(f"cyclic must be a CyclicLR, got {self.cyclic!r}")
+
+    def _value(self, k: int) -> float:
+        factor, scale = self.cyclic.shape(k)
+        return self.max_momentum - (self.max_momentum - self.base_momentum) * factor * scale
 
 
 @dataclass(frozen=True)
