@@ -254,8 +254,9 @@ def test_swalr_formula():
         S.CyclicLR(0.01, 0.1, 7, 3, "exp_range", 0.99),
         S.SWALR(0.1, 0.01, 5, "linear"),
         S.ChainedScheduler([S.StepDecay(0.1, 3), S.CyclicLR(0.1, 0.2, 5)]),
+        S.OneCycle(0.3, total_steps=50, three_phase=True).momentum(),
     ],
-    ids=["CyclicLR", "SWALR", "ChainedScheduler"],
+    ids=["CyclicLR", "SWALR", "ChainedScheduler", "OneCycleMomentum"],
 )
 def test_new_schedules_round_trip_through_json(sched):
     back = S.schedule_from_dict(json.loads(json.dumps(sched.to_dict(), allow_nan=False)))
@@ -404,3 +405,27 @@ def test_cycled_momentum_survives_a_checkpoint(tmp_path):
         opt.step({"w": g})
         opt2.step({"w": g})
     np.testing.assert_array_equal(w2, w)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"anneal_strategy": "cos"},
+        {"anneal_strategy": "linear", "pct_start": 0.4},
+        {"three_phase": True},
+    ],
+    ids=["cos", "linear", "three_phase"],
+)
+@pytest.mark.parametrize("key", ["momentum", "betas"])
+def test_one_cycle_momentum_matches_torch(kw, key):
+    one = S.OneCycle(0.5, total_steps=600, **kw)
+    mom = one.momentum(0.8, 0.9) if key == "momentum" else one.momentum()
+    lo, hi = (0.8, 0.9) if key == "momentum" else (0.85, 0.95)
+    ref = torch_momenta(
+        lambda L, o: L.OneCycleLR(o, 0.5, total_steps=600, base_momentum=lo, max_momentum=hi, **kw),
+        600,
+        key,
+    )
+    np.testing.assert_allclose(values(mom, 600), ref, rtol=1e-13, atol=1e-15)
+    assert mom(601) == hi

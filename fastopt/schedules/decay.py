@@ -30,6 +30,7 @@ __all__ = [
     "PolynomialDecay",
     "SWALR",
     "StepDecay",
+    "OneCycleMomentum",
 ]
 
 
@@ -334,12 +335,13 @@ class OneCycle(Schedule):
         set_field(self, "_phases", phases)
         set_field(self, "_final", final)
 
-    def _value(self, k: int) -> float:
-        if k > self.total_steps:
-            return self._final  # type: ignore[attr-defined]
+    def anneal(self, k: int, ends: tuple[tuple[float, float], ...]) -> float:
+        """The value at step ``k <= total_steps`` of a quantity annealed from ``ends[i][0]`` to
+        ``ends[i][1]`` over phase ``i`` (``anneal_strategy``), as torch's OneCycleLR anneals the
+        lr and the momentum."""
         phases = self._phases  # type: ignore[attr-defined]
         start = 0.0
-        for i, (end, a, b) in enumerate(phases):
+        for i, ((end, _, _), (a, b)) in enumerate(zip(phases, ends)):
             if k <= end or i == len(phases) - 1:
                 pct = (k - start) / (end - start)
                 if self.anneal_strategy == "cos":
@@ -347,6 +349,46 @@ class OneCycle(Schedule):
                 return (b - a) * pct + a
             start = end
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _value(self, k: int) -> float:
+        if k > self.total_steps:
+            return self._final  # type: ignore[attr-defined]
+        return self.anneal(k, tuple((a, b) for _, a, b in self._phases))  # type: ignore[attr-defined]
+
+    def momentum(self, base_momentum: float = 0.85, max_momentum: float = 0.95) -> OneCycleMomentum:
+        """The momentum torch's ``OneCycleLR(..., cycle_momentum=True, base_momentum,
+        max_momentum)`` sets alongside this lr (its defaults): a :class:`OneCycleMomentum`."""
+        return OneCycleMomentum(self, base_momentum, max_momentum)
+
+
+@dataclass(frozen=True)
+class OneCycleMomentum(Schedule):
+    r"""The momentum torch's ``OneCycleLR`` moves against the lr (``cycle_momentum=True``):
+    from ``max_momentum`` down to ``base_momentum`` while the lr rises, back up while it falls
+    (three-phase: up again in the second phase, then held at ``max_momentum``), annealed as
+    ``one_cycle``'s lr is; ``max_momentum`` after ``total_steps``. Give it as an optimizer's
+    ``momentum`` or first beta, as torch sets ``momentum`` or ``betas[0]``. Identical to torch.
+    """
+
+    one_cycle: OneCycle
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+
+    nested = True
+    _checks = {"base_momentum": RATE, "max_momentum": RATE}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        if not isinstance(self.one_cycle, OneCycle):
+            raise TypeError(f"one_cycle must be a OneCycle, got {self.one_cycle!r}")
+
+    def _value(self, k: int) -> float:
+        lo, hi = self.base_momentum, self.max_momentum
+        if k > self.one_cycle.total_steps:  # type: ignore[operator]
+            return hi
+        if self.one_cycle.three_phase:
+            return self.one_cycle.anneal(k, ((hi, lo), (lo, hi), (hi, hi)))
+        return self.one_cycle.anneal(k, ((hi, lo), (lo, hi)))
 
 
 @dataclass(frozen=True)
