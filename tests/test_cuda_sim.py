@@ -281,3 +281,111 @@ def test_every_kernel_compiles_to_ptx_for_a_real_gpu():
     lengths = json.dumps({name: len(_h(name, 1)) for name in RULE_NAMES})
     out = run_ptx_script(_PTX_CHECK, lengths)
     assert out.count(" ok") == 2 * len(RULE_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# L-BFGS on numba-cuda device arrays: the vector passes of kernels/vector_cuda.py.
+
+
+def _rosenbrock_closure(x_of, grad_out, to_array):
+    def closure():
+        x = x_of()
+        a, b = x[:-1], x[1:]
+        loss = float(np.sum(100.0 * (b - a * a) ** 2 + (1 - a) ** 2))
+        g = np.zeros_like(x)
+        g[:-1] = -400.0 * a * (b - a * a) - 2 * (1 - a)
+        g[1:] += 200.0 * (b - a * a)
+        return loss, grad_out(to_array(g))
+
+    return closure
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_on_numba_cuda_follows_the_host_iterates(line_search_fn, monkeypatch):
+    """The same problem on the host and on the (simulated) GPU: the same closure calls and
+    iterates to rounding (the reductions sum in another order), float64 Rosenbrock."""
+    import fastopt as fo
+    from fastopt.kernels import vector_cuda
+
+    monkeypatch.setattr(vector_cuda, "THREADS", 2)
+    x0 = np.linspace(-1.2, 1.0, 6)
+    kw = {"lr": 0.5 if line_search_fn is None else 1.0, "max_iter": 4, "history_size": 3}
+    kw["line_search_fn"] = line_search_fn
+
+    host = x0.copy()
+    calls = {"host": 0, "gpu": 0}
+
+    def host_closure():
+        calls["host"] += 1
+        return _rosenbrock_closure(lambda: host, lambda g: [g], lambda g: g)()
+
+    dev = cuda.to_device(x0)
+
+    def gpu_closure():
+        calls["gpu"] += 1
+        return _rosenbrock_closure(dev.copy_to_host, lambda g: [g], cuda.to_device)()
+
+    opt_h = fo.LBFGS([host], **kw)
+    opt_d = fo.LBFGS([dev], backend="numba-cuda", **kw)
+    for _ in range(2):
+        lh = opt_h.step(host_closure)
+        ld = opt_d.step(gpu_closure)
+        assert ld == pytest.approx(lh, rel=1e-10)
+        np.testing.assert_allclose(dev.copy_to_host(), host, rtol=1e-9, atol=1e-12)
+    assert calls["gpu"] == calls["host"]
+    sd = opt_d.state_dict()
+    assert isinstance(sd["state"][0]["d"], np.ndarray)
+    again = fo.LBFGS([cuda.to_device(dev.copy_to_host())], backend="numba-cuda", **kw)
+    again.load_state_dict(sd)
+    assert again.units()[0].state["d"].copy_to_host().tolist() == sd["state"][0]["d"].tolist()
+
+
+def test_lbfgs_vector_passes_match_the_cpu_kernels(monkeypatch):
+    from fastopt.kernels import vector, vector_cuda
+
+    monkeypatch.setattr(vector_cuda, "THREADS", 8)
+    rng = np.random.default_rng(5)
+    x, y, z = (rng.standard_normal(300) for _ in range(3))
+    dx, dy, dz = (cuda.to_device(a) for a in (x, y, z))
+    assert vector_cuda.dot(dx, dy) == pytest.approx(vector.dot(x, y), rel=1e-13)
+    assert vector_cuda.abs_sum_max(dx) == pytest.approx(vector.abs_sum_max(x), rel=1e-13)
+    ys, ss = np.empty(300), np.empty(300)
+    dys, dss = cuda.device_array(300), cuda.device_array(300)
+    got = vector_cuda.curvature_pair(dx, dy, dz, 0.7, dys, dss)
+    assert got == pytest.approx(vector.curvature_pair(x, y, z, 0.7, ys, ss), rel=1e-13)
+    np.testing.assert_array_equal(dys.copy_to_host(), ys)
+    np.testing.assert_array_equal(dss.copy_to_host(), ss)
+    p, dp = x.copy(), cuda.to_device(x)
+    assert vector_cuda.axpy_absmax(dp, 0.5, dy) == vector.axpy_absmax(p, 0.5, y)
+    o, do = np.empty(300), cuda.device_array(300)
+    assert vector_cuda.scale_dot(do, -1.0, dx, dz) == pytest.approx(
+        vector.scale_dot(o, -1.0, x, z), rel=1e-13
+    )
+    np.testing.assert_array_equal(do.copy_to_host(), o)
+    vector_cuda.fill(do, 0.0)
+    assert not do.copy_to_host().any()
+
+
+_VECTOR_PTX_CHECK = (
+    PREAMBLE
+    + """from fastopt.kernels import vector_cuda
+
+cases = [(op, types.float64) for op in vector_cuda._ELEMENTS] + [("pair", types.float32)]
+for op, dt in cases:
+    arr = types.Array(dt, 1, "C")
+    sig = (types.int64, types.Array(types.float64, 2, "C")) + (arr,) * 5
+    sig += (types.float64, types.float64)
+    ptx, _ = cuda.compile_ptx(vector_cuda._kernel(op, 256).py_func, sig, cc=(9, 0))
+    assert "fma.rn.f64" in ptx or op not in ("update_dot", "axpy_absmax"), op
+    print(op, dt, "ok")
+"""
+)
+
+
+def test_lbfgs_vector_kernels_compile_to_ptx_for_a_real_gpu():
+    """Every vector pass through NVVM for sm_90 (float64, and the float32 curvature pair): the
+    simulator runs Python and its ``cuda.fma`` rounds twice; the real target must emit an fma."""
+    out = run_ptx_script(_VECTOR_PTX_CHECK)
+    from fastopt.kernels import vector_cuda
+
+    assert out.count(" ok") == len(vector_cuda._ELEMENTS) + 1

@@ -23,10 +23,17 @@ from .line_search import strong_wolfe
 LINE_SEARCHES = (None, "strong_wolfe")
 
 
-class _HostOps:
-    """The vector operations :func:`.line_search.strong_wolfe` needs, on host arrays."""
+class _HostVectors:
+    """The flat-vector operations of L-BFGS on host arrays (``kernels/vector.py``), with the
+    three :func:`.line_search.strong_wolfe` needs (``dot``, ``abs_max``, ``clone``)."""
 
     dot = staticmethod(vector.dot)
+    update_dot = staticmethod(vector.update_dot)
+    scale_dot = staticmethod(vector.scale_dot)
+    curvature_pair = staticmethod(vector.curvature_pair)
+    abs_sum_max = staticmethod(vector.abs_sum_max)
+    axpy_absmax = staticmethod(vector.axpy_absmax)
+    copy = staticmethod(vector.copy)
 
     @staticmethod
     def abs_max(x):
@@ -36,6 +43,57 @@ class _HostOps:
     def clone(x):
         return x.copy()
 
+    @staticmethod
+    def empty(n, dtype):
+        return np.empty(n, dtype)
+
+    @staticmethod
+    def scale(out, c, x):
+        np.multiply(x, c, out=out)
+
+    @staticmethod
+    def zero(x):
+        x.fill(0)
+
+    @staticmethod
+    def to_vector(host):
+        return host
+
+
+class _CudaVectors:
+    """The same operations on numba-cuda device arrays (``kernels/vector_cuda.py``)."""
+
+    def __init__(self):
+        from ..kernels import vector_cuda
+
+        self.k = vector_cuda
+        for name in ("dot", "update_dot", "scale_dot", "curvature_pair", "abs_sum_max"):
+            setattr(self, name, getattr(vector_cuda, name))
+        self.axpy_absmax = vector_cuda.axpy_absmax
+        self.copy = vector_cuda.copy
+        self.scale = vector_cuda.scale
+
+    def abs_max(self, x):
+        return self.k.abs_sum_max(x)[1]
+
+    def empty(self, n, dtype):
+        from numba import cuda
+
+        return cuda.device_array(n, dtype)
+
+    def clone(self, x):
+        out = self.empty(x.size, x.dtype)
+        self.k.copy(out, x)
+        return out
+
+    def zero(self, x):
+        self.k.fill(x, 0.0)
+
+    def to_vector(self, host):
+        from numba import cuda
+
+        return cuda.to_device(host)
+
 
 class LBFGS(Optimizer):
     """L-BFGS (Nocedal & Wright, *Numerical Optimization*, Algorithm 7.4 and 7.5) as
@@ -43,7 +101,8 @@ class LBFGS(Optimizer):
     ``max_eval`` closure calls per ``step()`` (``max_iter * 5 // 4``), ``tolerance_grad`` on
     ``max |g|`` (1e-7), ``tolerance_change`` on the change of loss and parameters (1e-9),
     ``history_size`` curvature pairs (100), ``line_search_fn`` None (fixed step ``lr``) or
-    ``"strong_wolfe"``.
+    ``"strong_wolfe"``. ``backend``: as for the other optimizers (``"numba-cuda"`` for GPU
+    arrays).
 
     ``step(closure)`` re-evaluates the objective as often as the algorithm needs:
 
@@ -60,10 +119,11 @@ class LBFGS(Optimizer):
     history; reload a ``state_dict()`` to go back further).
 
     Like torch: one param group only; the parameters must share one dtype; memory is about
-    ``(2 * history_size + 3)`` copies of the parameters. Host arrays only (NumPy, torch CPU
-    tensors, a host ParamSet): the CUDA vector kernels are not wired into this class (a device
-    array raises TypeError at construction). Reductions accumulate in float64 for float32
-    parameters too (torch's float32 dot products round in float32).
+    ``(2 * history_size + 3)`` copies of the parameters. Host arrays (NumPy, torch CPU tensors,
+    a host ParamSet) run ``kernels/vector.py``; arrays on a GPU with ``backend="numba-cuda"``
+    run the same passes in ``kernels/vector_cuda.py`` (deterministic tree reductions, one host
+    read per dot product); the CuPy backend is refused by name. Reductions accumulate in float64
+    for float32 parameters too (torch's float32 dot products round in float32).
 
     Not elementwise, so not a rule of the fused kernels: ``step()`` takes a closure, not
     gradients (``requires_closure`` is True), and ``max_grad_norm``/``skip_nonfinite`` are not
@@ -84,6 +144,8 @@ class LBFGS(Optimizer):
         tolerance_change=1e-9,
         history_size=100,
         line_search_fn=None,
+        *,
+        backend=None,
     ):
         check_int("max_iter", max_iter, lo=1)
         if max_eval is None:
@@ -97,14 +159,21 @@ class LBFGS(Optimizer):
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, backend=backend)
         units = self.units()
-        for u in units:
-            if u.device is not None:
-                raise TypeError(
-                    f"LBFGS runs on host arrays; {u.label} is on {u.device} "
-                    "(the CUDA vector kernels are not wired into LBFGS)"
-                )
+        on_device = {u.device is not None for u in units}
+        if len(on_device) > 1:
+            raise TypeError("LBFGS needs all parameters on the host or all on one GPU")
+        self._vec = _HostVectors
+        if True in on_device:
+            for u in units:
+                if u.backend is None or u.backend.name != "numba-cuda":
+                    name = "no backend" if u.backend is None else f"backend {u.backend.name!r}"
+                    raise TypeError(
+                        f"LBFGS on a GPU runs the numba-cuda vector kernels; {u.label} has {name} "
+                        "(pass backend='numba-cuda')"
+                    )
+            self._vec = _CudaVectors()
         dtypes = {u.param.dtype for u in units}
         if len(dtypes) != 1:
             raise TypeError(f"LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}")
@@ -135,7 +204,7 @@ class LBFGS(Optimizer):
 
     # ------------------------------------------------------------------ flat vector
     def _new_vector(self):
-        return np.empty(self._numel, self._dtype)
+        return self._vec.empty(self._numel, self._dtype)
 
     def _segments(self, flat):
         """(unit, slice of ``flat``) per unit: the flat vector cut like the parameters."""
@@ -147,16 +216,17 @@ class LBFGS(Optimizer):
 
     def _add_grad(self, t, d):
         """Parameters ``+= t * d``; returns ``max |d|``."""
-        return max(vector.axpy_absmax(u.param, t, seg) for u, seg in self._segments(d))
+        return max(self._vec.axpy_absmax(u.param, t, seg) for u, seg in self._segments(d))
 
     def _clone_param(self):
-        if self._paramset:
-            return self.units()[0].param.copy()
-        return np.concatenate([u.param for u in self.units()])
+        x = self._new_vector()
+        for u, seg in self._segments(x):
+            self._vec.copy(seg, u.param)
+        return x
 
     def _set_param(self, x):
         for u, seg in self._segments(x):
-            vector.copy(u.param, seg)
+            self._vec.copy(u.param, seg)
 
     def _evaluate(self, closure):
         """(what the closure returned as loss, loss as float, flat gradient): the gradient is
@@ -193,9 +263,9 @@ class LBFGS(Optimizer):
         for u, seg in self._segments(self._gbuf):
             g = given.get(id(u))
             if g is None:
-                seg.fill(0)
+                self._vec.zero(seg)
             else:
-                vector.copy(seg, g)
+                self._vec.copy(seg, g)
         return result[0], loss, self._gbuf
 
     # ------------------------------------------------------------------ the step
@@ -224,7 +294,8 @@ class LBFGS(Optimizer):
         current_evals = 1
         state["func_evals"] += 1
 
-        g_abs_sum, g_abs_max = vector.abs_sum_max(flat_grad)
+        vec = self._vec
+        g_abs_sum, g_abs_max = vec.abs_sum_max(flat_grad)
         if g_abs_max <= tolerance_grad:
             return orig_loss
 
@@ -240,13 +311,14 @@ class LBFGS(Optimizer):
 
             # ---- the descent direction
             if state["n_iter"] == 1:
-                d = np.negative(flat_grad)
+                d = self._new_vector()
+                vec.scale(d, -1.0, flat_grad)
                 old_dirs, old_stps, ro = [], [], []
                 H_diag = 1
             else:
                 y, s = self._spare or (self._new_vector(), self._new_vector())
                 self._spare = None
-                ys, yy = vector.curvature_pair(flat_grad, prev_flat_grad, d, t, y, s)
+                ys, yy = vec.curvature_pair(flat_grad, prev_flat_grad, d, t, y, s)
                 if ys > 1e-10:
                     if len(old_dirs) == history_size:  # drop the oldest pair, reuse its memory
                         self._spare = (old_dirs.pop(0), old_stps.pop(0))
@@ -259,12 +331,12 @@ class LBFGS(Optimizer):
                     self._spare = (y, s)
                 if "al" not in state:
                     state["al"] = [None] * history_size
-                _two_loop(flat_grad, d, old_dirs, old_stps, ro, H_diag, state["al"])
+                _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, state["al"])
 
             if prev_flat_grad is None:
-                prev_flat_grad = flat_grad.copy()
+                prev_flat_grad = vec.clone(flat_grad)
             else:
-                vector.copy(prev_flat_grad, flat_grad)
+                vec.copy(prev_flat_grad, flat_grad)
             prev_loss = loss
 
             # ---- the step length
@@ -272,7 +344,7 @@ class LBFGS(Optimizer):
                 t = min(1.0, 1.0 / g_abs_sum) * lr
             else:
                 t = lr
-            gtd = vector.dot(flat_grad, d)
+            gtd = vec.dot(flat_grad, d)
             if gtd > -tolerance_change:
                 break
 
@@ -287,16 +359,16 @@ class LBFGS(Optimizer):
                     return f, g
 
                 loss, flat_grad, t, ls_func_evals = strong_wolfe(
-                    obj_func, t, d, loss, flat_grad, gtd, _HostOps, max_ls=max_eval - current_evals
+                    obj_func, t, d, loss, flat_grad, gtd, vec, max_ls=max_eval - current_evals
                 )
                 d_abs_max = self._add_grad(t, d)
-                opt_cond = vector.abs_sum_max(flat_grad)[1] <= tolerance_grad
+                opt_cond = vec.abs_max(flat_grad) <= tolerance_grad
             else:
                 d_abs_max = self._add_grad(t, d)
                 if n_iter != max_iter:
                     # as torch: no re-evaluation after the last iteration
                     _, loss, flat_grad = self._evaluate(closure)
-                    opt_cond = vector.abs_sum_max(flat_grad)[1] <= tolerance_grad
+                    opt_cond = vec.abs_max(flat_grad) <= tolerance_grad
                     ls_func_evals = 1
             current_evals += ls_func_evals
             state["func_evals"] += ls_func_evals
@@ -335,26 +407,27 @@ class LBFGS(Optimizer):
         self._spare = None
 
 
-def _two_loop(flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
+def _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
     """``d <- -H g`` with the L-BFGS inverse-Hessian approximation H (the two-loop recursion,
-    Nocedal & Wright Algorithm 7.4; torch's single-buffer form), ``al`` torch's scratch list.
-    Each dot product is fused into the pass of the update before it."""
+    Nocedal & Wright Algorithm 7.4; torch's single-buffer form), ``al`` torch's scratch list,
+    ``vec`` the vector operations of the parameters' device. Each dot product is fused into the
+    pass of the update before it."""
     m = len(old_dirs)
     if m == 0:
-        np.multiply(flat_grad, -H_diag, out=d)  # (-g) * H_diag, exactly
+        vec.scale(d, -H_diag, flat_grad)  # (-g) * H_diag, exactly
         return
-    dot = vector.scale_dot(d, -1.0, flat_grad, old_stps[m - 1])  # q = -g; s_{m-1} . q
+    dot = vec.scale_dot(d, -1.0, flat_grad, old_stps[m - 1])  # q = -g; s_{m-1} . q
     for i in range(m - 1, 0, -1):
         al[i] = dot * ro[i]
-        dot = vector.update_dot(d, -al[i], old_dirs[i], 1.0, old_stps[i - 1])
+        dot = vec.update_dot(d, -al[i], old_dirs[i], 1.0, old_stps[i - 1])
     al[0] = dot * ro[0]
-    dot = vector.update_dot(d, -al[0], old_dirs[0], H_diag, old_dirs[0])  # r = q * H_diag
+    dot = vec.update_dot(d, -al[0], old_dirs[0], H_diag, old_dirs[0])  # r = q * H_diag
     for i in range(m):
         be_i = dot * ro[i]
         if i + 1 < m:
-            dot = vector.update_dot(d, al[i] - be_i, old_stps[i], 1.0, old_dirs[i + 1])
+            dot = vec.update_dot(d, al[i] - be_i, old_stps[i], 1.0, old_dirs[i + 1])
         else:
-            vector.axpy_absmax(d, al[i] - be_i, old_stps[i])
+            vec.axpy_absmax(d, al[i] - be_i, old_stps[i])
 
 
 def _finite_loss(value):

@@ -29,9 +29,9 @@ def state_dict(opt):
     entry = {}
     for k, v in st.items():
         if k in VECTORS:
-            entry[k] = np.array(v)
+            entry[k] = _host_copy(v)
         elif k in HISTORY:
-            entry[k] = [np.array(a) for a in v]
+            entry[k] = [_host_copy(a) for a in v]
         elif k in ("ro", "al"):
             entry[k] = [None if x is None else float(x) for x in v]
         elif k in INTS:
@@ -45,6 +45,10 @@ def state_dict(opt):
         "state": {0: entry} if entry else {},
         "param_groups": [group],
     }
+
+
+def _host_copy(v):
+    return np.array(arrays.to_host(v) if not isinstance(v, np.ndarray) else v)
 
 
 def load_state_dict(opt, sd):
@@ -154,4 +158,4 @@ def _vector(opt, where, v):
         raise TypeError(f"{where} has dtype {a.dtype}, expected floats")
     if a.ndim != 1 or a.size != opt._numel:
         raise ValueError(f"{where} has shape {a.shape}, expected ({opt._numel},)")
-    return np.array(a, dtype=opt._dtype)
+    return opt._vec.to_vector(np.array(a, dtype=opt._dtype))
