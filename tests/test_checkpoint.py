@@ -6,21 +6,36 @@ import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import fastopt as fo
 from fastopt import checkpoint as ck
 from fastopt import schedules as S
+from fastopt.checkpoint.fileformat import canonical_hash
 
-HEADER = struct.Struct("<HHQQII")  # the documented fixed-width header after the magic line
-PREFIX = len(ck.MAGIC) + HEADER.size
+
+def split(raw):
+    """(header length, header dict, data bytes) of a .safetensors file's bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    return n, json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def rewrite(raw, edit, rehash=True):
+    """The file ``raw`` with ``edit(header, metadata)`` applied to its header, the header's
+    SHA-256 recomputed (unless ``rehash`` is false): a deliberately lying, self-consistent
+    header, which only the structural checks can catch."""
+    _, header, data = split(raw)
+    edit(header, header["__metadata__"])
+    if rehash:
+        header["__metadata__"]["header_sha256"] = canonical_hash(header)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
 
 
 class TinyEMA:
@@ -194,26 +209,32 @@ def test_resume_is_bit_identical(tmp_path, case):
 def test_metadata_and_layout(tmp_path):
     run = Run("adam_schedule")
     run.train(3)
-    path = run.save(tmp_path / "a.ckpt")
+    path = run.save(tmp_path / "a.safetensors")
     raw = open(path, "rb").read()
-    assert raw.startswith(ck.MAGIC)
-    major, minor, json_len, total, json_crc, crc = HEADER.unpack(raw[len(ck.MAGIC) : PREFIX])
-    assert (major, minor) == ck.FORMAT_VERSION and total == len(raw)
-    assert crc == zlib.crc32(raw[: PREFIX - 4])
-    meta = json.loads(raw[PREFIX : PREFIX + json_len])
-    assert json_crc == zlib.crc32(raw[PREFIX : PREFIX + json_len])
-    assert raw[-40:-32] == b"FOCK-END" and raw[-32:] == hashlib.sha256(raw[:-40]).digest()
-    data_start = -(-(PREFIX + json_len) // 64) * 64
-    for e in meta["arrays"]:
-        assert e["offset"] % 64 == 0 and (data_start + e["offset"]) % 64 == 0
-        blob = raw[data_start + e["offset"] : data_start + e["offset"] + e["nbytes"]]
-        assert hashlib.sha256(blob).hexdigest() == e["sha256"]
-    names = {e["name"] for e in meta["arrays"]}
-    assert {"params/w", "params/b", "params/scale", "optimizer/state/0/exp_avg"} <= names
+    n, header, data = split(raw)
+    assert (8 + n) % 64 == 0 and raw[8 : 8 + n].rstrip(b" ").endswith(b"}")
+    meta = header.pop("__metadata__")
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["format"] == "fastopt-checkpoint" and meta["format_version"] == "2.0"
+    hashes = json.loads(meta["sha256"])
+    assert set(hashes) == set(header)
+    assert {"params/w", "params/b", "params/scale", "optimizer/state/0/exp_avg"} <= set(header)
+    end = 0
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+        lo, hi = e["data_offsets"]
+        assert lo == end and e["dtype"] in ("F32", "I64", "F64"), (name, e)
+        assert hashlib.sha256(data[lo:hi]).hexdigest() == hashes[name]
+        assert (8 + n + lo) % (8 if e["dtype"] in ("I64", "F64") else 4) == 0  # aligned items
+        end = hi
+    assert end == len(data)
+    assert header["params/w"]["shape"] == [7, 5] and header["params/scale"]["shape"] == []
 
+    meta = {k: json.loads(v) if k in ck.fileformat.JSON_FIELDS else v for k, v in meta.items()}
     ckpt = ck.load(path)
-    assert ckpt.metadata == meta
-    assert ckpt.format_version == ck.FORMAT_VERSION
+    tensors = ckpt.metadata.pop("tensors")
+    assert ckpt.metadata == {**meta, "format_version": [2, 0]}
+    assert tensors["params/w"] == {"dtype": "F32", "shape": [7, 5], "sha256": hashes["params/w"]}
+    assert ckpt.format_version == ck.FORMAT_VERSION == (2, 0)
     assert ckpt.fastopt_version == fo.__version__
     assert datetime.datetime.fromisoformat(ckpt.created).tzinfo is not None
     assert ckpt.algorithm == "Adam"
@@ -258,10 +279,12 @@ def test_restore_into_plain_arrays_and_dict_params(tmp_path):
 
 
 @pytest.fixture
-def saved(tmp_path):
+def saved(tmp_path, monkeypatch):
     run = Run("adam_schedule")
     run.train(3)
-    path = run.save(tmp_path / "good.ckpt")
+    with monkeypatch.context() as m:  # a fixed header length: this file has header padding
+        m.setattr(time, "time", lambda: 1_800_000_000.25)
+        path = run.save(tmp_path / "good.safetensors")
     return path, open(path, "rb").read()
 
 
@@ -292,37 +315,102 @@ def test_truncated_file_is_refused(tmp_path, saved, target, eighths):
 @pytest.mark.parametrize(
     "where, match",
     [
-        ("magic", "not a fastopt checkpoint"),
-        ("header", "header is corrupted"),
-        ("json", r"metadata \(JSON\) is corrupted"),
-        ("array", "checksum mismatch: the data of array 'params/b'"),
-        ("padding", "checksum mismatch: .*trailer or padding"),
-        ("trailer_tag", "trailer is corrupted"),
-        ("trailer_hash", "checksum mismatch: .*trailer"),
+        ("length", "safetensors header is corrupted"),
+        ("header", r"safetensors header is corrupted \(SHA-256 mismatch\)"),
+        ("header_hash", r"safetensors header is corrupted \(SHA-256 mismatch\)"),
+        ("padding", r"safetensors header is corrupted \(not ASCII JSON"),
+        ("tensor", r"tensor 'params/b' is corrupted \(SHA-256 mismatch\)"),
+        ("last_byte", "is corrupted"),
     ],
 )
 def test_flipped_byte_is_refused(tmp_path, saved, target, where, match):
     _, raw = saved
-    json_len = HEADER.unpack(raw[len(ck.MAGIC) : PREFIX])[2]
-    meta = json.loads(raw[PREFIX : PREFIX + json_len])
-    data_start = -(-(PREFIX + json_len) // 64) * 64
-    b = next(e for e in meta["arrays"] if e["name"] == "params/b")
+    n, header, _ = split(raw)
+    text = raw[8 : 8 + n].decode()
     pos = {
-        "magic": 3,
-        "header": len(ck.MAGIC) + 5,
-        "json": PREFIX + json_len // 2,
-        "array": data_start + b["offset"] + 5,
-        "padding": data_start - 1,
-        "trailer_tag": len(raw) - 38,
-        "trailer_hash": len(raw) - 1,
+        "length": 0,
+        "header": 8 + text.index('"contents"') + 20,
+        "header_hash": 8 + text.index(header["__metadata__"]["header_sha256"]) + 7,
+        "padding": 8 + n - 1,
+        "tensor": 8 + n + header["params/b"]["data_offsets"][0] + 5,
+        "last_byte": len(raw) - 1,
     }[where]
     if where == "padding":
-        assert data_start > PREFIX + json_len, "no padding after the JSON in this file"
+        assert raw[pos : pos + 1] == b" ", "no padding after the JSON in this file"
     data = bytearray(raw)
     data[pos] ^= 0x5A
-    bad = tmp_path / "flip.ckpt"
+    bad = tmp_path / "flip.safetensors"
     bad.write_bytes(bytes(data))
     _refused(bad, target, match)
+
+
+def _lie_about_shape(h, m):
+    h["params/b"]["shape"] = [6]
+
+
+def _lie_about_dtype(h, m):
+    h["params/w"]["dtype"] = "F16"
+
+
+def _leave_a_gap(h, m):
+    h["params/b"]["data_offsets"] = [o + 4 for o in h["params/b"]["data_offsets"]]
+
+
+def _grow_the_last(h, m):
+    name = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"])
+    lo, hi = h[name]["data_offsets"]
+    item = {"F32": 4, "F64": 8, "I64": 8}[h[name]["dtype"]]
+    h[name]["shape"] = [(hi - lo) // item + 1]
+    h[name]["data_offsets"] = [lo, hi + item]
+
+
+def _wrong_sha(h, m):
+    m["sha256"] = m["sha256"].replace(json.loads(m["sha256"])["params/b"], "0" * 64)
+
+
+def _unknown_dtype(h, m):
+    h["params/b"]["dtype"] = "F8_E4M3"
+
+
+def _no_sha(h, m):
+    hashes = json.loads(m["sha256"])
+    del hashes["params/b"]
+    m["sha256"] = json.dumps(hashes)
+
+
+def _newer_format(h, m):
+    m["format_version"] = "3.0"
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_lie_about_shape, r"inconsistent: tensor 'params/b' of shape \[6\] and dtype F32 has 24"),
+        (_lie_about_dtype, r"inconsistent: tensor 'params/w' .* F16 has 70 bytes.* say 140"),
+        (_leave_a_gap, "inconsistent: tensor .* starts at byte .* without gaps or overlaps"),
+        (_grow_the_last, "truncated: the file has .* bytes, its header says"),
+        (_wrong_sha, r"tensor 'params/b' is corrupted \(SHA-256 mismatch\)"),
+        (_unknown_dtype, "tensor 'params/b' has dtype 'F8_E4M3', which no checkpoint uses"),
+        (_no_sha, "tensor 'params/b' has no SHA-256 in the metadata"),
+        (_newer_format, r"format 3\.0, newer than this fastopt.*upgrade fastopt"),
+    ],
+    ids=lambda x: getattr(x, "__name__", "")[1:],
+)
+def test_lying_header_is_refused(tmp_path, saved, target, edit, match):
+    """Headers edited on purpose with their SHA-256 recomputed: the structural checks catch
+    every lie; without the recomputed hash the header's SHA-256 already does."""
+    _, raw = saved
+    bad = tmp_path / "lie.safetensors"
+    bad.write_bytes(rewrite(raw, edit))
+    _refused(bad, target, match)
+    bad.write_bytes(rewrite(raw, edit, rehash=False))
+    _refused(bad, target, r"header is corrupted \(SHA-256 mismatch\)")
+
+
+def test_trailing_bytes_are_refused(tmp_path, saved, target):
+    bad = tmp_path / "long.safetensors"
+    bad.write_bytes(saved[1] + b"\0" * 3)
+    _refused(bad, target, "3 unexpected bytes after the end of the checkpoint")
 
 
 def test_foreign_files_are_refused(tmp_path, target):
@@ -332,9 +420,15 @@ def test_foreign_files_are_refused(tmp_path, target):
     np.savez(npz, w=np.ones(3))
     js = tmp_path / "state.json"
     js.write_text(json.dumps({"format": "fastopt-checkpoint", "params": {}}))
+    weights = tmp_path / "weights.safetensors"  # a plain safetensors file, no fastopt metadata
+    safetensors.numpy.save_file({"w": np.ones(3, np.float32)}, weights, metadata={"a": "b"})
+    bare = tmp_path / "bare.safetensors"
+    safetensors.numpy.save_file({"w": np.ones(3, np.float32)}, bare)
     assert "not a fastopt checkpoint" in str(_refused(rnd, target, "not a fastopt checkpoint"))
     _refused(npz, target, "not a fastopt checkpoint.*ZIP")
     _refused(js, target, "not a fastopt checkpoint.*JSON")
+    for f in (weights, bare):
+        _refused(f, target, "not a fastopt checkpoint: a .safetensors file without fastopt's")
     with pytest.raises(FileNotFoundError):
         ck.load(tmp_path / "missing.ckpt")
 
@@ -412,17 +506,6 @@ def test_missing_parts_are_refused(tmp_path, target):
         ck.load(path).restore(optimizer=target.opt)
     with pytest.raises(TypeError, match="at least one"):
         ck.load(path).restore()
-
-
-def test_newer_major_format_is_refused(tmp_path, saved, target):
-    _, raw = saved
-    fields = list(HEADER.unpack(raw[len(ck.MAGIC) : PREFIX]))
-    fields[0] = ck.FORMAT_VERSION[0] + 1
-    head = HEADER.pack(*fields[:-1], 0)[:-4]
-    head += struct.pack("<I", zlib.crc32(ck.MAGIC + head))
-    bad = tmp_path / "future.ckpt"
-    bad.write_bytes(ck.MAGIC + head + raw[PREFIX:])
-    _refused(bad, target, r"format 2\.0, newer than this fastopt.*upgrade fastopt")
 
 
 def test_loading_never_unpickles(saved, monkeypatch):

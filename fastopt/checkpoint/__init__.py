@@ -1,19 +1,30 @@
-"""Checkpoints: parameters, optimizer, plateau scheduler, EMA, RNG and extras in ONE verified file.
+"""Checkpoints: parameters, optimizer, plateau scheduler, EMA, RNG and extras in ONE verified file,
+a standard ``.safetensors`` file.
 
 ::
 
     from fastopt import checkpoint
-    checkpoint.save("run.ckpt", params=ps, optimizer=opt, plateau=sched, rng=rng, extra={"ep": 3})
-    ckpt = checkpoint.load("run.ckpt")            # verifies everything, raises CheckpointError
+    checkpoint.save("run.safetensors", params=ps, optimizer=opt, plateau=sched, rng=rng,
+                    extra={"ep": 3})
+    ckpt = checkpoint.load("run.safetensors")     # verifies everything, raises CheckpointError
     ckpt.restore(params=ps, optimizer=opt, plateau=sched, rng=rng)
     ckpt.params["w"], ckpt.optimizer_state, ckpt.metadata, ckpt.extra
+
+    safetensors.torch.load_file("run.safetensors")["params/w"]   # the file is plain safetensors
+
+The file is named exactly as given: ``.safetensors`` is the usual ending (the examples use it),
+but any name works and none is added. Its tensors are named ``params/<name>``,
+``optimizer/state/<index>/<key>``, ``ema/...``, ``extra/...``; fastopt's metadata (format version,
+optimizer, hyperparameters, everything that is not an array, a SHA-256 per tensor) is in the
+header's ``__metadata__``. Files of the earlier checkpoint format 1 (``FASTOPT-CKPT``) still load.
 
 The package is split by job: :mod:`~fastopt.checkpoint.encoding` turns the saved objects into
 tagged JSON and back (no pickle anywhere: loading parses JSON and raw numeric bytes only, and
 rebuilds schedules through :func:`fastopt.schedules.schedule_from_dict`; it never executes code
 from the file), :mod:`~fastopt.checkpoint.fileformat` writes and verifies the bytes of the file
-(its docstring has the layout), :mod:`~fastopt.checkpoint.restore` puts a loaded checkpoint back
-into objects; this module gathers the objects' states (:func:`save`) and decodes them (:func:`load`).
+(its docstring has the layout), :mod:`~fastopt.checkpoint.legacy` reads format-1 files,
+:mod:`~fastopt.checkpoint.restore` puts a loaded checkpoint back into objects; this module gathers
+the objects' states (:func:`save`) and decodes them (:func:`load`).
 
 Writes are atomic (:func:`fastopt.fileio.atomic_write`): the file is written to a temporary file
 in the same directory (unnamed while written, where the filesystem allows), flushed and fsync'ed,
@@ -33,12 +44,14 @@ from ..arrays import import_cupy, is_device_array, on_device, parse_device
 from ..fileio import TEMP_SUFFIX
 from ..paramset import ParamSet
 from .encoding import Encoder, decode, plain
-from .fileformat import ALIGNMENT, FORMAT_VERSION, MAGIC, CheckpointError, read_file, write_file
+from .fileformat import ALIGNMENT, FORMAT_VERSION, CheckpointError, read_file, write_file
+from .legacy import MAGIC
 from .restore import Checkpoint
 
 __all__ = ["CheckpointError", "Checkpoint", "save", "load", "FORMAT_VERSION", "MAGIC"]
 
 _ = (ALIGNMENT, TEMP_SUFFIX)  # part of the module's names (fastopt.checkpoint.TEMP_SUFFIX)
+# MAGIC: the first line of a format-1 checkpoint, which load() still reads (nothing writes it)
 
 
 def _params_tree(params):
@@ -76,7 +89,13 @@ def save(path, *, params, optimizer=None, plateau=None, ema=None, rng=None, extr
     """Write a checkpoint of ``params`` (a ParamSet or dict name -> array) and, optionally, an
     optimizer, a ReduceLROnPlateau (anything with ``state_dict()``), an EMA (``state_dict()``
     of arrays and scalars), a ``numpy.random.Generator`` and ``extra`` (JSON-able values, tuples,
-    arrays, schedules) to ``path``, atomically. Returns ``path``.
+    arrays, schedules) to ``path``, atomically, as a ``.safetensors`` file. Returns ``path``.
+
+    ``path`` is used as given: no ending is added or required (``"run.safetensors"`` is the usual
+    name; ``"run.ckpt"`` holds the same safetensors bytes). ``safetensors.torch.load_file(path)``
+    and ``safetensors.numpy.load_file(path)`` read its arrays, named by where they were saved:
+    ``params/<name>``, ``optimizer/state/<index>/<key>``, ``ema/...``, ``extra/...``; bfloat16
+    arrays are safetensors ``BF16``.
 
     Everything is encoded before the file is opened: an object that cannot be saved (e.g. a
     lambda learning rate) raises TypeError and writes nothing. Arrays are not copied; each is
@@ -133,11 +152,21 @@ def _device_copier(device):
     return copy
 
 
+def _map_arrays(fn, arrays):
+    """``fn`` applied to every array of a dict name -> array (a list in format 1)."""
+    if isinstance(arrays, dict):
+        return {name: fn(a) for name, a in arrays.items()}
+    return [fn(a) for a in arrays]
+
+
 def load(path, *, device="cpu"):
-    """Read and fully verify a checkpoint: magic, format version, header CRC, length, the
-    trailer's SHA-256, and every array's length, dtype, shape and SHA-256. Raises
-    :class:`CheckpointError` (a ValueError) naming ``path`` and the problem. ``device="cuda"``
-    (or ``"cuda:N"``) returns CuPy arrays (parameters, optimizer, EMA, extra), ``"cpu"`` NumPy."""
+    """Read and fully verify a checkpoint written by :func:`save`: the header (its SHA-256, the
+    format version, every tensor's dtype, shape and place, the file's length) and every tensor's
+    SHA-256; a file of checkpoint format 1 is verified as it always was. Raises
+    :class:`CheckpointError` (a ValueError) naming ``path`` and the problem, also for a file that
+    is not a fastopt checkpoint (e.g. a ``.safetensors`` file of model weights without fastopt's
+    metadata). ``device="cuda"`` (or ``"cuda:N"``) returns CuPy arrays (parameters, optimizer,
+    EMA, extra), ``"cpu"`` NumPy."""
     to_device = _device_copier(device)
     path = os.fspath(path)
     meta, arrays = read_file(path)
@@ -145,7 +174,7 @@ def load(path, *, device="cpu"):
         contents = meta["contents"]
         if not isinstance(contents, dict) or "params" not in contents:
             raise ValueError("no 'params' in contents")
-        on_dev = arrays if to_device is None else [to_device(a) for a in arrays]
+        on_dev = arrays if to_device is None else _map_arrays(to_device, arrays)
         decoded = {
             k: decode(v, arrays if k in ("rng", "plateau") else on_dev) for k, v in contents.items()
         }

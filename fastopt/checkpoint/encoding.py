@@ -1,7 +1,8 @@
 """The tagged-JSON encoding of checkpoint contents (no pickle anywhere).
 
 Dicts with string keys, lists, strings, finite floats, ints, bools and None are plain JSON. Everything
-else is a tagged object: ``{"__array__": i}`` (the i-th array of the file's data section),
+else is a tagged object: ``{"__array__": name}`` (the file's tensor of that name; in checkpoint
+format 1, ``{"__array__": i}``, the i-th array of the file),
 ``{"__tuple__": [...]}``, ``{"__dict__": [[key, value], ...]}`` (non-string keys),
 ``{"__float__": "nan"}``, ``{"__npscalar__": dtype, "value": v}`` and ``{"__schedule__": {...}}``
 (a :mod:`fastopt.schedules` schedule, rebuilt by :func:`~fastopt.schedules.schedule_from_dict`).
@@ -28,10 +29,11 @@ def format_path(path):
 
 class Encoder:
     """Turns a tree of dicts/lists/tuples/scalars/arrays/schedules into tagged JSON values,
-    collecting the arrays (host, little-endian, C-contiguous) with their key paths."""
+    collecting the arrays (host, little-endian, C-contiguous) in ``arrays``, a dict from a name
+    made of their key path (:func:`format_path`) to the array."""
 
     def __init__(self):
-        self.arrays = []  # (path, array)
+        self.arrays = {}
 
     def encode(self, v, path):
         if v is None or isinstance(v, (bool, str)):
@@ -84,8 +86,13 @@ class Encoder:
                 f"cannot save {format_path(path)}: arrays of dtype {a.dtype} are not supported"
             )
         a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d arrays 0-d
-        self.arrays.append((tuple(path), a))
-        return len(self.arrays) - 1
+        name = base = format_path(path)
+        k = 1
+        while name in self.arrays:  # paths joined by "/" can collide: {"a/b": x, "a": {"b": y}}
+            k += 1
+            name = f"{base}#{k}"
+        self.arrays[name] = a
+        return name
 
 
 def plain(v):
@@ -102,6 +109,8 @@ def plain(v):
 
 
 def decode(v, arrays):
+    """The value a tagged JSON value ``v`` stands for; ``arrays`` is the file's dict tensor name ->
+    array (a list in checkpoint format 1). ValueError for a malformed value."""
     if isinstance(v, list):
         return [decode(x, arrays) for x in v]
     if not isinstance(v, dict):
@@ -114,7 +123,11 @@ def decode(v, arrays):
         raise ValueError(f"malformed tagged value with keys {sorted(v)}")
     x = v[tag]
     if tag == "__array__":
-        if type(x) is not int or not 0 <= x < len(arrays):
+        if isinstance(arrays, Mapping):
+            found = isinstance(x, str) and x in arrays
+        else:
+            found = type(x) is int and 0 <= x < len(arrays)
+        if not found:
             raise ValueError(f"reference to a missing array {x!r}")
         return arrays[x]
     if tag == "__tuple__":

@@ -14,7 +14,9 @@ from .fileformat import CheckpointError
 class Checkpoint:
     """A loaded, verified checkpoint.
 
-    Attributes: ``path``, ``device``, ``metadata`` (the whole JSON header), ``format_version``,
+    Attributes: ``path``, ``device``, ``metadata`` (the file's metadata: for a .safetensors
+    checkpoint its ``__metadata__`` with the JSON entries parsed, ``format_version`` as a list
+    and ``tensors``, name -> dtype, shape and sha256; for format 1 its JSON header), ``format_version``,
     ``fastopt_version``, ``created``, ``algorithm``, ``hyperparameters``, ``params`` (dict name ->
     array), ``optimizer_state`` (an optimizer ``state_dict()``, schedules rebuilt, tuples as
     tuples), ``plateau_state``, ``ema_state``, ``rng_state``, ``extra`` (each ``None`` when not
