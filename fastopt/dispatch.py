@@ -182,11 +182,19 @@ class CuPyBackend(Backend):
     """The CUDA C rules (``kernels/rules.cuh``) as CuPy raw kernels: bit-identical to the Numba
     CPU kernels (explicitly rounded IEEE operations). Launches on ``stream`` (a handle: CuPy's
     current stream when None), on the arrays' device. Other CUDA arrays (torch CUDA tensors,
-    ...) are viewed as CuPy arrays, zero-copy."""
+    ...) are viewed as CuPy arrays, zero-copy.
+
+    16-bit and mixed storage run the storage kernels of ``kernels/optim_kernels.cu`` over
+    ``uint16`` views of the bits. float16 is a CuPy dtype; bfloat16 arrays need CuPy >= 14 with
+    ml_dtypes (``ml_dtypes.bfloat16`` CuPy arrays): a torch bfloat16 tensor is viewed through
+    ``t.view(torch.int16)`` and then as bfloat16, a TypeError naming the way out where CuPy
+    cannot (the numba-cuda backend takes bfloat16 with any CuPy)."""
 
     name = "cupy"
     array_kind = "cupy"
     kinds = ("cupy", "cuda")
+    storage_names = arrays.STORAGE_NAMES
+    mixed_storage = True
 
     def __init__(self):
         from .kernels import cupy as kernels
@@ -206,6 +214,9 @@ class CuPyBackend(Backend):
 
     def update(self, rule, p, g, states, h, gs, spec, stream=None):
         self._kernels.apply(rule, p, g, states, h, gs, stream, check=False)
+
+    def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
+        self._kernels.apply_storage(rule, storage, p, g, states, master, h, gs, rs, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         return self._kernels.sumsq_and_finite(g, stream)
@@ -236,8 +247,18 @@ class CuPyBackend(Backend):
             a.fill(value)
 
     def add(self, dst, src, stream=None):
-        with self._on(dst, stream):
-            dst += src
+        if dst.dtype == src.dtype and dst.dtype.itemsize != 2:
+            with self._on(dst, stream):
+                dst += src
+            return
+        # 16-bit or mixed: the float32 sum rounded once, as NumbaCUDA.add (the SGD rule, lr -1)
+        from .kernels.access import Storage
+
+        d, s = arrays.storage_name(dst.dtype), arrays.storage_name(src.dtype)
+        st = self.scalar_type(dst.dtype)
+        h, gs = (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0))
+        storage = Storage(d, s, d, False, False)
+        self.update_storage("sgd", storage, dst, src, [], None, h, gs, (0, 0, 0), stream)
 
     def scale(self, a, factor, stream=None):
         with self._on(a, stream):
@@ -271,6 +292,19 @@ class CuPyBackend(Backend):
             return a
         a = arrays.detached(a)
         device = arrays.device_index(a)
+        if arrays.root_module(a) == "torch" and str(a.dtype) == "torch.bfloat16":
+            import torch
+
+            with arrays.on_device(cupy, device):
+                bits = cupy.asarray(a.view(torch.int16))
+            try:
+                return bits.view(arrays.bfloat16())
+            except Exception as exc:
+                raise TypeError(
+                    f"this CuPy ({getattr(cupy, '__version__', '?')}) cannot hold bfloat16 "
+                    f"arrays ({type(exc).__name__}: {exc}); CuPy >= 14 with ml_dtypes can, or "
+                    "use backend='numba-cuda'"
+                ) from exc
         with arrays.on_device(cupy, device):
             if hasattr(a, "__cuda_array_interface__"):
                 return cupy.asarray(a)  # zero-copy view

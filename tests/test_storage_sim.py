@@ -153,7 +153,13 @@ STORAGE_CASES = [
     ("adamw-bf16-fp32-grads", "AdamW", dict(lr=1e-2), BF16, F32),
     ("adamw-fp32-bf16-grads", "AdamW", dict(lr=1e-2), F32, BF16),
     ("adamw-bf16-master", "AdamW", dict(lr=1e-2, master_weights=True), BF16, BF16),
-    ("sgdm-fp16-master", "SGD", dict(lr=0.1, momentum=0.9, master_weights=True), F16, F16),
+    (
+        "sgdm-fp16-master-sr",
+        "SGD",
+        dict(lr=0.1, momentum=0.9, master_weights=True, stochastic_rounding=True, seed=9),
+        F16,
+        F16,
+    ),
     ("adamw-bf16-sr", "AdamW", dict(lr=1e-2, stochastic_rounding=True, seed=11), BF16, BF16),
     ("sgdm-fp16-sr", "SGD", dict(lr=0.1, momentum=0.9, stochastic_rounding=True, seed=5), F16, F16),
     (
