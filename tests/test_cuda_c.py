@@ -952,8 +952,19 @@ def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, n
         assert type(gscale) is type(clip) is np.float32
         assert all(type(v) is np.uint64 for v in (seed, step, index0))
         h = np.ascontiguousarray(scalars["v"][0])
-        rc = storage_harness(rule_name.encode(), *codes, *flags, int(n), *ptrs, h.ctypes.data,
-                             gscale, clip, seed, step, index0)  # fmt: skip
+        rc = storage_harness(
+            rule_name.encode(),
+            *codes,
+            *flags,
+            int(n),
+            *ptrs,
+            h.ctypes.data,
+            gscale,
+            clip,
+            seed,
+            step,
+            index0,
+        )
         assert rc == 0
 
     fake = FakeCuPy(run, lambda code, options: None, sm_count=2)
@@ -979,8 +990,9 @@ def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, n
     p_cpu, s_cpu, m_cpu = p.copy(), s.copy(), p32.copy()
     cpu_storage.apply(rule_name, storage, p_cpu, g, [s_cpu], m_cpu, h, gs, rs)
     views = [_FakeBits(a.copy()) for a in (p, p32, g, s)]
-    cupy_backend.apply_storage(rule_name, storage, views[0], views[2], [views[3]], views[1],
-                               h, gs, rs)  # fmt: skip
+    cupy_backend.apply_storage(
+        rule_name, storage, views[0], views[2], [views[3]], views[1], h, gs, rs
+    )
     name, grid, block, args = fake.launches[-1]
     assert name == cupy_backend.storage_expression(rule_name, storage)
     assert (grid, block) == ((min(-(-p.size // 256), 32 * 2),), (256,))
