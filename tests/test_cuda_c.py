@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
-from fastopt.kernels import access, layout, rules
+from fastopt.kernels import access, layout, loops, rules
 from fastopt.kernels import cupy as cupy_backend
+from fastopt.kernels import storage as kstorage
 from fastopt.kernels.compile_rules import ARITY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -869,10 +870,39 @@ def _same_or_both_nan(actual, expected, what):
     assert same.all(), f"{what}: {np.count_nonzero(~same)} of {same.size} elements differ"
 
 
+def _bits16(a):
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def python_storage_apply(rule_name, storage, p, g, states, master, h, gs, rs):
+    """The storage loop of kernels/loops.py with kernels/access.py's element access, run as
+    plain Python on NumPy scalars (the rules of PY_RULES, the helpers of storage.py uncompiled):
+    what the Numba CPU storage kernels compile, without their compile time."""
+    helpers = kstorage.compile_storage(lambda f: f, "python")
+    glb = {"rule": PY_RULES[rule_name], "transformed_grad": PY_RULES["transformed_grad"]}
+    glb["indices"] = range
+    glb.update(access.bind(storage, helpers, lambda f: f))
+    template = loops.STORAGE_TEMPLATES[ARITY[rule_name]]
+    loop = types.FunctionType(template.__code__, glb, template.__name__)
+    pb = _bits16(p)
+    with np.errstate(all="ignore"):
+        loop(pb, pb if master is None else master, _bits16(g), *map(_bits16, states), h, gs, rs)
+
+
+# The (rule, storage) pairs also checked against the compiled Numba CPU kernels (each costs a
+# cold compile; these two are the ones test_precision.py compiles as well).
+NUMBA_CPU_CHECKED = {
+    ("adam", Storage("bfloat16", "bfloat16", "bfloat16", False, False)),
+    ("adam", Storage("bfloat16", "bfloat16", "float32", True, False)),
+}
+
+
 @pytest.mark.parametrize(
     "storage, rule_names", HOST_STORAGE, ids=[access.variant_name(s)[1:] for s, _ in HOST_STORAGE]
 )
 def test_host_storage_loop_matches_numba_cpu(storage_harness, storage, rule_names):
+    """The CUDA C loop body equals the storage loop bit for bit: run as Python for every pair,
+    and as the compiled Numba CPU kernel for NUMBA_CPU_CHECKED."""
     from fastopt.kernels import cpu_storage
 
     rs = (1234567890123, 3, 1000)  # seed, step, index of the first element
@@ -887,7 +917,14 @@ def test_host_storage_loop_matches_numba_cpu(storage_harness, storage, rule_name
         master = p32.copy() if storage.master else None
         p_cpu, s_cpu = p.copy(), [s.copy() for s in states]
         m_cpu = None if master is None else master.copy()
-        cpu_storage.apply(rule_name, storage, p_cpu, g, s_cpu, m_cpu, h, gs, rs)
+        python_storage_apply(rule_name, storage, p_cpu, g, s_cpu, m_cpu, h, gs, rs)
+        if (rule_name, storage) in NUMBA_CPU_CHECKED:
+            p_nb, s_nb = p.copy(), [s.copy() for s in states]
+            m_nb = None if master is None else master.copy()
+            cpu_storage.apply(rule_name, storage, p_nb, g, s_nb, m_nb, h, gs, rs)
+            for a, b in zip([p_nb, *s_nb, m_nb], [p_cpu, *s_cpu, m_cpu], strict=True):
+                if a is not None:
+                    _same_or_both_nan(a, b, f"{rule_name}: numba-cpu vs Python")
         p_c, s_c = p.copy(), [s.copy() for s in states]
         m_c = None if master is None else master.copy()
         hbuf = np.zeros(cupy_backend.MAX_SCALARS, np.float32)
@@ -938,8 +975,7 @@ _HARNESS_CODE = {"float": 0, "fo::bf16_bits": 1, "fo::f16_bits": 2}
 def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, nvcc):
     """apply_storage through a fake CuPy whose launches run the host harness: the name
     expression, the argument order and sizes (against the instantiation's PTX signature) and
-    the results (the Numba CPU storage kernel's bits)."""
-    from fastopt.kernels import cpu_storage
+    the results (the storage loop's bits)."""
 
     def run(name, grid, block, args):
         inner = name[name.index("<") + 1 : -1].split(", ")
@@ -988,7 +1024,7 @@ def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, n
     with np.errstate(over="ignore"):
         p, g, s = p32.astype(np.float16), g32.astype(np.float16), s32[0].copy()
     p_cpu, s_cpu, m_cpu = p.copy(), s.copy(), p32.copy()
-    cpu_storage.apply(rule_name, storage, p_cpu, g, [s_cpu], m_cpu, h, gs, rs)
+    python_storage_apply(rule_name, storage, p_cpu, g, [s_cpu], m_cpu, h, gs, rs)
     views = [_FakeBits(a.copy()) for a in (p, p32, g, s)]
     cupy_backend.apply_storage(
         rule_name, storage, views[0], views[2], [views[3]], views[1], h, gs, rs
