@@ -713,9 +713,7 @@ def test_cupy_kernels_match_python(dtype):
 Storage = access.Storage
 STORAGE_HARNESS = pathlib.Path(__file__).resolve().parent / "storage_loop_host_harness.cu"
 BF16 = np.dtype(ml_dtypes.bfloat16)
-# (storage, rules): the combinations tests/storage_loop_host_harness.cu instantiates, with the
-# rules of the simulator tests of the numba-cuda storage kernels (tests/test_storage_sim.py), so
-# that both compile the same few Numba CPU kernels (cached on disk).
+# (storage, rules): the combinations tests/storage_loop_host_harness.cu instantiates.
 HOST_STORAGE = [
     (Storage("bfloat16", "bfloat16", "bfloat16", False, False), ("adam", "sgd_momentum")),
     (Storage("bfloat16", "bfloat16", "bfloat16", False, True), ("adam",)),
