@@ -1046,3 +1046,22 @@ def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, n
     (entry,) = _entries(ptx)
     sizes = [8 if isinstance(a, (FakeDeviceArray, np.uint64)) else a.itemsize for a in args]
     assert sizes == _param_sizes(ptx, entry)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["f16", "bf16"])
+def test_cupy_16bit_sum_of_squares_launches(monkeypatch, dtype):
+    """sumsq_and_finite of a 16-bit CuPy array: the 16-bit reduction module (its own source),
+    the partials of that format over the uint16 bits, then the finish kernel."""
+    sources = []
+    fake = FakeCuPy(lambda *a: None, lambda code, options: sources.append(code), sm_count=2)
+    install(monkeypatch, fake)
+    x = _FakeBits(np.ones(3000, dtype))
+    cupy_backend.sumsq_and_finite(x)
+    (p_name, p_grid, _, p_args), (f_name, f_grid, _, f_args) = fake.launches
+    suffix = "f16" if dtype == np.float16 else "bf16"
+    assert (p_name, f_name) == (f"fo_sumsq_partials_{suffix}", "fo_sumsq_finish")
+    assert sources == [cupy_backend.reduction16_source()]
+    assert p_args[0].dtype == np.uint16 and p_args[0].host.ctypes.data == x.host.ctypes.data
+    assert p_args[1] == 3000 and f_grid == (1,)
+    with pytest.raises(TypeError, match="bfloat16 and float16"):
+        cupy_backend.sumsq_and_finite(_FakeBits(np.ones(4, np.int16)))
