@@ -182,11 +182,19 @@ class CuPyBackend(Backend):
     """The CUDA C rules (``kernels/rules.cuh``) as CuPy raw kernels: bit-identical to the Numba
     CPU kernels (explicitly rounded IEEE operations). Launches on ``stream`` (a handle: CuPy's
     current stream when None), on the arrays' device. Other CUDA arrays (torch CUDA tensors,
-    ...) are viewed as CuPy arrays, zero-copy."""
+    ...) are viewed as CuPy arrays, zero-copy.
+
+    16-bit and mixed storage run the storage kernels of ``kernels/optim_kernels.cu`` over
+    ``uint16`` views of the bits. float16 is a CuPy dtype; bfloat16 arrays need CuPy >= 14 with
+    ml_dtypes (``ml_dtypes.bfloat16`` CuPy arrays): a torch bfloat16 tensor is viewed through
+    ``t.view(torch.int16)`` and then as bfloat16, a TypeError naming the way out where CuPy
+    cannot (the numba-cuda backend takes bfloat16 with any CuPy)."""
 
     name = "cupy"
     array_kind = "cupy"
     kinds = ("cupy", "cuda")
+    storage_names = arrays.STORAGE_NAMES
+    mixed_storage = True
 
     def __init__(self):
         from .kernels import cupy as kernels
@@ -206,6 +214,9 @@ class CuPyBackend(Backend):
 
     def update(self, rule, p, g, states, h, gs, spec, stream=None):
         self._kernels.apply(rule, p, g, states, h, gs, stream, check=False)
+
+    def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
+        self._kernels.apply_storage(rule, storage, p, g, states, master, h, gs, rs, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         return self._kernels.sumsq_and_finite(g, stream)
@@ -236,8 +247,18 @@ class CuPyBackend(Backend):
             a.fill(value)
 
     def add(self, dst, src, stream=None):
-        with self._on(dst, stream):
-            dst += src
+        if dst.dtype == src.dtype and dst.dtype.itemsize != 2:
+            with self._on(dst, stream):
+                dst += src
+            return
+        # 16-bit or mixed: the float32 sum rounded once, as NumbaCUDA.add (the SGD rule, lr -1)
+        from .kernels.access import Storage
+
+        d, s = arrays.storage_name(dst.dtype), arrays.storage_name(src.dtype)
+        st = self.scalar_type(dst.dtype)
+        h, gs = (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0))
+        storage = Storage(d, s, d, False, False)
+        self.update_storage("sgd", storage, dst, src, [], None, h, gs, (0, 0, 0), stream)
 
     def scale(self, a, factor, stream=None):
         with self._on(a, stream):
@@ -271,6 +292,19 @@ class CuPyBackend(Backend):
             return a
         a = arrays.detached(a)
         device = arrays.device_index(a)
+        if arrays.root_module(a) == "torch" and str(a.dtype) == "torch.bfloat16":
+            import torch
+
+            with arrays.on_device(cupy, device):
+                bits = cupy.asarray(a.view(torch.int16))
+            try:
+                return bits.view(arrays.bfloat16())
+            except Exception as exc:
+                raise TypeError(
+                    f"this CuPy ({getattr(cupy, '__version__', '?')}) cannot hold bfloat16 "
+                    f"arrays ({type(exc).__name__}: {exc}); CuPy >= 14 with ml_dtypes can, or "
+                    "use backend='numba-cuda'"
+                ) from exc
         with arrays.on_device(cupy, device):
             if hasattr(a, "__cuda_array_interface__"):
                 return cupy.asarray(a)  # zero-copy view
@@ -278,21 +312,31 @@ class CuPyBackend(Backend):
 
 
 class NumbaCUDA(Backend):
-    """The rules of ``kernels/rules.py`` as ``numba.cuda`` kernels (``kernels/cuda.py``).
-    Launches on ``stream`` (a handle; the legacy default stream when None) and on the arrays'
-    device; CUDA arrays are viewed as numba device arrays, zero-copy, in their device's context,
-    without synchronising the stream they name (the optimizers launch on it instead)."""
+    """The rules of ``kernels/rules.py`` as ``numba.cuda`` kernels (``kernels/cuda.py``; 16-bit
+    and mixed storage through ``kernels/cuda_storage.py``). Launches on ``stream`` (a handle;
+    the legacy default stream when None) and on the arrays' device; CUDA arrays are viewed as
+    numba device arrays, zero-copy, in their device's context, without synchronising the stream
+    they name (the optimizers launch on it instead).
+
+    bfloat16: numba has no bfloat16 type, so a bfloat16 array is a numba device array of dtype
+    ``ml_dtypes.bfloat16`` (it is never typed in a kernel: the kernels take ``uint16`` views).
+    A torch bfloat16 tensor is viewed through ``t.view(torch.int16)`` (its own
+    ``__cuda_array_interface__`` says ``<V2`` in recent torch and refuses bfloat16 in older
+    releases); a CuPy bfloat16 array (CuPy >= 14 with ml_dtypes) keeps its dtype."""
 
     name = "numba-cuda"
     array_kind = "cuda"
     kinds = ("cuda", "cupy")
+    storage_names = arrays.STORAGE_NAMES
+    mixed_storage = True
 
     def __init__(self):
         from .kernels import cuda as kernels
-        from .kernels import cuda_launch
+        from .kernels import cuda_launch, cuda_storage
 
         self._kernels = kernels
         self._launch = cuda_launch
+        self._storage = cuda_storage
 
     def available(self):
         return self._kernels.available()
@@ -300,28 +344,51 @@ class NumbaCUDA(Backend):
     def update(self, rule, p, g, states, h, gs, spec, stream=None):
         self._kernels.apply(rule, p, g, states, h, gs, stream)
 
+    def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
+        self._storage.apply(rule, storage, p, g, states, master, h, gs, rs, stream)
+
     def sumsq_and_finite(self, g, stream=None):
+        if g.dtype.itemsize == 2:
+            return self._storage.sumsq_and_finite(g, stream)
         return self._kernels.sumsq_and_finite(g, stream)
 
     def zeros(self, n, dtype, like=None, stream=None):
         device = None if like is None else self.device_of(like)
+        if np.dtype(dtype).itemsize == 2:
+            return self._storage.zeros(n, dtype, stream, device)
         return self._kernels.zeros(n, dtype, stream, device)
 
     def fill(self, a, value, stream=None):
-        self._kernels.fill(a, value, stream)
+        if a.dtype.itemsize == 2:
+            self._storage.fill(a, value, stream)
+        else:
+            self._kernels.fill(a, value, stream)
 
     def add(self, dst, src, stream=None):
         # numba device arrays have no in-place arithmetic: the SGD rule with lr = -1 is
-        # dst - (-1) * src = dst + src exactly, one kernel launch
+        # dst - (-1) * src = dst + src exactly (rounded once to dst's dtype), one kernel launch
         st = self.scalar_type(dst.dtype)
         h, gs = (st(-1.0), st(0.0), st(1.0)), (st(1.0), st(0.0))
-        self.update("sgd", dst, src, [], h, gs, None, stream)
+        if dst.dtype == src.dtype and dst.dtype.itemsize != 2:
+            self.update("sgd", dst, src, [], h, gs, None, stream)
+            return
+        from .kernels.access import Storage
+
+        d, s = arrays.storage_name(dst.dtype), arrays.storage_name(src.dtype)
+        storage = Storage(d, s, d, False, False)
+        self.update_storage("sgd", storage, dst, src, [], None, h, gs, (0, 0, 0), stream)
 
     def scale(self, a, factor, stream=None):
-        self._kernels.transform(a, factor, 0.0, stream)
+        if a.dtype.itemsize == 2:
+            self._storage.transform(a, factor, 0.0, stream)
+        else:
+            self._kernels.transform(a, factor, 0.0, stream)
 
     def clamp(self, a, limit, stream=None):
-        self._kernels.transform(a, 1.0, limit, stream)
+        if a.dtype.itemsize == 2:
+            self._storage.transform(a, 1.0, limit, stream)
+        else:
+            self._kernels.transform(a, 1.0, limit, stream)
 
     def device_of(self, a):
         return self._launch.device_of(a)
@@ -335,7 +402,16 @@ class NumbaCUDA(Backend):
 
     def native(self, a):
         a = arrays.detached(a)
-        return self._kernels.as_device_array(a, arrays.device_index(a))
+        bf16 = arrays.root_module(a) == "torch" and str(a.dtype) == "torch.bfloat16"
+        if bf16:
+            import torch
+
+            a = a.view(torch.int16)
+        d = self._kernels.as_device_array(a, arrays.device_index(a))
+        src = getattr(a, "dtype", None)  # a CuPy bfloat16 array exports "<V2" too
+        if bf16 or (isinstance(src, np.dtype) and src.name == "bfloat16" and d.dtype != src):
+            d = d.view(arrays.bfloat16())
+        return d
 
     def is_c_contiguous(self, a):
         return bool(a.is_c_contiguous())

@@ -257,8 +257,10 @@ def zeros(n, dtype, stream=0, device=None):
 # REDUCTION_CHUNK elements per partial sum, as kernels/cpu.py; REDUCTION_THREADS threads per block
 # by default (both from kernels/layout.py, which the CUDA C sees as FO_REDUCTION_CHUNK/THREADS).
 #
-# Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads``, ``chunk`` and
-# ``block_reduce`` are globals bound by ``_reduction_globals`` (through ``rebind``).
+# Reduction templates. ``cuda``, ``np``, ``add``, ``mul``, ``threads``, ``chunk``, ``value`` and
+# ``block_reduce`` are globals bound by ``_reduction_globals`` (through ``rebind``). ``value``
+# reads an element in float64: ``np.float64`` for float32/float64 arrays, a widening load of the
+# bits for 16-bit arrays (``_widened``, over their ``uint16`` view).
 #
 # Partials: block b takes chunks b, b + gridDim, ...; in chunk c = [lo, hi) thread t sums
 # x[lo + t]^2, x[lo + t + T]^2, ... in index order (float64), then the block adds its T sums
@@ -298,7 +300,7 @@ def _sumsq_partials(x, n, sq, bad):
         flag = 0
         i = lo + t
         while i < hi:
-            v = np.float64(x[i])
+            v = value(x[i])
             acc = add(acc, mul(v, v))
             if v - v != 0.0:
                 flag = 1
@@ -331,26 +333,42 @@ def _sumsq_finish(sq, bad, m, out):
 _REDUCTIONS = {}
 
 
-def _reduction_globals(cuda, add, mul, threads):
-    """The globals the reduction templates run with (``block_reduce`` compiled for the target)."""
+def _widened(u):
+    """The float64 value of 16-bit float bits ``u`` (``to_f32`` is bound per format)."""
+    return np.float64(to_f32(u))
+
+
+def _reduction_globals(cuda, add, mul, threads, widen=None):
+    """The globals the reduction templates run with (``block_reduce`` compiled for the target;
+    ``value`` a widening load of ``widen`` = "bfloat16"/"float16" bits, else ``np.float64``)."""
     import numpy as np
 
     glb = {"cuda": cuda, "np": np, "add": add, "mul": mul, "threads": threads}
     glb["chunk"] = REDUCTION_CHUNK
     options = {} if _simulating() else {"forceinline": True}
     glb["block_reduce"] = cuda.jit(device=True, **options)(rebind(_block_reduce, glb))
+    glb["value"] = np.float64
+    if widen is not None:
+        from .cuda_storage import helpers
+
+        to_f32 = helpers()["bf16_to_f32" if widen == "bfloat16" else "f16_to_f32"]
+        load = rebind(_widened, {"np": np, "to_f32": to_f32}, f"widened_{widen}")
+        glb["value"] = cuda.jit(device=True, **options)(load)
     return glb
 
 
-def reduction_kernels(threads=None):
-    """(partials, finish) kernels for ``threads`` per block (default REDUCTION_THREADS)."""
+def reduction_kernels(threads=None, widen=None):
+    """(partials, finish) kernels for ``threads`` per block (default REDUCTION_THREADS); with
+    ``widen`` ("bfloat16" or "float16") the partials read the ``uint16`` bits of that format."""
     threads = REDUCTION_THREADS if threads is None else int(threads)
     if threads < 1 or threads & (threads - 1):
         raise ValueError(f"reduction threads must be a power of two, got {threads}")
-    ks = _REDUCTIONS.get(threads)
+    if widen not in (None, "bfloat16", "float16"):
+        raise ValueError(f"widen must be None, 'bfloat16' or 'float16', not {widen!r}")
+    ks = _REDUCTIONS.get((threads, widen))
     if ks is None:
         with _LOCK:
-            ks = _REDUCTIONS.get(threads)
+            ks = _REDUCTIONS.get((threads, widen))
             if ks is None:
                 cuda = _cuda()
                 if _simulating():
@@ -361,25 +379,26 @@ def reduction_kernels(threads=None):
                     from numba.cuda import libdevice
 
                     add, mul = libdevice.dadd_rn, libdevice.dmul_rn
-                glb = _reduction_globals(cuda, add, mul, threads)
+                glb = _reduction_globals(cuda, add, mul, threads, widen)
                 ks = tuple(cuda.jit(rebind(fn, glb)) for fn in (_sumsq_partials, _sumsq_finish))
-                _REDUCTIONS[threads] = ks
+                _REDUCTIONS[(threads, widen)] = ks
     return ks
 
 
-def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):
+def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None, widen=None):
     """(sum of squares in float64, all finite?) of a flat device array, deterministic: fixed
     chunks of REDUCTION_CHUNK elements, a fixed-order tree in each block, the partials summed
     in a fixed order by one block on the device. Returns host values, so it waits for the
     two kernels: the result is copied back on ``stream`` and only that stream is synchronised
     (the launch stream: 0/None the default stream, or a handle/stream as for :func:`apply`).
-    ``threads`` changes the summation order (it is part of the definition); ``blocks`` does not."""
+    ``threads`` changes the summation order (it is part of the definition); ``blocks`` does not.
+    ``widen`` ("bfloat16"/"float16"): ``x`` holds the bits of that format as ``uint16``."""
     n = int(x.size)
     if n == 0:
         return 0.0, True
     cuda = _cuda()
     threads = REDUCTION_THREADS if threads is None else int(threads)
-    partials, finish = reduction_kernels(threads)
+    partials, finish = reduction_kernels(threads, widen)
     nchunks = -(-n // REDUCTION_CHUNK)
     device = launch.launch_device(x)
     with launch.on_device(device):

@@ -18,6 +18,13 @@ Launch: 256 threads per block; grid = min(ceil(work / 256), 32 * SMs) blocks, wh
 number of 16-byte vectors (float4 / double2) plus the scalar tail when every array is 16-byte
 aligned, else the number of elements; the kernels loop grid-stride over 64-bit indices.
 
+Storage kernels (16-bit and mixed storage, master weights, stochastic rounding; the precision
+issue): ``apply_storage`` launches ``fo::storage_kernel`` of ``optim_kernels.cu`` (the loop over
+``storage.cuh``'s conversions, the rule called unchanged in float32), one template instantiation
+per (rule, storage combination), compiled on first use as a module of its own through
+``cupy.RawModule(name_expressions=...)``; 16-bit arrays are passed as ``uint16`` views. The
+gradient norm of 16-bit arrays uses the ``fo_sumsq_partials_bf16``/``_f16`` module.
+
 CuPy is imported lazily: this module imports (and ``available()`` answers) without it.
 The scalar struct is passed as a size-1 ``numpy.ndarray`` of a structured dtype, which CuPy
 passes by value (its custom-structure kernel arguments; older CuPy releases lack them).
@@ -46,8 +53,10 @@ VECTOR_BYTES = 16
 COMPILE_OPTIONS = ("--fmad=false",)
 
 _DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_SHORT16 = {"bfloat16": "bf16", "float16": "f16"}
 
 _REDUCE = "reduce"
+_REDUCE16 = "reduce16"
 
 _lock = threading.Lock()
 _modules = {}  # dtype suffix -> cupy.RawModule (RawModule compiles and caches per device itself)
@@ -106,6 +115,21 @@ def reduction_source():
     return "#define FO_ENABLE_RULES 0\n#define FO_ENABLE_REDUCTIONS 1\n" + source()
 
 
+def reduction16_source():
+    """The CUDA source of the 16-bit reduction module: the partials of bfloat16 and float16
+    bits (``fo_sumsq_partials_bf16``/``_f16``) and ``fo_sumsq_finish``."""
+    defines = ("FO_ENABLE_RULES 0", "FO_ENABLE_F32 0", "FO_ENABLE_F64 0")
+    defines += ("FO_ENABLE_REDUCTIONS 1", "FO_ENABLE_REDUCTIONS_16 1")
+    return "".join(f"#define {d}\n" for d in defines) + source()
+
+
+def storage_source():
+    """The CUDA source of the storage kernels: optim_kernels.cu with the headers inlined and
+    only the ``fo::storage_kernel`` template in (instantiated by name, see
+    :func:`storage_expression`)."""
+    return "#define FO_ENABLE_RULES 0\n#define FO_ENABLE_STORAGE 1\n" + source()
+
+
 def available():
     """(True, description) when CuPy imports and sees a CUDA device, else (False, the reason)."""
     try:
@@ -138,6 +162,8 @@ def _module(suffix):
             if mod is None:
                 if suffix == _REDUCE:
                     code = reduction_source()
+                elif suffix == _REDUCE16:
+                    code = reduction16_source()
                 else:
                     code = source(np.float32 if suffix == "f32" else np.float64)
                 mod = cupy.RawModule(code=code, options=COMPILE_OPTIONS)
@@ -308,7 +334,9 @@ def sumsq_and_finite(x, stream=None):
 
     if not isinstance(x, cupy.ndarray):
         raise TypeError(f"expected cupy.ndarray, got {type(x).__name__}")
-    suffix = _suffix(x.dtype)
+    suffix = _SHORT16.get(x.dtype.name) if x.dtype.itemsize == 2 else _suffix(x.dtype)
+    if suffix is None:
+        raise TypeError(f"CuPy kernels support bfloat16 and float16, not {x.dtype}")
     if x.ndim != 1 or not x.flags.c_contiguous:
         raise ValueError(f"expected a contiguous 1-D array, got shape {x.shape}")
     n = x.size
@@ -327,8 +355,11 @@ def sumsq_and_finite(x, stream=None):
 
 
 def _reduce(cupy, x, n, nchunks, suffix, device):
-    partials = _function(_REDUCE, f"fo_sumsq_partials_{suffix}")
-    finish = _function(_REDUCE, "fo_sumsq_finish")
+    module = _REDUCE16 if suffix in ("bf16", "f16") else _REDUCE
+    if module == _REDUCE16:
+        x = x.view(np.uint16)
+    partials = _function(module, f"fo_sumsq_partials_{suffix}")
+    finish = _function(module, "fo_sumsq_finish")
     sq = cupy.empty(nchunks, dtype=np.float64)
     bad = cupy.empty(nchunks, dtype=np.int32)
     out = cupy.empty(2, dtype=np.float64)
@@ -336,3 +367,90 @@ def _reduce(cupy, x, n, nchunks, suffix, device):
     partials((grid,), (REDUCTION_THREADS,), (x, np.int64(n), sq, bad))
     finish((1,), (REDUCTION_THREADS,), (sq, bad, np.int64(nchunks), out))
     return out.get()  # on the current stream: waits for the two kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage kernels (the precision issue): fo::storage_kernel of optim_kernels.cu, one
+# instantiation per (rule, storage combination), each compiled on first use as a module of its
+# own (cupy.RawModule with name_expressions; CuPy caches the binary on disk).
+
+_ELEMENT = {
+    "float32": "float",
+    "float64": "double",
+    "bfloat16": "fo::bf16_bits",
+    "float16": "fo::f16_bits",
+}
+_storage_modules = {}  # (rule, storage) -> (cupy.RawModule, name expression)
+
+
+def storage_expression(rule_name, storage):
+    """The C++ name of the storage kernel of ``rule_name`` for ``storage`` (an
+    ``access.Storage``): ``fo::storage_kernel<fo::op_adam, float, fo::bf16_bits, ...>``."""
+    from . import access
+
+    if rule_name not in _RULE_TABLE:
+        raise KeyError(f"unknown rule {rule_name!r}")
+    compute = _ELEMENT[access.compute_name(storage)]
+    elements = ", ".join(_ELEMENT[n] for n in (storage.param, storage.grad, storage.state))
+    flags = f"{str(storage.master).lower()}, {str(storage.stochastic).lower()}"
+    return f"fo::storage_kernel<fo::op_{rule_name}, {compute}, {elements}, {flags}>"
+
+
+def storage_kernel(rule_name, storage):
+    """The ``cupy.RawKernel`` of a rule and storage combination on the current device."""
+    import cupy
+
+    key = (rule_name, storage)
+    entry = _storage_modules.get(key)
+    if entry is None:
+        expr = storage_expression(rule_name, storage)
+        with _lock:
+            entry = _storage_modules.get(key)
+            if entry is None:
+                mod = cupy.RawModule(
+                    code=storage_source(), options=COMPILE_OPTIONS, name_expressions=[expr]
+                )
+                entry = _storage_modules[key] = (mod, expr)
+    kkey = (cupy.cuda.runtime.getDevice(), key)
+    k = _kernels.get(kkey)
+    if k is None:
+        k = _kernels[kkey] = entry[0].get_function(entry[1])
+    return k
+
+
+def _bits(a):
+    """A 16-bit float array as a ``uint16`` view of its bits (the kernels' element type)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def apply_storage(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):
+    """Run ``rule_name`` over flat, equal-length, contiguous cupy arrays stored as ``storage``
+    says, in place: one launch of its storage kernel, asynchronous on ``stream`` (None: the
+    current stream). ``master`` the float32 master copy of ``p`` or None; ``h`` and ``gs`` cast
+    to the compute dtype; ``rs`` = (seed, step, index of p[0] among the optimizer's parameters).
+    The arguments are not checked again (the optimizers have checked them)."""
+    import cupy
+
+    from . import access
+
+    n = p.size
+    if n == 0:
+        return
+    compute = np.dtype(access.compute_name(storage))
+    device = p.data.device_id
+    null = np.uint64(0)
+    slots = [_bits(s) for s in states] + [null] * (3 - len(states))
+    w = null if master is None else master
+    stream = as_stream(stream, device)
+    with cupy.cuda.Device(device):
+        k = storage_kernel(rule_name, storage)
+        grid = max(1, min(-(-n // THREADS_PER_BLOCK), BLOCKS_PER_SM * _sm_count(device)))
+        gscale, clip = gs
+        args = (_bits(p), w, _bits(g), *slots, np.int64(n), _scalars(h, compute))
+        args += (compute.type(gscale), compute.type(clip))
+        args += tuple(np.uint64(int(v) % 2**64) for v in rs)
+        if stream is None:
+            k((grid,), (THREADS_PER_BLOCK,), args)
+        else:
+            with stream:
+                k((grid,), (THREADS_PER_BLOCK,), args)

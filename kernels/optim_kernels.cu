@@ -17,11 +17,13 @@
 // Arrays must not overlap (they are declared __restrict__).
 //
 // FO_ENABLE_F32 / FO_ENABLE_F64 (default 1) select which dtypes are instantiated, so a module
-// can be compiled for one dtype only. FO_ENABLE_RULES (default 1) and FO_ENABLE_REDUCTIONS
-// (default 0) select the update kernels and the reduction kernels (end of this file); the CuPy
-// backend compiles the two sets as separate modules.
+// can be compiled for one dtype only. FO_ENABLE_RULES (default 1), FO_ENABLE_REDUCTIONS
+// (default 0) and FO_ENABLE_STORAGE (default 0) select the update kernels, the reduction kernels
+// and the storage kernels (end of this file); the CuPy backend compiles the sets as separate
+// modules.
 
 #include "rules.cuh"
+#include "storage.cuh"
 
 #ifndef FO_ENABLE_F32
 #define FO_ENABLE_F32 1
@@ -35,6 +37,54 @@
 #ifndef FO_ENABLE_REDUCTIONS
 #define FO_ENABLE_REDUCTIONS 0
 #endif
+#ifndef FO_ENABLE_STORAGE
+#define FO_ENABLE_STORAGE 0
+#endif
+#ifndef FO_ENABLE_REDUCTIONS_16
+#define FO_ENABLE_REDUCTIONS_16 0
+#endif
+
+namespace fo {
+
+// 16-bit floats as their bits, told apart by type (storage.cuh converts them).
+struct bf16_bits {
+    unsigned short v;
+};
+struct f16_bits {
+    unsigned short v;
+};
+
+// Exact float -> double and double -> float rounded to nearest even, without flushing
+// subnormals (plain cvt: CuPy compiles with -ftz=true, which would add .ftz to a C cast).
+FO_HD double widen(float x) {
+#if defined(__CUDA_ARCH__)
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+    return r;
+#else
+    return (double)x;
+#endif
+}
+FO_HD double widen(double x) { return x; }
+FO_HD double widen(bf16_bits x) { return widen(bf16_to_f32(x.v)); }
+FO_HD double widen(f16_bits x) { return widen(f16_to_f32(x.v)); }
+
+FO_HD float narrow(double x) {
+#if defined(__CUDA_ARCH__)
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+    return r;
+#else
+    return (float)x;
+#endif
+}
+
+FO_HD void convert(float& out, float x) { out = x; }
+FO_HD void convert(float& out, double x) { out = narrow(x); }
+FO_HD void convert(double& out, float x) { out = widen(x); }
+FO_HD void convert(double& out, double x) { out = x; }
+
+}  // namespace fo
 
 namespace fo {
 
@@ -184,17 +234,8 @@ FO_RULES(FO_KERNEL_F64)
 
 namespace fo {
 
-// float -> double without flushing subnormals (cvt without .ftz; CuPy compiles with -ftz=true).
-FO_HD double widen(float x) {
-#if defined(__CUDA_ARCH__)
-    double r;
-    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
-    return r;
-#else
-    return (double)x;
-#endif
-}
-FO_HD double widen(double x) { return x; }
+// widen() (top of this file) reads an element as a double: exact for float and the 16-bit
+// formats, without flushing subnormals.
 
 // Thread t's share of chunk [lo, hi): sum of x[i]^2 for i = lo + t, lo + t + T, ... < hi, in
 // that order, and whether any x[i] is non-finite (x - x is 0 only for finite x).
@@ -274,6 +315,21 @@ extern "C" __global__ void fo_sumsq_partials_f64(const double* __restrict__ x, l
 }
 #endif
 
+// The partials of 16-bit arrays (uint16 bits; FO_ENABLE_REDUCTIONS_16, a module of their own).
+#if FO_ENABLE_REDUCTIONS_16
+extern "C" __global__ void fo_sumsq_partials_bf16(const unsigned short* __restrict__ x,
+                                                  long long n, double* __restrict__ sq,
+                                                  int* __restrict__ bad) {
+    fo::sumsq_partials<fo::bf16_bits>(reinterpret_cast<const fo::bf16_bits*>(x), n, sq, bad);
+}
+
+extern "C" __global__ void fo_sumsq_partials_f16(const unsigned short* __restrict__ x,
+                                                 long long n, double* __restrict__ sq,
+                                                 int* __restrict__ bad) {
+    fo::sumsq_partials<fo::f16_bits>(reinterpret_cast<const fo::f16_bits*>(x), n, sq, bad);
+}
+#endif
+
 extern "C" __global__ void fo_sumsq_finish(const double* __restrict__ sq,
                                            const int* __restrict__ bad, long long m,
                                            double* __restrict__ out) {
@@ -293,3 +349,125 @@ extern "C" __global__ void fo_sumsq_finish(const double* __restrict__ sq,
 }
 
 #endif  // FO_ENABLE_REDUCTIONS
+
+// -------------------------------------------------------------------------------------------
+// Storage kernels (the precision issue): the loop for arrays stored in another dtype than the
+// rule computes in, kernels/loops.py's storage loops and kernels/access.py's element access in
+// CUDA C. One template, instantiated per (rule, compute type C, element types of the parameter,
+// gradient and state, master copy, stochastic rounding); the CuPy backend names the one it needs
+// (cupy.RawModule name_expressions), e.g.
+//
+//   fo::storage_kernel<fo::op_adam, float, fo::bf16_bits, float, fo::bf16_bits, true, false>
+//     (P* p, float* w, const G* g, S* s0, S* s1, S* s2, long long n, fo::Scalars<C> h,
+//      C gscale, C clip, unsigned long long seed, unsigned long long step,
+//      unsigned long long index0)
+//
+// Element types: float, double, fo::bf16_bits, fo::f16_bits (uint16 arrays of bits). Loads
+// widen to C (exact), stores round: C -> float to nearest even (the only inexact cast is double
+// -> float, when the rule computes in double), then float -> 16 bits to nearest even or, with
+// SR, stochastically with word k of random_bits4(seed, step, index0 + i) (k = 0 the parameter,
+// 1 + j state slot j). With MASTER the parameter is read from the float32 copy w and written to
+// both. Unused state pointers may be null; the rule itself is rules.cuh's, called unchanged.
+// storage_element is the loop body, __host__ __device__ so that the host harness
+// (tests/storage_loop_host_harness.cu) checks it against the Numba CPU storage kernels.
+
+#if FO_ENABLE_STORAGE
+
+namespace fo {
+
+template <typename E>
+struct element {  // float, double
+    template <typename C>
+    static FO_HD C load(E x) {
+        C r;
+        convert(r, x);
+        return r;
+    }
+    template <bool SR, typename C>
+    static FO_HD E store(C x, unsigned int) {
+        E r;
+        convert(r, x);
+        return r;
+    }
+};
+
+template <>
+struct element<bf16_bits> {
+    template <typename C>
+    static FO_HD C load(bf16_bits x) {
+        C r;
+        convert(r, bf16_to_f32(x.v));
+        return r;
+    }
+    template <bool SR, typename C>
+    static FO_HD bf16_bits store(C x, unsigned int rbits) {
+        float v;
+        convert(v, x);
+        bf16_bits out;
+        out.v = SR ? f32_to_bf16_sr(v, rbits) : f32_to_bf16_rne(v);
+        return out;
+    }
+};
+
+template <>
+struct element<f16_bits> {
+    template <typename C>
+    static FO_HD C load(f16_bits x) {
+        C r;
+        convert(r, f16_to_f32(x.v));
+        return r;
+    }
+    template <bool SR, typename C>
+    static FO_HD f16_bits store(C x, unsigned int rbits) {
+        float v;
+        convert(v, x);
+        f16_bits out;
+        out.v = SR ? f32_to_f16_sr(v, rbits) : f32_to_f16_rne(v);
+        return out;
+    }
+};
+
+template <class Op, typename C, typename P, typename G, typename S, bool MASTER, bool SR>
+FO_HD void storage_element(long long i, P* p, float* w, const G* g, S* const* sp,
+                           const ieee<C>* h, ieee<C> gscale, ieee<C> clip,
+                           unsigned long long seed, unsigned long long step,
+                           unsigned long long index0) {
+    typedef ieee<C> T;
+    const int NS = Op::num_states;
+    Philox4 r;
+    if (SR) {
+        r = random_bits4(seed, step, index0 + (unsigned long long)i);
+    } else {
+        r.v[0] = r.v[1] = r.v[2] = r.v[3] = 0u;
+    }
+    T pk(MASTER ? element<float>::load<C>(w[i]) : element<P>::template load<C>(p[i]));
+    T s[NS > 0 ? NS : 1];
+    for (int j = 0; j < NS; ++j) s[j] = T(element<S>::template load<C>(sp[j][i]));
+    const T gi(element<G>::template load<C>(g[i]));
+    Op::apply(pk, transformed_grad(gi, gscale, clip), s, h);
+    if (MASTER) w[i] = element<float>::template store<false>(pk.v, 0u);
+    p[i] = element<P>::template store<SR>(pk.v, r.v[0]);
+    for (int j = 0; j < NS; ++j) sp[j][i] = element<S>::template store<SR>(s[j].v, r.v[1 + j]);
+}
+
+template <class Op, typename C, typename P, typename G, typename S, bool MASTER, bool SR>
+__global__ void storage_kernel(P* __restrict__ p, float* __restrict__ w,
+                               const G* __restrict__ g, S* __restrict__ s0,
+                               S* __restrict__ s1, S* __restrict__ s2, long long n,
+                               Scalars<C> hs, C gscale, C clip, unsigned long long seed,
+                               unsigned long long step, unsigned long long index0) {
+    ieee<C> h[FO_MAX_SCALARS];
+#pragma unroll
+    for (int k = 0; k < FO_MAX_SCALARS; ++k) h[k] = ieee<C>(hs.v[k]);
+    S* sp[3] = {s0, s1, s2};
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = start; i < n; i += stride) {
+        storage_element<Op, C, P, G, S, MASTER, SR>(i, p, w, g, sp, h, ieee<C>(gscale),
+                                                     ieee<C>(clip), seed, step, index0);
+    }
+}
+
+}  // namespace fo
+
+#endif  // FO_ENABLE_STORAGE

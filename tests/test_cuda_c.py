@@ -18,12 +18,14 @@ import subprocess
 import sys
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
+from fastopt.kernels import access, layout, loops, rules
 from fastopt.kernels import cupy as cupy_backend
-from fastopt.kernels import layout, rules
+from fastopt.kernels import storage as kstorage
 from fastopt.kernels.compile_rules import ARITY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -701,3 +703,365 @@ def test_cupy_kernels_match_python(dtype):
             assert_bitwise_equal(cupy.asnumpy(p_d), p_ref, f"{tag}: p")
             for j, (s, r) in enumerate(zip(s_d, s_ref, strict=True)):
                 assert_bitwise_equal(cupy.asnumpy(s), r, f"{tag}: state {j}")
+
+
+# ---------------------------------------------------------------------------------------------
+# d. Storage kernels (16-bit and mixed storage, master weights, stochastic rounding): they compile
+# (nvcc and NVRTC, CuPy's flags), and their loop body, built for the host, equals the Numba CPU
+# storage kernels (kernels/cpu_storage.py) bit for bit.
+
+Storage = access.Storage
+STORAGE_HARNESS = pathlib.Path(__file__).resolve().parent / "storage_loop_host_harness.cu"
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# (storage, rules): the combinations tests/storage_loop_host_harness.cu instantiates.
+HOST_STORAGE = [
+    (Storage("bfloat16", "bfloat16", "bfloat16", False, False), ("adam", "sgd_momentum")),
+    (Storage("bfloat16", "bfloat16", "bfloat16", False, True), ("adam",)),
+    (Storage("float16", "float16", "float16", False, False), ("adam", "sgd_momentum")),
+    (Storage("float16", "float16", "float16", False, True), ("sgd_momentum",)),
+    (Storage("bfloat16", "float32", "bfloat16", False, False), ("adam",)),
+    (Storage("float32", "bfloat16", "float32", False, False), ("adam",)),
+    (Storage("bfloat16", "bfloat16", "float32", True, False), ("adam",)),
+    (Storage("float16", "float16", "float32", True, True), ("sgd_momentum",)),
+    (Storage("float32", "float32", "bfloat16", False, True), ("adam",)),
+]
+# Instantiations compiled to PTX: one per element type, master, rounding, compute in double.
+PTX_STORAGE = [
+    ("adam", Storage("bfloat16", "bfloat16", "bfloat16", False, True)),
+    ("sgd_momentum", Storage("float16", "float32", "float32", True, False)),
+    ("adam_amsgrad", Storage("float32", "float16", "bfloat16", False, False)),
+    ("adam", Storage("float64", "bfloat16", "float32", False, False)),
+]
+
+
+def _storage_entries(nvcc, workdir, flags):
+    """PTX of storage_source() with explicit instantiations of PTX_STORAGE (nvcc)."""
+    lines = [cupy_backend.storage_source()]
+    for rule_name, storage in PTX_STORAGE:
+        expr = cupy_backend.storage_expression(rule_name, storage)
+        lines.append(
+            f"template __global__ void {expr[: expr.index('<')]}{expr[expr.index('<') :]}("
+        )
+        # the parameter list of the instantiation, spelled from the template arguments
+        comp = {"float32": "float", "float64": "double"}[access.compute_name(storage)]
+        elem = {
+            "float32": "float",
+            "float64": "double",
+            "bfloat16": "fo::bf16_bits",
+            "float16": "fo::f16_bits",
+        }
+        p, g, s = (elem[n] for n in (storage.param, storage.grad, storage.state))
+        lines[-1] += (
+            f"{p}*, float*, const {g}*, {s}*, {s}*, {s}*, long long, fo::Scalars<{comp}>, "
+            f"{comp}, {comp}, unsigned long long, unsigned long long, unsigned long long);"
+        )
+    src = workdir / "storage_source.cu"
+    src.write_text("\n".join(lines) + "\n")
+    ptx = workdir / "storage_source.ptx"
+    _run([nvcc, "-arch=sm_90", "-ptx", *flags, str(src), "-o", str(ptx)], workdir)
+    return ptx.read_text()
+
+
+def test_storage_kernels_compile_ieee_under_cupy_flags(nvcc, workdir):
+    """Instantiated with CuPy's -ftz=true and FMA contraction on: no fused, flushed or
+    approximate arithmetic, no local memory; ptxas assembles them without spills."""
+    text = _storage_entries(nvcc, workdir, ["-ftz=true", "-fmad=true", "-Werror", "all-warnings"])
+    assert len(_entries(text)) == len(PTX_STORAGE)
+    assert all("storage_kernel" in e for e in _entries(text))
+    for forbidden in ("fma.", ".ftz", ".approx", ".local", "__local_depot"):
+        assert forbidden not in text, forbidden
+    assert "cvt.rn.f32.f64" in text and "cvt.f64.f32" in text  # the double compute case
+    ptxas = pathlib.Path(nvcc).with_name("ptxas")
+    (workdir / "storage_in.ptx").write_text(text)
+    info = _run(
+        [str(ptxas), "-arch=sm_90", "-v", "--warning-as-error", "storage_in.ptx", "-o", "s.cubin"],
+        workdir,
+    )
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", info)
+    assert len(frames) == len(PTX_STORAGE) and all(f == ("0", "0") for f in frames), info
+
+
+def _nvrtc_compile(nvrtc, code, name_expressions=()):
+    """(PTX, {name expression: lowered name}) of ``code`` compiled as cupy.RawModule does."""
+    prog = ctypes.c_void_p()
+    rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"k.cu", 0, None, None)
+    assert rc == 0
+    try:
+        for expr in name_expressions:
+            assert nvrtc.nvrtcAddNameExpression(prog, expr.encode()) == 0
+        options = (*cupy_backend.COMPILE_OPTIONS, "-ftz=true", "-arch=compute_80")
+        argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        rc = nvrtc.nvrtcCompileProgram(prog, len(options), argv)
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, log.value.decode(errors="replace")
+        assert "warning" not in log.value.decode(errors="replace").lower(), log.value
+        lowered = {}
+        for expr in name_expressions:
+            name = ctypes.c_char_p()
+            assert nvrtc.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(name)) == 0
+            lowered[expr] = name.value.decode()
+        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetPTX(prog, ptx)
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode(), lowered
+
+
+def test_storage_and_16bit_reduction_sources_compile_with_nvrtc():
+    """What the CuPy backend compiles: one storage kernel by name expression, and the 16-bit
+    reduction module."""
+    nvrtc = nvrtc_or_skip()
+    exprs = [cupy_backend.storage_expression(r, s) for r, s in PTX_STORAGE[:2]]
+    text, lowered = _nvrtc_compile(nvrtc, cupy_backend.storage_source(), exprs)
+    assert _entries(text) == set(lowered.values())
+    text, _ = _nvrtc_compile(nvrtc, cupy_backend.reduction16_source())
+    assert _entries(text) == {"fo_sumsq_partials_bf16", "fo_sumsq_partials_f16", "fo_sumsq_finish"}
+    for forbidden in ("fma.", ".ftz", ".approx", ".local"):
+        assert forbidden not in text, forbidden
+
+
+def test_storage_expression_names():
+    s = Storage("bfloat16", "float32", "float16", True, True)
+    assert cupy_backend.storage_expression("adam", s) == (
+        "fo::storage_kernel<fo::op_adam, float, fo::bf16_bits, float, fo::f16_bits, true, true>"
+    )
+    s64 = Storage("float64", "float64", "float32", False, False)
+    assert ", double, double, double, float, false, false>" in cupy_backend.storage_expression(
+        "sgd", s64
+    )
+    with pytest.raises(KeyError):
+        cupy_backend.storage_expression("nope", s)
+    assert "FO_ENABLE_STORAGE 1" in cupy_backend.storage_source()
+    assert "FO_ENABLE_STORAGE 1" not in cupy_backend.source()  # the rule modules are unchanged
+
+
+@pytest.fixture(scope="module")
+def storage_harness(nvcc, workdir):
+    lib = workdir / "libfo_storage_harness.so"
+    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
+    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
+    _run([*cmd, str(STORAGE_HARNESS), "-o", str(lib)], workdir)
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.fo_host_storage_apply
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_char_p] + [ctypes.c_int] * 5 + [ctypes.c_longlong]
+    fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_float] * 2 + [ctypes.c_uint64] * 3
+    return fn
+
+
+_TYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+def _storage_dtype(name):
+    return BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def _same_or_both_nan(actual, expected, what):
+    """Same bits, or NaN on both sides (NaN payloads of the float32 arithmetic may differ)."""
+    a32, e32 = actual.astype(np.float32), expected.astype(np.float32)
+    view = np.uint16 if actual.dtype.itemsize == 2 else np.uint32
+    same = (actual.view(view) == expected.view(view)) | (np.isnan(a32) & np.isnan(e32))
+    assert same.all(), f"{what}: {np.count_nonzero(~same)} of {same.size} elements differ"
+
+
+def _bits16(a):
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def python_storage_apply(rule_name, storage, p, g, states, master, h, gs, rs):
+    """The storage loop of kernels/loops.py with kernels/access.py's element access, run as
+    plain Python on NumPy scalars (the rules of PY_RULES, the helpers of storage.py uncompiled):
+    what the Numba CPU storage kernels compile, without their compile time."""
+    helpers = kstorage.compile_storage(lambda f: f, "python")
+    glb = {"rule": PY_RULES[rule_name], "transformed_grad": PY_RULES["transformed_grad"]}
+    glb["indices"] = range
+    glb.update(access.bind(storage, helpers, lambda f: f))
+    template = loops.STORAGE_TEMPLATES[ARITY[rule_name]]
+    loop = types.FunctionType(template.__code__, glb, template.__name__)
+    pb = _bits16(p)
+    with np.errstate(all="ignore"):
+        loop(pb, pb if master is None else master, _bits16(g), *map(_bits16, states), h, gs, rs)
+
+
+# The (rule, storage) pairs also checked against the compiled Numba CPU kernels (each costs a
+# cold compile; these two are the ones test_precision.py compiles as well).
+NUMBA_CPU_CHECKED = {
+    ("adam", Storage("bfloat16", "bfloat16", "bfloat16", False, False)),
+    ("adam", Storage("bfloat16", "bfloat16", "float32", True, False)),
+}
+
+
+@pytest.mark.parametrize(
+    "storage, rule_names", HOST_STORAGE, ids=[access.variant_name(s)[1:] for s, _ in HOST_STORAGE]
+)
+def test_host_storage_loop_matches_numba_cpu(storage_harness, storage, rule_names):
+    """The CUDA C loop body equals the storage loop bit for bit: run as Python for every pair,
+    and as the compiled Numba CPU kernel for NUMBA_CPU_CHECKED."""
+    from fastopt.kernels import cpu_storage
+
+    rs = (1234567890123, 3, 1000)  # seed, step, index of the first element
+    for rule_name in rule_names:
+        p32, g32, s32 = make_inputs(rule_name, np.float32, seed=5)
+        h = H_CASES[rule_name](np.float32)[-1]
+        gs = gs_cases(np.float32)[-1]
+        with np.errstate(all="ignore"):
+            p = p32.astype(_storage_dtype(storage.param))
+            g = g32.astype(_storage_dtype(storage.grad))
+            states = [s.astype(_storage_dtype(storage.state)) for s in s32]
+        master = p32.copy() if storage.master else None
+        p_cpu, s_cpu = p.copy(), [s.copy() for s in states]
+        m_cpu = None if master is None else master.copy()
+        python_storage_apply(rule_name, storage, p_cpu, g, s_cpu, m_cpu, h, gs, rs)
+        if (rule_name, storage) in NUMBA_CPU_CHECKED:
+            p_nb, s_nb = p.copy(), [s.copy() for s in states]
+            m_nb = None if master is None else master.copy()
+            cpu_storage.apply(rule_name, storage, p_nb, g, s_nb, m_nb, h, gs, rs)
+            for a, b in zip([p_nb, *s_nb, m_nb], [p_cpu, *s_cpu, m_cpu], strict=True):
+                if a is not None:
+                    _same_or_both_nan(a, b, f"{rule_name}: numba-cpu vs Python")
+        p_c, s_c = p.copy(), [s.copy() for s in states]
+        m_c = None if master is None else master.copy()
+        hbuf = np.zeros(cupy_backend.MAX_SCALARS, np.float32)
+        hbuf[: len(h)] = h
+        slots = [s.ctypes.data for s in s_c] + [None] * (3 - len(s_c))
+        rc = storage_harness(
+            rule_name.encode(),
+            *(_TYPE_CODE[n] for n in (storage.param, storage.grad, storage.state)),
+            int(storage.master),
+            int(storage.stochastic),
+            p.size,
+            p_c.ctypes.data,
+            None if m_c is None else m_c.ctypes.data,
+            g.ctypes.data,
+            *slots,
+            hbuf.ctypes.data,
+            gs[0],
+            gs[1],
+            *rs,
+        )
+        assert rc == 0
+        tag = f"{rule_name}{access.variant_name(storage)}"
+        _same_or_both_nan(p_c, p_cpu, f"{tag}: p")
+        for j, (a, b) in enumerate(zip(s_c, s_cpu, strict=True)):
+            _same_or_both_nan(a, b, f"{tag}: state {j}")
+        if m_c is not None:
+            _same_or_both_nan(m_c, m_cpu, f"{tag}: master")
+        assert not np.array_equal(p_c.view(np.uint8), p.view(np.uint8))  # it did update
+
+
+def test_host_storage_harness_refuses_unknown(storage_harness):
+    x = np.zeros(4, np.float32)
+    args = (4, x.ctypes.data, None, x.ctypes.data, None, None, None, x.ctypes.data, 1.0, 0.0)
+    assert storage_harness(b"nope", 0, 0, 0, 0, 0, *args, 0, 0, 0) == -1
+    assert storage_harness(b"adam", 2, 1, 0, 1, 1, *args, 0, 0, 0) == -2
+
+
+class _FakeBits(FakeDeviceArray):
+    """FakeDeviceArray with ``view`` (the storage launcher passes 16-bit arrays as uint16)."""
+
+    def view(self, dtype):
+        return _FakeBits(self.host.view(dtype))
+
+
+_HARNESS_CODE = {"float": 0, "fo::bf16_bits": 1, "fo::f16_bits": 2}
+
+
+def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, nvcc):
+    """apply_storage through a fake CuPy whose launches run the host harness: the name
+    expression, the argument order and sizes (against the instantiation's PTX signature) and
+    the results (the storage loop's bits)."""
+
+    def run(name, grid, block, args):
+        inner = name[name.index("<") + 1 : -1].split(", ")
+        rule_name = inner[0].removeprefix("fo::op_")
+        codes = [_HARNESS_CODE[t] for t in inner[2:5]]
+        flags = [int(f == "true") for f in inner[5:7]]
+        ptrs = [a.host.ctypes.data if isinstance(a, FakeDeviceArray) else None for a in args[:6]]
+        n, scalars, gscale, clip, seed, step, index0 = args[6:]
+        assert type(n) is np.int64 and scalars.dtype["v"].base == np.float32
+        assert type(gscale) is type(clip) is np.float32
+        assert all(type(v) is np.uint64 for v in (seed, step, index0))
+        h = np.ascontiguousarray(scalars["v"][0])
+        rc = storage_harness(
+            rule_name.encode(),
+            *codes,
+            *flags,
+            int(n),
+            *ptrs,
+            h.ctypes.data,
+            gscale,
+            clip,
+            seed,
+            step,
+            index0,
+        )
+        assert rc == 0
+
+    fake = FakeCuPy(run, lambda code, options: None, sm_count=2)
+    base = fake.RawModule
+
+    class RawModule(base):
+        def __init__(self, code, options, name_expressions):
+            assert "FO_ENABLE_STORAGE 1" in code and options == cupy_backend.COMPILE_OPTIONS
+            super().__init__(code, options)
+            self.names = list(name_expressions)
+
+    fake.RawModule = RawModule
+    install(monkeypatch, fake)
+    monkeypatch.setattr(cupy_backend, "_storage_modules", {})
+    storage, _ = HOST_STORAGE[-2]  # float16 with float32 master weights, stochastic rounding
+    rule_name = "sgd_momentum"
+    p32, g32, s32 = make_inputs(rule_name, np.float32, seed=2)
+    h = H_CASES[rule_name](np.float32)[0]
+    gs = gs_cases(np.float32)[1]
+    rs = (7, 2, 40)
+    with np.errstate(over="ignore"):
+        p, g, s = p32.astype(np.float16), g32.astype(np.float16), s32[0].copy()
+    p_cpu, s_cpu, m_cpu = p.copy(), s.copy(), p32.copy()
+    python_storage_apply(rule_name, storage, p_cpu, g, [s_cpu], m_cpu, h, gs, rs)
+    views = [_FakeBits(a.copy()) for a in (p, p32, g, s)]
+    cupy_backend.apply_storage(
+        rule_name, storage, views[0], views[2], [views[3]], views[1], h, gs, rs
+    )
+    name, grid, block, args = fake.launches[-1]
+    assert name == cupy_backend.storage_expression(rule_name, storage)
+    assert (grid, block) == ((min(-(-p.size // 256), 32 * 2),), (256,))
+    _same_or_both_nan(views[0].host, p_cpu, "p")
+    _same_or_both_nan(views[3].host, s_cpu, "momentum")
+    _same_or_both_nan(views[1].host, m_cpu, "master")
+    # The arguments match the instantiation's PTX signature, parameter by parameter.
+    src = workdir / "one_storage_kernel.cu"
+    src.write_text(
+        cupy_backend.storage_source()
+        + f"\ntemplate __global__ void {name}(fo::f16_bits*, float*, const fo::f16_bits*, "
+        "float*, float*, float*, long long, fo::Scalars<float>, float, float, "
+        "unsigned long long, unsigned long long, unsigned long long);\n"
+    )
+    _run([nvcc, "-arch=sm_90", "-ptx", str(src), "-o", "one.ptx"], workdir)
+    ptx = (workdir / "one.ptx").read_text()
+    (entry,) = _entries(ptx)
+    sizes = [8 if isinstance(a, (FakeDeviceArray, np.uint64)) else a.itemsize for a in args]
+    assert sizes == _param_sizes(ptx, entry)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=["f16", "bf16"])
+def test_cupy_16bit_sum_of_squares_launches(monkeypatch, dtype):
+    """sumsq_and_finite of a 16-bit CuPy array: the 16-bit reduction module (its own source),
+    the partials of that format over the uint16 bits, then the finish kernel."""
+    sources = []
+    fake = FakeCuPy(lambda *a: None, lambda code, options: sources.append(code), sm_count=2)
+    install(monkeypatch, fake)
+    x = _FakeBits(np.ones(3000, dtype))
+    cupy_backend.sumsq_and_finite(x)
+    (p_name, p_grid, _, p_args), (f_name, f_grid, _, f_args) = fake.launches
+    suffix = "f16" if dtype == np.float16 else "bf16"
+    assert (p_name, f_name) == (f"fo_sumsq_partials_{suffix}", "fo_sumsq_finish")
+    assert sources == [cupy_backend.reduction16_source()]
+    assert p_args[0].dtype == np.uint16 and p_args[0].host.ctypes.data == x.host.ctypes.data
+    assert p_args[1] == 3000 and f_grid == (1,)
+    with pytest.raises(TypeError, match="bfloat16 and float16"):
+        cupy_backend.sumsq_and_finite(_FakeBits(np.ones(4, np.int16)))

@@ -128,3 +128,173 @@ def test_quantization_matches_cpu(results):
     expected = qmap[codes] * per
     np.testing.assert_array_equal(f[:, 2].view(np.uint32), expected.view(np.uint32))
     assert np.isnan(f[256:, 2]).all() and np.isfinite(f[:256, 2]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The numba-cuda storage kernels (kernels/cuda_storage.py) against the numba-cpu ones: the same
+# optimizer over simulated device arrays and over NumPy arrays, bit for bit (the simulator runs
+# the rules as Python on NumPy float32 scalars, which the CPU kernels compute identically).
+
+BF16 = "bfloat16"
+F32 = "float32"
+F16 = "float16"
+
+
+def _dtype(name):
+    return np.dtype(ml_dtypes.bfloat16) if name == BF16 else np.dtype(name)
+
+
+# (id, optimizer, kwargs, parameter dtype, gradient dtype)
+STORAGE_CASES = [
+    ("adamw-bf16", "AdamW", dict(lr=1e-2, weight_decay=0.1), BF16, BF16),
+    ("sgdm-bf16", "SGD", dict(lr=0.1, momentum=0.9, nesterov=True), BF16, BF16),
+    ("adamw-fp16", "AdamW", dict(lr=1e-2, weight_decay=0.1), F16, F16),
+    ("adamw-bf16-fp32-grads", "AdamW", dict(lr=1e-2), BF16, F32),
+    ("adamw-fp32-bf16-grads", "AdamW", dict(lr=1e-2), F32, BF16),
+    ("adamw-bf16-master", "AdamW", dict(lr=1e-2, master_weights=True), BF16, BF16),
+    (
+        "sgdm-fp16-master-sr",
+        "SGD",
+        dict(lr=0.1, momentum=0.9, master_weights=True, stochastic_rounding=True, seed=9),
+        F16,
+        F16,
+    ),
+    ("adamw-bf16-sr", "AdamW", dict(lr=1e-2, stochastic_rounding=True, seed=11), BF16, BF16),
+    (
+        "adamw-fp32-bf16-state-sr",
+        "AdamW",
+        dict(lr=1e-2, state_dtype="bfloat16", stochastic_rounding=True, seed=3),
+        F32,
+        F32,
+    ),
+]
+
+SIZES = (37, 11)  # two parameters: the second one's random bits start at index 37
+
+
+def _pair(cls_name, kwargs, pdt, seed=0):
+    import fastopt as fo
+
+    rng = np.random.default_rng(seed)
+    host = [rng.standard_normal(n).astype(_dtype(pdt)) for n in SIZES]
+    dev = [cuda.to_device(a.copy()) for a in host]
+    cls = getattr(fo, cls_name)
+    return host, dev, cls(host, **kwargs), cls(dev, **kwargs)
+
+
+def _grads(gdt, t):
+    rng = np.random.default_rng(100 + t)
+    return [(rng.standard_normal(n) * 3).astype(_dtype(gdt)) for n in SIZES]
+
+
+def _same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype
+    view = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
+    return np.array_equal(a.view(view), b.view(view))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("case", STORAGE_CASES, ids=[c[0] for c in STORAGE_CASES])
+def test_sim_storage_kernels_match_cpu(case):
+    _, cls_name, kwargs, pdt, gdt = case
+    host, dev, opt_h, opt_d = _pair(cls_name, kwargs, pdt)
+    unit = opt_d._groups[0]["units"][0]
+    assert unit.backend.name == "numba-cuda" and unit.param.dtype == _dtype(pdt)
+    for t in range(2):
+        grads = _grads(gdt, t)
+        opt_h.step(grads)
+        opt_d.step([cuda.to_device(g) for g in grads])
+    for d, h in zip(dev, host):
+        assert _same_bits(d.copy_to_host(), h), case[0]
+    sd, sh = opt_d.state_dict()["state"], opt_h.state_dict()["state"]
+    for i in sh:
+        for k, v in sh[i].items():
+            if isinstance(v, np.ndarray):
+                assert _same_bits(sd[i][k], v), (case[0], i, k)
+    if "master_weights" in kwargs:
+        assert sd[0]["master_param"].dtype == np.float32
+    if kwargs.get("state_dtype") == "bfloat16":
+        assert sd[0]["exp_avg"].dtype == _dtype(BF16)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_sim_stochastic_rounding_depends_on_the_seed_only():
+    """The same seed gives the CPU's bits (test above); another seed other bits, so the
+    random bits do reach the stores."""
+    kwargs = dict(lr=1e-2, stochastic_rounding=True)
+    _, dev_a, _, opt_a = _pair("AdamW", dict(kwargs, seed=1), BF16)
+    _, dev_b, _, opt_b = _pair("AdamW", dict(kwargs, seed=2), BF16)
+    grads = _grads(BF16, 0)
+    opt_a.step([cuda.to_device(g) for g in grads])
+    opt_b.step([cuda.to_device(g) for g in grads])
+    assert not _same_bits(dev_a[0].copy_to_host(), dev_b[0].copy_to_host())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_sim_16bit_gradient_norm_clipping_and_skipping():
+    """max_grad_norm / skip_nonfinite over bfloat16 device gradients: the widening reduction of
+    kernels/cuda.py over the bits gives the CPU's norm and the same updates."""
+    kwargs = dict(lr=1e-2, max_grad_norm=0.5, skip_nonfinite=True)
+    host, dev, opt_h, opt_d = _pair("AdamW", kwargs, BF16)
+    grads = _grads(BF16, 0)
+    opt_h.step(grads)
+    opt_d.step([cuda.to_device(g) for g in grads])
+    np.testing.assert_allclose(opt_d.last_grad_norm, opt_h.last_grad_norm, rtol=1e-13)
+    assert opt_d.last_grad_norm > 0.5  # the clipping scaled the gradients
+    for d, h in zip(dev, host):
+        assert _same_bits(d.copy_to_host(), h)
+    bad = _grads(BF16, 1)
+    bad[1][3] = np.inf
+    before = [d.copy_to_host() for d in dev]
+    opt_d.step([cuda.to_device(g) for g in bad])
+    assert opt_d.last_step_taken is False
+    assert all(_same_bits(d.copy_to_host(), b) for d, b in zip(dev, before))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_sim_float16_sum_of_squares_matches_cpu():
+    """The float16 widening reduction (32 threads per block: the simulator runs each thread as a
+    Python thread) against the CPU's, and its non-finite flag."""
+    from fastopt.kernels import cpu_storage, cuda_storage
+
+    x = (np.random.default_rng(2).standard_normal(300) * 50).astype(np.float16)
+    total, finite = cuda_storage.sumsq_and_finite(cuda.to_device(x), threads=32)
+    want, want_finite = cpu_storage.sumsq_and_finite(x)
+    assert finite is want_finite is True
+    np.testing.assert_allclose(total, want, rtol=1e-13)
+    x[123] = np.nan
+    assert cuda_storage.sumsq_and_finite(cuda.to_device(x), threads=32)[1] is False
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("pdt", [BF16, F16])
+def test_sim_16bit_backend_array_helpers_match_cpu(pdt):
+    """zeros, fill, add (gradient accumulation, also from float32), scale and clamp (the clipping
+    functions) on 16-bit device arrays give the CPU backend's bits."""
+    from fastopt import dispatch
+
+    gpu, cpu = dispatch.get_backend("numba-cuda"), dispatch.get_backend("numba-cpu")
+    dt = _dtype(pdt)
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal(29) * 4).astype(dt)
+    b = rng.standard_normal(29).astype(dt)
+    b32 = rng.standard_normal(29).astype(np.float32)
+    z = gpu.zeros(29, dt)
+    assert z.dtype == dt and _same_bits(z.copy_to_host(), np.zeros(29, dt))
+    gpu.fill(z, 0.1)
+    assert _same_bits(z.copy_to_host(), np.full(29, 0.1, dt))
+    d, h = cuda.to_device(a.copy()), a.copy()
+    for op, args in [
+        ("add", (cuda.to_device(b),)),
+        ("add", (cuda.to_device(b32),)),
+        ("scale", (0.3,)),
+        ("clamp", (0.7,)),
+    ]:
+        getattr(gpu, op)(d, *args)
+        host_args = [x.copy_to_host() if hasattr(x, "copy_to_host") else x for x in args]
+        if op == "add" and host_args[0].dtype != dt:  # the float32 sum, rounded once
+            h[...] = (h.astype(np.float32) + host_args[0]).astype(dt)
+        else:
+            getattr(cpu, op)(h, *host_args)
+        assert _same_bits(d.copy_to_host(), h), op
