@@ -39,7 +39,6 @@ block the lookups run in a loop of their own, so that the arithmetic around them
 
 import hashlib
 import pathlib
-from collections import namedtuple
 
 import numpy as np
 from numba import int64, njit, prange, uint64
@@ -59,15 +58,6 @@ from .storage import (
 BLOCKS_PER_TASK = 16
 """Quantization blocks per ``prange`` iteration (4096 elements)."""
 
-Quantized = namedtuple("Quantized", "codes absmax signed")
-"""One 8-bit state slot: ``codes`` (uint8, one per element), ``absmax`` (float32, one per block
-of ``QUANT_BLOCK`` elements) and ``signed`` (True: the signed dynamic map, else the unsigned)."""
-
-
-def block_count(n):
-    """Quantization blocks of a flat state of ``n`` elements (the last one may be partial)."""
-    return -(-int(n) // QUANT_BLOCK)
-
 
 def qmap(signed):
     """The dynamic map of a slot: signed or unsigned (``storage.DYNAMIC_MAP_*``)."""
@@ -75,7 +65,8 @@ def qmap(signed):
 
 
 def dequantized(slot):
-    """The float32 values of a :class:`Quantized` slot (host NumPy): ``qmap[code] * absmax``."""
+    """The float32 values of an 8-bit slot (codes, absmax, signed; host NumPy arrays):
+    ``qmap[code] * absmax``."""
     n = slot.codes.size
     scale = np.repeat(slot.absmax, QUANT_BLOCK)[:n]
     return qmap(slot.signed)[slot.codes] * scale
@@ -380,8 +371,9 @@ def _bits(a):
 
 
 def apply(rule_name, storage, p, g, states, master, h, gs, rs):
-    """``cpu_storage.apply`` for 8-bit state: ``states`` are :class:`Quantized` slots of ``p``'s
-    size, in the rule's slot order; the rest as there."""
+    """``cpu_storage.apply`` for 8-bit state: ``states`` are 8-bit slots (``codes``, ``absmax``,
+    ``signed``; ``fastopt.optim.precision.Quantized``) of ``p``'s size, in the rule's slot
+    order; the rest as there."""
     parallel = p.size >= PARALLEL_THRESHOLD
     k = _KERNELS.get((rule_name, storage, parallel)) or kernel(rule_name, storage, parallel)
     pb = _bits(p)

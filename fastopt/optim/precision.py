@@ -103,6 +103,9 @@ INT8_REFUSED = {
 }
 INT8_REFUSED["sf_adamw"] = INT8_REFUSED["sf_sgd"]
 
+QUANT_BLOCK = 256
+"""Elements per 8-bit block (one float32 absmax each): ``kernels.storage.QUANT_BLOCK``."""
+
 Int8Slot = namedtuple("Int8Slot", "signed")
 """What :func:`slot_dtypes` gives for an 8-bit slot in place of a dtype: which map it uses."""
 
@@ -251,16 +254,42 @@ def check_int8_backends(options, units, backend_name):
             raise TypeError(_no_int8(backend, u.label))
 
 
+class Quantized(namedtuple("Quantized", "codes absmax signed")):
+    """One 8-bit state slot: ``codes`` (uint8, one per element), ``absmax`` (float32, one per
+    block of ``QUANT_BLOCK`` elements of the flat state, the last block possibly partial) and
+    ``signed`` (True: the signed dynamic map, else the unsigned). The kernels read the fields
+    (``kernels/block_loops.py``)."""
+
+    __slots__ = ()
+
+    def dequantized(self):
+        """The float32 values (a host NumPy array): ``qmap[code] * absmax``."""
+        from ..kernels import block_loops
+
+        return block_loops.dequantized(self)
+
+    @property
+    def nbytes(self):
+        """Bytes of the codes and the block absmax."""
+        return int(self.codes.nbytes + self.absmax.nbytes)
+
+
+def int8_block_count(n):
+    """Blocks of an 8-bit slot of ``n`` elements (the last one may be partial)."""
+    return -(-int(n) // QUANT_BLOCK)
+
+
 def int8_zeros(backend, n, slot, fill=0.0):
-    """A new 8-bit slot (``kernels.block_loops.Quantized``) of ``n`` elements on ``backend``
+    """A new 8-bit slot (a :class:`Quantized`) of ``n`` elements on ``backend``
     (an ``Int8Slot`` says which map), every element ``fill``: absmax |fill| and the code of
-    +-1 (exact), or all zero."""
+    +-1 (exact for fill >= 0, the initial values rules have: both maps end in 1.0), or all
+    zero."""
     from ..kernels import block_loops
 
     codes = backend.zeros(n, np.uint8)
-    absmax = backend.zeros(block_loops.block_count(n), np.float32)
+    absmax = backend.zeros(int8_block_count(n), np.float32)
     fill = np.float32(fill)
     if fill != 0:
         absmax.fill(abs(fill))
         codes.fill(block_loops.code_of(fill / abs(fill), slot.signed))
-    return block_loops.Quantized(codes, absmax, slot.signed)
+    return Quantized(codes, absmax, slot.signed)
