@@ -12,7 +12,7 @@ every slot, run the UNCHANGED compiled rule per element (in float32; float64 par
 in float64 and their state is rounded to float32 before it is quantized), store the parameter
 with the element access of ``kernels/access.py`` (so 16-bit parameters, master weights and
 stochastic rounding of the parameter work as in the storage loops), keep the new state values in
-a local buffer of one block, take the block's new absmax (the largest magnitude of the NEW state,
+a local buffer (of ``BLOCKS_PER_TASK`` blocks), take each block's new absmax (the largest magnitude of the NEW state,
 over the valid elements only: bitsandbytes' CUDA kernel pads a partial last block with values that
 never exceed it, its CPU path takes the valid elements), and requantize each value to the nearest
 code of ``value / absmax`` (``storage.quantize_value``: ties to the even code; an all-zero block
@@ -33,8 +33,8 @@ The nearest code is found without a binary search: ``quantizer_table`` holds, pe
 code of the lowest value of each bucket of floats sharing sign, exponent and 7 mantissa bits
 (2**-30 .. 2, plus one bucket below and one above) and the one midpoint of the map the bucket
 may hold; one lookup and one comparison give exactly ``storage.quantize``'s code
-(tests/test_int8_state.py checks it on every midpoint, its neighbours and 10**5 values). Per
-block the lookups run in a loop of their own, so that the arithmetic around them vectorizes.
+(tests/test_int8_state.py checks it on every midpoint, its neighbours and 10**5 values). The
+lookups run in a loop of their own, so that the arithmetic around them vectorizes.
 """
 
 import hashlib
@@ -55,8 +55,10 @@ from .storage import (
     quantize,
 )
 
-BLOCKS_PER_TASK = 16
-"""Quantization blocks per ``prange`` iteration (4096 elements)."""
+BLOCKS_PER_TASK = 8
+"""Quantization blocks per ``prange`` iteration (a task)."""
+SPAN = BLOCKS_PER_TASK * QUANT_BLOCK
+"""Elements per task (2048: its buffers stay in the L1/L2 cache)."""
 
 
 def qmap(signed):
@@ -108,25 +110,31 @@ def _bucket(u):
 
 
 def quantizer_table(signed):
-    """The lookup table of one map: uint32[2 * BUCKETS], per bucket of floats (positive buckets
-    first) ``code | has_midpoint << 8 | midpoint_low_bits << 16``: ``code`` is the number of
-    midpoints below the bucket's lowest value (in value order), and a bucket holding one
-    of the map's float32 midpoints ``(q[k] + q[k + 1]) * 0.5`` has its low 16 bits (the upper 16
-    are the bucket's). No bucket holds two midpoints (checked), so one comparison finishes."""
+    """The lookup table of one map: int64[2 * BUCKETS], per bucket of floats (positive buckets
+    first) ``code | threshold << 8``. ``code`` is the number of the map's float32 midpoints
+    ``(q[k] + q[k + 1]) * 0.5`` below the bucket's lowest value (in value order); a value of the
+    bucket gets ``code + 1`` when the low 16 bits of its magnitude, reversed below zero
+    (``0xFFFF - low``, so that they grow with the value), reach ``threshold``: the bucket's
+    midpoint's (reversed) low bits, plus one unless a tie there goes up to an even code; 0x10000
+    (never) in a bucket without a midpoint. No bucket holds two midpoints (checked)."""
     q = qmap(signed)
     mids = ((q[:-1] + q[1:]) * np.float32(0.5)).astype(np.float32)
     floors = np.array(
         [_bucket_floor(s, kc) for s in (0, 1) for kc in range(BUCKETS)], dtype=np.float32
     )
     # Midpoints strictly below: one equal to the floor is the bucket's own (compared, ties too).
-    table = np.searchsorted(mids, floors, side="left").astype(np.uint32)
+    codes = np.searchsorted(mids, floors, side="left").astype(np.int64)
     bits = mids.view(np.uint32)
     where = _bucket(bits)
     kc = where % BUCKETS
-    inner = (kc > 0) & (kc < BUCKETS - 1)
-    if inner.sum() != mids.size or np.unique(where).size != mids.size:
+    if np.any((kc == 0) | (kc == BUCKETS - 1)) or np.unique(where).size != mids.size:
         raise AssertionError("a midpoint of the map lies outside the buckets or shares one")
-    table[where] |= np.uint32(1 << 8) | ((bits & 0xFFFF) << 16)
+    low = (bits & 0xFFFF).astype(np.int64)
+    reversed_low = np.where(bits >> 31 == 1, 0xFFFF - low, low)
+    tie_up = codes[where] % 2 == 1  # the midpoint between codes k and k + 1, k odd
+    threshold = np.full(codes.size, 0x10000, np.int64)
+    threshold[where] = reversed_low + np.where(tie_up, 0, 1)
+    table = codes | (threshold << 8)
     table.flags.writeable = False
     return table
 
@@ -147,24 +155,20 @@ def tables(signed):
 
 def bucket_of(xn):
     """The bucket (index into a quantizer table) of float32 ``xn``."""
-    u = float32_bits(xn)  # noqa: F821
-    return (u >> 31) * BUCKETS + min(max((u >> 16) & 0x7FFF, KEY_LO - 1), KEY_HI) - (KEY_LO - 1)
+    u = float32_bits(xn)
+    key = min(max((u >> 16) & 0x7FFF, KEY_LO - 1), KEY_HI) - (KEY_LO - 1)
+    return key + ((0 - (u >> 31)) & BUCKETS)  # no multiplication: slow in int64 lanes
 
 
 def code_in_bucket(xn, entry, signed):
     """The code of float32 ``xn`` from its bucket's table ``entry``: ``storage.quantize``, and
     in the signed map the sign of a negative ``xn`` (or -0.0) kept (code 126, not zero's 127).
-    Integer arithmetic without branches, so that a loop of it vectorizes."""
-    u = float32_bits(xn)  # noqa: F821
-    code = int64(entry & 0xFF)
-    low = u & 0xFFFF
-    mid = int64(entry >> 16)
+    A NaN gets some code: it only occurs in a block whose absmax is NaN, all of whose values
+    are NaN whatever their codes. Branch-free integer arithmetic, so that a loop vectorizes."""
+    u = float32_bits(xn)
     negative = u >> 31
-    # Past the bucket's midpoint in value order (magnitudes run backwards below zero), or on it
-    # with an even code above. Selects and masks, no multiplications (slow in int64 lanes).
-    past = int64(mid > low) if negative == 1 else int64(mid < low)
-    code += (entry >> 8) & 1 & (past | (int64(mid == low) & code))
-    code = code if xn == xn else 0  # NaN: code 0
+    low = (u ^ (0 - negative)) & 0xFFFF
+    code = (entry & 0xFF) + int64(low >= (entry >> 8))
     return code - (int64(code == 127) & negative & int64(signed))
 
 
@@ -176,129 +180,117 @@ def nearest_code(xn, qm, lut):
 def magnitude_bits(x):
     """The bits of |x| for float32 ``x``: ordered as the magnitudes, NaN above Inf, so an
     integer max over a block is its absmax (a NaN when it holds one)."""
-    return float32_bits(np.float32(x)) & 0x7FFFFFFF  # noqa: F821
+    return float32_bits(np.float32(x)) & 0x7FFFFFFF
 
 
-def dequantize_block(codes, lo, count, qm, absmax, out):
-    """``out[:count]`` = the values of ``codes[lo:lo + count]``: ``qm[code] * absmax``."""
-    for j in range(uint64(0), count):
-        out[j] = qm[codes[lo + j]] * absmax
+def dequantize_span(codes, absmax, qm, b0, lo, count, out):
+    """``out[:count]`` = the values of ``codes[lo:lo + count]`` (blocks from ``b0`` on):
+    ``qm[code] * absmax[block]``."""
+    for start in range(uint64(0), count, uint64(QUANT_BLOCK)):
+        scale = absmax[b0 + start // QUANT_BLOCK]
+        for j in range(start, min(start + QUANT_BLOCK, count)):
+            out[j] = qm[codes[lo + j]] * scale
 
 
-def requantize(codes, lo, values, count, mbits, qm, lut, work):
-    """Store the codes of ``values[:count]`` (overwritten) at ``codes[lo:]``; return the block's
-    new absmax, the float32 of ``mbits``. Three loops, so that the table lookup (a gather) runs
-    alone and the arithmetic around it vectorizes; ``work`` is an int64 buffer of a block."""
-    absmax = bits_float32(mbits)  # noqa: F821
-    scale = absmax if absmax > 0 else np.float32(1.0)  # all zeros: the code of zero
-    for j in range(uint64(0), count):
-        values[j] = values[j] / scale
-        work[j] = bucket_of(values[j])
+def requantize_span(codes, absmax, qm, lut, b0, lo, count, values, work):
+    """Store the codes of ``values[:count]`` (overwritten) at ``codes[lo:]`` and each block's
+    new absmax (the largest magnitude of its new values) at ``absmax[b0:]``. The table lookup
+    (a gather) runs in a loop of its own, so that the arithmetic around it vectorizes; ``work``
+    is an int64 buffer of ``count`` elements."""
+    for start in range(uint64(0), count, uint64(QUANT_BLOCK)):
+        stop = min(start + QUANT_BLOCK, count)
+        m = 0
+        for j in range(start, stop):
+            m = max(m, magnitude_bits(values[j]))
+        block_max = bits_float32(m)
+        absmax[b0 + start // QUANT_BLOCK] = block_max
+        scale = block_max if block_max > 0 else np.float32(1.0)  # all zeros: the code of zero
+        for j in range(start, stop):
+            values[j] = values[j] / scale
+            work[j] = bucket_of(values[j])
     for j in range(uint64(0), count):
         work[j] = lut[work[j]]
     signed = qm[0] < 0
     for j in range(uint64(0), count):
         codes[lo + j] = code_in_bucket(values[j], work[j], signed)
-    return absmax
 
 
 # ---------------------------------------------------------------------------------------------
-# Templates, one per number of state slots: per block, dequantize each slot into a buffer, run
-# the rule over the buffers (the parameter stored as it goes), requantize. Slot k: codes ck,
-# absmax ak, map qk, lookup table lk.
+# Templates, one per number of state slots: per task of BLOCKS_PER_TASK blocks, dequantize each
+# slot into a buffer, run the rule over the buffers (storing the parameter as it goes),
+# requantize. Slot k: codes ck, absmax ak, map qk, lookup table lk.
 
 
 def block_loop1(p, w, g, c0, a0, q0, l0, h, gs, rs):
     n = p.size
-    nblocks = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
-    for task in indices((nblocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
-        v0 = np.empty(QUANT_BLOCK, np.float32)
-        work = np.empty(QUANT_BLOCK, np.int64)
-        for b in range(task * BLOCKS_PER_TASK, min(nblocks, (task + 1) * BLOCKS_PER_TASK)):
-            lo = uint64(b * QUANT_BLOCK)
-            count = uint64(min(QUANT_BLOCK, n - b * QUANT_BLOCK))
-            dequantize_block(c0, lo, count, q0, a0[b], v0)
-            m0 = 0
-            for j in range(uint64(0), count):
-                i = lo + j
-                r = draw(rs, int64(i))
-                x, v0[j] = rule(
-                    load_param(p, w, i),
-                    transformed_grad(load_grad(g, i), gs[0], gs[1]),
-                    v0[j],
-                    h,
-                )
-                store_param(p, w, i, x, r[0])
-                m0 = max(m0, magnitude_bits(v0[j]))
-            a0[b] = requantize(c0, lo, v0, count, m0, q0, l0, work)
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j] = rule(
+                load_param(p, w, i), transformed_grad(load_grad(g, i), gs[0], gs[1]), v0[j], h
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
 
 
 def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, h, gs, rs):
     n = p.size
-    nblocks = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
-    for task in indices((nblocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
-        v0 = np.empty(QUANT_BLOCK, np.float32)
-        v1 = np.empty(QUANT_BLOCK, np.float32)
-        work = np.empty(QUANT_BLOCK, np.int64)
-        for b in range(task * BLOCKS_PER_TASK, min(nblocks, (task + 1) * BLOCKS_PER_TASK)):
-            lo = uint64(b * QUANT_BLOCK)
-            count = uint64(min(QUANT_BLOCK, n - b * QUANT_BLOCK))
-            dequantize_block(c0, lo, count, q0, a0[b], v0)
-            dequantize_block(c1, lo, count, q1, a1[b], v1)
-            m0 = 0
-            m1 = 0
-            for j in range(uint64(0), count):
-                i = lo + j
-                r = draw(rs, int64(i))
-                x, v0[j], v1[j] = rule(
-                    load_param(p, w, i),
-                    transformed_grad(load_grad(g, i), gs[0], gs[1]),
-                    v0[j],
-                    v1[j],
-                    h,
-                )
-                store_param(p, w, i, x, r[0])
-                m0 = max(m0, magnitude_bits(v0[j]))
-                m1 = max(m1, magnitude_bits(v1[j]))
-            a0[b] = requantize(c0, lo, v0, count, m0, q0, l0, work)
-            a1[b] = requantize(c1, lo, v1, count, m1, q1, l1, work)
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        v1 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        dequantize_span(c1, a1, q1, task * BLOCKS_PER_TASK, lo, count, v1)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j], v1[j] = rule(
+                load_param(p, w, i),
+                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                v0[j],
+                v1[j],
+                h,
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
+        requantize_span(c1, a1, q1, l1, task * BLOCKS_PER_TASK, lo, count, v1, work)
 
 
 def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, h, gs, rs):
     n = p.size
-    nblocks = (n + QUANT_BLOCK - 1) // QUANT_BLOCK
-    for task in indices((nblocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
-        v0 = np.empty(QUANT_BLOCK, np.float32)
-        v1 = np.empty(QUANT_BLOCK, np.float32)
-        v2 = np.empty(QUANT_BLOCK, np.float32)
-        work = np.empty(QUANT_BLOCK, np.int64)
-        for b in range(task * BLOCKS_PER_TASK, min(nblocks, (task + 1) * BLOCKS_PER_TASK)):
-            lo = uint64(b * QUANT_BLOCK)
-            count = uint64(min(QUANT_BLOCK, n - b * QUANT_BLOCK))
-            dequantize_block(c0, lo, count, q0, a0[b], v0)
-            dequantize_block(c1, lo, count, q1, a1[b], v1)
-            dequantize_block(c2, lo, count, q2, a2[b], v2)
-            m0 = 0
-            m1 = 0
-            m2 = 0
-            for j in range(uint64(0), count):
-                i = lo + j
-                r = draw(rs, int64(i))
-                x, v0[j], v1[j], v2[j] = rule(
-                    load_param(p, w, i),
-                    transformed_grad(load_grad(g, i), gs[0], gs[1]),
-                    v0[j],
-                    v1[j],
-                    v2[j],
-                    h,
-                )
-                store_param(p, w, i, x, r[0])
-                m0 = max(m0, magnitude_bits(v0[j]))
-                m1 = max(m1, magnitude_bits(v1[j]))
-                m2 = max(m2, magnitude_bits(v2[j]))
-            a0[b] = requantize(c0, lo, v0, count, m0, q0, l0, work)
-            a1[b] = requantize(c1, lo, v1, count, m1, q1, l1, work)
-            a2[b] = requantize(c2, lo, v2, count, m2, q2, l2, work)
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        v1 = np.empty(SPAN, np.float32)
+        v2 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        dequantize_span(c1, a1, q1, task * BLOCKS_PER_TASK, lo, count, v1)
+        dequantize_span(c2, a2, q2, task * BLOCKS_PER_TASK, lo, count, v2)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j], v1[j], v2[j] = rule(
+                load_param(p, w, i),
+                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                v0[j],
+                v1[j],
+                v2[j],
+                h,
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
+        requantize_span(c1, a1, q1, l1, task * BLOCKS_PER_TASK, lo, count, v1, work)
+        requantize_span(c2, a2, q2, l2, task * BLOCKS_PER_TASK, lo, count, v2, work)
 
 
 TEMPLATES = {1: block_loop1, 2: block_loop2, 3: block_loop3}
@@ -323,8 +315,9 @@ def _helpers():
         namespace.update(
             np=np, int64=int64, uint64=uint64, KEY_LO=KEY_LO, KEY_HI=KEY_HI, BUCKETS=BUCKETS
         )
+        namespace.update(QUANT_BLOCK=QUANT_BLOCK)
         helpers = (bucket_of, code_in_bucket, nearest_code, magnitude_bits)
-        for fn in (*helpers, dequantize_block, requantize):
+        for fn in (*helpers, dequantize_span, requantize_span):
             namespace[fn.__name__] = _HELPER_DECORATOR(rebind(fn, namespace))
         _HELPERS = namespace
     return _HELPERS
@@ -345,13 +338,12 @@ def kernel(rule_name, storage, parallel=True):
             "np": np,
             "int64": int64,
             "uint64": uint64,
-            "QUANT_BLOCK": QUANT_BLOCK,
+            "SPAN": SPAN,
             "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
             "indices": prange if parallel else range,
             "transformed_grad": _RULES["transformed_grad"],
-            "magnitude_bits": helpers["magnitude_bits"],
-            "dequantize_block": helpers["dequantize_block"],
-            "requantize": helpers["requantize"],
+            "dequantize_span": helpers["dequantize_span"],
+            "requantize_span": helpers["requantize_span"],
             **access.bind(storage, helpers, _HELPER_DECORATOR),
         }
         k = specialize(
