@@ -31,7 +31,7 @@ elements) is the same template with ``range``.
 
 The nearest code is found without a binary search: ``quantizer_table`` holds, per map, the
 code of the lowest value of each bucket of floats sharing sign, exponent and 7 mantissa bits
-(2**-30 .. 2, plus one bucket below and one above) and the one midpoint of the map the bucket
+(2**-23 .. 2, plus one bucket below and one above) and the one midpoint of the map the bucket
 may hold; one lookup and one comparison give exactly ``storage.quantize``'s code
 (tests/test_int8_state.py checks it on every midpoint, its neighbours and 10**5 values). The
 lookups run in a loop of their own, so that the arithmetic around them vectorizes.
@@ -84,9 +84,9 @@ def code_of(x, signed):
 # ---------------------------------------------------------------------------------------------
 # Nearest code by bucket lookup.
 
-KEY_LO = 97 << 7
-"""Bucket key (the 15 bits of exponent and 7 mantissa bits of a magnitude) of 2**-30: every
-magnitude below shares one bucket."""
+KEY_LO = 104 << 7
+"""Bucket key (the 15 bits of exponent and 7 mantissa bits of a magnitude) of 2**-23: every
+magnitude below shares one bucket (the maps' smallest midpoint is 1.6e-7, above it)."""
 KEY_HI = 128 << 7
 """Bucket key of 2.0: every magnitude from 2 on (Inf, NaN) shares one bucket."""
 BUCKETS = KEY_HI - KEY_LO + 2
@@ -110,7 +110,7 @@ def _bucket(u):
 
 
 def quantizer_table(signed):
-    """The lookup table of one map: int64[2 * BUCKETS], per bucket of floats (positive buckets
+    """The lookup table of one map: int32[2 * BUCKETS] (24 KiB), per bucket of floats (positive buckets
     first) ``code | threshold << 8``. ``code`` is the number of the map's float32 midpoints
     ``(q[k] + q[k + 1]) * 0.5`` below the bucket's lowest value (in value order); a value of the
     bucket gets ``code + 1`` when the low 16 bits of its magnitude, reversed below zero
@@ -134,7 +134,7 @@ def quantizer_table(signed):
     tie_up = codes[where] % 2 == 1  # the midpoint between codes k and k + 1, k odd
     threshold = np.full(codes.size, 0x10000, np.int64)
     threshold[where] = reversed_low + np.where(tie_up, 0, 1)
-    table = codes | (threshold << 8)
+    table = (codes | (threshold << 8)).astype(np.int32)
     table.flags.writeable = False
     return table
 
