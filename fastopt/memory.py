@@ -1,4 +1,5 @@
-"""Allocation of the flat buffers fastopt owns: ParamSet buffers and optimizer state.
+"""Allocation of the flat buffers fastopt owns: ParamSet buffers and optimizer state, and what
+the optimizer state takes (:func:`state_nbytes`, :func:`state_bytes_per_parameter`).
 
 Every buffer starts on a cache line (64 bytes). Host buffers of at least ``HUGE_PAGE_MIN_BYTES``
 also start on a 2 MiB boundary, so that transparent huge pages can back every byte of them
@@ -47,3 +48,24 @@ def aligned_zeros(n, dtype, xp=np):
     ptr = raw.data.ptr if xp is not np else raw.ctypes.data
     start = (-ptr % align) // dtype.itemsize
     return raw[start : start + n]
+
+
+def state_nbytes(optimizer):
+    """Bytes of per-element optimizer state of ``optimizer`` allocated so far (state exists
+    after a unit's first step): every state array, the codes and block absmax of 8-bit slots,
+    float32 master copies; host scalars not counted."""
+    total = 0
+    for unit in optimizer.units():
+        for value in unit.state.values():
+            nbytes = getattr(value, "nbytes", None)
+            if nbytes is not None and not isinstance(value, (int, float, np.generic)):
+                total += int(nbytes)
+    return total
+
+
+def state_bytes_per_parameter(optimizer):
+    """:func:`state_nbytes` over the number of parameter elements whose state exists: Adam
+    keeps 8 bytes per parameter in float32, 4 in bfloat16, about 2.03 with ``state_dtype="int8"``
+    (2 codes and 2 float32 absmax per 256 elements)."""
+    elements = sum(int(u.param.size) for u in optimizer.units() if u.state)
+    return state_nbytes(optimizer) / elements if elements else 0.0

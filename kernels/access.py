@@ -24,10 +24,11 @@ import numpy as np
 
 Storage = namedtuple("Storage", "param grad state master stochastic")
 """One storage combination: the dtype names (``"float32"``, ``"float64"``, ``"bfloat16"``,
-``"float16"``) of the parameter, gradient and state arrays, and two flags: a float32 master copy of
+``"float16"``; the state also ``"int8"``: 8-bit blockwise, run by ``kernels/block_loops.py``) of the
+parameter, gradient and state arrays, and two flags: a float32 master copy of
 the parameter, stochastic rounding of 16-bit stores."""
 
-SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16"}
+SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16", "int8": "q8"}
 
 
 def compute_name(storage):
@@ -149,7 +150,7 @@ def bind(storage, compiled_storage, decorate):
         "load_p": _LOAD[storage.param],
         "store_p": _store(storage.param, storage.stochastic),
         "load_g": _LOAD[storage.grad],
-        "load_s": _LOAD[storage.state],
+        "load_s": _LOAD.get(storage.state, load_native),  # int8: block_loops dequantizes
         "store_s": _store(storage.state, storage.stochastic),
         "load_param": master_load if storage.master else param_load,
         "store_param": master_store if storage.master else param_store,

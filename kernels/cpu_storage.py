@@ -11,7 +11,7 @@ views of their bits. Also the deterministic sum of squares of 16-bit gradients (
 import numpy as np
 from numba import njit, prange, uint64
 
-from . import access
+from . import access, block_loops
 from .compile_rules import rebind, storage_loop_kernel
 from .cpu import _RULES, PARALLEL_THRESHOLD
 from .layout import REDUCTION_CHUNK
@@ -55,7 +55,10 @@ def bits(a):
 def apply(rule_name, storage, p, g, states, master, h, gs, rs):
     """Run ``rule_name`` over flat, equal-length, contiguous arrays stored as ``storage`` says,
     in place. ``master``: the float32 master copy of ``p`` (None without); ``h`` and ``gs`` are
-    cast to the compute dtype; ``rs`` = (seed, step, index of p[0] in the parameter set)."""
+    cast to the compute dtype; ``rs`` = (seed, step, index of p[0] in the parameter set).
+    8-bit state (``storage.state == "int8"``) runs the block loops of ``block_loops.py``."""
+    if storage.state == "int8":
+        return block_loops.apply(rule_name, storage, p, g, states, master, h, gs, rs)
     parallel = p.size >= PARALLEL_THRESHOLD
     k = _KERNELS.get((rule_name, storage, parallel)) or kernel(rule_name, storage, parallel)
     pb = bits(p)

@@ -40,6 +40,7 @@ EXTRAS_ENV = "FASTOPT_REQUIRE_EXTRAS"
 _REQUIRED_BY = {"torch": REQUIRE_ENV, "matplotlib": EXTRAS_ENV, "sklearn": EXTRAS_ENV}
 _REQUIRED_BY["tqdm"] = EXTRAS_ENV
 _REQUIRED_BY["schedulefree"] = REQUIRE_ENV  # the schedule-free oracle, installed beside torch
+_REQUIRED_BY["bitsandbytes"] = REQUIRE_ENV  # the 8-bit state oracle, installed beside torch
 
 
 def import_or_skip(name):

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import pytest
 from elementwise import elementwise
+from oracle import import_or_skip
 from ptx_without_gpu import PREAMBLE, run_ptx_script
 from test_cuda_c import _run, nvrtc_or_skip
 
@@ -509,12 +510,9 @@ def test_dynamic_map_matches_fixture(kind):
 @pytest.mark.oracle
 @pytest.mark.parametrize("kind", list(MAPS))
 def test_dynamic_map_matches_bitsandbytes(kind):
-    try:
-        with warnings.catch_warnings():  # its import triggers torch.jit deprecation warnings
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import bitsandbytes.functional as bnb_functional
-    except Exception as exc:  # ImportError, or a broken install
-        pytest.skip(f"bitsandbytes is not importable ({exc!r}); the fixture test still runs")
+    with warnings.catch_warnings():  # its import triggers torch.jit deprecation warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bnb_functional = import_or_skip("bitsandbytes.functional")  # required with the oracle
     expected = bnb_functional.create_dynamic_map(signed=kind == "signed").numpy()
     np.testing.assert_array_equal(MAPS[kind].view(np.uint32), expected.view(np.uint32))
 

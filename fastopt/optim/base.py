@@ -221,6 +221,7 @@ class Optimizer:
         group = self._scheduled(group, 0)  # a scheduled hyperparameter: its first value
         check_table(self.hyperparameter_table, group)
         self._check_together(group)
+        precision.check_int8_rule(self, group)
 
     def _check_together(self, group):
         """Checks across hyperparameters (e.g. SGD's nesterov needing momentum), after the rows'."""
@@ -270,6 +271,7 @@ class Optimizer:
         for u in units:
             if u.backend is not None:
                 precision.check_param_storable(u.backend, u.param, u.label)
+        precision.check_int8_backends(self.precision, units, self._backend_name)
         taken = [u.memory_span() for u in self.units()]
         for u in units:
             span = u.memory_span()
@@ -533,6 +535,10 @@ class Optimizer:
 
     def _allocate(self, group, unit, names, lr, stream=None):
         for n, dtype in precision.slot_dtypes(self.precision, unit.param, names).items():
+            if precision.is_quantized(dtype):  # 8-bit codes and block absmax (host only)
+                fill = self._initial_value(group, n, lr)
+                unit.state[n] = precision.int8_zeros(unit.backend, unit.param.size, dtype, fill)
+                continue
             a = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
             if n == precision.MASTER:
                 unit.backend.assign(a, unit.param)  # exact: float32 holds every 16-bit value

@@ -6,7 +6,16 @@ stochastic_rounding=, seed=)``):
 - ``state_dtype``: the dtype the state arrays are stored in. ``None`` (default): the parameter's
   dtype, as torch.optim keeps bfloat16 state for bfloat16 parameters, or float32 when the
   parameter has a float32 master copy; else ``"float32"``, ``"float64"``, ``"bfloat16"`` or
-  ``"float16"`` (names, NumPy dtypes or ``ml_dtypes.bfloat16``).
+  ``"float16"`` (names, NumPy dtypes or ``ml_dtypes.bfloat16``), or ``"int8"``: blockwise 8-bit
+  state (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022, as
+  bitsandbytes keeps it; ``kernels/block_loops.py``): per slot one uint8 code per element and a
+  float32 absmax per block of 256 elements of the unit's flat state, the signed dynamic map for
+  first moments and signed state, the unsigned one for second moments and sums
+  (``INT8_SIGNED``), about 2.03 bytes per parameter for Adam. Only for the rules whose state are
+  running moments or sums (``INT8_RULES``: the Adam family, RMSprop, Adagrad, Adadelta, SGD with
+  momentum, Lion, Yogi), on the numba-cpu backend; any other optimizer, or a GPU backend, is
+  refused at construction. Units (a ParamSet's buffer, a plain array) below ``MIN_8BIT_SIZE``
+  (4096, bitsandbytes' ``min_8bit_size``) elements keep float32 state.
 - ``master_weights``: keep a float32 copy of every bfloat16/float16 parameter in the state
   (``"master_param"``, part of ``state_dict`` and checkpoints); the rule updates the copy and the
   16-bit parameter is written from it each step (rounded). Parameters stored in float32 or float64
@@ -36,11 +45,80 @@ Precision = namedtuple("Precision", "state_dtype master_weights stochastic_round
 
 _FLOAT32 = np.dtype(np.float32)
 
+INT8 = "int8"
+"""``Precision.state_dtype`` of 8-bit blockwise state (the storage name ``Storage.state`` too)."""
+
+MIN_8BIT_SIZE = 4096
+"""Units with fewer elements keep float32 state under ``state_dtype="int8"``."""
+
+INT8_BACKENDS = ("numba-cpu",)
+"""Backends with 8-bit blockwise kernels."""
+
+INT8_RULES = frozenset(
+    (
+        "sgd_momentum",
+        "adagrad",
+        "rmsprop",
+        "rmsprop_momentum",
+        "rmsprop_centered",
+        "rmsprop_centered_momentum",
+        "adadelta",
+        "adam",
+        "adam_amsgrad",
+        "adamax",
+        "nadam",
+        "radam",
+        "yogi",
+        "lion",
+    )
+)
+"""Rules of ``kernels/rules.py`` whose state are running moments or sums: 8-bit state allowed."""
+
+INT8_SIGNED = {
+    "exp_avg": True,  # first moments (Adam family, Lion, Yogi)
+    "momentum_buffer": True,
+    "grad_avg": True,  # centered RMSprop's mean gradient
+    "exp_avg_sq": False,  # second moments and non-negative sums
+    "max_exp_avg_sq": False,
+    "exp_inf": False,
+    "square_avg": False,
+    "acc_delta": False,
+    "sum": False,
+}
+"""The map of each state slot of ``INT8_RULES`` (by torch's state name): True for the signed
+dynamic map, False for the unsigned one (bitsandbytes: signed for state1, unsigned for
+state2)."""
+
+INT8_REFUSED = {
+    "sgd": "SGD without momentum keeps no state to quantize",
+    "rprop": "its state are the previous gradient, whose sign it tests, and per-element step "
+    "sizes, not running moments",
+    "asgd": "its state 'ax' is the running average of the parameters themselves, which needs "
+    "their precision",
+    "sf_sgd": "schedule-free's 'z' is the base sequence of the iterates (parameter values), not "
+    "a running moment",
+    "lamb": "its per-tensor (segmented) kernels have no 8-bit state",
+    "lars": "its per-tensor (segmented) kernels have no 8-bit state",
+    "novograd": "its per-tensor (segmented) kernels have no 8-bit state",
+}
+INT8_REFUSED["sf_adamw"] = INT8_REFUSED["sf_sgd"]
+
+QUANT_BLOCK = 256
+"""Elements per 8-bit block (one float32 absmax each): ``kernels.storage.QUANT_BLOCK``."""
+
+Int8Slot = namedtuple("Int8Slot", "signed")
+"""What :func:`slot_dtypes` gives for an 8-bit slot in place of a dtype: which map it uses."""
+
 
 def precision_options(state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
     """The checked options (a ``Precision``): ValueError/TypeError naming a bad one."""
-    if state_dtype is not None:
-        state_dtype = arrays.storage_dtype(state_dtype, "state_dtype")
+    if isinstance(state_dtype, str) and state_dtype == INT8:
+        state_dtype = INT8
+    elif state_dtype is not None:
+        try:
+            state_dtype = arrays.storage_dtype(state_dtype, "state_dtype")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or 'int8' for 8-bit blockwise state") from None
     check_bool("master_weights", master_weights)
     check_bool("stochastic_rounding", stochastic_rounding)
     seed = check_int("seed", seed, lo=0, hi=2**63 - 1)
@@ -56,8 +134,20 @@ def has_master(options, param):
     return options.master_weights and is_16bit(param.dtype)
 
 
+def is_int8(options):
+    """Whether the options ask for 8-bit blockwise state."""
+    return isinstance(options.state_dtype, str)
+
+
+def is_quantized(slot_dtype):
+    """Whether a value of :func:`slot_dtypes` is an 8-bit slot (an ``Int8Slot``)."""
+    return isinstance(slot_dtype, Int8Slot)
+
+
 def state_dtype(options, param):
-    """The dtype of the state arrays of ``param``."""
+    """The dtype of the state arrays of ``param`` (``INT8`` for 8-bit blockwise state)."""
+    if is_int8(options):
+        return INT8 if param.size >= MIN_8BIT_SIZE else _FLOAT32
     if options.state_dtype is not None:
         return options.state_dtype
     return _FLOAT32 if has_master(options, param) else np.dtype(param.dtype)
@@ -65,9 +155,12 @@ def state_dtype(options, param):
 
 def slot_dtypes(options, param, names):
     """{state key: dtype} of every per-element state array of ``param``: the rule's slots
-    ``names`` and the master copy when there is one."""
+    ``names`` (an ``Int8Slot`` each for 8-bit state) and the master copy when there is one."""
     sd = state_dtype(options, param)
-    out = {n: sd for n in names}
+    if sd is INT8:
+        out = {n: Int8Slot(INT8_SIGNED[n]) for n in names}
+    else:
+        out = {n: sd for n in names}
     if has_master(options, param):
         out[MASTER] = _FLOAT32
     return out
@@ -75,18 +168,18 @@ def slot_dtypes(options, param, names):
 
 def storage_of(options, param, grad):
     """The ``access.Storage`` of one update of ``param`` with gradient ``grad``."""
-    return _storage(options, param.dtype, grad.dtype)
+    return _storage(options, param.dtype, grad.dtype, state_dtype(options, param) is INT8)
 
 
 @functools.lru_cache(maxsize=256)
-def _storage(options, param_dtype, grad_dtype):
-    # Cached: it is asked once per unit and step, and depends on nothing but these three.
+def _storage(options, param_dtype, grad_dtype, quantized):
+    # Cached: it is asked once per unit and step, and depends on nothing but these four.
     param = np.empty(0, param_dtype)
-    sd = state_dtype(options, param)
+    sd = INT8 if quantized else state_dtype(options, param)  # empty: not quantized
     return Storage(
         arrays.storage_name(param_dtype),
         arrays.storage_name(grad_dtype),
-        arrays.storage_name(sd),
+        INT8 if quantized else arrays.storage_name(sd),
         has_master(options, param),
         options.stochastic_rounding and (is_16bit(param_dtype) or is_16bit(sd)),
     )
@@ -96,8 +189,11 @@ def check_backend_stores(backend, storage, label):
     """TypeError naming the unit and the backend when ``backend`` cannot run ``storage``."""
     if is_plain(storage):
         return
+    if storage.state == INT8 and backend.name not in INT8_BACKENDS:
+        raise TypeError(_no_int8(backend, label))
     names = getattr(backend, "storage_names", ("float32", "float64"))
-    missing = [n for n in (storage.param, storage.grad, storage.state) if n not in names]
+    stored = (storage.param, storage.grad) + (() if storage.state == INT8 else (storage.state,))
+    missing = [n for n in stored if n not in names]
     if missing or not getattr(backend, "mixed_storage", False):
         what = ", ".join(sorted(set(missing))) if missing else "mixed storage dtypes"
         raise TypeError(
@@ -118,3 +214,82 @@ def check_param_storable(backend, param, label):
             f"{label} has dtype {param.dtype}; backend {backend.name!r} stores "
             f"{', '.join(names)} parameters"
         )
+
+
+def _no_int8(backend, label):
+    return (
+        f"{label}: backend {backend.name!r} cannot keep 8-bit blockwise state "
+        f"(state_dtype='int8'); only {', '.join(INT8_BACKENDS)} can"
+    )
+
+
+def check_int8_rule(optimizer, group):
+    """ValueError naming the optimizer and the reason when it keeps 8-bit state
+    (``state_dtype="int8"``) but ``group``'s rule has no running moments or sums."""
+    if not is_int8(optimizer.precision):
+        return
+    rule = optimizer._rule(group)
+    if rule not in INT8_RULES:
+        reason = INT8_REFUSED.get(rule, "its state are not running moments or sums")
+        raise ValueError(
+            f"{type(optimizer).__name__} (rule {rule!r}) cannot keep state_dtype='int8': "
+            f"{reason}; 8-bit blockwise state is for the rules whose state are running moments "
+            "or sums (Adam family, RMSprop, Adagrad, Adadelta, SGD with momentum, Lion, Yogi)"
+        )
+
+
+def check_int8_backends(options, units, backend_name):
+    """TypeError naming the unit and the backend when 8-bit state is asked for units that a
+    backend without 8-bit kernels (the GPU backends, the NumPy reference) would step: the named
+    backend, or a device unit's."""
+    if not is_int8(options):
+        return
+    from .. import dispatch
+
+    for u in units:
+        backend = u.backend
+        if backend is None and backend_name is not None:
+            backend = dispatch.backend_for_kind(u.kind, backend_name)
+        if backend is not None and backend.name not in INT8_BACKENDS:
+            raise TypeError(_no_int8(backend, u.label))
+
+
+class Quantized(namedtuple("Quantized", "codes absmax signed")):
+    """One 8-bit state slot: ``codes`` (uint8, one per element), ``absmax`` (float32, one per
+    block of ``QUANT_BLOCK`` elements of the flat state, the last block possibly partial) and
+    ``signed`` (True: the signed dynamic map, else the unsigned). The kernels read the fields
+    (``kernels/block_loops.py``)."""
+
+    __slots__ = ()
+
+    def dequantized(self):
+        """The float32 values (a host NumPy array): ``qmap[code] * absmax``."""
+        from ..kernels import block_loops
+
+        return block_loops.dequantized(self)
+
+    @property
+    def nbytes(self):
+        """Bytes of the codes and the block absmax."""
+        return int(self.codes.nbytes + self.absmax.nbytes)
+
+
+def int8_block_count(n):
+    """Blocks of an 8-bit slot of ``n`` elements (the last one may be partial)."""
+    return -(-int(n) // QUANT_BLOCK)
+
+
+def int8_zeros(backend, n, slot, fill=0.0):
+    """A new 8-bit slot (a :class:`Quantized`) of ``n`` elements on ``backend``
+    (an ``Int8Slot`` says which map), every element ``fill``: absmax |fill| and the code of
+    +-1 (exact for fill >= 0, the initial values rules have: both maps end in 1.0), or all
+    zero."""
+    from ..kernels import block_loops
+
+    codes = backend.zeros(n, np.uint8)
+    absmax = backend.zeros(int8_block_count(n), np.float32)
+    fill = np.float32(fill)
+    if fill != 0:
+        absmax.fill(abs(fill))
+        codes.fill(block_loops.code_of(fill / abs(fill), slot.signed))
+    return Quantized(codes, absmax, slot.signed)

@@ -14,7 +14,10 @@ from . import precision
 def state_dict(opt):
     """Plain-dict snapshot (NumPy copies and Python scalars) of ``opt``, torch.optim's layout:
     ``{"algorithm", "state": {i: {"step", <arrays shaped like param i>...}}, "param_groups",
-    "skipped_steps"}``."""
+    "skipped_steps"}``. An 8-bit slot ``name`` (``state_dtype="int8"``) is three entries: its
+    uint8 codes shaped like the parameter under ``name``, its float32 block absmax under
+    ``name + "_absmax"`` (one per block of 256 elements of the flat state) and its map,
+    ``"signed"`` or ``"unsigned"``, under ``name + "_qmap"``."""
     state, groups = {}, []
     base = opt._index_base()
     for gi, (group, g_int) in enumerate(zip(opt.param_groups, opt._groups)):
@@ -27,6 +30,8 @@ def state_dict(opt):
                     entry[k] = int(v)
                 elif isinstance(v, float):
                     entry[k] = v
+                elif isinstance(v, precision.Quantized):
+                    entry.update(_int8_entry(u, k, v))
                 else:
                     entry[k] = u.backend.to_numpy(v).reshape(u.shape)
             state[base[gi] + j] = entry
@@ -104,7 +109,9 @@ def _checked_entry(opt, entry, names, group, unit, index):
         raise ValueError(f"state[{index}] is not a state entry with a 'step'")
     opt._ensure_backend(unit)
     slots = precision.slot_dtypes(opt.precision, unit.param, names)
+    int8 = {k: v for k, v in slots.items() if precision.is_quantized(v)}
     expected = set(slots) | set(opt._initial_scalar_state(group)) | {"step"}
+    expected |= {k + suffix for k in int8 for suffix in INT8_SUFFIXES}
     if set(entry) != expected:
         raise ValueError(
             f"state[{index}] holds {sorted(entry)}, {type(opt).__name__} with these settings "
@@ -115,7 +122,10 @@ def _checked_entry(opt, entry, names, group, unit, index):
         raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
     out = {"step": int(step)}
     for k, v in entry.items():
-        if k == "step":
+        if k == "step" or k.endswith(INT8_SUFFIXES) and k.rsplit("_", 1)[0] in int8:
+            continue
+        if k in int8:
+            out[k] = _int8_slot(entry, k, int8[k], unit, index)
             continue
         if k not in slots:
             if not isinstance(v, (float, int)) or not math.isfinite(v):
@@ -136,6 +146,54 @@ def _checked_entry(opt, entry, names, group, unit, index):
         unit.backend.assign(dst, a.reshape(a.size))  # host or device source, cast
         out[k] = dst
     return out
+
+
+INT8_SUFFIXES = ("_absmax", "_qmap")
+"""Keys of an 8-bit slot's block absmax and map name, after the slot's name."""
+
+
+def _qmap_name(signed):
+    return "signed" if signed else "unsigned"
+
+
+def _int8_entry(unit, name, slot):
+    """The state_dict entries of 8-bit slot ``name`` of ``unit``."""
+    return {
+        name: unit.backend.to_numpy(slot.codes).reshape(unit.shape),
+        name + "_absmax": unit.backend.to_numpy(slot.absmax),
+        name + "_qmap": _qmap_name(slot.signed),
+    }
+
+
+def _int8_slot(entry, name, slot, unit, index):
+    """A checked copy of 8-bit slot ``name`` of a state entry: ValueError/TypeError naming it
+    when its codes, block layout or map do not fit ``unit``."""
+    where = f"state[{index}][{name!r}]"
+    codes, absmax = _state_array(entry[name]), _state_array(entry[name + "_absmax"])
+    qmap = entry[name + "_qmap"]
+    n = unit.param.size
+    if codes.dtype != np.uint8:
+        raise TypeError(f"{where} holds 8-bit codes: dtype uint8 expected, got {codes.dtype}")
+    if codes.size != n or tuple(codes.shape) not in (tuple(unit.shape), (n,)):
+        raise ValueError(f"{where} has shape {codes.shape}, the parameter {tuple(unit.shape)}")
+    blocks = precision.int8_block_count(n)
+    if absmax.dtype != np.float32 or tuple(absmax.shape) != (blocks,):
+        raise ValueError(
+            f"state[{index}][{name + '_absmax'!r}] must be float32 of shape ({blocks},) (one absmax per block of "
+            f"{precision.QUANT_BLOCK} elements of {n}); got {absmax.dtype} of shape "
+            f"{tuple(absmax.shape)}: another block layout"
+        )
+    if bool(np.any(arrays.to_host(absmax) < 0)):
+        raise ValueError(f"state[{index}][{name + '_absmax'!r}] holds negative values")
+    if not isinstance(qmap, str) or qmap != _qmap_name(slot.signed):
+        raise ValueError(
+            f"state[{index}][{name + '_qmap'!r}] is {qmap!r}; this optimizer keeps {name!r} in the "
+            f"{_qmap_name(slot.signed)!r} dynamic map"
+        )
+    dst = precision.int8_zeros(unit.backend, n, slot)
+    unit.backend.assign(dst.codes, codes.reshape(n))
+    unit.backend.assign(dst.absmax, absmax)
+    return dst
 
 
 def _state_array(v):

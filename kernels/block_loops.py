@@ -1,0 +1,375 @@
+"""Block loops: 8-bit blockwise optimizer state on the CPU (``state_dtype="int8"``).
+
+The state of Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
+Quantization" (ICLR 2022), as bitsandbytes keeps it: each slot is one ``uint8`` code per element
+and one float32 absmax per block of ``QUANT_BLOCK`` (256) consecutive elements of the unit's flat
+state (the last block may be partial); an element's value is ``qmap[code] * absmax`` with
+``qmap`` the signed (first moments, signed state) or unsigned (second moments, non-negative sums)
+dynamic map of ``kernels/storage.py``.
+
+One pass per block, as bitsandbytes' ``kOptimizerStatic8bit2StateBlockwise`` does it: dequantize
+every slot, run the UNCHANGED compiled rule per element (in float32; float64 parameters compute
+in float64 and their state is rounded to float32 before it is quantized), store the parameter
+with the element access of ``kernels/access.py`` (so 16-bit parameters, master weights and
+stochastic rounding of the parameter work as in the storage loops), keep the new state values in
+a local buffer (of ``BLOCKS_PER_TASK`` blocks), take each block's new absmax (the largest magnitude of the NEW state,
+over the valid elements only: bitsandbytes' CUDA kernel pads a partial last block with values that
+never exceed it, its CPU path takes the valid elements), and requantize each value to the nearest
+code of ``value / absmax`` (``storage.quantize_value``: ties to the even code; an all-zero block
+gets the code of zero). Codes of the signed map keep the sign of the value: a negative value (or
+-0.0) whose nearest code is the zero code gets the smallest negative code instead, as
+bitsandbytes does after ``quantize_2D<1>``.
+
+Non-finite values: the absmax of a block holding a NaN is a NaN (``storage.absmax_update``), so
+its whole block dequantizes to NaN on the next step: the NaN propagates, as the non-finite
+policy documents for every state dtype (``skip_nonfinite=True`` skips such steps whole).
+
+Blocks are independent and each is updated by one thread in a fixed order, so the bits do not
+depend on the thread count. The parallel loop hands out ``BLOCKS_PER_TASK`` blocks per ``prange``
+iteration (one buffer allocation each); the serial variant (below ``cpu.PARALLEL_THRESHOLD``
+elements) is the same template with ``range``.
+
+The nearest code is found without a binary search: ``quantizer_table`` holds, per map, the
+code of the lowest value of each bucket of floats sharing sign, exponent and 7 mantissa bits
+(2**-23 .. 2, plus one bucket below and one above) and the one midpoint of the map the bucket
+may hold; one lookup and one comparison give exactly ``storage.quantize``'s code
+(tests/test_int8_state.py checks it on every midpoint, its neighbours and 10**5 values). The
+lookups run in a loop of their own, so that the arithmetic around them vectorizes.
+"""
+
+import hashlib
+import pathlib
+
+import numpy as np
+from numba import int64, njit, prange, uint64
+
+from . import access
+from .compile_rules import rebind, specialize
+from .cpu import _RULES, PARALLEL_THRESHOLD
+from .layout import ARITY
+from .storage import (
+    DYNAMIC_MAP_SIGNED,
+    DYNAMIC_MAP_UNSIGNED,
+    QUANT_BLOCK,
+    compile_storage,
+    quantize,
+)
+
+BLOCKS_PER_TASK = 8
+"""Quantization blocks per ``prange`` iteration (a task)."""
+SPAN = BLOCKS_PER_TASK * QUANT_BLOCK
+"""Elements per task (2048: its buffers stay in the L1/L2 cache)."""
+
+
+def qmap(signed):
+    """The dynamic map of a slot: signed or unsigned (``storage.DYNAMIC_MAP_*``)."""
+    return DYNAMIC_MAP_SIGNED if signed else DYNAMIC_MAP_UNSIGNED
+
+
+def dequantized(slot):
+    """The float32 values of an 8-bit slot (codes, absmax, signed; host NumPy arrays):
+    ``qmap[code] * absmax``."""
+    n = slot.codes.size
+    scale = np.repeat(slot.absmax, QUANT_BLOCK)[:n]
+    return qmap(slot.signed)[slot.codes] * scale
+
+
+def code_of(x, signed):
+    """The code of float32 ``x`` (a value over its block's absmax) in a map, on the host:
+    ``storage.quantize``, the sign kept as the kernels keep it."""
+    c = quantize(np.float32(x), qmap(signed))
+    return 126 if signed and c == 127 and np.signbit(x) else c
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest code by bucket lookup.
+
+KEY_LO = 104 << 7
+"""Bucket key (the 15 bits of exponent and 7 mantissa bits of a magnitude) of 2**-23: every
+magnitude below shares one bucket (the maps' smallest midpoint is 1.6e-7, above it)."""
+KEY_HI = 128 << 7
+"""Bucket key of 2.0: every magnitude from 2 on (Inf, NaN) shares one bucket."""
+BUCKETS = KEY_HI - KEY_LO + 2
+"""Buckets per sign."""
+
+
+def _bucket_floor(sign, kc):
+    """The lowest float32 (in value order) of bucket ``kc`` of sign ``sign`` (0 or 1)."""
+    key = np.uint32(kc + KEY_LO - 1)
+    if sign == 0:
+        return np.uint32(0 if kc == 0 else key << 16).view(np.float32)
+    if kc == BUCKETS - 1:
+        return np.float32(-np.inf)
+    return np.uint32(0x80000000 | (key << 16) | 0xFFFF).view(np.float32)
+
+
+def _bucket(u):
+    """Bucket index (sign first) of float32 bits ``u`` (NumPy uint32 array)."""
+    key = np.clip((u >> 16) & 0x7FFF, KEY_LO - 1, KEY_HI).astype(np.int64) - (KEY_LO - 1)
+    return (u >> 31).astype(np.int64) * BUCKETS + key
+
+
+def quantizer_table(signed):
+    """The lookup table of one map: int32[2 * BUCKETS] (24 KiB), per bucket of floats (positive buckets
+    first) ``code | threshold << 8``. ``code`` is the number of the map's float32 midpoints
+    ``(q[k] + q[k + 1]) * 0.5`` below the bucket's lowest value (in value order); a value of the
+    bucket gets ``code + 1`` when the low 16 bits of its magnitude, reversed below zero
+    (``0xFFFF - low``, so that they grow with the value), reach ``threshold``: the bucket's
+    midpoint's (reversed) low bits, plus one unless a tie there goes up to an even code; 0x10000
+    (never) in a bucket without a midpoint. No bucket holds two midpoints (checked)."""
+    q = qmap(signed)
+    mids = ((q[:-1] + q[1:]) * np.float32(0.5)).astype(np.float32)
+    floors = np.array(
+        [_bucket_floor(s, kc) for s in (0, 1) for kc in range(BUCKETS)], dtype=np.float32
+    )
+    # Midpoints strictly below: one equal to the floor is the bucket's own (compared, ties too).
+    codes = np.searchsorted(mids, floors, side="left").astype(np.int64)
+    bits = mids.view(np.uint32)
+    where = _bucket(bits)
+    kc = where % BUCKETS
+    if np.any((kc == 0) | (kc == BUCKETS - 1)) or np.unique(where).size != mids.size:
+        raise AssertionError("a midpoint of the map lies outside the buckets or shares one")
+    low = (bits & 0xFFFF).astype(np.int64)
+    reversed_low = np.where(bits >> 31 == 1, 0xFFFF - low, low)
+    tie_up = codes[where] % 2 == 1  # the midpoint between codes k and k + 1, k odd
+    threshold = np.full(codes.size, 0x10000, np.int64)
+    threshold[where] = reversed_low + np.where(tie_up, 0, 1)
+    table = (codes | (threshold << 8)).astype(np.int32)
+    table.flags.writeable = False
+    return table
+
+
+_TABLES = {}
+
+
+def tables(signed):
+    """(map, lookup table) of a slot: ``qmap(signed)`` and the cached :func:`quantizer_table`."""
+    t = _TABLES.get(bool(signed))
+    if t is None:
+        t = _TABLES[bool(signed)] = (qmap(signed), quantizer_table(signed))
+    return t
+
+
+# Plain functions compiled with the storage helpers' float32 <-> bits casts (``_helpers``).
+
+
+def bucket_of(xn):
+    """The bucket (index into a quantizer table) of float32 ``xn``."""
+    u = float32_bits(xn)
+    key = min(max((u >> 16) & 0x7FFF, KEY_LO - 1), KEY_HI) - (KEY_LO - 1)
+    return key + ((0 - (u >> 31)) & BUCKETS)  # no multiplication: slow in int64 lanes
+
+
+def code_in_bucket(xn, entry, signed):
+    """The code of float32 ``xn`` from its bucket's table ``entry``: ``storage.quantize``, and
+    in the signed map the sign of a negative ``xn`` (or -0.0) kept (code 126, not zero's 127).
+    A NaN gets some code: it only occurs in a block whose absmax is NaN, all of whose values
+    are NaN whatever their codes. Branch-free integer arithmetic, so that a loop vectorizes."""
+    u = float32_bits(xn)
+    negative = u >> 31
+    low = (u ^ (0 - negative)) & 0xFFFF
+    code = (entry & 0xFF) + int64(low >= (entry >> 8))
+    return code - (int64(code == 127) & negative & int64(signed))
+
+
+def nearest_code(xn, qm, lut):
+    """The code of float32 ``xn`` in map ``qm`` with lookup table ``lut``: one lookup."""
+    return code_in_bucket(xn, lut[bucket_of(xn)], qm[0] < 0)
+
+
+def magnitude_bits(x):
+    """The bits of |x| for float32 ``x``: ordered as the magnitudes, NaN above Inf, so an
+    integer max over a block is its absmax (a NaN when it holds one)."""
+    return float32_bits(np.float32(x)) & 0x7FFFFFFF
+
+
+def dequantize_span(codes, absmax, qm, b0, lo, count, out):
+    """``out[:count]`` = the values of ``codes[lo:lo + count]`` (blocks from ``b0`` on):
+    ``qm[code] * absmax[block]``."""
+    for start in range(uint64(0), count, uint64(QUANT_BLOCK)):
+        scale = absmax[b0 + start // QUANT_BLOCK]
+        for j in range(start, min(start + QUANT_BLOCK, count)):
+            out[j] = qm[codes[lo + j]] * scale
+
+
+def requantize_span(codes, absmax, qm, lut, b0, lo, count, values, work):
+    """Store the codes of ``values[:count]`` (overwritten) at ``codes[lo:]`` and each block's
+    new absmax (the largest magnitude of its new values) at ``absmax[b0:]``. The table lookup
+    (a gather) runs in a loop of its own, so that the arithmetic around it vectorizes; ``work``
+    is an int64 buffer of ``count`` elements."""
+    for start in range(uint64(0), count, uint64(QUANT_BLOCK)):
+        stop = min(start + QUANT_BLOCK, count)
+        m = 0
+        for j in range(start, stop):
+            m = max(m, magnitude_bits(values[j]))
+        block_max = bits_float32(m)
+        absmax[b0 + start // QUANT_BLOCK] = block_max
+        scale = block_max if block_max > 0 else np.float32(1.0)  # all zeros: the code of zero
+        for j in range(start, stop):
+            values[j] = values[j] / scale
+            work[j] = bucket_of(values[j])
+    for j in range(uint64(0), count):
+        work[j] = lut[work[j]]
+    signed = qm[0] < 0
+    for j in range(uint64(0), count):
+        codes[lo + j] = code_in_bucket(values[j], work[j], signed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates, one per number of state slots: per task of BLOCKS_PER_TASK blocks, dequantize each
+# slot into a buffer, run the rule over the buffers (storing the parameter as it goes),
+# requantize. Slot k: codes ck, absmax ak, map qk, lookup table lk.
+
+
+def block_loop1(p, w, g, c0, a0, q0, l0, h, gs, rs):
+    n = p.size
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j] = rule(
+                load_param(p, w, i), transformed_grad(load_grad(g, i), gs[0], gs[1]), v0[j], h
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
+
+
+def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, h, gs, rs):
+    n = p.size
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        v1 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        dequantize_span(c1, a1, q1, task * BLOCKS_PER_TASK, lo, count, v1)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j], v1[j] = rule(
+                load_param(p, w, i),
+                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                v0[j],
+                v1[j],
+                h,
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
+        requantize_span(c1, a1, q1, l1, task * BLOCKS_PER_TASK, lo, count, v1, work)
+
+
+def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, h, gs, rs):
+    n = p.size
+    for task in indices((n + SPAN - 1) // SPAN):
+        v0 = np.empty(SPAN, np.float32)
+        v1 = np.empty(SPAN, np.float32)
+        v2 = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.int64)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
+        dequantize_span(c1, a1, q1, task * BLOCKS_PER_TASK, lo, count, v1)
+        dequantize_span(c2, a2, q2, task * BLOCKS_PER_TASK, lo, count, v2)
+        for j in range(uint64(0), count):
+            i = lo + j
+            r = draw(rs, int64(i))
+            x, v0[j], v1[j], v2[j] = rule(
+                load_param(p, w, i),
+                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                v0[j],
+                v1[j],
+                v2[j],
+                h,
+            )
+            store_param(p, w, i, x, r[0])
+        requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
+        requantize_span(c1, a1, q1, l1, task * BLOCKS_PER_TASK, lo, count, v1, work)
+        requantize_span(c2, a2, q2, l2, task * BLOCKS_PER_TASK, lo, count, v2, work)
+
+
+TEMPLATES = {1: block_loop1, 2: block_loop2, 3: block_loop3}
+"""The block loop of each number of state slots (rules without state have nothing to quantize)."""
+
+TAG = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:8]
+"""Part of every block kernel's name: Numba's disk cache does not watch this file."""
+
+# ---------------------------------------------------------------------------------------------
+# Compilation and launch.
+
+_HELPER_DECORATOR = njit(inline="always", error_model="numpy")
+_HELPERS = None
+_KERNELS = {}
+
+
+def _helpers():
+    """The compiled storage helpers and this module's quantizer helpers, sharing one namespace."""
+    global _HELPERS
+    if _HELPERS is None:
+        namespace = dict(compile_storage(_HELPER_DECORATOR, "cpu"))
+        namespace.update(
+            np=np, int64=int64, uint64=uint64, KEY_LO=KEY_LO, KEY_HI=KEY_HI, BUCKETS=BUCKETS
+        )
+        namespace.update(QUANT_BLOCK=QUANT_BLOCK)
+        helpers = (bucket_of, code_in_bucket, nearest_code, magnitude_bits)
+        for fn in (*helpers, dequantize_span, requantize_span):
+            namespace[fn.__name__] = _HELPER_DECORATOR(rebind(fn, namespace))
+        _HELPERS = namespace
+    return _HELPERS
+
+
+def helper(name):
+    """A compiled quantizer helper (``nearest_code``, ``bucket_of``, ...), for the tests."""
+    return _helpers()[name]
+
+
+def kernel(rule_name, storage, parallel=True):
+    """The compiled block loop of ``rule_name`` for ``storage`` (state ``"int8"``)."""
+    key = (rule_name, storage, parallel)
+    k = _KERNELS.get(key)
+    if k is None:
+        helpers = _helpers()
+        glb = {
+            "np": np,
+            "int64": int64,
+            "uint64": uint64,
+            "SPAN": SPAN,
+            "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
+            "indices": prange if parallel else range,
+            "transformed_grad": _RULES["transformed_grad"],
+            "dequantize_span": helpers["dequantize_span"],
+            "requantize_span": helpers["requantize_span"],
+            **access.bind(storage, helpers, _HELPER_DECORATOR),
+        }
+        k = specialize(
+            TEMPLATES[ARITY[rule_name]],
+            rule_name,
+            _RULES[rule_name],
+            glb,
+            njit(parallel=parallel, cache=True, nogil=True, error_model="numpy"),
+            f"{access.variant_name(storage)}_{TAG}{'' if parallel else '_serial'}",
+        )
+        _KERNELS[key] = k
+    return k
+
+
+def _bits(a):
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def apply(rule_name, storage, p, g, states, master, h, gs, rs):
+    """``cpu_storage.apply`` for 8-bit state: ``states`` are 8-bit slots (``codes``, ``absmax``,
+    ``signed``; ``fastopt.optim.precision.Quantized``) of ``p``'s size, in the rule's slot
+    order; the rest as there."""
+    parallel = p.size >= PARALLEL_THRESHOLD
+    k = _KERNELS.get((rule_name, storage, parallel)) or kernel(rule_name, storage, parallel)
+    pb = _bits(p)
+    args = []
+    for s in states:
+        args += [s.codes, s.absmax, *tables(s.signed)]
+    k(pb, pb if master is None else master, _bits(g), *args, h, gs, rs)
