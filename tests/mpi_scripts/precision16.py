@@ -6,8 +6,11 @@
   given float32 gradients of the bfloat16 ParamSet; a checkpoint after ``SAVE_AT`` steps, then
   a second ZeRO optimizer resumes from it and must end on the same bits.
 
-Writes ``rank<r>.npz``: the final parameter bits of each run, and on the root the gathered ZeRO
-state at the checkpoint. ``tests/test_precision_around.py`` replays the same gradients in one
+Then refusals: integer gradients for the ZeRO step and an integer state array for its
+``load_state_dict`` raise TypeError on every rank, with parameters and state unchanged.
+
+Writes ``rank<r>.npz``: the final parameter bits of each run, the refusal messages and whether
+nothing changed, and on the root the gathered ZeRO state at the checkpoint. ``tests/test_precision_around.py`` replays the same gradients in one
 process (:func:`rank_grad`, :func:`reference`).
 """
 
@@ -83,11 +86,34 @@ def main(comm, out):
     for step in range(SAVE_AT, STEPS):
         resumed.step(rank_grad(ps, X, Y, step, rank, world, np.float32))
     result["resumed"] = ps.flat.view(np.uint16).copy()
+    result.update(refusals(resumed, ps))
     if rank == 0:
         for k, v in saved["state"][0].items():
             v = np.asarray(v)
             result[f"state_{k}"] = v.view(np.uint16) if v.dtype == BF16 else v
     np.savez(out / f"rank{rank}.npz", **result)
+
+
+def refusals(zero, ps):
+    """{message of each refusal, "unchanged": parameters and state bit-identical after both}."""
+    before = ps.flat.copy(), zero.state_dict(root=None)
+    out = {}
+    try:
+        zero.step(np.ones(ps.size, np.int32))
+    except TypeError as exc:
+        out["int_grad"] = str(exc)
+    sd = zero.state_dict(root=None)
+    sd["state"][0]["exp_avg"] = np.ones(ps.size, np.int32)
+    try:
+        zero.load_state_dict(sd)
+    except TypeError as exc:
+        out["int_state"] = str(exc)
+    after = zero.state_dict(root=None)
+    same = before[0].view(np.uint16).tobytes() == ps.flat.view(np.uint16).tobytes()
+    for k, v in before[1]["state"][0].items():
+        same = same and np.asarray(v).tobytes() == np.asarray(after["state"][0][k]).tobytes()
+    out["unchanged"] = np.array(same)
+    return out
 
 
 if __name__ == "__main__":
