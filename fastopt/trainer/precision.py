@@ -73,8 +73,9 @@ class Mixed16:
     def __init__(self, model, storage):
         self.model = model
         src = model.params
+        # the model itself is rounded at the start of fit (pull): a Trainer that fails to
+        # build leaves it untouched
         self.params = ParamSet({n: src[n] for n in src.names}, dtype=storage, device=model.device)
-        self.widen()
 
     @staticmethod
     def optimizer_kwargs(kwargs):
