@@ -1,8 +1,13 @@
-"""Storage helpers (kernels/storage.py) as CUDA device functions under the Numba CUDA simulator.
+"""Storage helpers (kernels/storage.py) as CUDA device functions under the Numba CUDA simulator,
+and a whole storage loop (an optimizer step with stochastic rounding) against the CPU kernel.
 
-Run in its own process with the simulator switched on before numba is imported::
+The simulator tests run in their own process with the simulator switched on before numba is
+imported::
 
     NUMBA_ENABLE_CUDASIM=1 pytest tests/test_storage_sim.py -q -p no:cacheprovider
+
+The plain test run starts that process itself (:func:`test_simulator_run`): the CI's simulator
+step runs ``tests/test_cuda_sim.py`` and ``tests/test_dispatch.py`` only.
 
 ``compile_storage(cuda.jit(device=True), "cuda")`` keeps the plain-Python bit casts under the
 simulator; one kernel applies every helper and its results must equal the njit-compiled helpers
@@ -12,17 +17,20 @@ and the reference casts (ml_dtypes, NumPy) bit for bit.
 # ruff: noqa: F821
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from elementwise import elementwise
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
-    reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 in their own process",
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim_only = pytest.mark.skipif(
+    not SIM, reason="CUDA simulator test: test_simulator_run runs it with NUMBA_ENABLE_CUDASIM=1"
 )
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+if SIM:
     import ml_dtypes
     import numba
     from numba import cuda
@@ -66,6 +74,8 @@ def _inputs():
 
 @pytest.fixture(scope="module")
 def results():
+    if not SIM:
+        pytest.skip("CUDA simulator fixture")
     helpers = storage.compile_storage(cuda.jit(device=True), "cuda")
     glb = dict(helpers, cuda=cuda, SEED=SEED, QUANT_BLOCK=storage.QUANT_BLOCK, min=min)
     kernel = cuda.jit(type(_kernel)(_kernel.__code__, glb, "storage_sim_kernel"))
@@ -84,6 +94,7 @@ def _cpu(name, out_dtype, *arrays):
     return elementwise(f, len(arrays), out_dtype)(*arrays)
 
 
+@sim_only
 def test_random_bits_match_cpu(results):
     _, _, rbits, _, _, _ = results
     cpu = storage.compile_storage(numba.njit, "cpu")["random_bits4"]
@@ -91,6 +102,7 @@ def test_random_bits_match_cpu(results):
     assert rbits.tolist() == expected
 
 
+@sim_only
 def test_roundings_match_cpu_and_references(results):
     x, _, rbits, _, o, _ = results
     with np.errstate(invalid="ignore", over="ignore"):
@@ -105,6 +117,7 @@ def test_roundings_match_cpu_and_references(results):
     assert o[1, 0] == 0x3F80  # the tie went to even
 
 
+@sim_only
 def test_widening_matches_cpu_and_references(results):
     _, h, _, f, _, _ = results
     bf = h.view(ml_dtypes.bfloat16).astype(np.float32)
@@ -116,6 +129,7 @@ def test_widening_matches_cpu_and_references(results):
     np.testing.assert_array_equal(f[finite, 1], h[finite].view(np.float16).astype(np.float32))
 
 
+@sim_only
 def test_quantization_matches_cpu(results):
     x, _, _, f, _, c = results
     qmap = storage.DYNAMIC_MAP_SIGNED
@@ -128,3 +142,79 @@ def test_quantization_matches_cpu(results):
     expected = qmap[codes] * per
     np.testing.assert_array_equal(f[:, 2].view(np.uint32), expected.view(np.uint32))
     assert np.isnan(f[256:, 2]).all() and np.isfinite(f[:256, 2]).all()
+
+
+@sim_only
+@pytest.mark.parametrize(
+    "names",
+    [("bfloat16", "float32", "bfloat16", True), ("float16", "float16", "float16", False)],
+    ids=["bf16-master", "fp16"],
+)
+def test_storage_loop_with_stochastic_rounding_matches_cpu(names):
+    """One AdamW step of the storage loop (``kernels/loops.py``) compiled for the CUDA target:
+    the rules as device functions, the element access of ``access.bind`` over the CUDA storage
+    helpers. With stochastic rounding (bits from seed, step and element index) its parameters,
+    master copy and state equal the CPU kernel's bit for bit, whatever the grid."""
+    from fastopt.kernels import access, cpu_storage
+    from fastopt.kernels import cuda as kcuda
+    from fastopt.kernels.compile_rules import storage_loop_kernel
+
+    storage_ = access.Storage(*names, True)
+    device = cuda.jit(device=True)
+    rules, indices = kcuda._device_functions()
+    element_access = access.bind(storage_, storage.compile_storage(device, "cuda"), device)
+    k = storage_loop_kernel("adam", storage_, rules, element_access, indices, cuda.jit, "_sim")
+    n = 300  # more than the grid's 192 threads: the grid-stride loop takes two rounds
+    rng = np.random.default_rng(1)
+    dt = {n_: (ml_dtypes.bfloat16 if n_ == "bfloat16" else np.dtype(n_)) for n_ in names[:3]}
+    p = rng.standard_normal(n).astype(dt["bfloat16" if names[0] == "bfloat16" else names[0]])
+    g = rng.standard_normal(n).astype(dt[names[1]])
+    m = (rng.standard_normal(n) * 0.1).astype(dt[names[2]])
+    v = rng.random(n).astype(dt[names[2]])
+    master = p.astype(np.float32) if names[3] else None
+    f32 = np.float32
+    h = tuple(f32(x) for x in (1.0, 0.1, 1.0, 0.9, 0.1, 0.999, 0.001, 0.1, 0.0316, 1e-8))
+    gs, rs = (f32(1.0), f32(0.0)), (7, 3, 1000)
+    host = [a.copy() for a in (p, g, m, v)]
+    host_master = None if master is None else master.copy()
+    cpu_storage.apply("adam", storage_, *host[:2], host[2:], host_master, h, gs, rs)
+    b = cpu_storage.bits
+    # device arrays: without a master copy the parameter is passed twice (p and w), and two
+    # host arguments would be two device copies, each copied back
+    sim = [cuda.to_device(b(a)) for a in (p, g, m, v)]
+    w = sim[0] if master is None else cuda.to_device(master)
+    k[3, 64](sim[0], w, sim[1], sim[2], sim[3], h, gs, rs)
+    for got, want in zip([sim[0], sim[2], sim[3]], [host[0], host[2], host[3]]):
+        assert np.array_equal(got.copy_to_host(), b(want))
+    if master is not None:
+        assert np.array_equal(w.copy_to_host(), host_master)
+    assert not np.array_equal(host[0], p)  # the step moved the parameters
+
+
+@pytest.mark.skipif(SIM, reason="the process it starts runs the simulator tests")
+def test_simulator_run():
+    """This file's simulator tests, in a process of their own with the simulator on."""
+    here = pathlib.Path(__file__).resolve()
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = str(here.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(here),
+            "-k",
+            "not run",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
