@@ -403,7 +403,8 @@ def test_data_parallel_and_zero_on_bfloat16_equal_one_process(tmp_path, precisio
     """2 ranks: DataParallel (master weights, clipping) and ZeRO-1 (master weights, bf16 state,
     stochastic rounding) end on the bits of one process stepping on the float32 sum of the
     ranks' gradients; the ZeRO checkpoint holds the float32 master and the bf16 state and
-    resumes to the same bits; integer gradients and state are refused on every rank."""
+    resumes to the same bits; integer gradients and state are refused on every rank; the
+    Trainer with bf16 parameters trains alike on 2 ranks (both strategies) and in one."""
     _mpirun(2, "precision16.py", tmp_path)
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
     for k in ("dp", "zero", "resumed"):
@@ -425,3 +426,9 @@ def test_data_parallel_and_zero_on_bfloat16_equal_one_process(tmp_path, precisio
     for r in ranks:
         assert "dtype int32" in str(r["int_grad"]) and "int32" in str(r["int_state"])
         assert bool(r["unchanged"])
+    # the Trainer with precision="bf16": data parallel and ZeRO-1 end on the same bits as one
+    # process (two ranks: the float32 gradient sums are exact in any order)
+    one = precision16.train_bf16().model.params.flat
+    for r in ranks:
+        assert np.array_equal(r["trainer_dp"], one)
+        assert np.array_equal(r["trainer_zero"], one)

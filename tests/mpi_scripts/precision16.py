@@ -6,6 +6,9 @@
   given float32 gradients of the bfloat16 ParamSet; a checkpoint after ``SAVE_AT`` steps, then
   a second ZeRO optimizer resumes from it and must end on the same bits.
 
+Then the Trainer with ``precision="bf16"`` (master weights, Adam) on ``trainer_common``'s
+problem in float32, data parallel (``trainer_dp``) and ZeRO-1 (``trainer_zero``).
+
 Then refusals: integer gradients for the ZeRO step and an integer state array for its
 ``load_state_dict`` raise TypeError on every rank, with parameters and state unchanged.
 
@@ -17,9 +20,12 @@ process (:func:`rank_grad`, :func:`reference`).
 import ml_dtypes
 import numpy as np
 import problem as P
+import trainer_common as T
 
 import fastopt as fo
 from fastopt import distributed as dist
+from fastopt.nn import MLP
+from fastopt.trainer import Trainer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 GLOBAL_BATCH = 12
@@ -87,11 +93,26 @@ def main(comm, out):
         resumed.step(rank_grad(ps, X, Y, step, rank, world, np.float32))
     result["resumed"] = ps.flat.view(np.uint16).copy()
     result.update(refusals(resumed, ps))
+    for zero_ in (False, True):
+        trained = train_bf16(distributed=True, zero=zero_)
+        result["trainer_zero" if zero_ else "trainer_dp"] = trained.model.params.flat.copy()
     if rank == 0:
         for k, v in saved["state"][0].items():
             v = np.asarray(v)
             result[f"state_{k}"] = v.view(np.uint16) if v.dtype == BF16 else v
     np.savez(out / f"rank{rank}.npz", **result)
+
+
+def train_bf16(**kw):
+    """Two epochs of Adam on ``trainer_common``'s problem, a float32 MLP with bf16 parameters."""
+    X, y = T.data()
+    m = MLP(T.D, (10,), T.K, seed=0)
+    trainer = Trainer(
+        m, fo.Adam, lr=0.01, batch_size=T.BATCH, epochs=2, seed=5, progress=False,
+        precision="bf16", **kw,
+    )  # fmt: skip
+    trainer.fit(X.astype(np.float32), y)
+    return trainer
 
 
 def refusals(zero, ps):
