@@ -85,7 +85,9 @@ class EMA:
                 if is_plain(s):
                     b.update("ema", avg, p, [], h, gs, None, self._launch_stream(p))
                 else:  # the average is the rule's "parameter", the 16-bit parameter its input
-                    b.update_storage("ema", s, avg, p, [], None, h, gs, (0, 0, 0))
+                    b.update_storage(
+                        "ema", s, avg, p, [], None, h, gs, (0, 0, 0), self._launch_stream(p)
+                    )
         self.num_updates += 1
 
     def _lerp_weights(self):
