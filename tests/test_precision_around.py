@@ -413,6 +413,12 @@ def test_data_parallel_and_zero_on_bfloat16_equal_one_process(tmp_path, precisio
         ref, _ = precision16.reference(kind)
         assert np.array_equal(ranks[0][kind], ref), kind
     assert np.array_equal(ranks[0]["resumed"], ranks[0]["zero"])
+    # allreduce_grads of bf16 gradients: the float32 mean, rounded once into the buffer
+    X, Y = precision16.P.data()
+    start = precision16.params()
+    g = [precision16.rank_grad(start, X, Y, 0, r, 2, BF16).astype(F32) for r in range(2)]
+    for r in ranks:
+        assert np.array_equal(r["allreduced"], bits(((g[0] + g[1]) * F32(0.5)).astype(BF16)))
     _, opt = precision16.reference("zero", precision16.SAVE_AT)
     state = opt.state[0]
     assert ranks[0]["state_master_param"].dtype == np.float32

@@ -73,6 +73,8 @@ def main(comm, out):
         ps.grad_flat[...] = rank_grad(ps, X, Y, step, rank, world, BF16)
         dp.step()
     result = {"dp": ps.flat.view(np.uint16).copy()}
+    g = rank_grad(params(), X, Y, 0, rank, world, BF16)
+    result["allreduced"] = dp.allreduce_grads(g.copy()).view(np.uint16)  # mean, rounded once
 
     ps = params()
     zero = dist.ZeroRedundancyOptimizer(
