@@ -1,5 +1,8 @@
 """Gradient accumulation: k micro-batches, one optimizer step on their mean."""
 
+import numpy as np
+
+from .optim.precision import is_16bit
 from .validation import check_bool
 
 
@@ -18,6 +21,13 @@ class GradientAccumulator:
     checked like a step before anything is added. ``add()`` with no gradients counts a
     micro-batch whose gradient the caller already accumulated into the ParamSet buffers
     (e.g. ``ps.grads["w"] += g``). Both return True when that call took the optimizer step.
+
+    16-bit parameters (bfloat16, float16) accumulate in a float32 buffer of their own, also in a
+    ParamSet: a sum of k bfloat16 gradients rounded k times loses most of its low bits (with 8
+    significant bits, adding a gradient a quarter the size of the sum already rounds). The step
+    takes the float32 sum as its gradient (the kernels read float32 gradients of 16-bit
+    parameters). Anything the caller put into a 16-bit ParamSet gradient buffer (``add()``
+    without gradients, or ``zero_first=False``) is added to that sum at the step.
     """
 
     def __init__(self, optimizer, steps, *, zero_first=True):
@@ -55,21 +65,26 @@ class GradientAccumulator:
         if self.count == 0:
             return
         opt = self.optimizer
+        stream_of = opt.step_streams()
+        for unit, buf in self._sums.values():
+            if unit.default_grad is not None:  # a 16-bit ParamSet: its buffer joins the sum
+                unit.backend.add(buf, unit.default_grad, stream_of(unit))
         opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
         opt.zero_grad()
-        stream_of = opt.step_streams()
         for unit, buf in self._sums.values():
             unit.backend.fill(buf, 0, stream_of(unit))
         self.count = 0
 
     def _buffer(self, unit, stream):
-        if unit.default_grad is not None:
+        """The sum's buffer: a ParamSet's gradient buffer, else one of this accumulator's own
+        (float32 for 16-bit parameters, else the parameter's dtype)."""
+        sixteen = is_16bit(unit.param.dtype)
+        if unit.default_grad is not None and not sixteen:
             return unit.default_grad
         entry = self._sums.get(id(unit))
         if entry is None:
-            buf = unit.backend.zeros(
-                unit.param.size, unit.param.dtype, like=unit.param, stream=stream
-            )
+            dtype = np.float32 if sixteen else unit.param.dtype
+            buf = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
             entry = self._sums[id(unit)] = (unit, buf)
         return entry[1]
 

@@ -4,7 +4,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import dispatch, streams
+from . import arrays, dispatch, streams
+from .kernels.access import Storage, is_plain
+from .optim.precision import check_backend_stores, is_16bit
 from .paramset import ParamSet
 from .structure import flat_arrays
 from .validation import check_bool, check_interval
@@ -28,6 +30,15 @@ class EMA:
     ``stream``: the CUDA stream the averaging kernels run on (a torch/CuPy/numba stream or a
     handle); by default the current stream of the library that owns each array
     (:mod:`fastopt.streams`).
+
+    16-bit parameters (bfloat16, float16) are averaged in float32: the averages are float32
+    arrays, the lerp reads the 16-bit parameter widened and rounds nothing. A 16-bit average
+    would stall: with ``decay=0.999`` each update moves the average by 0.1% of its distance to
+    the parameter, below half a bfloat16 ulp (2^-9 relative), so rounding to nearest would
+    return the old average every time. ``swapped()`` and ``copy_to_params()`` write the
+    averages into the parameters rounded to nearest even; ``swapped()`` restores the trained
+    16-bit values exactly (a copy, not the rounded average). Backends without 16-bit kernels
+    refuse 16-bit parameters by name (TypeError) at construction.
     """
 
     def __init__(self, params, decay=0.999, *, warmup=False, stream=None):
@@ -44,11 +55,15 @@ class EMA:
             if not p.flags.writeable:
                 raise ValueError("EMA parameters must be writable (swapped() writes them)")
         self._backends = [dispatch.backend_for([p]) for p in self._params]
+        self._storages = [_storage_of(p.dtype) for p in self._params]
+        for i, (b, s) in enumerate(zip(self._backends, self._storages)):
+            check_backend_stores(b, s, f"EMA params[{i}]")
         self._averages = [
-            b.zeros(p.size, p.dtype, like=p, stream=self._launch_stream(p))
+            b.zeros(p.size, _average_dtype(p.dtype), like=p, stream=self._launch_stream(p))
             for b, p in zip(self._backends, self._params)
         ]
         self.num_updates = 0
+        self._saved = None  # the 16-bit parameters' own values while swapped()
 
     def current_decay(self):
         """The decay the next update() will use."""
@@ -64,18 +79,15 @@ class EMA:
                 avg[...] = p
         else:
             weight, decay = self._lerp_weights()
-            for b, avg, p in zip(self._backends, self._averages, self._params):
-                st = b.scalar_type(p.dtype)
-                b.update(
-                    "ema",
-                    avg,
-                    p,
-                    [],
-                    (st(weight), st(decay)),
-                    (st(1.0), st(0.0)),
-                    None,
-                    self._launch_stream(p),
-                )
+            for b, avg, p, s in zip(self._backends, self._averages, self._params, self._storages):
+                st = b.scalar_type(avg.dtype)
+                h, gs = (st(weight), st(decay)), (st(1.0), st(0.0))
+                if is_plain(s):
+                    b.update("ema", avg, p, [], h, gs, None, self._launch_stream(p))
+                else:  # the average is the rule's "parameter", the 16-bit parameter its input
+                    b.update_storage(
+                        "ema", s, avg, p, [], None, h, gs, (0, 0, 0), self._launch_stream(p)
+                    )
         self.num_updates += 1
 
     def _lerp_weights(self):
@@ -109,10 +121,21 @@ class EMA:
             self._swap()
 
     def _swap(self):
+        """Exchange parameters and averages; for a 16-bit parameter (float32 average) the
+        trained values are kept in ``_saved`` on the way in and written back on the way out."""
+        swapping_in = self._saved is None
+        saved = [] if swapping_in else self._saved
         for avg, p in zip(self._averages, self._params):
-            tmp = p.copy()
-            p[...] = avg
-            avg[...] = tmp
+            if avg.dtype == p.dtype:
+                tmp = p.copy()
+                p[...] = avg
+                avg[...] = tmp
+            elif swapping_in:
+                saved.append(p.copy())
+                p[...] = avg  # rounded to nearest even
+            else:
+                p[...] = saved.pop(0)
+        self._saved = saved if swapping_in else None
 
     def state_dict(self):
         return {
@@ -156,3 +179,15 @@ def _like(dst, host):
     import cupy
 
     return cupy.asarray(host)
+
+
+def _average_dtype(dtype):
+    """float32 for 16-bit parameters (see :class:`EMA`), else the parameter's dtype."""
+    return np.dtype(np.float32) if is_16bit(dtype) else np.dtype(dtype)
+
+
+def _storage_of(dtype):
+    """The storage of the averaging kernel: the average (the rule's parameter) in
+    :func:`_average_dtype`, the parameter (its input) as stored."""
+    avg = arrays.storage_name(_average_dtype(dtype))
+    return Storage(avg, arrays.storage_name(dtype), avg, False, False)

@@ -254,6 +254,28 @@ def add_arguments(p):
     t.add_argument(
         "--swa-lr", type=float, metavar="LR", help="with --swa-start: anneal the lr to LR (SWALR)"
     )
+    t.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="parameter storage: bf16/fp16 train 16-bit parameters of the float32 model, with "
+        "float32 master weights unless --no-master-weights (fp32)",
+    )
+    t.add_argument(
+        "--state-dtype",
+        metavar="NAME",
+        help="optimizer state dtype (float32, bfloat16, float16, ...; default: the parameters')",
+    )
+    t.add_argument(
+        "--stochastic-rounding",
+        action="store_true",
+        help="round 16-bit stores stochastically (random bits from --seed)",
+    )
+    t.add_argument(
+        "--no-master-weights",
+        action="store_true",
+        help="with --precision bf16/fp16: no float32 master copy (use --stochastic-rounding)",
+    )
     t.add_argument("--seed", type=int, default=0, metavar="S", help="splits, init, order (0)")
     t.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default) or cuda[:N]")
     o = p.add_argument_group("output")
@@ -310,6 +332,9 @@ def run(args):
     )
     print(f"model: {model!r}")
     opt_text = optimizer_text(opts)
+    if args.precision != "fp32":
+        master = "without" if args.no_master_weights else "with float32"
+        opt_text += f"; {args.precision} parameters {master} master weights"
     print(
         f"optimizer: {opt_text}; schedule: {'none' if sched is None else schedule_text(sched)}; "
         f"batch {args.batch_size}, {args.epochs} epochs of {steps_per_epoch} steps"
@@ -467,6 +492,7 @@ def _trainer(args, opts, model, sched, epochs, quiet, patience=None):
             progress=False if (quiet or args.no_progress) else None,
             seed=args.seed,
             on_interrupt="stop",
+            precision=args.precision,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--optimizer {args.optimizer}: {exc}") from None

@@ -63,6 +63,7 @@ def check_options(args):
     hidden = parse_hidden(args.hidden)
     device = check_device(args.device)
     spec, lr, weight_decay, opt_kwargs = parse_optimizer(args.optimizer)
+    opt_kwargs.update(precision_kwargs(args))
     if args.schedule:
         parse_schedule(args.schedule, lr, 100)  # names and keys, before reading the data
     out_dir = args.out or default_out(args.data)
@@ -92,6 +93,35 @@ def _check_swa(args):
             "--swa-start and --patience: early stopping restores the best epoch's weights, SWA "
             "replaces them with the average; give one"
         )
+
+
+def precision_kwargs(args):
+    """The optimizer's precision options from ``--precision``, ``--state-dtype``,
+    ``--stochastic-rounding`` (seeded by ``--seed``) and ``--no-master-weights``; the state
+    dtype is passed on as given (any name :mod:`fastopt.optim.precision` accepts)."""
+    from ..optim.precision import precision_options
+
+    sixteen = args.precision != "fp32"
+    if sixteen and args.dtype != "float32":
+        raise UsageError(
+            f"--precision {args.precision} trains a float32 model (forward and backward in "
+            f"float32); drop --dtype {args.dtype}"
+        )
+    if args.no_master_weights and not sixteen:
+        raise UsageError("--no-master-weights applies with --precision bf16 or fp16")
+    kwargs = {}
+    if args.state_dtype is not None:
+        kwargs["state_dtype"] = args.state_dtype
+    if args.stochastic_rounding:
+        kwargs.update(stochastic_rounding=True, seed=args.seed)
+    if args.no_master_weights:
+        kwargs["master_weights"] = False
+    try:
+        precision_options(**kwargs)
+    except (TypeError, ValueError) as exc:
+        flag = "--state-dtype" if "state_dtype" in str(exc) else "--stochastic-rounding"
+        raise UsageError(f"{flag}: {exc}") from None
+    return kwargs
 
 
 def has_matplotlib():

@@ -67,6 +67,7 @@ def history_to_write(history, args, data, final, sched, times):
         samples_per_s=times.samples_per_s,
         final=final,
         optimizer=args.optimizer,
+        precision=args.precision,
         schedule=None if sched is None else _sched_dict(sched),
         loss_units="standardized target" if data.task == "regression" else "cross-entropy",
     )

@@ -12,7 +12,7 @@ import numpy as np
 from ..arrays import import_cupy, is_device_array, to_host
 from ..checkpoint import CheckpointError
 from ..paramset import ParamSet
-from .mpi import communicator, cuda_aware_default, import_mpi, mpi_type
+from .mpi import communicator, cuda_aware_default, import_mpi, mpi_move_type, mpi_type
 
 
 class CommStats:
@@ -109,7 +109,7 @@ class Collectives:
         """Every rank's ``buf[displs[r]:displs[r] + counts[r]]`` to every rank, in place. Equal
         counts use ``Allgather`` (several times faster than ``Allgatherv`` in MPICH)."""
         t = time.perf_counter()
-        typ = mpi_type(buf.dtype)
+        typ = mpi_move_type(buf.dtype)
         even = len(set(counts)) == 1
         name = "Allgather" if even else "Allgatherv"
         direct = self._device_ready(buf)
@@ -124,7 +124,7 @@ class Collectives:
 
     def bcast(self, buf, root):
         t = time.perf_counter()
-        typ = mpi_type(buf.dtype)
+        typ = mpi_move_type(buf.dtype)
         direct = self._device_ready(buf)
         if direct is not None:
             self.comm.Bcast([direct, typ], root=root)
@@ -217,3 +217,15 @@ def copy_into(dst, host):
         dst.set(host)
     else:
         dst[...] = host
+
+
+def widened(buf, scratch):
+    """``buf`` (16-bit gradients) copied into a float32 buffer for a reduction: ``scratch`` when
+    it fits, else a new one (keep the result as the next call's ``scratch``). MPI has no 16-bit
+    float sums, and a sum over the ranks rounded to 16 bits at each addition would lose the
+    low bits the float32 kernels read."""
+    if scratch is None or scratch.size != buf.size:
+        xp = import_cupy("16-bit gradients on device buffers") if is_device_array(buf) else np
+        scratch = xp.empty(buf.size, np.float32)
+    scratch[...] = buf
+    return scratch

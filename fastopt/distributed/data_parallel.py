@@ -1,15 +1,19 @@
 """Plain data parallelism: every rank holds the whole optimizer state; one Allreduce of the flat
 gradient buffer per step, the division by the world size folded into the update kernel."""
 
+import numpy as np
+
 from ..optim.base import Optimizer
+from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
-from .collectives import Collectives, check_params_equal
+from .collectives import Collectives, check_params_equal, widened
 
 
 def flat_grad(params, grads, what):
     """The flat gradient a step works on: the ParamSet's gradient buffer, or ``grads`` after
-    checking it matches the parameters (type, dtype, size, contiguity)."""
+    checking it matches the parameters (type, dtype, size, contiguity). 16-bit parameters also
+    take float32 gradients (as the optimizers do; the Trainer computes them in float32)."""
     if grads is None:
         return params.grad_flat
     if isinstance(grads, ParamSet):
@@ -19,8 +23,11 @@ def flat_grad(params, grads, what):
             f"{what}: gradient is a {type(grads).__name__}, the parameters a "
             f"{type(params.flat).__name__}"
         )
-    if grads.dtype != params.dtype:
-        raise TypeError(f"{what}: gradient has dtype {grads.dtype}, the parameters {params.dtype}")
+    if grads.dtype != params.dtype and not (is_16bit(params.dtype) and grads.dtype == np.float32):
+        raise TypeError(
+            f"{what}: gradient has dtype {grads.dtype}, the parameters {params.dtype} (gradients "
+            "have the parameters' dtype, or float32 for 16-bit parameters)"
+        )
     if grads.ndim != 1 or grads.size != params.size:
         raise ValueError(
             f"{what}: gradient must be a flat array of {params.size} elements, got shape "
@@ -50,6 +57,10 @@ class DataParallel:
     :meth:`step` = ONE in-place ``Allreduce`` of the flat gradient buffer + the optimizer's
     ``step(grad_scale=grad_scale / world_size)``. Everything else (``param_groups``,
     ``state_dict()``, ``skipped_steps``, ...) is the optimizer's.
+
+    16-bit gradients (bfloat16/float16 ParamSets) are summed in float32: copied into a float32
+    buffer, which the Allreduce sums and the step reads (twice the bytes of a 16-bit message;
+    MPI has no 16-bit float sum). Parameters move as their 16-bit bits.
     """
 
     def __init__(self, params, optimizer=None, *, comm=None, root=0, debug=False, cuda_aware=None):
@@ -63,6 +74,7 @@ class DataParallel:
         self.debug = debug
         self.root = root
         self._coll = Collectives(comm, cuda_aware)
+        self._wide = None  # float32 sum of 16-bit gradients
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self._coll.start_from_root(params, root, debug)
@@ -76,20 +88,34 @@ class DataParallel:
         """Sum (``average``: then divide by the world size, one extra pass) the flat gradient
         buffer over all ranks in place, with one Allreduce. For use without :meth:`step`."""
         buf = flat_grad(self.params, grads, "allreduce_grads")
-        self._coll.allreduce_sum(buf)
+        total = self._summed(buf)
         if average and self.world_size > 1:
-            buf *= buf.dtype.type(1.0 / self.world_size)
+            total *= total.dtype.type(1.0 / self.world_size)
+        if total is not buf:
+            buf[...] = total  # 16-bit: the float32 result rounded once
         return buf
+
+    def _summed(self, buf):
+        """Allreduce (sum) of ``buf``: in place, or for 16-bit gradients in a float32 copy,
+        which is returned."""
+        if not is_16bit(buf.dtype):
+            self._coll.allreduce_sum(buf)
+            return buf
+        self._wide = widened(buf, self._wide)
+        self._coll.allreduce_sum(self._wide)
+        return self._wide
 
     def step(self, grads=None, *, grad_scale=None):
         """Average this step's gradients (``grads``, a flat array, or the ParamSet's gradient
-        buffer) over the ranks and update. The gradient buffer holds the SUM afterwards."""
+        buffer) over the ranks and update. The gradient buffer holds the SUM afterwards
+        (16-bit gradients: the float32 buffer does; the 16-bit one is left as it was)."""
         if self.optimizer is None:
             raise RuntimeError("DataParallel was built without an optimizer")
         gs = grad_scale_of(grad_scale)
         buf = flat_grad(self.params, grads, "DataParallel.step")
-        self._coll.allreduce_sum(buf)
-        self.optimizer.step(None if grads is None else buf, grad_scale=gs / self.world_size)
+        total = self._summed(buf)
+        step_grads = None if grads is None and total is buf else total
+        self.optimizer.step(step_grads, grad_scale=gs / self.world_size)
         if self.debug:
             check_params_equal(self.params, self.comm)
 

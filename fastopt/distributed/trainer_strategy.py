@@ -69,9 +69,11 @@ class MPIStrategy(LocalStrategy):
     def agree_seed(self, seed):
         return int(self.comm.bcast(seed, root=self.root))
 
-    def build_zero(self, model, optimizer, lr, weight_decay, optimizer_kwargs, clip):
-        """The ZeroRedundancyOptimizer over ``model.params`` for an optimizer class or an
-        unstepped instance over ``model.params`` (whose class and settings are used)."""
+    def build_zero(self, model, optimizer, lr, weight_decay, optimizer_kwargs, clip, params=None):
+        """The ZeroRedundancyOptimizer over ``params`` (default ``model.params``; the 16-bit
+        copy of a ``precision="bf16"`` Trainer) for an optimizer class or an unstepped instance
+        over ``model.params`` (whose class and settings are used)."""
+        params = model.params if params is None else params
         if weight_decay:
             raise ValueError(
                 "zero=True does not support weight_decay (the weights-only L2 needs two param "
@@ -106,7 +108,7 @@ class MPIStrategy(LocalStrategy):
                 f"optimizer must be a fastopt optimizer class or instance, got {optimizer!r}"
             )
         zero = self.context.zero(
-            model.params, cls, max_grad_norm=max_norm, max_grad_value=max_value,
+            params, cls, max_grad_norm=max_norm, max_grad_value=max_value,
             skip_nonfinite=bool(skip), backend=backend, **kwargs,
         )  # fmt: skip
         zero.param_groups[0].update(overrides)

@@ -5,16 +5,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import dispatch, streams
+from .. import arrays, dispatch, streams
 from ..arrays import import_cupy, is_device_array, to_host
 from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
 from ..optim.base import Optimizer
+from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
-from .collectives import Collectives, check_params_equal
+from .collectives import Collectives, check_params_equal, widened
 from .data_parallel import flat_grad, grad_scale_of
-from .mpi import mpi_type
+from .mpi import mpi_move_type
 from .sharding import shard_sizes
 
 
@@ -46,6 +47,16 @@ class ZeroRedundancyOptimizer:
     ``param_groups`` is the slice optimizer's (change ``lr`` there identically on every rank).
     :meth:`state_dict` / :meth:`load_state_dict` are collective and use the full-buffer layout of
     ``optimizer_class(ps)``, so states move between world sizes and to single-process runs.
+
+    Storage precision: the options of :mod:`fastopt.optim.precision` (``master_weights``,
+    ``state_dtype``, ``stochastic_rounding``, ``seed``) go to the slice optimizer with the other
+    ``defaults``, so a 16-bit ParamSet's float32 master copy and its state are sharded like any
+    state (each rank keeps the master slice of the elements it owns, gathered into checkpoints
+    and re-sliced on load, every array in its own dtype). 16-bit gradients are summed in float32
+    (the ``Reduce_scatter`` gets a float32 copy; float32 gradients of a 16-bit ParamSet go as
+    they are) and the slice optimizer reads the float32 sum; parameters are gathered as their
+    16-bit bits. Stochastic rounding draws its bits by the element's index in the whole
+    ParamSet, so the result does not depend on the world size.
     """
 
     def __init__(
@@ -102,17 +113,20 @@ class ZeroRedundancyOptimizer:
             if is_device_array(params.flat)
             else np
         )
+        grad_dtype = np.float32 if is_16bit(params.dtype) else params.dtype
         if self.hi > self.lo:
             target = params.flat[self.lo : self.hi]
-            self._grad_shard = aligned_zeros(self.hi - self.lo, params.dtype, xp)
+            self._grad_shard = aligned_zeros(self.hi - self.lo, grad_dtype, xp)
         else:
             # fewer elements than ranks: this rank owns nothing; it steps a private 1-element
             # array (gradient 0) so that its step counters stay in line with the others
             target = aligned_zeros(1, params.dtype, xp)
-            self._grad_shard = aligned_zeros(1, params.dtype, xp)
+            self._grad_shard = aligned_zeros(1, grad_dtype, xp)
+        self._wide = None  # float32 copy of 16-bit gradients for the Reduce_scatter
         self.local_optimizer = optimizer_class(
             target, max_grad_value=max_grad_value, backend=backend, **defaults
         )
+        self.local_optimizer.element_offset = self.lo  # stochastic rounding's element index
         self._backend_name = backend
         self._backend = None  # of the gradient slice, for its sum of squares; found at first use
         self._coll.start_from_root(params, root, debug)
@@ -152,6 +166,8 @@ class ZeroRedundancyOptimizer:
         gradient buffer); collective."""
         gs = grad_scale_of(grad_scale)
         src = flat_grad(self.params, grads, "ZeroRedundancyOptimizer.step")
+        if src.dtype != self._grad_shard.dtype:  # 16-bit gradients, summed in float32
+            src = self._wide = widened(src, self._wide)
         shard = self._grad_shard
         if self.hi > self.lo:
             self._coll.reduce_scatter_sum(src, shard, self.counts)
@@ -196,7 +212,7 @@ class ZeroRedundancyOptimizer:
                 v = entry[k]
                 if isinstance(v, np.ndarray):
                     mine = np.ascontiguousarray(v.reshape(-1)[: self.hi - self.lo])
-                    typ = mpi_type(mine.dtype)
+                    typ = mpi_move_type(mine.dtype)
                     full = np.empty(self.params.size, mine.dtype)
                     spec = [full, self.counts, self.displs, typ]
                     if root is None:
@@ -237,16 +253,17 @@ class ZeroRedundancyOptimizer:
         if skeleton["state"]:
             local_entry = dict(skeleton["state"][0])
             n_local = self.hi - self.lo
-            for k in array_names:
+            for k, dtype_name in array_names:
+                dtype = arrays.storage_dtype(dtype_name)  # each array moves in its own dtype
                 full = state_dict["state"][0][k] if self.rank == root else None
-                mine = np.empty(n_local, self.params.dtype)
-                typ = mpi_type(self.params.dtype)
+                mine = np.empty(n_local, dtype)
+                typ = mpi_move_type(dtype)
                 send = None
                 if self.rank == root:
-                    full = np.ascontiguousarray(np.asarray(full).reshape(-1), self.params.dtype)
+                    full = np.ascontiguousarray(np.asarray(to_host(full)).reshape(-1), dtype)
                     send = [full, self.counts, self.displs, typ]
                 self.comm.Scatterv(send, [mine, typ], root=root)
-                local_entry[k] = mine if n_local > 0 else np.zeros(1, self.params.dtype)
+                local_entry[k] = mine if n_local > 0 else np.zeros(1, dtype)
         local_sd = {
             "algorithm": skeleton["algorithm"],
             "state": {0: local_entry} if local_entry is not None else {},
@@ -267,9 +284,10 @@ class ZeroRedundancyOptimizer:
         self.skipped_steps = int(skeleton["skipped_steps"])
 
     def check_state_dict(self, sd):
-        """(state dict with arrays removed, names of the per-element arrays) of a full-buffer
-        layout state dict, after checking it against this optimizer (class, one group, sizes);
-        ValueError / TypeError naming the problem. Local: no communication."""
+        """(state dict with arrays removed, [(name, storage dtype name)] of the per-element
+        arrays) of a full-buffer layout state dict, after checking it against this optimizer
+        (class, one group, sizes, float dtypes); ValueError / TypeError naming the problem.
+        Local: no communication."""
         if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
             raise ValueError(
                 "not an optimizer state_dict: expected keys 'state' and 'param_groups'"
@@ -294,14 +312,18 @@ class ZeroRedundancyOptimizer:
             for k, v in entry.items():
                 if hasattr(v, "shape") and getattr(v, "ndim", 0) > 0:
                     a = np.asarray(to_host(v))
-                    if a.dtype.kind != "f":
-                        raise TypeError(f"state[0][{k!r}] has dtype {a.dtype}, expected floats")
+                    dtype_name = arrays.storage_name(a.dtype)
+                    if dtype_name is None:
+                        raise TypeError(
+                            f"state[0][{k!r}] has dtype {a.dtype}, expected floats "
+                            f"({', '.join(arrays.STORAGE_NAMES)})"
+                        )
                     if a.size != self.params.size:
                         raise ValueError(
                             f"state[0][{k!r}] has {a.size} elements, "
                             f"the ParamSet {self.params.size}"
                         )
-                    names.append(k)
+                    names.append((k, dtype_name))
                     skel_entry[k] = None
                 else:
                     skel_entry[k] = v

@@ -14,7 +14,8 @@ def own_view(flat, lo, hi):
     """``flat[lo:hi]`` as an array of its own (not a view sharing ``flat``'s base object): the
     optimizers refuse two param groups over views of one NumPy base, even disjoint ones."""
     if isinstance(flat, np.ndarray):
-        return np.frombuffer(flat[lo:hi].data, dtype=flat.dtype)
+        # through bytes: the buffer protocol has no code for ml_dtypes' bfloat16
+        return np.frombuffer(flat[lo:hi].view(np.uint8).data, dtype=np.uint8).view(flat.dtype)
     return flat[lo:hi]  # pragma: no cover - CuPy: groups are told apart by data pointer
 
 

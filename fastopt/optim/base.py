@@ -106,6 +106,10 @@ class Optimizer:
     requires_closure = False
     """True for optimizers whose ``step(closure)`` re-evaluates the objective (LBFGS)."""
 
+    element_offset = 0
+    """Index of this optimizer's first parameter element in a larger parameter set (a ZeRO
+    shard's ``lo``): stochastic rounding's element index starts there."""
+
     elementwise = True
     """True when every element's update depends on that element alone, so any slice of the flat
     buffer can be stepped on its own (ZeRO-1 shards, plain-array slices). Per-tensor rules (LAMB,
@@ -509,7 +513,7 @@ class Optimizer:
         """Index of the unit's first element among all the optimizer's parameters (the element
         index of stochastic rounding's random bits)."""
         if self._offsets is None or unit not in self._offsets:
-            self._offsets, n = {}, 0
+            self._offsets, n = {}, self.element_offset
             for u in self.units():
                 self._offsets[u] = n
                 n += u.param.size

@@ -14,12 +14,14 @@ import numpy as np
 from ..arrays import array_module
 from ..optim.schedulefree import evaluation_point
 from ..schedules import PerEpoch, ReduceLROnPlateau
-from ..validation import check_bool, check_choice, check_int, check_positive, check_real
+from ..validation import check_bool, check_choice, check_int, check_real
 from . import data, resume
 from .closure import check_closure_optimizer, closure_step
 from .early_stopping import EarlyStopping, choose_monitor
 from .history import History
 from .interrupt import StopRequest
+from .optimizer_setup import build_local, checked_clip
+from .precision import mixed_precision
 from .progress import bar_factory
 from .strategy import strategy_for
 
@@ -44,6 +46,13 @@ class Trainer:
 
     Clipping: ``max_grad_norm`` / ``max_grad_value`` / ``skip_nonfinite`` are set on the optimizer
     (fused into its step).
+
+    Precision: ``precision="bf16"`` / ``"fp16"`` (or ``"bfloat16"`` / ``"float16"``) trains
+    16-bit parameters of a float32 model: the optimizer (a class) is built over a 16-bit copy
+    of ``model.params`` with ``master_weights=True`` unless ``optimizer_kwargs`` says otherwise
+    (``state_dtype``, ``stochastic_rounding`` and ``seed`` go there too); forward and backward
+    run in float32 from the widened 16-bit values and the float32 gradients feed the step
+    (:mod:`fastopt.trainer.precision`). ``None`` or ``"fp32"``: the model's own dtype.
 
     Validation: ``validation_split`` (a fraction of the training data held out, stratified for
     class labels, drawn from ``seed``) or ``fit(validation_data=(X, y))``. Metrics: ``loss`` and
@@ -165,8 +174,9 @@ class Trainer:
         step_threads="auto",
         distributed=False,
         zero=False,
+        precision=None,
     ):
-        from ..optim import Adam, Optimizer
+        from ..optim import Adam
 
         self.model = model
         check_bool("zero", zero)
@@ -178,41 +188,25 @@ class Trainer:
         """Number of processes training together (1 without ``distributed``)."""
         if optimizer is None:
             optimizer = Adam
-        clip = {"max_grad_norm": max_grad_norm, "max_grad_value": max_grad_value}
-        clip["skip_nonfinite"] = skip_nonfinite
-        for name, value in clip.items():
-            if value is not None:
-                _check_clip_option(name, value)
+        self._mixed = mixed_precision(model, precision, optimizer)
+        if self._mixed is not None:
+            optimizer_kwargs = self._mixed.optimizer_kwargs(optimizer_kwargs)
+        trained = model if self._mixed is None else self._mixed  # what the optimizer updates
+        clip = checked_clip(max_grad_norm, max_grad_value, skip_nonfinite)
         self._closure_decay = 0.0
         if getattr(optimizer, "requires_closure", False):
             check_closure_optimizer(optimizer, model, weight_decay, distributed or zero, clip)
             self._closure_decay = float(weight_decay)
         if zero:
             self.optimizer = self._strategy.build_zero(
-                model, optimizer, lr, weight_decay, optimizer_kwargs, clip
+                model, optimizer, lr, weight_decay, optimizer_kwargs, clip, trained.params
             )
-            self._grads = None  # the ZeRO optimizer steps on the ParamSet's gradient buffer
+            # the ZeRO optimizer steps on the ParamSet's gradient buffer (the model's float32 one)
+            self._grads = None if self._mixed is None else model.params.grad_flat
         else:
-            if isinstance(optimizer, type):
-                if not issubclass(optimizer, Optimizer):
-                    raise TypeError(
-                        f"optimizer class {optimizer.__name__} is not a fastopt optimizer"
-                    )
-                # without weight decay one group over the whole ParamSet: one kernel per step
-                # (a closure optimizer takes the ParamSet; its L2 term is in the closure)
-                closure_opt = optimizer.requires_closure
-                params = model.param_groups(weight_decay) if weight_decay else model.params
-                params = model.params if closure_opt else params
-                optimizer = optimizer(params, lr=lr, **dict(optimizer_kwargs or {}))
-            elif optimizer_kwargs:
-                raise ValueError("optimizer_kwargs apply only when optimizer is a class")
-            self.optimizer = optimizer
-            self._grads = model.grads_for(optimizer)  # raises if it is over other arrays
-            for name, value in clip.items():
-                if value is not None:
-                    if not hasattr(optimizer, name):
-                        raise TypeError(f"{type(optimizer).__name__} has no {name} option")
-                    setattr(optimizer, name, value)
+            self.optimizer, self._grads = build_local(
+                optimizer, model, trained, lr, weight_decay, optimizer_kwargs, clip
+            )
         self._grad_scale = self._strategy.attach(model, self.optimizer)
 
         self.batch_size = check_int("batch_size", batch_size, lo=1)
@@ -336,6 +330,8 @@ class Trainer:
         n_train = train_rows.size
         bs = self.batch_size
         n_epoch = self._strategy.epoch_size(self, n_train, val is not None)
+        if self._mixed is not None:  # the model's values may be new (resumed, broadcast)
+            self._mixed.pull(self.optimizer, reset_master=resume is None)
         steps = self._steps(n_epoch)
         drop_single = (
             model.batch_norm
@@ -421,6 +417,8 @@ class Trainer:
 
     def _run_epoch(self, X, y, train_rows, val, drop_single, bars):
         model, opt, strategy = self.model, self.optimizer, self._strategy
+        if self._mixed is not None:  # restored weights (best, last finite) restart the master
+            self._mixed.pull(opt, reset_master=True)
         order = train_rows[self.epoch_indices(self.epoch, train_rows.size)]
         xp = array_module(model.device)[0]
         if xp is not np:  # device indices for device data (one copy per epoch)
@@ -511,6 +509,8 @@ class Trainer:
             opt.step(grads)
         else:  # data parallel: the gradient buffer holds the sum over the ranks
             opt.step(grads, grad_scale=self._grad_scale)
+        if self._mixed is not None:
+            self._mixed.widen()
 
     def _current_lr(self):
         lr = self.optimizer.param_groups[0]["lr"]
@@ -607,10 +607,3 @@ class Trainer:
         state, best_state, rng_states = self._strategy.load_checkpoint(self, path, plateau_factory)
         resume.apply_state(self, state, best_state)
         self._strategy.restore_rng(self, rng_states)
-
-
-def _check_clip_option(name, value):
-    if name == "skip_nonfinite":
-        check_bool(name, value)
-    else:
-        check_positive(name, value)
