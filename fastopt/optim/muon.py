@@ -73,7 +73,9 @@ def hidden_matrices(named_shapes):
 def _check_muon_params(name, value):
     if value is None or value == "hidden" or callable(value):
         return
-    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, frozenset, set)):
+    if isinstance(value, str):
+        raise ValueError(f"unknown {name} {value!r}; the one name of a recipe is 'hidden'")
+    if not isinstance(value, (tuple, list, frozenset, set)):
         raise TypeError(
             f"{name} must be None, 'hidden', a collection of parameter names or a callable "
             f"(name, shape) -> bool, got {value!r}"
@@ -230,6 +232,13 @@ class Muon(Optimizer):
         matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon]
         layout = scratch[key] = (matrices, runs[True], runs[False])
         return layout
+
+    @classmethod
+    def trainer_param_groups(cls, params, weight_decay):
+        """The groups :class:`fastopt.Trainer` builds this class over for a model's ParamSet:
+        :func:`muon_param_groups` (the hidden weights get Muon, the rest AdamW), with the
+        Trainer's ``weight_decay`` on the Muon matrices when it is not 0 (else the default)."""
+        return muon_param_groups(params, **({"weight_decay": weight_decay} if weight_decay else {}))
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, *, grad_scale=None):

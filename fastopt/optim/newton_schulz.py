@@ -26,6 +26,7 @@ so results agree with torch to bfloat16 resolution, not bit for bit. ``"float32"
 import math
 
 import numpy as np
+from numba import njit
 
 from ..kernels import cpu
 
@@ -33,17 +34,22 @@ NS_DTYPES = {"bfloat16": np.float32, "float32": np.float32, "float64": np.float6
 """``ns_dtype`` -> the dtype the products run in (bfloat16 runs in float32, rounded: see above)."""
 
 
-def _bf16():
-    import ml_dtypes
+@njit(cache=True, nogil=True, error_model="numpy")
+def _round_bits_to_bfloat16(u):
+    # u: the uint32 bits of float32 values. Nearest even, NaN to the quiet NaN 0x7FC0 with its
+    # sign, as fastopt.kernels.storage.f32_to_bf16_rne and ml_dtypes (tested against it).
+    for i in range(u.size):
+        b = u[i]
+        if (b & 0x7FFFFFFF) > 0x7F800000:
+            u[i] = (b & 0x80000000) | 0x7FC00000
+        else:
+            u[i] = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
 
-    return ml_dtypes.bfloat16
 
-
-def round_to_bfloat16(x, tmp):
-    """Round float32 ``x`` to bfloat16 values in place (nearest even), through ``tmp`` (a
-    bfloat16 array of ``x``'s shape)."""
-    np.copyto(tmp, x, casting="unsafe")
-    np.copyto(x, tmp, casting="unsafe")
+def round_to_bfloat16(x):
+    """Round the float32 array ``x`` (C-contiguous) to bfloat16 values in place: round to
+    nearest, ties to even (Inf stays Inf, overflow becomes Inf, NaN stays NaN)."""
+    _round_bits_to_bfloat16(x.reshape(-1).view(np.uint32))
 
 
 class NewtonSchulz:
@@ -59,18 +65,10 @@ class NewtonSchulz:
         self.y = np.empty(shape, dtype)
         self.a = np.empty((k, k), dtype)
         self.b = np.empty((k, k), dtype)
-        if self.emulate_bf16:
-            bf16 = _bf16()
-            self.tmp_x = np.empty(shape, bf16)
-            self.tmp_k = np.empty((k, k), bf16)
 
-    def _round_x(self, x):
+    def _round(self, m):
         if self.emulate_bf16:
-            round_to_bfloat16(x, self.tmp_x)
-
-    def _round_k(self, m):
-        if self.emulate_bf16:
-            round_to_bfloat16(m, self.tmp_k)
+            round_to_bfloat16(m)
 
     def run(self, g, coefficients, steps, eps):
         """The orthogonalized ``g`` (a host matrix, only read) after ``steps`` iterations with
@@ -79,13 +77,15 @@ class NewtonSchulz:
         a, b, c = coefficients
         x, y, A, B = self.x, self.y, self.a, self.b
         np.copyto(x, g, casting="unsafe")
-        self._round_x(x)
+        self._round(x)
         sumsq, _ = cpu.sumsq_and_finite(x.reshape(-1))
         norm = math.sqrt(sumsq)
         if self.emulate_bf16:
-            norm = float(np.float32(norm).astype(_bf16()))
+            n = np.array([norm], np.float32)
+            round_to_bfloat16(n)
+            norm = float(n[0])
         np.divide(x, x.dtype.type(max(norm, eps)), out=x)
-        self._round_x(x)
+        self._round(x)
         dt = x.dtype.type
         a, b, c = dt(a), dt(b), dt(c)
         for _ in range(steps):
@@ -93,19 +93,19 @@ class NewtonSchulz:
                 np.matmul(x.T, x, out=A)
             else:
                 np.matmul(x, x.T, out=A)
-            self._round_k(A)
+            self._round(A)
             np.matmul(A, A, out=B)
             B *= c
             A *= b
             B += A
-            self._round_k(B)
+            self._round(B)
             if self.tall:
                 np.matmul(x, B, out=y)
             else:
                 np.matmul(B, x, out=y)
             x *= a
             y += x
-            self._round_x(y)
+            self._round(y)
             x, y = y, x
         self.x, self.y = x, y
         return x
