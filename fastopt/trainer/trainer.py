@@ -203,6 +203,8 @@ class Trainer:
                 closure_opt = optimizer.requires_closure
                 params = model.param_groups(weight_decay) if weight_decay else model.params
                 params = model.params if closure_opt else params
+                own_groups = getattr(optimizer, "trainer_param_groups", None)  # Muon's recipe
+                params = own_groups(model.params, weight_decay) if own_groups else params
                 optimizer = optimizer(params, lr=lr, **dict(optimizer_kwargs or {}))
             elif optimizer_kwargs:
                 raise ValueError("optimizer_kwargs apply only when optimizer is a class")
