@@ -104,6 +104,21 @@ def muon_selection(value, named_shapes):
     return set(value)
 
 
+def _nesterov(g, buf, mu, out, dtype):
+    """torch's ``grad.lerp(buf, momentum)`` into ``out`` when it has the parameters' dtype (the
+    matrix stays in cache for the iteration), else as a new array of that dtype."""
+    if out.dtype != dtype:
+        out = np.empty(g.shape, dtype)
+    np.subtract(buf, g, out=out)
+    if mu < 0.5:
+        out *= dtype.type(mu)
+        out += g
+    else:
+        out *= dtype.type(1.0 - mu)
+        np.subtract(buf, out, out=out)
+    return out
+
+
 def _check_adamw_lr(name, value):
     if value is not None:
         check_nonnegative(name, value)
@@ -142,13 +157,14 @@ class Muon(Optimizer):
     ParamSet, ``step()`` on its gradient buffer.
 
     Work per step and unit (a ParamSet or one array): one fused momentum kernel over the unit
-    (the ``ema`` rule: torch's ``buf.lerp_(grad, 1 - momentum)``); for Nesterov a copy and one
-    more ``ema`` launch (``grad.lerp(buf, momentum)``) into a scratch buffer; the iteration on
-    each Muon matrix (BLAS, scratch allocated once per shape), its result times the adjusted lr
-    written into that scratch; then per run of adjacent Muon matrices one fused kernel
-    ``θ ← θ - (U + ηλθ)`` (the ``sgd`` rule), and per run of fallback parameters one AdamW
-    kernel (the ``adam`` rule). Gradient scaling, clipping and ``skip_nonfinite`` apply as for
-    every optimizer; a NaN gradient propagates into the parameters, as in torch. Runs on the
+    (the ``ema`` rule: torch's ``buf.lerp_(grad, 1 - momentum)``, gradient scaling and clipping
+    fused in); then per Muon matrix, while it stays in cache: the Nesterov blend
+    (``grad.lerp(buf, momentum)``, NumPy, into the iteration's scratch), the iteration (BLAS,
+    scratch allocated once per shape), the scaling by the adjusted lr, and one fused kernel
+    ``θ ← θ - (O + ηλθ)`` (the ``sgd`` rule, weight decay ηλ); per run of adjacent fallback
+    parameters one AdamW kernel (the ``adam`` rule). Gradient scaling, clipping and
+    ``skip_nonfinite`` apply as for every optimizer; a NaN gradient propagates into the
+    parameters, as in torch. Runs on the
     numba-cpu backend with float32 and float64 parameters; other backends (CuPy,
     numba-cuda, the NumPy reference) and 16-bit storage are refused by name at ``step()``.
     """
@@ -206,8 +222,8 @@ class Muon(Optimizer):
         return self.__dict__.setdefault("_muon_scratch", {})
 
     def _layout(self, group, g_int, unit):
-        """(Muon matrices [(shape, lo, hi)], Muon runs [(lo, hi)], AdamW runs [(lo, hi)]) of a
-        unit, adjacent parameters merged into runs."""
+        """(Muon matrices [(shape, lo, hi)], AdamW runs [(lo, hi)]) of a unit, adjacent
+        fallback parameters merged into one run."""
         scratch = self._scratch()
         key = ("layout", id(unit), g_int["checked"])
         layout = scratch.get(key)
@@ -222,15 +238,16 @@ class Muon(Optimizer):
             j = next(i for i, u in enumerate(g_int["units"]) if u is unit)
             name = g_int["keys"][j] if g_int["keys"] is not None else j
             parts = [(name in chosen, tuple(unit.shape), 0, int(unit.param.size))]
-        runs = {True: [], False: []}
+        runs = []
         for is_muon, _, lo, hi in parts:
-            r = runs[is_muon]
-            if r and r[-1][1] == lo:
-                r[-1] = (r[-1][0], hi)
+            if is_muon:
+                continue
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
             else:
-                r.append((lo, hi))
+                runs.append((lo, hi))
         matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon]
-        layout = scratch[key] = (matrices, runs[True], runs[False])
+        layout = scratch[key] = (matrices, runs)
         return layout
 
     @classmethod
@@ -257,9 +274,9 @@ class Muon(Optimizer):
                 if not unit.state:
                     self._allocate(group, unit, g_int["state_names"], lr)
                 step = unit.state["step"] + 1
-                matrices, muon_runs, adam_runs = self._layout(group, g_int, unit)
+                matrices, adam_runs = self._layout(group, g_int, unit)
                 if matrices:
-                    self._muon_step(group, unit, grad, lr, scales, matrices, muon_runs)
+                    self._muon_step(group, unit, grad, lr, scales, matrices)
                 if adam_runs:
                     self._adamw_step(group, unit, grad, lr, step, scales, adam_runs)
                 unit.state["step"] = step
@@ -287,37 +304,42 @@ class Muon(Optimizer):
             ns = scratch[key] = NewtonSchulz(shape, ns_dtype)
         return ns
 
-    def _muon_step(self, group, unit, grad, lr, scales, matrices, runs):
+    def _muon_step(self, group, unit, grad, lr, scales, matrices):
         backend, st, p = unit.backend, unit.scalar_type, unit.param
         gs = (st(scales[0]), st(scales[1]))
         one = (st(1.0), st(0.0))
         mu = group["momentum"]
         buf = unit.state["momentum_buffer"]
-        scratch = self._scratch()
-        u = scratch.get(id(unit))
-        if u is None or u.size != p.size or u.dtype != p.dtype:
-            u = scratch[id(unit)] = np.empty_like(p)
         backend.update("ema", buf, grad, [], (st(1.0 - mu), st(mu)), gs, None)
-        if group["nesterov"]:
-            if scales[0] == 1.0 and scales[1] == 0.0:
-                np.copyto(u, grad)
-            else:  # the transformed gradient, as the momentum kernel saw it
-                u.fill(0)
-                backend.update("sgd", u, grad, [], (st(-1.0), st(0.0), st(1.0)), gs, None)
-            backend.update("ema", u, buf, [], (st(mu), st(1.0 - mu)), one, None)
-            source = u
-        else:
-            source = buf
+        if scales[0] != 1.0 or scales[1] != 0.0:  # the gradient as the momentum kernel saw it
+            g = self._scratch_like(("g", id(unit)), p)
+            g.fill(0)
+            backend.update("sgd", g, grad, [], (st(-1.0), st(0.0), st(1.0)), gs, None)
+            grad = g
+        values = dict(lr=1.0, weight_decay=lr * group["weight_decay"], gsign=1.0)
+        h = scalar_tuple(self, "sgd", values, st)
         coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
         for shape, lo, hi in matrices:
             ns = self._ns_for(shape, group["ns_dtype"])
-            o = ns.run(source[lo:hi].reshape(shape), coefficients, steps, eps)
+            m = buf[lo:hi].reshape(shape)
+            if group["nesterov"]:
+                m = _nesterov(grad[lo:hi].reshape(shape), m, mu, ns.x, p.dtype)
+            o = ns.run(m, coefficients, steps, eps)
             scale = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            np.multiply(o, scale, out=u[lo:hi].reshape(shape), dtype=p.dtype, casting="unsafe")
-        values = dict(lr=1.0, weight_decay=lr * group["weight_decay"], gsign=1.0)
-        h = scalar_tuple(self, "sgd", values, st)
-        for lo, hi in runs:
-            backend.update("sgd", p[lo:hi], u[lo:hi], [], h, one, None)
+            if o.dtype != p.dtype:
+                o = np.multiply(o, scale, out=self._scratch_like(shape, p), dtype=p.dtype)
+            else:
+                o *= o.dtype.type(scale)
+            backend.update("sgd", p[lo:hi], o.reshape(-1), [], h, one, None)
+
+    def _scratch_like(self, key, p):
+        """A scratch array of ``p``'s dtype, shape ``key`` (or flat like ``p``), kept."""
+        scratch = self._scratch()
+        shape = key if isinstance(key[0], int) else p.shape
+        a = scratch.get(("like", key, p.dtype))
+        if a is None or a.shape != shape:
+            a = scratch[("like", key, p.dtype)] = np.empty(shape, p.dtype)
+        return a
 
     def _adamw_step(self, group, unit, grad, lr, step, scales, runs):
         st = unit.scalar_type

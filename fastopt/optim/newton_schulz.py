@@ -9,15 +9,17 @@ matrix G with k = min(rows, cols), working on Gᵀ when G is tall:
 
 Here a tall matrix keeps its orientation and the products are taken on the other side
 (A = XᵀX, X ← aX + XB): the same dot products, so the same values up to rounding, and no
-transposed copies. Every product is ``np.matmul`` into a scratch buffer allocated once per
-(shape, dtype) and reused (NumPy calls BLAS ``syrk`` for X Xᵀ). The parameter's own memory
-is only read.
+transposed copies. The coefficients ride inside the products: bA + cA² = A (cA + bI) and
+aX + BX = (B + aI) X, so besides the three products per step only k x k work is done, no
+elementwise pass over the m x n matrix. Every product is ``np.matmul`` into a scratch buffer
+allocated once per (shape, dtype) and reused (NumPy calls BLAS ``syrk`` for X Xᵀ). The
+parameter's own memory is only read.
 
 ``ns_dtype``: the dtype the iteration runs in. torch runs it in bfloat16 (``grad.bfloat16()``).
 The CPU has no fast bfloat16 matrix product, so ``"bfloat16"`` is emulated: every product is
 computed in float32 from bfloat16 values and each result that torch stores as a bfloat16 tensor
 is rounded to bfloat16 (round to nearest even): the input matrix, its norm, X after the
-division, A, B (rounded once, after b·A + c·A², as torch's ``addmm``) and each new X. What is
+division, A, B and each new X (each rounded once, after the whole ``addmm``, as torch). What is
 NOT emulated: the accumulation inside a product (float32 here, whatever the BLAS does there),
 so results agree with torch to bfloat16 resolution, not bit for bit. ``"float32"`` and
 ``"float64"`` run the iteration in that dtype.
@@ -27,8 +29,6 @@ import math
 
 import numpy as np
 from numba import njit
-
-from ..kernels import cpu
 
 NS_DTYPES = {"bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
 """``ns_dtype`` -> the dtype the products run in (bfloat16 runs in float32, rounded: see above)."""
@@ -65,46 +65,55 @@ class NewtonSchulz:
         self.y = np.empty(shape, dtype)
         self.a = np.empty((k, k), dtype)
         self.b = np.empty((k, k), dtype)
+        self.c = np.empty((k, k), dtype)
 
     def _round(self, m):
         if self.emulate_bf16:
             round_to_bfloat16(m)
 
     def run(self, g, coefficients, steps, eps):
-        """The orthogonalized ``g`` (a host matrix, only read) after ``steps`` iterations with
-        ``coefficients`` = (a, b, c): a view of this object's scratch, valid until the next
-        call."""
+        """The orthogonalized ``g`` (a C-contiguous host matrix, only read, or this object's
+        ``x``, which it then starts from) after ``steps``
+        iterations with ``coefficients`` = (a, b, c): a view of this object's scratch, valid
+        until the next call.
+
+        The coefficients ride inside the products, so no pass over the m x n matrix is spent on
+        them: bA + cA² is taken as A (cA + bI) and aX + BX as (B + aI) X (X (B + aI) when tall);
+        only k x k work is added (k = min(m, n))."""
         a, b, c = coefficients
-        x, y, A, B = self.x, self.y, self.a, self.b
-        np.copyto(x, g, casting="unsafe")
-        self._round(x)
-        sumsq, _ = cpu.sumsq_and_finite(x.reshape(-1))
-        norm = math.sqrt(sumsq)
+        x, y, A, B, C = self.x, self.y, self.a, self.b, self.c
+        if g is not x and (self.emulate_bf16 or g.dtype != x.dtype):
+            np.copyto(x, g, casting="unsafe")
+            g = x
+        if g is x:
+            self._round(x)
+        flat = g.reshape(-1)
+        norm = math.sqrt(float(np.dot(flat, flat)))  # BLAS dot, in the iteration's dtype
         if self.emulate_bf16:
             n = np.array([norm], np.float32)
             round_to_bfloat16(n)
             norm = float(n[0])
-        np.divide(x, x.dtype.type(max(norm, eps)), out=x)
-        self._round(x)
         dt = x.dtype.type
+        np.divide(g, dt(max(norm, eps)), out=x)
+        self._round(x)
         a, b, c = dt(a), dt(b), dt(c)
+        k = A.shape[0]
+        diag_b, diag_c = B.reshape(-1)[:: k + 1], C.reshape(-1)[:: k + 1]
         for _ in range(steps):
             if self.tall:
                 np.matmul(x.T, x, out=A)
             else:
                 np.matmul(x, x.T, out=A)
             self._round(A)
-            np.matmul(A, A, out=B)
-            B *= c
-            A *= b
-            B += A
+            np.multiply(A, c, out=C)
+            diag_c += b
+            np.matmul(A, C, out=B)
             self._round(B)
+            diag_b += a
             if self.tall:
                 np.matmul(x, B, out=y)
             else:
                 np.matmul(B, x, out=y)
-            x *= a
-            y += x
             self._round(y)
             x, y = y, x
         self.x, self.y = x, y
