@@ -286,3 +286,11 @@ def test_trainer_mlp_on_digits_reaches_97_percent():
     trainer.fit(Xtr, ytr)
     accuracy = float(np.mean(model.predict(Xte).argmax(axis=1) == yte))
     assert accuracy >= 0.97, accuracy
+
+
+def test_zero_refuses_muon_whose_update_needs_whole_matrices():
+    from fastopt.distributed import ZeroRedundancyOptimizer
+
+    assert fo.Muon.elementwise is False
+    with pytest.raises(ValueError, match="cannot shard Muon"):
+        ZeroRedundancyOptimizer(fo.ParamSet({"w": np.zeros((4, 4))}), fo.Muon)
