@@ -26,6 +26,7 @@ from .optim import (
     AdamW,
     AdamWScheduleFree,
     Lion,
+    Muon,
     NAdam,
     NovoGrad,
     Optimizer,
@@ -34,6 +35,7 @@ from .optim import (
     Rprop,
     SGDScheduleFree,
     Yogi,
+    muon_param_groups,
 )
 from .paramset import ParamSet
 
@@ -87,6 +89,7 @@ __all__ = [
     "LAMB",
     "LARS",
     "Lion",
+    "Muon",
     "NAdam",
     "NovoGrad",
     "Optimizer",
@@ -105,6 +108,7 @@ __all__ = [
     "clip_grad_value",
     "global_norm",
     "load",
+    "muon_param_groups",
     "nn",
     "save",
     "schedules",

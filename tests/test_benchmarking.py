@@ -57,8 +57,13 @@ def test_every_registered_optimizer_has_a_case():
     """The catalogue reads its classes from fastopt.optim.OPTIMIZERS; a registered optimizer
     without a case would be missing from ``fastopt bench`` and the bench suite. The catalogue
     times elementwise step(grads); optimizers whose step takes a closure (LBFGS) have their own
-    benchmark (bench/test_bench_lbfgs.py)."""
-    stepped = {cls for cls in OPTIMIZERS.values() if not cls.requires_closure}
+    benchmark (bench/test_bench_lbfgs.py), and so do those over matrices only (Muon:
+    bench/test_bench_muon.py)."""
+    stepped = {
+        cls
+        for cls in OPTIMIZERS.values()
+        if not cls.requires_closure and not getattr(cls, "matrices_only", False)
+    }
     assert {c.optimizer_class for c in benchmarking.CASES} == stepped
     assert set(benchmarking.ALGORITHMS) == {cls.__name__ for cls in stepped}
 

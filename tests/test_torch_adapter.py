@@ -13,8 +13,12 @@ import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
 from fastopt.optim import OPTIMIZERS  # noqa: E402
 
-TORCH_NAMES = [
-    n for n, c in OPTIMIZERS.items() if hasattr(torch.optim, c.__name__) and not c.requires_closure
+TORCH_NAMES = [  # Muon takes matrices only, not this MLP's biases: tests/test_muon.py
+    n
+    for n, c in OPTIMIZERS.items()
+    if hasattr(torch.optim, c.__name__)
+    and not c.requires_closure
+    and not getattr(c, "matrices_only", False)
 ]
 SETTINGS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},

@@ -10,6 +10,7 @@ from .lamb import LAMB
 from .lars import LARS
 from .lbfgs import LBFGS
 from .lion import Lion
+from .muon import Muon, muon_param_groups
 from .nadam import NAdam
 from .novograd import NovoGrad
 from .radam import RAdam
@@ -37,6 +38,7 @@ OPTIMIZERS = {
         LAMB,
         LARS,
         NovoGrad,
+        Muon,
         ASGD,
         SGDScheduleFree,
         AdamWScheduleFree,
@@ -47,4 +49,9 @@ OPTIMIZERS = {
 order they are listed to users. The CLI, the playground, the benchmarks, the scikit-learn
 estimators and the tests read it; a new algorithm is added here once."""
 
-__all__ = ["OPTIMIZERS", "Optimizer", *(cls.__name__ for cls in OPTIMIZERS.values())]
+__all__ = [
+    "OPTIMIZERS",
+    "Optimizer",
+    "muon_param_groups",
+    *(cls.__name__ for cls in OPTIMIZERS.values()),
+]

@@ -135,7 +135,7 @@ def parse_optimizer(text):
                 f"optimizer {name!r} has no argument {key!r}; its arguments: {', '.join(allowed)}"
             )
     try:
-        cls(np.zeros(2), **kwargs)
+        cls(np.zeros((2, 2) if getattr(cls, "matrices_only", False) else 2), **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"optimizer {text!r}: {exc}") from None
     label = name.lower() + (

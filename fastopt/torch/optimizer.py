@@ -91,7 +91,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     def _probe(self, hyper):
         """A throwaway core over one element: checks hyperparameters and options."""
-        return self.core_class([{"params": np.zeros(1, np.float32), **hyper}], **self._options)
+        shape = (1, 1) if getattr(self.core_class, "matrices_only", False) else 1  # Muon
+        return self.core_class([{"params": np.zeros(shape, np.float32), **hyper}], **self._options)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):

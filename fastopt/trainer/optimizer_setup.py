@@ -35,6 +35,8 @@ def build_local(optimizer, model, trained, lr, weight_decay, optimizer_kwargs, c
         # (a closure optimizer takes the ParamSet; its L2 term is in the closure)
         params = trained.param_groups(weight_decay) if weight_decay else trained.params
         params = model.params if optimizer.requires_closure else params
+        own_groups = getattr(optimizer, "trainer_param_groups", None)  # Muon's recipe
+        params = own_groups(trained.params, weight_decay) if own_groups else params
         optimizer = optimizer(params, lr=lr, **dict(optimizer_kwargs or {}))
     elif optimizer_kwargs:
         raise ValueError("optimizer_kwargs apply only when optimizer is a class")

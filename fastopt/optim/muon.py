@@ -1,0 +1,378 @@
+"""Muon (torch.optim.Muon), with an optional AdamW fallback group for the non-matrix parameters."""
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..paramset import ParamSet
+from ..validation import check_choice, check_int, check_nonnegative, check_real
+from . import precision
+from .base import Optimizer, scalar_tuple
+from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
+from .hyperparameters import lr as lr_row
+from .newton_schulz import NS_DTYPES, NewtonSchulz
+
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+"""(a, b, c) of the quintic Newton–Schulz iteration (Keller Jordan's Muon, torch's defaults)."""
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def _check_coefficients(name, value):
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ValueError(f"{name} must be a tuple of exactly 3 numbers, got {value!r}")
+    for i, v in enumerate(value):
+        check_real(f"{name}[{i}]", v)
+
+
+def _check_ns_steps(name, value):
+    check_int(name, value, lo=1, hi=99)  # torch: "must be less than 100"
+
+
+def _check_adjust_lr_fn(name, value):
+    check_choice(name, value, ADJUST_LR_FNS)
+
+
+def _check_ns_dtype(name, value):
+    check_choice(name, value, tuple(NS_DTYPES))
+
+
+def adjusted_lr(lr, adjust_lr_fn, shape):
+    """torch's ``_adjust_lr``: ``lr * sqrt(max(1, A/B))`` ("original", the default) or
+    ``lr * 0.2 * sqrt(max(A, B))`` ("match_rms_adamw") for an A x B matrix."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * (0.2 * math.sqrt(max(rows, cols)))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
+def _named_shapes(params):
+    """[(name, shape)] of one group's ``params``: ParamSet segment names, dict keys, list
+    indices (0 for a single array)."""
+    if isinstance(params, ParamSet):
+        return list(params.shapes.items())
+    if isinstance(params, Mapping):
+        return [(k, tuple(getattr(a, "shape", ()))) for k, a in params.items()]
+    if isinstance(params, (list, tuple)):
+        return [(i, tuple(getattr(a, "shape", ()))) for i, a in enumerate(params)]
+    return [(0, tuple(getattr(params, "shape", ())))]
+
+
+def hidden_matrices(named_shapes):
+    """The names of the usual recipe's Muon parameters among ``named_shapes`` ((name, shape)
+    in model order): the 2-D ones, except the first and the last (the input layer or embedding,
+    and the output layer) and those whose name contains ``embed``. Everything else (biases,
+    norms, embeddings, the output layer) is left to the AdamW fallback (K. Jordan's Muon
+    recipe; torch.optim.Muon's documentation)."""
+    matrices = [name for name, shape in named_shapes if len(shape) == 2]
+    hidden = matrices[1:-1]
+    return tuple(n for n in hidden if "embed" not in str(n).lower())
+
+
+def _check_muon_params(name, value):
+    if value is None or value == "hidden" or callable(value):
+        return
+    if isinstance(value, str):
+        raise ValueError(f"unknown {name} {value!r}; the one name of a recipe is 'hidden'")
+    if not isinstance(value, (tuple, list, frozenset, set)):
+        raise TypeError(
+            f"{name} must be None, 'hidden', a collection of parameter names or a callable "
+            f"(name, shape) -> bool, got {value!r}"
+        )
+
+
+def muon_selection(value, named_shapes):
+    """The set of names a group's ``muon_params`` gives to Muon."""
+    if value is None:
+        return {n for n, _ in named_shapes}
+    if value == "hidden":
+        return set(hidden_matrices(named_shapes))
+    if callable(value):
+        chosen = set()
+        for n, shape in named_shapes:
+            pick = value(n, shape)
+            if not isinstance(pick, (bool, np.bool_)):
+                raise TypeError(f"muon_params({n!r}, {shape}) returned {pick!r}, not a bool")
+            if pick:
+                chosen.add(n)
+        return chosen
+    known = {n for n, _ in named_shapes}
+    unknown = [n for n in value if n not in known]
+    if unknown:
+        raise ValueError(f"muon_params names {unknown} that are not parameters of the group")
+    return set(value)
+
+
+def _nesterov(g, buf, mu, out, dtype):
+    """torch's ``grad.lerp(buf, momentum)`` into ``out`` when it has the parameters' dtype (the
+    matrix stays in cache for the iteration), else as a new array of that dtype."""
+    if out.dtype != dtype:
+        out = np.empty(g.shape, dtype)
+    np.subtract(buf, g, out=out)
+    if mu < 0.5:
+        out *= dtype.type(mu)
+        out += g
+    else:
+        out *= dtype.type(1.0 - mu)
+        np.subtract(buf, out, out=out)
+    return out
+
+
+def _check_adamw_lr(name, value):
+    if value is not None:
+        check_nonnegative(name, value)
+
+
+class Muon(Optimizer):
+    r"""Muon, torch.optim.Muon's algorithm: momentum, then the Newton–Schulz orthogonalization of
+    each 2-D parameter's update, then a decoupled weight decay and a shape-adjusted step.
+
+    .. math::
+        B_t = \mathrm{lerp}(B_{t-1}, g_t, 1-\mu),\quad
+        \tilde B_t = \mathrm{lerp}(g_t, B_t, \mu) \text{ if nesterov else } B_t,\quad
+        O_t = \mathrm{NS}^{(a,b,c)}_k(\tilde B_t;\varepsilon)
+
+        \theta_t = \theta_{t-1}(1 - \eta\lambda) - \eta\,s(A,B)\,O_t,\quad
+        s = \sqrt{\max(1, A/B)} \text{ ("original", the default) or } 0.2\sqrt{\max(A, B)}
+        \text{ ("match\_rms\_adamw")}
+
+    Defaults are torch's (lr 1e-3, weight_decay 0.1, momentum 0.95, nesterov, coefficients
+    (3.4445, -4.775, 2.0315), eps 1e-7, 5 steps). References: K. Jordan et al., "Muon: An
+    optimizer for hidden layers in neural networks" (2024); J. Liu et al., "Muon is Scalable
+    for LLM Training" (2025, ``match_rms_adamw``). The iteration is
+    :mod:`fastopt.optim.newton_schulz`; ``ns_dtype`` (keyword-only: ``"bfloat16"``, the default,
+    as torch, ``"float32"`` or ``"float64"``) is the dtype it runs in; that module says exactly
+    what the bfloat16 mode emulates.
+
+    Which parameters Muon updates (``muon_params``, keyword-only, per group): ``None`` (the
+    default, torch's behaviour) all of them, and every one must be 2-D: anything else is a
+    ValueError naming it, raised at construction; ``"hidden"`` the usual recipe
+    (:func:`hidden_matrices`: the 2-D parameters but the first, the last and embeddings); a
+    collection of names (ParamSet names, dict keys, list indices) or a callable
+    ``(name, shape) -> bool``. The others fall back to AdamW (torch.optim.AdamW's update) with
+    ``adamw_lr`` (None: the group's lr, schedules included), ``adamw_betas``, ``adamw_eps`` and
+    ``adamw_weight_decay`` (default 0: biases and norms are usually not decayed).
+    :func:`fastopt.muon_param_groups` builds the recipe over a ParamSet: one optimizer, one
+    ParamSet, ``step()`` on its gradient buffer.
+
+    Work per step and unit (a ParamSet or one array): one fused momentum kernel over the unit
+    (the ``ema`` rule: torch's ``buf.lerp_(grad, 1 - momentum)``, gradient scaling and clipping
+    fused in); then per Muon matrix, while it stays in cache: the Nesterov blend
+    (``grad.lerp(buf, momentum)``, NumPy, into the iteration's scratch), the iteration (BLAS,
+    scratch allocated once per shape), the scaling by the adjusted lr, and one fused kernel
+    ``θ ← θ - (O + ηλθ)`` (the ``sgd`` rule, weight decay ηλ); per run of adjacent fallback
+    parameters one AdamW kernel (the ``adam`` rule). Gradient scaling, clipping and
+    ``skip_nonfinite`` apply as for every optimizer; a NaN gradient propagates into the
+    parameters, as in torch. Runs on the
+    numba-cpu backend with float32 and float64 parameters; other backends (CuPy,
+    numba-cuda, the NumPy reference) and 16-bit storage are refused by name at ``step()``.
+    """
+
+    algorithm = "muon"
+    elementwise = False  # a matrix's update depends on all of it: no ZeRO-1 shards
+    matrices_only = True
+    """Takes 2-D parameters only (without a fallback): the registry-wide checks that run every
+    optimizer on vectors leave it out; it has its own tests and benchmark."""
+
+    hyperparameter_table = (
+        lr_row(1e-3),
+        weight_decay(0.1),
+        nonnegative("momentum", 0.95),
+        flag("nesterov", True),
+        Hyper("ns_coefficients", DEFAULT_NS_COEFFICIENTS, _check_coefficients),
+        nonnegative("eps", 1e-7),
+        Hyper("ns_steps", 5, _check_ns_steps),
+        Hyper("adjust_lr_fn", None, _check_adjust_lr_fn),
+        Hyper("ns_dtype", "bfloat16", _check_ns_dtype, keyword_only=True),
+        Hyper("muon_params", None, _check_muon_params, keyword_only=True),
+        Hyper("adamw_lr", None, _check_adamw_lr, keyword_only=True),
+        betas((0.9, 0.999))._replace(name="adamw_betas", keyword_only=True),
+        nonnegative("adamw_eps", 1e-8, keyword_only=True),
+        nonnegative("adamw_weight_decay", 0.0, keyword_only=True),
+    )
+
+    # ------------------------------------------------------------------ groups
+    def _selection(self, group):
+        named = _named_shapes(group["params"])
+        return named, muon_selection(group["muon_params"], named)
+
+    def _check_together(self, group):
+        named, chosen = self._selection(group)
+        for name, shape in named:
+            if name in chosen and len(shape) != 2:
+                raise ValueError(
+                    f"Muon updates 2-D parameters only; parameter {name!r} has shape {shape}: "
+                    "leave it to the AdamW fallback (muon_params='hidden', a list of names, or "
+                    "fastopt.muon_param_groups)"
+                )
+
+    def _rule(self, group):
+        return "ema"
+
+    def _state_names(self, group):
+        named, chosen = self._selection(group)
+        names = ("momentum_buffer",) if chosen else ()
+        if len(chosen) < len(named):
+            names += ("exp_avg", "exp_avg_sq")
+        return names
+
+    def _scratch(self):
+        """Scratch kept between steps: NewtonSchulz per (shape, ns_dtype), the update buffer and
+        the layout per unit."""
+        return self.__dict__.setdefault("_muon_scratch", {})
+
+    def _layout(self, group, g_int, unit):
+        """(Muon matrices [(shape, lo, hi)], AdamW runs [(lo, hi)]) of a unit, adjacent
+        fallback parameters merged into one run."""
+        scratch = self._scratch()
+        key = ("layout", id(unit), g_int["checked"])
+        layout = scratch.get(key)
+        if layout is not None:
+            return layout
+        source = g_int["source"]
+        _, chosen = self._selection(group)
+        if isinstance(source, ParamSet):
+            offs, shapes = source.offsets, source.shapes
+            parts = [(n in chosen, shapes[n], *offs[n]) for n in source.names]
+        else:
+            j = next(i for i, u in enumerate(g_int["units"]) if u is unit)
+            name = g_int["keys"][j] if g_int["keys"] is not None else j
+            parts = [(name in chosen, tuple(unit.shape), 0, int(unit.param.size))]
+        runs = []
+        for is_muon, _, lo, hi in parts:
+            if is_muon:
+                continue
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((lo, hi))
+        matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon]
+        layout = scratch[key] = (matrices, runs)
+        return layout
+
+    @classmethod
+    def trainer_param_groups(cls, params, weight_decay):
+        """The groups :class:`fastopt.Trainer` builds this class over for a model's ParamSet:
+        :func:`muon_param_groups` (the hidden weights get Muon, the rest AdamW), with the
+        Trainer's ``weight_decay`` on the Muon matrices when it is not 0 (else the default)."""
+        return muon_param_groups(params, **({"weight_decay": weight_decay} if weight_decay else {}))
+
+    # ------------------------------------------------------------------ step
+    def step(self, grads=None, *, grad_scale=None):
+        """One update of every parameter whose gradient is given (see ``Optimizer.step``): the
+        checks, gradient scaling, clipping and non-finite skipping as there, everything checked
+        before the first write."""
+        plan = self._plan(grads)
+        for _, _, _, work in plan:
+            for unit, grad in work:
+                self._check_unit(unit, grad)
+        scales = self._grad_scales(plan, grad_scale)
+        if scales is None:
+            return
+        for group, g_int, lr, work in plan:
+            for unit, grad in work:
+                if not unit.state:
+                    self._allocate(group, unit, g_int["state_names"], lr)
+                step = unit.state["step"] + 1
+                matrices, adam_runs = self._layout(group, g_int, unit)
+                if matrices:
+                    self._muon_step(group, unit, grad, lr, scales, matrices)
+                if adam_runs:
+                    self._adamw_step(group, unit, grad, lr, step, scales, adam_runs)
+                unit.state["step"] = step
+        self._count_step(plan)
+
+    def _check_unit(self, unit, grad):
+        name = unit.backend.name
+        if name != "numba-cpu":
+            raise RuntimeError(
+                f"Muon runs on the numba-cpu backend (NumPy BLAS products); {unit.label} is on "
+                f"{name!r}"
+            )
+        storage = precision.storage_of(self.precision, unit.param, grad)
+        if not precision.is_plain(storage) or unit.param.dtype not in (np.float32, np.float64):
+            raise TypeError(
+                f"Muon takes float32 or float64 parameters, gradients of the same dtype and no "
+                f"16-bit state; {unit.label} is {unit.param.dtype} with a {grad.dtype} gradient"
+            )
+
+    def _ns_for(self, shape, ns_dtype):
+        scratch = self._scratch()
+        key = (shape, ns_dtype)
+        ns = scratch.get(key)
+        if ns is None:
+            ns = scratch[key] = NewtonSchulz(shape, ns_dtype)
+        return ns
+
+    def _muon_step(self, group, unit, grad, lr, scales, matrices):
+        backend, st, p = unit.backend, unit.scalar_type, unit.param
+        gs = (st(scales[0]), st(scales[1]))
+        one = (st(1.0), st(0.0))
+        mu = group["momentum"]
+        buf = unit.state["momentum_buffer"]
+        backend.update("ema", buf, grad, [], (st(1.0 - mu), st(mu)), gs, None)
+        if scales[0] != 1.0 or scales[1] != 0.0:  # the gradient as the momentum kernel saw it
+            g = self._scratch_like(("g", id(unit)), p)
+            g.fill(0)
+            backend.update("sgd", g, grad, [], (st(-1.0), st(0.0), st(1.0)), gs, None)
+            grad = g
+        values = dict(lr=1.0, weight_decay=lr * group["weight_decay"], gsign=1.0)
+        h = scalar_tuple(self, "sgd", values, st)
+        coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+        for shape, lo, hi in matrices:
+            ns = self._ns_for(shape, group["ns_dtype"])
+            m = buf[lo:hi].reshape(shape)
+            if group["nesterov"]:
+                m = _nesterov(grad[lo:hi].reshape(shape), m, mu, ns.x, p.dtype)
+            o = ns.run(m, coefficients, steps, eps)
+            scale = adjusted_lr(lr, group["adjust_lr_fn"], shape)
+            if o.dtype != p.dtype:
+                o = np.multiply(o, scale, out=self._scratch_like(shape, p), dtype=p.dtype)
+            else:
+                o *= o.dtype.type(scale)
+            backend.update("sgd", p[lo:hi], o.reshape(-1), [], h, one, None)
+
+    def _scratch_like(self, key, p):
+        """A scratch array of ``p``'s dtype, shape ``key`` (or flat like ``p``), kept."""
+        scratch = self._scratch()
+        shape = key if isinstance(key[0], int) else p.shape
+        a = scratch.get(("like", key, p.dtype))
+        if a is None or a.shape != shape:
+            a = scratch[("like", key, p.dtype)] = np.empty(shape, p.dtype)
+        return a
+
+    def _adamw_step(self, group, unit, grad, lr, step, scales, runs):
+        st = unit.scalar_type
+        if group["adamw_lr"] is not None:
+            lr = float(group["adamw_lr"])
+        beta1, beta2 = group["adamw_betas"]
+        values = dict(
+            decay=1.0 - lr * group["adamw_weight_decay"],
+            weight_decay=0.0,
+            gsign=1.0,
+            beta1=beta1,
+            one_minus_beta1=1.0 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1.0 - beta2,
+            step_size=lr / (1.0 - beta1**step),
+            bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+            eps=group["adamw_eps"],
+        )
+        h = scalar_tuple(self, "adam", values, st)
+        gs = (st(scales[0]), st(scales[1]))
+        m, v = unit.state["exp_avg"], unit.state["exp_avg_sq"]
+        for lo, hi in runs:
+            unit.backend.update(
+                "adam", unit.param[lo:hi], grad[lo:hi], [m[lo:hi], v[lo:hi]], h, gs, None
+            )
+
+
+def muon_param_groups(params, **settings):
+    """The usual Muon recipe over ``params`` (a ParamSet, or a dict/list of arrays) as the
+    param groups of ONE :class:`Muon`: ``[{"params": params, "muon_params": <names>,
+    **settings}]``, where the names are :func:`hidden_matrices` (the hidden 2-D weights) and
+    every other parameter (embeddings, the input and output layers, biases, norms) falls back
+    to AdamW. ``settings`` are group hyperparameters, e.g. ``adamw_lr=3e-4``.
+    ``fastopt.Muon(fastopt.muon_param_groups(ps), lr=0.02)`` then steps with ``step()``."""
+    return [{"params": params, "muon_params": hidden_matrices(_named_shapes(params)), **settings}]
