@@ -223,31 +223,69 @@ def _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h):
         col_var[cv + j] = _lerp(col_var[cv + j], col_var.dtype.type(s / m), h[1], h[2])
 
 
+@_inline
+def _squares(p, g, gs, h, e, v):
+    """(p^2, u^2) of element ``e`` in float64, ``v`` its variance estimate."""
+    x = np.float64(p[e])
+    u = np.float64(_update(_grad(g[e], gs), v, h))
+    return x * x, u * u
+
+
+@_inline
+def _vector_squares(p, g, gs, h, e, var):
+    """:func:`_squares` of a vector element, ``var`` its variance before this step's lerp."""
+    gj = _grad(g[e], gs)
+    x = np.float64(p[e])
+    u = np.float64(_update(gj, _lerp(var, gj * gj, h[1], h[2]), h))
+    return x * x, u * u
+
+
 @_helper
 def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
+    """Sums of p^2 and u^2 over item ``k``: four accumulators each (element ``j`` of a row into
+    accumulator ``j % 4``), added pairwise at the end; the order depends on the item alone."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
-    sp = 0.0
-    su = 0.0
+    p0 = p1 = p2 = p3 = 0.0
+    u0 = u1 = u2 = u3 = 0.0
     if items[k, KIND] == 1:
         rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
         for i in range(rows):
-            base = lo + i * ld
+            e = lo + i * ld
             r = row_var[rv + i]
-            for j in range(cols):
-                x = np.float64(p[base + j])
-                u = np.float64(_update(_grad(g[base + j], gs), r * col_var[cv + j] / bm, h))
-                sp += x * x
-                su += u * u
+            j = 0
+            while j + 4 <= cols:
+                x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
+                p0, u0 = p0 + x, u0 + y
+                x, y = _squares(p, g, gs, h, e + j + 1, r * col_var[cv + j + 1] / bm)
+                p1, u1 = p1 + x, u1 + y
+                x, y = _squares(p, g, gs, h, e + j + 2, r * col_var[cv + j + 2] / bm)
+                p2, u2 = p2 + x, u2 + y
+                x, y = _squares(p, g, gs, h, e + j + 3, r * col_var[cv + j + 3] / bm)
+                p3, u3 = p3 + x, u3 + y
+                j += 4
+            while j < cols:
+                x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
+                p0, u0 = p0 + x, u0 + y
+                j += 1
     else:
         vo = items[k, VO]
-        for j in range(cols):
-            gj = _grad(g[lo + j], gs)
-            x = np.float64(p[lo + j])
-            u = np.float64(_update(gj, _lerp(variance[vo + j], gj * gj, h[1], h[2]), h))
-            sp += x * x
-            su += u * u
-    part[k, 0] = sp
-    part[k, 1] = su
+        j = 0
+        while j + 4 <= cols:
+            x, y = _vector_squares(p, g, gs, h, lo + j, variance[vo + j])
+            p0, u0 = p0 + x, u0 + y
+            x, y = _vector_squares(p, g, gs, h, lo + j + 1, variance[vo + j + 1])
+            p1, u1 = p1 + x, u1 + y
+            x, y = _vector_squares(p, g, gs, h, lo + j + 2, variance[vo + j + 2])
+            p2, u2 = p2 + x, u2 + y
+            x, y = _vector_squares(p, g, gs, h, lo + j + 3, variance[vo + j + 3])
+            p3, u3 = p3 + x, u3 + y
+            j += 4
+        while j < cols:
+            x, y = _vector_squares(p, g, gs, h, lo + j, variance[vo + j])
+            p0, u0 = p0 + x, u0 + y
+            j += 1
+    part[k, 0] = (p0 + p1) + (p2 + p3)
+    part[k, 1] = (u0 + u1) + (u2 + u3)
 
 
 @_helper
