@@ -35,6 +35,7 @@ from numba import njit, prange
 from .layout import REDUCTION_CHUNK
 
 TILE_COLS = 256
+"""Columns of a tile (a power of two: the lanes of the per-item sums)."""
 TILE_ROWS = max(1, REDUCTION_CHUNK // TILE_COLS)
 VECTOR_CHUNK = REDUCTION_CHUNK
 
@@ -170,34 +171,44 @@ def _update(g, v, h):
     return (h[6] / np.sqrt(v)) * (h[0] * g)
 
 
+@_inline
+def _pow2(n):
+    """The least power of two >= n."""
+    m = 1
+    while m < n:
+        m *= 2
+    return m
+
+
+@_inline
+def _tree(t, n):
+    """The sum of ``t[:n]`` (``n`` a power of two) by pairwise halving, ``t[j] += t[j + half]``
+    for half = n/2, ..., 1 (each level a vector loop); the order depends on ``n`` alone."""
+    half = n // 2
+    while half > 0:
+        for j in range(half):
+            t[j] += t[j + half]
+        half //= 2
+    return t[0]
+
+
 @_helper
 def _tile_partials(k, g, gs, items, rowpart, colpart):
+    """Row and column sums of g^2 over tile ``k``: each row's squares summed by :func:`_tree`,
+    each column's added row by row."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
     rp, cp, ncb, nrb = items[k, RP], items[k, CP], items[k, NCB], items[k, NRB]
+    n = _pow2(cols)
+    t = np.zeros(n, np.float64)
     col = np.zeros(cols, np.float64)
     for i in range(rows):
-        base = lo + i * ld
-        s0 = s1 = s2 = s3 = 0.0
-        j = 0
-        while j + 4 <= cols:
-            x0 = np.float64(_grad(g[base + j], gs))
-            x1 = np.float64(_grad(g[base + j + 1], gs))
-            x2 = np.float64(_grad(g[base + j + 2], gs))
-            x3 = np.float64(_grad(g[base + j + 3], gs))
-            x0, x1, x2, x3 = x0 * x0, x1 * x1, x2 * x2, x3 * x3
-            s0, s1, s2, s3 = s0 + x0, s1 + x1, s2 + x2, s3 + x3
-            col[j] += x0
-            col[j + 1] += x1
-            col[j + 2] += x2
-            col[j + 3] += x3
-            j += 4
-        while j < cols:
-            x0 = np.float64(_grad(g[base + j], gs))
-            x0 = x0 * x0
-            s0 += x0
-            col[j] += x0
-            j += 1
-        rowpart[rp + i * ncb] = (s0 + s1) + (s2 + s3)
+        e = lo + i * ld
+        for j in range(cols):
+            x = np.float64(_grad(g[e + j], gs))
+            t[j] = x * x
+        for j in range(cols):
+            col[j] += t[j]
+        rowpart[rp + i * ncb] = _tree(t, n)  # writes t[:n/2] only: t[cols:] stays 0
     for j in range(cols):
         colpart[cp + j * nrb] = col[j]
 
@@ -242,50 +253,34 @@ def _vector_squares(p, g, gs, h, e, var):
 
 @_helper
 def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
-    """Sums of p^2 and u^2 over item ``k``: four accumulators each (element ``j`` of a row into
-    accumulator ``j % 4``), added pairwise at the end; the order depends on the item alone."""
+    """Sums of p^2 and u^2 over item ``k``: element ``j`` of each tile row (of each run of
+    ``TILE_COLS`` elements of a vector piece) into lane ``j``, then :func:`_tree` over the
+    lanes; the order depends on the item's shape alone."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
-    p0 = p1 = p2 = p3 = 0.0
-    u0 = u1 = u2 = u3 = 0.0
     if items[k, KIND] == 1:
+        n = _pow2(cols)
+        ap = np.zeros(n, np.float64)
+        au = np.zeros(n, np.float64)
         rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
         for i in range(rows):
             e = lo + i * ld
             r = row_var[rv + i]
-            j = 0
-            while j + 4 <= cols:
+            for j in range(cols):
                 x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
-                p0, u0 = p0 + x, u0 + y
-                x, y = _squares(p, g, gs, h, e + j + 1, r * col_var[cv + j + 1] / bm)
-                p1, u1 = p1 + x, u1 + y
-                x, y = _squares(p, g, gs, h, e + j + 2, r * col_var[cv + j + 2] / bm)
-                p2, u2 = p2 + x, u2 + y
-                x, y = _squares(p, g, gs, h, e + j + 3, r * col_var[cv + j + 3] / bm)
-                p3, u3 = p3 + x, u3 + y
-                j += 4
-            while j < cols:
-                x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
-                p0, u0 = p0 + x, u0 + y
-                j += 1
+                ap[j] += x
+                au[j] += y
     else:
+        n = TILE_COLS
+        ap = np.zeros(n, np.float64)
+        au = np.zeros(n, np.float64)
         vo = items[k, VO]
-        j = 0
-        while j + 4 <= cols:
-            x, y = _vector_squares(p, g, gs, h, lo + j, variance[vo + j])
-            p0, u0 = p0 + x, u0 + y
-            x, y = _vector_squares(p, g, gs, h, lo + j + 1, variance[vo + j + 1])
-            p1, u1 = p1 + x, u1 + y
-            x, y = _vector_squares(p, g, gs, h, lo + j + 2, variance[vo + j + 2])
-            p2, u2 = p2 + x, u2 + y
-            x, y = _vector_squares(p, g, gs, h, lo + j + 3, variance[vo + j + 3])
-            p3, u3 = p3 + x, u3 + y
-            j += 4
-        while j < cols:
-            x, y = _vector_squares(p, g, gs, h, lo + j, variance[vo + j])
-            p0, u0 = p0 + x, u0 + y
-            j += 1
-    part[k, 0] = (p0 + p1) + (p2 + p3)
-    part[k, 1] = (u0 + u1) + (u2 + u3)
+        for base in range(0, cols, n):
+            for j in range(min(n, cols - base)):
+                x, y = _vector_squares(p, g, gs, h, lo + base + j, variance[vo + base + j])
+                ap[j] += x
+                au[j] += y
+    part[k, 0] = _tree(ap, n)
+    part[k, 1] = _tree(au, n)
 
 
 @_helper
@@ -311,12 +306,14 @@ def _item_apply(k, p, g, gs, h, items, row_var, col_var, bmean, variance, scale)
     decay = h[5]
     if items[k, KIND] == 1:
         rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
+        u = np.empty(cols, p.dtype)  # the row's update first: both loops then vectorize
         for i in range(rows):
-            base = lo + i * ld
+            e = lo + i * ld
             r = row_var[rv + i]
             for j in range(cols):
-                u = _update(_grad(g[base + j], gs), r * col_var[cv + j] / bm, h)
-                p[base + j] = p[base + j] * decay + a * u
+                u[j] = _update(_grad(g[e + j], gs), r * col_var[cv + j] / bm, h)
+            for j in range(cols):
+                p[e + j] = p[e + j] * decay + a * u[j]
     else:
         vo = items[k, VO]
         for j in range(cols):

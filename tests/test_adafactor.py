@@ -226,6 +226,9 @@ def test_bad_input_writes_nothing():
     assert np.all(w == 1) and opt.state == {}
     with pytest.raises(TypeError, match="float32 and float64"):
         fo.Adafactor([np.ones(3, np.float16)])
+    with pytest.raises(TypeError, match="float32 and float64"):
+        opt.add_param_group({"params": [np.ones(3, np.float16)]})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
 
 
 def test_gpu_backends_are_refused_by_name():

@@ -116,11 +116,18 @@ class Adafactor(Optimizer):
 
     # ------------------------------------------------------------------ checks
     def add_param_group(self, param_group):
+        """``Optimizer.add_param_group``, then the group is taken back unless every unit is a
+        float32/float64 array on a backend Adafactor runs on (device arrays: known now)."""
         super().add_param_group(param_group)
-        for u in self._groups[-1]["units"]:
-            if u.backend is not None:
-                self._check_backend(u)
-            self._check_dtype(u, u.param.dtype)
+        try:
+            for u in self._groups[-1]["units"]:
+                if u.backend is not None:
+                    self._check_backend(u)
+                self._check_dtype(u, u.param.dtype)
+        except (TypeError, RuntimeError):
+            self.param_groups.pop()
+            self._groups.pop()
+            raise
 
     def _check_backend(self, unit):
         if unit.backend.name not in _BACKENDS:
