@@ -8,8 +8,8 @@ its ``B = prod(batch)`` matrices keeps ``m`` row and ``n`` column second moments
 matrix into tiles of at most ``TILE_ROWS x TILE_COLS`` and every vector into pieces of at most
 ``REDUCTION_CHUNK`` elements, counted from the segment's start, so a tensor's sums do not depend
 on where it lies in the buffer (a list of arrays and a ParamSet of the same arrays give the same
-bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one kernel call (:func:`kernel`) of five
-phases whatever the number of tensors:
+bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one kernel call
+(:func:`kernel`) of five parallel loops, each ending in a barrier, whatever the number of tensors:
 
 0. per tile, the partial row sums (one per tile row) and column sums (one per tile column) of
    ``g^2`` in float64, into ``rowpart``/``colpart``;
@@ -24,7 +24,8 @@ phases whatever the number of tensors:
 4. per item, ``p = p * decay + scale * u`` (and a vector's ``variance`` stored).
 
 Every element's arithmetic is in the parameter dtype (as torch's), every sum in float64 in an
-order that depends only on the segment's shape: identical bits for any thread count.
+order that depends only on the segment's shape: identical bits for any thread count. Numba CPU
+only: the GPU backends are refused by ``fastopt.optim.Adafactor`` by name.
 """
 
 import math
