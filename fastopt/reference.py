@@ -470,3 +470,58 @@ def schedulefree_swap(param, z, weight):
     """``train()`` / ``eval()`` of the schedule-free optimizers: θ ← lerp(θ, z, weight), with
     weight 1 − 1/β (y to x) or 1 − β (x to y)."""
     param[...] = _lerp(param, z, weight)
+
+
+def adafactor(param, grad, state, *, step, lr, beta2_decay, eps, d, weight_decay, maximize,
+              foreach=None, shapes=None):  # fmt: skip
+    r"""torch.optim.Adafactor (Shazeer & Stern 2018, torch's variant) over the tensors of
+    ``shapes`` (default: ``param.shape``) laid out back to back in ``param``. Per tensor, with
+    w = t^τ (τ = ``beta2_decay``), ρ = min(lr, 1/√t), α = max(ε₂, RMS(θ)) ρ:
+
+    θ ← θ(1 − lr λ);  for ≥ 2 dims, per matrix of the last two: R ← lerp(R, mean_row(G²), w),
+    C ← lerp(C, mean_col(G²), w), V = R Cᵀ / max(mean(R), ε₁); else V ← lerp(V, G², w);
+    U = G / max(√V, ε₁) (as rsqrt(max(V, ε₁²)) G);  θ ← θ − α U / max(1, RMS(U) / d).
+
+    ε₁ = None is the dtype's machine epsilon. ``state["row_var"]``, ``state["col_var"]`` and
+    ``state["variance"]`` hold the tensors' factors (and vectors' variances) back to back, in
+    tensor order, each matrix's rows (columns) in order.
+    """
+    shapes = [tuple(param.shape)] if shapes is None else [tuple(s) for s in shapes]
+    eps1, eps2 = eps
+    if eps1 is None:
+        eps1 = float(np.finfo(param.dtype).eps)
+    w = float(step) ** beta2_decay
+    rho = min(lr, 1 / (float(step) ** 0.5))
+    flat_p, flat_g = param.reshape(-1), grad.reshape(-1)
+    pos = {"p": 0, "row_var": 0, "col_var": 0, "variance": 0}
+
+    def take(name, count):
+        a = state[name].reshape(-1)[pos[name] : pos[name] + count]
+        pos[name] += count
+        return a
+
+    for shape in shapes:
+        size = math.prod(shape)
+        p = flat_p[pos["p"] : pos["p"] + size].reshape(shape)
+        g = flat_g[pos["p"] : pos["p"] + size].reshape(shape)
+        pos["p"] += size
+        g = -g if maximize else g
+        alpha = max(eps2, _norm(p.ravel()) / size**0.5) * rho if size else 0.0
+        if weight_decay != 0:
+            p[...] = p * (1 - lr * weight_decay)
+        if len(shape) >= 2:
+            m, n = shape[-2], shape[-1]
+            batch = shape[:-2]
+            r = take("row_var", math.prod(batch) * m).reshape(*batch, m, 1)
+            c = take("col_var", math.prod(batch) * n).reshape(*batch, 1, n)
+            r[...] = _lerp(r, (g * g).mean(axis=-1, keepdims=True), w)
+            c[...] = _lerp(c, (g * g).mean(axis=-2, keepdims=True), w)
+            v = (r * c) / np.maximum(r.mean(axis=-2, keepdims=True), eps1)
+        else:
+            v = take("variance", size).reshape(shape)
+            v[...] = _lerp(v, g * g, w)
+            v = v.copy()
+        u = (1 / np.sqrt(np.maximum(v, eps1 * eps1))) * g
+        if size:
+            denom = max(1.0, _norm(u.ravel()) / (size**0.5 * d))
+            p[...] = p + (-alpha / denom) * u

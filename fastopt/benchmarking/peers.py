@@ -29,9 +29,10 @@ class Unavailable(Exception):
 
 
 def _state_arrays(opt):
-    """The per-element state arrays of an optimizer's first unit (after its first step)."""
+    """The per-element state arrays of an optimizer's first unit (after its first step; empty
+    ones, such as Adafactor's row factors of a vector, hold none)."""
     (state,) = opt.state.values()
-    return [a for a in state.values() if len(getattr(a, "shape", ())) >= 1]
+    return [a for a in state.values() if len(getattr(a, "shape", ())) >= 1 and a.size]
 
 
 def _naive_numpy_step(case, params, grads):

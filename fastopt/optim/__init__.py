@@ -1,6 +1,7 @@
 """Optimizer classes: torch.optim's names, arguments, defaults and semantics (plus Yogi, Lion and schedule-free SGD/AdamW)."""
 
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -39,6 +40,7 @@ OPTIMIZERS = {
         LARS,
         NovoGrad,
         Muon,
+        Adafactor,
         ASGD,
         SGDScheduleFree,
         AdamWScheduleFree,

@@ -114,6 +114,10 @@ class Optimizer:
     """True when every element's update depends on that element alone, so any slice of the flat
     buffer can be stepped on its own (ZeRO-1 shards, plain-array slices). Per-tensor rules (LAMB,
     LARS, NovoGrad: a norm per tensor) set it False."""
+    state_like_params = True
+    """True when every state array holds one value per parameter element, laid out like the
+    parameters, so ``fastopt.torch`` can keep it in flat buffers beside them (Adafactor's row
+    and column factors are not)."""
 
     def __init__(
         self,
@@ -252,6 +256,11 @@ class Optimizer:
     def _initial_scalar_state(self, group):
         """Scalar (host) state entries besides ``step``."""
         return {}
+
+    def _state_shape(self, g_int, unit, name):
+        """The shape ``state_dict()`` gives state array ``name`` of ``unit`` (the parameter's;
+        Adafactor's row and column factors override it)."""
+        return unit.shape
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):

@@ -33,7 +33,7 @@ def state_dict(opt):
                 elif isinstance(v, precision.Quantized):
                     entry.update(_int8_entry(u, k, v))
                 else:
-                    entry[k] = u.backend.to_numpy(v).reshape(u.shape)
+                    entry[k] = u.backend.to_numpy(v).reshape(opt._state_shape(g_int, u, k))
             state[base[gi] + j] = entry
         saved = {
             k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items() if k != "params"
@@ -87,7 +87,7 @@ def load_state_dict(opt, sd):
             entry = sd["state"].get(base[gi] + j)
             if entry is None:
                 continue
-            new_states[(gi, j)] = _checked_entry(opt, entry, names, group, u, base[gi] + j)
+            new_states[(gi, j)] = _checked_entry(opt, entry, names, group, g_int, u, base[gi] + j)
         new_groups.append(group)
     skipped = sd.get("skipped_steps", 0)
     if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
@@ -103,7 +103,7 @@ def load_state_dict(opt, sd):
             u.state = new_states.get((gi, j), {})
 
 
-def _checked_entry(opt, entry, names, group, unit, index):
+def _checked_entry(opt, entry, names, group, g_int, unit, index):
     """One unit's state entry, checked and copied into fresh state arrays of its backend."""
     if not isinstance(entry, Mapping) or "step" not in entry:
         raise ValueError(f"state[{index}] is not a state entry with a 'step'")
@@ -135,14 +135,11 @@ def _checked_entry(opt, entry, names, group, unit, index):
         a = _state_array(v)
         if arrays.storage_name(a.dtype) is None:
             raise TypeError(f"state[{index}][{k!r}] has dtype {a.dtype}, expected floats")
-        if a.size != unit.param.size or tuple(a.shape) not in (
-            tuple(unit.shape),
-            (unit.param.size,),
-        ):
-            raise ValueError(
-                f"state[{index}][{k!r}] has shape {a.shape}, the parameter {tuple(unit.shape)}"
-            )
-        dst = unit.backend.zeros(unit.param.size, slots[k], like=unit.param)
+        shape = tuple(opt._state_shape(g_int, unit, k))
+        size = math.prod(shape)
+        if a.size != size or tuple(a.shape) not in (shape, (size,)):
+            raise ValueError(f"state[{index}][{k!r}] has shape {a.shape}, expected {shape}")
+        dst = unit.backend.zeros(size, slots[k], like=unit.param)
         unit.backend.assign(dst, a.reshape(a.size))  # host or device source, cast
         out[k] = dst
     return out

@@ -55,11 +55,15 @@ def _adapter_class(core_class):
 
 
 OPTIMIZER_CLASSES = {
-    name: _adapter_class(cls) for name, cls in OPTIMIZERS.items() if not cls.requires_closure
+    name: _adapter_class(cls)
+    for name, cls in OPTIMIZERS.items()
+    if not cls.requires_closure and cls.state_like_params
 }
 """Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS` that steps
 with gradients (L-BFGS steps with a closure over fastopt's flat buffer; torch models use
-``torch.optim.LBFGS``)."""
+``torch.optim.LBFGS``) and keeps its state laid out like the parameters (not Adafactor, whose
+row and column factors do not fit the flat state buffers: ``torch.optim.Adafactor``, or
+``fastopt.Adafactor`` over a ParamSet)."""
 
 globals().update({cls.__name__: cls for cls in OPTIMIZER_CLASSES.values()})
 

@@ -1,0 +1,240 @@
+"""Adafactor (torch.optim.Adafactor semantics): factored second moments over the segments of a
+unit, in the fixed launch sequence of ``kernels/factored.py``."""
+
+import numpy as np
+
+from .. import reference
+from ..kernels import factored
+from ..paramset import ParamSet
+from ..validation import check_bool, check_nonnegative, check_pair
+from . import hyperparameters as hp
+from . import precision
+from .base import Optimizer, maximize_sign
+
+STATE_NAMES = ("row_var", "col_var", "variance")
+"""The state arrays of every unit, torch's names: the row and column factors of its tensors of 2
+or more dimensions and the second moment of its vectors and scalars, back to back."""
+
+_BACKENDS = ("numba-cpu", "numpy")
+
+
+def check_eps(name, value):
+    """``eps = (eps1, eps2)``: eps1 None (the dtype's machine epsilon) or a finite float >= 0,
+    eps2 a finite float >= 0."""
+    eps1, eps2 = check_pair(name, value)
+    if eps1 is not None:
+        check_nonnegative(f"{name}[0]", eps1)
+    check_nonnegative(f"{name}[1]", eps2)
+
+
+def check_foreach(name, value):
+    """``foreach``: None or a bool (accepted for torch's signature; the kernels are fused)."""
+    if value is not None:
+        check_bool(name, value)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor with ``torch.optim.Adafactor``'s arguments, defaults and update (Shazeer &
+    Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018, in
+    torch's variant: lr caps the relative step and scales the decoupled weight decay, eps1 is
+    applied to the variance estimate and the update).
+
+    .. math::
+        w_t = t^{\tau},\quad \rho_t = \min(\gamma, 1/\sqrt t),\quad
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\rho_t,\quad
+        \theta \leftarrow \theta(1 - \gamma\lambda)
+
+        \text{2+ dims: } R_t = \mathrm{lerp}(R_{t-1}, \overline{G_t^2}^{\,row}, w_t),\;
+        C_t = \mathrm{lerp}(C_{t-1}, \overline{G_t^2}^{\,col}, w_t),\;
+        \hat V_t = \frac{R_t C_t}{\max(\overline{R_t}, \epsilon_1)};\quad
+        \text{else } \hat V_t = \mathrm{lerp}(\hat V_{t-1}, G_t^2, w_t)
+
+        U_t = G_t / \max(\sqrt{\hat V_t}, \epsilon_1),\quad
+        \theta_t = \theta - \alpha_t\,U_t / \max(1, \mathrm{RMS}(U_t)/d)
+
+    per tensor (a ParamSet's parameters, or each array), the factors over its last two
+    dimensions (leading ones are a batch of matrices). State per m x n matrix: m + n values
+    (``row_var``, ``col_var``); per vector or scalar: one per element (``variance``).
+    ``eps = (None, 1e-3)``: eps1 None is the dtype's machine epsilon. ``foreach`` is accepted
+    for torch's signature (every step is fused). float32 and float64 parameters, on the
+    numba-cpu backend (and the NumPy reference); GPU backends are refused by name.
+
+    A step is one kernel run for five phases whatever the number of tensors (row/column sums
+    of G^2 per tile, the factors, per-tensor sums of squares of the parameter and the update,
+    per-tensor step sizes, the update), deterministic for any thread count.
+    ``state_dict()`` gives a plain array's factors torch's shapes (``(..., m, 1)``,
+    ``(..., 1, n)``); a ParamSet's are flat, its tensors' back to back.
+    """
+
+    algorithm = "adafactor"
+    elementwise = False
+    state_like_params = False
+
+    hyperparameter_table = (
+        hp.lr(1e-2),
+        hp.real("beta2_decay", -0.8, hi=0.0),
+        hp.Hyper("eps", (None, 1e-3), check_eps),
+        hp.real("d", 1.0, lo=1.0),
+        hp.weight_decay(),
+        hp.Hyper("foreach", None, check_foreach, keyword_only=True),
+        hp.MAXIMIZE,
+    )
+
+    def _rule(self, group):
+        return self.algorithm
+
+    def _state_names(self, group):
+        return STATE_NAMES
+
+    # ------------------------------------------------------------------ segments
+    def _shapes(self, g_int, unit):
+        """The shapes of the tensors of ``unit``, back to back in its flat buffer."""
+        source = g_int["source"]
+        if isinstance(source, ParamSet):
+            return [tuple(source.shapes[n]) for n in source.names]
+        return [tuple(unit.shape)]
+
+    def _layout(self, g_int, unit):
+        """The unit's cached :func:`kernels.factored.plan` and scratch arrays."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        hit = cache.get(id(unit))
+        if hit is None or hit[0] is not unit:
+            layout = factored.plan(self._shapes(g_int, unit))
+            hit = cache[id(unit)] = (unit, layout, factored.scratch(layout, unit.param.dtype))
+        return hit[1], hit[2]
+
+    def _state_shape(self, g_int, unit, name):
+        shapes = self._shapes(g_int, unit)
+        rows, cols, vector = factored.state_sizes(shapes)
+        size = {"row_var": rows, "col_var": cols, "variance": vector}[name]
+        if isinstance(g_int["source"], ParamSet):
+            return (size,)
+        (shape,) = shapes
+        if name == "variance" or not size:
+            return shape if size else (0,)
+        return (*shape[:-1], 1) if name == "row_var" else (*shape[:-2], 1, shape[-1])
+
+    # ------------------------------------------------------------------ checks
+    def add_param_group(self, param_group):
+        """``Optimizer.add_param_group``, then the group is taken back unless every unit is a
+        float32/float64 array on a backend Adafactor runs on (device arrays: known now)."""
+        super().add_param_group(param_group)
+        try:
+            for u in self._groups[-1]["units"]:
+                if u.backend is not None:
+                    self._check_backend(u)
+                self._check_dtype(u, u.param.dtype)
+        except (TypeError, RuntimeError):
+            self.param_groups.pop()
+            self._groups.pop()
+            raise
+
+    def _check_backend(self, unit):
+        if unit.backend.name not in _BACKENDS:
+            raise RuntimeError(
+                f"Adafactor runs on the {' and '.join(_BACKENDS)} backends; {unit.label} is on "
+                f"{unit.backend.name!r}"
+            )
+
+    def _check_dtype(self, unit, dtype, what="has"):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(
+                f"{unit.label} {what} dtype {dtype}; Adafactor updates float32 and float64 "
+                "parameters"
+            )
+
+    def _check_unit(self, unit, grad):
+        self._check_backend(unit)
+        if grad.dtype != unit.param.dtype:
+            raise TypeError(
+                f"gradient for {unit.label} has dtype {grad.dtype}, the parameter "
+                f"{unit.param.dtype}; Adafactor needs gradients of the parameter's dtype"
+            )
+        storage = precision.storage_of(self.precision, unit.param, grad)
+        if not precision.is_plain(storage):
+            raise TypeError(
+                f"{unit.label}: Adafactor keeps its state in the parameter's dtype (float32 or "
+                f"float64); state {storage.state}, master weights {storage.master} are not "
+                "supported"
+            )
+
+    # ------------------------------------------------------------------ state
+    def _allocate(self, group, unit, names, lr, stream=None):
+        sizes = dict(zip(STATE_NAMES, factored.state_sizes(self._unit_shapes(unit))))
+        for n in names:
+            unit.state[n] = unit.backend.zeros(sizes[n], unit.param.dtype, like=unit.param)
+        unit.state["step"] = 0
+
+    def _unit_shapes(self, unit):
+        g_int = next(g for g in self._groups if any(u is unit for u in g["units"]))
+        return self._shapes(g_int, unit)
+
+    # ------------------------------------------------------------------ step
+    def _step_scalars(self, group, unit, step, lr):
+        """(h, h64): the element scalars ``factored.H_FIELDS`` in the parameter dtype and the
+        segment scalars ``factored.H64_FIELDS`` in float64, for the ``step``-th step."""
+        st = unit.scalar_type
+        eps1, eps2 = group["eps"]
+        if eps1 is None:
+            eps1 = float(np.finfo(unit.param.dtype).eps)
+        w = float(step) ** group["beta2_decay"]
+        wd = group["weight_decay"]
+        decay = 1 - lr * wd if wd != 0 else 1.0
+        h = (
+            st(maximize_sign(group)),
+            st(w),
+            st(1.0) - st(w),  # torch's lerp takes 1 - w in the tensor's dtype
+            st(eps1),
+            st(eps1 * eps1),
+            st(decay),
+            st(1.0),
+        )
+        rho = min(lr, 1 / (float(step) ** 0.5))
+        return h, (float(eps2), rho, float(group["d"]))
+
+    def step(self, grads=None, *, grad_scale=None):
+        """One update of every parameter whose gradient is given (see ``Optimizer.step``):
+        gradient scaling, clipping and non-finite skipping as there, then one kernel run of five
+        phases per unit. Everything is checked before anything is written."""
+        plan = self._plan(grads)
+        for _, _, _, work in plan:
+            for unit, grad in work:
+                self._check_unit(unit, grad)
+        scales = self._grad_scales(plan, grad_scale)
+        if scales is None:
+            return
+        launches = []
+        for group, g_int, lr, work in plan:
+            for unit, grad in work:
+                layout, scratch = self._layout(g_int, unit)
+                if not unit.state:
+                    self._allocate(group, unit, g_int["state_names"], lr)
+                step = unit.state["step"] + 1
+                h, h64 = self._step_scalars(group, unit, step, lr)
+                launches.append((group, g_int, lr, unit, grad, step, h, h64, layout, scratch))
+        for group, g_int, lr, unit, grad, step, h, h64, layout, scratch in launches:
+            state = unit.state
+            if unit.backend.name == "numpy":
+                reference.adafactor(
+                    unit.param,
+                    reference.transformed_grad(grad, scales[0], scales[1]),
+                    state,
+                    step=step,
+                    shapes=self._shapes(g_int, unit),
+                    **self.hyperparameters(group, lr),
+                )
+            else:
+                st = unit.scalar_type
+                factored.step(
+                    unit.param,
+                    grad,
+                    *(state[n] for n in STATE_NAMES),
+                    h,
+                    h64,
+                    (st(scales[0]), st(scales[1])),
+                    layout,
+                    scratch,
+                )
+            state["step"] = step
+        self._count_step(plan)

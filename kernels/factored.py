@@ -1,0 +1,394 @@
+"""Adafactor's factored second moments over a flat buffer of segments: the work layout and the
+Numba CPU kernel of its five phases.
+
+A *segment* is one parameter tensor in a flat buffer (a ParamSet's ``offsets``; a plain array is
+one segment). A segment of 2 or more dimensions, shape ``(*batch, m, n)``, is *factored*: each of
+its ``B = prod(batch)`` matrices keeps ``m`` row and ``n`` column second moments (``row_var``,
+``col_var``); a vector or scalar keeps one per element (``variance``). :func:`plan` cuts every
+matrix into tiles of at most ``TILE_ROWS x TILE_COLS`` and every vector into pieces of at most
+``REDUCTION_CHUNK`` elements, counted from the segment's start, so a tensor's sums do not depend
+on where it lies in the buffer (a list of arrays and a ParamSet of the same arrays give the same
+bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one kernel call
+(:func:`kernel`) of five parallel loops, each ending in a barrier, whatever the number of tensors:
+
+0. per tile, the partial row sums (one per tile row) and column sums (one per tile column) of
+   ``g^2`` in float64, into ``rowpart``/``colpart``;
+1. per matrix, each row's partials added in tile order, ``/ n``, lerped into ``row_var``; the
+   same for the columns (``/ m``) into ``col_var``; ``bmean`` = max(mean of the new row_var,
+   eps1);
+2. per item, the sums of ``p^2`` and ``u^2`` in float64, ``u`` the unscaled update
+   ``g / max(sqrt(v), eps1)`` with ``v = row_var * col_var / bmean`` (or the lerped
+   ``variance`` of a vector, not stored yet);
+3. per segment, its items' sums added in item order, then its step
+   ``scale = -max(eps2, RMS(p)) * rho / max(1, RMS(u) / d)`` (torch.optim.Adafactor);
+4. per item, ``p = p * decay + scale * u`` (and a vector's ``variance`` stored).
+
+Every element's arithmetic is in the parameter dtype (as torch's), every sum in float64 in an
+order that depends only on the segment's shape: identical bits for any thread count. Numba CPU
+only: the GPU backends are refused by ``fastopt.optim.Adafactor`` by name.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .layout import REDUCTION_CHUNK
+
+TILE_COLS = 256
+"""Columns of a tile (a power of two: the lanes of the per-item sums)."""
+TILE_ROWS = max(1, REDUCTION_CHUNK // TILE_COLS)
+VECTOR_CHUNK = REDUCTION_CHUNK
+
+# Columns of the item table (one row per tile or vector piece).
+KIND, SEG, LO, ROWS, COLS, LD, RV, CV, BATCH, RP, CP, NCB, NRB, VO = range(14)
+ITEM_FIELDS = 14
+# Columns of the batch table (one row per matrix of a factored segment).
+B_RV, B_M, B_CV, B_N, B_RP, B_CP, B_NCB, B_NRB = range(8)
+BATCH_FIELDS = 8
+PARALLEL_THRESHOLD = 1 << 15
+"""Buffers with fewer elements run the serial kernel (a parallel launch costs more than them)."""
+# The element scalars ``h`` (parameter dtype): gsign, w, 1 - w, eps1, eps1^2, decay, 1.
+H_FIELDS = ("gsign", "w", "one_minus_w", "eps1", "eps1_sq", "decay", "one")
+# The segment scalars ``h64`` (float64): eps2, rho, d.
+H64_FIELDS = ("eps2", "rho", "d")
+
+
+def factored(shape):
+    """True when a tensor of ``shape`` keeps row and column factors (2 or more dimensions)."""
+    return len(shape) >= 2
+
+
+def state_sizes(shapes):
+    """(rows, cols, vector elements): the lengths of ``row_var``, ``col_var`` and ``variance``
+    of a buffer of tensors of ``shapes``: m + n values per matrix, one per vector element."""
+    r = c = v = 0
+    for shape in shapes:
+        if factored(shape):
+            b = math.prod(shape[:-2])
+            r += b * shape[-2]
+            c += b * shape[-1]
+        else:
+            v += math.prod(shape)
+    return r, c, v
+
+
+def plan(shapes):
+    """The work layout of a flat buffer holding tensors of ``shapes`` back to back (in order,
+    from element 0): a dict of int64 tables ``items`` (tiles and pieces, segment by segment),
+    ``batches`` (one row per matrix), ``first`` (segment ``s``'s items are ``first[s] ..
+    first[s + 1] - 1``) and ``numel``, and the sizes ``rows``, ``cols``, ``vector``,
+    ``rowpart``, ``colpart``."""
+    items, batches, first, numel = [], [], [0], []
+    lo = rv = cv = vo = rp = cp = 0
+    for s, shape in enumerate(shapes):
+        size = math.prod(shape)
+        if factored(shape):
+            m, n = shape[-2], shape[-1]
+            nb = math.prod(shape[:-2])
+            nrb, ncb = -(-m // TILE_ROWS), -(-n // TILE_COLS)
+            for b in range(nb):
+                q = len(batches)
+                batches.append((rv, m, cv, n, rp, cp, ncb, nrb))
+                base = lo + b * m * n
+                for rb in range(nrb):
+                    r0 = rb * TILE_ROWS
+                    for cb in range(ncb):
+                        c0 = cb * TILE_COLS
+                        items.append(
+                            (
+                                1,
+                                s,
+                                base + r0 * n + c0,
+                                min(TILE_ROWS, m - r0),
+                                min(TILE_COLS, n - c0),
+                                n,
+                                rv + r0,
+                                cv + c0,
+                                q,
+                                rp + r0 * ncb + cb,
+                                cp + c0 * nrb + rb,
+                                ncb,
+                                nrb,
+                                0,
+                            )
+                        )
+                rv, cv = rv + m, cv + n
+                rp, cp = rp + m * ncb, cp + n * nrb
+        else:
+            for k0 in range(0, size, VECTOR_CHUNK):
+                k1 = min(size, k0 + VECTOR_CHUNK)
+                items.append((0, s, lo + k0, 1, k1 - k0, 0, 0, 0, 0, 0, 0, 0, 0, vo + k0))
+            vo += size
+        lo += size
+        first.append(len(items))
+        numel.append(size)
+    return {
+        "items": np.array(items, np.int64).reshape(-1, ITEM_FIELDS),
+        "batches": np.array(batches, np.int64).reshape(-1, BATCH_FIELDS),
+        "first": np.array(first, np.int64),
+        "numel": np.array(numel, np.int64),
+        "rows": rv,
+        "cols": cv,
+        "vector": vo,
+        "rowpart": rp,
+        "colpart": cp,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases (compiled on first use, cached on disk; numba's cache follows this file).
+
+_inline = njit(inline="always", cache=True, error_model="numpy")
+_helper = njit(cache=True, error_model="numpy")
+
+
+@_inline
+def _grad(g, gs):
+    """``transformed_grad``: ``g * gscale``, then clipped to [-clip, clip] when ``clip > 0``."""
+    x = g * gs[0]
+    if gs[1] > 0:
+        if x < -gs[1]:
+            x = -gs[1]
+        elif x > gs[1]:
+            x = gs[1]
+    return x
+
+
+@_inline
+def _lerp(a, b, w, one_minus_w):
+    """torch.lerp: ``a + w (b - a)`` for w < 0.5, else ``b - (b - a)(1 - w)``."""
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * one_minus_w
+
+
+@_inline
+def _update(g, v, h):
+    """torch's ``rsqrt(clamp_min(v, eps1^2)) * g`` for the ascent-signed gradient ``g``
+    (NaN stays NaN)."""
+    if v < h[4]:
+        v = h[4]
+    return (h[6] / np.sqrt(v)) * (h[0] * g)
+
+
+@_inline
+def _pow2(n):
+    """The least power of two >= n."""
+    m = 1
+    while m < n:
+        m *= 2
+    return m
+
+
+@_inline
+def _tree(t, n):
+    """The sum of ``t[:n]`` (``n`` a power of two) by pairwise halving, ``t[j] += t[j + half]``
+    for half = n/2, ..., 1 (each level a vector loop); the order depends on ``n`` alone."""
+    half = n // 2
+    while half > 0:
+        for j in range(half):
+            t[j] += t[j + half]
+        half //= 2
+    return t[0]
+
+
+@_helper
+def _tile_partials(k, g, gs, items, rowpart, colpart):
+    """Row and column sums of g^2 over tile ``k``: each row's squares summed by :func:`_tree`,
+    each column's added row by row."""
+    lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
+    rp, cp, ncb, nrb = items[k, RP], items[k, CP], items[k, NCB], items[k, NRB]
+    n = _pow2(cols)
+    t = np.zeros(n, np.float64)
+    col = np.zeros(cols, np.float64)
+    for i in range(rows):
+        e = lo + i * ld
+        for j in range(cols):
+            x = np.float64(_grad(g[e + j], gs))
+            t[j] = x * x
+        for j in range(cols):
+            col[j] += t[j]
+        rowpart[rp + i * ncb] = _tree(t, n)  # writes t[:n/2] only: t[cols:] stays 0
+    for j in range(cols):
+        colpart[cp + j * nrb] = col[j]
+
+
+@_helper
+def _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h):
+    rv, m, cv, n = batches[q, B_RV], batches[q, B_M], batches[q, B_CV], batches[q, B_N]
+    rp, cp, ncb, nrb = batches[q, B_RP], batches[q, B_CP], batches[q, B_NCB], batches[q, B_NRB]
+    acc = 0.0
+    for i in range(m):
+        s = 0.0
+        for c in range(ncb):
+            s += rowpart[rp + i * ncb + c]
+        r = _lerp(row_var[rv + i], row_var.dtype.type(s / n), h[1], h[2])
+        row_var[rv + i] = r
+        acc += np.float64(r)
+    mean = bmean.dtype.type(acc / m)
+    bmean[q] = mean if mean >= h[3] or mean != mean else h[3]
+    for j in range(n):
+        s = 0.0
+        for c in range(nrb):
+            s += colpart[cp + j * nrb + c]
+        col_var[cv + j] = _lerp(col_var[cv + j], col_var.dtype.type(s / m), h[1], h[2])
+
+
+@_inline
+def _squares(p, g, gs, h, e, v):
+    """(p^2, u^2) of element ``e`` in float64, ``v`` its variance estimate."""
+    x = np.float64(p[e])
+    u = np.float64(_update(_grad(g[e], gs), v, h))
+    return x * x, u * u
+
+
+@_inline
+def _vector_squares(p, g, gs, h, e, var):
+    """:func:`_squares` of a vector element, ``var`` its variance before this step's lerp."""
+    gj = _grad(g[e], gs)
+    x = np.float64(p[e])
+    u = np.float64(_update(gj, _lerp(var, gj * gj, h[1], h[2]), h))
+    return x * x, u * u
+
+
+@_helper
+def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
+    """Sums of p^2 and u^2 over item ``k``: element ``j`` of each tile row (of each run of
+    ``TILE_COLS`` elements of a vector piece) into lane ``j``, then :func:`_tree` over the
+    lanes; the order depends on the item's shape alone."""
+    lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
+    if items[k, KIND] == 1:
+        n = _pow2(cols)
+        ap = np.zeros(n, np.float64)
+        au = np.zeros(n, np.float64)
+        rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
+        for i in range(rows):
+            e = lo + i * ld
+            r = row_var[rv + i]
+            for j in range(cols):
+                x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
+                ap[j] += x
+                au[j] += y
+    else:
+        n = TILE_COLS
+        ap = np.zeros(n, np.float64)
+        au = np.zeros(n, np.float64)
+        vo = items[k, VO]
+        for base in range(0, cols, n):
+            for j in range(min(n, cols - base)):
+                x, y = _vector_squares(p, g, gs, h, lo + base + j, variance[vo + base + j])
+                ap[j] += x
+                au[j] += y
+    part[k, 0] = _tree(ap, n)
+    part[k, 1] = _tree(au, n)
+
+
+@_helper
+def _segment_scale(s, first, numel, part, h64, scale):
+    sp = 0.0
+    su = 0.0
+    for k in range(first[s], first[s + 1]):
+        sp += part[k, 0]
+        su += part[k, 1]
+    n = numel[s]
+    if n == 0:
+        scale[s] = 0.0
+        return
+    root = math.sqrt(n)
+    alpha = max(h64[0], math.sqrt(sp) / root) * h64[1]
+    scale[s] = -alpha / max(1.0, math.sqrt(su) / (root * h64[2]))
+
+
+@_helper
+def _item_apply(k, p, g, gs, h, items, row_var, col_var, bmean, variance, scale):
+    lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
+    a = scale[items[k, SEG]]
+    decay = h[5]
+    if items[k, KIND] == 1:
+        rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
+        u = np.empty(cols, p.dtype)  # the row's update first: both loops then vectorize
+        for i in range(rows):
+            e = lo + i * ld
+            r = row_var[rv + i]
+            for j in range(cols):
+                u[j] = _update(_grad(g[e + j], gs), r * col_var[cv + j] / bm, h)
+            for j in range(cols):
+                p[e + j] = p[e + j] * decay + a * u[j]
+    else:
+        vo = items[k, VO]
+        for j in range(cols):
+            gj = _grad(g[lo + j], gs)
+            v = _lerp(variance[vo + j], gj * gj, h[1], h[2])
+            variance[vo + j] = v
+            p[lo + j] = p[lo + j] * decay + a * _update(gj, v, h)
+
+
+indices = range
+"""The loop range of :func:`_phases` (rebound to ``prange`` in the parallel kernel)."""
+
+
+def _phases(p, g, gs, h, h64, items, batches, first, numel, rowpart, colpart, row_var,
+            col_var, bmean, variance, part, scale):  # fmt: skip
+    """The five phases in order, each a loop over ``indices`` (``prange`` or ``range``, bound
+    by :func:`kernel`): the end of each loop is a barrier before the next."""
+    for t in indices(items.shape[0]):
+        if items[t, KIND] == 1:
+            _tile_partials(t, g, gs, items, rowpart, colpart)
+    for q in indices(batches.shape[0]):
+        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h)
+    for t in indices(items.shape[0]):
+        _item_sums(t, p, g, gs, h, items, row_var, col_var, bmean, variance, part)
+    for s in indices(numel.size):
+        _segment_scale(s, first, numel, part, h64, scale)
+    for t in indices(items.shape[0]):
+        _item_apply(t, p, g, gs, h, items, row_var, col_var, bmean, variance, scale)
+
+
+_KERNELS = {}
+
+
+def kernel(parallel):
+    """:func:`_phases` compiled with ``numba.njit`` (``prange`` loops, without loop fusion, when
+    ``parallel``; serial loops else), on first use, cached on disk."""
+    k = _KERNELS.get(parallel)
+    if k is None:
+        from .compile_rules import rebind
+
+        glb = dict(globals(), indices=prange if parallel else range)
+        name = "adafactor_phases" + ("" if parallel else "_serial")
+        options = {"fusion": False} if parallel else False
+        k = njit(parallel=options, cache=True, nogil=True, error_model="numpy")(
+            rebind(_phases, glb, name)
+        )
+        _KERNELS[parallel] = k
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def scratch(layout, dtype):
+    """The per-step scratch arrays of a buffer with ``layout`` (:func:`plan`) and parameters of
+    ``dtype``: ``rowpart``, ``colpart``, ``part`` (float64), ``bmean`` and ``scale``."""
+    return {
+        "rowpart": np.zeros(layout["rowpart"]),
+        "colpart": np.zeros(layout["colpart"]),
+        "part": np.zeros((layout["items"].shape[0], 2)),
+        "bmean": np.zeros(layout["batches"].shape[0], dtype),
+        "scale": np.zeros(layout["numel"].size, dtype),
+    }
+
+
+def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
+    """One Adafactor update of the flat buffer ``p`` with gradient ``g`` in place: the five
+    phases of :func:`kernel` in one call. ``h``: the element scalars ``H_FIELDS`` and ``gs`` the
+    gradient (scale, clip), both in the parameter dtype; ``h64``: ``H64_FIELDS`` in float64;
+    ``work``: :func:`scratch`."""
+    kernel(p.size >= PARALLEL_THRESHOLD)(
+        p, g, gs, h, h64,
+        layout["items"], layout["batches"], layout["first"], layout["numel"],
+        work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
+        work["part"], work["scale"],
+    )  # fmt: skip
