@@ -247,3 +247,58 @@ def test_cuda_simulator_equals_cpu_bit_for_bit():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(ok) == 8 and all(ok.values()), ok
+
+
+@pytest.mark.parametrize("paramset", [True, False], ids=["paramset", "list"])
+def test_novograd_per_tensor_state_round_trips(paramset, tmp_path):
+    """NovoGrad's exp_avg_sq holds one value per tensor: state_dict gives it that shape, a
+    checkpoint restores it and training continues bit for bit; a wrong length is refused."""
+    import fastopt as fo
+
+    shapes = {"a": (4, 5), "b": (7,), "c": (3, 2)}
+    rng = np.random.default_rng(2)
+
+    def build():
+        arrays = {
+            k: np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s)
+            for k, s in shapes.items()
+        }
+        params = fo.ParamSet(arrays) if paramset else arrays
+        return params, fo.NovoGrad(params, lr=0.01)
+
+    grads = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(6)
+    ]
+
+    def step(params, opt, g):
+        if paramset:
+            for k in shapes:
+                params.grads[k][...] = g[k]
+            opt.step()
+        else:
+            opt.step(g)
+
+    p1, o1 = build()
+    for g in grads[:3]:
+        step(p1, o1, g)
+    sd = o1.state_dict()
+    seg = [e["exp_avg_sq"].shape for e in sd["state"].values()]
+    assert seg == ([(3,)] if paramset else [(1,)] * 3)
+    fo.save(tmp_path / "n", params=p1 if paramset else dict(p1), optimizer=o1)
+    p2, o2 = build()
+    fo.load(tmp_path / "n").restore(params=p2 if paramset else dict(p2), optimizer=o2)
+    for g in grads[3:]:
+        step(p1, o1, g)
+        step(p2, o2, g)
+    for k in shapes:
+        assert p1[k].tobytes() == p2[k].tobytes()
+    bad = o1.state_dict()
+    first = next(iter(bad["state"]))
+    bad["state"][first]["exp_avg_sq"] = np.zeros(5, np.float32)
+    before = o2.state_dict()
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        o2.load_state_dict(bad)
+    assert (
+        o2.state_dict()["state"][first]["exp_avg_sq"].tobytes()
+        == before["state"][first]["exp_avg_sq"].tobytes()
+    )

@@ -27,6 +27,7 @@ class NovoGrad(SegmentedOptimizer):
 
     algorithm = "novograd"
     segment_state = "exp_avg_sq"
+    state_like_params = False  # exp_avg_sq: one value per tensor (not in fastopt.torch)
 
     hyperparameter_table = revise(LAMB.hyperparameter_table, betas=(0.9, 0.25))
     """LAMB's rows (optax.novograd takes the same arguments) with its betas (0.9, 0.25)."""

@@ -126,6 +126,12 @@ class SegmentedOptimizer(Optimizer):
                 f"{unit.label} is on {name!r}"
             )
 
+    def _state_shape(self, g_int, unit, name):
+        """The per-tensor state (``segment_state``) has one value per segment."""
+        if name == self.segment_state:
+            return (len(self._segments(g_int, unit)),)
+        return unit.shape
+
     def _allocate(self, group, unit, names, lr, stream=None):
         super()._allocate(group, unit, names, lr, stream)
         if self.segment_state is not None:

@@ -109,6 +109,9 @@ def _checked_entry(opt, entry, names, group, g_int, unit, index):
         raise ValueError(f"state[{index}] is not a state entry with a 'step'")
     opt._ensure_backend(unit)
     slots = precision.slot_dtypes(opt.precision, unit.param, names)
+    per_tensor = getattr(opt, "segment_state", None)  # NovoGrad's one value per tensor
+    if per_tensor is not None:
+        slots[per_tensor] = np.dtype(unit.param.dtype)
     int8 = {k: v for k, v in slots.items() if precision.is_quantized(v)}
     expected = set(slots) | set(opt._initial_scalar_state(group)) | {"step"}
     expected |= {k + suffix for k in int8 for suffix in INT8_SUFFIXES}
