@@ -20,8 +20,10 @@ moved parameters and load the old one's ``state_dict()``.
 
 import weakref
 
+import numpy as np
 import torch
 
+from .. import arrays
 from ..memory import aligned_zeros
 from ..paramset import ParamSet
 
@@ -165,11 +167,31 @@ class FlatBuffer:
 
 
 def allocate(n, dtype, device, pin_memory):
-    """A zeroed 1-D buffer: host buffers cache-line (and huge-page) aligned through
-    ``fastopt.memory``, or pinned for copies to and from a GPU; device buffers from torch."""
+    """A zeroed 1-D buffer of ``n`` elements of ``dtype`` (a torch or NumPy dtype): host
+    buffers cache-line (and huge-page) aligned through ``fastopt.memory``, or pinned for copies
+    to and from a GPU; device buffers from torch."""
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
     if device.type == "cpu" and not pin_memory:
+        if dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, viewed
+            return torch.from_numpy(aligned_zeros(n, np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(aligned_zeros(n, torch.empty((), dtype=dtype).numpy().dtype))
     return torch.zeros(n, dtype=dtype, device=device, pin_memory=pin_memory)
+
+
+def as_tensor(a, device):
+    """The values of a backend array (NumPy, ``ml_dtypes.bfloat16`` included, or a CUDA array)
+    as a torch tensor on ``device`` (zero-copy where it can be)."""
+    if isinstance(a, np.ndarray):
+        if arrays.storage_name(a.dtype) == "bfloat16":
+            a = np.ascontiguousarray(a)
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16).to(device)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return torch.as_tensor(a, device=device)
+
+
+def torch_dtype(dtype):
+    """The torch dtype of a NumPy dtype (``ml_dtypes.bfloat16`` -> ``torch.bfloat16``)."""
+    return as_tensor(np.empty(0, dtype), "cpu").dtype
 
 
 def _adopt(params, names):

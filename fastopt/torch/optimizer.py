@@ -18,7 +18,8 @@ import inspect
 import numpy as np
 import torch
 
-from .flat import FlatBuffer, allocate, check_param
+from .. import arrays
+from .flat import FlatBuffer, allocate, as_tensor, check_param
 
 _LAYOUT_CACHE = 16
 """Core optimizers kept per distinct layout of runs (usually one is ever used)."""
@@ -64,10 +65,18 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     Takes the hyperparameters of its fastopt class (``core_class``) with the same defaults, and
     its options as keywords: ``max_grad_norm``, ``max_grad_value``, ``skip_nonfinite``,
-    ``backend``, and the precision options (``state_dtype``, ``master_weights``,
-    ``stochastic_rounding``), which are passed to the fastopt class unchanged (it accepts them
-    once fastopt's storage-precision support is in). ``skipped_steps``, ``last_step_taken`` and
+    ``backend``, ``stream``, and the storage precision options (``state_dtype``,
+    ``master_weights``, ``stochastic_rounding``, ``seed``; :mod:`fastopt.optim.precision`),
+    passed to the fastopt class unchanged. ``skipped_steps``, ``last_step_taken`` and
     ``last_grad_norm`` are the core's, as in :class:`fastopt.optim.Optimizer`.
+
+    bfloat16/float16 parameters: the state is kept in the parameter's dtype by default, as
+    torch.optim keeps it; ``state_dtype="float32"`` keeps it in float32, ``master_weights=True``
+    keeps a float32 copy of each 16-bit parameter (and float32 state), which ``state_dict()``
+    holds as ``"master_param"`` (:data:`fastopt.optim.precision.MASTER`) beside torch's entries.
+    State tensors keep their dtype through ``load_state_dict`` (torch's loader would round them
+    to the parameter's); a state saved by ``torch.optim`` starts the master copy from the
+    16-bit parameter.
     """
 
     core_class = None
@@ -229,7 +238,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         out = {}
         for name, t in self._tensors[k].items():
             part = t[lo:hi]
-            out[name] = part.numpy() if unit.device is None else unit.backend.native(part)
+            out[name] = arrays.host_view(part) if unit.device is None else unit.backend.native(part)
         return out
 
     def _harvest(self, unit, k, i, j):
@@ -241,15 +250,18 @@ class FastoptOptimizer(torch.optim.Optimizer):
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in unit.state.items():
                 if hasattr(a, "shape"):
-                    self._state_tensor(k, name)[lo:hi].copy_(torch.as_tensor(a, device=buf.device))
+                    self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
             self._version += 1
         self._records[k][i:j] = [record] * (j - i)
 
-    def _state_tensor(self, k, name):
+    def _state_tensor(self, k, name, dtype):
+        """Bucket ``k``'s flat tensor of state ``name``, allocated in ``dtype`` (the core's
+        storage dtype of that slot: the parameter's, ``state_dtype``'s or float32 for master
+        weights) on first use."""
         tensors = self._tensors[k]
         if name not in tensors:
             flat = self._buckets[k][1].flat
-            tensors[name] = allocate(flat.numel(), flat.dtype, flat.device, flat.is_pinned())
+            tensors[name] = allocate(flat.numel(), dtype, flat.device, flat.is_pinned())
         return tensors[name]
 
     # ------------------------------------------------------------------ state
@@ -275,11 +287,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``: a state saved by ``torch.optim.X`` or ``fastopt.torch.X``.
         Everything is checked (by torch, then by the fastopt core: state names, shapes, steps,
         hyperparameters) before the optimizer changes; on an error it is left as it was."""
-        from .state import install_state
+        from .state import install_state, keep_saved_dtypes
 
         old_state, old_groups = self.state, self.param_groups
         super().load_state_dict(state_dict)
         try:
+            keep_saved_dtypes(self, state_dict)
             install_state(self)
         except Exception:
             self.state, self.param_groups = old_state, old_groups
