@@ -191,8 +191,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 u.state = self._views(u, k, i, j)
             u.state.update(record or ())
         self._cores[key] = (core, self._version)
-        with _torch_stream_order(self._buckets):
-            core.step()
+        core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
         self.last_grad_norm = core.last_grad_norm
         self.last_step_taken = core.last_step_taken
         if not core.last_step_taken:
@@ -302,24 +301,3 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self.state.clear()
         self._publish_state()
 
-
-class _torch_stream_order:
-    """Order the kernels (launched on the legacy default stream by fastopt's numba-cuda backend)
-    after the work queued on torch's current stream of each CUDA bucket, and that stream's later
-    work after them, without a host synchronisation. A no-op on the CPU and on the default stream.
-    """
-
-    def __init__(self, buckets):
-        self.pairs = []
-        for dev in {buf.device for _, buf in buckets if buf.device.type == "cuda"}:
-            current, default = torch.cuda.current_stream(dev), torch.cuda.default_stream(dev)
-            if current != default:
-                self.pairs.append((current, default))
-
-    def __enter__(self):
-        for current, default in self.pairs:
-            default.wait_stream(current)
-
-    def __exit__(self, *exc):
-        for current, default in self.pairs:
-            current.wait_stream(default)
