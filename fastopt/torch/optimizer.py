@@ -150,9 +150,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none=True):
-        """torch's ``zero_grad``: ``.grad`` to None (the default; the next step copies the new
-        gradients into the flat buffer), or, with ``set_to_none=False``, one fill of each flat
-        gradient buffer, after which backward accumulates straight into it."""
+        """torch's ``zero_grad``: ``.grad`` to None (the default; the next step copies the fresh
+        gradients of the next backward into the flat buffer, in one pass, and attaches its
+        views), or, with ``set_to_none=False``, one fill of each flat gradient buffer, after
+        which backward accumulates straight into it."""
         for _, buf in self._buckets:
             buf.zero_grad(set_to_none)
         for _, p in self._frozen:
@@ -204,6 +205,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _runs(self, k, present):
         """[(i, j)]: maximal ranges of consecutive params with gradients and equal scalar state."""
         records, runs, start = self._records[k], [], None
+        if all(present) and records.count(records[0]) == len(records):  # the usual case
+            return [(0, len(records))]
         for i, has in enumerate(present):
             if start is not None and not (has and records[i] == records[start]):
                 runs.append((start, i))
@@ -300,4 +303,3 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._version += 1
         self.state.clear()
         self._publish_state()
-
