@@ -173,3 +173,38 @@ def test_cpu_offload_of_a_bf16_model_equals_master_weights():
     sd = plain.state_dict()["state"]
     for i, m in enumerate(off.masters):
         assert torch.equal(m.detach(), sd[i]["master_param"])
+
+
+def test_cpu_offload_state_dict_carries_the_masters():
+    """A CPUOffload state of a bf16 model holds each master as ``master_param``, the format of
+    ``master_weights=True``: it restores the masters exactly and loads into the plain optimizer
+    (and back); a state without masters (torch's) takes them from the device parameters."""
+    ma, mb = mlp(), mlp()
+    off = fot.CPUOffload(fot.AdamW, ma.parameters(), lr=1e-2)
+    train(((ma, off),), 3)
+    sd = copy.deepcopy(off.state_dict())
+    assert all(torch.equal(sd["state"][i]["master_param"], m) for i, m in enumerate(off.masters))
+    mb.load_state_dict(ma.state_dict())
+    plain = fot.AdamW(mb.parameters(), lr=1e-2, master_weights=True)
+    plain.load_state_dict(sd)
+    mc = copy.deepcopy(ma)
+    off2 = fot.CPUOffload(fot.AdamW, mc.parameters(), lr=1e-2)
+    off2.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(off.masters, off2.masters))
+    train(((ma, off), (mb, plain), (mc, off2)), 3, seed=2)
+    assert_same_bits(ma, mb)
+    assert_same_bits(ma, mc)
+
+    mt = mlp()
+    ot = torch.optim.AdamW(mt.parameters(), lr=1e-2, fused=True)
+    train(((mt, ot),), 2)
+    mo = mlp()
+    off3 = fot.CPUOffload(fot.AdamW, mo.parameters(), lr=1e-2)
+    with torch.no_grad():
+        for p in mo.parameters():
+            p.add_(1.0)  # the model's weights change after the optimizer was built
+    off3.load_state_dict(copy.deepcopy(ot.state_dict()))
+    for m, p in zip(off3.masters, mo.parameters()):
+        assert torch.equal(m, p.detach().float())
+    exp_avg = off3.inner.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(exp_avg, ot.state[next(mt.parameters())]["exp_avg"].float())
