@@ -174,6 +174,13 @@ def test_fresh_gradients_are_copied_in_one_pass(monkeypatch):
     assert all(p.grad is v for p, v in zip(model.parameters(), buf.grad_views))
     for p, b, g in zip(model.parameters(), before, sums):
         assert torch.allclose(p, b - 0.1 * g)
+    for dtype in (torch.float32, torch.bfloat16):  # large gradients: copied through NumPy
+        big = torch.nn.Parameter(torch.ones(1 << 15, dtype=dtype))
+        opt = fot.SGD([big], lr=0.5)
+        big.grad = torch.arange(1 << 15).to(dtype)
+        opt.step()
+        assert torch.equal(big.detach(), 1 - 0.5 * torch.arange(1 << 15).to(dtype))
+        assert big.grad is opt._buckets[0][1].grad_views[0]
 
 
 def test_a_parameter_without_gradient_is_skipped_like_torch():

@@ -34,6 +34,8 @@ from ..memory import aligned_zeros
 from ..paramset import ParamSet
 
 _GRAD = operator.attrgetter("grad")
+_THREADED_COPY = 1 << 15
+"""Elements from which torch's CPU copy_ runs on several threads (its grain size, 32768)."""
 _DATA_PTR = torch.Tensor.data_ptr
 
 _BUFFERS = weakref.WeakValueDictionary()
@@ -163,12 +165,20 @@ class FlatBuffer:
                     f"{g.device}; it must match its parameter"
                 )
         views = [self.grad_views[i] for i in indices]
-        with torch.no_grad():
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(views, [grads[i] for i in indices])
-            else:  # older torch: one copy per gradient
-                for view, i in zip(views, indices):
-                    view.copy_(grads[i])
+        small = list(zip(views, indices))
+        if self.device.type == "cpu":
+            # Large gradients as single-threaded NumPy copies: torch's multithreaded copy_ right
+            # after a Numba parallel step fights its idle workers for the cores (measured 2-3x
+            # slower on the transformer shapes); torch copies small tensors on one thread anyway.
+            small = []
+            for view, i in zip(views, indices):
+                if view.numel() < _THREADED_COPY:
+                    small.append((view, i))
+                else:
+                    np.copyto(arrays.torch_numpy(view), arrays.torch_numpy(grads[i].detach()))
+        if small:
+            with torch.no_grad():
+                torch._foreach_copy_([v for v, _ in small], [grads[i] for _, i in small])
         for i, view in zip(indices, views):
             self.params[i].grad = view
 
