@@ -5,9 +5,11 @@ Cases: ``transformer`` (the parameter shapes of a small transformer: embedding 8
 blocks of attention and MLP weights with LayerNorms and biases, the output layer; 197 tensors,
 5.2M parameters) and ``many_small`` (1000 tensors of 1000 elements). ``FASTOPT_BENCH_TORCH_SCALE``
 (default 1) divides the vocabulary and the widths for a quick run. Besides the steps, the host
-overhead of ``step()`` (197 tensors of 4 elements) and ``zero_grad()`` in both modes, and the cost
-of a step after ``zero_grad(set_to_none=True)`` (fresh gradient tensors copied into the flat
-buffer) are measured. Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
+overhead of ``step()`` (197 tensors of 4 elements) and ``zero_grad()`` in both modes, and a whole
+``zero_grad(); backward; step()`` cycle with ``set_to_none=True`` (``fastopt_fresh_grads``: autograd
+allocates fresh gradients) and ``False`` (``fastopt_kept_grads``: it accumulates into the flat
+buffer's views), and a step after assigning fresh gradient tensors by hand
+(``fastopt_assigned_grads``: the copy into the flat buffer alone) are measured. Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
 ``many_small``.
 
 Run: ``pytest bench/test_bench_torch.py --benchmark-disable -s`` (prints the table).
@@ -67,16 +69,31 @@ def measure(name):
         peers["torch_fused"] = fused_opt.step
     except (RuntimeError, ValueError):
         pass  # no fused CPU AdamW in this torch
-    copied = _params(shapes)
-    opt_copied = fot.AdamW(copied, lr=1e-3)
-    fresh = [p.grad.clone() for p in copied]
 
-    def step_after_set_to_none():
-        for p, g in zip(copied, fresh):
-            p.grad = g  # as autograd leaves them after zero_grad(set_to_none=True)
-        opt_copied.step()
+    def cycle(set_to_none):
+        params = _params(shapes)
+        opt, grads = fot.AdamW(params, lr=1e-3), [p.grad.clone() for p in params]
 
-    peers["fastopt_fresh_grads"] = step_after_set_to_none
+        def run():
+            # zero_grad, then autograd accumulates ``grads`` into each parameter's gradient as
+            # a backward pass would (without a forward graph to time), then the step
+            opt.zero_grad(set_to_none=set_to_none)
+            torch.autograd.backward(params, grad_tensors=grads)
+            opt.step()
+
+        return run
+
+    peers["fastopt_fresh_grads"] = cycle(True)
+    peers["fastopt_kept_grads"] = cycle(False)
+    assigned = _params(shapes)
+    opt_assigned, grads = fot.AdamW(assigned, lr=1e-3), [p.grad.clone() for p in assigned]
+
+    def step_after_assigning():
+        for p, g in zip(assigned, grads):
+            p.grad = g  # fresh tensors, as autograd leaves them after zero_grad(set_to_none=True)
+        opt_assigned.step()
+
+    peers["fastopt_assigned_grads"] = step_after_assigning
     opt_zero = fot.AdamW(_params(shapes), lr=1e-3)
     peers["zero_grad_none"] = lambda: opt_zero.zero_grad(set_to_none=True)
     peers["zero_grad_fill"] = lambda: opt_zero.zero_grad(set_to_none=False)

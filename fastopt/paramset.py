@@ -247,7 +247,7 @@ def _adopted_buffers(flat, grad_flat):
         if len(a.shape) != 1:
             raise ValueError(f"{label} must be 1-D, got shape {tuple(a.shape)}")
         if device == "cpu":  # device buffers are checked when an optimizer takes them
-            arrays.check_float_dtype(a.dtype, label)
+            arrays.check_storage_dtype(a.dtype, label)
             arrays.check_contiguous(a.flags.c_contiguous, label)
             arrays.check_writable(a.flags.writeable, label)
     if flat.shape != grad_flat.shape or str(flat.dtype) != str(grad_flat.dtype):

@@ -159,6 +159,36 @@ def test_parameters_and_gradients_live_in_the_flat_buffers():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_fresh_gradients_are_copied_in_one_pass(monkeypatch):
+    """After ``zero_grad(set_to_none=True)`` backward leaves fresh tensors (two passes
+    accumulate in them, as in torch); the step copies them into the flat buffer with one
+    ``torch._foreach_copy_`` call, attaches the views, and updates with the sum."""
+    model = mlp()
+    opt = fot.SGD(model.parameters(), lr=0.1)
+    ((_, buf),) = opt._buckets
+    calls, real = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: calls.append(len(d)) or real(d, s))
+    x = torch.randn(4, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    loss_of(model, x).backward()
+    loss_of(model, 2 * x).backward()
+    sums = [p.grad.clone() for p in model.parameters()]
+    assert not any(p.grad is v for p, v in zip(model.parameters(), buf.grad_views))
+    opt.step()
+    assert calls == [len(buf.params)]
+    assert all(p.grad is v for p, v in zip(model.parameters(), buf.grad_views))
+    for p, b, g in zip(model.parameters(), before, sums):
+        assert torch.allclose(p, b - 0.1 * g)
+    for dtype in (torch.float32, torch.bfloat16):  # large gradients: copied through NumPy
+        big = torch.nn.Parameter(torch.ones(1 << 15, dtype=dtype))
+        opt = fot.SGD([big], lr=0.5)
+        big.grad = torch.arange(1 << 15).to(dtype)
+        opt.step()
+        assert torch.equal(big.detach(), 1 - 0.5 * torch.arange(1 << 15).to(dtype))
+        assert big.grad is opt._buckets[0][1].grad_views[0]
+
+
 def test_a_parameter_without_gradient_is_skipped_like_torch():
     def run(cls):
         torch.manual_seed(0)

@@ -6,11 +6,16 @@ once); the module keeps using the same ``nn.Parameter`` object. A gradient is at
 ``param.grad = grad_flat[lo:hi].view(shape)``: autograd's AccumulateGrad then adds every later
 backward pass into that view in place (it only allocates a new ``.grad`` when the old one is
 None), so after ``zero_grad(set_to_none=False)`` gradients land straight in ``grad_flat``.
+
 ``zero_grad(set_to_none=True)`` (torch's default) sets ``.grad`` to None, as torch does, and the
-next backward allocates fresh tensors: :meth:`FlatBuffer.gather_grads` copies those into the
-buffer at the next step and re-attaches the views (one copy per gradient; the benchmark reports
-its cost). Keeping None semantics exact matters: torch skips a parameter whose ``.grad`` is None
-(no update, no weight decay, no state change).
+next backward gives each parameter it reaches a fresh tensor. :meth:`FlatBuffer.gather_grads`
+copies those into the buffer at the next step, in one ``torch._foreach_copy_`` call after one
+check per gradient, and attaches the views in their place (several backward passes before a
+step accumulate in the fresh tensors, as in torch, and are copied once). A parameter that
+backward did not reach keeps ``.grad = None`` and is skipped (no update, no weight decay, no state
+change), as torch skips it. Measured alternative, not taken: a post-accumulate-grad hook copying
+each fresh gradient during backward (it would free the fresh tensor sooner) costs a Python call
+from the autograd engine per parameter per backward, about 10 µs, several times the copy here.
 
 What must be redone after the parameters move (``model.to(other device or dtype)``,
 ``model.cuda()``, ``model.half()``, an assignment to ``param.data``): the optimizer notices that a
@@ -18,12 +23,20 @@ parameter no longer lives at its place in the buffer and raises; build a new opt
 moved parameters and load the old one's ``state_dict()``.
 """
 
+import operator
 import weakref
 
+import numpy as np
 import torch
 
+from .. import arrays
 from ..memory import aligned_zeros
 from ..paramset import ParamSet
+
+_GRAD = operator.attrgetter("grad")
+_THREADED_COPY = 1 << 15
+"""Elements from which torch's CPU copy_ runs on several threads (its grain size, 32768)."""
+_DATA_PTR = torch.Tensor.data_ptr
 
 _BUFFERS = weakref.WeakValueDictionary()
 """(device, first byte of the storage) -> the FlatBuffer that owns that storage: an optimizer built
@@ -55,7 +68,8 @@ class FlatBuffer:
     """Parameters of one device and dtype packed in ``flat``, their gradients in ``grad``.
 
     ``params``: the tensors, in buffer order; ``names``: labels for errors; ``offsets``: their
-    (start, stop) element ranges; ``grad_views``: the gradient views attached as ``.grad``;
+    (start, stop) element ranges; ``ptrs``: the address of each in ``flat``; ``grad_views``: the
+    gradient views attached as ``.grad``;
     ``paramset``: a :class:`fastopt.ParamSet` adopting both buffers (no copy). Built by
     :meth:`pack`; :meth:`slice` gives a sub-range as a ParamSet for a kernel call over part.
     """
@@ -70,7 +84,7 @@ class FlatBuffer:
             lo += p.numel()
         self.grad_views = [grad[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
         base, size = flat.data_ptr(), flat.element_size()
-        self._ptrs = [base + a * size for a, _ in self.offsets]
+        self.ptrs = [base + a * size for a, _ in self.offsets]
         self.device, self.dtype = flat.device, flat.dtype
         self.paramset = self.slice(0, len(self.params))
 
@@ -112,7 +126,9 @@ class FlatBuffer:
 
     def check_in_place(self):
         """RuntimeError naming the first parameter that no longer lives in the buffer."""
-        for p, ptr, name in zip(self.params, self._ptrs, self.names):
+        if list(map(_DATA_PTR, self.params)) == self.ptrs:  # one C-level pass: the usual case
+            return
+        for p, ptr, name in zip(self.params, self.ptrs, self.names):
             if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"{describe_param(p, name)} no longer lives in the optimizer's flat buffer "
@@ -121,35 +137,50 @@ class FlatBuffer:
                 )
 
     def gather_grads(self):
-        """Which params have a gradient (a list of bools), after checking each and copying the
-        ones autograd allocated anew (after ``zero_grad(set_to_none=True)``) into ``grad``,
-        re-attaching the views. Every check runs before the first copy."""
-        present, copies = [], []
-        for p, view, name in zip(self.params, self.grad_views, self.names):
-            g = p.grad
-            if g is None:
-                present.append(False)
-                continue
-            present.append(True)
-            if g is view:
-                continue
-            if g.layout != torch.strided:
+        """Which params have a gradient (a list of bools). Gradients that are not the buffer's
+        views (assigned by hand, or left with a graph by ``create_graph=True``) are checked, all
+        before the first write, then copied into ``grad`` in one pass, and the views attached."""
+        grads = list(map(_GRAD, self.params))
+        if all(map(operator.is_, grads, self.grad_views)):  # every view attached: the usual case
+            return [True] * len(grads)
+        fresh = [i for i, (g, v) in enumerate(zip(grads, self.grad_views)) if g is not v]
+        present = [g is not None for g in grads]
+        if fresh:
+            self._copy_in([i for i in fresh if present[i]], grads)
+        return present
+
+    def _copy_in(self, indices, grads):
+        # torch's .grad setter and autograd already guarantee the gradient's shape and device;
+        # its dtype may differ only where a parameter's grad_dtype allows it
+        for i in indices:
+            p, g, name = self.params[i], grads[i], self.names[i]
+            if g.layout is not torch.strided:
                 raise TypeError(
                     f"the gradient of {describe_param(p, name)} is sparse ({g.layout}); "
                     "fastopt.torch needs dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            if g.dtype is not p.dtype or g.shape != p.shape:
                 raise ValueError(
                     f"the gradient of {describe_param(p, name)} is {tuple(g.shape)}, {g.dtype}, "
                     f"{g.device}; it must match its parameter"
                 )
-            copies.append((p, view, g))
-        if copies:
+        views = [self.grad_views[i] for i in indices]
+        small = list(zip(views, indices))
+        if self.device.type == "cpu":
+            # Large gradients as single-threaded NumPy copies: torch's multithreaded copy_ right
+            # after a Numba parallel step fights its idle workers for the cores (measured 2-3x
+            # slower on the transformer shapes); torch copies small tensors on one thread anyway.
+            small = []
+            for view, i in zip(views, indices):
+                if view.numel() < _THREADED_COPY:
+                    small.append((view, i))
+                else:
+                    np.copyto(arrays.torch_numpy(view), arrays.torch_numpy(grads[i].detach()))
+        if small:
             with torch.no_grad():
-                for p, view, g in copies:
-                    view.copy_(g)
-                    p.grad = view
-        return present
+                torch._foreach_copy_([v for v, _ in small], [grads[i] for _, i in small])
+        for i, view in zip(indices, views):
+            self.params[i].grad = view
 
     def zero_grad(self, set_to_none):
         """torch's ``zero_grad``: gradients to None, or zeroed in place with one fill."""
@@ -165,11 +196,31 @@ class FlatBuffer:
 
 
 def allocate(n, dtype, device, pin_memory):
-    """A zeroed 1-D buffer: host buffers cache-line (and huge-page) aligned through
-    ``fastopt.memory``, or pinned for copies to and from a GPU; device buffers from torch."""
+    """A zeroed 1-D buffer of ``n`` elements of ``dtype`` (a torch or NumPy dtype): host
+    buffers cache-line (and huge-page) aligned through ``fastopt.memory``, or pinned for copies
+    to and from a GPU; device buffers from torch."""
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
     if device.type == "cpu" and not pin_memory:
+        if dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, viewed
+            return torch.from_numpy(aligned_zeros(n, np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(aligned_zeros(n, torch.empty((), dtype=dtype).numpy().dtype))
     return torch.zeros(n, dtype=dtype, device=device, pin_memory=pin_memory)
+
+
+def as_tensor(a, device):
+    """The values of a backend array (NumPy, ``ml_dtypes.bfloat16`` included, or a CUDA array)
+    as a torch tensor on ``device`` (zero-copy where it can be)."""
+    if isinstance(a, np.ndarray):
+        if arrays.storage_name(a.dtype) == "bfloat16":
+            a = np.ascontiguousarray(a)
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16).to(device)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return torch.as_tensor(a, device=device)
+
+
+def torch_dtype(dtype):
+    """The torch dtype of a NumPy dtype (``ml_dtypes.bfloat16`` -> ``torch.bfloat16``)."""
+    return as_tensor(np.empty(0, dtype), "cpu").dtype
 
 
 def _adopt(params, names):
@@ -189,9 +240,7 @@ def _adopt(params, names):
     owner.check_in_place()
     lo, hi = owner.offsets[i][0], owner.offsets[i + len(params) - 1][1]
     buf = FlatBuffer(params, names, owner.flat[lo:hi], owner.grad[lo:hi])
-    for p, view, old in zip(params, buf.grad_views, owner.grad_views[i:]):
-        if p.grad is old:
-            p.grad = view
+    buf.grad_views = owner.grad_views[i : i + len(params)]  # attached gradients stay attached
     return buf
 
 

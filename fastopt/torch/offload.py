@@ -12,6 +12,7 @@ result is the inner optimizer's, bit for bit.
 
 import torch
 
+from ..optim.precision import MASTER
 from .flat import check_param, flatten_
 from .optimizer import FastoptOptimizer, closure_loss
 
@@ -108,13 +109,38 @@ class CPUOffload(torch.optim.Optimizer):
         return self.inner.skipped_steps
 
     def state_dict(self):
-        """The inner optimizer's state_dict (torch's format), with this object's hyperparameters."""
+        """The inner optimizer's state_dict (torch's format), with this object's hyperparameters;
+        the float32 master copy of each 16-bit device parameter is in its state as
+        ``"master_param"`` (live), as ``master_weights=True`` keeps it."""
         self._sync_hyperparameters()
-        return self.inner.state_dict()
+        sd = self.inner.state_dict()
+        for i, (p, m) in enumerate(self._pairs):
+            if i in sd["state"] and p.element_size() == 2:
+                sd["state"][i] = {**sd["state"][i], MASTER: m.detach()}
+        return sd
 
     def load_state_dict(self, state_dict):
-        """Load into the inner optimizer (checked there), then take over its hyperparameters."""
-        self.inner.load_state_dict(state_dict)
+        """Load into the inner optimizer (checked there), then take over its hyperparameters.
+        Masters come from the entries' ``"master_param"`` where there is one, else from the
+        device parameters (a state saved by ``torch.optim`` or for float32 parameters)."""
+        state, masters = {}, {}
+        for i, entry in state_dict["state"].items():
+            entry = dict(entry)
+            if MASTER in entry:
+                masters[i] = entry.pop(MASTER)
+            state[i] = entry
+        for i, v in masters.items():
+            if not (isinstance(i, int) and 0 <= i < len(self._pairs)):
+                raise ValueError(f"state[{i!r}] has a {MASTER!r} but no parameter here")
+            if tuple(v.shape) != tuple(self._pairs[i][1].shape):
+                raise ValueError(
+                    f"state[{i}][{MASTER!r}] has shape {tuple(v.shape)}, the parameter "
+                    f"{tuple(self._pairs[i][1].shape)}"
+                )
+        self.inner.load_state_dict({**state_dict, "state": state})
+        with torch.no_grad():
+            for i, (p, m) in enumerate(self._pairs):
+                m.copy_(masters[i] if i in masters else p)
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             for k in self.inner._hyper_names:
                 outer[k] = inner[k]

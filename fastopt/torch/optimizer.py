@@ -18,7 +18,8 @@ import inspect
 import numpy as np
 import torch
 
-from .flat import FlatBuffer, allocate, check_param
+from .. import arrays
+from .flat import FlatBuffer, allocate, as_tensor, check_param
 
 _LAYOUT_CACHE = 16
 """Core optimizers kept per distinct layout of runs (usually one is ever used)."""
@@ -64,10 +65,18 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     Takes the hyperparameters of its fastopt class (``core_class``) with the same defaults, and
     its options as keywords: ``max_grad_norm``, ``max_grad_value``, ``skip_nonfinite``,
-    ``backend``, and the precision options (``state_dtype``, ``master_weights``,
-    ``stochastic_rounding``), which are passed to the fastopt class unchanged (it accepts them
-    once fastopt's storage-precision support is in). ``skipped_steps``, ``last_step_taken`` and
+    ``backend``, ``stream``, and the storage precision options (``state_dtype``,
+    ``master_weights``, ``stochastic_rounding``, ``seed``; :mod:`fastopt.optim.precision`),
+    passed to the fastopt class unchanged. ``skipped_steps``, ``last_step_taken`` and
     ``last_grad_norm`` are the core's, as in :class:`fastopt.optim.Optimizer`.
+
+    bfloat16/float16 parameters: the state is kept in the parameter's dtype by default, as
+    torch.optim keeps it; ``state_dtype="float32"`` keeps it in float32, ``master_weights=True``
+    keeps a float32 copy of each 16-bit parameter (and float32 state), which ``state_dict()``
+    holds as ``"master_param"`` (:data:`fastopt.optim.precision.MASTER`) beside torch's entries.
+    State tensors keep their dtype through ``load_state_dict`` (torch's loader would round them
+    to the parameter's); a state saved by ``torch.optim`` starts the master copy from the
+    16-bit parameter.
     """
 
     core_class = None
@@ -142,9 +151,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none=True):
-        """torch's ``zero_grad``: ``.grad`` to None (the default; the next step copies the new
-        gradients into the flat buffer), or, with ``set_to_none=False``, one fill of each flat
-        gradient buffer, after which backward accumulates straight into it."""
+        """torch's ``zero_grad``: ``.grad`` to None (the default; the next step copies the fresh
+        gradients of the next backward into the flat buffer, in one pass, and attaches its
+        views), or, with ``set_to_none=False``, one fill of each flat gradient buffer, after
+        which backward accumulates straight into it."""
         for _, buf in self._buckets:
             buf.zero_grad(set_to_none)
         for _, p in self._frozen:
@@ -183,8 +193,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 u.state = self._views(u, k, i, j)
             u.state.update(record or ())
         self._cores[key] = (core, self._version)
-        with _torch_stream_order(self._buckets):
-            core.step()
+        core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
         self.last_grad_norm = core.last_grad_norm
         self.last_step_taken = core.last_step_taken
         if not core.last_step_taken:
@@ -197,6 +206,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _runs(self, k, present):
         """[(i, j)]: maximal ranges of consecutive params with gradients and equal scalar state."""
         records, runs, start = self._records[k], [], None
+        if all(present) and records.count(records[0]) == len(records):  # the usual case
+            return [(0, len(records))]
         for i, has in enumerate(present):
             if start is not None and not (has and records[i] == records[start]):
                 runs.append((start, i))
@@ -230,7 +241,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         out = {}
         for name, t in self._tensors[k].items():
             part = t[lo:hi]
-            out[name] = part.numpy() if unit.device is None else unit.backend.native(part)
+            out[name] = arrays.host_view(part) if unit.device is None else unit.backend.native(part)
         return out
 
     def _harvest(self, unit, k, i, j):
@@ -242,15 +253,18 @@ class FastoptOptimizer(torch.optim.Optimizer):
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in unit.state.items():
                 if hasattr(a, "shape"):
-                    self._state_tensor(k, name)[lo:hi].copy_(torch.as_tensor(a, device=buf.device))
+                    self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
             self._version += 1
         self._records[k][i:j] = [record] * (j - i)
 
-    def _state_tensor(self, k, name):
+    def _state_tensor(self, k, name, dtype):
+        """Bucket ``k``'s flat tensor of state ``name``, allocated in ``dtype`` (the core's
+        storage dtype of that slot: the parameter's, ``state_dtype``'s or float32 for master
+        weights) on first use."""
         tensors = self._tensors[k]
         if name not in tensors:
             flat = self._buckets[k][1].flat
-            tensors[name] = allocate(flat.numel(), flat.dtype, flat.device, flat.is_pinned())
+            tensors[name] = allocate(flat.numel(), dtype, flat.device, flat.is_pinned())
         return tensors[name]
 
     # ------------------------------------------------------------------ state
@@ -276,11 +290,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``: a state saved by ``torch.optim.X`` or ``fastopt.torch.X``.
         Everything is checked (by torch, then by the fastopt core: state names, shapes, steps,
         hyperparameters) before the optimizer changes; on an error it is left as it was."""
-        from .state import install_state
+        from .state import install_state, keep_saved_dtypes
 
         old_state, old_groups = self.state, self.param_groups
         super().load_state_dict(state_dict)
         try:
+            keep_saved_dtypes(self, state_dict)
             install_state(self)
         except Exception:
             self.state, self.param_groups = old_state, old_groups
@@ -289,25 +304,3 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._version += 1
         self.state.clear()
         self._publish_state()
-
-
-class _torch_stream_order:
-    """Order the kernels (launched on the legacy default stream by fastopt's numba-cuda backend)
-    after the work queued on torch's current stream of each CUDA bucket, and that stream's later
-    work after them, without a host synchronisation. A no-op on the CPU and on the default stream.
-    """
-
-    def __init__(self, buckets):
-        self.pairs = []
-        for dev in {buf.device for _, buf in buckets if buf.device.type == "cuda"}:
-            current, default = torch.cuda.current_stream(dev), torch.cuda.default_stream(dev)
-            if current != default:
-                self.pairs.append((current, default))
-
-    def __enter__(self):
-        for current, default in self.pairs:
-            default.wait_stream(current)
-
-    def __exit__(self, *exc):
-        for current, default in self.pairs:
-            current.wait_stream(default)

@@ -5,9 +5,22 @@ After ``torch.optim.Optimizer.load_state_dict`` has matched groups and cast the 
 state_dict layout, one entry per run of parameters with equal scalar state, and lets the core's
 ``load_state_dict`` check it (state names for these settings, shapes, steps, hyperparameters).
 Only then are the flat state tensors written.
+
+Two departures from torch's loader, both for 16-bit parameters: torch casts every floating state
+tensor to its parameter's dtype, which would round fastopt's float32 master copy
+(``"master_param"``) and float32 state (``state_dtype="float32"``); :func:`keep_saved_dtypes`
+puts the saved tensors back. And a state without ``"master_param"`` (one saved by
+``torch.optim``, which keeps no master copy) loaded into an optimizer with
+``master_weights=True`` starts the master copy from the current 16-bit parameter.
 """
 
+import itertools
+
 import torch
+
+from .. import arrays
+from ..optim import precision
+from .flat import as_tensor
 
 SCALAR_STATE = ("step", "mu_product", "eta", "mu")
 """The state entries torch keeps as 0-d tensors (NAdam's running product of momentum factors,
@@ -18,18 +31,37 @@ def _entry(p, raw):
     """(record, arrays) of one parameter's torch state: scalar state as sorted (name, value)
     pairs and the state arrays; (None, {}) for a parameter without state. torch.optim.SGD keeps
     no ``step``: a momentum buffer means the first step is behind it."""
-    arrays, scalars = {}, {}
+    slots, scalars = {}, {}
     for name, v in (raw or {}).items():
         if v is None:  # torch.optim.SGD without momentum stores momentum_buffer=None
             continue
         if name in SCALAR_STATE or not isinstance(v, torch.Tensor):
             scalars[name] = int(float(v)) if name == "step" else float(v)
         else:
-            arrays[name] = v
-    if not arrays and not scalars:
+            slots[name] = v
+    if not slots and not scalars:
         return None, {}
-    scalars.setdefault("step", 1 if arrays else 0)
-    return tuple(sorted(scalars.items())), arrays
+    scalars.setdefault("step", 1 if slots else 0)
+    return tuple(sorted(scalars.items())), slots
+
+
+def keep_saved_dtypes(opt, state_dict):
+    """Undo torch's cast of floating state tensors to the parameter dtype where the saved dtype
+    differs (after ``torch.optim.Optimizer.load_state_dict`` accepted ``state_dict``)."""
+    saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = itertools.chain.from_iterable(g["params"] for g in opt.param_groups)
+    for index, p in zip(saved, params):
+        raw, loaded = state_dict["state"].get(index), opt.state.get(p)
+        if not raw or not loaded:
+            continue
+        for name, v in raw.items():
+            if (
+                name not in SCALAR_STATE
+                and isinstance(v, torch.Tensor)
+                and v.is_floating_point()
+                and v.dtype != loaded[name].dtype
+            ):
+                loaded[name] = v.to(p.device)
 
 
 def install_state(opt):
@@ -56,20 +88,25 @@ def install_state(opt):
             groups.append(
                 {"params": buf.slice(i, j), **{n: _value(tg[n]) for n in opt._hyper_names}}
             )
-            record, arrays = entries[i]
+            record, slots = entries[i]
             if record is None:
                 continue
             state = dict(record)
-            for name in arrays:
+            for name in slots:
                 try:
                     parts = [entries[m][1][name].reshape(-1) for m in range(i, j)]
                 except KeyError:
                     raise ValueError(
                         f"state of {buf.names[i]}..{buf.names[j - 1]} differs"
                     ) from None
-                state[name] = torch.cat(parts).cpu().numpy()
+                state[name] = arrays.to_host(torch.cat(parts))
             states[r] = state
         core = opt.core_class(groups, **opt._options)
+        for r, unit in enumerate(core.units()):
+            state = states.get(r)
+            if state and precision.MASTER not in state:
+                if precision.has_master(core.precision, unit.param):  # a state from torch.optim
+                    state[precision.MASTER] = arrays.to_host(unit.param).astype("float32")
         saved = core.state_dict()
         saved["state"] = states
         try:
@@ -89,13 +126,13 @@ def install_state(opt):
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in u.state.items():
                 if hasattr(a, "shape"):
-                    dst = opt._state_tensor(k, name)[lo:hi]
-                    dst.copy_(torch.as_tensor(a, device=dst.device))
+                    dst = opt._state_tensor(k, name, a.dtype)[lo:hi]
+                    dst.copy_(as_tensor(a, dst.device))
 
 
 def _run_key(entry):
-    record, arrays = entry
-    return record, tuple(sorted(arrays))
+    record, slots = entry
+    return record, tuple(sorted(slots))
 
 
 def _value(v):
