@@ -64,7 +64,9 @@ def is_nan_bits(u):
 
 
 # The helpers below are branch-free: each computes every candidate result and picks one with a
-# conditional expression (an LLVM ``select``), so that a loop calling them vectorises.
+# conditional expression (an LLVM ``select``), so that a loop calling them vectorises. No min()
+# or max() either: Numba's builtins loop over their arguments, which kept the float16 storage
+# loops from vectorising.
 
 # ---------------------------------------------------------------------------------------------
 # bfloat16: the upper half of a float32.
@@ -72,7 +74,7 @@ def is_nan_bits(u):
 
 def bf16_to_f32(bits):
     """The float32 of bfloat16 ``bits`` (exact: bfloat16 is float32 with 16 fewer mantissa bits)."""
-    return bits_float32(u32((int(bits) & MASK16) << 16))
+    return bits_float32(u32(u32(bits) << 16))
 
 
 def bf16_nan(u):
@@ -120,7 +122,7 @@ def f16_to_f32(bits):
     or set to 255 for Inf and NaN. A subnormal m * 2**-24 is float32(m) (exact) with 24 taken off
     its exponent, which normalises it without a loop.
     """
-    h = u32(int(bits) & MASK16)
+    h = u32(u32(bits) & MASK16)
     sign = u32((h & 0x8000) << 16)
     magnitude = u32(h & 0x7FFF)
     exponent = u32(magnitude >> 10)
@@ -161,7 +163,7 @@ def f32_to_f16_rne(x):
     sign = u32(u32(u >> 16) & 0x8000)
     a = u32(u & 0x7FFFFFFF)
     normal = u32(u32(a - 0x38000000 + 0xFFF + u32(u32(a >> 13) & 1)) >> 13)
-    below_normal = bits_float32(min(a, u32(0x38800000)))  # (no Inf or NaN to add to)
+    below_normal = bits_float32(a if a < u32(0x38800000) else u32(0x38800000))  # no Inf, NaN
     subnormal = u32(float32_bits(below_normal + np.float32(0.5)) - 0x3F000000)
     h = normal if a >= u32(0x38800000) else subnormal
     h = u32(0x7C00) if a >= u32(0x477FF000) else h  # 65520 and above
@@ -188,11 +190,13 @@ def f32_to_f16_sr(x, rbits):
     sign = u32((u >> 16) & 0x8000)
     a = u32(u & 0x7FFFFFFF)
     normal = u32(u32(a - 0x38000000 + (r & 0x1FFF)) >> 13)
-    e = max(np.int64(a >> 23), 1)
+    e = np.int64(a >> 23)
+    e = e if e > 1 else np.int64(1)
     mant = np.int64(a & 0x7FFFFF) | (0x800000 if a >= u32(0x800000) else 0)
-    shift = min(max(126 - e, 14), 125)  # 14 .. 125; normal results are picked below
-    dropped = min(max(shift, 32), 56) - 32  # 0 .. 24: a mantissa below 2**24 drops to zero
-    shift = min(shift, 32)
+    shift = 126 - e if e < 112 else np.int64(14)  # 14 .. 125; normal results are picked below
+    dropped = shift - 32 if shift > 32 else np.int64(0)
+    dropped = dropped if dropped < 24 else np.int64(24)  # a mantissa below 2**24 drops to zero
+    shift = shift if shift < 32 else np.int64(32)
     subnormal = u32(((mant >> dropped) + (np.int64(r) & ((1 << shift) - 1))) >> shift)
     h = normal if a >= u32(0x38800000) else subnormal
     h = u32(0x7C00) if a >= u32(0x47800000) else h  # 65536 and above
