@@ -10,15 +10,18 @@ checks the two bit for bit against each other, against ml_dtypes/NumPy casts and
 16-bit values are their IEEE bits held in an integer (Numba has no bfloat16 type): a loop views an
 ``ml_dtypes.bfloat16`` or ``np.float16`` array as ``np.uint16`` and passes the element; a store
 helper returns the new bits (an int in [0, 65535]) to write back. Bit manipulation happens on
-plain ints (int64 under Numba), never on float arithmetic, so results do not depend on
-flush-to-zero settings.
+unsigned 32-bit words (``u32``: plain ints modulo 2**32, ``uint32`` under Numba), so results do
+not depend on flush-to-zero settings (the one float addition, in ``f32_to_f16_rne``, adds normal
+floats and cannot be flushed; ``storage.cuh`` does it in integers). The conversions are
+branch-free (every candidate computed, one picked by a conditional expression), so that the
+storage loops of ``kernels/loops.py`` vectorise.
 
 No decorators, as in ``rules.py``: ``compile_storage(decorate, target)`` returns compiled copies for
-``numba.njit`` (target ``"cpu"``) or ``numba.cuda.jit(device=True)`` (target ``"cuda"``), with the
-two float32 <-> bits casts below replaced by an LLVM ``bitcast`` of that target. Called directly
-(and under the CUDA simulator) the functions are plain Python on NumPy scalars, bit-identical.
-Float arguments of the helpers must be float32 (NumPy scalars or Numba float32); integer arguments
-int64 / Python int.
+``numba.njit`` (target ``"cpu"``) or ``numba.cuda.jit(device=True)`` (target ``"cuda"``), with
+``u32`` replaced by a ``uint32`` cast and the two float32 <-> bits casts by an LLVM ``bitcast`` of
+that target. Called directly (and under the CUDA simulator) the functions are plain Python on
+NumPy scalars, bit-identical. Float arguments of the helpers must be float32 (NumPy scalars or
+Numba float32); integer arguments int64 / Python int (or the words the helpers return).
 """
 
 import os
@@ -30,7 +33,19 @@ MASK16 = 0xFFFF
 MASK32 = 0xFFFFFFFF
 
 # ---------------------------------------------------------------------------------------------
-# float32 <-> bits. Plain-Python versions; compile_storage swaps in bitcast intrinsics.
+# Unsigned 32-bit words and float32 <-> bits. Plain-Python versions; compile_storage swaps in
+# a uint32 cast and bitcast intrinsics.
+
+
+def u32(v):
+    """``v`` modulo 2**32: the unsigned 32-bit word of the CUDA C helpers' ``unsigned int``.
+
+    Plain Python: an int in [0, 2**32). Compiled: a ``uint32``. Numba widens integer arithmetic
+    to 64 bits; wrapping each result that is shifted right or compared keeps LLVM's vector code
+    in 32-bit lanes (8 per AVX2 register instead of 4), which the 16-bit stores need to keep up
+    with memory. Every helper below computes modulo 2**32 exactly as ``storage.cuh`` does.
+    """
+    return int(v) & MASK32
 
 
 def float32_bits(x):
@@ -43,19 +58,29 @@ def bits_float32(u):
     return np.uint32(u).view(np.float32)
 
 
+def is_nan_bits(u):
+    """True when float32 bits ``u`` are a NaN (exponent all ones, mantissa not zero)."""
+    return u32(u & 0x7FFFFFFF) > u32(0x7F800000)
+
+
+# The helpers below are branch-free: each computes every candidate result and picks one with a
+# conditional expression (an LLVM ``select``), so that a loop calling them vectorises. No min()
+# or max() either: Numba's builtins loop over their arguments, which kept the float16 storage
+# loops from vectorising.
+
 # ---------------------------------------------------------------------------------------------
 # bfloat16: the upper half of a float32.
 
 
 def bf16_to_f32(bits):
     """The float32 of bfloat16 ``bits`` (exact: bfloat16 is float32 with 16 fewer mantissa bits)."""
-    return bits_float32((int(bits) & MASK16) << 16)
+    return bits_float32(u32(u32(bits) << 16))
 
 
 def bf16_nan(u):
     """The bfloat16 NaN stored for float32 NaN bits ``u``: the sign and the canonical quiet NaN
     0x7FC0 (the payload is dropped), as ``ml_dtypes`` casts it."""
-    return ((u >> 16) & 0x8000) | 0x7FC0
+    return u32(u32(u32(u >> 16) & 0x8000) | 0x7FC0)
 
 
 def f32_to_bf16_rne(x):
@@ -67,9 +92,8 @@ def f32_to_bf16_rne(x):
     writes other NaN bits).
     """
     u = float32_bits(x)
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return bf16_nan(u)
-    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    rounded = u32(u32(u + u32(0x7FFF + u32(u32(u >> 16) & 1))) >> 16)
+    return bf16_nan(u) if is_nan_bits(u) else rounded
 
 
 def f32_to_bf16_sr(x, rbits):
@@ -82,9 +106,8 @@ def f32_to_bf16_sr(x, rbits):
     becomes ``bf16_nan``, as in ``f32_to_bf16_rne``.
     """
     u = float32_bits(x)
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return bf16_nan(u)
-    return (u + (int(rbits) & MASK16)) >> 16
+    rounded = u32(u32(u + u32(u32(rbits) & MASK16)) >> 16)
+    return bf16_nan(u) if is_nan_bits(u) else rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,32 +116,32 @@ def f32_to_bf16_sr(x, rbits):
 
 def f16_to_f32(bits):
     """The float32 of IEEE binary16 ``bits`` (exact, subnormals included). Inf stays Inf; a NaN
-    keeps its sign and payload (shifted into the top of float32's mantissa), as NumPy casts it."""
-    h = int(bits) & MASK16
-    sign = (h & 0x8000) << 16
-    exponent = (h >> 10) & 0x1F
-    mantissa = h & 0x3FF
-    if exponent == 0x1F:
-        return bits_float32(sign | 0x7F800000 | (mantissa << 13))
-    if exponent == 0:
-        if mantissa == 0:
-            return bits_float32(sign)
-        # Subnormal m * 2**-24: normalise so that bit 10 is the implicit one.
-        exponent = 1
-        while (mantissa & 0x400) == 0:
-            mantissa <<= 1
-            exponent -= 1
-        mantissa &= 0x3FF
-    return bits_float32(sign | ((exponent + 112) << 23) | (mantissa << 13))
+    keeps its sign and payload (shifted into the top of float32's mantissa), as NumPy casts it.
+
+    Exponent and mantissa move up 13 bits together; the exponent is rebiased by 127 - 15 = 112,
+    or set to 255 for Inf and NaN. A subnormal m * 2**-24 is float32(m) (exact) with 24 taken off
+    its exponent, which normalises it without a loop.
+    """
+    h = u32(u32(bits) & MASK16)
+    sign = u32((h & 0x8000) << 16)
+    magnitude = u32(h & 0x7FFF)
+    exponent = u32(magnitude >> 10)
+    moved = u32(magnitude << 13)
+    normal = u32(moved + 0x38000000)  # (exponent + 112) << 23
+    special = u32(moved + 0x70000000)  # exponent 31 -> 255
+    subnormal = u32(float32_bits(np.float32(u32(h & 0x3FF))) - 0x0C000000)  # 24 << 23
+    out = special if exponent == u32(0x1F) else normal
+    out = subnormal if exponent == u32(0) else out
+    out = u32(0) if magnitude == u32(0) else out
+    return bits_float32(u32(sign | out))
 
 
 def f16_nan(u):
     """The float16 NaN stored for float32 NaN bits ``u``, as NumPy's cast makes it: the sign and
     the top 10 mantissa bits (payload and quiet bit), with the lowest bit set if those are zero."""
-    h = (u >> 13) & 0x3FF
-    if h == 0:
-        h = 1
-    return ((u >> 16) & 0x8000) | 0x7C00 | h
+    h = u32((u >> 13) & 0x3FF)
+    h = u32(1) if h == u32(0) else h
+    return u32(((u >> 16) & 0x8000) | 0x7C00 | h)
 
 
 def f32_to_f16_rne(x):
@@ -127,31 +150,24 @@ def f32_to_f16_rne(x):
     |x| >= 65520 (half an ulp above the largest float16, 65504) becomes Inf; values below the
     smallest normal (2**-14) round to subnormals m * 2**-24, |x| <= 2**-25 to a signed zero; NaN
     becomes ``f16_nan``. Bit-exact with NumPy's ``astype(np.float16)``.
+
+    A normal result rebiases the exponent (127 - 15) and rounds the 13 bits below float16's
+    last place: add half an ulp less one plus the lowest kept bit (the tie goes to even), then
+    truncate (a carry into the exponent is the correct result). A subnormal result is |x| + 0.5
+    in float32, whose ulp there, 2**-24, is float16's subnormal spacing: the addition rounds to
+    nearest even exactly as wanted and leaves m in the low mantissa bits. Inputs and sum are
+    normal floats (a float32 subnormal |x| rounds to zero either way), so flush-to-zero cannot
+    change it.
     """
     u = float32_bits(x)
-    sign = (u >> 16) & 0x8000
-    a = u & 0x7FFFFFFF
-    if a > 0x7F800000:
-        return f16_nan(u)
-    if a >= 0x477FF000:  # 65520
-        return sign | 0x7C00
-    if a >= 0x38800000:  # 2**-14: normal. Rebias the exponent (127 - 15), drop 13 bits.
-        h = (a - 0x38000000) >> 13
-        rest = a & 0x1FFF
-        if rest > 0x1000 or (rest == 0x1000 and (h & 1) == 1):
-            h += 1  # a carry into the exponent is the correct result
-        return sign | h
-    if a <= 0x33000000:  # 2**-25: half the smallest subnormal; the tie goes to even (zero)
-        return sign
-    # Subnormal result: mant * 2**(e - 150) = m * 2**-24 with m = mant >> (126 - e), rounded.
-    shift = 126 - (a >> 23)  # 14 .. 24
-    mant = (a & 0x7FFFFF) | 0x800000
-    h = mant >> shift
-    rest = mant & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    if rest > half or (rest == half and (h & 1) == 1):
-        h += 1
-    return sign | h
+    sign = u32(u32(u >> 16) & 0x8000)
+    a = u32(u & 0x7FFFFFFF)
+    normal = u32(u32(a - 0x38000000 + 0xFFF + u32(u32(a >> 13) & 1)) >> 13)
+    below_normal = bits_float32(a if a < u32(0x38800000) else u32(0x38800000))  # no Inf, NaN
+    subnormal = u32(float32_bits(below_normal + np.float32(0.5)) - 0x3F000000)
+    h = normal if a >= u32(0x38800000) else subnormal
+    h = u32(0x7C00) if a >= u32(0x477FF000) else h  # 65520 and above
+    return f16_nan(u) if a > u32(0x7F800000) else u32(sign | h)
 
 
 def f32_to_f16_sr(x, rbits):
@@ -164,30 +180,27 @@ def f32_to_f16_sr(x, rbits):
     lie below (|x| < 2**-32) the fraction is first truncated to 32 bits, so the probability is
     exact down to 2**-32 of an ulp. Between 65504 and 65536 the upper neighbour is Inf; |x| >=
     65536 becomes Inf; Inf stays Inf; NaN becomes ``f16_nan``.
+
+    The subnormal sum needs 33 bits, so that branch computes in int64: float32 subnormals (e = 0)
+    have no implicit one and the scale of e = 1; ``shift`` = 126 - e bits lie below the last
+    place, of which those beyond 32 are dropped first (all of the mantissa from 56 on).
     """
     u = float32_bits(x)
-    r = int(rbits) & MASK32
-    sign = (u >> 16) & 0x8000
-    a = u & 0x7FFFFFFF
-    if a > 0x7F800000:
-        return f16_nan(u)
-    if a >= 0x47800000:  # 65536
-        return sign | 0x7C00
-    if a >= 0x38800000:
-        return sign | ((a - 0x38000000 + (r & 0x1FFF)) >> 13)
-    e = a >> 23
-    if e == 0:  # float32 subnormal: no implicit bit, exponent as for e = 1
-        e = 1
-        mant = a & 0x7FFFFF
-    else:
-        mant = (a & 0x7FFFFF) | 0x800000
-    shift = 126 - e  # 14 .. 125
-    if shift >= 56:  # |x| < 2**-32 ulp: the 32-bit fraction is zero
-        return sign
-    if shift > 32:
-        mant >>= shift - 32
-        shift = 32
-    return sign | ((mant + (r & ((1 << shift) - 1))) >> shift)
+    r = u32(rbits)
+    sign = u32((u >> 16) & 0x8000)
+    a = u32(u & 0x7FFFFFFF)
+    normal = u32(u32(a - 0x38000000 + (r & 0x1FFF)) >> 13)
+    e = np.int64(a >> 23)
+    e = e if e > 1 else np.int64(1)
+    mant = np.int64(a & 0x7FFFFF) | (0x800000 if a >= u32(0x800000) else 0)
+    shift = 126 - e if e < 112 else np.int64(14)  # 14 .. 125; normal results are picked below
+    dropped = shift - 32 if shift > 32 else np.int64(0)
+    dropped = dropped if dropped < 24 else np.int64(24)  # a mantissa below 2**24 drops to zero
+    shift = shift if shift < 32 else np.int64(32)
+    subnormal = u32(((mant >> dropped) + (np.int64(r) & ((1 << shift) - 1))) >> shift)
+    h = normal if a >= u32(0x38800000) else subnormal
+    h = u32(0x7C00) if a >= u32(0x47800000) else h  # 65536 and above
+    return f16_nan(u) if a > u32(0x7F800000) else u32(sign | h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,18 +217,19 @@ PHILOX_ROUNDS = 10
 def mulhilo32(a, m):
     """(high, low) 32-bit halves of the 64-bit product of 32-bit ``a`` and ``m``."""
     p = np.uint64(a) * np.uint64(m)
-    return np.int64(p >> np.uint64(32)), np.int64(p & np.uint64(MASK32))
+    return u32(p >> np.uint64(32)), u32(p)
 
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 of the 128-bit counter (c0, c1, c2, c3) under the 64-bit key (k0, k1), all
     32-bit words: the four 32-bit output words (Random123's ``philox4x32``, 10 rounds)."""
+    c0, c1, c2, c3, k0, k1 = u32(c0), u32(c1), u32(c2), u32(c3), u32(k0), u32(k1)
     for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = mulhilo32(c0, PHILOX_M0)
         hi1, lo1 = mulhilo32(c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + PHILOX_W0) & MASK32
-        k1 = (k1 + PHILOX_W1) & MASK32
+        c0, c1, c2, c3 = u32(hi1 ^ c1 ^ k0), lo1, u32(hi0 ^ c3 ^ k1), lo0
+        k0 = u32(k0 + PHILOX_W0)
+        k1 = u32(k1 + PHILOX_W1)
     return c0, c1, c2, c3
 
 
@@ -228,12 +242,7 @@ def random_bits4(seed, step, index):
     modulo 2**64 (two's complement), as the CUDA C version's unsigned arguments.
     """
     return philox4x32_10(
-        index & MASK32,
-        (index >> 32) & MASK32,
-        step & MASK32,
-        (step >> 32) & MASK32,
-        seed & MASK32,
-        (seed >> 32) & MASK32,
+        u32(index), u32(index >> 32), u32(step), u32(step >> 32), u32(seed), u32(seed >> 32)
     )
 
 
@@ -377,8 +386,10 @@ def dynamic_map_macros():
 # Compilation.
 
 HELPERS = (
+    "u32",
     "float32_bits",
     "bits_float32",
+    "is_nan_bits",
     "bf16_to_f32",
     "bf16_nan",
     "f32_to_bf16_rne",
@@ -433,12 +444,16 @@ def _bitcast_intrinsics(target):
     return bitcast(nbtypes.float32, nbtypes.uint32), bitcast(nbtypes.uint32, nbtypes.float32)
 
 
-# Compiled float32_bits / bits_float32: f32_as_u32 and u32_as_f32 are the intrinsics that
+# Compiled u32 / float32_bits / bits_float32: f32_as_u32 and u32_as_f32 are the intrinsics that
 # compile_storage binds in the copies' globals.
 
 
+def _u32_compiled(v):
+    return np.uint32(v)
+
+
 def _float32_bits_compiled(x):
-    return np.int64(f32_as_u32(np.float32(x)))  # noqa: F821
+    return f32_as_u32(np.float32(x))  # noqa: F821
 
 
 def _bits_float32_compiled(u):
@@ -460,6 +475,7 @@ def compile_storage(decorate, target):
     sources = {name: module[name] for name in HELPERS}
     if target == "cpu" or (target == "cuda" and not _simulating()):
         namespace["f32_as_u32"], namespace["u32_as_f32"] = _bitcast_intrinsics(target)
+        sources["u32"] = _u32_compiled
         sources["float32_bits"] = _float32_bits_compiled
         sources["bits_float32"] = _bits_float32_compiled
     for name, fn in sources.items():

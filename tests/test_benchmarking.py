@@ -1,6 +1,7 @@
 """The benchmark machinery without timing anything: the roofline kernels leave the arrays they share
-with the optimizer unchanged, the case catalogue covers every registered optimizer and keeps the
-names and parameters of the committed results, and ``fastopt info`` needs only fastopt.machine."""
+with the optimizer unchanged (16-bit storage too), the case catalogue covers every registered
+optimizer and keeps the names and parameters of the committed results, goals follow the storage
+dtype, ``fastopt bench --dtypes bf16`` runs, and ``fastopt info`` needs only fastopt.machine."""
 
 import json
 import subprocess
@@ -9,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_ok, cli
 
-from fastopt import benchmarking
+from fastopt import arrays, benchmarking
 from fastopt.benchmarking import roofline
 from fastopt.optim import OPTIMIZERS
+
+BF16_GOALS = benchmarking.BF16_ADAMW_GOALS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "bench" / "results").glob("*.json"))
@@ -37,14 +41,72 @@ def test_roofline_kernel_leaves_the_arrays_unchanged(n_read_write, dtype):
 
 def test_roofline_step_rejects_mismatched_arrays():
     g = np.zeros(8, np.float32)
-    with pytest.raises(ValueError, match="one dtype and length"):
-        roofline.roofline_step(g, np.zeros(8, np.float64), [])
-    with pytest.raises(ValueError, match="one dtype and length"):
+    with pytest.raises(ValueError, match="of one length"):
         roofline.roofline_step(g, np.zeros(9, np.float32), [])
-    with pytest.raises(ValueError, match="one dtype and length"):
+    with pytest.raises(ValueError, match="contiguous"):
         roofline.roofline_step(g, np.zeros(16, np.float32)[::2], [])
+    with pytest.raises(ValueError, match="2, 4 or 8 bytes per element"):
+        roofline.roofline_step(g, np.zeros(8, np.int8), [])
     with pytest.raises(ValueError, match="no roofline kernel for 5"):
         roofline.roofline_step(g, np.zeros(8, np.float32), [np.zeros(8, np.float32)] * 4)
+
+
+def test_16bit_roofline_moves_the_bytes_of_the_storage_combination():
+    """bfloat16 parameters, gradients and Adam state: the roofline runs on their bits and leaves
+    them unchanged; with a float32 master copy it reads and writes the master and the state and
+    only writes the parameter (the master's bits truncated to bfloat16). Bytes per element as the
+    step moves them."""
+    rng = np.random.default_rng(3)
+    n = 1001
+    bf16 = arrays.bfloat16()
+    p, g, m, v = (rng.standard_normal(n, dtype=np.float32).astype(bf16) for _ in range(4))
+    before = [a.tobytes() for a in (p, g, m, v)]
+    roofline.roofline_step(g, p, [m, v])()
+    assert [a.tobytes() for a in (p, g, m, v)] == before
+    assert roofline.traffic(g, p, [m, v]) == 14
+
+    w, m32, v32 = (rng.standard_normal(n, dtype=np.float32) for _ in range(3))
+    kept = [a.tobytes() for a in (g, w, m32, v32)]
+    roofline.roofline_step(g, p, [m32, v32], master=w)()
+    assert [a.tobytes() for a in (g, w, m32, v32)] == kept
+    np.testing.assert_array_equal(p.view(np.uint16), w.view(np.uint32) >> 16)
+    assert roofline.traffic(g, p, [m32, v32], master=w) == 2 + 8 + 16 + 2
+    assert roofline.traffic(g, w, [m32, v32]) == 2 + 8 + 16
+
+
+def test_goals_follow_the_storage_dtype():
+    """bf16 AdamW has the precision issue's goals; float32/float64 keep the case's goals and a
+    16-bit run of a case without 16-bit goals checks none (float32 goals say nothing of it)."""
+    adamw = benchmarking.CASES_BY_NAME["adamw"]
+    assert adamw.goals_for("bfloat16") == benchmarking.BF16_ADAMW_GOALS
+    assert [g.label() for g in adamw.goals_for("bfloat16")] == [
+        "fraction_of_roofline >= 0.9",
+        "speedup_vs.torch_fused >= 1.2",
+    ]
+    assert adamw.goals_for("float32") == adamw.goals_for("float64") == adamw.goals
+    assert adamw.goals_for("float16") == ()
+    assert benchmarking.CASES_BY_NAME["sgd"].goals_for("bfloat16") == ()
+
+
+def test_bench_runs_bfloat16_against_torch_on_the_same_tensor(tmp_path):
+    """``fastopt bench --dtypes bf16``: AdamW over a bfloat16 ParamSet (bfloat16 state), timed
+    against its 14-byte roofline and torch's fused AdamW on the same bfloat16 tensor; the NumPy
+    peer is skipped by name and the bf16 goals are checked."""
+    out = tmp_path / "bf16"
+    r = cli(
+        "bench", "--cases", "adamw", "--sizes", "256", "--dtypes", "bf16", "--repeats", "1",
+        "--min-time", "0.001", "--backends", "cpu", "--no-chart", "--quiet", "--out", out,
+    )  # fmt: skip
+    assert_ok(r)
+    doc = json.loads(out.with_name("bf16.json").read_text())
+    benchmarking.validate_results(doc)
+    assert doc["settings"]["dtypes"] == ["bfloat16"]
+    (case,) = doc["cases"]
+    assert case["dtype"] == "bfloat16" and case["elements"] == 256
+    assert case["bytes_per_element"] == 14 and case["state_bytes_per_element"] == 4
+    assert "roofline" in case["timings"] and "torch_fused" in case["timings"]
+    assert "no 16-bit storage" in case["skipped_peers"]["numpy"]
+    assert [g["goal"] for g in case["goals"]] == [g.label() for g in BF16_GOALS]
 
 
 def test_bytes_per_element_follows_the_design():

@@ -324,7 +324,7 @@ BAD = [
     (["bench", "--algorithms", "foo"], "unknown algorithm 'foo'"),
     (["bench", "--cases", "foo"], "unknown case 'foo'"),
     (["bench", "--sizes", "1x"], "is not a size"),
-    (["bench", "--dtypes", "float16"], "not float32 or float64"),
+    (["bench", "--dtypes", "int8"], "is not float32, float64, bfloat16 (bf16) or float16"),
     (["bench", "--backends", "tpu"], "unknown backend 'tpu'"),
     (["bench", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "--min-time", "-1"], "--min-time must be"),

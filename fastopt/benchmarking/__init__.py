@@ -41,6 +41,7 @@ from ..machine import machine_info
 from .cases import (
     ADAM_GOALS,
     ALGORITHMS,
+    BF16_ADAMW_GOALS,
     CASES,
     CASES_BY_NAME,
     MANY_GOALS,
@@ -87,6 +88,7 @@ from .timing import CudaEventTimer, PerfCounterTimer, median_times, time_steps
 __all__ = [
     "ADAM_GOALS",
     "ALGORITHMS",
+    "BF16_ADAMW_GOALS",
     "CASES",
     "CASES_BY_NAME",
     "CASE_FIELDS",

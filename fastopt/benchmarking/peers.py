@@ -9,6 +9,8 @@ times; a combination that cannot run here raises :class:`Unavailable` with the r
 
 import numpy as np
 
+from .. import arrays
+from ..optim.precision import MASTER
 from ..paramset import ParamSet
 from . import roofline
 from .settings import CPU_BACKEND, env_many
@@ -29,10 +31,28 @@ class Unavailable(Exception):
 
 
 def _state_arrays(opt):
-    """The per-element state arrays of an optimizer's first unit (after its first step; empty
-    ones, such as Adafactor's row factors of a vector, hold none)."""
+    """The per-element state arrays of an optimizer's first unit (after its first step), without
+    the float32 master copy of 16-bit parameters (see :func:`_master_array`) and empty ones (such
+    as Adafactor's row factors of a vector)."""
     (state,) = opt.state.values()
-    return [a for a in state.values() if len(getattr(a, "shape", ())) >= 1 and a.size]
+    return [
+        a for k, a in state.items() if k != MASTER and len(getattr(a, "shape", ())) >= 1 and a.size
+    ]
+
+
+def _master_array(opt):
+    """The float32 master copy of the first unit's parameter, or None without master weights."""
+    (state,) = opt.state.values()
+    return state.get(MASTER)
+
+
+def _state_bytes(states, master=None):
+    """Bytes of optimizer state per parameter element (the master copy included)."""
+    return sum(a.dtype.itemsize for a in states) + (0 if master is None else master.dtype.itemsize)
+
+
+def _is_16bit(dtype):
+    return arrays.storage_name(dtype) in ("bfloat16", "float16")
 
 
 def _naive_numpy_step(case, params, grads):
@@ -60,9 +80,13 @@ def _naive_numpy_step(case, params, grads):
 
 
 def _as_torch(torch, a, copy):
-    """A torch tensor over ``a`` (NumPy: CPU tensor; CuPy/numba device array: CUDA tensor)."""
+    """A torch tensor over ``a`` (NumPy: CPU tensor; CuPy/numba device array: CUDA tensor). A
+    NumPy ``ml_dtypes.bfloat16`` array becomes a ``torch.bfloat16`` tensor over the same bits."""
     if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.array(a) if copy else a)
+        a = np.array(a) if copy else a
+        if arrays.storage_name(a.dtype) == "bfloat16":
+            return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
     t = torch.as_tensor(a, device="cuda")  # __cuda_array_interface__: zero-copy
     return t.clone() if copy else t
 
@@ -120,19 +144,36 @@ def _check_slots(case, states):
 
 
 def build_cpu(case, n, dtype, seed, many=None):
-    """CPU: (elements, params, fastopt step, peer steps, skipped peers, keep-alive, timer)."""
+    """CPU: (elements, params, fastopt step, peer steps, skipped peers, keep-alive, timer,
+    {bytes_per_element, state_bytes_per_element}). ``dtype`` may be a 16-bit storage dtype: the optimizer keeps its state in it
+    (as torch does), the roofline moves the same bytes, torch gets the same 16-bit tensors and
+    the NumPy peer is skipped."""
     rng = np.random.default_rng(seed)
     cls = case.optimizer_class
     count, size = _layout(case, n, many)
     ps = ParamSet({f"p{i}": np.zeros(size, dtype) for i in range(count)}, dtype=dtype)
     ps.flat[...] = rng.standard_normal(ps.size, dtype=np.float32)
     ps.grad_flat[...] = rng.standard_normal(ps.size, dtype=np.float32)
-    opt = cls(ps, backend=CPU_BACKEND, **case.kwargs)
-    opt.step()  # compile (or load from the disk cache) and allocate the state
+    try:
+        opt = cls(ps, backend=CPU_BACKEND, **case.kwargs)
+        opt.step()  # compile (or load from the disk cache) and allocate the state
+    except Exception as exc:
+        if not _is_16bit(ps.dtype):
+            raise
+        msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise Unavailable(
+            f"fastopt's {case.algorithm} cannot step {arrays.storage_name(ps.dtype)} parameters "
+            f"on the CPU: {type(exc).__name__}: {msg}"
+        ) from None
     states = _state_arrays(opt)
     _check_slots(case, states)
     peers, skipped, keep = {}, {}, [ps, opt]
-    peers["roofline"] = roofline.roofline_step(ps.grad_flat, ps.flat, states)
+    master = _master_array(opt)
+    peers["roofline"] = roofline.roofline_step(ps.grad_flat, ps.flat, states, master)
+    traffic = {
+        "bytes_per_element": roofline.traffic(ps.grad_flat, ps.flat, states, master),
+        "state_bytes_per_element": _state_bytes(states, master),
+    }
 
     if case.layout == "many":
         params = [ps[name] for name in ps.names]
@@ -145,22 +186,26 @@ def build_cpu(case, n, dtype, seed, many=None):
         peers["single_param"] = single_opt.step
         list_opt = cls(sep_params, **case.kwargs)
         peers["fastopt_list"] = lambda: list_opt.step(sep_grads)
-        peers["numpy"] = _naive_numpy_step(
-            case, [np.array(p) for p in params], [np.array(g) for g in grads]
-        )
+        numpy_arrays = [np.array(p) for p in params], [np.array(g) for g in grads]
         keep += [single, single_opt, list_opt, sep_params, sep_grads]
         torch_params, torch_grads, share = params, grads, False
     else:
         # The naive NumPy step and torch update the same parameter buffer (own state).
-        peers["numpy"] = _naive_numpy_step(case, [ps.flat], [ps.grad_flat])
+        numpy_arrays = [ps.flat], [ps.grad_flat]
         torch_params, torch_grads, share = [ps.flat], [ps.grad_flat], True
+    if _is_16bit(ps.dtype):
+        skipped["numpy"] = (
+            "the NumPy reference computes in the parameter dtype: it has no 16-bit storage"
+        )
+    else:
+        peers["numpy"] = _naive_numpy_step(case, *numpy_arrays)
     for variant in ("foreach", "fused"):
         step, why = _torch_step(case, torch_params, torch_grads, variant, share=share)
         if step is None:
             skipped[f"torch_{variant}"] = why
         else:
             peers[f"torch_{variant}"] = step
-    return ps.size, count, opt.step, peers, skipped, keep, PerfCounterTimer()
+    return ps.size, count, opt.step, peers, skipped, keep, PerfCounterTimer(), traffic
 
 
 def _cupy_usable():
@@ -216,10 +261,12 @@ def build_gpu(case, n, dtype, seed, backend, many=None):
 
         params, grads = [p], [g]
     step()  # compile and allocate the state
-    _check_slots(case, _state_arrays(opt))
+    states = _state_arrays(opt)
+    _check_slots(case, states)
     keep += [opt, params, grads]
     elements = count * size
     bpe = case.bytes_per_element(np.dtype(dtype).itemsize)
+    traffic = {"bytes_per_element": bpe, "state_bytes_per_element": _state_bytes(states)}
     peers = {"roofline": roofline.device_copy_step(bpe * elements, library)}
     skipped = {"numpy": "the NumPy peer runs on the host only"}
     share = case.layout != "many"
@@ -229,4 +276,4 @@ def build_gpu(case, n, dtype, seed, backend, many=None):
             skipped[f"torch_{variant}"] = why
         else:
             peers[f"torch_{variant}"] = tstep
-    return elements, count, step, peers, skipped, keep, CudaEventTimer(library)
+    return elements, count, step, peers, skipped, keep, CudaEventTimer(library), traffic

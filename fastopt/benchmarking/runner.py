@@ -5,9 +5,7 @@ and which GPU backends can run here (:func:`gpu_backends`)."""
 import datetime as dt
 import gc
 
-import numpy as np
-
-from .. import __version__
+from .. import __version__, arrays
 from ..dispatch import backends
 from ..machine import machine_info
 from .cases import CASES_BY_NAME, check_goal
@@ -42,6 +40,8 @@ def run_case(
     """Run one case (a Case or its name) against its peers; return a JSON-serialisable dict.
 
     ``n`` overrides FASTOPT_BENCH_N for flat cases and ``many`` = (count, size) FASTOPT_BENCH_MANY;
+    ``dtype`` is the storage dtype of parameters, gradients and state (float32, float64, bfloat16,
+    float16: a name or a NumPy dtype);
     ``backend`` is ``numba-cpu`` or a GPU backend (``cupy``, ``numba-cuda``); ``peers``
     restricts the peers (names from PEERS); ``match_threads`` runs torch with Numba's thread count
     (restored afterwards); ``on_fastopt(step, steps_per_repeat)`` is called with the live fastopt
@@ -51,7 +51,7 @@ def run_case(
 
     if isinstance(case, str):
         case = CASES_BY_NAME[case]
-    dtype = np.dtype(dtype)
+    dtype = arrays.storage_dtype(dtype, "dtype")
     n = env_n() if n is None else int(n)
     torch = import_torch()
     saved_threads = torch.get_num_threads() if torch is not None else None
@@ -62,7 +62,7 @@ def run_case(
             built = build_cpu(case, n, dtype, seed, many)
         else:
             built = build_gpu(case, n, dtype, seed, backend, many)
-        elements, count, step, peer_steps, skipped, keep, timer = built
+        elements, count, step, peer_steps, skipped, keep, timer, traffic = built
         if peers is not None:
             peer_steps = {k: v for k, v in peer_steps.items() if k in peers}
             skipped = {k: v for k, v in skipped.items() if k in peers}
@@ -79,7 +79,7 @@ def run_case(
     finally:
         if torch is not None:
             torch.set_num_threads(saved_threads)
-    bpe = case.bytes_per_element(dtype.itemsize)
+    bpe = traffic["bytes_per_element"]
     t = timings["fastopt"]["median_s"]
     peer_names = [p for p in timings if p != "fastopt"]
     t_roof = timings["roofline"]["median_s"] if "roofline" in timings else None
@@ -95,6 +95,7 @@ def run_case(
         "params": int(count),
         "state_slots": case.state_slots,
         "bytes_per_element": bpe,
+        "state_bytes_per_element": traffic["state_bytes_per_element"],
         "median_s": t,
         "us_per_step": t * 1e6,
         "elements_per_s": elements / t,
@@ -122,7 +123,7 @@ def run_case(
         "speedup_vs": {p: best[p] / best["fastopt"] for p in peer_names},
         "spread": timings["fastopt"]["max_s"] / timings["fastopt"]["min_s"],
     }
-    result["goals"] = [check_goal(result, g) for g in case.goals]
+    result["goals"] = [check_goal(result, g) for g in case.goals_for(dtype.name)]
     return result
 
 
@@ -165,7 +166,7 @@ def run_suite(
         for dtype in dtypes:
             for case in cases:
                 for n in sizes if case.sized else (None,):
-                    plan.append((backend, np.dtype(dtype).name, n, case))
+                    plan.append((backend, arrays.storage_dtype(dtype).name, n, case))
     started = dt.datetime.now(dt.timezone.utc).astimezone()
     results, errors = [], []
     many = tuple(many) if many is not None else DEFAULT_MANY
@@ -226,7 +227,7 @@ def run_suite(
             "cases": [c.name for c in cases],
             "sizes": list(sizes),
             "many": list(many),
-            "dtypes": [np.dtype(d).name for d in dtypes],
+            "dtypes": [arrays.storage_dtype(d).name for d in dtypes],
             "backends": list(backends),
             "repeats": repeats,
             "min_time_s": min_time,

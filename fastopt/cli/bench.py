@@ -7,8 +7,9 @@ from . import UsageError, split_list
 
 HELP = "optimizer throughput vs the roofline kernel and NumPy/torch peers"
 DESCRIPTION = """\
-Time opt.step() of every algorithm at several sizes, float32 and float64, on the CPU and on every
-available GPU backend, next to a roofline kernel (the same memory traffic, trivial arithmetic, on
+Time opt.step() of every algorithm at several sizes, float32 and float64 (or bfloat16 and float16
+storage: parameters, gradients and state in 16 bits), on the CPU and on every available GPU
+backend, next to a roofline kernel (the same memory traffic, trivial arithmetic, on
 the same arrays; on a GPU a device-to-device copy of the same bytes) and the peers installed here
 (naive NumPy, torch.optim with foreach=True and fused=True). Every peer is timed in the same run,
 round by round; medians are reported.
@@ -25,6 +26,7 @@ examples:
   fastopt bench --quick                           # one case per algorithm, 1 Mi float32: < 1 min
   fastopt bench                                   # every case, 64Ki/1Mi/16Mi, float32+float64
   fastopt bench --algorithms adam,sgd --sizes 1Mi,16Mi --dtypes float32
+  fastopt bench --cases adamw --sizes 16Mi --dtypes bfloat16 --goals   # bf16 AdamW vs torch fused
   fastopt bench --cases adam_many --many 1000x1000 --repeats 9
   fastopt bench --backends cupy --out results/h100
   pytest bench/ --benchmark-json=out.json && fastopt bench --from-json out.json
@@ -62,7 +64,10 @@ def add_arguments(p):
         "--sizes", metavar="LIST", help=f"elements per case (default {FULL['sizes']})"
     )
     what.add_argument(
-        "--dtypes", metavar="LIST", help=f"float32 and/or float64 (default {FULL['dtypes']})"
+        "--dtypes",
+        metavar="LIST",
+        help="storage dtypes of parameters, gradients and state: float32, float64, bfloat16 "
+        f"(bf16), float16 (fp16) (default {FULL['dtypes']})",
     )
     what.add_argument(
         "--backends",
@@ -128,6 +133,18 @@ def parse_many(text):
     return int(m.group(1)), int(m.group(2))
 
 
+def _dtype(text):
+    """The storage dtype name of one ``--dtypes`` item (``bf16`` -> ``bfloat16``)."""
+    from .. import arrays
+
+    try:
+        return arrays.storage_dtype(text.lower()).name
+    except ValueError:
+        raise UsageError(
+            f"--dtypes: {text!r} is not float32, float64, bfloat16 (bf16) or float16 (fp16)"
+        ) from None
+
+
 def _backends(text):
     from ..benchmarking import CPU_BACKEND, gpu_backends
 
@@ -175,7 +192,7 @@ def _progress(i, total, label, res, err):
 
 
 def _print_goals(doc):
-    print("\nspeed goals (meant for full-size float32 runs on a quiet machine):")
+    print("\nspeed goals (meant for full-size runs on a quiet machine):")
     for g in doc["goals"]:
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
         print(
@@ -238,11 +255,7 @@ def run(args):
     if doc is None:
         defaults = QUICK if args.quick else FULL
         sizes = [parse_size(s) for s in split_list(args.sizes or defaults["sizes"], "--sizes")]
-        dtypes = []
-        for d in split_list(args.dtypes or defaults["dtypes"], "--dtypes"):
-            if d.lower() not in ("float32", "float64"):
-                raise UsageError(f"--dtypes: {d!r} is not float32 or float64")
-            dtypes.append(d.lower())
+        dtypes = [_dtype(d) for d in split_list(args.dtypes or defaults["dtypes"], "--dtypes")]
         try:
             cases = B.select_cases(
                 algorithms=split_list(args.algorithms, "--algorithms") if args.algorithms else None,
