@@ -302,3 +302,19 @@ def test_novograd_per_tensor_state_round_trips(paramset, tmp_path):
         o2.state_dict()["state"][first]["exp_avg_sq"].tobytes()
         == before["state"][first]["exp_avg_sq"].tobytes()
     )
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "novograd"])
+def test_16bit_storage_is_refused_by_name_before_any_write(name):
+    import ml_dtypes
+
+    import fastopt as fo
+
+    ps = fo.ParamSet({"w": np.ones((3, 4), np.float32)}, dtype=ml_dtypes.bfloat16)
+    ps.grads["w"][...] = 1
+    before = ps.flat.copy()
+    opt = fo.optim.OPTIMIZERS[name](ps, lr=0.1)
+    with pytest.raises(TypeError, match="segment kernels take float32 or float64"):
+        opt.step()
+    assert ps.flat.tobytes() == before.tobytes()
+    assert not opt.state_dict()["state"]

@@ -18,6 +18,7 @@ import numpy as np
 from .. import reference
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
+from . import precision
 from .base import Optimizer
 from .hyperparameters import Hyper
 
@@ -126,6 +127,18 @@ class SegmentedOptimizer(Optimizer):
                 f"{unit.label} is on {name!r}"
             )
 
+    def _check_storage(self, unit, grad):
+        """TypeError naming the unit unless it is stored as the segment kernels compute: the
+        parameter, gradient and state in one float32 or float64 dtype, no master copy."""
+        storage = precision.storage_of(self.precision, unit.param, grad)
+        if not precision.is_plain(storage):
+            raise TypeError(
+                f"{unit.label}: {type(self).__name__}'s segment kernels take float32 or float64 "
+                f"parameters, gradients and state of one dtype; here parameter {storage.param}, "
+                f"gradient {storage.grad}, state {storage.state}"
+                f"{', master weights' if storage.master else ''}"
+            )
+
     def _state_shape(self, g_int, unit, name):
         """The per-tensor state (``segment_state``) has one value per segment."""
         if name == self.segment_state:
@@ -145,8 +158,9 @@ class SegmentedOptimizer(Optimizer):
         unit."""
         plan = self._plan(grads)
         for _, _, _, work in plan:
-            for unit, _ in work:
+            for unit, grad in work:
                 self._check_backend(unit)
+                self._check_storage(unit, grad)
         scales = self._grad_scales(plan, grad_scale)
         if scales is None:
             return
