@@ -780,7 +780,15 @@ def test_registry_holds_every_schedule_type_by_name():
     }
     assert S.SCHEDULES == classes  # one registry: every public schedule class, nothing else
     nested = {name for name, cls in S.SCHEDULES.items() if cls.nested}
-    assert nested == {"Warmup", "Join", "PerEpoch", "Scaled", "ChainedScheduler"}
+    assert nested == {
+        "Warmup",
+        "Join",
+        "PerEpoch",
+        "Scaled",
+        "ChainedScheduler",
+        "CyclicMomentum",
+        "OneCycleMomentum",
+    }
     for sched in _ROUNDTRIP:  # from_dict reads the same registry
         assert S.SCHEDULES[sched.to_dict()["type"]] is type(sched)
 

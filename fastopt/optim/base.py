@@ -9,6 +9,7 @@ state_dict in ``state_dict.py``.
 """
 
 import math
+import sys
 from collections.abc import Mapping
 
 from .. import dispatch, streams
@@ -479,18 +480,27 @@ class Optimizer:
         return plan
 
     def _scheduled(self, group, k):
-        """``group``, or a copy with its scheduled hyperparameters other than ``lr`` (callables
-        such as :class:`fastopt.schedules.CyclicMomentum`, also as entries of a tuple such as
-        ``betas``) replaced by their value at step ``k``; the table checks then see numbers."""
+        """``group``, or a copy with its scheduled hyperparameters other than ``lr``
+        (:class:`fastopt.schedules.Schedule` objects such as ``CyclicMomentum``, also as entries
+        of a tuple such as ``betas``) replaced by their value at step ``k``; the table checks
+        then see numbers. Other callables (LARS's masks) are hyperparameters in their own right."""
+        schedules = sys.modules.get("fastopt.schedules")
+        if schedules is None:  # not imported: no hyperparameter can be a schedule
+            return group
+        schedule = schedules.Schedule
+
+        def is_schedule(v):
+            return isinstance(v, schedule)
+
         out = None
         for name in self.defaults:
             if name == "lr":
                 continue
             v = group[name]
-            if callable(v):
+            if is_schedule(v):
                 value = v(k)
-            elif isinstance(v, (tuple, list)) and any(map(callable, v)):
-                value = tuple(x(k) if callable(x) else x for x in v)
+            elif isinstance(v, (tuple, list)) and any(map(is_schedule, v)):
+                value = tuple(x(k) if is_schedule(x) else x for x in v)
             else:
                 continue
             if out is None:

@@ -70,7 +70,10 @@ def all_optimizer_classes():
         cls = getattr(fo.optim, name)
         if name == "Optimizer" or not isinstance(cls, type) or cls.requires_closure:
             continue  # L-BFGS steps with a closure: tests/test_distributed.py checks its refusal
-        out[name] = (cls, {"lr": 0.01})
+        kw = {"lr": 0.01}
+        if getattr(cls, "matrices_only", False):  # Muon: its AdamW fallback for the vectors
+            kw["muon_params"] = "hidden"
+        out[name] = (cls, kw)
     return out
 
 
