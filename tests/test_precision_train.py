@@ -198,6 +198,19 @@ def test_cli_trains_bf16_with_bf16_state_and_stochastic_rounding(tmp_path, monke
     assert meta["precision"] == "bf16" and meta["final"]["test"]["accuracy"] > 0.5
 
 
+def test_cli_trains_bf16_with_int8_state(tmp_path, monkeypatch, capsys):
+    """fastopt train --precision bf16 --state-dtype int8: bf16 parameters with float32 master
+    weights, 8-bit blockwise Adam state, and a model that learns."""
+    import_or_skip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "digits", "--epochs", "2", "--precision", "bf16", "--state-dtype", "int8"]
+    args += ["--quiet", "--no-plot", "--out", "run", "--optimizer", "adamw:lr=0.003"]
+    assert main(args) == 0
+    assert "state_dtype='int8'" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "run" / "history.json").read_text())["meta"]
+    assert meta["precision"] == "bf16" and meta["final"]["test"]["accuracy"] > 0.8
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
