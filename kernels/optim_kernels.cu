@@ -391,41 +391,42 @@ struct element {  // float, double
     }
 };
 
-template <>
-struct element<bf16_bits> {
+// The two 16-bit formats differ only in their conversions: one element policy over a format.
+struct bf16_format {
+    static FO_HD float widen(unsigned short v) { return bf16_to_f32(v); }
+    static FO_HD unsigned short rne(float v) { return f32_to_bf16_rne(v); }
+    static FO_HD unsigned short sr(float v, unsigned int r) { return f32_to_bf16_sr(v, r); }
+};
+
+struct f16_format {
+    static FO_HD float widen(unsigned short v) { return f16_to_f32(v); }
+    static FO_HD unsigned short rne(float v) { return f32_to_f16_rne(v); }
+    static FO_HD unsigned short sr(float v, unsigned int r) { return f32_to_f16_sr(v, r); }
+};
+
+template <typename Bits, typename Format>
+struct element16 {
     template <typename C>
-    static FO_HD C load(bf16_bits x) {
+    static FO_HD C load(Bits x) {
         C r;
-        convert(r, bf16_to_f32(x.v));
+        convert(r, Format::widen(x.v));
         return r;
     }
     template <bool SR, typename C>
-    static FO_HD bf16_bits store(C x, unsigned int rbits) {
+    static FO_HD Bits store(C x, unsigned int rbits) {
         float v;
         convert(v, x);
-        bf16_bits out;
-        out.v = SR ? f32_to_bf16_sr(v, rbits) : f32_to_bf16_rne(v);
+        Bits out;
+        out.v = SR ? Format::sr(v, rbits) : Format::rne(v);
         return out;
     }
 };
 
 template <>
-struct element<f16_bits> {
-    template <typename C>
-    static FO_HD C load(f16_bits x) {
-        C r;
-        convert(r, f16_to_f32(x.v));
-        return r;
-    }
-    template <bool SR, typename C>
-    static FO_HD f16_bits store(C x, unsigned int rbits) {
-        float v;
-        convert(v, x);
-        f16_bits out;
-        out.v = SR ? f32_to_f16_sr(v, rbits) : f32_to_f16_rne(v);
-        return out;
-    }
-};
+struct element<bf16_bits> : element16<bf16_bits, bf16_format> {};
+
+template <>
+struct element<f16_bits> : element16<f16_bits, f16_format> {};
 
 template <class Op, typename C, typename P, typename G, typename S, bool MASTER, bool SR>
 FO_HD void storage_element(long long i, P* p, float* w, const G* g, S* const* sp,
