@@ -488,19 +488,15 @@ class Optimizer:
         if schedules is None:  # not imported: no hyperparameter can be a schedule
             return group
         schedule = schedules.Schedule
-
-        def is_schedule(v):
-            return isinstance(v, schedule)
-
         out = None
         for name in self.defaults:
             if name == "lr":
                 continue
             v = group[name]
-            if is_schedule(v):
+            if isinstance(v, schedule):
                 value = v(k)
-            elif isinstance(v, (tuple, list)) and any(map(is_schedule, v)):
-                value = tuple(x(k) if is_schedule(x) else x for x in v)
+            elif isinstance(v, (tuple, list)) and any(isinstance(x, schedule) for x in v):
+                value = tuple(x(k) if isinstance(x, schedule) else x for x in v)
             else:
                 continue
             if out is None:
