@@ -21,7 +21,7 @@ from .cpu import PARALLEL_THRESHOLD
 from .layout import REDUCTION_CHUNK
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
-_INNER = {"fastmath": {"reassoc"}, "inline": "always", **_JIT}
+_INNER = {"fastmath": {"reassoc"}, **_JIT}
 
 
 @intrinsic
@@ -90,24 +90,29 @@ def _pair_chunk(g, pg, d, t, y, s, lo, hi):
     return ys, yy
 
 
+# The maxima of |x| are taken over the bit patterns with the sign cleared (unsigned integers of
+# the float's width): for floats that order is the order of |x|, a NaN is above every number (so
+# it wins, as torch's ``abs().max()`` returns NaN), and an integer max reduction vectorizes, where
+# a float max does not without nnan/nsz (which would drop the NaN).
+
+
 @njit(**_INNER)
-def _abs_sum_max_chunk(x, lo, hi):
+def _abs_sum_max_chunk(x, bits, magnitude, lo, hi):
     acc = 0.0
-    mx = 0.0
+    mx = bits.dtype.type(0)
     for i in range(uint64(lo), uint64(hi)):
-        v = abs(np.float64(x[i]))
-        acc += v
-        mx = max(mx, v)
+        acc += abs(np.float64(x[i]))
+        mx = max(mx, bits[i] & magnitude)
     return acc, mx
 
 
 @njit(**_INNER)
-def _axpy_absmax_chunk(p, a, x, lo, hi):
-    # p <- p + a*x; returns max |x|
-    mx = 0.0
+def _axpy_absmax_chunk(p, a, x, bits, magnitude, lo, hi):
+    # p <- p + a*x; returns the bits of max |x|
+    mx = bits.dtype.type(0)
     for i in range(uint64(lo), uint64(hi)):
         p[i] = _fma(a, np.float64(x[i]), np.float64(p[i]))
-        mx = max(mx, abs(np.float64(x[i])))
+        mx = max(mx, bits[i] & magnitude)
     return mx
 
 
@@ -141,16 +146,16 @@ def _pair_run(n, out, g, pg, d, t, y, s):
         out[0, c], out[1, c] = _pair_chunk(g, pg, d, t, y, s, lo, min(lo + REDUCTION_CHUNK, n))
 
 
-def _abs_run(n, out, x):
+def _abs_run(n, out, maxbits, x, bits, m):
     for c in prange(out.shape[1]):
         lo = c * REDUCTION_CHUNK
-        out[0, c], out[1, c] = _abs_sum_max_chunk(x, lo, min(lo + REDUCTION_CHUNK, n))
+        out[0, c], maxbits[c] = _abs_sum_max_chunk(x, bits, m, lo, min(lo + REDUCTION_CHUNK, n))
 
 
-def _axpy_absmax_run(n, out, p, a, x):
-    for c in prange(out.shape[1]):
+def _axpy_absmax_run(n, maxbits, p, a, x, bits, m):
+    for c in prange(maxbits.size):
         lo = c * REDUCTION_CHUNK
-        out[0, c] = _axpy_absmax_chunk(p, a, x, lo, min(lo + REDUCTION_CHUNK, n))
+        maxbits[c] = _axpy_absmax_chunk(p, a, x, bits, m, lo, min(lo + REDUCTION_CHUNK, n))
 
 
 def _drivers(run):
@@ -169,6 +174,19 @@ def _run(drivers, nout, n, *args):
     out = np.empty((nout, _chunks(n)), np.float64)
     (drivers[0] if n >= PARALLEL_THRESHOLD else drivers[1])(n, out, *args)
     return out
+
+
+def _bits(x):
+    """(``x``'s elements as unsigned integers of their width (a view), the mask that clears
+    their sign bit)."""
+    if x.dtype.itemsize == 4:
+        return x.view(np.uint32), np.uint32(0x7FFFFFFF)
+    return x.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF)
+
+
+def _abs_max_of(maxbits, dtype):
+    """The float ``max |x|`` from the per-chunk maxima of the magnitude bits."""
+    return float(maxbits.max().view(dtype))
 
 
 # ---------------------------------------------------------------------------- public API
@@ -198,13 +216,20 @@ def curvature_pair(g, pg, d, t, y, s):
 
 def abs_sum_max(x):
     """``(sum |x_i|, max |x_i|)`` in float64 (one pass)."""
-    r = _run(_ABS, 2, x.size, x)
-    return float(np.sum(r[0])), float(np.max(r[1]))
+    bits, magnitude = _bits(x)
+    maxbits = np.empty(_chunks(x.size), bits.dtype)
+    r = _run(_ABS, 1, x.size, maxbits, x, bits, magnitude)
+    return float(np.sum(r[0])), _abs_max_of(maxbits, x.dtype)
 
 
 def axpy_absmax(p, a, x):
     """``p <- p + a*x`` in place; return ``max |x_i|`` (one pass)."""
-    return float(np.max(_run(_AXPY_ABSMAX, 1, p.size, p, float(a), x)[0]))
+    bits, magnitude = _bits(x)
+    maxbits = np.empty(_chunks(p.size), bits.dtype)
+    (_AXPY_ABSMAX[0] if p.size >= PARALLEL_THRESHOLD else _AXPY_ABSMAX[1])(
+        p.size, maxbits, p, float(a), x, bits, magnitude
+    )
+    return _abs_max_of(maxbits, x.dtype)
 
 
 def copy(dst, src):

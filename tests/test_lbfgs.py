@@ -318,6 +318,21 @@ def test_vector_kernels_match_numpy_and_ignore_the_thread_count():
     assert np.isclose(pair[0], (x - y) @ (0.25 * z)) and np.isclose(pair[1], (x - y) @ (x - y))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_maxima_order_magnitudes_and_propagate_nan(dtype):
+    # max |x| is reduced over the sign-cleared bit patterns: check the order that implies against
+    # NumPy on values of every kind, and that a NaN wins as in torch's abs().max().
+    info = np.finfo(dtype)
+    x = np.array([-0.0, info.smallest_subnormal, -info.tiny, 1.5, -info.max, 3.0], dtype)
+    for values in (x, np.append(x, -np.inf), np.insert(x, 2, np.nan)):
+        expected = np.abs(values).max()
+        s, m = vector.abs_sum_max(values)
+        p = np.zeros_like(values)
+        assert vector.axpy_absmax(p, 1.0, values) == m or (np.isnan(m) and np.isnan(expected))
+        assert m == expected or (np.isnan(m) and np.isnan(expected)), (values, m)
+    assert vector.abs_sum_max(np.array([-0.0, 0.0], dtype)) == (0.0, 0.0)
+
+
 def test_serial_and_parallel_drivers_give_the_same_partials():
     rng = np.random.default_rng(2)
     n = 100_000
