@@ -104,7 +104,9 @@ def _plan(path, allow_stdout):
     if not os.path.isdir(directory):
         why = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise OutputError(f"cannot write {path}: {directory} {why}", path, errno.ENOENT)
-    if not os.access(directory, os.W_OK | os.X_OK):
+    # The effective ids decide what open() may do (a setuid process, or root that dropped them).
+    effective = os.access in os.supports_effective_ids
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=effective):
         raise OutputError(
             f"cannot write {path}: the directory {directory} is not writable", path, errno.EACCES
         )

@@ -5,10 +5,13 @@ place, ``-`` is standard output, a directory that cannot hold the file is refuse
 path and leaves the old file alone, and no temporary file outlives a write.
 """
 
+import contextlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -116,19 +119,42 @@ def test_unwritable_paths_are_refused_naming_them(tmp_path, make, match):
     assert sorted(os.listdir(tmp_path)) == before
 
 
-@posix
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores modes")
-def test_read_only_directory_is_refused_and_the_old_file_kept(tmp_path):
-    d = tmp_path / "ro"
-    d.mkdir()
-    (d / "out.txt").write_text("old")
-    os.chmod(d, 0o555)
+@contextlib.contextmanager
+def _as_an_unprivileged_user(tmp_path):
+    """A directory to work in, and the rights of a user whom file modes bind: as such a user,
+    ``tmp_path``; as root (which ignores modes, as in CI containers), a fresh directory anyone
+    may enter, with the effective user id set to nobody's (65534) until the block ends."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(prefix="fastopt-ro-"))
+    os.chmod(base, 0o755)  # tmp_path's parents are root's alone (0700)
     try:
-        with pytest.raises(fileio.OutputError, match="not writable"):
-            fileio.write_text(d / "out.txt", "new")
+        yield base
     finally:
-        os.chmod(d, 0o755)
-    assert (d / "out.txt").read_text() == "old"
+        os.seteuid(0)
+        shutil.rmtree(base)
+
+
+@posix
+def test_read_only_directory_is_refused_and_the_old_file_kept(tmp_path):
+    with _as_an_unprivileged_user(tmp_path) as base:
+        d = base / "ro"
+        d.mkdir()
+        (d / "out.txt").write_text("old")
+        os.chmod(d, 0o555)
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+        try:
+            assert not os.access(d, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+            with pytest.raises(fileio.OutputError, match="not writable"):
+                fileio.write_text(d / "out.txt", "new")
+        finally:
+            if hasattr(os, "seteuid") and os.getuid() == 0:
+                os.seteuid(0)
+            os.chmod(d, 0o755)
+        assert (d / "out.txt").read_text() == "old"
+        assert sorted(os.listdir(d)) == ["out.txt"]
 
 
 def test_dash_is_standard_output_only_when_allowed(capsys):
