@@ -190,6 +190,8 @@ def _run(op, n, arrays, a=0.0, b=0.0, reduce=True):
     threads = int(THREADS)
     if threads < 1 or threads & (threads - 1):
         raise ValueError(f"vector_cuda.THREADS must be a power of two, got {threads}")
+    if n == 0:  # no launch: its partials buffer would hold the previous call's sums
+        return np.zeros((2, 1)) if reduce else None
     nchunks = max(1, -(-n // REDUCTION_CHUNK))
     arrays = [x if getattr(x, "__cuda_ndarray__", False) else cuda.as_cuda_array(x) for x in arrays]
     filler = _dummy(arrays[0].dtype)

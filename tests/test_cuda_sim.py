@@ -364,6 +364,16 @@ def test_lbfgs_vector_passes_match_the_cpu_kernels(monkeypatch):
     np.testing.assert_array_equal(do.copy_to_host(), o)
     vector_cuda.fill(do, 0.0)
     assert not do.copy_to_host().any()
+    # An empty vector after a full one: nothing launches, and the sums are 0, not the last call's.
+    empty = cuda.device_array(0)
+    for op in (
+        lambda: vector_cuda.dot(empty, empty),
+        lambda: vector_cuda.abs_sum_max(empty)[0],
+        lambda: vector_cuda.abs_sum_max(empty)[1],
+        lambda: vector_cuda.axpy_absmax(empty, 0.5, empty),
+    ):
+        assert vector_cuda.abs_sum_max(dx)[0] > 0  # fills the shared partials buffer
+        assert op() == 0.0
 
 
 _VECTOR_PTX_CHECK = (
