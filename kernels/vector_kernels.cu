@@ -227,7 +227,13 @@ __device__ __forceinline__ void pass(long long n, double* out, F* a0, F* a1, F* 
     FO_VECTOR_KERNEL(name, Op, float, f32)   \
     FO_VECTOR_KERNEL(name, Op, double, f64)
 
+// FO_ENABLE_VECTOR_KERNELS 0 leaves the kernels out (the host harness needs the functions only).
+#ifndef FO_ENABLE_VECTOR_KERNELS
+#define FO_ENABLE_VECTOR_KERNELS 1
+#endif
+#if FO_ENABLE_VECTOR_KERNELS
 FO_VECTOR_OPS(FO_VECTOR_KERNELS)
+#endif
 
 #undef FO_VECTOR_KERNELS
 #undef FO_VECTOR_KERNEL

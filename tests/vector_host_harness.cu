@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#define FO_ENABLE_VECTOR_KERNELS 0  // no device code to build: the functions run on the host
 #include "vector_kernels.cu"
 
 namespace {
