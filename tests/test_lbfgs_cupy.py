@@ -408,7 +408,7 @@ def rosenbrock(x):
     return f, g
 
 
-def _lbfgs_run(params, to_host, make_grads, line_search_fn, steps=20):
+def _lbfgs_run(params, to_host, make_grads, line_search_fn, steps=20, backend=None):
     sizes = [p.size for p in params]
     calls = [0]
 
@@ -417,7 +417,8 @@ def _lbfgs_run(params, to_host, make_grads, line_search_fn, steps=20):
         f, g = rosenbrock(np.concatenate([to_host(p) for p in params]))
         return f, make_grads(np.split(g, np.cumsum(sizes)[:-1]))
 
-    opt = fo.LBFGS(params, max_iter=5, history_size=4, line_search_fn=line_search_fn)
+    kw = {"max_iter": 5, "history_size": 4, "line_search_fn": line_search_fn, "backend": backend}
+    opt = fo.LBFGS(params, **kw)
     losses = [opt.step(closure) for _ in range(steps)]
     return losses, np.concatenate([to_host(p) for p in params]), calls[0], opt
 
@@ -497,3 +498,29 @@ def test_cupy_and_numba_cuda_vector_kernels_agree_bit_for_bit_on_a_gpu():
             assert getattr(vector_cupy, fn)(*args(a)) == getattr(vector_cuda, fn)(*args(b)), fn
             for x, y in zip(a, b, strict=True):
                 assert _same(x.get(), y.get()), fn
+
+
+def test_lbfgs_on_cupy_and_on_numba_cuda_gives_the_same_bits_on_a_gpu():
+    """600-D Rosenbrock (lanes of up to three elements), strong Wolfe, 20 steps."""
+    ok, reason = kcupy.available()
+    if not ok:
+        pytest.skip(reason)
+    if "numba.cuda.simulator" in sys.modules:
+        pytest.skip("the CUDA simulator is loaded")
+    import cupy
+
+    x0 = np.random.default_rng(2).uniform(-1.5, 1.5, 600)
+    runs = []
+    for backend in ("cupy", "numba-cuda"):
+        params = [cupy.asarray(x0[:400]), cupy.asarray(x0[400:])]
+        runs.append(
+            _lbfgs_run(
+                params,
+                lambda p: p.get(),
+                lambda gs: [cupy.asarray(g) for g in gs],
+                "strong_wolfe",
+                backend=backend,
+            )
+        )
+    assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2]
+    assert _same(runs[0][1], runs[1][1])
