@@ -378,7 +378,8 @@ def test_lbfgs_vector_passes_match_the_cpu_kernels(monkeypatch):
 
 _VECTOR_PTX_CHECK = (
     PREAMBLE
-    + """from fastopt.kernels import vector_cuda
+    + """import re
+from fastopt.kernels import vector_cuda
 
 cases = [(op, types.float64) for op in vector_cuda._ELEMENTS] + [("pair", types.float32)]
 for op, dt in cases:
@@ -387,6 +388,11 @@ for op, dt in cases:
     sig += (types.float64, types.float64)
     ptx, _ = cuda.compile_ptx(vector_cuda._kernel(op, 256).py_func, sig, cc=(9, 0))
     assert "fma.rn.f64" in ptx or op not in ("update_dot", "axpy_absmax"), op
+    # NVVM fuses each product added to a sum (acc += x*y) into an fma; vector_kernels.cu copies it
+    products = set(re.findall(r"mul(?:\\.rn)?\\.f64\\s+(%fd\\d+),", ptx))
+    summed = re.findall(r"add(?:\\.rn)?\\.f64\\s+%fd\\d+,\\s*(%fd\\d+),\\s*(%fd\\d+);", ptx)
+    assert not products & {r for pair in summed for r in pair}, op
+    assert "fma.rn.f64" in ptx or op not in ("dot", "scale_dot", "pair"), op
     print(op, dt, "ok")
 """
 )

@@ -95,14 +95,67 @@ class _CudaVectors:
         return cuda.to_device(host)
 
 
+class _CupyVectors:
+    """The same operations on CuPy arrays of one device (``kernels/vector_cupy.py``), launched
+    on ``stream`` (set by every ``step()``: the stream of the parameters' library)."""
+
+    def __init__(self, device):
+        from ..kernels import vector_cupy
+
+        self.k = vector_cupy
+        self.device = device
+        self.stream = None
+
+    def dot(self, x, y):
+        return self.k.dot(x, y, self.stream)
+
+    def update_dot(self, q, a, x, h, z):
+        return self.k.update_dot(q, a, x, h, z, self.stream)
+
+    def scale_dot(self, out, c, x, z):
+        return self.k.scale_dot(out, c, x, z, self.stream)
+
+    def curvature_pair(self, g, pg, d, t, y, s):
+        return self.k.curvature_pair(g, pg, d, t, y, s, self.stream)
+
+    def abs_sum_max(self, x):
+        return self.k.abs_sum_max(x, self.stream)
+
+    def abs_max(self, x):
+        return self.k.abs_sum_max(x, self.stream)[1]
+
+    def axpy_absmax(self, p, a, x):
+        return self.k.axpy_absmax(p, a, x, self.stream)
+
+    def copy(self, dst, src):
+        self.k.copy(dst, src, self.stream)
+
+    def scale(self, out, c, x):
+        self.k.scale(out, c, x, self.stream)
+
+    def zero(self, x):
+        self.k.fill(x, 0.0, self.stream)
+
+    def empty(self, n, dtype):
+        return self.k.empty(n, dtype, self.device, self.stream)
+
+    def clone(self, x):
+        out = self.empty(x.size, x.dtype)
+        self.copy(out, x)
+        return out
+
+    def to_vector(self, host):
+        return self.k.to_device(host, self.device, self.stream)
+
+
 class LBFGS(Optimizer):
     """L-BFGS (Nocedal & Wright, *Numerical Optimization*, Algorithm 7.4 and 7.5) as
     ``torch.optim.LBFGS``: ``lr`` (default 1), ``max_iter`` iterations per ``step()`` (20),
     ``max_eval`` closure calls per ``step()`` (``max_iter * 5 // 4``), ``tolerance_grad`` on
     ``max |g|`` (1e-7), ``tolerance_change`` on the change of loss and parameters (1e-9),
     ``history_size`` curvature pairs (100), ``line_search_fn`` None (fixed step ``lr``) or
-    ``"strong_wolfe"``. ``backend``: as for the other optimizers (``"numba-cuda"`` for GPU
-    arrays).
+    ``"strong_wolfe"``. ``backend``: as for the other optimizers (CuPy arrays run the
+    ``"cupy"`` backend, other GPU arrays ``"numba-cuda"``, unless named).
 
     ``step(closure)`` re-evaluates the objective as often as the algorithm needs:
 
@@ -120,10 +173,13 @@ class LBFGS(Optimizer):
 
     Like torch: one param group only; the parameters must share one dtype; memory is about
     ``(2 * history_size + 3)`` copies of the parameters. Host arrays (NumPy, torch CPU tensors,
-    a host ParamSet) run ``kernels/vector.py``; arrays on a GPU with ``backend="numba-cuda"``
-    run the same passes in ``kernels/vector_cuda.py`` (deterministic tree reductions, one host
-    read per dot product); the CuPy backend is refused by name. Reductions accumulate in float64
-    for float32 parameters too (torch's float32 dot products round in float32).
+    a host ParamSet) run ``kernels/vector.py``; arrays on a GPU run the same passes in
+    ``kernels/vector_cuda.py`` (backend ``"numba-cuda"``) or in the CUDA C kernels of
+    ``kernels/vector_cupy.py`` (backend ``"cupy"``, on the stream of the parameters' library):
+    deterministic tree reductions, one host read per dot product, the same bits on both GPU
+    backends. All parameters live on the host or all on one GPU with one backend. Reductions
+    accumulate in float64 for float32 parameters too (torch's float32 dot products round in
+    float32).
 
     Not elementwise, so not a rule of the fused kernels: ``step()`` takes a closure, not
     gradients (``requires_closure`` is True), and ``max_grad_norm``/``skip_nonfinite`` are not
@@ -161,19 +217,11 @@ class LBFGS(Optimizer):
         }
         super().__init__(params, defaults, backend=backend)
         units = self.units()
-        on_device = {u.device is not None for u in units}
-        if len(on_device) > 1:
+        if len({u.device for u in units}) > 1:
             raise TypeError("LBFGS needs all parameters on the host or all on one GPU")
         self._vec = _HostVectors
-        if True in on_device:
-            for u in units:
-                if u.backend is None or u.backend.name != "numba-cuda":
-                    name = "no backend" if u.backend is None else f"backend {u.backend.name!r}"
-                    raise TypeError(
-                        f"LBFGS on a GPU runs the numba-cuda vector kernels; {u.label} has {name} "
-                        "(pass backend='numba-cuda')"
-                    )
-            self._vec = _CudaVectors()
+        if units[0].device is not None:
+            self._vec = _device_vectors(units)
         dtypes = {u.param.dtype for u in units}
         if len(dtypes) != 1:
             raise TypeError(f"LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}")
@@ -287,6 +335,7 @@ class LBFGS(Optimizer):
         tolerance_change = group["tolerance_change"]
         line_search_fn, history_size = group["line_search_fn"], group["history_size"]
 
+        self._bind_stream()
         orig_loss, loss, flat_grad = self._evaluate(closure)  # first: checked before any write
         state = self.units()[0].state
         state.setdefault("func_evals", 0)
@@ -403,8 +452,35 @@ class LBFGS(Optimizer):
     def load_state_dict(self, state_dict):
         """Restore a :meth:`state_dict` of an LBFGS over as many parameters; everything is
         checked (keys, types, lengths, history sizes) before anything changes."""
+        self._bind_stream()
         lbfgs_state.load_state_dict(self, state_dict)
         self._spare = None
+
+    def _bind_stream(self):
+        """CuPy: launch on the current stream of the parameters' library (``fastopt.streams``)."""
+        if isinstance(self._vec, _CupyVectors):
+            self._vec.stream = self.step_streams()(self.units()[0])
+
+
+def _device_vectors(units):
+    """The vector operations of the units' GPU backend (one for all of them), else TypeError."""
+    first = units[0]
+    for u in units:
+        if u.backend is None or u.backend.name not in ("cupy", "numba-cuda"):
+            name = "no backend" if u.backend is None else f"backend {u.backend.name!r}"
+            raise TypeError(
+                f"LBFGS on a GPU runs the cupy or numba-cuda vector kernels; {u.label} has "
+                f"{name} (pass backend='cupy' or backend='numba-cuda')"
+            )
+        if u.backend is not first.backend:
+            raise TypeError(
+                f"LBFGS runs one backend's vector kernels; {first.label} has backend "
+                f"{first.backend.name!r}, {u.label} {u.backend.name!r} (pass backend='cupy' or "
+                "backend='numba-cuda')"
+            )
+    if first.backend.name == "cupy":
+        return _CupyVectors(first.backend.device_of(first.param))
+    return _CudaVectors()
 
 
 def _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
