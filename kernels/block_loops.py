@@ -221,7 +221,8 @@ def requantize_span(codes, absmax, qm, lut, b0, lo, count, values, work):
 # requantize. Slot k: codes ck, absmax ak, map qk, lookup table lk.
 
 
-def block_loop1(p, w, g, c0, a0, q0, l0, h, gs, rs):
+def block_loop1(p, w, g, c0, a0, q0, l0, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     n = p.size
     for task in indices((n + SPAN - 1) // SPAN):
         v0 = np.empty(SPAN, np.float32)
@@ -233,13 +234,14 @@ def block_loop1(p, w, g, c0, a0, q0, l0, h, gs, rs):
             i = lo + j
             r = draw(rs, int64(i))
             x, v0[j] = rule(
-                load_param(p, w, i), transformed_grad(load_grad(g, i), gs[0], gs[1]), v0[j], h
+                load_param(p, w, i), transformed_grad(load_grad(g, i), gscale, clip), v0[j], h
             )
             store_param(p, w, i, x, r[0])
         requantize_span(c0, a0, q0, l0, task * BLOCKS_PER_TASK, lo, count, v0, work)
 
 
-def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, h, gs, rs):
+def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     n = p.size
     for task in indices((n + SPAN - 1) // SPAN):
         v0 = np.empty(SPAN, np.float32)
@@ -254,7 +256,7 @@ def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, h, gs, rs):
             r = draw(rs, int64(i))
             x, v0[j], v1[j] = rule(
                 load_param(p, w, i),
-                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                transformed_grad(load_grad(g, i), gscale, clip),
                 v0[j],
                 v1[j],
                 h,
@@ -264,7 +266,8 @@ def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, h, gs, rs):
         requantize_span(c1, a1, q1, l1, task * BLOCKS_PER_TASK, lo, count, v1, work)
 
 
-def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, h, gs, rs):
+def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     n = p.size
     for task in indices((n + SPAN - 1) // SPAN):
         v0 = np.empty(SPAN, np.float32)
@@ -281,7 +284,7 @@ def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, h, gs, 
             r = draw(rs, int64(i))
             x, v0[j], v1[j], v2[j] = rule(
                 load_param(p, w, i),
-                transformed_grad(load_grad(g, i), gs[0], gs[1]),
+                transformed_grad(load_grad(g, i), gscale, clip),
                 v0[j],
                 v1[j],
                 v2[j],
@@ -372,4 +375,4 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs):
     args = []
     for s in states:
         args += [s.codes, s.absmax, *tables(s.signed)]
-    k(pb, pb if master is None else master, _bits(g), *args, h, gs, rs)
+    k(pb, pb if master is None else master, _bits(g), *args, h + gs, rs)

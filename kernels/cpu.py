@@ -46,13 +46,13 @@ def apply(rule_name, p, g, states, h, gs):
     """Run ``rule_name`` over flat, equal-length, contiguous 1-D arrays, in place.
 
     ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip value or 0), both
-    already cast to ``p``'s dtype.
+    already cast to ``p``'s dtype; the kernel takes them as one tuple ``h + gs``.
     """
     if p.size >= PARALLEL_THRESHOLD:
         k = _KERNELS.get(rule_name) or kernel(rule_name)
     else:
         k = _SERIAL_KERNELS.get(rule_name) or kernel(rule_name, parallel=False)
-    k(p, g, *states, h, gs)
+    k(p, g, *states, h + gs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs):
     k = _KERNELS.get((rule_name, storage, parallel)) or kernel(rule_name, storage, parallel)
     pb = bits(p)
     w = pb if master is None else master
-    k(pb, w, bits(g), *[bits(s) for s in states], h, gs, rs)
+    k(pb, w, bits(g), *[bits(s) for s in states], h + gs, rs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ The loop is grid-stride over 64-bit indices (``indices`` bound to :func:`_grid_s
 
 ``numba.cuda`` is imported on first use only, and nothing here touches a device before
 ``kernel``/``apply`` is called, so ``import fastopt.kernels.cuda`` works on machines without CUDA.
-``apply`` only launches: no allocation, no copy, no synchronisation. Launches go on the stream
+``apply`` only launches: no allocation, no copy, no synchronisation. The kernels take the arrays
+and ONE scalar tuple ``hs = (*h, gradient scale, clip)`` (``kernels/loops.py``): numba-cuda
+prepares every launch argument in Python, so each one costs host time on every launch; the tuple's
+leaves are still passed one by one, but as one argument. Launches go on the stream
 given (a handle or a stream object; ``fastopt.streams`` picks the one of the arrays' library) and
 on the arrays' device; the launch plumbing (devices, external streams, configured launches,
 reduction scratch, all cached) is ``kernels/cuda_launch.py``. Arrays are viewed without
@@ -104,7 +107,8 @@ def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None
 
     Arrays may be any objects with ``__cuda_array_interface__`` (numba device arrays, CuPy arrays,
     torch CUDA tensors). ``h`` is the tuple of per-step scalars and ``gs`` = (gradient scale, clip
-    value or 0), both already cast to ``p``'s dtype.
+    value or 0), both already cast to ``p``'s dtype; the kernel takes them as one tuple
+    ``h + gs`` (see the module docstring).
     ``stream``: 0/None (default stream), a numba stream, a raw ``cudaStream_t`` handle or a
     CuPy/torch stream. The launch is asynchronous, on ``p``'s device; ``threads``/``blocks``
     override the launch configuration.
@@ -126,7 +130,8 @@ def apply(rule_name, p, g, states, h, gs, stream=0, *, threads=None, blocks=None
     with launch.on_device(device):
         nblocks, nthreads = launch_config(n, threads, blocks, device)
         s = launch.as_stream(cuda, stream, device)
-        launch.configured(kernel(rule_name), nblocks, nthreads, s, device)(p, g, *states, h, gs)
+        k = launch.configured(kernel(rule_name), nblocks, nthreads, s, device)
+        k(p, g, *states, h + gs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=0, *, thre
     cuda = launch._cuda()
     pb = bits(p)
     w = pb if master is None else master
-    args = (pb, w, bits(g), *[bits(s) for s in states], h, gs, tuple(int(v) for v in rs))
+    args = (pb, w, bits(g), *[bits(s) for s in states], h + gs, tuple(int(v) for v in rs))
     device = launch.launch_device(p)
     with launch.on_device(device):
         nblocks, nthreads = kcuda.launch_config(n, threads, None, device)

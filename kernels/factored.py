@@ -48,7 +48,8 @@ B_RV, B_M, B_CV, B_N, B_RP, B_CP, B_NCB, B_NRB = range(8)
 BATCH_FIELDS = 8
 PARALLEL_THRESHOLD = 1 << 15
 """Buffers with fewer elements run the serial kernel (a parallel launch costs more than them)."""
-# The element scalars ``h`` (parameter dtype): gsign, w, 1 - w, eps1, eps1^2, decay, 1.
+# The element scalars ``h`` (parameter dtype): gsign, w, 1 - w, eps1, eps1^2, decay, 1. The kernel
+# takes them with the gradient's (scale, clip) as one tuple ``hs = (*h, gscale, clip)``.
 H_FIELDS = ("gsign", "w", "one_minus_w", "eps1", "eps1_sq", "decay", "one")
 # The segment scalars ``h64`` (float64): eps2, rho, d.
 H64_FIELDS = ("eps2", "rho", "d")
@@ -144,14 +145,16 @@ _helper = njit(cache=True, error_model="numpy")
 
 
 @_inline
-def _grad(g, gs):
-    """``transformed_grad``: ``g * gscale``, then clipped to [-clip, clip] when ``clip > 0``."""
-    x = g * gs[0]
-    if gs[1] > 0:
-        if x < -gs[1]:
-            x = -gs[1]
-        elif x > gs[1]:
-            x = gs[1]
+def _grad(g, hs):
+    """``transformed_grad``: ``g * gscale``, then clipped to [-clip, clip] when ``clip > 0``
+    (``gscale``, ``clip`` = ``hs[-2]``, ``hs[-1]``)."""
+    x = g * hs[-2]
+    clip = hs[-1]
+    if clip > 0:
+        if x < -clip:
+            x = -clip
+        elif x > clip:
+            x = clip
     return x
 
 
@@ -194,7 +197,7 @@ def _tree(t, n):
 
 
 @_helper
-def _tile_partials(k, g, gs, items, rowpart, colpart):
+def _tile_partials(k, g, hs, items, rowpart, colpart):
     """Row and column sums of g^2 over tile ``k``: each row's squares summed by :func:`_tree`,
     each column's added row by row."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
@@ -205,7 +208,7 @@ def _tile_partials(k, g, gs, items, rowpart, colpart):
     for i in range(rows):
         e = lo + i * ld
         for j in range(cols):
-            x = np.float64(_grad(g[e + j], gs))
+            x = np.float64(_grad(g[e + j], hs))
             t[j] = x * x
         for j in range(cols):
             col[j] += t[j]
@@ -236,24 +239,24 @@ def _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h):
 
 
 @_inline
-def _squares(p, g, gs, h, e, v):
+def _squares(p, g, hs, e, v):
     """(p^2, u^2) of element ``e`` in float64, ``v`` its variance estimate."""
     x = np.float64(p[e])
-    u = np.float64(_update(_grad(g[e], gs), v, h))
+    u = np.float64(_update(_grad(g[e], hs), v, hs))
     return x * x, u * u
 
 
 @_inline
-def _vector_squares(p, g, gs, h, e, var):
+def _vector_squares(p, g, hs, e, var):
     """:func:`_squares` of a vector element, ``var`` its variance before this step's lerp."""
-    gj = _grad(g[e], gs)
+    gj = _grad(g[e], hs)
     x = np.float64(p[e])
-    u = np.float64(_update(gj, _lerp(var, gj * gj, h[1], h[2]), h))
+    u = np.float64(_update(gj, _lerp(var, gj * gj, hs[1], hs[2]), hs))
     return x * x, u * u
 
 
 @_helper
-def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
+def _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, part):
     """Sums of p^2 and u^2 over item ``k``: element ``j`` of each tile row (of each run of
     ``TILE_COLS`` elements of a vector piece) into lane ``j``, then :func:`_tree` over the
     lanes; the order depends on the item's shape alone."""
@@ -267,7 +270,7 @@ def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
             e = lo + i * ld
             r = row_var[rv + i]
             for j in range(cols):
-                x, y = _squares(p, g, gs, h, e + j, r * col_var[cv + j] / bm)
+                x, y = _squares(p, g, hs, e + j, r * col_var[cv + j] / bm)
                 ap[j] += x
                 au[j] += y
     else:
@@ -277,7 +280,7 @@ def _item_sums(k, p, g, gs, h, items, row_var, col_var, bmean, variance, part):
         vo = items[k, VO]
         for base in range(0, cols, n):
             for j in range(min(n, cols - base)):
-                x, y = _vector_squares(p, g, gs, h, lo + base + j, variance[vo + base + j])
+                x, y = _vector_squares(p, g, hs, lo + base + j, variance[vo + base + j])
                 ap[j] += x
                 au[j] += y
     part[k, 0] = _tree(ap, n)
@@ -301,10 +304,10 @@ def _segment_scale(s, first, numel, part, h64, scale):
 
 
 @_helper
-def _item_apply(k, p, g, gs, h, items, row_var, col_var, bmean, variance, scale):
+def _item_apply(k, p, g, hs, items, row_var, col_var, bmean, variance, scale):
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
     a = scale[items[k, SEG]]
-    decay = h[5]
+    decay = hs[5]
     if items[k, KIND] == 1:
         rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
         u = np.empty(cols, p.dtype)  # the row's update first: both loops then vectorize
@@ -312,37 +315,37 @@ def _item_apply(k, p, g, gs, h, items, row_var, col_var, bmean, variance, scale)
             e = lo + i * ld
             r = row_var[rv + i]
             for j in range(cols):
-                u[j] = _update(_grad(g[e + j], gs), r * col_var[cv + j] / bm, h)
+                u[j] = _update(_grad(g[e + j], hs), r * col_var[cv + j] / bm, hs)
             for j in range(cols):
                 p[e + j] = p[e + j] * decay + a * u[j]
     else:
         vo = items[k, VO]
         for j in range(cols):
-            gj = _grad(g[lo + j], gs)
-            v = _lerp(variance[vo + j], gj * gj, h[1], h[2])
+            gj = _grad(g[lo + j], hs)
+            v = _lerp(variance[vo + j], gj * gj, hs[1], hs[2])
             variance[vo + j] = v
-            p[lo + j] = p[lo + j] * decay + a * _update(gj, v, h)
+            p[lo + j] = p[lo + j] * decay + a * _update(gj, v, hs)
 
 
 indices = range
 """The loop range of :func:`_phases` (rebound to ``prange`` in the parallel kernel)."""
 
 
-def _phases(p, g, gs, h, h64, items, batches, first, numel, rowpart, colpart, row_var,
+def _phases(p, g, hs, h64, items, batches, first, numel, rowpart, colpart, row_var,
             col_var, bmean, variance, part, scale):  # fmt: skip
     """The five phases in order, each a loop over ``indices`` (``prange`` or ``range``, bound
     by :func:`kernel`): the end of each loop is a barrier before the next."""
     for t in indices(items.shape[0]):
         if items[t, KIND] == 1:
-            _tile_partials(t, g, gs, items, rowpart, colpart)
+            _tile_partials(t, g, hs, items, rowpart, colpart)
     for q in indices(batches.shape[0]):
-        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h)
+        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
     for t in indices(items.shape[0]):
-        _item_sums(t, p, g, gs, h, items, row_var, col_var, bmean, variance, part)
+        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, part)
     for s in indices(numel.size):
         _segment_scale(s, first, numel, part, h64, scale)
     for t in indices(items.shape[0]):
-        _item_apply(t, p, g, gs, h, items, row_var, col_var, bmean, variance, scale)
+        _item_apply(t, p, g, hs, items, row_var, col_var, bmean, variance, scale)
 
 
 _KERNELS = {}
@@ -387,7 +390,7 @@ def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
     gradient (scale, clip), both in the parameter dtype; ``h64``: ``H64_FIELDS`` in float64;
     ``work``: :func:`scratch`."""
     kernel(p.size >= PARALLEL_THRESHOLD)(
-        p, g, gs, h, h64,
+        p, g, h + gs, h64,
         layout["items"], layout["batches"], layout["first"], layout["numel"],
         work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
         work["part"], work["scale"],

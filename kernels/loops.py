@@ -9,30 +9,38 @@ rule and target with these globals bound:
   (CPU, serial), or the grid-stride range ``range(cuda.grid(1), n, cuda.gridsize(1))`` (CUDA, a
   device function; it compiles to the same PTX as that range written in the loop).
 
-``gs`` = (gradient scale, clip value or 0); ``h`` is the rule's scalar tuple. Each element is read
-and written once, so the result does not depend on the thread count or launch configuration.
+Every loop takes its per-step scalars as ONE tuple ``hs = (*h, gradient scale, clip value or 0)``
+in the compute dtype: ``h`` is the rule's scalar tuple, the last two are ``transformed_grad``'s.
+The split (``hs[:-2]``, ``hs[-2]``, ``hs[-1]``) is static, resolved at compile time; one tuple
+instead of two saves the host work of one launch argument (numba-cuda prepares every argument in
+Python on every launch). Each element is read and written once, so the result does not depend on
+the thread count or launch configuration.
 """
 
 
-def loop0(p, g, h, gs):
+def loop0(p, g, hs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
-        (p[i],) = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), h)
+        (p[i],) = rule(p[i], transformed_grad(g[i], gscale, clip), h)
 
 
-def loop1(p, g, s0, h, gs):
+def loop1(p, g, s0, hs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
-        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h)
+        p[i], s0[i] = rule(p[i], transformed_grad(g[i], gscale, clip), s0[i], h)
 
 
-def loop2(p, g, s0, s1, h, gs):
+def loop2(p, g, s0, s1, hs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
-        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h)
+        p[i], s0[i], s1[i] = rule(p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], h)
 
 
-def loop3(p, g, s0, s1, s2, h, gs):
+def loop3(p, g, s0, s1, s2, hs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
         p[i], s0[i], s1[i], s2[i] = rule(
-            p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], s2[i], h
+            p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], s2[i], h
         )
 
 
@@ -51,22 +59,25 @@ TEMPLATES = (loop0, loop1, loop2, loop3)
 # - ``draw(rs, i)``: four random words for element ``i`` (``rs`` = seed, step, index offset),
 #   one per store, for stochastic rounding; zeros when rounding to nearest.
 #
-# Without a master copy ``w`` is ``p`` (unused).
+# Without a master copy ``w`` is ``p`` (unused). ``rs`` stays an integer tuple of its own: seeds
+# are 64-bit and steps unbounded, which a float32 (or float64) ``hs`` would not hold exactly.
 
 
-def storage_loop0(p, w, g, h, gs, rs):
+def storage_loop0(p, w, g, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
         r = draw(rs, i)
-        (x,) = rule(load_param(p, w, i), transformed_grad(load_grad(g, i), gs[0], gs[1]), h)
+        (x,) = rule(load_param(p, w, i), transformed_grad(load_grad(g, i), gscale, clip), h)
         store_param(p, w, i, x, r[0])
 
 
-def storage_loop1(p, w, g, s0, h, gs, rs):
+def storage_loop1(p, w, g, s0, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
         r = draw(rs, i)
         x, a = rule(
             load_param(p, w, i),
-            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            transformed_grad(load_grad(g, i), gscale, clip),
             load_state(s0, i),
             h,
         )
@@ -74,12 +85,13 @@ def storage_loop1(p, w, g, s0, h, gs, rs):
         store_state(s0, i, a, r[1])
 
 
-def storage_loop2(p, w, g, s0, s1, h, gs, rs):
+def storage_loop2(p, w, g, s0, s1, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
         r = draw(rs, i)
         x, a, b = rule(
             load_param(p, w, i),
-            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            transformed_grad(load_grad(g, i), gscale, clip),
             load_state(s0, i),
             load_state(s1, i),
             h,
@@ -89,12 +101,13 @@ def storage_loop2(p, w, g, s0, s1, h, gs, rs):
         store_state(s1, i, b, r[2])
 
 
-def storage_loop3(p, w, g, s0, s1, s2, h, gs, rs):
+def storage_loop3(p, w, g, s0, s1, s2, hs, rs):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for i in indices(p.size):
         r = draw(rs, i)
         x, a, b, c = rule(
             load_param(p, w, i),
-            transformed_grad(load_grad(g, i), gs[0], gs[1]),
+            transformed_grad(load_grad(g, i), gscale, clip),
             load_state(s0, i),
             load_state(s1, i),
             load_state(s2, i),

@@ -84,7 +84,7 @@ def reduce(rule_name, p, g, states, h, gs, flags, layout, out):
     (``segment_loops.pieces``), ``(x, y) = <rule>_pre(...)``; ``out`` is (npieces, 2) float64."""
     lo, hi, seg, _ = layout
     k = kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[0]
-    k(p, g, *states[: pre_arity(rule_name)], h, gs, flags, lo, hi, seg, out)
+    k(p, g, *states[: pre_arity(rule_name)], h + gs, flags, lo, hi, seg, out)
 
 
 def segment(rule_name, p, flags, layout, out, st, r, sums, h64):
@@ -99,4 +99,4 @@ def apply(rule_name, p, g, states, h, gs, flags, layout, r):
     """Launch 3: ``<rule>(p, g, *states, h, flags, r0, r1)`` over every element, in place."""
     lo, hi, seg, _ = layout
     k = kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[2]
-    k(p, g, *states, h, gs, flags, lo, hi, seg, r)
+    k(p, g, *states, h + gs, flags, lo, hi, seg, r)

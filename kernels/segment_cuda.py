@@ -84,7 +84,7 @@ def reduce(rule_name, p, g, states, h, gs, flags, layout, out, stream=0):
     s = launch.as_stream(_cuda(), stream)
     k = kernels(rule_name)[0]
     k[_blocks(lo.size), segment_loops.LANES, s](
-        p, g, *states[: pre_arity(rule_name)], h, gs, flags, lo, hi, seg, out
+        p, g, *states[: pre_arity(rule_name)], h + gs, flags, lo, hi, seg, out
     )
 
 
@@ -105,5 +105,5 @@ def apply(rule_name, p, g, states, h, gs, flags, layout, r, stream=0):
         return
     s = launch.as_stream(_cuda(), stream)
     kernels(rule_name)[2][_blocks(lo.size), segment_loops.LANES, s](
-        p, g, *states, h, gs, flags, lo, hi, seg, r
+        p, g, *states, h + gs, flags, lo, hi, seg, r
     )

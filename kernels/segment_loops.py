@@ -17,6 +17,9 @@ unit of parallel work, so a step is the same three launches whatever the number 
    ratio, NovoGrad's per-tensor second moment) and its scalar state.
 3. ``apply``: per piece, ``<rule>(p, g, *state, h, flags, r0, r1)`` for every element.
 
+``reduce`` and ``apply`` take their scalars as one tuple ``hs = (*h, gradient scale, clip)``, as the
+loops of ``kernels/loops.py`` do.
+
 The order of every addition depends only on the segment layout and ``LANES``: the CPU templates
 (``prange`` over pieces, a lane array per piece) and the CUDA ones (one block of ``LANES``
 threads per piece, a shared-memory tree) compute the same bits, for any thread count or grid.
@@ -65,14 +68,15 @@ def _lane_tree(acc):
     return acc[0]
 
 
-def cpu_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
+def cpu_reduce0(p, g, hs, flags, lo, hi, seg, out):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for k in indices(lo.size):
         f = flags[seg[k]]
         ax = np.zeros(LANES, np.float64)
         ay = np.zeros(LANES, np.float64)
         for base in range(lo[k], hi[k], LANES):
             for i in range(base, min(base + LANES, hi[k])):
-                x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), h, f)
+                x, y = pre(p[i], transformed_grad(g[i], gscale, clip), h, f)
                 xv = np.float64(x)
                 yv = np.float64(y)
                 ax[i - base] = add(ax[i - base], mul(xv, xv))
@@ -81,14 +85,15 @@ def cpu_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
         out[k, 1] = lane_tree(ay)
 
 
-def cpu_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
+def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for k in indices(lo.size):
         f = flags[seg[k]]
         ax = np.zeros(LANES, np.float64)
         ay = np.zeros(LANES, np.float64)
         for base in range(lo[k], hi[k], LANES):
             for i in range(base, min(base + LANES, hi[k])):
-                x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f)
+                x, y = pre(p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], h, f)
                 xv = np.float64(x)
                 yv = np.float64(y)
                 ax[i - base] = add(ax[i - base], mul(xv, xv))
@@ -113,17 +118,19 @@ def segment_pass(first, out, flags, st, r, sums, h):
         sums[s, 1] = sy
 
 
-def cpu_apply1(p, g, s0, h, gs, flags, lo, hi, seg, r):
+def cpu_apply1(p, g, s0, hs, flags, lo, hi, seg, r):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for k in indices(lo.size):
         j = seg[k]
         f = flags[j]
         r0 = r[j, 0]
         r1 = r[j, 1]
         for i in range(lo[k], hi[k]):
-            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h, f, r0, r1)
+            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gscale, clip), s0[i], h, f, r0, r1)
 
 
-def cpu_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
+def cpu_apply2(p, g, s0, s1, hs, flags, lo, hi, seg, r):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     for k in indices(lo.size):
         j = seg[k]
         f = flags[j]
@@ -131,7 +138,7 @@ def cpu_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
         r1 = r[j, 1]
         for i in range(lo[k], hi[k]):
             p[i], s0[i], s1[i] = rule(
-                p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f, r0, r1
+                p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], h, f, r0, r1
             )
 
 
@@ -154,7 +161,8 @@ def cuda_block_sum(s, t):
         half //= 2
 
 
-def cuda_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
+def cuda_reduce0(p, g, hs, flags, lo, hi, seg, out):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     sx = cuda.shared.array(LANES, np.float64)
     sy = cuda.shared.array(LANES, np.float64)
     t = cuda.threadIdx.x
@@ -165,7 +173,7 @@ def cuda_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
         ay = 0.0
         i = lo[k] + t
         while i < hi[k]:
-            x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), h, f)
+            x, y = pre(p[i], transformed_grad(g[i], gscale, clip), h, f)
             xv = np.float64(x)
             yv = np.float64(y)
             ax = add(ax, mul(xv, xv))
@@ -182,7 +190,8 @@ def cuda_reduce0(p, g, h, gs, flags, lo, hi, seg, out):
         k += cuda.gridDim.x
 
 
-def cuda_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
+def cuda_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     sx = cuda.shared.array(LANES, np.float64)
     sy = cuda.shared.array(LANES, np.float64)
     t = cuda.threadIdx.x
@@ -193,7 +202,7 @@ def cuda_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
         ay = 0.0
         i = lo[k] + t
         while i < hi[k]:
-            x, y = pre(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f)
+            x, y = pre(p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], h, f)
             xv = np.float64(x)
             yv = np.float64(y)
             ax = add(ax, mul(xv, xv))
@@ -210,7 +219,8 @@ def cuda_reduce2(p, g, s0, s1, h, gs, flags, lo, hi, seg, out):
         k += cuda.gridDim.x
 
 
-def cuda_apply1(p, g, s0, h, gs, flags, lo, hi, seg, r):
+def cuda_apply1(p, g, s0, hs, flags, lo, hi, seg, r):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     k = np.int64(cuda.blockIdx.x)
     while k < lo.size:
         j = seg[k]
@@ -219,12 +229,13 @@ def cuda_apply1(p, g, s0, h, gs, flags, lo, hi, seg, r):
         r1 = r[j, 1]
         i = lo[k] + cuda.threadIdx.x
         while i < hi[k]:
-            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], h, f, r0, r1)
+            p[i], s0[i] = rule(p[i], transformed_grad(g[i], gscale, clip), s0[i], h, f, r0, r1)
             i += cuda.blockDim.x
         k += cuda.gridDim.x
 
 
-def cuda_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
+def cuda_apply2(p, g, s0, s1, hs, flags, lo, hi, seg, r):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
     k = np.int64(cuda.blockIdx.x)
     while k < lo.size:
         j = seg[k]
@@ -234,7 +245,7 @@ def cuda_apply2(p, g, s0, s1, h, gs, flags, lo, hi, seg, r):
         i = lo[k] + cuda.threadIdx.x
         while i < hi[k]:
             p[i], s0[i], s1[i] = rule(
-                p[i], transformed_grad(g[i], gs[0], gs[1]), s0[i], s1[i], h, f, r0, r1
+                p[i], transformed_grad(g[i], gscale, clip), s0[i], s1[i], h, f, r0, r1
             )
             i += cuda.blockDim.x
         k += cuda.gridDim.x

@@ -884,7 +884,8 @@ def python_storage_apply(rule_name, storage, p, g, states, master, h, gs, rs):
     loop = types.FunctionType(template.__code__, glb, template.__name__)
     pb = _bits16(p)
     with np.errstate(all="ignore"):
-        loop(pb, pb if master is None else master, _bits16(g), *map(_bits16, states), h, gs, rs)
+        w = pb if master is None else master
+        loop(pb, w, _bits16(g), *map(_bits16, states), (*h, *gs), rs)
 
 
 # The (rule, storage) pairs also checked against the compiled Numba CPU kernels (each costs a

@@ -241,6 +241,52 @@ def test_apply_rejects_host_arrays_and_wrong_state_count():
         kcuda.apply("adam", dp, dg, [cuda.to_device(states[0])], *hs[0])
 
 
+def test_launches_pass_the_arrays_and_one_scalar_tuple(monkeypatch):
+    """numba-cuda prepares every launch argument in Python on every launch: the kernels take the
+    arrays and ONE scalar tuple ``hs = (*h, gscale, clip)`` (the storage kernels also the integer
+    ``rs``), which ``apply`` builds from its ``h`` and ``gs`` (the storage kernels' results are
+    compared with the CPU's in tests/test_storage_sim.py)."""
+    import inspect
+
+    from fastopt.kernels import access, cuda_launch, cuda_storage, segment_cuda
+
+    launched = []
+    configured = cuda_launch.configured
+
+    def recording(kernel, *config):
+        run = configured(kernel, *config)
+
+        def launch(*args):
+            launched.append((list(inspect.signature(kernel.py_func).parameters), args))
+            run(*args)
+
+        return launch
+
+    monkeypatch.setattr(cuda_launch, "configured", recording)
+    p, grads, states, hs = _inputs("adam", np.float32, n=8)
+    got = _run_gpu("adam", p, grads[:1], states, hs[:1])
+    _assert_identical(got, _run_cpu("adam", p, grads[:1], states, hs[:1]), "adam")
+    ((names, args),) = launched
+    assert names == ["p", "g", "s0", "s1", "hs"] and len(args) == 5
+    assert args[-1] == hs[0][0] + hs[0][1] and all(type(v) is np.float32 for v in args[-1])
+
+    import ml_dtypes
+
+    bf16 = access.Storage("bfloat16", "bfloat16", "bfloat16", False, False)
+    arrays = [a.astype(ml_dtypes.bfloat16) for a in (p, grads[0], *states)]
+    dev = [cuda.to_device(a.view(np.uint16)).view(a.dtype) for a in arrays]
+    cuda_storage.apply("adam", bf16, dev[0], dev[1], dev[2:], None, *hs[0], (0, 1, 0))
+    assert dev[0].view(np.uint16).copy_to_host().tobytes() != arrays[0].tobytes()  # it ran
+    names, args = launched[-1]
+    assert names == ["p", "w", "g", "s0", "s1", "hs", "rs"] and len(args) == 7
+    assert args[-2] == hs[0][0] + hs[0][1] and args[-1] == (0, 1, 0)
+    for rule in rules.SEGMENT_RULES:
+        for k in segment_cuda.kernels(rule)[::2]:
+            if k is not None:
+                names = list(inspect.signature(k.py_func).parameters)
+                assert "hs" in names and "h" not in names and "gs" not in names, (rule, names)
+
+
 def test_import_and_available_without_simulator():
     """Outside the simulator (this machine may have no CUDA at all): import works, available()
     returns (bool, str) and does not raise."""
@@ -265,7 +311,7 @@ from fastopt.kernels.compile_rules import ARITY
 for name, nh in json.loads(sys.argv[1]).items():
     for dt in (types.float32, types.float64):
         arr = types.Array(dt, 1, "C")
-        sig = (arr,) * (2 + ARITY[name]) + (types.UniTuple(dt, nh), types.UniTuple(dt, 2))
+        sig = (arr,) * (2 + ARITY[name]) + (types.UniTuple(dt, nh + 2),)
         ptx, _ = cuda.compile_ptx(kcuda.kernel(name).py_func, sig, cc=(9, 0))
         assert "call." not in ptx, f"{name} {dt}: device functions not inlined"
         print(name, dt, "ok")

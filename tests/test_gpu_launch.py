@@ -536,8 +536,8 @@ for rule, st in [
     k = cuda_storage.kernel(rule, st).py_func
     p = arr[st.param]
     sig = (p, f32 if st.master else p, arr[st.grad]) + (arr[st.state],) * ARITY[rule]
-    sig += (types.UniTuple(types.float32, len(rules.SCALARS[rule])),)
-    sig += (types.UniTuple(types.float32, 2), types.UniTuple(types.int64, 3))
+    sig += (types.UniTuple(types.float32, len(rules.SCALARS[rule]) + 2),)
+    sig += (types.UniTuple(types.int64, 3),)
     ptx, _ = cuda.compile_ptx(k, sig, cc=(9, 0))
     assert "call." not in ptx and "st.global.u16" in ptx, rule  # helpers inlined, 16-bit stores
     print("ok", rule)

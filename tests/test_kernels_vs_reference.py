@@ -139,9 +139,9 @@ def test_serial_and_parallel_loops_agree_bitwise(rule):
     }[rule]
     gs = (0.5, 0.0)
     big = [a.copy() for a in (p, g, *states)]
-    cpu.kernel(rule, parallel=True)(*big, h, gs)
+    cpu.kernel(rule, parallel=True)(*big, (*h, *gs))
     small = [a.copy() for a in (p, g, *states)]
-    cpu.kernel(rule, parallel=False)(*small, h, gs)
+    cpu.kernel(rule, parallel=False)(*small, (*h, *gs))
     for a, b in zip(big, small):
         assert np.array_equal(a, b)
     below = [a[: n - 10].copy() for a in (p, g, *states)]

@@ -133,7 +133,7 @@ def test_parallel_equals_serial_bit_for_bit(rule, dtype, recorded, two_threads):
     for k, (_, before, after, h, gs) in enumerate(recorded):
         assert before[0].size == N and before[0].dtype == dtype
         ins = [a.copy() for a in before]
-        serial(ins[0], ins[1], *ins[2:], h, gs)
+        serial(ins[0], ins[1], *ins[2:], (*h, *gs))
         outs = [ins[0], *ins[2:]]
         for i, (got, want) in enumerate(zip(after, outs)):
             assert got.tobytes() == want.tobytes(), f"{rule} step {k + 1} array {i}"

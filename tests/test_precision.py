@@ -225,7 +225,7 @@ def test_parallel_and_serial_loops_agree_bit_for_bit():
         w = master.copy()
         k = cpu_storage.kernel("adam", s, parallel)
         b = cpu_storage.bits
-        k(b(p), w, b(g), b(m), b(v), _adam_h(), (np.float32(1), np.float32(0)), (9, 3, 11))
+        k(b(p), w, b(g), b(m), b(v), (*_adam_h(), np.float32(1), np.float32(0)), (9, 3, 11))
         out.append([p, m, v, w])
     for a, b_ in zip(*out):
         assert np.array_equal(bits(a), bits(b_))
