@@ -241,17 +241,11 @@ def test_zero1_equals_data_parallel(runs, world, name, clip, dtype):
 @pytest.mark.parametrize("name", sorted(P.all_optimizer_classes()))
 def test_zero1_works_with_every_optimizer(runs, world, name):
     """Every optimizer shards under ZeRO-1 and equals data parallelism, the per-tensor ones
-    (LAMB, LARS, NovoGrad, Adafactor) on tensor boundaries; Muon is refused by name, and still
-    trains under DataParallel."""
+    (LAMB, LARS, NovoGrad, Adafactor, Muon) on tensor boundaries."""
     ranks, _ = _train(runs, world)
     cls, kw = P.all_optimizer_classes()[name]
     dp = ranks[0][f"all-dp-{name}"]
-    if not getattr(cls, "matrices_only", False):
-        np.testing.assert_allclose(ranks[0][f"all-zero-{name}"], dp, rtol=1e-10, atol=1e-12)
-    else:
-        assert f"all-zero-{name}" not in ranks[0]
-        message = str(ranks[0][f"all-zero-refused-{name}"])
-        assert f"cannot shard {name}" in message and "DataParallel" in message
+    np.testing.assert_allclose(ranks[0][f"all-zero-{name}"], dp, rtol=1e-10, atol=1e-12)
     ref = reference_train(cls, kw, np.float64, 0.5, world, steps=5)
     np.testing.assert_allclose(dp, ref, rtol=1e-10, atol=1e-12)
 
@@ -503,12 +497,14 @@ def _one_process(cls, kw, steps, ps=None, opt=None, start=0):
     return ps, opt
 
 
-@pytest.mark.parametrize("name", ["lamb", "novograd", "adafactor"])
+@pytest.mark.parametrize("name", ["lamb", "novograd", "adafactor", "muon"])
 def test_per_tensor_zero1_equals_one_process_across_a_checkpoint(per_tensor, name):
-    """ZeRO-1 LAMB, NovoGrad and Adafactor on 2 ranks (rank 0 owns the matrix W, rank 1 the
-    vector b and the scalar s) equal one process with the global batch to float64 rounding over
-    20 steps; the checkpoint holds the one-process state (flat arrays, Adafactor's factors
-    m + n per matrix), resumes on 2 ranks and in one plain optimizer alike."""
+    """ZeRO-1 LAMB, NovoGrad, Adafactor and Muon on 2 ranks (rank 0 owns the matrix W, rank 1
+    the vector b and the scalar s) equal one process with the global batch to float64 rounding
+    over 20 steps; the checkpoint holds the one-process state (flat arrays, Adafactor's factors
+    m + n per matrix; Muon's choice of matrices over the whole ParamSet, its momentum zero on
+    the fallback tensors, which no update reads), resumes on 2 ranks and in one plain optimizer
+    alike."""
     import zero_per_tensor as ZP
 
     cls, kw = ZP.CASES[name]
@@ -516,7 +512,7 @@ def test_per_tensor_zero1_equals_one_process_across_a_checkpoint(per_tensor, nam
     infos = [json.loads((per_tensor / f"{name}_rank{r}.json").read_text()) for r in range(2)]
     assert [i["tensors"] for i in infos] == [["W"], ["b", "s"]]
     assert [i["shard"] for i in infos] == [[0, 15], [15, 19]]
-    per_element = {"lamb": 2 * 15, "novograd": 15 + 1, "adafactor": 5 + 3}[name]
+    per_element = {"lamb": 2 * 15, "novograd": 15 + 1, "adafactor": 5 + 3, "muon": 15}[name]
     assert infos[0]["state_elements"] == per_element
     for r in range(2):
         got = np.load(per_tensor / f"{name}_rank{r}.npz")
@@ -527,6 +523,10 @@ def test_per_tensor_zero1_equals_one_process_across_a_checkpoint(per_tensor, nam
     ckpt = fo.load(per_tensor / f"{name}.fo")
     saved = ckpt.optimizer_state["state"][0]
     assert ckpt.algorithm == cls.__name__ and set(saved) == set(want)
+    if name == "muon":
+        assert ckpt.optimizer_state["param_groups"][0]["muon_params"] == ("W",)
+        assert not np.asarray(saved["momentum_buffer"])[15:].any()
+        want["momentum_buffer"] = np.concatenate([want["momentum_buffer"][:15], np.zeros(4)])
     for k, v in want.items():
         np.testing.assert_allclose(np.asarray(saved[k]), v, rtol=1e-12, atol=1e-15, err_msg=k)
     ps = P.init_params(seed=9)
@@ -1032,17 +1032,21 @@ def test_one_collective_per_step_counted_at_the_communicator(fake_mpi, clip):
             assert names == per_step * 3
 
 
-def test_closure_and_matrix_optimizers_are_refused_by_name(fake_mpi):
+def test_closure_optimizers_and_bad_muon_settings_are_refused(fake_mpi):
     """DataParallel and ZeRO-1 step with averaged gradients: L-BFGS (a closure optimizer) is
-    refused by name at construction; ZeRO-1 refuses it and Muon (its selection of matrices is
-    over the whole ParamSet); nothing is communicated before the refusal."""
-    ps = fo.ParamSet({"w": np.zeros((2, 2))})
+    refused by name at construction by both; ZeRO-1 checks Muon's settings over the whole
+    ParamSet (a vector without a fallback, an unknown name) as one process would; nothing is
+    communicated before a refusal."""
+    ps = fo.ParamSet({"w": np.zeros((2, 2)), "b": np.zeros(2)})
     comm = _FakeComm(size=2)
     with pytest.raises(TypeError, match="LBFGS steps with a closure"):
         dist.DataParallel(ps, fo.LBFGS(ps), comm=comm)
-    for cls, why in ((fo.LBFGS, "closure"), (fo.Muon, "muon_params")):
-        with pytest.raises(ValueError, match=f"cannot shard {cls.__name__}: .*{why}"):
-            dist.ZeroRedundancyOptimizer(ps, cls, comm=comm)
+    with pytest.raises(ValueError, match="cannot shard LBFGS: it steps with a closure"):
+        dist.ZeroRedundancyOptimizer(ps, fo.LBFGS, comm=comm)
+    with pytest.raises(ValueError, match="parameter 'b' has shape"):
+        dist.ZeroRedundancyOptimizer(ps, fo.Muon, comm=comm)
+    with pytest.raises(ValueError, match="not parameters of the group"):
+        dist.ZeroRedundancyOptimizer(ps, fo.Muon, muon_params=("v",), comm=comm)
     assert comm.calls == []
 
 

@@ -33,7 +33,7 @@ Communication per step, on the ParamSet's flat buffers (never one call per param
   ``max_grad_norm`` or ``skip_nonfinite``, one extra Allreduce of two float64 numbers (the
   slice's sum of squares and non-finite flag), so every rank clips by the global norm and all
   ranks skip a non-finite step together. The per-tensor optimizers (LAMB, LARS, NovoGrad,
-  Adafactor) are sharded on tensor boundaries (``sharding.segment_shards``: each rank a
+  Adafactor, Muon) are sharded on tensor boundaries (``sharding.segment_shards``: each rank a
   contiguous run of whole tensors, over a ParamSet view of them), so no reduction is cut; the
   collectives are the same vector forms.
 

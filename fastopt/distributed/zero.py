@@ -10,6 +10,7 @@ from ..arrays import import_cupy, is_device_array, to_host
 from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
 from ..optim.base import Optimizer
+from ..optim.muon import muon_selection
 from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
@@ -40,8 +41,12 @@ class ZeroRedundancyOptimizer:
     each rank owns a contiguous run of whole tensors (:func:`segment_shards`: element counts
     balanced greedily, deterministic; ``tensors`` names them) and steps
     ``optimizer_class(<a ParamSet view of its tensors>)``; the collectives are the same ones
-    with these counts. A rank that owns no tensor steps a private 1-element ParamSet. Muon and
-    L-BFGS are refused by name.
+    with these counts. A rank that owns no tensor steps a private 1-element ParamSet. Muon too:
+    its ``muon_params`` are chosen over the whole ParamSet (``"hidden"`` by position in it) and
+    each rank's Muon gets the chosen names among its tensors, the others falling back to AdamW
+    there as in one process; a state array a rank does not keep (Muon's momentum on a rank of
+    fallback tensors only, which the update never reads) is gathered as zeros. L-BFGS is
+    refused by name.
 
     :meth:`step`: ``Reduce_scatter`` (sum) of the flat gradient into a slice-sized buffer; if
     ``max_grad_norm`` or ``skip_nonfinite``, one Allreduce of (slice sum of squares, non-finite
@@ -109,6 +114,7 @@ class ZeroRedundancyOptimizer:
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self.per_tensor = not optimizer_class.elementwise
+        self._muon_params = None
         if self.per_tensor:
             names = params.names
             sizes = [hi - lo for lo, hi in (params.offsets[n] for n in names)]
@@ -119,6 +125,11 @@ class ZeroRedundancyOptimizer:
             self.tensors = None
         self.lo = self.displs[self.rank]
         self.hi = self.lo + self.counts[self.rank]
+        if getattr(optimizer_class, "matrices_only", False):
+            # checked over the whole ParamSet as one process would (no state is allocated)
+            optimizer_class(params, **defaults)
+            self._muon_params = defaults.get("muon_params")
+            defaults = {**defaults, "muon_params": self._local_muon(self._muon_params)}
         xp = (
             import_cupy("ZeroRedundancyOptimizer on device buffers")
             if is_device_array(params.flat)
@@ -153,8 +164,10 @@ class ZeroRedundancyOptimizer:
             # state elements per array on every rank (Adafactor's factors are not one per
             # element): the layout of gathers and scatters, known before any state exists
             self._own_sizes = local_state_sizes(self.local_optimizer)
-            owned = self._own_sizes if self.hi > self.lo else dict.fromkeys(self._own_sizes, 0)
+            owned = self._own_sizes if self.hi > self.lo else {}
             self._state_sizes = self.comm.allgather(owned)
+            # every array of the full layout, the same list on every rank
+            self._state_keys = sorted({k for sizes in self._state_sizes for k in sizes})
         self._coll.start_from_root(params, root, debug)
 
     # ----------------------------------------------------------------- properties
@@ -172,11 +185,19 @@ class ZeroRedundancyOptimizer:
         """(lo, hi): this rank's slice of the flat buffer."""
         return self.lo, self.hi
 
+    def _local_muon(self, value):
+        """Muon's ``muon_params`` for this rank: the names ``value`` chooses over the whole
+        ParamSet, among this rank's tensors (none on a rank without tensors)."""
+        chosen = muon_selection(value, list(self.params.shapes.items()))
+        return tuple(n for n in (self.tensors if self.hi > self.lo else ()) if n in chosen)
+
     def _layout(self, name):
-        """(counts, displacements) of state array ``name`` over the ranks in the full layout."""
+        """(counts, displacements) of state array ``name`` over the ranks in the full layout; a
+        rank without that array (Muon's momentum beside fallback tensors only) holds its
+        elements' share of it (one value per element)."""
         if not self.per_tensor:
             return self.counts, self.displs
-        counts = [sizes[name] for sizes in self._state_sizes]
+        counts = [sizes.get(name, self.counts[r]) for r, sizes in enumerate(self._state_sizes)]
         displs = [sum(counts[:r]) for r in range(len(counts))]
         return counts, displs
 
@@ -184,7 +205,7 @@ class ZeroRedundancyOptimizer:
         """Elements of state array ``name`` in the full layout; None for a name it has not."""
         if not self.per_tensor:
             return self.params.size
-        if name not in self._state_sizes[0]:
+        if name not in self._state_keys:
             return None
         return sum(self._layout(name)[0])
 
@@ -250,8 +271,14 @@ class ZeroRedundancyOptimizer:
         state = {}
         if entry is not None:
             full_entry = {}
-            for k in sorted(entry):  # same order on every rank
-                v = entry[k]
+            names = set(entry)
+            if self.per_tensor:  # the full layout's arrays (a rank may keep others, or fewer)
+                names = {k for k, v in entry.items() if not hasattr(v, "shape")}
+                names |= set(self._state_keys)
+            for k in sorted(names):  # same order on every rank
+                v = entry.get(k)
+                if v is None:  # an array this rank does not keep: zeros for its share
+                    v = np.zeros(self._layout(k)[0][self.rank], self.params.dtype)
                 if isinstance(v, np.ndarray):
                     counts, displs = self._layout(k)
                     mine = np.ascontiguousarray(v.reshape(-1)[: counts[self.rank]])
@@ -268,10 +295,13 @@ class ZeroRedundancyOptimizer:
             state[0] = full_entry
         if root is not None and self.rank != root:
             return None
+        groups = local["param_groups"]
+        if "muon_params" in groups[0]:
+            groups = [{**groups[0], "muon_params": self._muon_params}]  # the whole ParamSet's
         return {
             "algorithm": local.get("algorithm", self.optimizer_class.__name__),
             "state": state,
-            "param_groups": local["param_groups"],
+            "param_groups": groups,
             "skipped_steps": self.skipped_steps,
         }
 
@@ -306,13 +336,25 @@ class ZeroRedundancyOptimizer:
                     full = np.ascontiguousarray(np.asarray(to_host(full)).reshape(-1), dtype)
                     send = [full, counts, displs, typ]
                 self.comm.Scatterv(send, [mine, typ], root=root)
+                if self.per_tensor and k not in self._own_sizes:
+                    del local_entry[k]  # an array of the full layout this rank does not keep
+                    continue
                 if self.hi == self.lo:  # the private element's state, as a fresh one
                     mine = np.zeros(self._own_sizes[k] if self.per_tensor else 1, dtype)
                 local_entry[k] = mine
+            if self.per_tensor and self.hi == self.lo:  # the private element's own arrays
+                for k, size in self._own_sizes.items():
+                    local_entry.setdefault(k, np.zeros(size, self.params.dtype))
+        groups = skeleton["param_groups"]
+        if "muon_params" in groups[0]:  # the saved choice over the whole ParamSet, for this rank
+            try:
+                groups = [{**groups[0], "muon_params": self._local_muon(groups[0]["muon_params"])}]
+            except (TypeError, ValueError) as exc:  # the same skeleton everywhere: all raise
+                raise type(exc)(f"state_dict param_groups[0]: {exc}") from None
         local_sd = {
             "algorithm": skeleton["algorithm"],
             "state": {0: local_entry} if local_entry is not None else {},
-            "param_groups": skeleton["param_groups"],
+            "param_groups": groups,
             "skipped_steps": skeleton["skipped_steps"],
         }
         before = self.local_optimizer.state_dict()
@@ -402,13 +444,6 @@ def _check_shardable(optimizer_class):
         raise ValueError(
             f"ZeroRedundancyOptimizer cannot shard {name}: it steps with a closure that "
             "re-evaluates the whole model; use DataParallel for it"
-        )
-    if getattr(optimizer_class, "matrices_only", False):
-        raise ValueError(
-            f"ZeroRedundancyOptimizer cannot shard {name}: which parameters it orthogonalizes "
-            "(muon_params, e.g. 'hidden': by position in the whole ParamSet) and its AdamW "
-            "fallback state are defined over the whole ParamSet, not over a rank's tensors; use "
-            "DataParallel for it"
         )
 
 

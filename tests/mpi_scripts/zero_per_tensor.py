@@ -1,5 +1,5 @@
-"""mpiexec -n 2 python zero_per_tensor.py OUTDIR: ZeRO-1 with the per-tensor optimizers (sharded
-on tensor boundaries), global batch 12, 20 steps, a ``save_checkpoint`` after 10; then a fresh
+"""mpiexec -n 2 python zero_per_tensor.py OUTDIR: ZeRO-1 with the per-tensor optimizers and Muon
+(sharded on tensor boundaries), global batch 12, 20 steps, a ``save_checkpoint`` after 10; then a fresh
 ZeRO-1 optimizer over other parameters ``load_checkpoint``s it and takes the last 10 steps
 again. Writes ``<name>_rank<r>.npz`` (final parameters of both runs) and ``<name>_rank<r>.json``
 (the rank's tensors, shard and state elements)."""
@@ -19,6 +19,8 @@ CASES = {
     "lamb": (fo.LAMB, {"lr": 0.02, "weight_decay": 0.1, "max_grad_norm": 0.5}),
     "novograd": (fo.NovoGrad, {"lr": 0.02, "weight_decay": 0.01}),
     "adafactor": (fo.Adafactor, {"lr": 0.02, "max_grad_norm": 0.5}),
+    # Muon on W (rank 0), its AdamW fallback on b and s (rank 1)
+    "muon": (fo.Muon, {"lr": 0.02, "muon_params": ("W",), "ns_dtype": "float64"}),
 }
 
 
