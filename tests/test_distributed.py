@@ -864,6 +864,26 @@ def test_trainer_distributed_arguments():
         Trainer(TC.model(), "adam", distributed=ctx, zero=True)
 
 
+def test_trainer_zero_steps_a_muon_recipe_instance_as_one_process():
+    """Trainer(zero=True) with ``Muon(muon_param_groups(params))``: the group's choice of
+    matrices (over the whole model) reaches ZeRO-1, which restricts it per rank; in a world of
+    one rank (MPI's COMM_WORLD here) training equals the plain Trainer's."""
+    pytest.importorskip("mpi4py")
+    from fastopt.nn import MLP
+
+    X, y = TC.data()
+    finals = []
+    for zero in (False, True):
+        m = MLP(TC.D, (10, 10), TC.K, dtype="float64", seed=0)
+        opt = fo.Muon(fo.muon_param_groups(m.params), lr=0.02, ns_dtype="float64")
+        extra = {"distributed": dist.Context(), "zero": True} if zero else {}
+        trainer = Trainer(m, opt, batch_size=TC.BATCH, epochs=2, seed=5, progress=False, **extra)
+        trainer.fit(X, y)
+        finals.append(m.params.flat.copy())
+    assert fo.muon_param_groups(m.params)[0]["muon_params"] == ("layers.1.weight",)
+    np.testing.assert_allclose(finals[1], finals[0], rtol=1e-12, atol=1e-14)
+
+
 # --------------------------------------------------------------------------- in-process fakes
 #
 # A fake communicator (rank 0 of a world whose other ranks hold the same data as this one) and
