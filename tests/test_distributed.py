@@ -536,6 +536,27 @@ def test_per_tensor_zero1_equals_one_process_across_a_checkpoint(per_tensor, nam
     np.testing.assert_allclose(ps.flat, ref.flat, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["lamb", "muon"])
+def test_per_tensor_zero1_with_a_rank_that_owns_no_tensor(per_tensor, name):
+    """One tensor on 2 ranks: rank 0 owns it, rank 1 steps a private element in line; the
+    gathered state is the one-process state and loads back unchanged."""
+    import zero_per_tensor as ZP
+
+    cls, kw = ZP.CASES[name]
+    ps = ZP.one_tensor()
+    opt = cls(ps, **kw)
+    for step in range(5):
+        ps.grads["W"][...] = ZP.one_tensor_grad(step)
+        opt.step()
+    want = opt.state_dict()["state"][0]
+    for r in range(2):
+        got = np.load(per_tensor / f"one_{name}_rank{r}.npz")
+        np.testing.assert_allclose(got["flat"], ps.flat, rtol=1e-12, atol=1e-14)
+        for k, v in want.items():
+            np.testing.assert_allclose(got[f"state_{k}"], v, rtol=1e-12, atol=1e-15, err_msg=k)
+            assert np.array_equal(got[f"reloaded_{k}"], got[f"state_{k}"]), k
+
+
 # --------------------------------------------------------------------------- README example
 
 

@@ -50,6 +50,29 @@ def main(comm, out):
         train(comm, resumed, fresh, range(extra["step"], STEPS))
         np.savez(out / f"{name}_rank{comm.rank}.npz", uninterrupted=ps.flat, resumed=fresh.flat)
         (out / f"{name}_rank{comm.rank}.json").write_text(json.dumps(info))
+    # one tensor, two ranks: rank 1 owns nothing and steps its private element
+    for name in ("lamb", "muon"):
+        cls, kw = CASES[name]
+        ps = one_tensor()
+        opt = dist.ZeroRedundancyOptimizer(ps, cls, comm=comm, **kw)
+        for step in range(5):
+            ps.grads["W"][...] = one_tensor_grad(step)
+            opt.step()
+        sd = opt.state_dict(root=None)
+        again = dist.ZeroRedundancyOptimizer(one_tensor(), cls, comm=comm, **kw)
+        again.load_state_dict(sd)
+        reloaded = again.state_dict(root=None)["state"][0]
+        arrays = {f"state_{k}": np.asarray(v) for k, v in sd["state"][0].items()}
+        arrays |= {f"reloaded_{k}": np.asarray(v) for k, v in reloaded.items()}
+        np.savez(out / f"one_{name}_rank{comm.rank}.npz", flat=ps.flat, **arrays)
+
+
+def one_tensor():
+    return fo.ParamSet({"W": np.linspace(-1.0, 1.0, 12).reshape(4, 3)})
+
+
+def one_tensor_grad(step):
+    return np.cos(np.arange(12.0) + step).reshape(4, 3)
 
 
 if __name__ == "__main__":
