@@ -27,7 +27,13 @@ name            f                                 start            minimum      
 ``rosenbrock``  (a - x)^2 + b (y - x^2)^2         (-1.5, 2)        (a, a^2)                2
 ``saddle``      x^2 - y^2                         (2, 0.01)        none (saddle at 0)      2
 ``plateau``     tanh(x)^2 + tanh(y)^2             (3.5, 2.75)      (0, 0)                  2
+``matrix``      0.5 ||A X - B||_F^2, X 2x2        X = 0            X* = A^-1 B             4
 ==============  ================================  ===============  =====================  =====
+
+``matrix`` is a point that is a MATRIX (``shape = (2, 2)``; its coordinates are X's entries in
+row-major order), for the optimizers that take matrices only (Muon): least squares with an
+ill-conditioned A (condition number ``c``, default 10), minimum 0 at X* = [[1, -1], [0.5, 1]].
+The playground steps the optimizers on the 2 x 2 view of the point and draws its loss per step.
 
 Sources: D2L 12.3 (``square``, f(x) = x^2 from x = 10; ``quadratic``, f = x1^2 + 2 x2^2 from
 (-5, -2)), 12.6-12.8 (``ellipse``, the ill-conditioned f = 0.1 x1^2 + 2 x2^2), 12.1 (the saddle
@@ -45,6 +51,7 @@ from .validation import check_positive, check_real
 
 __all__ = [
     "PROBLEMS",
+    "MatrixLeastSquares",
     "Plateau",
     "Problem",
     "Quadratic",
@@ -81,6 +88,8 @@ class Problem:
 
     name = ""
     dim = 2
+    shape = None
+    """The shape of a point as the optimizers see it (None: a vector of ``dim`` coordinates)."""
     formula = ""
     tex = ""
     source = ""
@@ -295,6 +304,53 @@ class Plateau(Problem):
         return (hx, 0.0), (0.0, hy)
 
 
+class MatrixLeastSquares(Problem):
+    """f(X) = 0.5 ||A X - B||_F^2 over 2 x 2 matrices X (a point: X's entries, row-major), with
+    A = R diag(1, 1/c) (R the rotation by 30 degrees: condition number ``c``) and B = A X*:
+    the minimum 0 is at X* = [[1, -1], [0.5, 1]]. Gradient A^T (A X - B); Hessian
+    kron(A^T A, I) in row-major order. Ill-conditioned for gradient descent; Muon's
+    orthogonalized step ignores the conditioning of its update."""
+
+    name = "matrix"
+    dim = 4
+    shape = (2, 2)
+    source = "least squares over matrices (for Muon)"
+    solution = ((1.0, -1.0), (0.5, 1.0))
+
+    def __init__(self, c=10.0):
+        self.c = _positive("c", c)
+        t = np.pi / 6
+        rotation = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+        self.A = rotation @ np.diag([1.0, 1.0 / self.c])
+        self.B = self.A @ np.array(self.solution)
+        self.formula = f"0.5 ||A X - B||_F^2 (X 2x2, cond(A) = {self.c:g})"
+        self.tex = rf"$f(X) = \frac{{1}}{{2}}\|AX - B\|_F^2$, cond(A) = {self.c:g}"
+        super().__init__(
+            start=(0.0, 0.0, 0.0, 0.0),
+            minimum=np.ravel(self.solution),
+            window=((-3.0, 3.0),) * 4,
+            params={"c": self.c},
+        )
+
+    def _residual(self, coords):
+        """A X - B of the points ``coords`` (dim arrays of the batch shape): (2, 2, *batch)."""
+        x = np.stack(np.broadcast_arrays(*coords))
+        X = x.reshape(self.shape + x.shape[1:])
+        B = self.B.reshape(self.shape + (1,) * (x.ndim - 1))
+        return np.einsum("ik,kj...->ij...", self.A, X) - B
+
+    def _value(self, *coords):
+        r = self._residual(coords)
+        return 0.5 * (r * r).sum(axis=(0, 1))
+
+    def _grad(self, *coords):
+        g = np.einsum("ki,kj...->ij...", self.A, self._residual(coords))
+        return tuple(g.reshape((self.dim,) + g.shape[2:]))
+
+    def _hess(self, *coords):
+        return tuple(tuple(row) for row in np.kron(self.A.T @ self.A, np.eye(self.shape[1])))
+
+
 def _ellipse(a=0.1, b=2.0):
     return Quadratic(a, b, name="ellipse")
 
@@ -306,6 +362,7 @@ PROBLEMS = {
     "rosenbrock": Rosenbrock,
     "saddle": Saddle,
     "plateau": Plateau,
+    "matrix": MatrixLeastSquares,
 }
 """The registry of test functions, name -> factory(**params); ``fastopt playground`` and its
 help read it. A new problem is added here once."""

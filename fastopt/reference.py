@@ -525,3 +525,53 @@ def adafactor(param, grad, state, *, step, lr, beta2_decay, eps, d, weight_decay
         if size:
             denom = max(1.0, _norm(u.ravel()) / (size**0.5 * d))
             p[...] = p + (-alpha / denom) * u
+
+
+def _to_bfloat16(x):
+    """``x`` rounded to bfloat16 values (nearest even), kept as float32: torch's bf16 tensors."""
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def newton_schulz(g, *, ns_coefficients, ns_steps, eps, ns_dtype="float64"):
+    r"""torch.optim.Muon's ``_zeropower_via_newtonschulz`` on the matrix ``g``, literally: X = G
+    (Gᵀ when G is tall), X ← X / max(‖X‖_F, ε), then ``ns_steps`` times
+    A = X Xᵀ, B = bA + cA², X ← aX + BX with (a, b, c) = ``ns_coefficients``; transposed back.
+    ``ns_dtype`` ("float64", "float32", or "bfloat16": float32 products whose every stored
+    result, as torch's bf16 tensors, is rounded to bfloat16) is the dtype it runs in."""
+    a, b, c = ns_coefficients
+    bf16 = ns_dtype == "bfloat16"
+    r = _to_bfloat16 if bf16 else (lambda m: m)
+    x = r(np.array(g, dtype=np.float32 if bf16 else np.dtype(ns_dtype)))
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = r(x / r(np.maximum(np.linalg.norm(x), eps)))
+    for _ in range(ns_steps):
+        gram = r(x @ x.T)
+        update = r(b * gram + c * (gram @ gram))
+        x = r(a * x + update @ x)
+    return x.T if tall else x
+
+
+def muon(param, grad, state, *, step, lr, weight_decay, momentum, nesterov, ns_coefficients,
+         eps, ns_steps, adjust_lr_fn, ns_dtype="float64"):  # fmt: skip
+    r"""torch.optim.Muon (K. Jordan et al. 2024) on one 2-D parameter (A x B):
+
+    B ← lerp(B, g, 1 − μ);  U = lerp(g, B, μ) if nesterov else B;  O = NS(U) (:func:`newton_schulz`);
+    θ ← θ(1 − ηλ) − η s O, with s = √max(1, A/B) (``adjust_lr_fn`` None or "original") or
+    0.2 √max(A, B) ("match_rms_adamw"). ``state["momentum_buffer"]`` is B (zeros at first)."""
+    rows, cols = param.shape
+    buf = state["momentum_buffer"]
+    buf[...] = _lerp(buf, grad, 1 - momentum)
+    update = _lerp(grad, buf, momentum) if nesterov else buf
+    o = newton_schulz(
+        update, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, ns_dtype=ns_dtype
+    )
+    if adjust_lr_fn == "match_rms_adamw":
+        scale = 0.2 * math.sqrt(max(rows, cols))
+    else:
+        scale = math.sqrt(max(1, rows / cols))
+    param[...] = param * (1 - lr * weight_decay)
+    param[...] = param - (lr * scale) * o.astype(param.dtype)

@@ -109,6 +109,35 @@ def test_bench_runs_bfloat16_against_torch_on_the_same_tensor(tmp_path):
     assert [g["goal"] for g in case["goals"]] == [g.label() for g in BF16_GOALS]
 
 
+def test_bench_runs_muon_on_matrices_against_torch(tmp_path):
+    """``fastopt bench --algorithms muon``: Muon over the 4 hidden matrices of a width-64 block
+    (a ParamSet of matrices), timed against torch.optim.Muon (no foreach or fused flag: the
+    peer ``torch``) and the NumPy reference on the same matrices; its goal is checked."""
+    from fastopt.cli import main
+
+    pytest.importorskip("torch")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    out = tmp_path / "muon"
+    # in process (no second start of Python, Numba and torch); one BLAS thread, as
+    # bench/test_bench_muon.py: small products on a busy machine's thread pool crawl
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        code = main([
+            "bench", "--algorithms", "muon", "--dtypes", "float32", "--repeats", "1",
+            "--min-time", "0.001", "--backends", "cpu", "--no-chart", "--quiet", "--out", str(out),
+        ])  # fmt: skip
+    assert code == 0
+    doc = json.loads(out.with_name("muon.json").read_text())
+    benchmarking.validate_results(doc)
+    (case,) = doc["cases"]
+    assert case["case"] == "muon" and case["layout"] == "matrices" and case["params"] == 4
+    assert case["elements"] == sum(a * b for a, b in benchmarking.cases.MUON_SHAPES)
+    assert {"torch", "numpy", "roofline"} <= set(case["timings"])
+    assert "torch_foreach" not in case["timings"] and not case["skipped_peers"]
+    (goal,) = case["goals"]
+    assert goal["goal"] == "speedup_vs.torch >= 1" and goal["status"] in ("pass", "fail")
+    assert "muon" in benchmarking.QUICK_CASES
+
+
 def test_bytes_per_element_follows_the_design():
     """DESIGN.md, fp32: SGD 12, one state slot 20, Adam's two 28, AMSGrad's three 36."""
     assert [roofline.bytes_per_element(k) for k in range(4)] == [12, 20, 28, 36]
@@ -118,14 +147,9 @@ def test_bytes_per_element_follows_the_design():
 def test_every_registered_optimizer_has_a_case():
     """The catalogue reads its classes from fastopt.optim.OPTIMIZERS; a registered optimizer
     without a case would be missing from ``fastopt bench`` and the bench suite. The catalogue
-    times elementwise step(grads); optimizers whose step takes a closure (LBFGS) have their own
-    benchmark (bench/test_bench_lbfgs.py), and so do those over matrices only (Muon:
-    bench/test_bench_muon.py)."""
-    stepped = {
-        cls
-        for cls in OPTIMIZERS.values()
-        if not cls.requires_closure and not getattr(cls, "matrices_only", False)
-    }
+    times step(grads) (Muon over a ParamSet of matrices); optimizers whose step takes a closure
+    (LBFGS) have their own benchmark (bench/test_bench_lbfgs.py)."""
+    stepped = {cls for cls in OPTIMIZERS.values() if not cls.requires_closure}
     assert {c.optimizer_class for c in benchmarking.CASES} == stepped
     assert set(benchmarking.ALGORITHMS) == {cls.__name__ for cls in stepped}
 

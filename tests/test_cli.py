@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_helpers import assert_ok, cli, png_size
 from oracle import import_or_skip
@@ -264,6 +265,31 @@ def test_playground_presets(preset, tmp_path, capsys):
         assert playground.parse_optimizer(spec).label in text
 
 
+def test_playground_muon_on_the_matrix_problem(tmp_path, capsys):
+    """Muon steps the 2x2 matrix view of the ``matrix`` problem's point (beside Adam, on the
+    same loss panel); its trajectory is the NumPy reference's, step for step."""
+    from fastopt import problems, reference
+
+    out, js = tmp_path / "m.png", tmp_path / "m.json"
+    args = ["playground", "--problem", "matrix", "--optimizer", "muon:lr=0.1,ns_dtype=float64"]
+    args += ["--optimizer", "adam:lr=0.1", "--steps", "12", "--out", str(out), "--json", str(js)]
+    assert main(args) == 0
+    assert png_size(out) == (1200, 500)
+    assert "muon lr=0.1" in capsys.readouterr().out
+    muon, adam = json.loads(js.read_text())["runs"]
+    assert len(muon["points"]) == 13 and len(muon["points"][0]) == 4
+    assert muon["values"][-1] < 0.5 * muon["values"][0] and not adam["diverged"]
+    p = problems.get_problem("matrix")
+    x = np.zeros((2, 2))
+    hyper = playground.parse_optimizer("muon").build([np.zeros((2, 2))]).param_groups[0]
+    names = ("weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps")
+    kw = {k: hyper[k] for k in names} | {"adjust_lr_fn": hyper["adjust_lr_fn"], "lr": 0.1}
+    state = {"momentum_buffer": np.zeros((2, 2))}
+    for k in range(1, 13):
+        reference.muon(x, p.grad(x.ravel()).reshape(2, 2), state, step=k, **kw)
+        np.testing.assert_allclose(muon["points"][k], x.ravel(), rtol=1e-12, atol=1e-14)
+
+
 def test_playground_negative_start_without_equals(tmp_path, capsys):
     out = tmp_path / "q.png"
     args = ["playground", "--problem", "quadratic:a=1,b=4", "--start", "-4,3"]
@@ -305,6 +331,7 @@ BAD = [
     (["playground", "--optimizer", "sgd:foo=1"], "has no argument 'foo'"),
     (["playground", "--optimizer", "adam:betas=(0.9"], "unbalanced"),
     (["playground", "--optimizer", "sgd:lr=0.1,lr=0.2"], "'lr' given twice"),
+    (["playground", "--optimizer", "muon"], "muon steps matrices only"),
     (["playground", "--problem", "nope"], "unknown problem 'nope'"),
     (["playground", "--problem", "quadratic:a=-1"], "invalid a: -1 (must be > 0)"),
     (["playground", "--problem", "quadratic:a=x"], "a must be a real number, got 'x'"),

@@ -128,6 +128,28 @@ def test_shard_indices_batches_union_is_the_global_batch(world):
         assert sorted(together) == sorted(one[k * b * world : (k + 1) * b * world])
 
 
+@pytest.mark.parametrize(
+    "sizes,world,counts",
+    [
+        ([15, 3, 1], 2, [15, 4]),
+        ([15, 3, 1], 3, [15, 3, 1]),  # the nearest cut would leave rank 0 empty
+        ([1] * 10, 3, [3, 4, 3]),
+        ([5, 5, 5, 5], 4, [5, 5, 5, 5]),
+        ([1000, 1], 4, [1000, 1, 0, 0]),  # ranks without a tensor are the last ones
+        ([4, 0, 4], 2, [4, 4]),
+        ([], 2, [0, 0]),
+    ],
+)
+def test_segment_shards_deal_whole_tensors(sizes, world, counts):
+    got, displs, bounds = dist.sharding.segment_shards(sizes, world)
+    assert got == counts
+    assert bounds[0] == 0 and bounds[-1] == len(sizes) and bounds == sorted(bounds)
+    for r in range(world):  # each rank's elements are exactly its whole tensors
+        assert displs[r] == sum(sizes[: bounds[r]])
+        assert counts[r] == sum(sizes[bounds[r] : bounds[r + 1]])
+    assert dist.sharding.segment_shards(list(sizes), world) == (got, displs, bounds)
+
+
 def test_bad_sharding_arguments():
     with pytest.raises(ValueError):
         dist.shard_indices(10, 0, 0, 2, 2)
@@ -218,17 +240,12 @@ def test_zero1_equals_data_parallel(runs, world, name, clip, dtype):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", sorted(P.all_optimizer_classes()))
 def test_zero1_works_with_every_optimizer(runs, world, name):
-    """Every elementwise optimizer shards under ZeRO-1 and equals data parallelism; per-tensor
-    ones (LAMB, LARS, NovoGrad) are refused by name, and still train under DataParallel."""
+    """Every optimizer shards under ZeRO-1 and equals data parallelism, the per-tensor ones
+    (LAMB, LARS, NovoGrad, Adafactor, Muon) on tensor boundaries."""
     ranks, _ = _train(runs, world)
     cls, kw = P.all_optimizer_classes()[name]
     dp = ranks[0][f"all-dp-{name}"]
-    if cls.elementwise:
-        np.testing.assert_allclose(ranks[0][f"all-zero-{name}"], dp, rtol=1e-10, atol=1e-12)
-    else:
-        assert f"all-zero-{name}" not in ranks[0]
-        message = str(ranks[0][f"all-zero-refused-{name}"])
-        assert f"cannot shard {name}" in message and "DataParallel" in message
+    np.testing.assert_allclose(ranks[0][f"all-zero-{name}"], dp, rtol=1e-10, atol=1e-12)
     ref = reference_train(cls, kw, np.float64, 0.5, world, steps=5)
     np.testing.assert_allclose(dp, ref, rtol=1e-10, atol=1e-12)
 
@@ -456,6 +473,88 @@ def test_sharded_checkpoint_loads_into_a_plain_optimizer(saved):
         opt.step()
     final = np.load(saved / "uninterrupted_rank0.npz")["flat"]
     np.testing.assert_allclose(ps.flat, final, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- per-tensor ZeRO-1
+
+
+@pytest.fixture(scope="module")
+def per_tensor(tmp_path_factory):
+    out = tmp_path_factory.mktemp("per-tensor")
+    mpirun(2, "zero_per_tensor.py", out)
+    return out
+
+
+def _one_process(cls, kw, steps, ps=None, opt=None, start=0):
+    import zero_per_tensor as ZP
+
+    X, Y = P.data()
+    ps = P.init_params() if ps is None else ps
+    opt = cls(ps, **kw) if opt is None else opt
+    for step in range(start, steps):
+        P.set_grad(ps, X, Y, P.batch(step, ZP.GLOBAL_BATCH, 0, 1))
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("name", ["lamb", "novograd", "adafactor", "muon"])
+def test_per_tensor_zero1_equals_one_process_across_a_checkpoint(per_tensor, name):
+    """ZeRO-1 LAMB, NovoGrad, Adafactor and Muon on 2 ranks (rank 0 owns the matrix W, rank 1
+    the vector b and the scalar s) equal one process with the global batch to float64 rounding
+    over 20 steps; the checkpoint holds the one-process state (flat arrays, Adafactor's factors
+    m + n per matrix; Muon's choice of matrices over the whole ParamSet, its momentum zero on
+    the fallback tensors, which no update reads), resumes on 2 ranks and in one plain optimizer
+    alike."""
+    import zero_per_tensor as ZP
+
+    cls, kw = ZP.CASES[name]
+    ref, _ = _one_process(cls, kw, ZP.STEPS)
+    infos = [json.loads((per_tensor / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+    assert [i["tensors"] for i in infos] == [["W"], ["b", "s"]]
+    assert [i["shard"] for i in infos] == [[0, 15], [15, 19]]
+    per_element = {"lamb": 2 * 15, "novograd": 15 + 1, "adafactor": 5 + 3, "muon": 15}[name]
+    assert infos[0]["state_elements"] == per_element
+    for r in range(2):
+        got = np.load(per_tensor / f"{name}_rank{r}.npz")
+        np.testing.assert_allclose(got["uninterrupted"], ref.flat, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got["resumed"], ref.flat, rtol=1e-12, atol=1e-14)
+    _, at_save = _one_process(cls, kw, ZP.SAVE_AT)
+    want = at_save.state_dict()["state"][0]
+    ckpt = fo.load(per_tensor / f"{name}.fo")
+    saved = ckpt.optimizer_state["state"][0]
+    assert ckpt.algorithm == cls.__name__ and set(saved) == set(want)
+    if name == "muon":
+        assert ckpt.optimizer_state["param_groups"][0]["muon_params"] == ("W",)
+        assert not np.asarray(saved["momentum_buffer"])[15:].any()
+        want["momentum_buffer"] = np.concatenate([want["momentum_buffer"][:15], np.zeros(4)])
+    for k, v in want.items():
+        np.testing.assert_allclose(np.asarray(saved[k]), v, rtol=1e-12, atol=1e-15, err_msg=k)
+    ps = P.init_params(seed=9)
+    opt = cls(ps, **kw)
+    ckpt.restore(params=ps, optimizer=opt)
+    _one_process(cls, kw, ZP.STEPS, ps, opt, start=ckpt.extra["step"])
+    np.testing.assert_allclose(ps.flat, ref.flat, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["lamb", "muon"])
+def test_per_tensor_zero1_with_a_rank_that_owns_no_tensor(per_tensor, name):
+    """One tensor on 2 ranks: rank 0 owns it, rank 1 steps a private element in line; the
+    gathered state is the one-process state and loads back unchanged."""
+    import zero_per_tensor as ZP
+
+    cls, kw = ZP.CASES[name]
+    ps = ZP.one_tensor()
+    opt = cls(ps, **kw)
+    for step in range(5):
+        ps.grads["W"][...] = ZP.one_tensor_grad(step)
+        opt.step()
+    want = opt.state_dict()["state"][0]
+    for r in range(2):
+        got = np.load(per_tensor / f"one_{name}_rank{r}.npz")
+        np.testing.assert_allclose(got["flat"], ps.flat, rtol=1e-12, atol=1e-14)
+        for k, v in want.items():
+            np.testing.assert_allclose(got[f"state_{k}"], v, rtol=1e-12, atol=1e-15, err_msg=k)
+            assert np.array_equal(got[f"reloaded_{k}"], got[f"state_{k}"]), k
 
 
 # --------------------------------------------------------------------------- README example
@@ -786,6 +885,26 @@ def test_trainer_distributed_arguments():
         Trainer(TC.model(), "adam", distributed=ctx, zero=True)
 
 
+def test_trainer_zero_steps_a_muon_recipe_instance_as_one_process():
+    """Trainer(zero=True) with ``Muon(muon_param_groups(params))``: the group's choice of
+    matrices (over the whole model) reaches ZeRO-1, which restricts it per rank; in a world of
+    one rank (MPI's COMM_WORLD here) training equals the plain Trainer's."""
+    pytest.importorskip("mpi4py")
+    from fastopt.nn import MLP
+
+    X, y = TC.data()
+    finals = []
+    for zero in (False, True):
+        m = MLP(TC.D, (10, 10), TC.K, dtype="float64", seed=0)
+        opt = fo.Muon(fo.muon_param_groups(m.params), lr=0.02, ns_dtype="float64")
+        extra = {"distributed": dist.Context(), "zero": True} if zero else {}
+        trainer = Trainer(m, opt, batch_size=TC.BATCH, epochs=2, seed=5, progress=False, **extra)
+        trainer.fit(X, y)
+        finals.append(m.params.flat.copy())
+    assert fo.muon_param_groups(m.params)[0]["muon_params"] == ("layers.1.weight",)
+    np.testing.assert_allclose(finals[1], finals[0], rtol=1e-12, atol=1e-14)
+
+
 # --------------------------------------------------------------------------- in-process fakes
 #
 # A fake communicator (rank 0 of a world whose other ranks hold the same data as this one) and
@@ -954,15 +1073,40 @@ def test_one_collective_per_step_counted_at_the_communicator(fake_mpi, clip):
             assert names == per_step * 3
 
 
-def test_closure_and_per_tensor_optimizers_are_refused_by_name(fake_mpi):
+def test_closure_optimizers_and_bad_muon_settings_are_refused(fake_mpi):
     """DataParallel and ZeRO-1 step with averaged gradients: L-BFGS (a closure optimizer) is
-    refused by name at construction, and ZeRO-1 refuses it and the per-tensor rules, whose
-    norms a shard boundary would cut; nothing is communicated before the refusal."""
-    ps = fo.ParamSet({"w": np.zeros(4)})
+    refused by name at construction by both; ZeRO-1 checks Muon's settings over the whole
+    ParamSet (a vector without a fallback, an unknown name) as one process would; nothing is
+    communicated before a refusal."""
+    ps = fo.ParamSet({"w": np.zeros((2, 2)), "b": np.zeros(2)})
     comm = _FakeComm(size=2)
     with pytest.raises(TypeError, match="LBFGS steps with a closure"):
         dist.DataParallel(ps, fo.LBFGS(ps), comm=comm)
-    for cls in (fo.LBFGS, fo.LAMB):
-        with pytest.raises(ValueError, match=f"cannot shard {cls.__name__}"):
-            dist.ZeroRedundancyOptimizer(ps, cls, comm=comm)
+    with pytest.raises(ValueError, match="cannot shard LBFGS: it steps with a closure"):
+        dist.ZeroRedundancyOptimizer(ps, fo.LBFGS, comm=comm)
+    with pytest.raises(ValueError, match="parameter 'b' has shape"):
+        dist.ZeroRedundancyOptimizer(ps, fo.Muon, comm=comm)
+    with pytest.raises(ValueError, match="not parameters of the group"):
+        dist.ZeroRedundancyOptimizer(ps, fo.Muon, muon_params=("v",), comm=comm)
     assert comm.calls == []
+
+
+def test_per_tensor_state_dict_is_checked_against_the_full_layout(fake_mpi):
+    """The root's check of a per-tensor state: Adafactor's factors have their own sizes (5 + 3
+    for a 5x3 matrix, one per element of a vector), and an array it does not keep is named."""
+    ps = P.init_params()
+    zero = dist.ZeroRedundancyOptimizer(ps, fo.Adafactor, comm=_FakeComm(size=1), lr=0.01)
+    assert zero.tensors == ("W", "b", "s") and zero.shard == (0, 19)
+    one = fo.Adafactor(P.init_params(), lr=0.01)
+    one.step(np.ones(19))
+    sd = one.state_dict()
+    _, names = zero.check_state_dict(sd)
+    assert [k for k, _ in names] == ["col_var", "row_var", "variance"]
+    bad = {**sd, "state": {0: {**sd["state"][0], "row_var": np.zeros(7)}}}
+    with pytest.raises(
+        ValueError, match="'row_var'.* 7 elements, Adafactor over this ParamSet keeps 5"
+    ):
+        zero.check_state_dict(bad)
+    bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg": np.zeros(19)}}}
+    with pytest.raises(ValueError, match=r"'exp_avg'\] is not a state array of Adafactor"):
+        zero.check_state_dict(bad)

@@ -288,9 +288,15 @@ def test_trainer_mlp_on_digits_reaches_97_percent():
     assert accuracy >= 0.97, accuracy
 
 
-def test_zero_refuses_muon_whose_update_needs_whole_matrices():
+def test_zero_shards_muon_on_whole_matrices():
+    """ZeRO-1 gives each rank whole tensors (a matrix's update needs all of it) and checks
+    Muon's settings over the whole ParamSet (one process: MPI's COMM_WORLD of size 1)."""
+    pytest.importorskip("mpi4py")
     from fastopt.distributed import ZeroRedundancyOptimizer
 
     assert fo.Muon.elementwise is False
-    with pytest.raises(ValueError, match="cannot shard Muon"):
-        ZeroRedundancyOptimizer(fo.ParamSet({"w": np.zeros((4, 4))}), fo.Muon)
+    ps = fo.ParamSet({"w": np.zeros((4, 4)), "b": np.zeros(4)})
+    zero = ZeroRedundancyOptimizer(ps, fo.Muon, muon_params=("w",))
+    assert zero.tensors == ("w", "b") and zero.param_groups[0]["muon_params"] == ("w",)
+    with pytest.raises(ValueError, match="parameter 'b' has shape"):
+        ZeroRedundancyOptimizer(ps, fo.Muon)

@@ -9,6 +9,7 @@ Every case times fastopt's ``opt.step()`` and its peers IN THE SAME RUN, interle
                    GPU: a device-to-device copy moving the same number of bytes
 ``numpy``          (CPU) the naive whole-array NumPy update (``fastopt.reference``), the obvious way
                    a user writes the algorithm in NumPy
+``torch``          ``torch.optim.<Algo>()`` for an algorithm without foreach and fused flags (Muon)
 ``torch_foreach``  ``torch.optim.<Algo>(foreach=True)``, when torch is installed and has the
                    algorithm (on a GPU backend: torch CUDA tensors over the same device memory)
 ``torch_fused``    ``torch.optim.<Algo>(fused=True)``, when torch has a fused kernel for it
@@ -16,7 +17,8 @@ Every case times fastopt's ``opt.step()`` and its peers IN THE SAME RUN, interle
 ``fastopt_list``   ("many" cases) fastopt over the same parameters as a list of separate arrays
 
 For a single-parameter case torch gets the ParamSet's buffer as ONE tensor (sharing memory); in a
-"many" case torch gets separately allocated tensors, as a torch model has.
+"many" case torch gets separately allocated tensors, as a torch model has; in a "matrices" case
+(Muon) fastopt, NumPy and torch step the same matrices of one ParamSet.
 
 Ratios: ``fraction_of_roofline`` = roofline time / fastopt time (1.0 = at the memory ceiling);
 ``speedup_vs[peer]`` = peer time / fastopt time (> 1: fastopt is faster);

@@ -6,6 +6,7 @@ parameters are part of the committed results in ``bench/results/``: keep them st
 stay comparable with old ones.
 """
 
+import math
 from dataclasses import dataclass
 
 from ..optim import OPTIMIZERS
@@ -41,7 +42,8 @@ class Case:
     state_slots: int
     """Per-element state arrays the step reads and writes (checked against the optimizer)."""
     layout: str = "flat"
-    """``flat``: one ``n``-element parameter in a ParamSet; ``many``: COUNT parameters of SIZE."""
+    """``flat``: one ``n``-element parameter in a ParamSet; ``many``: COUNT parameters of SIZE;
+    ``matrices``: the parameters of ``shapes`` in one ParamSet."""
     n: int | None = None
     """Fixed element count of a flat case (None: the size asked for, FASTOPT_BENCH_N)."""
     torch_name: str | None = ""
@@ -52,12 +54,19 @@ class Case:
     """(storage dtype name, goals) pairs: the case's goals when it runs in that dtype. float32 and
     float64 runs check ``goals`` unless named here; 16-bit runs only what is named here (a
     float32 goal says nothing about 16-bit storage)."""
+    shapes: tuple = ()
+    """The parameter shapes of a ``matrices`` case (its ``n`` is their total)."""
+    torch_variants: tuple = ("foreach", "fused")
+    """The torch.optim flags timed as peers ``torch_<flag>``; ``""`` times the class without
+    flags as the peer ``torch`` (torch.optim.Muon has neither flag)."""
 
     def __post_init__(self):
         if self.algorithm.lower() not in OPTIMIZERS:
             raise ValueError(
                 f"case {self.name!r}: {self.algorithm!r} is not in fastopt.optim.OPTIMIZERS"
             )
+        if self.layout == "matrices" and self.n != sum(math.prod(s) for s in self.shapes):
+            raise ValueError(f"case {self.name!r}: n must be the total size of its shapes")
 
     @property
     def optimizer_class(self):
@@ -143,6 +152,9 @@ def _other(name, algorithm, kwargs, slots, torch_name="", description="", dtype_
     )
 
 
+MUON_SHAPES = ((192, 64), (64, 64), (256, 64), (64, 256))
+"""Attention in-projection, out-projection and the MLP's two matrices of a width-64 block."""
+
 CASES = (
     Case(
         "adam",
@@ -206,6 +218,27 @@ CASES = (
         goals=(Goal("speedup_vs.torch_foreach", ">=", 5.0, "at least 5x torch.optim.Adafactor"),),
         description="Adafactor, float32, one ParamSet of N elements (a vector: unfactored)",
     ),
+    Case(
+        "muon",
+        "Muon",
+        {"lr": 0.02},
+        1,
+        layout="matrices",
+        shapes=MUON_SHAPES,
+        n=sum(math.prod(s) for s in MUON_SHAPES),
+        torch_variants=("",),
+        goals=(
+            Goal(
+                "speedup_vs.torch",
+                ">=",
+                1.0,
+                "at least as fast as torch.optim.Muon (its iteration in bfloat16) on the same "
+                "matrices",
+            ),
+        ),
+        description="Muon, float32, the 4 hidden matrices of a transformer block of width 64 "
+        "(the Newton-Schulz products dominate; bench/test_bench_muon.py times 64 of width 128)",
+    ),
     _other("asgd", "ASGD", {"lr": 1e-2, "t0": 0.0}, 1),
     _other("sgd_schedulefree", "SGDScheduleFree", {"lr": 1.0}, 1, torch_name=None),
     _other("adamw_schedulefree", "AdamWScheduleFree", {"lr": 2.5e-3}, 2, torch_name=None),
@@ -217,7 +250,10 @@ ALGORITHMS = tuple(dict.fromkeys(c.algorithm for c in CASES))
 """Every algorithm with a case, in case order."""
 
 QUICK_CASES = tuple(
-    next(c.name for c in CASES if c.algorithm == a and c.sized and not c.kwargs.get("amsgrad"))
+    next(
+        (c.name for c in CASES if c.algorithm == a and c.sized and not c.kwargs.get("amsgrad")),
+        next(c.name for c in CASES if c.algorithm == a),  # only fixed shapes (Muon's matrices)
+    )
     for a in ALGORITHMS
 )
 """One plain case per algorithm (``fastopt bench --quick``)."""

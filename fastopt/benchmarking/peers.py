@@ -57,17 +57,27 @@ def _is_16bit(dtype):
 
 def _naive_numpy_step(case, params, grads):
     """Whole-array NumPy updates with fastopt.reference, looping over the parameters in Python."""
+    import inspect
+
     from .. import reference
 
     cls = case.optimizer_class
-    # A reference-backend optimizer only to build torch-default hyperparameters and initial state.
-    init = cls(list(params), backend="numpy", **case.kwargs)
-    init.step(list(grads))
-    group = init.param_groups[0]
-    hyper = {k: group[k] for k in init.defaults}
-    fn = getattr(reference, init.algorithm)
-    states = [dict(init.state[i]) for i in range(len(params))]
-    counter = [states[0]["step"]]
+    fn = getattr(reference, cls.algorithm)
+    if getattr(cls, "matrices_only", False):
+        # Muon has no reference backend (reference.muon takes one matrix): its hyperparameters
+        # from an unstepped optimizer, its momentum buffers zero as torch's
+        group = cls(list(params), **case.kwargs).param_groups[0]
+        hyper = {k: group[k] for k in inspect.signature(fn).parameters if k in group}
+        states = [{"momentum_buffer": np.zeros_like(p)} for p in params]
+        counter = [0]
+    else:
+        # A reference-backend optimizer only to build torch-default hyperparameters and state.
+        init = cls(list(params), backend="numpy", **case.kwargs)
+        init.step(list(grads))
+        group = init.param_groups[0]
+        hyper = {k: group[k] for k in init.defaults}
+        states = [dict(init.state[i]) for i in range(len(params))]
+        counter = [states[0]["step"]]
     work = list(zip(params, grads, states, strict=True))
 
     def step():
@@ -92,7 +102,8 @@ def _as_torch(torch, a, copy):
 
 
 def _torch_step(case, params, grads, variant, *, share, device="cpu"):
-    """(step, None) or (None, reason): torch.optim.<Algo>(<variant>=True) over the arrays."""
+    """(step, None) or (None, reason): torch.optim.<Algo>(<variant>=True) over the arrays
+    (``variant`` "": the class without flags)."""
     torch = import_torch()
     if torch is None:
         return None, "torch is not installed"
@@ -116,12 +127,12 @@ def _torch_step(case, params, grads, variant, *, share, device="cpu"):
     for t, g in zip(tensors, tgrads, strict=True):
         t.grad = g
     try:
-        opt = cls(tensors, **case.kwargs, **{variant: True})
+        opt = cls(tensors, **case.kwargs, **({variant: True} if variant else {}))
         opt.step()
     except (TypeError, RuntimeError, ValueError) as exc:
         msg = str(exc).splitlines()[0][:160] if str(exc) else ""
         return None, (
-            f"torch.optim.{case.torch_class}({variant}=True) unavailable "
+            f"torch.optim.{case.torch_class}({f'{variant}=True' if variant else ''}) unavailable "
             f"(torch {torch.__version__}): {type(exc).__name__}: {msg}"
         )
     return opt.step, None
@@ -150,8 +161,12 @@ def build_cpu(case, n, dtype, seed, many=None):
     the NumPy peer is skipped."""
     rng = np.random.default_rng(seed)
     cls = case.optimizer_class
-    count, size = _layout(case, n, many)
-    ps = ParamSet({f"p{i}": np.zeros(size, dtype) for i in range(count)}, dtype=dtype)
+    if case.layout == "matrices":
+        count, shapes = len(case.shapes), case.shapes
+    else:
+        count, size = _layout(case, n, many)
+        shapes = [(size,)] * count
+    ps = ParamSet({f"p{i}": np.zeros(s, dtype) for i, s in enumerate(shapes)}, dtype=dtype)
     ps.flat[...] = rng.standard_normal(ps.size, dtype=np.float32)
     ps.grad_flat[...] = rng.standard_normal(ps.size, dtype=np.float32)
     try:
@@ -189,6 +204,9 @@ def build_cpu(case, n, dtype, seed, many=None):
         numpy_arrays = [np.array(p) for p in params], [np.array(g) for g in grads]
         keep += [single, single_opt, list_opt, sep_params, sep_grads]
         torch_params, torch_grads, share = params, grads, False
+    elif case.layout == "matrices":  # the same matrices (views of the buffers), own state
+        numpy_arrays = [ps[k] for k in ps.names], [ps.grads[k] for k in ps.names]
+        torch_params, torch_grads, share = *numpy_arrays, True
     else:
         # The naive NumPy step and torch update the same parameter buffer (own state).
         numpy_arrays = [ps.flat], [ps.grad_flat]
@@ -199,12 +217,13 @@ def build_cpu(case, n, dtype, seed, many=None):
         )
     else:
         peers["numpy"] = _naive_numpy_step(case, *numpy_arrays)
-    for variant in ("foreach", "fused"):
+    for variant in case.torch_variants:
         step, why = _torch_step(case, torch_params, torch_grads, variant, share=share)
+        name = f"torch_{variant}" if variant else "torch"
         if step is None:
-            skipped[f"torch_{variant}"] = why
+            skipped[name] = why
         else:
-            peers[f"torch_{variant}"] = step
+            peers[name] = step
     return ps.size, count, opt.step, peers, skipped, keep, PerfCounterTimer(), traffic
 
 
@@ -225,6 +244,8 @@ def build_gpu(case, n, dtype, seed, backend, many=None):
     are a list of numba device arrays (so the "many" layout needs CuPy). Peers: the device copy
     roofline and torch on CUDA tensors over the same memory; the NumPy peer is host-only.
     """
+    if case.layout == "matrices":
+        raise Unavailable(f"the {case.name} case runs on the numba-cpu backend only")
     rng = np.random.default_rng(seed)
     cls = case.optimizer_class
     count, size = _layout(case, n, many)

@@ -168,6 +168,7 @@ def load_results(path):
 # --------------------------------------------------------------------------------- formatting
 PEER_COLUMNS = (
     ("numpy", "vs NumPy"),
+    ("torch", "vs torch"),
     ("torch_foreach", "vs torch foreach"),
     ("torch_fused", "vs torch fused"),
     ("single_param", "vs 1 param"),

@@ -17,7 +17,9 @@ DEFAULT_REPEATS = 7
 DEFAULT_MIN_TIME = 0.2
 WARMUP_STEPS = 3
 
-PEERS = ("roofline", "numpy", "torch_foreach", "torch_fused", "single_param", "fastopt_list")
+PEERS = (
+    "roofline", "numpy", "torch", "torch_foreach", "torch_fused", "single_param", "fastopt_list",
+)  # fmt: skip
 """Everything a case can be timed against (see :mod:`fastopt.benchmarking`)."""
 
 CPU_BACKEND = "numba-cpu"

@@ -84,7 +84,7 @@ def add_arguments(p):
     what.add_argument(
         "--peers",
         metavar="LIST",
-        help="peers to time (default all): roofline,numpy,torch_foreach,torch_fused,"
+        help="peers to time (default all): roofline,numpy,torch,torch_foreach,torch_fused,"
         "single_param,fastopt_list",
     )
     how = p.add_argument_group("how")

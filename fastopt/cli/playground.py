@@ -250,7 +250,10 @@ def run(args):
     _check_json(args.json)
 
     require_matplotlib("fastopt playground")
-    runs = [P.run(problem, spec, steps=steps, start=start) for spec in optimizers]
+    try:
+        runs = [P.run(problem, spec, steps=steps, start=start) for spec in optimizers]
+    except ValueError as exc:  # e.g. Muon on a problem whose points are vectors
+        raise UsageError(str(exc)) from None
     title = args.title
     if title is None and preset is not None and not args.optimizer:
         title = preset.text

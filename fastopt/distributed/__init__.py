@@ -32,7 +32,10 @@ Communication per step, on the ParamSet's flat buffers (never one call per param
   small padding parameter to the ParamSet to make its size a multiple of the world size. With
   ``max_grad_norm`` or ``skip_nonfinite``, one extra Allreduce of two float64 numbers (the
   slice's sum of squares and non-finite flag), so every rank clips by the global norm and all
-  ranks skip a non-finite step together.
+  ranks skip a non-finite step together. The per-tensor optimizers (LAMB, LARS, NovoGrad,
+  Adafactor, Muon) are sharded on tensor boundaries (``sharding.segment_shards``: each rank a
+  contiguous run of whole tensors, over a ParamSet view of them), so no reduction is cut; the
+  collectives are the same vector forms.
 
 Parameters start identical: both classes broadcast the ParamSet from ``root`` when constructed;
 ``debug=True`` compares a checksum of every rank's parameters after each step

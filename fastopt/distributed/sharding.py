@@ -1,5 +1,5 @@
-"""Which rank holds which part: contiguous slices of a flat buffer (ZeRO) and each rank's samples
-of an epoch (round-robin over one seeded permutation)."""
+"""Which rank holds which part: contiguous slices of a flat buffer (ZeRO; whole tensors for the
+per-tensor optimizers) and each rank's samples of an epoch (round-robin over one seeded permutation)."""
 
 import numpy as np
 
@@ -24,6 +24,37 @@ def shard_bounds(n, world, rank):
     if not 0 <= check_int("rank", rank) < world:
         raise ValueError(f"rank {rank} is outside 0..{world - 1}")
     return displs[rank], displs[rank] + counts[rank]
+
+
+def segment_shards(sizes, world):
+    """(counts, displacements, bounds): tensors of element counts ``sizes`` (back to back in a
+    flat buffer) dealt to ``world`` ranks whole, as contiguous runs, for the per-tensor
+    optimizers under ZeRO-1. Rank ``r`` owns tensors ``bounds[r]:bounds[r + 1]``, i.e. the
+    elements ``[displs[r], displs[r] + counts[r])``.
+
+    Greedy and deterministic: cut ``r`` (1 .. world - 1) is the tensor boundary nearest to
+    ``r * n / world`` (the lower one on a tie), moved on to give rank ``r - 1`` at least one
+    tensor while any is left. So the ranks that own nothing (fewer tensors than ranks, or a
+    tensor larger than several shares) are the last ones, and rank 0 owns a tensor."""
+    sizes = [check_int("sizes[i]", s, lo=0) for s in sizes]
+    world = check_int("world", world, lo=1)
+    edges = [0]
+    for s in sizes:
+        edges.append(edges[-1] + s)
+    n = edges[-1]
+    bounds, j = [0], 0
+    for r in range(1, world):
+        target = r * n  # compared with world * edge: exact integers
+        while j + 1 < len(edges) and abs(world * edges[j + 1] - target) < abs(
+            world * edges[j] - target
+        ):
+            j += 1
+        j = max(j, min(bounds[-1] + 1, len(sizes)))
+        bounds.append(j)
+    bounds.append(len(sizes))
+    displs = [edges[b] for b in bounds[:-1]]
+    counts = [edges[bounds[r + 1]] - displs[r] for r in range(world)]
+    return counts, displs, bounds
 
 
 def shard_indices(n, epoch, seed, rank, world, *, shuffle=True, drop_last=False):

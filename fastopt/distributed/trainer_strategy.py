@@ -99,6 +99,8 @@ class MPIStrategy(LocalStrategy):
                 raise ValueError("zero=True: the optimizer instance has already stepped")
             cls, kwargs = type(optimizer), dict(optimizer.defaults)
             overrides = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+            if "muon_params" in overrides:  # over the whole model: ZeRO restricts it per rank
+                kwargs["muon_params"] = overrides.pop("muon_params")
             backend = optimizer.backend_name
             max_norm = optimizer.max_grad_norm if max_norm is None else max_norm
             max_value = optimizer.max_grad_value if max_value is None else max_value

@@ -10,13 +10,14 @@ from ..arrays import import_cupy, is_device_array, to_host
 from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
 from ..optim.base import Optimizer
+from ..optim.muon import muon_selection
 from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
 from .collectives import Collectives, check_params_equal, widened
 from .data_parallel import flat_grad, grad_scale_of
 from .mpi import mpi_move_type
-from .sharding import shard_sizes
+from .sharding import segment_shards, shard_sizes
 
 
 def _of_local_optimizer(name):
@@ -32,8 +33,20 @@ class ZeroRedundancyOptimizer:
 
     ``ZeroRedundancyOptimizer(ps, fo.Adam, lr=1e-3, max_grad_norm=1.0)`` builds, on each rank,
     ``fo.Adam(ps.flat[lo:hi], lr=1e-3)`` over the rank's slice (:func:`shard_bounds`), so each
-    rank keeps ``1/world`` of the state (rounded up to a whole element). Every optimizer class
-    works: the updates are elementwise.
+    rank keeps ``1/world`` of the state (rounded up to a whole element): the elementwise rules'
+    updates do not care where a slice starts.
+
+    The per-tensor optimizers (LAMB, LARS, NovoGrad, Adafactor: a norm, or row and column means,
+    per tensor) are sharded on tensor boundaries instead, so no shard cuts a tensor's reduction:
+    each rank owns a contiguous run of whole tensors (:func:`segment_shards`: element counts
+    balanced greedily, deterministic; ``tensors`` names them) and steps
+    ``optimizer_class(<a ParamSet view of its tensors>)``; the collectives are the same ones
+    with these counts. A rank that owns no tensor steps a private 1-element ParamSet. Muon too:
+    its ``muon_params`` are chosen over the whole ParamSet (``"hidden"`` by position in it) and
+    each rank's Muon gets the chosen names among its tensors, the others falling back to AdamW
+    there as in one process; a state array a rank does not keep (Muon's momentum on a rank of
+    fallback tensors only, which the update never reads) is gathered as zeros. L-BFGS is
+    refused by name.
 
     :meth:`step`: ``Reduce_scatter`` (sum) of the flat gradient into a slice-sized buffer; if
     ``max_grad_norm`` or ``skip_nonfinite``, one Allreduce of (slice sum of squares, non-finite
@@ -83,12 +96,7 @@ class ZeroRedundancyOptimizer:
                 "optimizer_class must be a fastopt optimizer class (e.g. fo.Adam), got "
                 f"{optimizer_class!r}"
             )
-        if not optimizer_class.elementwise:
-            raise ValueError(
-                f"ZeroRedundancyOptimizer cannot shard {optimizer_class.__name__}: its update "
-                "needs each tensor's norm, and a shard boundary would cut a tensor; use "
-                "DataParallel for it"
-            )
+        _check_shardable(optimizer_class)
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
         check_bool("skip_nonfinite", skip_nonfinite)
@@ -105,9 +113,23 @@ class ZeroRedundancyOptimizer:
         self._coll = Collectives(comm, cuda_aware)
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
-        self.counts, self.displs = shard_sizes(params.size, self.world_size)
+        self.per_tensor = not optimizer_class.elementwise
+        self._muon_params = None
+        if self.per_tensor:
+            names = params.names
+            sizes = [hi - lo for lo, hi in (params.offsets[n] for n in names)]
+            self.counts, self.displs, bounds = segment_shards(sizes, self.world_size)
+            self.tensors = tuple(names[bounds[self.rank] : bounds[self.rank + 1]])
+        else:
+            self.counts, self.displs = shard_sizes(params.size, self.world_size)
+            self.tensors = None
         self.lo = self.displs[self.rank]
         self.hi = self.lo + self.counts[self.rank]
+        if getattr(optimizer_class, "matrices_only", False):
+            # checked over the whole ParamSet as one process would (no state is allocated)
+            optimizer_class(params, **defaults)
+            self._muon_params = defaults.get("muon_params")
+            defaults = {**defaults, "muon_params": self._local_muon(self._muon_params)}
         xp = (
             import_cupy("ZeroRedundancyOptimizer on device buffers")
             if is_device_array(params.flat)
@@ -116,11 +138,19 @@ class ZeroRedundancyOptimizer:
         grad_dtype = np.float32 if is_16bit(params.dtype) else params.dtype
         if self.hi > self.lo:
             target = params.flat[self.lo : self.hi]
+            if self.per_tensor:  # the rank's whole tensors, as a view: the segments stay known
+                segments = [(n, params.shapes[n]) for n in self.tensors]
+                grads = params.grad_flat[self.lo : self.hi]
+                target = ParamSet.from_buffers(target, grads, segments)
             self._grad_shard = aligned_zeros(self.hi - self.lo, grad_dtype, xp)
         else:
-            # fewer elements than ranks: this rank owns nothing; it steps a private 1-element
-            # array (gradient 0) so that its step counters stay in line with the others
+            # fewer elements (or tensors) than ranks: this rank owns nothing; it steps a private
+            # 1-element array (gradient 0) so that its step counters stay in line with the others
             target = aligned_zeros(1, params.dtype, xp)
+            if self.per_tensor:
+                target = ParamSet.from_buffers(
+                    target, aligned_zeros(1, params.dtype, xp), [("unowned", (1,))]
+                )
             self._grad_shard = aligned_zeros(1, grad_dtype, xp)
         self._wide = None  # float32 copy of 16-bit gradients for the Reduce_scatter
         self.local_optimizer = optimizer_class(
@@ -129,6 +159,15 @@ class ZeroRedundancyOptimizer:
         self.local_optimizer.element_offset = self.lo  # stochastic rounding's element index
         self._backend_name = backend
         self._backend = None  # of the gradient slice, for its sum of squares; found at first use
+        self._own_sizes = self._state_sizes = None
+        if self.per_tensor:
+            # state elements per array on every rank (Adafactor's factors are not one per
+            # element): the layout of gathers and scatters, known before any state exists
+            self._own_sizes = local_state_sizes(self.local_optimizer)
+            owned = self._own_sizes if self.hi > self.lo else {}
+            self._state_sizes = self.comm.allgather(owned)
+            # every array of the full layout, the same list on every rank
+            self._state_keys = sorted({k for sizes in self._state_sizes for k in sizes})
         self._coll.start_from_root(params, root, debug)
 
     # ----------------------------------------------------------------- properties
@@ -145,6 +184,30 @@ class ZeroRedundancyOptimizer:
     def shard(self):
         """(lo, hi): this rank's slice of the flat buffer."""
         return self.lo, self.hi
+
+    def _local_muon(self, value):
+        """Muon's ``muon_params`` for this rank: the names ``value`` chooses over the whole
+        ParamSet, among this rank's tensors (none on a rank without tensors)."""
+        chosen = muon_selection(value, list(self.params.shapes.items()))
+        return tuple(n for n in (self.tensors if self.hi > self.lo else ()) if n in chosen)
+
+    def _layout(self, name):
+        """(counts, displacements) of state array ``name`` over the ranks in the full layout; a
+        rank without that array (Muon's momentum beside fallback tensors only) holds its
+        elements' share of it (one value per element)."""
+        if not self.per_tensor:
+            return self.counts, self.displs
+        counts = [sizes.get(name, self.counts[r]) for r, sizes in enumerate(self._state_sizes)]
+        displs = [sum(counts[:r]) for r in range(len(counts))]
+        return counts, displs
+
+    def _full_size(self, name):
+        """Elements of state array ``name`` in the full layout; None for a name it has not."""
+        if not self.per_tensor:
+            return self.params.size
+        if name not in self._state_keys:
+            return None
+        return sum(self._layout(name)[0])
 
     def local_state_elements(self):
         """Elements of optimizer state held by this rank (all state arrays together)."""
@@ -208,13 +271,20 @@ class ZeroRedundancyOptimizer:
         state = {}
         if entry is not None:
             full_entry = {}
-            for k in sorted(entry):  # same order on every rank
-                v = entry[k]
+            names = set(entry)
+            if self.per_tensor:  # the full layout's arrays (a rank may keep others, or fewer)
+                names = {k for k, v in entry.items() if not hasattr(v, "shape")}
+                names |= set(self._state_keys)
+            for k in sorted(names):  # same order on every rank
+                v = entry.get(k)
+                if v is None:  # an array this rank does not keep: zeros for its share
+                    v = np.zeros(self._layout(k)[0][self.rank], self.params.dtype)
                 if isinstance(v, np.ndarray):
-                    mine = np.ascontiguousarray(v.reshape(-1)[: self.hi - self.lo])
+                    counts, displs = self._layout(k)
+                    mine = np.ascontiguousarray(v.reshape(-1)[: counts[self.rank]])
                     typ = mpi_move_type(mine.dtype)
-                    full = np.empty(self.params.size, mine.dtype)
-                    spec = [full, self.counts, self.displs, typ]
+                    full = np.empty(sum(counts), mine.dtype)
+                    spec = [full, counts, displs, typ]
                     if root is None:
                         self.comm.Allgatherv([mine, typ], spec)
                     else:
@@ -225,10 +295,13 @@ class ZeroRedundancyOptimizer:
             state[0] = full_entry
         if root is not None and self.rank != root:
             return None
+        groups = local["param_groups"]
+        if "muon_params" in groups[0]:
+            groups = [{**groups[0], "muon_params": self._muon_params}]  # the whole ParamSet's
         return {
             "algorithm": local.get("algorithm", self.optimizer_class.__name__),
             "state": state,
-            "param_groups": local["param_groups"],
+            "param_groups": groups,
             "skipped_steps": self.skipped_steps,
         }
 
@@ -252,22 +325,36 @@ class ZeroRedundancyOptimizer:
         local_entry = None
         if skeleton["state"]:
             local_entry = dict(skeleton["state"][0])
-            n_local = self.hi - self.lo
             for k, dtype_name in array_names:
                 dtype = arrays.storage_dtype(dtype_name)  # each array moves in its own dtype
                 full = state_dict["state"][0][k] if self.rank == root else None
-                mine = np.empty(n_local, dtype)
+                counts, displs = self._layout(k)
+                mine = np.empty(counts[self.rank], dtype)
                 typ = mpi_move_type(dtype)
                 send = None
                 if self.rank == root:
                     full = np.ascontiguousarray(np.asarray(to_host(full)).reshape(-1), dtype)
-                    send = [full, self.counts, self.displs, typ]
+                    send = [full, counts, displs, typ]
                 self.comm.Scatterv(send, [mine, typ], root=root)
-                local_entry[k] = mine if n_local > 0 else np.zeros(1, dtype)
+                if self.per_tensor and k not in self._own_sizes:
+                    del local_entry[k]  # an array of the full layout this rank does not keep
+                    continue
+                if self.hi == self.lo:  # the private element's state, as a fresh one
+                    mine = np.zeros(self._own_sizes[k] if self.per_tensor else 1, dtype)
+                local_entry[k] = mine
+            if self.per_tensor and self.hi == self.lo:  # the private element's own arrays
+                for k, size in self._own_sizes.items():
+                    local_entry.setdefault(k, np.zeros(size, self.params.dtype))
+        groups = skeleton["param_groups"]
+        if "muon_params" in groups[0]:  # the saved choice over the whole ParamSet, for this rank
+            try:
+                groups = [{**groups[0], "muon_params": self._local_muon(groups[0]["muon_params"])}]
+            except (TypeError, ValueError) as exc:  # the same skeleton everywhere: all raise
+                raise type(exc)(f"state_dict param_groups[0]: {exc}") from None
         local_sd = {
             "algorithm": skeleton["algorithm"],
             "state": {0: local_entry} if local_entry is not None else {},
-            "param_groups": skeleton["param_groups"],
+            "param_groups": groups,
             "skipped_steps": skeleton["skipped_steps"],
         }
         before = self.local_optimizer.state_dict()
@@ -284,10 +371,12 @@ class ZeroRedundancyOptimizer:
         self.skipped_steps = int(skeleton["skipped_steps"])
 
     def check_state_dict(self, sd):
-        """(state dict with arrays removed, [(name, storage dtype name)] of the per-element
-        arrays) of a full-buffer layout state dict, after checking it against this optimizer
-        (class, one group, sizes, float dtypes); ValueError / TypeError naming the problem.
-        Local: no communication."""
+        """(state dict with arrays removed, [(name, storage dtype name)] of the state arrays)
+        of a full-buffer layout state dict, after checking it against this optimizer (class,
+        one group, sizes, float dtypes); ValueError / TypeError naming the problem. Local: no
+        communication. The full layout does not depend on the world size (it is
+        ``optimizer_class(params)``'s), so a state saved on any number of ranks is re-sliced
+        for this one."""
         if not isinstance(sd, Mapping) or not {"state", "param_groups"} <= set(sd):
             raise ValueError(
                 "not an optimizer state_dict: expected keys 'state' and 'param_groups'"
@@ -318,10 +407,21 @@ class ZeroRedundancyOptimizer:
                             f"state[0][{k!r}] has dtype {a.dtype}, expected floats "
                             f"({', '.join(arrays.STORAGE_NAMES)})"
                         )
-                    if a.size != self.params.size:
+                    want = self._full_size(k)
+                    if want is None:
+                        raise ValueError(
+                            f"state[0][{k!r}] is not a state array of "
+                            f"{self.optimizer_class.__name__} (it keeps "
+                            f"{sorted(self._state_sizes[0])})"
+                        )
+                    if a.size != want:
                         raise ValueError(
                             f"state[0][{k!r}] has {a.size} elements, "
-                            f"the ParamSet {self.params.size}"
+                            + (
+                                f"{self.optimizer_class.__name__} over this ParamSet keeps {want}"
+                                if self.per_tensor
+                                else f"the ParamSet {self.params.size}"
+                            )
                         )
                     names.append((k, dtype_name))
                     skel_entry[k] = None
@@ -335,3 +435,26 @@ class ZeroRedundancyOptimizer:
             "skipped_steps": sd.get("skipped_steps", 0),
         }
         return skeleton, names
+
+
+def _check_shardable(optimizer_class):
+    """ValueError naming ``optimizer_class`` when ZeRO-1 cannot shard it."""
+    name = optimizer_class.__name__
+    if optimizer_class.requires_closure:
+        raise ValueError(
+            f"ZeroRedundancyOptimizer cannot shard {name}: it steps with a closure that "
+            "re-evaluates the whole model; use DataParallel for it"
+        )
+
+
+def local_state_sizes(optimizer):
+    """{state array name: elements} of a one-unit optimizer's state once allocated (the
+    optimizer's own shape rules: one value per element, per tensor, or per row and column)."""
+    group = optimizer.param_groups[0]
+    g_int = optimizer._groups[0]  # the shape rules are internal to the optimizer classes
+    (unit,) = g_int["units"]
+    names = list(optimizer._state_names(group))
+    segment_state = getattr(optimizer, "segment_state", None)
+    if segment_state is not None:
+        names.append(segment_state)
+    return {n: math.prod(optimizer._state_shape(g_int, unit, n)) for n in names}

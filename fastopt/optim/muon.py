@@ -170,7 +170,7 @@ class Muon(Optimizer):
     """
 
     algorithm = "muon"
-    elementwise = False  # a matrix's update depends on all of it: no ZeRO-1 shards
+    elementwise = False  # a matrix's update depends on all of it: ZeRO-1 shards whole tensors
     matrices_only = True
     """Takes 2-D parameters only (without a fallback): the registry-wide checks that run every
     optimizer on vectors leave it out; it has its own tests and benchmark."""

@@ -91,7 +91,7 @@ def _run_label(r, shown, sep=" "):
 def plot_trajectories(problem, runs, path, title=None):
     """PNG of ``runs`` (Trajectories) on ``problem``: left, the function's contours (or its curve
     for one variable) with each trajectory; right, f per step (log scale, as f - f*, when the
-    minimum is known). A diverging run is drawn until it leaves the chart (f beyond
+    minimum is known). A problem of more than 2 variables (``matrix``) has the loss panel only. A diverging run is drawn until it leaves the chart (f beyond
     :data:`LOSS_CEILING` times the largest starting loss, or non-finite), its loss clipped
     there, and its legend says "diverged". Size :data:`TRAJECTORY_SIZE_PX`. Needs matplotlib."""
     plt = pyplot()
@@ -103,11 +103,15 @@ def plot_trajectories(problem, runs, path, title=None):
     ceiling = _ceiling(problem, runs)
     shown = [_on_chart(r, fstar, ceiling) for r in runs]
     with np.errstate(over="ignore", invalid="ignore"):
-        if problem.dim == 1:
-            _draw_curves(fig, grid[0, 0], problem, runs, shown, colors)
+        if problem.dim > 2:  # no picture of the point: the loss over the whole figure
+            loss_axes = fig.add_subplot(grid[0, :])
         else:
-            _draw_contours(fig.add_subplot(grid[0, 0]), problem, runs, shown, colors)
-        _draw_losses(fig.add_subplot(grid[0, 1]), problem, runs, shown, ceiling, colors)
+            if problem.dim == 1:
+                _draw_curves(fig, grid[0, 0], problem, runs, shown, colors)
+            else:
+                _draw_contours(fig.add_subplot(grid[0, 0]), problem, runs, shown, colors)
+            loss_axes = fig.add_subplot(grid[0, 1])
+        _draw_losses(loss_axes, problem, runs, shown, ceiling, colors)
     save_figure(fig, path, title)
     return w, h
 
@@ -196,7 +200,7 @@ def _draw_losses(ax, problem, runs, shown, ceiling, colors):
     else:
         ax.set_ylabel("f(x)")
     ax.set_xlabel("step")
-    ax.set_title("loss per step", fontsize=11)
+    ax.set_title("loss per step" if problem.dim <= 2 else problem.tex, fontsize=11)
     ax.grid(alpha=0.3, which="both")
     if runs:
         ax.legend(fontsize=8, loc="best")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..problems import PROBLEMS
 from .specs import parse_optimizer
 
 
@@ -23,9 +24,17 @@ class Trajectory:
 
 def run(problem, spec, steps=20, start=None):
     """Run ``spec`` (an OptimizerSpec or a spec string) on ``problem`` for ``steps`` steps from
-    ``start`` (default ``problem.start``); returns a :class:`Trajectory`."""
+    ``start`` (default ``problem.start``); returns a :class:`Trajectory`. On a problem whose
+    points are matrices (``problem.shape``, e.g. ``matrix``) the optimizers step the point's
+    matrix view, so Muon runs there; on the vector problems Muon is a ValueError saying so."""
     if isinstance(spec, str):
         spec = parse_optimizer(spec)
+    if getattr(spec.cls, "matrices_only", False) and problem.shape is None:
+        matrix = [n for n, f in PROBLEMS.items() if getattr(f, "shape", None) is not None]
+        raise ValueError(
+            f"{spec.name} steps matrices only and a point of {problem.name} is a vector of "
+            f"{problem.dim} coordinate(s); use a matrix problem ({', '.join(matrix)})"
+        )
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -37,12 +46,15 @@ def run(problem, spec, steps=20, start=None):
     if not np.isfinite(x0).all():
         raise ValueError("the start point must be finite")
     x = x0.copy()
-    opt = spec.build([x])
+    view = x  # what the optimizer steps: the point, or its matrix view (the same memory)
+    if problem.shape is not None and not hasattr(spec.cls, "step_on"):
+        view = x.reshape(problem.shape)
+    opt = spec.build([view])
     points, values = [x.copy()], [float(problem.value(x))]
     diverged = False
     with np.errstate(over="ignore", invalid="ignore"):
         for _ in range(steps):
-            _one_step(opt, problem, x)
+            _one_step(opt, problem, x, view.shape)
             fx = float(problem.value(x))
             if not (np.isfinite(x).all() and math.isfinite(fx)):
                 diverged = True
@@ -54,16 +66,17 @@ def run(problem, spec, steps=20, start=None):
     )
 
 
-def _one_step(opt, problem, x):
-    """One step of ``opt`` on ``problem`` at ``x`` (updated in place): a playground method's
-    ``step_on``, a closure step (L-BFGS: one ``step()``, up to its ``max_iter`` iterations; the
-    presets use ``max_iter=1``, one iteration per point), or a gradient step."""
+def _one_step(opt, problem, x, shape):
+    """One step of ``opt`` on ``problem`` at ``x`` (updated in place), whose parameter has
+    ``shape``: a playground method's ``step_on``, a closure step (L-BFGS: one ``step()``, up to
+    its ``max_iter`` iterations; the presets use ``max_iter=1``, one iteration per point), or a
+    gradient step."""
     if hasattr(opt, "step_on"):
         opt.step_on(problem)
     elif opt.requires_closure:
-        opt.step(lambda: (float(problem.value(x)), [problem.grad(x)]))
+        opt.step(lambda: (float(problem.value(x)), [problem.grad(x).reshape(shape)]))
     else:
-        opt.step([problem.grad(x)])
+        opt.step([problem.grad(x).reshape(shape)])
 
 
 def trajectories_json(problem, runs, steps):
