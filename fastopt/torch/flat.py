@@ -138,7 +138,7 @@ class FlatBuffer:
                 )
 
     def gather_grads(self):
-        """Which params have a gradient (a list of bools). Gradients that are not the buffer's
+        """Which params have a gradient (a sequence of bools). Gradients that are not the buffer's
         views (assigned by hand, or left with a graph by ``create_graph=True``) are checked, all
         before the first write, then copied into ``grad`` in one pass, and the views attached."""
         if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):  # the usual case
