@@ -167,3 +167,36 @@ def test_cpu_offload_int8_equals_the_plain_optimizer_and_holds_2_bytes_per_param
     run(full, float_side, gs[:1])
     full_bytes = sum(t.nbytes for tensors in full.inner._tensors for t in tensors.values())
     assert full_bytes / state_bytes > 3.9
+
+
+def test_bf16_master_weights_with_int8_state_equal_the_core_and_round_trip():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ps = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in params()]
+    gs = [[g.to(torch.bfloat16) for g in step] for step in grads(3)]
+
+    def bits(tensors):
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).view(torch.uint16).numpy()
+
+    buf = bits(ps).copy().view(ml_dtypes.bfloat16)
+    paramset = ParamSet.from_buffers(
+        buf, np.zeros_like(buf), [(str(i), s) for i, s in enumerate(SHAPES)]
+    )
+    options = {"lr": 1e-2, "state_dtype": "int8", "master_weights": True}
+    core = fo.AdamW(paramset, **options)
+    opt = fot.AdamW(ps, **options)
+    for step in gs[:2]:
+        for p, g in zip(ps, step):
+            p.grad = g.clone()
+        opt.step()
+        paramset.grad_flat[:] = bits(step).view(ml_dtypes.bfloat16)
+        core.step()
+    assert np.array_equal(bits(ps), buf.view(np.uint16))
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["state"][0][precision.MASTER].dtype == torch.float32
+    assert sd["state"][0]["exp_avg_absmax"].dtype == torch.float32  # not rounded to bfloat16
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = fot.AdamW(ps2, **options)
+    opt2.load_state_dict(sd)
+    run(opt, ps, gs[2:])
+    run(opt2, ps2, gs[2:])
+    assert np.array_equal(bits(ps), bits(ps2))
