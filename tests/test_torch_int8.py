@@ -200,3 +200,31 @@ def test_bf16_master_weights_with_int8_state_equal_the_core_and_round_trip():
     run(opt, ps, gs[2:])
     run(opt2, ps2, gs[2:])
     assert np.array_equal(bits(ps), bits(ps2))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_host_quantizer_gives_the_kernels_codes(signed):
+    # int8_from_values (a float state loaded into 8-bit state) against block_loops.code_of on
+    # random values, every midpoint of the map (ties) and its neighbours
+    from fastopt.kernels import block_loops
+
+    q = block_loops.qmap(signed)
+    mids = ((q[:-1] + q[1:]) * np.float32(0.5)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.standard_normal(500).astype(np.float32) * np.float32(1e-3),
+            mids,
+            np.nextafter(mids, np.float32(2)),
+            np.nextafter(mids, np.float32(-2)),
+            [1.0, 0.0, -0.0],
+        ]
+    ).astype(np.float32)
+    x = np.abs(x) if not signed else x
+    x[:: precision.QUANT_BLOCK] = 1.0  # absmax 1 in every block: the ties stay exact ties
+    slot = precision.int8_from_values(x, signed)
+    scale = np.repeat(slot.absmax, precision.QUANT_BLOCK)[: x.size]
+    want = [block_loops.code_of(v / s, signed) for v, s in zip(x, scale)]
+    assert np.array_equal(slot.codes, np.array(want, np.uint8))
+    blocks = np.abs(np.pad(x, (0, slot.absmax.size * precision.QUANT_BLOCK - x.size)))
+    assert same_bits(slot.absmax, blocks.reshape(-1, precision.QUANT_BLOCK).max(axis=1))
