@@ -12,7 +12,9 @@ buffer's views), and a step after assigning fresh gradient tensors by hand
 (``fastopt_assigned_grads``: the copy into the flat buffer alone) are measured. Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
 ``many_small``.
 
-Run: ``pytest bench/test_bench_torch.py --benchmark-disable -s`` (prints the table).
+torch runs with the kernels' thread count (``NUMBA_NUM_THREADS``, all cores by default), as in the
+other benchmarks. Run: ``pytest bench/test_bench_torch.py --benchmark-disable -s`` (prints the
+table).
 """
 
 import os
@@ -55,6 +57,21 @@ def _params(shapes):
 def measure(name):
     if name in _RESULTS:
         return _RESULTS[name]
+    import numba
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(numba.get_num_threads())  # torch with the kernels' thread count
+    try:
+        out = _measure(name)
+    finally:
+        torch.set_num_threads(saved)
+    out["threads"] = numba.get_num_threads()
+    _RESULTS[name] = out
+    print(name, {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in out.items()})
+    return out
+
+
+def _measure(name):
     shapes = CASES[name]
     fast, fused, foreach = _params(shapes), _params(shapes), _params(shapes)
     opt_fast = fot.AdamW(fast, lr=1e-3)
@@ -103,8 +120,6 @@ def measure(name):
     for peer in ("torch_fused", "torch_foreach"):
         if peer in times:
             out[f"speedup_vs_{peer}"] = times[peer] / times["fastopt"]
-    _RESULTS[name] = out
-    print(name, {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in out.items()})
     return out
 
 

@@ -396,3 +396,31 @@ def test_import_fastopt_does_not_import_torch_and_missing_torch_is_named():
     code = "import sys; sys.modules['torch'] = None\nimport fastopt.torch"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode != 0 and "pip install fastopt[torch]" in out.stderr
+
+
+def test_step_hooks_and_the_profiler_range_still_run():
+    # step() enters torch's wrapper (hooks, profiler range) only when one is registered or on:
+    # both must then behave as with any torch optimizer
+    model = mlp()
+    opt = fot.AdamW(model.parameters(), lr=1e-2)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    glob = register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
+    try:
+        loss_of(model, torch.ones(2, 6)).backward()
+        assert opt.step(lambda: torch.tensor(3.0)).item() == 3.0
+    finally:
+        glob.remove()
+    assert calls == ["pre", "post", "global"]
+    pre.remove()
+    post.remove()
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autograd.profiler.profile() as prof:
+        opt.step()
+    assert "Optimizer.step#AdamW.step" in {e.name for e in prof.function_events}
+    assert calls == ["pre", "post", "global"]  # removed hooks are not called
+    assert torch.is_grad_enabled()  # the step's no_grad ends with it
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))

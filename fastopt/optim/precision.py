@@ -293,3 +293,31 @@ def int8_zeros(backend, n, slot, fill=0.0):
         absmax.fill(abs(fill))
         codes.fill(block_loops.code_of(fill / abs(fill), slot.signed))
     return Quantized(codes, absmax, slot.signed)
+
+
+def int8_from_values(values, signed):
+    """A new host 8-bit slot (a :class:`Quantized`) holding float32 ``values`` (1-D), as the
+    kernels quantize a block after a step: absmax the largest magnitude of the block's values
+    (NaN if it holds one), each code the nearest entry of ``values / absmax`` in the map with
+    bitsandbytes' tie rule (``storage.quantize``: a tie goes to the even code), the sign of a
+    negative value kept in the signed map (``block_loops.code_of``), an all-zero block the code
+    of zero. Used to load a float state (e.g. torch.optim's) into 8-bit state."""
+    from ..kernels import block_loops
+
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    n = v.size
+    blocks = int8_block_count(n)
+    padded = np.zeros(blocks * QUANT_BLOCK, np.float32)
+    padded[:n] = np.abs(v)
+    absmax = padded.reshape(blocks, QUANT_BLOCK).max(axis=1)
+    scale = np.repeat(np.where(absmax > 0, absmax, np.float32(1.0)), QUANT_BLOCK)[:n]
+    xn = (v / scale).astype(np.float32)
+    q = block_loops.qmap(signed)
+    r = np.searchsorted(q[:255], xn, side="left")  # entries of q[0:255] below xn
+    below, above = q[np.maximum(r - 1, 0)], q[np.minimum(r, 255)]
+    mid = ((below + above) * np.float32(0.5)).astype(np.float32)
+    codes = np.where(xn > mid, r, np.where(xn < mid, r - 1, r - (r & 1)))
+    codes = np.where((r == 0) | np.isnan(xn), 0, codes)
+    if signed:
+        codes = np.where((codes == 127) & np.signbit(xn), 126, codes)
+    return Quantized(codes.astype(np.uint8), absmax.astype(np.float32), bool(signed))

@@ -87,6 +87,7 @@ class FlatBuffer:
         self.ptrs = [base + a * size for a, _ in self.offsets]
         self.device, self.dtype = flat.device, flat.dtype
         self.paramset = self.slice(0, len(self.params))
+        self._all_present = (True,) * len(self.params)
 
     @classmethod
     def pack(cls, params, names, *, pin_memory=False):
@@ -137,12 +138,12 @@ class FlatBuffer:
                 )
 
     def gather_grads(self):
-        """Which params have a gradient (a list of bools). Gradients that are not the buffer's
+        """Which params have a gradient (a sequence of bools). Gradients that are not the buffer's
         views (assigned by hand, or left with a graph by ``create_graph=True``) are checked, all
         before the first write, then copied into ``grad`` in one pass, and the views attached."""
+        if all(map(operator.is_, map(_GRAD, self.params), self.grad_views)):  # the usual case
+            return self._all_present
         grads = list(map(_GRAD, self.params))
-        if all(map(operator.is_, grads, self.grad_views)):  # every view attached: the usual case
-            return [True] * len(grads)
         fresh = [i for i, (g, v) in enumerate(zip(grads, self.grad_views)) if g is not v]
         present = [g is not None for g in grads]
         if fresh:

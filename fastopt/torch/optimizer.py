@@ -17,8 +17,10 @@ import inspect
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
+from ..optim import precision
 from .flat import FlatBuffer, allocate, as_tensor, check_param
 
 _LAYOUT_CACHE = 16
@@ -55,8 +57,39 @@ def _plain(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
+def is_state_array(v):
+    """Whether a core state value is a per-element array (or an 8-bit slot), not a scalar."""
+    return hasattr(v, "shape") or isinstance(v, precision.Quantized)
+
+
+def quantized_entry(name, slot, lo, hi, shape):
+    """The torch-format state entries of elements ``lo:hi`` (one parameter, ``shape``) of a
+    bucket's 8-bit slot ``name``: its codes (uint8, shaped like the parameter) under ``name``,
+    under ``name + "_absmax"`` the absmax of every block of the bucket's grid that holds one of
+    its elements (a block shared with a neighbouring parameter is in both entries), and the
+    map under ``name + "_qmap"`` (``"signed"`` or ``"unsigned"``): the keys of fastopt's core."""
+    block = precision.QUANT_BLOCK
+    return {
+        name: slot.codes[lo:hi].view(shape),
+        name + "_absmax": slot.absmax[lo // block : -(-hi // block)],
+        name + "_qmap": "signed" if slot.signed else "unsigned",
+    }
+
+
 def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _hooked_or_profiled(opt):
+    """Whether ``opt.step`` must go through torch's wrapper: a step hook (global or the
+    optimizer's) is registered, or the autograd profiler records."""
+    return bool(
+        opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
+        or torch.autograd._profiler_enabled()
+    )
 
 
 class FastoptOptimizer(torch.optim.Optimizer):
@@ -77,6 +110,17 @@ class FastoptOptimizer(torch.optim.Optimizer):
     State tensors keep their dtype through ``load_state_dict`` (torch's loader would round them
     to the parameter's); a state saved by ``torch.optim`` starts the master copy from the
     16-bit parameter.
+
+    ``state_dtype="int8"`` (the rules of :data:`fastopt.optim.precision.INT8_RULES`, CPU
+    parameters; a GPU model through :class:`fastopt.torch.CPUOffload`): each flat buffer of at
+    least ``MIN_8BIT_SIZE`` elements keeps its state as uint8 codes and one float32 absmax per
+    block of 256 elements of the whole buffer, the layout of a fastopt ParamSet over the same
+    parameters (results equal bit for bit). Blocks span neighbouring parameters, so such a
+    buffer steps whole: a step where some of its parameters have a gradient and others not is
+    refused (ValueError naming them, before any write); put parameters that may lack one in a
+    param group of their own. ``state_dict()`` gives fastopt's 8-bit keys (codes under the slot's
+    name, ``"<name>_absmax"``, ``"<name>_qmap"``; see :mod:`fastopt.torch.state`), which
+    torch.optim cannot load; a float state (torch.optim's) loads and is quantized.
     """
 
     core_class = None
@@ -89,13 +133,15 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._buckets = []  # (param group index, FlatBuffer)
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
         self._records = []  # per bucket, per param: scalar state as sorted (name, value) pairs
-        self._tensors = []  # per bucket: state name -> flat state tensor
+        self._tensors = []  # per bucket: state name -> flat state tensor (or 8-bit Quantized)
+        self._quantized = []  # per bucket: whether its state is 8-bit (state_dtype="int8")
         self._cores = {}
         self._version = 0
         self.skipped_steps = 0
         self.last_step_taken = None
         self.last_grad_norm = None
-        self._probe(hyper)  # bad hyperparameters or options fail before any parameter moves
+        # bad hyperparameters or options fail before any parameter moves
+        self._precision = self._probe(hyper).precision
         super().__init__(params, hyper)
 
     def _probe(self, hyper):
@@ -114,6 +160,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
         try:
             items = self._checked_items(gi, group)
             self._probe({k: _plain(group[k]) for k in self._hyper_names})
+            if precision.is_int8(self._precision):
+                for name, p in items:
+                    if p.device.type != "cpu":
+                        raise TypeError(
+                            f"{name} is on {p.device}: state_dtype='int8' (8-bit blockwise "
+                            "state) runs on the CPU only; for a GPU model use "
+                            "fastopt.torch.CPUOffload(..., state_dtype='int8')"
+                        )
         except Exception:
             self.param_groups.pop()
             raise
@@ -131,6 +185,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
             self._buckets.append((gi, buf))
             self._records.append([None] * len(buf.params))
             self._tensors.append({})
+            self._quantized.append(
+                precision.is_int8(self._precision) and buf.flat.numel() >= precision.MIN_8BIT_SIZE
+            )
         self._cores.clear()
 
     @staticmethod
@@ -161,10 +218,31 @@ class FastoptOptimizer(torch.optim.Optimizer):
             if p.grad is not None:
                 p.grad = None if set_to_none else p.grad.zero_()
 
-    @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter with a ``.grad`` (torch's ``step``)."""
+        """One update of every parameter with a ``.grad`` (torch's ``step``).
+
+        torch wraps every optimizer's ``step`` in a profiler range and its step hooks; here the
+        hooks and the range run (through torch's own wrapper) only when a hook is registered or
+        the profiler is on: entering the range costs more than the rest of a small step."""
+        if _hooked_or_profiled(self):
+            return _TORCH_WRAPPED_STEP(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch.optim.Optimizer then leaves it unwrapped
+
+    def _step(self, closure=None):
         loss = closure_loss(closure)
+        enabled = torch.is_grad_enabled()
+        if enabled:
+            torch._C._set_grad_enabled(False)  # no_grad without a context manager object
+        try:
+            self._update()
+        finally:
+            if enabled:
+                torch._C._set_grad_enabled(True)
+        return loss
+
+    def _update(self):
         for _, buf in self._buckets:
             buf.check_in_place()
         for name, p in self._frozen:
@@ -175,9 +253,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 )
         key = []
         for k, (_, buf) in enumerate(self._buckets):
-            key.extend((k, i, j) for i, j in self._runs(k, buf.gather_grads()))
+            runs = self._runs(k, buf.gather_grads())
+            if self._quantized[k] and runs and runs != [(0, len(buf.params))]:
+                self._refuse_partial(k, runs)
+            key.extend((k, i, j) for i, j in runs)
         if not key:
-            return loss
+            return
         key = tuple(key)
         core, version = self._core(key)
         for cg, (k, _, _) in zip(core.param_groups, key):
@@ -198,10 +279,26 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self.last_step_taken = core.last_step_taken
         if not core.last_step_taken:
             self.skipped_steps += 1
-            return loss
+            return
         for u, (k, i, j) in zip(units, key):
             self._harvest(u, k, i, j)
-        return loss
+
+    def _refuse_partial(self, k, runs):
+        """ValueError for a step of part of an 8-bit bucket (raised before any write)."""
+        buf = self._buckets[k][1]
+        stepped = {i for i, j in runs for i in range(i, j)}
+        left = [buf.names[i] for i in range(len(buf.params)) if i not in stepped]
+        why = (
+            f"{', '.join(left[:3])}{'...' if len(left) > 3 else ''} have no gradient"
+            if left
+            else "its parameters have different step counts"
+        )
+        raise ValueError(
+            f"state_dtype='int8': a step of part of a flat buffer ({why}): its 8-bit blocks of "
+            f"{precision.QUANT_BLOCK} elements span neighbouring parameters, so every parameter "
+            "of a buffer steps together. Give them all gradients (zero_grad(set_to_none=False)), "
+            "or put the parameters that may lack one in a param group of their own"
+        )
 
     def _runs(self, k, present):
         """[(i, j)]: maximal ranges of consecutive params with gradients and equal scalar state."""
@@ -240,6 +337,11 @@ class FastoptOptimizer(torch.optim.Optimizer):
         lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
         out = {}
         for name, t in self._tensors[k].items():
+            if isinstance(t, precision.Quantized):  # the whole bucket (host only)
+                out[name] = precision.Quantized(
+                    arrays.host_view(t.codes), arrays.host_view(t.absmax), t.signed
+                )
+                continue
             part = t[lo:hi]
             out[name] = arrays.host_view(part) if unit.device is None else unit.backend.native(part)
         return out
@@ -247,12 +349,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _harvest(self, unit, k, i, j):
         """After a step: the run's scalar state into the records; state arrays the core just
         allocated (first step of these params) copied into the flat state tensors."""
-        record = tuple(sorted((n, v) for n, v in unit.state.items() if not hasattr(v, "shape")))
+        record = tuple(sorted((n, v) for n, v in unit.state.items() if not is_state_array(v)))
         if self._records[k][i] is None:
             buf = self._buckets[k][1]
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in unit.state.items():
-                if hasattr(a, "shape"):
+                if isinstance(a, precision.Quantized):
+                    self._store_quantized(k, name, a)
+                elif hasattr(a, "shape"):
                     self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
             self._version += 1
         self._records[k][i:j] = [record] * (j - i)
@@ -267,6 +371,22 @@ class FastoptOptimizer(torch.optim.Optimizer):
             tensors[name] = allocate(flat.numel(), dtype, flat.device, flat.is_pinned())
         return tensors[name]
 
+    def _store_quantized(self, k, name, slot):
+        """Bucket ``k``'s 8-bit state ``name`` (codes and block absmax as host tensors, one
+        block grid over the whole bucket) set to the host :class:`~fastopt.optim.precision.
+        Quantized` ``slot``."""
+        flat = self._buckets[k][1].flat
+        t = self._tensors[k].get(name)
+        if t is None:
+            pinned = flat.is_pinned()
+            t = self._tensors[k][name] = precision.Quantized(
+                allocate(slot.codes.size, torch.uint8, flat.device, pinned),
+                allocate(slot.absmax.size, torch.float32, flat.device, pinned),
+                bool(slot.signed),
+            )
+        t.codes.copy_(torch.from_numpy(np.ascontiguousarray(slot.codes)))
+        t.absmax.copy_(torch.from_numpy(np.ascontiguousarray(slot.absmax)))
+
     # ------------------------------------------------------------------ state
     def _publish_state(self):
         """``self.state`` in torch's format from the flat state and the records."""
@@ -276,7 +396,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 if record is None:
                     self.state.pop(p, None)
                     continue
-                entry = {name: t[lo:hi].view(p.shape) for name, t in tensors.items()}
+                entry = {}
+                for name, t in tensors.items():
+                    if isinstance(t, precision.Quantized):
+                        entry.update(quantized_entry(name, t, lo, hi, p.shape))
+                    else:
+                        entry[name] = t[lo:hi].view(p.shape)
                 for name, v in record:
                     entry[name] = torch.tensor(float(v), dtype=_scalar_dtype())
                 self.state[p] = entry
@@ -290,12 +415,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``: a state saved by ``torch.optim.X`` or ``fastopt.torch.X``.
         Everything is checked (by torch, then by the fastopt core: state names, shapes, steps,
         hyperparameters) before the optimizer changes; on an error it is left as it was."""
-        from .state import install_state, keep_saved_dtypes
+        from .state import install_state, keep_saved_dtypes, restore_strings, without_strings
 
         old_state, old_groups = self.state, self.param_groups
-        super().load_state_dict(state_dict)
+        plain, strings = without_strings(state_dict)  # torch's loader mangles str values
+        super().load_state_dict(plain)
         try:
-            keep_saved_dtypes(self, state_dict)
+            restore_strings(self, plain, strings)
+            keep_saved_dtypes(self, plain)
             install_state(self)
         except Exception:
             self.state, self.param_groups = old_state, old_groups
@@ -304,3 +431,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._version += 1
         self.state.clear()
         self._publish_state()
+
+
+_TORCH_WRAPPED_STEP = torch.optim.Optimizer.profile_hook_step(FastoptOptimizer._step)
+"""``FastoptOptimizer._step`` inside torch's profiler range and step hooks, as torch wraps
+every optimizer's ``step``."""
