@@ -34,7 +34,9 @@ code of the lowest value of each bucket of floats sharing sign, exponent and 7 m
 (2**-23 .. 2, plus one bucket below and one above) and the one midpoint of the map the bucket
 may hold; one lookup and one comparison give exactly ``storage.quantize``'s code
 (tests/test_int8_state.py checks it on every midpoint, its neighbours and 10**5 values). The
-lookups run in a loop of their own, so that the arithmetic around them vectorizes.
+lookups run in a loop of their own, so that the arithmetic around them vectorizes in 32-bit
+lanes; the value over its absmax is a float64 product with the reciprocal, bit-identical to the
+float32 division without its divider (``normalized``; tests/test_precision_speed_paths.py).
 """
 
 import hashlib
@@ -150,26 +152,32 @@ def tables(signed):
     return t
 
 
-# Plain functions compiled with the storage helpers' float32 <-> bits casts (``_helpers``).
+# Plain functions compiled with the storage helpers' float32 <-> bits casts (``_helpers``). All
+# integer arithmetic is on unsigned 32-bit words (``u32``) and every choice a conditional
+# expression, so that the loops calling them vectorise in 32-bit lanes (8 per AVX2 register).
 
 
 def bucket_of(xn):
     """The bucket (index into a quantizer table) of float32 ``xn``."""
     u = float32_bits(xn)
-    key = min(max((u >> 16) & 0x7FFF, KEY_LO - 1), KEY_HI) - (KEY_LO - 1)
-    return key + ((0 - (u >> 31)) & BUCKETS)  # no multiplication: slow in int64 lanes
+    key = u32(u32(u >> 16) & 0x7FFF)
+    key = key if key > u32(KEY_LO - 1) else u32(KEY_LO - 1)
+    key = key if key < u32(KEY_HI) else u32(KEY_HI)
+    return u32(u32(key - (KEY_LO - 1)) + u32(u32(0 - u32(u >> 31)) & BUCKETS))
 
 
 def code_in_bucket(xn, entry, signed):
     """The code of float32 ``xn`` from its bucket's table ``entry``: ``storage.quantize``, and
     in the signed map the sign of a negative ``xn`` (or -0.0) kept (code 126, not zero's 127).
     A NaN gets some code: it only occurs in a block whose absmax is NaN, all of whose values
-    are NaN whatever their codes. Branch-free integer arithmetic, so that a loop vectorizes."""
+    are NaN whatever their codes."""
     u = float32_bits(xn)
-    negative = u >> 31
-    low = (u ^ (0 - negative)) & 0xFFFF
-    code = (entry & 0xFF) + int64(low >= (entry >> 8))
-    return code - (int64(code == 127) & negative & int64(signed))
+    negative = u32(u >> 31)
+    low = u32(u32(u ^ u32(0 - negative)) & 0xFFFF)
+    e = u32(entry)
+    code = u32(u32(e & 0xFF) + u32(1 if low >= u32(e >> 8) else 0))
+    keep_sign = u32(1 if code == u32(127) else 0) & negative & u32(1 if signed else 0)
+    return u32(code - keep_sign)
 
 
 def nearest_code(xn, qm, lut):
@@ -180,7 +188,22 @@ def nearest_code(xn, qm, lut):
 def magnitude_bits(x):
     """The bits of |x| for float32 ``x``: ordered as the magnitudes, NaN above Inf, so an
     integer max over a block is its absmax (a NaN when it holds one)."""
-    return float32_bits(np.float32(x)) & 0x7FFFFFFF
+    return u32(float32_bits(np.float32(x)) & 0x7FFFFFFF)
+
+
+def normalized(x, inverse):
+    """``x / scale`` rounded to float32, for float32 ``x`` and ``inverse`` = 1 / scale in float64
+    (a positive float32 ``scale``, or +Inf): float32(x * inverse), computed in float64.
+
+    Bit-identical to the float32 division and without its divider (the bottleneck of the block
+    loops): ``inverse`` and the product each carry a relative error below 2**-53, so x * inverse
+    lies within 2**-52 (relative) of x / scale, while x / scale, when it is not a float32, lies
+    more than 2**-49 from every rounding boundary of float32 (a boundary m has at most 25
+    significant bits, scale and x 24, so x - m * scale is a nonzero multiple of a power of two at
+    least 2**-49 * m * scale; subnormal boundaries have fewer bits) and is never on one: both
+    round to the same float32. Infinities and NaN give what the division gives (x * 0 for a
+    scale of +Inf)."""
+    return np.float32(np.float64(x) * inverse)
 
 
 def dequantize_span(codes, absmax, qm, b0, lo, count, out):
@@ -192,22 +215,31 @@ def dequantize_span(codes, absmax, qm, b0, lo, count, out):
             out[j] = qm[codes[lo + j]] * scale
 
 
+def span_absmax(values, start, stop):
+    """The largest ``magnitude_bits`` of ``values[start:stop]`` (0 for an empty span)."""
+    m = u32(0)
+    for j in range(start, stop):
+        b = magnitude_bits(values[j])
+        m = b if b > m else m
+    return m
+
+
 def requantize_span(codes, absmax, qm, lut, b0, lo, count, values, work):
     """Store the codes of ``values[:count]`` (overwritten) at ``codes[lo:]`` and each block's
-    new absmax (the largest magnitude of its new values) at ``absmax[b0:]``. The table lookup
-    (a gather) runs in a loop of its own, so that the arithmetic around it vectorizes; ``work``
-    is an int64 buffer of ``count`` elements."""
+    new absmax (the largest magnitude of its new values) at ``absmax[b0:]``: each value over
+    its block's absmax (``normalized``; an all-zero block over 1, which gives the code of zero),
+    then ``nearest_code``. The table lookup (a gather) runs in a loop of its own, so that the
+    arithmetic around it vectorizes; ``work`` is a uint32 buffer of ``count`` elements."""
     for start in range(uint64(0), count, uint64(QUANT_BLOCK)):
         stop = min(start + QUANT_BLOCK, count)
-        m = 0
-        for j in range(start, stop):
-            m = max(m, magnitude_bits(values[j]))
-        block_max = bits_float32(m)
+        block_max = bits_float32(span_absmax(values, start, stop))
         absmax[b0 + start // QUANT_BLOCK] = block_max
         scale = block_max if block_max > 0 else np.float32(1.0)  # all zeros: the code of zero
+        inverse = 1.0 / np.float64(scale)
         for j in range(start, stop):
-            values[j] = values[j] / scale
-            work[j] = bucket_of(values[j])
+            xn = normalized(values[j], inverse)
+            values[j] = xn
+            work[j] = bucket_of(xn)
     for j in range(uint64(0), count):
         work[j] = lut[work[j]]
     signed = qm[0] < 0
@@ -226,7 +258,7 @@ def block_loop1(p, w, g, c0, a0, q0, l0, hs, rs):
     n = p.size
     for task in indices((n + SPAN - 1) // SPAN):
         v0 = np.empty(SPAN, np.float32)
-        work = np.empty(SPAN, np.int64)
+        work = np.empty(SPAN, np.uint32)
         lo = uint64(task * SPAN)
         count = uint64(min(SPAN, n - task * SPAN))
         dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
@@ -246,7 +278,7 @@ def block_loop2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, hs, rs):
     for task in indices((n + SPAN - 1) // SPAN):
         v0 = np.empty(SPAN, np.float32)
         v1 = np.empty(SPAN, np.float32)
-        work = np.empty(SPAN, np.int64)
+        work = np.empty(SPAN, np.uint32)
         lo = uint64(task * SPAN)
         count = uint64(min(SPAN, n - task * SPAN))
         dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
@@ -273,7 +305,7 @@ def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, rs)
         v0 = np.empty(SPAN, np.float32)
         v1 = np.empty(SPAN, np.float32)
         v2 = np.empty(SPAN, np.float32)
-        work = np.empty(SPAN, np.int64)
+        work = np.empty(SPAN, np.uint32)
         lo = uint64(task * SPAN)
         count = uint64(min(SPAN, n - task * SPAN))
         dequantize_span(c0, a0, q0, task * BLOCKS_PER_TASK, lo, count, v0)
@@ -319,8 +351,8 @@ def _helpers():
             np=np, int64=int64, uint64=uint64, KEY_LO=KEY_LO, KEY_HI=KEY_HI, BUCKETS=BUCKETS
         )
         namespace.update(QUANT_BLOCK=QUANT_BLOCK)
-        helpers = (bucket_of, code_in_bucket, nearest_code, magnitude_bits)
-        for fn in (*helpers, dequantize_span, requantize_span):
+        helpers = (bucket_of, code_in_bucket, nearest_code, magnitude_bits, normalized)
+        for fn in (*helpers, dequantize_span, span_absmax, requantize_span):
             namespace[fn.__name__] = _HELPER_DECORATOR(rebind(fn, namespace))
         _HELPERS = namespace
     return _HELPERS

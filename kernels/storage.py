@@ -63,6 +63,14 @@ def is_nan_bits(u):
     return u32(u & 0x7FFFFFFF) > u32(0x7F800000)
 
 
+def is_nan(x):
+    """True when float32 ``x`` is a NaN: ``is_nan_bits`` of its bits, as one unordered float
+    comparison (one vector instruction where the bit test takes three; the storage loops are
+    bound by their instruction count). Never compiled with fastmath's ``nnan``, which would
+    fold it to False."""
+    return x != x
+
+
 # The helpers below are branch-free: each computes every candidate result and picks one with a
 # conditional expression (an LLVM ``select``), so that a loop calling them vectorises. No min()
 # or max() either: Numba's builtins loop over their arguments, which kept the float16 storage
@@ -93,7 +101,7 @@ def f32_to_bf16_rne(x):
     """
     u = float32_bits(x)
     rounded = u32(u32(u + u32(0x7FFF + u32(u32(u >> 16) & 1))) >> 16)
-    return bf16_nan(u) if is_nan_bits(u) else rounded
+    return bf16_nan(u) if is_nan(x) else rounded
 
 
 def f32_to_bf16_sr(x, rbits):
@@ -107,7 +115,7 @@ def f32_to_bf16_sr(x, rbits):
     """
     u = float32_bits(x)
     rounded = u32(u32(u + u32(u32(rbits) & MASK16)) >> 16)
-    return bf16_nan(u) if is_nan_bits(u) else rounded
+    return bf16_nan(u) if is_nan(x) else rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +398,7 @@ HELPERS = (
     "float32_bits",
     "bits_float32",
     "is_nan_bits",
+    "is_nan",
     "bf16_to_f32",
     "bf16_nan",
     "f32_to_bf16_rne",
