@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 
@@ -285,6 +286,16 @@ def child_digests():
 
 
 def _digests(threads):
+    """``child_digests()`` with ``threads`` Numba threads: in this process when Numba may run that
+    many (the kernels compiled here serve both counts), else in a child started with
+    ``NUMBA_NUM_THREADS`` set."""
+    if threads <= numba.config.NUMBA_NUM_THREADS:
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            return child_digests()
+        finally:
+            numba.set_num_threads(before)
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = (
