@@ -10,15 +10,11 @@ kernels/factored.py.
 """
 
 import hashlib
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
-import numba
 import numpy as np
 import pytest
+import thread_counts
 
 import fastopt as fo
 from fastopt.kernels import factored
@@ -286,28 +282,7 @@ def child_digests():
 
 
 def _digests(threads):
-    """``child_digests()`` with ``threads`` Numba threads: in this process when Numba may run that
-    many (the kernels compiled here serve both counts), else in a child started with
-    ``NUMBA_NUM_THREADS`` set."""
-    if threads <= numba.config.NUMBA_NUM_THREADS:
-        before = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
-            return child_digests()
-        finally:
-            numba.set_num_threads(before)
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_adafactor as t; "
-        "print(json.dumps(t.child_digests()))"
-    )
-    here = str(pathlib.Path(__file__).resolve().parent)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return thread_counts.digests(__name__, threads)
 
 
 def test_two_threads_give_the_bits_of_one():

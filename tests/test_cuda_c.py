@@ -208,27 +208,7 @@ def nvrtc_or_skip():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, None], ids=["f32", "f64", "both"])
 def test_cupy_source_compiles_with_nvrtc(dtype):
     """What cupy.RawModule does: NVRTC on source(), with our options plus the ones CuPy adds."""
-    nvrtc = nvrtc_or_skip()
-    prog = ctypes.c_void_p()
-    code = cupy_backend.source(dtype).encode()
-    rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"optim_kernels.cu", 0, None, None)
-    assert rc == 0
-    try:
-        options = (*cupy_backend.COMPILE_OPTIONS, "-ftz=true", "-arch=compute_80")
-        argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        rc = nvrtc.nvrtcCompileProgram(prog, len(options), argv)
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode(errors="replace")
-        assert "warning" not in log.value.decode(errors="replace").lower(), log.value
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetPTX(prog, ptx)
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    text = ptx.value.decode()
+    text, _ = _nvrtc_compile(nvrtc_or_skip(), cupy_backend.source(dtype))
     suffixes = {np.float32: ("f32",), np.float64: ("f64",), None: ("f32", "f64")}[dtype]
     assert _entries(text) == _all_kernel_names(suffixes)
     for forbidden in ("fma.", ".ftz", ".approx", ".local"):
@@ -781,15 +761,16 @@ def test_storage_kernels_compile_ieee_under_cupy_flags(nvcc, workdir):
     assert len(frames) == len(PTX_STORAGE) and all(f == ("0", "0") for f in frames), info
 
 
-def _nvrtc_compile(nvrtc, code, name_expressions=()):
-    """(PTX, {name expression: lowered name}) of ``code`` compiled as cupy.RawModule does."""
+def _nvrtc_compile(nvrtc, code, name_expressions=(), arch="compute_80"):
+    """(PTX, {name expression: lowered name}) of ``code`` compiled as cupy.RawModule does, for
+    ``arch``; the compile must succeed without a warning."""
     prog = ctypes.c_void_p()
     rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"k.cu", 0, None, None)
     assert rc == 0
     try:
         for expr in name_expressions:
             assert nvrtc.nvrtcAddNameExpression(prog, expr.encode()) == 0
-        options = (*cupy_backend.COMPILE_OPTIONS, "-ftz=true", "-arch=compute_80")
+        options = (*cupy_backend.COMPILE_OPTIONS, "-ftz=true", f"-arch={arch}")
         argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
         rc = nvrtc.nvrtcCompileProgram(prog, len(options), argv)
         size = ctypes.c_size_t()

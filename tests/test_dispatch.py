@@ -523,25 +523,8 @@ def test_reduction_compiles_with_nvrtc():
     from fastopt.kernels import cupy as kcupy
 
     h = _cuda_c_helpers()
-    nvrtc = h.nvrtc_or_skip()
-    prog = ctypes.c_void_p()
-    code = kcupy.reduction_source().encode()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"r.cu", 0, None, None) == 0
-    try:
-        options = (*kcupy.COMPILE_OPTIONS, "-ftz=true", "-arch=compute_80")
-        argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        rc = nvrtc.nvrtcCompileProgram(prog, len(options), argv)
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode(errors="replace")
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetPTX(prog, ptx)
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert h._entries(ptx.value.decode()) == REDUCTION_ENTRIES
+    text, _ = h._nvrtc_compile(h.nvrtc_or_skip(), kcupy.reduction_source())
+    assert h._entries(text) == REDUCTION_ENTRIES
 
 
 HARNESS = r"""

@@ -45,26 +45,8 @@ def _cuda_c():
 
 @pytest.fixture(scope="module")
 def nvrtc_ptx():
-    nvrtc = _cuda_c().nvrtc_or_skip()
-    prog = ctypes.c_void_p()
-    code = vector_cupy.source().encode()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), code, b"v.cu", 0, None, None) == 0
-    try:
-        options = (*kcupy.COMPILE_OPTIONS, "-ftz=true", "-arch=compute_90")
-        argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        rc = nvrtc.nvrtcCompileProgram(prog, len(options), argv)
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode(errors="replace")
-        assert "warning" not in log.value.decode(errors="replace").lower(), log.value
-        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetPTX(prog, ptx)
-    finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return ptx.value.decode()
+    h = _cuda_c()
+    return h._nvrtc_compile(h.nvrtc_or_skip(), vector_cupy.source(), arch="compute_90")[0]
 
 
 def _entry_body(ptx, name):
