@@ -4,7 +4,15 @@ Adds the machine details the report needs (:func:`fastopt.machine.machine_info`)
 ``machine_info`` of pytest-benchmark's JSON.
 """
 
+import pathlib
+import sys
+
 import pytest
+
+# The benches import each other's shapes (test_bench_adafactor uses test_bench_torch's); the
+# project's --import-mode=importlib puts no test directory on sys.path, so a bench file run alone
+# would not find its sibling.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
 @pytest.hookimpl(optionalhook=True)
