@@ -12,31 +12,10 @@ Run: ``pytest bench/ --benchmark-json=out.json`` (full size: 16 Mi elements per 
                         kernel).
 """
 
+import case_runs
 import pytest
 
 from fastopt import benchmarking
-
-_RESULTS = {}
-"""case name -> (run_case result, whether pytest-benchmark timed it too)."""
-
-
-def _measure(case, benchmark=None):
-    cached = _RESULTS.get(case.name)
-    if cached is not None and (benchmark is None or cached[1]):
-        return cached[0]
-
-    def on_fastopt(step, steps_per_repeat):
-        if benchmark is not None:
-            benchmark.pedantic(
-                step,
-                rounds=benchmarking.env_repeats(),
-                iterations=steps_per_repeat,
-                warmup_rounds=1,
-            )
-
-    result = benchmarking.run_case(case, on_fastopt=on_fastopt)
-    _RESULTS[case.name] = (result, benchmark is not None)
-    return result
 
 
 @pytest.mark.parametrize("name", [c.name for c in benchmarking.CASES])
@@ -44,7 +23,7 @@ def test_speed(benchmark, name):
     case = benchmarking.CASES_BY_NAME[name]
     benchmark.group = "cpu-float32"
     benchmark.name = case.name
-    result = _measure(case, benchmark)
+    result = case_runs.measure(case, benchmark=benchmark)
     benchmark.extra_info.update(result)
     assert result["median_s"] > 0
 
@@ -60,7 +39,7 @@ _GOALS = [(case.name, i) for case in benchmarking.CASES for i in range(len(case.
 def test_goal(name, index):
     case = benchmarking.CASES_BY_NAME[name]
     goal = case.goals[index]
-    result = _measure(case)
+    result = case_runs.measure(case)
     check = benchmarking.check_goal(result, goal)
     if check["status"] == "skipped":
         pytest.skip(f"{case.name}: {goal.label()}: {check['reason']}")

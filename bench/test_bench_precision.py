@@ -8,6 +8,7 @@ bfloat16 tensor, all timed in one interleaved run (``benchmarking.run_case``); e
 asserted on that measurement, or skipped with the reason when its peer is unavailable.
 """
 
+import case_runs
 import pytest
 
 from fastopt import benchmarking
@@ -18,34 +19,13 @@ _RUNS = [
     for dtype, _ in case.dtype_goals
     if dtype in ("bfloat16", "float16")
 ]
-_RESULTS = {}
-
-
-def _measure(name, dtype, benchmark=None):
-    key = (name, dtype)
-    cached = _RESULTS.get(key)
-    if cached is not None and (benchmark is None or cached[1]):
-        return cached[0]
-
-    def on_fastopt(step, steps_per_repeat):
-        if benchmark is not None:
-            benchmark.pedantic(
-                step,
-                rounds=benchmarking.env_repeats(),
-                iterations=steps_per_repeat,
-                warmup_rounds=1,
-            )
-
-    result = benchmarking.run_case(name, dtype=dtype, on_fastopt=on_fastopt)
-    _RESULTS[key] = (result, benchmark is not None)
-    return result
 
 
 @pytest.mark.parametrize("name,dtype", _RUNS, ids=[f"{n}-{d}" for n, d in _RUNS])
 def test_speed(benchmark, name, dtype):
     benchmark.group = f"cpu-{dtype}"
     benchmark.name = f"{name}[{dtype}]"
-    result = _measure(name, dtype, benchmark)
+    result = case_runs.measure(name, dtype, benchmark)
     benchmark.extra_info.update(result)
     assert result["dtype"] == dtype and result["median_s"] > 0
 
@@ -64,7 +44,7 @@ _GOALS = [
 )
 def test_goal(name, dtype, index):
     goal = benchmarking.CASES_BY_NAME[name].goals_for(dtype)[index]
-    result = _measure(name, dtype)
+    result = case_runs.measure(name, dtype)
     check = benchmarking.check_goal(result, goal)
     if check["status"] == "skipped":
         pytest.skip(f"{name} {dtype}: {goal.label()}: {check['reason']}")
