@@ -13,15 +13,12 @@ kernel call with its arguments.
 """
 
 import hashlib
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numba
 import numpy as np
 import pytest
+import thread_counts
 
 import fastopt as fo
 from fastopt import dispatch
@@ -167,22 +164,7 @@ def child_digests(threads):
 
 
 def _digests_with_threads(threads):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_parallel_loops as t; "
-        "print(json.dumps(t.child_digests(int(sys.argv[2]))))"
-    )
-    here = str(pathlib.Path(__file__).resolve().parent)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, here, str(threads)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return thread_counts.digests(__name__, threads, child_only=True, args=(threads,))
 
 
 def test_two_threads_give_the_bits_of_one():

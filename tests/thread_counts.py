@@ -17,23 +17,25 @@ TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def digests(module, threads):
-    """``module.child_digests()`` (a JSON-able dict) computed with ``threads`` Numba threads."""
-    if threads <= numba.config.NUMBA_NUM_THREADS:
+def digests(module, threads, *, child_only=False, args=()):
+    """``module.child_digests(*args)`` (a JSON-able dict) computed with ``threads`` Numba threads;
+    ``child_only``: always in a child process (for a check of ``NUMBA_NUM_THREADS`` itself)."""
+    if not child_only and threads <= numba.config.NUMBA_NUM_THREADS:
         before = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            return sys.modules[module].child_digests()
+            return sys.modules[module].child_digests(*args)
         finally:
             numba.set_num_threads(before)
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = (
         "import importlib, json, sys; sys.path.insert(0, sys.argv[1]); "
-        "print(json.dumps(importlib.import_module(sys.argv[2]).child_digests()))"
+        "m = importlib.import_module(sys.argv[2]); "
+        "print(json.dumps(m.child_digests(*json.loads(sys.argv[3]))))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(TESTS), module],
+        [sys.executable, "-c", code, str(TESTS), module, json.dumps(list(args))],
         env=env,
         capture_output=True,
         text=True,
