@@ -115,9 +115,9 @@ class ParamSet(Mapping):
             self._views[name] = flat[lo:hi].reshape(shape)
             grad_views[name] = grad_flat[lo:hi].reshape(shape)
             lo = hi
-        if not items or lo != flat.size:
+        if not items or lo != flat.shape[0]:
             raise ValueError(
-                f"the segments cover {lo} elements, the buffers hold {flat.size}; "
+                f"the segments cover {lo} elements, the buffers hold {flat.shape[0]}; "
                 "they must cover them exactly"
             )
         self._flat, self._grad_flat = flat, grad_flat
@@ -164,7 +164,7 @@ class ParamSet(Mapping):
 
     @property
     def size(self):
-        return int(self._flat.size)
+        return int(self._flat.shape[0])
 
     @property
     def shapes(self):
