@@ -23,9 +23,24 @@ _SM_COUNT = {}
 
 
 def _cuda():
+    restore_numpy_row_stack()
     from numba import cuda
 
     return cuda
+
+
+def restore_numpy_row_stack():
+    """Give NumPy >= 2.5 back ``numpy.row_stack`` (the alias of ``vstack`` it removed).
+
+    numba-cuda 0.30 (in maintenance: NVIDIA/numba-cuda#907 was closed unfixed) registers an
+    overload of ``np.row_stack`` when it builds its typing context, at the first kernel compile;
+    without the alias every compile raises ``AttributeError: module 'numpy' has no attribute
+    'row_stack'`` (seen on an H200 with NumPy 2.5.2 and numba-cuda 0.30.4). The alias is the
+    function NumPy itself had, so nothing else changes."""
+    import numpy as np
+
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack  # noqa: NPY201 (the alias this restores)
 
 
 def _simulating():

@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from .compile_rules import rebind
+from .cuda_launch import _cuda
 from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
 
 THREADS = REDUCTION_THREADS
@@ -33,12 +34,6 @@ _LOCK = threading.Lock()
 _KERNELS = {}
 _PARTIALS = {}
 _DUMMY = {}
-
-
-def _cuda():
-    from numba import cuda
-
-    return cuda
 
 
 # ---------------------------------------------------------------------------- element functions

@@ -557,3 +557,18 @@ def test_storage_kernels_compile_to_ptx():
     from ptx_without_gpu import PREAMBLE, run_ptx_script
 
     assert run_ptx_script(PREAMBLE + _STORAGE_PTX).count("ok") == 3
+
+
+def test_numba_cuda_gets_numpy_row_stack_back(monkeypatch):
+    """NumPy 2.5 removed ``row_stack``; numba-cuda 0.30 overloads it at its first kernel compile
+    and fails without it (found on an H200). Taking numba.cuda through the launch plumbing
+    restores the alias, and leaves a NumPy that has it alone."""
+    from fastopt.kernels import cuda_launch
+
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    cuda_launch.restore_numpy_row_stack()
+    assert np.row_stack is np.vstack  # noqa: NPY201
+    mine = lambda tup: tup  # noqa: E731
+    monkeypatch.setattr(np, "row_stack", mine, raising=False)
+    cuda_launch._cuda()
+    assert np.row_stack is mine  # noqa: NPY201
