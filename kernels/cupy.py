@@ -22,7 +22,9 @@ Storage kernels (16-bit and mixed storage, master weights, stochastic rounding; 
 issue): ``apply_storage`` launches ``fo::storage_kernel`` of ``optim_kernels.cu`` (the loop over
 ``storage.cuh``'s conversions, the rule called unchanged in float32), one template instantiation
 per (rule, storage combination), compiled on first use as a module of its own through
-``cupy.RawModule(name_expressions=...)``; 16-bit arrays are passed as ``uint16`` views. The
+``cupy.RawModule(name_expressions=...)``; 16-bit arrays are passed as ``uint16`` views. Each
+thread takes packs of 4 consecutive elements per aligned load (8 bytes of 16-bit elements), so the
+grid is sized on ceil(n / 4). The
 gradient norm of 16-bit arrays uses the ``fo_sumsq_partials_bf16``/``_f16`` module.
 
 CuPy is imported lazily: this module imports (and ``available()`` answers) without it.
@@ -381,6 +383,7 @@ _ELEMENT = {
     "float16": "fo::f16_bits",
 }
 _storage_modules = {}  # (rule, storage) -> (cupy.RawModule, name expression)
+STORAGE_PACK = 4  # FO_PACK of optim_kernels.cu: elements per aligned load of the storage loop
 
 
 def storage_expression(rule_name, storage):
@@ -444,7 +447,9 @@ def apply_storage(rule_name, storage, p, g, states, master, h, gs, rs, stream=No
     stream = as_stream(stream, device)
     with cupy.cuda.Device(device):
         k = storage_kernel(rule_name, storage)
-        grid = max(1, min(-(-n // THREADS_PER_BLOCK), BLOCKS_PER_SM * _sm_count(device)))
+        # a thread takes STORAGE_PACK elements per iteration (fo::storage_kernel's packs)
+        work = -(-n // STORAGE_PACK)
+        grid = max(1, min(-(-work // THREADS_PER_BLOCK), BLOCKS_PER_SM * _sm_count(device)))
         gscale, clip = gs
         args = (_bits(p), w, _bits(g), *slots, np.int64(n), _scalars(h, compute))
         args += (compute.type(gscale), compute.type(clip))

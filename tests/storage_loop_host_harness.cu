@@ -1,8 +1,8 @@
 // Host-side test harness for the storage kernels of kernels/optim_kernels.cu (tests/test_cuda_c.py).
 //
 // Compiled by nvcc as a shared library with the storage section on (FO_ENABLE_STORAGE), loaded
-// with ctypes: fo_host_storage_apply runs fo::storage_element, the loop body of
-// fo::storage_kernel (__host__ __device__), over host arrays for one rule and storage
+// with ctypes: fo_host_storage_apply runs fo::storage_pack and fo::storage_element, the loop
+// bodies of fo::storage_kernel (__host__ __device__), in the kernel's order over host arrays for one rule and storage
 // combination picked at run time, so the tests can compare it bit for bit with the Numba CPU
 // storage kernels (kernels/cpu_storage.py). The rules compute in float here (the 16-bit
 // storage combinations); rule names are those of FO_RULES handled below.
@@ -33,10 +33,21 @@ void run(const Args& a) {
     fo::ieee<float> h[FO_MAX_SCALARS];
     for (int k = 0; k < FO_MAX_SCALARS; ++k) h[k] = fo::ieee<float>(a.h[k]);
     S* sp[3] = {static_cast<S*>(a.s[0]), static_cast<S*>(a.s[1]), static_cast<S*>(a.s[2])};
-    for (long long i = 0; i < a.n; ++i) {
-        fo::storage_element<Op, float, P, G, S, MASTER, SR>(
-            i, static_cast<P*>(a.p), a.w, static_cast<const G*>(a.g), sp, h,
-            fo::ieee<float>(a.gscale), fo::ieee<float>(a.clip), a.seed, a.step, a.index0);
+    P* p = static_cast<P*>(a.p);
+    const G* g = static_cast<const G*>(a.g);
+    const fo::ieee<float> gscale(a.gscale), clip(a.clip);
+    // fo::storage_kernel's order of work, one thread: the aligned packs, then the tail
+    long long done = 0;
+    if (fo::storage_packable<Op, P, G, S, MASTER>(p, a.w, g, sp)) {
+        for (long long q = 0; q < a.n / FO_PACK; ++q) {
+            fo::storage_pack<Op, float, P, G, S, MASTER, SR>(q, p, a.w, g, sp, h, gscale, clip,
+                                                             a.seed, a.step, a.index0);
+        }
+        done = a.n / FO_PACK * FO_PACK;
+    }
+    for (long long i = done; i < a.n; ++i) {
+        fo::storage_element<Op, float, P, G, S, MASTER, SR>(i, p, a.w, g, sp, h, gscale, clip,
+                                                             a.seed, a.step, a.index0);
     }
 }
 

@@ -910,6 +910,10 @@ def test_host_storage_loop_matches_numba_cpu(storage_harness, storage, rule_name
         hbuf = np.zeros(cupy_backend.MAX_SCALARS, np.float32)
         hbuf[: len(h)] = h
         slots = [s.ctypes.data for s in s_c] + [None] * (3 - len(s_c))
+        # fresh NumPy buffers are aligned to the kernel's packs (4 elements): the harness runs
+        # fo::storage_pack over the first 592 elements, then fo::storage_element over the tail
+        packed = [p_c, g, *s_c] + ([] if m_c is None else [m_c])
+        assert all(a.ctypes.data % (4 * a.itemsize) == 0 for a in packed)
         rc = storage_harness(
             rule_name.encode(),
             *(_TYPE_CODE[n] for n in (storage.param, storage.grad, storage.state)),
@@ -1011,7 +1015,8 @@ def test_cupy_apply_storage_marshalling(storage_harness, monkeypatch, workdir, n
     )
     name, grid, block, args = fake.launches[-1]
     assert name == cupy_backend.storage_expression(rule_name, storage)
-    assert (grid, block) == ((min(-(-p.size // 256), 32 * 2),), (256,))
+    packs = -(-p.size // cupy_backend.STORAGE_PACK)  # fo::storage_kernel: 4 elements a thread
+    assert (grid, block) == ((min(-(-packs // 256), 32 * 2),), (256,))
     _same_or_both_nan(views[0].host, p_cpu, "p")
     _same_or_both_nan(views[3].host, s_cpu, "momentum")
     _same_or_both_nan(views[1].host, m_cpu, "master")
