@@ -1,5 +1,5 @@
 """fastopt.Adafactor against torch.optim.Adafactor (its for-loop default and ``foreach=True``) on
-the parameter shapes of a small transformer (``transformer_shapes`` of test_bench_torch.py:
+the parameter shapes of a small transformer (``transformer_shapes`` of model_shapes.py:
 embedding 8000 x 128, 16 blocks of attention and MLP weights with LayerNorms and biases, the
 output layer; 197 tensors, 5.2M parameters), float32, in one interleaved run
 (``fastopt.benchmarking.median_times``).
@@ -12,13 +12,15 @@ tensors) and ``torch_foreach``. Goal (issue 15): fastopt >= 5x torch. ``FASTOPT_
 Run: ``pytest bench/test_bench_adafactor.py --benchmark-disable -s`` (prints the result).
 """
 
+import os
+
 import numba
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_bench_torch import transformer_shapes  # noqa: E402
+from model_shapes import transformer_shapes  # noqa: E402
 
 import fastopt as fo  # noqa: E402
 from fastopt import benchmarking  # noqa: E402
@@ -34,7 +36,7 @@ def _arrays(shapes, seed):
 def measure():
     if _RESULT:
         return _RESULT
-    shapes = transformer_shapes()
+    shapes = transformer_shapes(scale=int(os.environ.get("FASTOPT_BENCH_TORCH_SCALE", "1")))
     params, grads = _arrays(shapes, 0), [1e-3 * g for g in _arrays(shapes, 1)]
     ps = fo.ParamSet({f"p{i}": p for i, p in enumerate(params)})
     for i, g in enumerate(grads):

@@ -1,5 +1,5 @@
 """fastopt.Muon against torch.optim.Muon and against its own Newton–Schulz matrix products alone,
-on the 64 hidden matrices of the small transformer of ``test_bench_torch.transformer_shapes``
+on the 64 hidden matrices of the small transformer of ``model_shapes.transformer_shapes``
 (16 blocks of attention 384 x 128 and 128 x 128, MLP 512 x 128 and 128 x 512), in one
 interleaved run (``fastopt.benchmarking.median_times``).
 
@@ -35,7 +35,7 @@ _RESULT = {}
 
 
 def hidden_shapes(d=128, blocks=16, hidden=512):
-    """The 2-D parameters of the blocks of ``test_bench_torch.transformer_shapes`` (same
+    """The 2-D parameters of the blocks of ``model_shapes.transformer_shapes`` (same
     widths and scaling; not the embedding or the output layer)."""
     d, hidden = max(8, d // SCALE), max(8, hidden // SCALE)
     return [(3 * d, d), (d, d), (hidden, d), (d, hidden)] * blocks

@@ -23,6 +23,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from model_shapes import transformer_shapes  # noqa: E402
+
 import fastopt.torch as fot  # noqa: E402
 from fastopt import benchmarking  # noqa: E402
 
@@ -30,17 +32,8 @@ SCALE = int(os.environ.get("FASTOPT_BENCH_TORCH_SCALE", "1"))
 _RESULTS = {}
 
 
-def transformer_shapes(vocab=8000, d=128, blocks=16, hidden=512):
-    vocab, d, hidden = vocab // SCALE, max(8, d // SCALE), max(8, hidden // SCALE)
-    shapes = [(vocab, d)]
-    for _ in range(blocks):
-        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,)]  # attention, LayerNorm
-        shapes += [(hidden, d), (hidden,), (d, hidden), (d,), (d,), (d,)]  # MLP, LayerNorm
-    return shapes + [(d,), (d,), (vocab, d), (vocab,)]  # final LayerNorm, output layer
-
-
 CASES = {
-    "transformer": transformer_shapes(),
+    "transformer": transformer_shapes(scale=SCALE),
     "many_small": [(1000 // SCALE,)] * 1000,
     "overhead_197x4": [(4,)] * 197,
 }

@@ -130,6 +130,9 @@ def test_bench_module_imports_and_compares_with_a_fake_cupy(monkeypatch):
         "test_adamw_one_large_tensor_vs_torch_fused",
         "test_adamw_many_tensors_vs_torch_fused",
         "test_host_time_per_step",
+        "test_adamw_bf16_vs_torch_fused",
+        "test_torch_adamw_transformer_vs_torch_fused",
+        "test_cpu_offload_vs_plain_torch_offload",
     }
     calls = []
     results = bench.compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
