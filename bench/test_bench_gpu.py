@@ -101,6 +101,12 @@ def _info(results):
     return info
 
 
+def per_step(results):
+    """Seconds per step of each peer of :func:`compare`: the longer of its device and host
+    clocks (a host-bound peer is as slow as its host time)."""
+    return {name: max(r["device_s"], r["host_s"]) for name, r in results.items()}
+
+
 def _goal_size_or_skip(info, what):
     """Bandwidth goals hold for DRAM only: below 2**24 elements, record and skip the assertion."""
     info["goal_size_met"] = gpu_timing.bandwidth_goal_applies(N)
@@ -256,9 +262,8 @@ def test_adamw_many_tensors_vs_torch_fused(benchmark, torch_cuda):
         ps.grads[f"p{i}"][...] = cupy.asarray(g)
     opt = fo.AdamW(ps, lr=1e-3, weight_decay=1e-2)
     results = compare({"torch_fused": ref.step, "fastopt": opt.step})
-    # per step, the longer of the two clocks: a host-bound peer is as slow as its host time
-    t_torch = max(results["torch_fused"]["device_s"], results["torch_fused"]["host_s"])
-    t_fo = max(results["fastopt"]["device_s"], results["fastopt"]["host_s"])
+    t = per_step(results)
+    t_torch, t_fo = t["torch_fused"], t["fastopt"]
     speedup = t_torch / t_fo
     info = {
         "tensors": MANY_COUNT,
@@ -367,7 +372,7 @@ def test_torch_adamw_transformer_vs_torch_fused(benchmark, torch_cuda):
     opt = fot.AdamW(ours, lr=1e-3, weight_decay=1e-2)
     ref = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=1e-2, fused=True)
     results = compare({"torch_fused": ref.step, "fastopt_torch": opt.step})
-    t = {k: max(r["device_s"], r["host_s"]) for k, r in results.items()}
+    t = per_step(results)
     speedup = t["torch_fused"] / t["fastopt_torch"]
     info = {
         "tensors": len(ours),
@@ -426,7 +431,7 @@ def test_cpu_offload_vs_plain_torch_offload(benchmark, torch_cuda):
     except Exception as exc:  # not installed, or its C++ op does not build here
         benchmark.extra_info["deepspeed"] = f"{type(exc).__name__}: {exc}"[:200]
     results = compare(steps)
-    t = {k: max(r["device_s"], r["host_s"]) for k, r in results.items()}
+    t = per_step(results)
     info = {
         "tensors": len(ours),
         "elements": sum(p.numel() for p in ours),
