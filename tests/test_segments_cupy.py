@@ -57,8 +57,11 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def nvrtc_ptx():
+    """The PTX of segment_cupy's module, compiled with its options (and CuPy's -ftz=true)."""
     h = _cuda_c()
-    return h._nvrtc_compile(h.nvrtc_or_skip(), segment_cupy.source(), arch="compute_90")[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(h.cupy_backend, "COMPILE_OPTIONS", segment_cupy.COMPILE_OPTIONS)
+        return h._nvrtc_compile(h.nvrtc_or_skip(), segment_cupy.source(), arch="compute_90")[0]
 
 
 def _entry_body(ptx, name):
