@@ -13,16 +13,22 @@ Masks (``weight_decay_mask``, ``trust_ratio_mask``) are ``True``/``False`` or a 
 index of the parameter (optax's masks over a pytree, by name).
 """
 
+import importlib
+
 import numpy as np
 
-from .. import reference
+from .. import reference, streams
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
 from . import precision
 from .base import Optimizer
 from .hyperparameters import Hyper
 
-_KERNEL_MODULES = {"numba-cpu": "segment_cpu", "numba-cuda": "segment_cuda"}
+_KERNEL_MODULES = {
+    "numba-cpu": "segment_cpu",
+    "numba-cuda": "segment_cuda",
+    "cupy": "segment_cupy",
+}
 
 
 def check_mask(name, value):
@@ -113,6 +119,11 @@ class SegmentedOptimizer(Optimizer):
 
             arrays = {k: cuda.to_device(v) for k, v in host.items()}
             layout = tuple(cuda.to_device(a) for a in layout)
+        elif name == "cupy":
+            from ..kernels import segment_cupy
+
+            arrays = {k: segment_cupy.to_device(v, unit.param) for k, v in host.items()}
+            layout = tuple(segment_cupy.to_device(a, unit.param) for a in layout)
         else:
             arrays = host
         work = dict(arrays, key=key, segs=segs, layout=layout)
@@ -123,8 +134,8 @@ class SegmentedOptimizer(Optimizer):
         name = unit.backend.name
         if name not in _KERNEL_MODULES and name != "numpy":
             raise RuntimeError(
-                f"{type(self).__name__} runs on the numba-cpu, numba-cuda and numpy backends; "
-                f"{unit.label} is on {name!r}"
+                f"{type(self).__name__} runs on the numba-cpu, numba-cuda, cupy and numpy "
+                f"backends; {unit.label} is on {name!r}"
             )
 
     def _check_storage(self, unit, grad):
@@ -157,10 +168,14 @@ class SegmentedOptimizer(Optimizer):
         gradient scaling, clipping and non-finite skipping as there, then three launches per
         unit."""
         plan = self._plan(grads)
-        for _, _, _, work in plan:
+        for _, g_int, _, work in plan:
             for unit, grad in work:
                 self._check_backend(unit)
                 self._check_storage(unit, grad)
+                if unit.backend.name == "cupy":
+                    names = g_int["state_names"]
+                    states = [unit.state[n] for n in names] if unit.state else None
+                    _kernels(unit).check(self.algorithm, unit.param, grad, states)
         scales = self._grad_scales(plan, grad_scale)
         if scales is None:
             return
@@ -202,16 +217,24 @@ class SegmentedOptimizer(Optimizer):
                 **self.hyperparameters(group, lr),
             )
             return
-        import importlib
-
-        k = importlib.import_module(f"..kernels.{_KERNEL_MODULES[unit.backend.name]}", __package__)
+        k = _kernels(unit)
         st = unit.scalar_type
         h = tuple(st(v) for v in h64)
         gs = (st(gs[0]), st(gs[1]))
         states = [state[n] for n in names]
         seg_state = state[self.segment_state] if self.segment_state else w["st"]
-        k.reduce(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"])
+        on = {}
+        if unit.backend.name == "cupy":  # the numba-cuda launchers keep their default stream
+            on["stream"] = streams.StepStreams(self._stream)(unit)
+        k.reduce(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], **on)
         k.segment(
-            self.algorithm, p, w["flags"], w["layout"], w["out"], seg_state, w["r"], w["sums"], h64
-        )
-        k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"])
+            self.algorithm, p, w["flags"], w["layout"], w["out"], seg_state, w["r"], w["sums"],
+            h64, **on,
+        )  # fmt: skip
+        k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"], **on)
+
+
+def _kernels(unit):
+    """The segment launcher module of the unit's backend."""
+    name = _KERNEL_MODULES[unit.backend.name]
+    return importlib.import_module(f"..kernels.{name}", __package__)
