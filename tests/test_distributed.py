@@ -21,6 +21,7 @@ import pytest
 
 import fastopt as fo
 from fastopt import distributed as dist
+from fastopt.distributed.sharding import block_shard_sizes
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "mpi_scripts"
 if str(SCRIPTS) not in sys.path:
@@ -96,6 +97,24 @@ def test_shard_sizes_cover_the_buffer(n, world):
         assert (lo, hi) == (displs[r], displs[r] + counts[r])
         if r:
             assert lo == dist.shard_bounds(n, world, r - 1)[1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 5681, 70000])
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_block_shards_start_on_block_boundaries(n, world):
+    """8-bit state shards: contiguous, covering the buffer, every start a multiple of 256, block
+    counts differing by at most one (larger first), the partial block last."""
+    counts, displs = block_shard_sizes(n, world, 256)
+    assert sum(counts) == n and len(counts) == world == len(displs)
+    blocks = [-(-c // 256) for c in counts]
+    assert sum(blocks) == -(-n // 256) and max(blocks) - min(blocks) <= 1
+    assert blocks == sorted(blocks, reverse=True)
+    for r in range(world):
+        assert displs[r] % 256 == 0 or counts[r] == 0
+        assert displs[r] == sum(counts[:r])
+        if r < world - 1 and counts[r + 1]:
+            assert counts[r] % 256 == 0
+    assert block_shard_sizes(5681, 2, 256) == ([3072, 2609], [0, 3072])
 
 
 @pytest.mark.parametrize("n", [0, 1, 10, 48, 49])
@@ -555,6 +574,81 @@ def test_per_tensor_zero1_with_a_rank_that_owns_no_tensor(per_tensor, name):
         for k, v in want.items():
             np.testing.assert_allclose(got[f"state_{k}"], v, rtol=1e-12, atol=1e-15, err_msg=k)
             assert np.array_equal(got[f"reloaded_{k}"], got[f"state_{k}"]), k
+
+
+# --------------------------------------------------------------------------- 8-bit state
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    mpirun(2, "zero_int8.py", out)
+    import zero_int8
+
+    return out, [dict(np.load(out / f"rank{r}.npz")) for r in range(2)], zero_int8
+
+
+def test_zero1_int8_state_equals_one_process(int8_run):
+    """ZeRO-1 Adam with state_dtype="int8" on 2 ranks over 5681 elements: the shards are cut on
+    256-element blocks ([0, 3072), [3072, 5681): the naive split, 2841, falls inside a block),
+    both keep 8-bit state though each is below MIN_8BIT_SIZE (the whole ParamSet is not), and
+    the parameters, codes and block absmax (so the dequantized state) are the bits of one
+    process stepping the summed gradients, after 3 and 6 steps. A 3000-element ParamSet keeps
+    float32 state, as in one process, on the naive shards."""
+    _, ranks, Z = int8_run
+    assert [r["big_shard"].tolist() for r in ranks] == [[0, 3072], [3072, 5681]]
+    assert [r["small_shard"].tolist() for r in ranks] == [[0, 1500], [1500, 3000]]
+    for case, shapes in (("big", Z.BIG), ("small", Z.SMALL)):
+        for when, steps in (("mid", Z.SAVE_AT), ("final", Z.STEPS)):
+            ps, opt = Z.reference(shapes, steps)
+            if when == "final":
+                for r in ranks:
+                    assert np.array_equal(r[f"{case}_params"], ps.flat), case
+            want = opt.state_dict()["state"][0]
+            got = {k[len(f"{case}_{when}_") :]: v for k, v in ranks[0].items()
+                   if k.startswith(f"{case}_{when}_")}  # fmt: skip
+            assert set(got) == set(want), (case, when)
+            for k, v in want.items():
+                assert np.asarray(v).dtype == got[k].dtype, (case, when, k)
+                assert np.array_equal(np.asarray(v), got[k]), (case, when, k)
+            slot = opt.state[0]["exp_avg_sq"]
+            if case == "big":
+                assert got["exp_avg_sq"].dtype == np.uint8 and got["exp_avg_sq_absmax"].size == 23
+                mine = type(slot)(got["exp_avg_sq"], got["exp_avg_sq_absmax"], False)
+                assert np.array_equal(mine.dequantized(), slot.dequantized())
+            else:
+                assert slot.dtype == np.float32
+
+
+def test_zero1_int8_state_round_trips(int8_run):
+    """The 8-bit state saved at step 3 resumes to the same bits: a 2-rank checkpoint into 2
+    ranks, the one-process state into 2 ranks, the 2-rank state into a 1-rank ZeRO; the
+    checkpoint holds the one-process layout (codes per element, absmax per block)."""
+    out, ranks, Z = int8_run
+    final = Z.reference(Z.BIG, Z.STEPS)[0].flat
+    for r in ranks:
+        for k in ("ckpt_params", "from_one_params", "world1_params"):
+            assert np.array_equal(r[k], final), k
+        assert r["world1_shard"].tolist() == [0, 5681]
+    saved = fo.load(out / "ckpt.fo").optimizer_state["state"][0]
+    for k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert np.array_equal(np.asarray(saved[k]), ranks[0][f"big_mid_{k}"]), k
+    assert saved["exp_avg_qmap"] == "signed" and saved["exp_avg_sq_qmap"] == "unsigned"
+
+
+def test_zero1_int8_mismatched_block_layout_is_refused(int8_run):
+    """An absmax of the naive shards' block layout (24 blocks for 23) is refused by name on
+    every rank; a negative absmax in rank 1's part is refused by rank 1 and rank 0 keeps its
+    state; parameters and state bit-identical after both."""
+    _, ranks, _ = int8_run
+    for r in ranks:
+        assert "'exp_avg_absmax'" in str(r["refused_layout"])
+        assert "another block layout" in str(r["refused_layout"])
+        assert bool(r["unchanged_layout"]) and bool(r["unchanged_negative"])
+    assert str(ranks[0]["refused_negative"]) == (
+        "another rank refused the optimizer state; nothing was changed"
+    )
+    assert "'exp_avg_sq_absmax'] holds negative values" in str(ranks[1]["refused_negative"])
 
 
 # --------------------------------------------------------------------------- README example
@@ -1110,3 +1204,51 @@ def test_per_tensor_state_dict_is_checked_against_the_full_layout(fake_mpi):
     bad = {**sd, "state": {0: {**sd["state"][0], "exp_avg": np.zeros(19)}}}
     with pytest.raises(ValueError, match=r"'exp_avg'\] is not a state array of Adafactor"):
         zero.check_state_dict(bad)
+
+
+def test_zero1_int8_layout_is_decided_on_the_whole_paramset(fake_mpi):
+    """Rank 0 of 2: the 5681-element ParamSet's shard is [0, 3072) and keeps 8-bit state (3072
+    elements, below MIN_8BIT_SIZE: decided on the whole ParamSet). The root's check of a loaded
+    state names each mismatch before anything is communicated: an absmax of another block
+    layout, float codes, codes without their absmax, 8-bit state for a ParamSet that keeps
+    float32 state (3000 elements) or float state."""
+
+    def zero(n, **kw):
+        ps = fo.ParamSet({"w": np.zeros(n, np.float32)})
+        return dist.ZeroRedundancyOptimizer(ps, fo.Adam, comm=_FakeComm(size=2), **kw)
+
+    z = zero(5681, state_dtype="int8")
+    assert z.shard == (0, 3072) and z.quantized
+    z.step(np.ones(5681, np.float32))
+    slot = z.local_optimizer.state[0]["exp_avg"]
+    assert slot.codes.size == 3072 and slot.absmax.size == 12
+    assert z.local_state_elements() == 2 * 3072
+    one = fo.Adam(fo.ParamSet({"w": np.zeros(5681, np.float32)}), state_dtype="int8")
+    one.step(np.ones(5681, np.float32))
+    sd = one.state_dict()
+    _, names = z.check_state_dict(sd)
+    assert dict(names) == {"exp_avg": "uint8", "exp_avg_absmax": "float32",
+                           "exp_avg_sq": "uint8", "exp_avg_sq_absmax": "float32"}  # fmt: skip
+    entry = sd["state"][0]
+
+    def bad(**changes):
+        kept = {k: v for k, v in entry.items() if k not in changes or changes[k] is not None}
+        kept.update({k: v for k, v in changes.items() if v is not None})
+        return {**sd, "state": {0: kept}}
+
+    for state, exc, match in [
+        (bad(exp_avg_absmax=np.ones(24, np.float32)), ValueError, "another block layout"),
+        (bad(exp_avg=entry["exp_avg"].astype(np.float32)), TypeError, "uint8 expected"),
+        (bad(exp_avg_sq_absmax=None), ValueError, r"without \['exp_avg_sq_absmax'\]"),
+    ]:
+        with pytest.raises(exc, match=match):
+            z.check_state_dict(state)
+    small = zero(3000, state_dtype="int8")
+    assert small.shard == (0, 1500) and not small.quantized
+    small_sd = fo.Adam(fo.ParamSet({"w": np.zeros(3000)}), state_dtype="int8").state_dict()
+    small_sd["state"] = {0: {"step": 1, "exp_avg": np.zeros(3000, np.uint8),
+                             "exp_avg_sq": np.zeros(3000, np.float32)}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"'exp_avg'\] is 8-bit.*fewer than MIN_8BIT_SIZE"):
+        small.check_state_dict(small_sd)
+    with pytest.raises(ValueError, match="state_dtype is not 'int8'"):
+        zero(5681).check_state_dict(sd)

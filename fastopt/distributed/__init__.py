@@ -35,7 +35,9 @@ Communication per step, on the ParamSet's flat buffers (never one call per param
   ranks skip a non-finite step together. The per-tensor optimizers (LAMB, LARS, NovoGrad,
   Adafactor, Muon) are sharded on tensor boundaries (``sharding.segment_shards``: each rank a
   contiguous run of whole tensors, over a ParamSet view of them), so no reduction is cut; the
-  collectives are the same vector forms.
+  collectives are the same vector forms. 8-bit state (``state_dtype="int8"``) is sharded on
+  its 256-element blocks (``sharding.block_shard_sizes``; the block forms need a size that is
+  a multiple of 256 times the world size).
 
 Parameters start identical: both classes broadcast the ParamSet from ``root`` when constructed;
 ``debug=True`` compares a checksum of every rank's parameters after each step

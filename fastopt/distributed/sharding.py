@@ -18,6 +18,21 @@ def shard_sizes(n, world):
     return counts, displs
 
 
+def block_shard_sizes(n, world, block):
+    """(counts, displacements): ``n`` elements split into ``world`` contiguous slices cut on
+    multiples of ``block`` (the buffer's ``ceil(n / block)`` blocks dealt whole by
+    :func:`shard_sizes`: block counts differing by at most one, the larger ones first; the last
+    block may be partial). Every slice starts on a block boundary, so its blocks are blocks of
+    the whole buffer: ZeRO-1 shards of 8-bit state (one absmax per block of 256 elements).
+    Ranks past the last block get empty slices."""
+    n = check_int("n", n, lo=0)
+    block = check_int("block", block, lo=1)
+    block_counts, block_displs = shard_sizes(-(-n // block), world)
+    displs = [min(d * block, n) for d in block_displs]
+    counts = [min((d + c) * block, n) - lo for d, c, lo in zip(block_displs, block_counts, displs)]
+    return counts, displs
+
+
 def shard_bounds(n, world, rank):
     """(lo, hi): the slice ``[lo, hi)`` of a flat buffer of ``n`` elements owned by ``rank``."""
     counts, displs = shard_sizes(n, world)

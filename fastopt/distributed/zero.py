@@ -9,15 +9,20 @@ from .. import arrays, dispatch, streams
 from ..arrays import import_cupy, is_device_array, to_host
 from ..clipping import clip_coefficient
 from ..memory import aligned_zeros
+from ..optim import precision
 from ..optim.base import Optimizer
 from ..optim.muon import muon_selection
 from ..optim.precision import is_16bit
+from ..optim.state_dict import INT8_SUFFIXES
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
 from .collectives import Collectives, check_params_equal, widened
 from .data_parallel import flat_grad, grad_scale_of
 from .mpi import mpi_move_type
-from .sharding import segment_shards, shard_sizes
+from .sharding import block_shard_sizes, segment_shards, shard_sizes
+
+ABSMAX = INT8_SUFFIXES[0]
+"""Suffix of the state entry of an 8-bit slot's block absmax."""
 
 
 def _of_local_optimizer(name):
@@ -70,6 +75,18 @@ class ZeroRedundancyOptimizer:
     they are) and the slice optimizer reads the float32 sum; parameters are gathered as their
     16-bit bits. Stochastic rounding draws its bits by the element's index in the whole
     ParamSet, so the result does not depend on the world size.
+
+    8-bit state (``state_dtype="int8"``): whether the ParamSet keeps it is decided on the whole
+    ParamSet as in one process (``MIN_8BIT_SIZE`` elements; a smaller one keeps float32 state
+    and is sharded as above). If it does, the shards are cut on the 256-element blocks of the
+    flat buffer (:func:`~fastopt.distributed.sharding.block_shard_sizes`), each shard keeps
+    8-bit state whatever its size, and its blocks, their absmax and so the bits of every step
+    are the one-process optimizer's given the same summed gradients. :meth:`state_dict` gathers
+    the codes per element and the absmax per block into the one-process layout (``name``,
+    ``name + "_absmax"``, ``name + "_qmap"``); :meth:`load_state_dict` re-slices them on the
+    block boundaries of this world size and refuses, by name and before anything changes, codes
+    that are not uint8, an absmax of another block layout, or 8-bit entries for a ParamSet that
+    keeps float state.
     """
 
     def __init__(
@@ -114,17 +131,28 @@ class ZeroRedundancyOptimizer:
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self.per_tensor = not optimizer_class.elementwise
+        self.quantized = not self.per_tensor and quantizes_whole(defaults, params.size)
         self._muon_params = None
         if self.per_tensor:
             names = params.names
             sizes = [hi - lo for lo, hi in (params.offsets[n] for n in names)]
             self.counts, self.displs, bounds = segment_shards(sizes, self.world_size)
             self.tensors = tuple(names[bounds[self.rank] : bounds[self.rank + 1]])
+        elif self.quantized:  # whole 8-bit blocks: each rank's blocks are the one-process ones
+            block = precision.QUANT_BLOCK
+            self.counts, self.displs = block_shard_sizes(params.size, self.world_size, block)
+            self.tensors = None
         else:
             self.counts, self.displs = shard_sizes(params.size, self.world_size)
             self.tensors = None
         self.lo = self.displs[self.rank]
         self.hi = self.lo + self.counts[self.rank]
+        # the block absmax of 8-bit slots over the ranks: one per (possibly partial) block
+        block = precision.QUANT_BLOCK
+        self._block_layout = (
+            [-(-c // block) for c in self.counts],
+            [d // block for d in self.displs],
+        )
         if getattr(optimizer_class, "matrices_only", False):
             # checked over the whole ParamSet as one process would (no state is allocated)
             optimizer_class(params, **defaults)
@@ -157,6 +185,9 @@ class ZeroRedundancyOptimizer:
             target, max_grad_value=max_grad_value, backend=backend, **defaults
         )
         self.local_optimizer.element_offset = self.lo  # stochastic rounding's element index
+        if self.quantized:  # 8-bit as the whole ParamSet is, whatever the shard's size
+            local = self.local_optimizer
+            local.precision = local.precision._replace(min_8bit_size=0)
         self._backend_name = backend
         self._backend = None  # of the gradient slice, for its sum of squares; found at first use
         self._own_sizes = self._state_sizes = None
@@ -194,8 +225,10 @@ class ZeroRedundancyOptimizer:
     def _layout(self, name):
         """(counts, displacements) of state array ``name`` over the ranks in the full layout; a
         rank without that array (Muon's momentum beside fallback tensors only) holds its
-        elements' share of it (one value per element)."""
+        elements' share of it (one value per element). An 8-bit slot's absmax: its blocks."""
         if not self.per_tensor:
+            if self.quantized and is_absmax(name):
+                return self._block_layout
             return self.counts, self.displs
         counts = [sizes.get(name, self.counts[r]) for r, sizes in enumerate(self._state_sizes)]
         displs = [sum(counts[:r]) for r in range(len(counts))]
@@ -203,9 +236,7 @@ class ZeroRedundancyOptimizer:
 
     def _full_size(self, name):
         """Elements of state array ``name`` in the full layout; None for a name it has not."""
-        if not self.per_tensor:
-            return self.params.size
-        if name not in self._state_keys:
+        if self.per_tensor and name not in self._state_keys:
             return None
         return sum(self._layout(name)[0])
 
@@ -213,11 +244,11 @@ class ZeroRedundancyOptimizer:
         """Elements of optimizer state held by this rank (all state arrays together)."""
         if self.hi == self.lo:
             return 0
+        values = [v for entry in self.local_optimizer.state.values() for v in entry.values()]
         return sum(
-            int(v.size)
-            for entry in self.local_optimizer.state.values()
-            for v in entry.values()
-            if hasattr(v, "shape")
+            int(v.codes.size if isinstance(v, precision.Quantized) else v.size)
+            for v in values
+            if hasattr(v, "shape") or isinstance(v, precision.Quantized)
         )
 
     # ----------------------------------------------------------------- step
@@ -326,7 +357,11 @@ class ZeroRedundancyOptimizer:
         if skeleton["state"]:
             local_entry = dict(skeleton["state"][0])
             for k, dtype_name in array_names:
-                dtype = arrays.storage_dtype(dtype_name)  # each array moves in its own dtype
+                dtype = (  # each array moves in its own dtype
+                    np.dtype(np.uint8)
+                    if dtype_name == "uint8"
+                    else arrays.storage_dtype(dtype_name)
+                )
                 full = state_dict["state"][0][k] if self.rank == root else None
                 counts, displs = self._layout(k)
                 mine = np.empty(counts[self.rank], dtype)
@@ -401,6 +436,11 @@ class ZeroRedundancyOptimizer:
             for k, v in entry.items():
                 if hasattr(v, "shape") and getattr(v, "ndim", 0) > 0:
                     a = np.asarray(to_host(v))
+                    dtype_name = self._int8_array_dtype(k, a, entry)
+                    if dtype_name is not None:  # codes or block absmax, checked
+                        names.append((k, dtype_name))
+                        skel_entry[k] = None
+                        continue
                     dtype_name = arrays.storage_name(a.dtype)
                     if dtype_name is None:
                         raise TypeError(
@@ -435,6 +475,67 @@ class ZeroRedundancyOptimizer:
             "skipped_steps": sd.get("skipped_steps", 0),
         }
         return skeleton, names
+
+    def _int8_array_dtype(self, k, a, entry):
+        """``"uint8"`` or ``"float32"`` for the codes or the block absmax ``k`` (host array
+        ``a``) of an 8-bit slot of a state ``entry``, after checking them against this
+        ParamSet's block layout; None when ``k`` holds float state, to be checked as such.
+        ValueError / TypeError naming ``k`` and the reason."""
+        if self.per_tensor:
+            return None  # never 8-bit (the rules are refused); unknown names are refused later
+        absmax = is_absmax(k)
+        slot = k[: -len(ABSMAX)] if absmax else k
+        if slot not in precision.INT8_SIGNED:
+            return None
+        n = self.params.size
+        if not self.quantized:
+            if absmax or a.dtype == np.uint8:
+                why = (
+                    f"its {n} elements are fewer than MIN_8BIT_SIZE ({precision.MIN_8BIT_SIZE})"
+                    if precision.is_int8(self.local_optimizer.precision)
+                    else "state_dtype is not 'int8'"
+                )
+                raise ValueError(
+                    f"state[0][{k!r}] is 8-bit blockwise state, but this ParamSet keeps "
+                    f"{slot!r} as floats ({why})"
+                )
+            return None
+        if absmax:
+            blocks = precision.int8_block_count(n)
+            if a.dtype != np.float32 or tuple(a.shape) != (blocks,):
+                raise ValueError(
+                    f"state[0][{k!r}] must be float32 of shape ({blocks},) (one absmax per block "
+                    f"of {precision.QUANT_BLOCK} elements of the ParamSet's {n}); got {a.dtype} "
+                    f"of shape {tuple(a.shape)}: another block layout"
+                )
+            return "float32"
+        if a.dtype != np.uint8:
+            raise TypeError(
+                f"state[0][{k!r}] holds 8-bit codes (state_dtype='int8' over {n} elements): "
+                f"dtype uint8 expected, got {a.dtype}"
+            )
+        if a.size != n:
+            raise ValueError(f"state[0][{k!r}] has {a.size} 8-bit codes, the ParamSet {n}")
+        missing = [k + suffix for suffix in INT8_SUFFIXES if k + suffix not in entry]
+        if missing:
+            raise ValueError(f"state[0][{k!r}] holds 8-bit codes without {missing}")
+        return "uint8"
+
+
+def quantizes_whole(defaults, n):
+    """Whether one process would keep 8-bit state (``state_dtype="int8"`` in ``defaults``) for a
+    ParamSet of ``n`` elements: at least ``MIN_8BIT_SIZE``."""
+    state_dtype = defaults.get("state_dtype")
+    return (
+        isinstance(state_dtype, str)
+        and state_dtype == precision.INT8
+        and n >= precision.MIN_8BIT_SIZE
+    )
+
+
+def is_absmax(name):
+    """Whether state entry ``name`` is the block absmax of an 8-bit slot."""
+    return name.endswith(ABSMAX) and name[: -len(ABSMAX)] in precision.INT8_SIGNED
 
 
 def _check_shardable(optimizer_class):

@@ -41,15 +41,23 @@ from ..validation import check_bool, check_int
 MASTER = "master_param"
 """State key of the float32 master copy of a 16-bit parameter."""
 
-Precision = namedtuple("Precision", "state_dtype master_weights stochastic_rounding seed")
+MIN_8BIT_SIZE = 4096
+"""Units with fewer elements keep float32 state under ``state_dtype="int8"``."""
+
+Precision = namedtuple(
+    "Precision",
+    "state_dtype master_weights stochastic_rounding seed min_8bit_size",
+    defaults=(MIN_8BIT_SIZE,),
+)
+"""The checked options. ``min_8bit_size`` (not a user option; ``MIN_8BIT_SIZE``): units with
+fewer elements keep float32 state under ``state_dtype="int8"``. ZeRO-1 sets it to 0 in the
+optimizer of a block-aligned shard of a ParamSet that one process would quantize, so the rule
+is decided on the whole ParamSet, not on the shard."""
 
 _FLOAT32 = np.dtype(np.float32)
 
 INT8 = "int8"
 """``Precision.state_dtype`` of 8-bit blockwise state (the storage name ``Storage.state`` too)."""
-
-MIN_8BIT_SIZE = 4096
-"""Units with fewer elements keep float32 state under ``state_dtype="int8"``."""
 
 INT8_BACKENDS = ("numba-cpu",)
 """Backends with 8-bit blockwise kernels."""
@@ -147,7 +155,7 @@ def is_quantized(slot_dtype):
 def state_dtype(options, param):
     """The dtype of the state arrays of ``param`` (``INT8`` for 8-bit blockwise state)."""
     if is_int8(options):
-        return INT8 if param.size >= MIN_8BIT_SIZE else _FLOAT32
+        return INT8 if param.size >= options.min_8bit_size else _FLOAT32
     if options.state_dtype is not None:
         return options.state_dtype
     return _FLOAT32 if has_master(options, param) else np.dtype(param.dtype)
