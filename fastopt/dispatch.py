@@ -313,7 +313,8 @@ class CuPyBackend(Backend):
 
 class NumbaCUDA(Backend):
     """The rules of ``kernels/rules.py`` as ``numba.cuda`` kernels (``kernels/cuda.py``; 16-bit
-    and mixed storage through ``kernels/cuda_storage.py``). Launches on ``stream`` (a handle;
+    and mixed storage through ``kernels/cuda_storage.py``, which hands 8-bit blockwise state to
+    ``kernels/block_cuda.py``). Launches on ``stream`` (a handle;
     the legacy default stream when None) and on the arrays' device; CUDA arrays are viewed as
     numba device arrays, zero-copy, in their device's context, without synchronising the stream
     they name (the optimizers launch on it instead).

@@ -342,17 +342,31 @@ _HELPERS = None
 _KERNELS = {}
 
 
+QUANTIZER_HELPERS = (bucket_of, code_in_bucket, nearest_code, magnitude_bits, normalized)
+"""The per-element quantizer helpers, shared with the CUDA block kernels (``block_cuda.py``)."""
+
+
+def quantizer_namespace(compiled_storage, decorate):
+    """The storage helpers ``compiled_storage`` (``storage.compile_storage`` for a target) and
+    the :data:`QUANTIZER_HELPERS` compiled with ``decorate``, sharing one namespace."""
+    namespace = dict(compiled_storage)
+    namespace.update(
+        np=np, int64=int64, uint64=uint64, KEY_LO=KEY_LO, KEY_HI=KEY_HI, BUCKETS=BUCKETS
+    )
+    namespace.update(QUANT_BLOCK=QUANT_BLOCK)
+    for fn in QUANTIZER_HELPERS:
+        namespace[fn.__name__] = decorate(rebind(fn, namespace))
+    return namespace
+
+
 def _helpers():
     """The compiled storage helpers and this module's quantizer helpers, sharing one namespace."""
     global _HELPERS
     if _HELPERS is None:
-        namespace = dict(compile_storage(_HELPER_DECORATOR, "cpu"))
-        namespace.update(
-            np=np, int64=int64, uint64=uint64, KEY_LO=KEY_LO, KEY_HI=KEY_HI, BUCKETS=BUCKETS
+        namespace = quantizer_namespace(
+            compile_storage(_HELPER_DECORATOR, "cpu"), _HELPER_DECORATOR
         )
-        namespace.update(QUANT_BLOCK=QUANT_BLOCK)
-        helpers = (bucket_of, code_in_bucket, nearest_code, magnitude_bits, normalized)
-        for fn in (*helpers, dequantize_span, span_absmax, requantize_span):
+        for fn in (dequantize_span, span_absmax, requantize_span):
             namespace[fn.__name__] = _HELPER_DECORATOR(rebind(fn, namespace))
         _HELPERS = namespace
     return _HELPERS

@@ -7,7 +7,7 @@ helpers of ``kernels/storage.py`` compiled as device functions
 compiled on first use and cached in memory and on disk, as ``cuda.py`` does for the plain loops
 (same grid-stride ``indices``, launch configuration, devices and streams). The float32 and
 float64 kernels of ``cuda.py`` are not touched: a combination for which ``access.is_plain``
-holds runs them.
+holds runs them; 8-bit blockwise state runs the block kernels of ``block_cuda.py``.
 
 16-bit arrays reach the kernels as ``uint16`` views of their bits (:func:`bits`): a numba device
 array of dtype ``ml_dtypes.bfloat16`` or ``float16`` is viewed with ``.view(np.uint16)`` (numba
@@ -86,7 +86,14 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=0, *, thre
 
     ``master``: the float32 master copy of ``p`` (None without); ``h`` and ``gs`` cast to the
     compute dtype; ``rs`` = (seed, step, index of p[0] among the optimizer's parameters), the
-    counter of stochastic rounding's random bits."""
+    counter of stochastic rounding's random bits.
+
+    8-bit state (``storage.state == "int8"``) runs the block kernels of ``block_cuda.py``."""
+    if storage.state == "int8":
+        from . import block_cuda  # it imports this module
+
+        args = (rule_name, storage, p, g, states, master, h, gs, rs, stream)
+        return block_cuda.apply(*args, threads=threads)
     if len(states) != ARITY[rule_name]:
         raise ValueError(f"{rule_name} takes {ARITY[rule_name]} state arrays, got {len(states)}")
     n = math.prod(p.shape)

@@ -13,9 +13,10 @@ stochastic_rounding=, seed=)``):
   first moments and signed state, the unsigned one for second moments and sums
   (``INT8_SIGNED``), about 2.03 bytes per parameter for Adam. Only for the rules whose state are
   running moments or sums (``INT8_RULES``: the Adam family, RMSprop, Adagrad, Adadelta, SGD with
-  momentum, Lion, Yogi), on the numba-cpu backend; any other optimizer, or a GPU backend, is
-  refused at construction. Units (a ParamSet's buffer, a plain array) below ``MIN_8BIT_SIZE``
-  (4096, bitsandbytes' ``min_8bit_size``) elements keep float32 state.
+  momentum, Lion, Yogi), on the numba-cpu and numba-cuda backends (``kernels/block_cuda.py``);
+  any other optimizer, or another backend (CuPy, the NumPy reference), is refused at
+  construction. Units (a ParamSet's buffer, a plain array) below ``MIN_8BIT_SIZE`` (4096,
+  bitsandbytes' ``min_8bit_size``) elements keep float32 state.
 - ``master_weights``: keep a float32 copy of every bfloat16/float16 parameter in the state
   (``"master_param"``, part of ``state_dict`` and checkpoints); the rule updates the copy and the
   16-bit parameter is written from it each step (rounded). Parameters stored in float32 or float64
@@ -47,10 +48,11 @@ MIN_8BIT_SIZE = 4096
 Precision = namedtuple(
     "Precision",
     "state_dtype master_weights stochastic_rounding seed min_8bit_size",
-    defaults=(MIN_8BIT_SIZE,),
+    defaults=(None,),
 )
-"""The checked options. ``min_8bit_size`` (not a user option; ``MIN_8BIT_SIZE``): units with
-fewer elements keep float32 state under ``state_dtype="int8"``. ZeRO-1 sets it to 0 in the
+"""The checked options. ``min_8bit_size`` (not a user option; None: ``MIN_8BIT_SIZE``, read
+when a unit's state is made): units with fewer elements keep float32 state under
+``state_dtype="int8"``. ZeRO-1 sets it to 0 in the
 optimizer of a block-aligned shard of a ParamSet that one process would quantize, so the rule
 is decided on the whole ParamSet, not on the shard."""
 
@@ -59,8 +61,8 @@ _FLOAT32 = np.dtype(np.float32)
 INT8 = "int8"
 """``Precision.state_dtype`` of 8-bit blockwise state (the storage name ``Storage.state`` too)."""
 
-INT8_BACKENDS = ("numba-cpu",)
-"""Backends with 8-bit blockwise kernels."""
+INT8_BACKENDS = ("numba-cpu", "numba-cuda")
+"""Backends with 8-bit blockwise kernels (``kernels/block_loops.py``, ``block_cuda.py``)."""
 
 INT8_RULES = frozenset(
     (
@@ -155,7 +157,8 @@ def is_quantized(slot_dtype):
 def state_dtype(options, param):
     """The dtype of the state arrays of ``param`` (``INT8`` for 8-bit blockwise state)."""
     if is_int8(options):
-        return INT8 if param.size >= options.min_8bit_size else _FLOAT32
+        limit = MIN_8BIT_SIZE if options.min_8bit_size is None else options.min_8bit_size
+        return INT8 if param.size >= limit else _FLOAT32
     if options.state_dtype is not None:
         return options.state_dtype
     return _FLOAT32 if has_master(options, param) else np.dtype(param.dtype)
@@ -227,7 +230,8 @@ def check_param_storable(backend, param, label):
 def _no_int8(backend, label):
     return (
         f"{label}: backend {backend.name!r} cannot keep 8-bit blockwise state "
-        f"(state_dtype='int8'); only {', '.join(INT8_BACKENDS)} can"
+        f"(state_dtype='int8'); only {', '.join(INT8_BACKENDS)} can (CuPy arrays run on "
+        "backend='numba-cuda')"
     )
 
 
@@ -248,7 +252,7 @@ def check_int8_rule(optimizer, group):
 
 def check_int8_backends(options, units, backend_name):
     """TypeError naming the unit and the backend when 8-bit state is asked for units that a
-    backend without 8-bit kernels (the GPU backends, the NumPy reference) would step: the named
+    backend without 8-bit kernels (CuPy, the NumPy reference) would step: the named
     backend, or a device unit's."""
     if not is_int8(options):
         return
@@ -297,9 +301,9 @@ def int8_zeros(backend, n, slot, fill=0.0):
     codes = backend.zeros(n, np.uint8)
     absmax = backend.zeros(int8_block_count(n), np.float32)
     fill = np.float32(fill)
-    if fill != 0:
-        absmax.fill(abs(fill))
-        codes.fill(block_loops.code_of(fill / abs(fill), slot.signed))
+    if fill != 0:  # through the backend: device arrays have no fill()
+        backend.fill(absmax, abs(fill))
+        backend.fill(codes, block_loops.code_of(fill / abs(fill), slot.signed))
     return Quantized(codes, absmax, slot.signed)
 
 
