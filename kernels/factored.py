@@ -16,16 +16,22 @@ bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one k
 1. per matrix, each row's partials added in tile order, ``/ n``, lerped into ``row_var``; the
    same for the columns (``/ m``) into ``col_var``; ``bmean`` = max(mean of the new row_var,
    eps1);
-2. per item, the sums of ``p^2`` and ``u^2`` in float64, ``u`` the unscaled update
-   ``g / max(sqrt(v), eps1)`` with ``v = row_var * col_var / bmean`` (or the lerped
-   ``variance`` of a vector, not stored yet);
+2. per item, the unscaled update ``u = g / max(sqrt(v), eps1)`` with
+   ``v = row_var * col_var / bmean`` (or the lerped ``variance`` of a vector, stored here)
+   into the scratch ``update``, and the sums of ``p^2`` and ``u^2`` in float64;
 3. per segment, its items' sums added in item order, then its step
    ``scale = -max(eps2, RMS(p)) * rho / max(1, RMS(u) / d)`` (torch.optim.Adafactor);
-4. per item, ``p = p * decay + scale * u`` (and a vector's ``variance`` stored).
+4. per item, ``p = p * decay + scale * u``, ``u`` read back from ``update``.
 
 Every element's arithmetic is in the parameter dtype (as torch's), every sum in float64 in an
 order that depends only on the segment's shape: identical bits for any thread count. Numba CPU
 only: the GPU backends are refused by ``fastopt.optim.Adafactor`` by name.
+
+Speed: the update's square root and two divisions bound the step (the divider, not memory), so
+each element's ``u`` is computed once, in phase 2, and phase 4 streams it back (4 more bytes
+written and read per element, one scratch value per element) instead of computing it again.
+The element loops run on slices of the rows (offsets known to be >= 0) with selects, not
+branches, so LLVM vectorizes them at the full width of the parameter dtype.
 """
 
 import math
@@ -146,16 +152,13 @@ _helper = njit(cache=True, error_model="numpy")
 
 @_inline
 def _grad(g, hs):
-    """``transformed_grad``: ``g * gscale``, then clipped to [-clip, clip] when ``clip > 0``
-    (``gscale``, ``clip`` = ``hs[-2]``, ``hs[-1]``)."""
+    """``transformed_grad``: ``g * gscale``, then clipped to [-clip, clip] (``gscale``, ``clip``
+    = ``hs[-2]``, ``hs[-1]``; :func:`step` passes ``clip = inf`` for no clipping). Selects, not
+    branches, so the element loops vectorize; NaN stays NaN."""
     x = g * hs[-2]
     clip = hs[-1]
-    if clip > 0:
-        if x < -clip:
-            x = -clip
-        elif x > clip:
-            x = clip
-    return x
+    x = -clip if x < -clip else x
+    return clip if x > clip else x
 
 
 @_inline
@@ -170,8 +173,7 @@ def _lerp(a, b, w, one_minus_w):
 def _update(g, v, h):
     """torch's ``rsqrt(clamp_min(v, eps1^2)) * g`` for the ascent-signed gradient ``g``
     (NaN stays NaN)."""
-    if v < h[4]:
-        v = h[4]
+    v = h[4] if v < h[4] else v
     return (h[6] / np.sqrt(v)) * (h[0] * g)
 
 
@@ -206,12 +208,11 @@ def _tile_partials(k, g, hs, items, rowpart, colpart):
     t = np.zeros(n, np.float64)
     col = np.zeros(cols, np.float64)
     for i in range(rows):
-        e = lo + i * ld
+        gr = g[lo + i * ld : lo + i * ld + cols]  # slices: unsigned offsets, the loops vectorize
         for j in range(cols):
-            x = np.float64(_grad(g[e + j], hs))
+            x = np.float64(_grad(gr[j], hs))
             t[j] = x * x
-        for j in range(cols):
-            col[j] += t[j]
+            col[j] += x * x
         rowpart[rp + i * ncb] = _tree(t, n)  # writes t[:n/2] only: t[cols:] stays 0
     for j in range(cols):
         colpart[cp + j * nrb] = col[j]
@@ -239,50 +240,47 @@ def _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, h):
 
 
 @_inline
-def _squares(p, g, hs, e, v):
-    """(p^2, u^2) of element ``e`` in float64, ``v`` its variance estimate."""
-    x = np.float64(p[e])
-    u = np.float64(_update(_grad(g[e], hs), v, hs))
-    return x * x, u * u
-
-
-@_inline
-def _vector_squares(p, g, hs, e, var):
-    """:func:`_squares` of a vector element, ``var`` its variance before this step's lerp."""
-    gj = _grad(g[e], hs)
-    x = np.float64(p[e])
-    u = np.float64(_update(gj, _lerp(var, gj * gj, hs[1], hs[2]), hs))
-    return x * x, u * u
+def _add_squares(ap, au, pr, ur, n):
+    """Lane ``j`` of ``ap`` and ``au`` += ``pr[j]^2`` and ``ur[j]^2`` in float64, j < ``n``."""
+    for j in range(n):
+        x = np.float64(pr[j])
+        y = np.float64(ur[j])
+        ap[j] += x * x
+        au[j] += y * y
 
 
 @_helper
-def _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, part):
-    """Sums of p^2 and u^2 over item ``k``: element ``j`` of each tile row (of each run of
+def _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, update, part):
+    """Item ``k``'s unscaled update ``u`` into ``update`` (a vector's lerped ``variance`` stored
+    too), and its sums of p^2 and u^2: element ``j`` of each tile row (of each run of
     ``TILE_COLS`` elements of a vector piece) into lane ``j``, then :func:`_tree` over the
-    lanes; the order depends on the item's shape alone."""
+    lanes; the order depends on the item's shape alone. Each row's ``u`` is computed in one
+    loop in the parameter dtype and squared in another, so both vectorize at full width."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
+    n = _pow2(cols) if items[k, KIND] == 1 else TILE_COLS
+    ap = np.zeros(n, np.float64)
+    au = np.zeros(n, np.float64)
     if items[k, KIND] == 1:
-        n = _pow2(cols)
-        ap = np.zeros(n, np.float64)
-        au = np.zeros(n, np.float64)
         rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
+        cr = col_var[cv : cv + cols]
         for i in range(rows):
-            e = lo + i * ld
-            r = row_var[rv + i]
+            e = lo + i * ld  # slices below: offsets known >= 0, so the loops vectorize
+            gr, ur, r = g[e : e + cols], update[e : e + cols], row_var[rv + i]
             for j in range(cols):
-                x, y = _squares(p, g, hs, e + j, r * col_var[cv + j] / bm)
-                ap[j] += x
-                au[j] += y
+                ur[j] = _update(_grad(gr[j], hs), r * cr[j] / bm, hs)
+            _add_squares(ap, au, p[e : e + cols], ur, cols)
     else:
-        n = TILE_COLS
-        ap = np.zeros(n, np.float64)
-        au = np.zeros(n, np.float64)
         vo = items[k, VO]
         for base in range(0, cols, n):
-            for j in range(min(n, cols - base)):
-                x, y = _vector_squares(p, g, hs, lo + base + j, variance[vo + base + j])
-                ap[j] += x
-                au[j] += y
+            c = min(n, cols - base)
+            e, o = lo + base, vo + base
+            gr, ur, vr = g[e : e + c], update[e : e + c], variance[o : o + c]
+            for j in range(c):
+                gj = _grad(gr[j], hs)
+                v = _lerp(vr[j], gj * gj, hs[1], hs[2])
+                vr[j] = v
+                ur[j] = _update(gj, v, hs)
+            _add_squares(ap, au, p[e : e + c], ur, c)
     part[k, 0] = _tree(ap, n)
     part[k, 1] = _tree(au, n)
 
@@ -304,27 +302,16 @@ def _segment_scale(s, first, numel, part, h64, scale):
 
 
 @_helper
-def _item_apply(k, p, g, hs, items, row_var, col_var, bmean, variance, scale):
+def _item_apply(k, p, hs, items, update, scale):
+    """``p = p * decay + scale * u`` over item ``k``, ``u`` its stored unscaled update."""
     lo, rows, cols, ld = items[k, LO], items[k, ROWS], items[k, COLS], items[k, LD]
     a = scale[items[k, SEG]]
     decay = hs[5]
-    if items[k, KIND] == 1:
-        rv, cv, bm = items[k, RV], items[k, CV], bmean[items[k, BATCH]]
-        u = np.empty(cols, p.dtype)  # the row's update first: both loops then vectorize
-        for i in range(rows):
-            e = lo + i * ld
-            r = row_var[rv + i]
-            for j in range(cols):
-                u[j] = _update(_grad(g[e + j], hs), r * col_var[cv + j] / bm, hs)
-            for j in range(cols):
-                p[e + j] = p[e + j] * decay + a * u[j]
-    else:
-        vo = items[k, VO]
+    for i in range(rows):
+        e = lo + i * ld
+        pr, ur = p[e : e + cols], update[e : e + cols]
         for j in range(cols):
-            gj = _grad(g[lo + j], hs)
-            v = _lerp(variance[vo + j], gj * gj, hs[1], hs[2])
-            variance[vo + j] = v
-            p[lo + j] = p[lo + j] * decay + a * _update(gj, v, hs)
+            pr[j] = pr[j] * decay + a * ur[j]
 
 
 indices = range
@@ -332,7 +319,7 @@ indices = range
 
 
 def _phases(p, g, hs, h64, items, batches, first, numel, rowpart, colpart, row_var,
-            col_var, bmean, variance, part, scale):  # fmt: skip
+            col_var, bmean, variance, update, part, scale):  # fmt: skip
     """The five phases in order, each a loop over ``indices`` (``prange`` or ``range``, bound
     by :func:`kernel`): the end of each loop is a barrier before the next."""
     for t in indices(items.shape[0]):
@@ -341,11 +328,11 @@ def _phases(p, g, hs, h64, items, batches, first, numel, rowpart, colpart, row_v
     for q in indices(batches.shape[0]):
         _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
     for t in indices(items.shape[0]):
-        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, part)
+        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
     for s in indices(numel.size):
         _segment_scale(s, first, numel, part, h64, scale)
     for t in indices(items.shape[0]):
-        _item_apply(t, p, g, hs, items, row_var, col_var, bmean, variance, scale)
+        _item_apply(t, p, hs, items, update, scale)
 
 
 _KERNELS = {}
@@ -372,10 +359,17 @@ def kernel(parallel):
 # Launch
 
 
-def scratch(layout, dtype):
+def scratch(layout, dtype, update=None):
     """The per-step scratch arrays of a buffer with ``layout`` (:func:`plan`) and parameters of
-    ``dtype``: ``rowpart``, ``colpart``, ``part`` (float64), ``bmean`` and ``scale``."""
+    ``dtype``: ``rowpart``, ``colpart``, ``part`` (float64), ``bmean``, ``scale`` and
+    ``update``: each element's unscaled update, computed once (for its RMS) and applied from
+    there, one value per element; the first elements of ``update`` when given (a buffer of
+    ``dtype`` shared by buffers updated one after the other), else a new array."""
+    size = int(layout["numel"].sum())
+    if update is None or update.size < size:
+        update = np.empty(size, dtype)
     return {
+        "update": update[:size],
         "rowpart": np.zeros(layout["rowpart"]),
         "colpart": np.zeros(layout["colpart"]),
         "part": np.zeros((layout["items"].shape[0], 2)),
@@ -388,10 +382,13 @@ def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
     """One Adafactor update of the flat buffer ``p`` with gradient ``g`` in place: the five
     phases of :func:`kernel` in one call. ``h``: the element scalars ``H_FIELDS`` and ``gs`` the
     gradient (scale, clip), both in the parameter dtype; ``h64``: ``H64_FIELDS`` in float64;
-    ``work``: :func:`scratch`."""
+    ``work``: :func:`scratch`. A clip of 0 (none) reaches the kernel as ``inf``."""
+    scale, clip = gs
+    if not clip > 0:
+        clip = type(clip)(np.inf)
     kernel(p.size >= PARALLEL_THRESHOLD)(
-        p, g, h + gs, h64,
+        p, g, h + (scale, clip), h64,
         layout["items"], layout["batches"], layout["first"], layout["numel"],
         work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
-        work["part"], work["scale"],
+        work["update"], work["part"], work["scale"],
     )  # fmt: skip

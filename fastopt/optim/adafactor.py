@@ -61,7 +61,9 @@ class Adafactor(Optimizer):
 
     A step is one kernel run for five phases whatever the number of tensors (row/column sums
     of G^2 per tile, the factors, per-tensor sums of squares of the parameter and the update,
-    per-tensor step sizes, the update), deterministic for any thread count.
+    per-tensor step sizes, the update), deterministic for any thread count. Each element's
+    update is computed once, into a scratch buffer of one value per element (shared by the
+    optimizer's units of a dtype), and applied from there.
     ``state_dict()`` gives a plain array's factors torch's shapes (``(..., m, 1)``,
     ``(..., 1, n)``); a ParamSet's are flat, its tensors' back to back.
     """
@@ -95,13 +97,25 @@ class Adafactor(Optimizer):
         return [tuple(unit.shape)]
 
     def _layout(self, g_int, unit):
-        """The unit's cached :func:`kernels.factored.plan` and scratch arrays."""
+        """The unit's cached :func:`kernels.factored.plan` and scratch arrays. Their ``update``
+        (one value per element) is a view of one buffer per dtype, shared by the units (they
+        run one after the other): a list of arrays costs its largest array, not their sum."""
         cache = self.__dict__.setdefault("_layouts", {})
+        key = ("update", unit.param.dtype)
+        shared = cache.get(key)
         hit = cache.get(id(unit))
         if hit is None or hit[0] is not unit:
             layout = factored.plan(self._shapes(g_int, unit))
-            hit = cache[id(unit)] = (unit, layout, factored.scratch(layout, unit.param.dtype))
-        return hit[1], hit[2]
+            hit = cache[id(unit)] = (
+                unit,
+                layout,
+                factored.scratch(layout, unit.param.dtype, shared),
+            )
+            shared = cache[key] = hit[2]["update"].base
+        work = hit[2]
+        if work["update"].base is not shared:  # the buffer grew for a larger unit since
+            work["update"] = shared[: work["update"].size]
+        return hit[1], work
 
     def _state_shape(self, g_int, unit, name):
         shapes = self._shapes(g_int, unit)

@@ -4,6 +4,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from numba import njit
 
 from ..paramset import ParamSet
 from ..validation import check_choice, check_int, check_nonnegative, check_real
@@ -11,7 +12,7 @@ from . import precision
 from .base import Optimizer, scalar_tuple
 from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
 from .hyperparameters import lr as lr_row
-from .newton_schulz import NS_DTYPES, NewtonSchulz
+from .newton_schulz import NS_DTYPES, NewtonSchulz, round_matrix
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 """(a, b, c) of the quintic Newton–Schulz iteration (Keller Jordan's Muon, torch's defaults)."""
@@ -104,19 +105,62 @@ def muon_selection(value, named_shapes):
     return set(value)
 
 
-def _nesterov(g, buf, mu, out, dtype):
-    """torch's ``grad.lerp(buf, momentum)`` into ``out`` when it has the parameters' dtype (the
-    matrix stays in cache for the iteration), else as a new array of that dtype."""
-    if out.dtype != dtype:
-        out = np.empty(g.shape, dtype)
-    np.subtract(buf, g, out=out)
-    if mu < 0.5:
-        out *= dtype.type(mu)
-        out += g
-    else:
-        out *= dtype.type(1.0 - mu)
-        np.subtract(buf, out, out=out)
-    return out
+_kernel = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(inline="always", cache=True, error_model="numpy")
+
+
+@_inline
+def _lerp(a, b, w, one_minus_w):
+    """torch.lerp (``kernels/rules.py``): ``a + w (b - a)`` for w < 0.5, else
+    ``b - (b - a)(1 - w)``."""
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * one_minus_w
+
+
+@_kernel
+def momentum_into(g, buf, x, h, emulate_bf16):
+    """One pass over a matrix's elements (flat ``g``, ``buf``; ``x`` the iteration's input):
+    ``g' = clamp(g * gscale, ±clip)`` (no clamp for clip 0), torch's
+    ``buf.lerp_(g', 1 - momentum)``, then ``x = g'.lerp(buf, momentum)`` (``nesterov`` 1: the
+    form ``(buf - g') mu + g'``, for mu < 0.5; 2: ``buf - (buf - g')(1 - mu)``; 0: ``x = buf``)
+    in the parameters' dtype, cast to ``x``'s and rounded to bfloat16 when ``emulate_bf16``.
+    ``h = (gscale, clip, 1 - mu, mu, nesterov)``, the floats in the parameters' dtype."""
+    gscale, clip, one_minus_mu, mu, nesterov = h
+    xf = x.reshape(x.size)
+    dt = xf.dtype.type
+    for i in range(buf.size):
+        gi = g[i] * gscale
+        if clip > 0:
+            if gi < -clip:
+                gi = -clip
+            elif gi > clip:
+                gi = clip
+        b = _lerp(buf[i], gi, one_minus_mu, mu)
+        buf[i] = b
+        if nesterov == 1:
+            b = (b - gi) * mu + gi
+        elif nesterov == 2:
+            b = b - (b - gi) * one_minus_mu
+        xf[i] = dt(b)
+    if emulate_bf16:
+        round_matrix(x)
+
+
+@_kernel
+def apply_update(p, o, scale, weight_decay, round_o):
+    """``p = p - (o * scale + weight_decay * p)`` (the ``sgd`` rule with the scaled ``o`` for its
+    gradient, lr 1; the decay term skipped when 0, as there), ``o`` cast to ``p``'s dtype and
+    rounded to bfloat16 first when ``round_o`` (the iteration's last product, left unrounded)."""
+    if round_o:
+        round_matrix(o)
+    of = o.reshape(o.size)
+    dt = p.dtype.type
+    for i in range(p.size):
+        d = dt(of[i]) * scale
+        if weight_decay != 0:
+            d = d + weight_decay * p[i]
+        p[i] = p[i] - d
 
 
 def _check_adamw_lr(name, value):
@@ -156,13 +200,14 @@ class Muon(Optimizer):
     :func:`fastopt.muon_param_groups` builds the recipe over a ParamSet: one optimizer, one
     ParamSet, ``step()`` on its gradient buffer.
 
-    Work per step and unit (a ParamSet or one array): one fused momentum kernel over the unit
-    (the ``ema`` rule: torch's ``buf.lerp_(grad, 1 - momentum)``, gradient scaling and clipping
-    fused in); then per Muon matrix, while it stays in cache: the Nesterov blend
-    (``grad.lerp(buf, momentum)``, NumPy, into the iteration's scratch), the iteration (BLAS,
-    scratch allocated once per shape), the scaling by the adjusted lr, and one fused kernel
-    ``θ ← θ - (O + ηλθ)`` (the ``sgd`` rule, weight decay ηλ); per run of adjacent fallback
-    parameters one AdamW kernel (the ``adam`` rule). Gradient scaling, clipping and
+    Work per step and unit (a ParamSet or one array), per Muon matrix while it stays in cache:
+    one compiled pass for the momentum (torch's ``buf.lerp_(grad, 1 - momentum)``, gradient
+    scaling and clipping fused in) and the Nesterov blend (``grad.lerp(buf, momentum)``) into
+    the iteration's scratch, cast (and rounded to bfloat16) there; the iteration (BLAS,
+    scratch allocated once per shape); one compiled pass ``θ ← θ - (s O + ηλθ)`` (the ``sgd``
+    rule's arithmetic, weight decay ηλ, O rounded as it is read). Per run of adjacent
+    fallback parameters their momentum (``ema``, as before: no update reads it) and one AdamW
+    kernel (the ``adam`` rule). Gradient scaling, clipping and
     ``skip_nonfinite`` apply as for every optimizer; a NaN gradient propagates into the
     parameters, as in torch. Runs on the
     numba-cpu backend with float32 and float64 parameters; other backends (CuPy,
@@ -218,8 +263,8 @@ class Muon(Optimizer):
         return names
 
     def _scratch(self):
-        """Scratch kept between steps: NewtonSchulz per (shape, ns_dtype), the update buffer and
-        the layout per unit."""
+        """Scratch kept between steps: NewtonSchulz per (shape, ns_dtype) and the layout per
+        unit."""
         return self.__dict__.setdefault("_muon_scratch", {})
 
     def _layout(self, group, g_int, unit):
@@ -277,7 +322,7 @@ class Muon(Optimizer):
                 step = unit.state["step"] + 1
                 matrices, adam_runs = self._layout(group, g_int, unit)
                 if matrices:
-                    self._muon_step(group, unit, grad, lr, scales, matrices)
+                    self._muon_step(group, unit, grad, lr, scales, matrices, adam_runs)
                 if adam_runs:
                     self._adamw_step(group, unit, grad, lr, step, scales, adam_runs)
                 unit.state["step"] = step
@@ -305,42 +350,26 @@ class Muon(Optimizer):
             ns = scratch[key] = NewtonSchulz(shape, ns_dtype)
         return ns
 
-    def _muon_step(self, group, unit, grad, lr, scales, matrices):
-        backend, st, p = unit.backend, unit.scalar_type, unit.param
-        gs = (st(scales[0]), st(scales[1]))
-        one = (st(1.0), st(0.0))
+    def _muon_step(self, group, unit, grad, lr, scales, matrices, runs):
+        st, p = unit.scalar_type, unit.param
         mu = group["momentum"]
         buf = unit.state["momentum_buffer"]
-        backend.update("ema", buf, grad, [], (st(1.0 - mu), st(mu)), gs, None)
-        if scales[0] != 1.0 or scales[1] != 0.0:  # the gradient as the momentum kernel saw it
-            g = self._scratch_like(("g", id(unit)), p)
-            g.fill(0)
-            backend.update("sgd", g, grad, [], (st(-1.0), st(0.0), st(1.0)), gs, None)
-            grad = g
-        values = dict(lr=1.0, weight_decay=lr * group["weight_decay"], gsign=1.0)
-        h = scalar_tuple(self, "sgd", values, st)
+        gs = (st(scales[0]), st(scales[1]))
+        for lo, hi in runs:  # the fallback tensors' momentum, as over the whole unit before
+            unit.backend.update(
+                "ema", buf[lo:hi], grad[lo:hi], [], (st(1.0 - mu), st(mu)), gs, None
+            )
+        nesterov = (1 if mu < 0.5 else 2) if group["nesterov"] else 0
+        h = (*gs, st(1.0 - mu), st(mu), nesterov)
+        wd = st(lr * group["weight_decay"])
         coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+        ns_dtype, adjust = group["ns_dtype"], group["adjust_lr_fn"]
         for shape, lo, hi in matrices:
-            ns = self._ns_for(shape, group["ns_dtype"])
-            m = buf[lo:hi].reshape(shape)
-            if group["nesterov"]:
-                m = _nesterov(grad[lo:hi].reshape(shape), m, mu, ns.x, p.dtype)
-            o = ns.run(m, coefficients, steps, eps)
-            scale = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            if o.dtype != p.dtype:
-                o = np.multiply(o, scale, out=self._scratch_like(shape, p), dtype=p.dtype)
-            else:
-                o *= o.dtype.type(scale)
-            backend.update("sgd", p[lo:hi], o.reshape(-1), [], h, one, None)
-
-    def _scratch_like(self, key, p):
-        """A scratch array of ``p``'s dtype, shape ``key`` (or flat like ``p``), kept."""
-        scratch = self._scratch()
-        shape = key if isinstance(key[0], int) else p.shape
-        a = scratch.get(("like", key, p.dtype))
-        if a is None or a.shape != shape:
-            a = scratch[("like", key, p.dtype)] = np.empty(shape, p.dtype)
-        return a
+            ns = self._ns_for(shape, ns_dtype)
+            bf16 = ns.emulate_bf16
+            momentum_into(grad[lo:hi], buf[lo:hi], ns.x, h, bf16)
+            o = ns.run(ns.x, coefficients, steps, eps, round_output=False)
+            apply_update(p[lo:hi], o, st(adjusted_lr(lr, adjust, shape)), wd, bf16)
 
     def _adamw_step(self, group, unit, grad, lr, step, scales, runs):
         st = unit.scalar_type
