@@ -459,3 +459,24 @@ def apply_storage(rule_name, storage, p, g, states, master, h, gs, rs, stream=No
         else:
             with stream:
                 k((grid,), (THREADS_PER_BLOCK,), args)
+
+
+class RawModuleCache:
+    """One ``cupy.RawModule`` compiled on first use from ``source()`` with ``options``, and its
+    kernels by (device, name) (NVRTC compiles once; a kernel is loaded once per device)."""
+
+    def __init__(self, source, options):
+        self._source, self._options = source, options
+        self._module, self._functions, self._lock = None, {}, threading.Lock()
+
+    def function(self, cupy, device, name):
+        """The ``cupy.RawKernel`` called ``name`` on ``device`` (the current device)."""
+        key = (device, name)
+        k = self._functions.get(key)
+        if k is None:
+            if self._module is None:
+                with self._lock:
+                    if self._module is None:
+                        self._module = cupy.RawModule(code=self._source(), options=self._options)
+            k = self._functions[key] = self._module.get_function(name)
+        return k

@@ -16,7 +16,6 @@ that device and to ``stream`` (None: CuPy's current stream); nothing synchronise
 """
 
 import inspect
-import threading
 
 import numpy as np
 
@@ -31,15 +30,15 @@ BLOCKS = 1024
 SEGMENT_THREADS = 128
 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-_lock = threading.Lock()
-_modules = {}  # "segment" -> cupy.RawModule
-_kernels = {}  # (device id, kernel name) -> cupy.RawKernel
 
 
 def source():
     """The CUDA source handed to NVRTC: ``segment_kernels.cu`` with its headers inlined (a stale
     ``rules_layout.cuh`` is refused)."""
     return kcupy._inline(KERNEL_SOURCE)
+
+
+_module = kcupy.RawModuleCache(source, COMPILE_OPTIONS)
 
 
 def kernel_name(rule_name, launch, dtype):
@@ -57,22 +56,6 @@ def kernel_names():
             )
             names |= {kernel_name(rule_name, launch, dtype) for launch in launches}
     return names
-
-
-def _function(cupy, device, name):
-    key = (device, name)
-    k = _kernels.get(key)
-    if k is None:
-        mod = _modules.get("segment")
-        if mod is None:
-            with _lock:
-                mod = _modules.get("segment")
-                if mod is None:
-                    mod = _modules["segment"] = cupy.RawModule(
-                        code=source(), options=COMPILE_OPTIONS
-                    )
-        k = _kernels[key] = mod.get_function(name)
-    return k
 
 
 def check(rule_name, p, g, states=None):
@@ -134,7 +117,7 @@ def _launch(name, p, grid, block, args, stream):
     device = p.data.device_id
     stream = kcupy.as_stream(stream, device)
     with cupy.cuda.Device(device):
-        k = _function(cupy, device, name)
+        k = _module.function(cupy, device, name)
         if stream is None:
             k(grid, block, args)
         else:

@@ -32,9 +32,6 @@ BLOCKS = 1024
 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-_lock = threading.Lock()
-_modules = {}  # "vector" -> cupy.RawModule
-_kernels = {}  # (device id, kernel name) -> cupy.RawKernel
 _local = threading.local()  # .partials: {device id: float64 device buffer}
 
 
@@ -44,24 +41,12 @@ def source():
     return kcupy._inline(KERNEL_SOURCE)
 
 
+_module = kcupy.RawModuleCache(source, kcupy.COMPILE_OPTIONS)
+
+
 def kernel_name(op, dtype):
     """``fo_vec_<op>_<f32|f64>``."""
     return f"fo_vec_{op}_{_SUFFIX[np.dtype(dtype)]}"
-
-
-def _function(cupy, device, name):
-    key = (device, name)
-    k = _kernels.get(key)
-    if k is None:
-        mod = _modules.get("vector")
-        if mod is None:
-            with _lock:
-                mod = _modules.get("vector")
-                if mod is None:
-                    mod = cupy.RawModule(code=source(), options=kcupy.COMPILE_OPTIONS)
-                    _modules["vector"] = mod
-        k = _kernels[key] = mod.get_function(name)
-    return k
 
 
 def _partials(cupy, device, nchunks):
@@ -124,7 +109,7 @@ def _run(op, arrays, s=0.0, u=0.0, stream=None, reduce=True):
 
 
 def _launch(cupy, op, device, n, nchunks, slots, s, u, reduce):
-    k = _function(cupy, device, kernel_name(op, slots[0].dtype))
+    k = _module.function(cupy, device, kernel_name(op, slots[0].dtype))
     out = _partials(cupy, device, nchunks) if reduce else np.uint64(0)
     grid = (min(nchunks, BLOCKS),)
     k(grid, (REDUCTION_THREADS,), (np.int64(n), out, *slots, np.float64(s), np.float64(u)))

@@ -284,8 +284,8 @@ def fake(harness, nvrtc_ptx, monkeypatch):
 
     fake = FakeVectorCuPy(run)
     install(monkeypatch, fake)
-    for cache in ("_modules", "_kernels"):
-        monkeypatch.setattr(vector_cupy, cache, {})
+    fresh = kcupy.RawModuleCache(vector_cupy.source, kcupy.COMPILE_OPTIONS)
+    monkeypatch.setattr(vector_cupy, "_module", fresh)  # nothing compiled by another fake
     monkeypatch.setattr(vector_cupy, "_local", __import__("threading").local())
     monkeypatch.setattr(kcupy, "_streams", {})
     monkeypatch.setattr(dispatch, "_INSTANCES", {})  # no backend keeps the fake module

@@ -182,8 +182,8 @@ def fake(harness, nvrtc_ptx, monkeypatch):
         np.full(n, np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
     )
     install(monkeypatch, fake)
-    for cache in ("_modules", "_kernels"):
-        monkeypatch.setattr(segment_cupy, cache, {})
+    fresh = kcupy.RawModuleCache(segment_cupy.source, segment_cupy.COMPILE_OPTIONS)
+    monkeypatch.setattr(segment_cupy, "_module", fresh)  # nothing compiled by another fake
     monkeypatch.setattr(kcupy, "_streams", {})
     monkeypatch.setattr(dispatch, "_INSTANCES", {})  # no backend keeps the fake module
     return fake
