@@ -480,3 +480,31 @@ class RawModuleCache:
                         self._module = cupy.RawModule(code=self._source(), options=self._options)
             k = self._functions[key] = self._module.get_function(name)
         return k
+
+
+def check_flat_arrays(arrays, n, what):
+    """TypeError/ValueError naming the first of ``arrays`` that is not a flat, C-contiguous
+    float32/float64 ``cupy.ndarray`` of ``n`` elements with the dtype and device of the first
+    (checked before anything is launched; ``what`` names the kernels in the message)."""
+    import cupy
+
+    first = arrays[0]
+    for k, a in enumerate(arrays):
+        if not isinstance(a, cupy.ndarray):
+            raise TypeError(
+                f"the CuPy {what} kernels take cupy.ndarray, argument {k} is a {type(a).__name__}"
+            )
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"the CuPy {what} kernels take float32 or float64, not {a.dtype}")
+        if a.dtype != first.dtype:
+            raise TypeError(f"arrays of one dtype expected, got {first.dtype} and {a.dtype}")
+        if a.ndim != 1 or a.size != n or not a.flags.c_contiguous:
+            raise ValueError(
+                f"flat contiguous arrays of {n} elements expected, argument {k} has shape "
+                f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
+            )
+        if a.data.device_id != first.data.device_id:
+            raise ValueError(
+                f"arrays on one device expected, got cuda:{first.data.device_id} and "
+                f"cuda:{a.data.device_id}"
+            )

@@ -61,34 +61,13 @@ def kernel_names():
 def check(rule_name, p, g, states=None):
     """TypeError/ValueError naming the problem unless ``p``, ``g`` and ``states`` (None: not
     allocated yet) fit the segment kernels of ``rule_name`` (checked before any launch)."""
-    import cupy
-
     if rule_name not in rules.SEGMENT_RULES:
         raise KeyError(f"unknown per-segment rule {rule_name!r}")
     nslots = rules.SEGMENT_RULES[rule_name]
     states = () if states is None else tuple(states)
     if states and len(states) != nslots:
         raise ValueError(f"{rule_name} takes {nslots} state arrays, got {len(states)}")
-    arrays = (p, g, *states)
-    for k, a in enumerate(arrays):
-        if not isinstance(a, cupy.ndarray):
-            raise TypeError(
-                f"the CuPy segment kernels take cupy.ndarray, argument {k} is a {type(a).__name__}"
-            )
-        if a.dtype not in _SUFFIX:
-            raise TypeError(f"the CuPy segment kernels take float32 or float64, not {a.dtype}")
-        if a.dtype != p.dtype:
-            raise TypeError(f"arrays of one dtype expected, got {p.dtype} and {a.dtype}")
-        if a.ndim != 1 or a.size != p.size or not a.flags.c_contiguous:
-            raise ValueError(
-                f"flat contiguous arrays of {p.size} elements expected, argument {k} has shape "
-                f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
-            )
-        if a.data.device_id != p.data.device_id:
-            raise ValueError(
-                f"arrays on one device expected, got cuda:{p.data.device_id} and "
-                f"cuda:{a.data.device_id}"
-            )
+    kcupy.check_flat_arrays((p, g, *states), p.size, "segment")
 
 
 def to_device(host, like, stream=None):

@@ -63,28 +63,7 @@ def _partials(cupy, device, nchunks):
 def _check(arrays, n):
     """The arrays fit one pass over ``n`` elements, else TypeError/ValueError naming the problem
     (before anything is launched)."""
-    import cupy
-
-    first = arrays[0]
-    for k, a in enumerate(arrays):
-        if not isinstance(a, cupy.ndarray):
-            raise TypeError(
-                f"the CuPy vector kernels take cupy.ndarray, argument {k} is a {type(a).__name__}"
-            )
-        if a.dtype not in _SUFFIX:
-            raise TypeError(f"the CuPy vector kernels take float32 or float64, not {a.dtype}")
-        if a.dtype != first.dtype:
-            raise TypeError(f"arrays of one dtype expected, got {first.dtype} and {a.dtype}")
-        if a.ndim != 1 or a.size != n or not a.flags.c_contiguous:
-            raise ValueError(
-                f"flat contiguous arrays of {n} elements expected, argument {k} has shape "
-                f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
-            )
-        if a.data.device_id != first.data.device_id:
-            raise ValueError(
-                f"arrays on one device expected, got cuda:{first.data.device_id} and "
-                f"cuda:{a.data.device_id}"
-            )
+    kcupy.check_flat_arrays(arrays, n, "vector")
 
 
 def _run(op, arrays, s=0.0, u=0.0, stream=None, reduce=True):
