@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from fake_cupy import FakeDeviceArray, install
 from test_lbfgs_cupy import FakeCupyArray, FakeVectorCuPy
+from test_segments import CASES  # the same optimizer cases as the CPU segment tests
 
 import fastopt as fo
 from fastopt import dispatch
@@ -29,15 +30,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 KERNELS = HERE.parent / "kernels"
 DTYPES = (np.float32, np.float64)
 SHAPES = ((30, 40), (40,), (7,), (REDUCTION_CHUNK + 300,))  # the last: two pieces
-
-CASES = {
-    "lamb": (fo.LAMB, dict(lr=0.01, weight_decay=0.1, weight_decay_mask=lambda n, s: len(s) > 1)),
-    "lamb_max": (fo.LAMB, dict(lr=0.02, betas=(0.8, 0.99), eps_root=1e-8, maximize=True)),
-    "lars": (fo.LARS, dict(lr=0.1, weight_decay=0.01, trust_ratio_mask=lambda n, s: len(s) > 1)),
-    "lars_nesterov": (fo.LARS, dict(lr=0.5, weight_decay=0.1, nesterov=True, eps=1e-3)),
-    "novograd": (fo.NovoGrad, dict(lr=0.01, weight_decay=0.01)),
-    "novograd_max": (fo.NovoGrad, dict(lr=0.05, betas=(0.5, 0.9), maximize=True)),
-}
 
 
 def _cuda_c():
