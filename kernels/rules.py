@@ -437,7 +437,9 @@ def lamb_direction(p, g, m, v, h, flags):
     g = gsign * g
     m = one_minus_beta1 * g + beta1 * m
     v = one_minus_beta2 * (g * g) + beta2 * v
-    u = (m / bias_correction1) / (math.sqrt(v / bias_correction2 + eps_root) + eps)
+    # optax's (m / bc1) / (sqrt(v / bc2 + eps_root) + eps) with one division fewer (the
+    # divider bounds the CPU loop): the same value up to rounding.
+    u = m / (bias_correction1 * (math.sqrt(v / bias_correction2 + eps_root) + eps))
     if flags & FLAG_DECAY and weight_decay != 0:
         u = u + weight_decay * p
     return u, m, v
@@ -458,6 +460,11 @@ def lamb_segment(sx, sy, flags, st, h):
 def lamb(p, g, m, v, h, flags, r0, r1):
     u, m, v = lamb_direction(p, g, m, v, h, flags)
     return p - r0 * u, m, v
+
+
+def lamb_stored(p, g, m, v, h, flags):
+    """(update, new m, new v): what the CPU's stored-update loops keep (``STORED_UPDATE``)."""
+    return lamb_direction(p, g, m, v, h, flags)
 
 
 # LARS (You et al., 2017; optax.lars = add_decayed_weights (masked), scale_by_trust_ratio
@@ -540,6 +547,10 @@ def novograd(p, g, m, h, flags, r0, r1):
 SEGMENT_RULES = {"segment_norms": 0, "lamb": 2, "lars": 1, "novograd": 1}
 """Per-segment rule -> number of element state slots of its update (its ``_pre`` takes as many,
 or none: see ``kernels/segment_loops.py``)."""
+STORED_UPDATE = ("lamb",)
+"""Per-segment rules whose ``_pre`` returns ``(p, y)`` and whose update is ``p - r0 * y`` with the
+state ``<rule>_stored(p, g, *state, h, flags) -> (y, *new state)`` computes: the CPU computes ``y``
+once, in the reduction, and applies it from a scratch buffer (``segment_loops``)."""
 # ASGD (torch.optim.ASGD; Polyak & Juditsky 1992). eta and mu are the values torch keeps in the
 # state from the previous step: decay = 1 - lambd * eta; average = 0.0 while mu = 1 (ax copies
 # the parameter), else 1.0 (ax moves toward it by mu).

@@ -79,6 +79,40 @@ def kernels(rule_name, parallel=True):
     return ks
 
 
+def stored_kernels(rule_name, parallel=True):
+    """(reduce, apply) kernels of a rule of ``rules.STORED_UPDATE``: the reduction that also
+    stores each element's update and new state, and ``p - r0 * y`` from the stored update."""
+    key = (rule_name, parallel, "stored")
+    ks = _KERNELS.get(key)
+    if ks is None:
+        compiled, glb = _compiled()
+        variant = f"_seg{_TAG}" + ("" if parallel else "_serial")
+        extra = dict(glb, indices=prange if parallel else range)
+        extra["transformed_grad"] = compiled["transformed_grad"]
+        decorate = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
+        reduce_t = segment_loops.CPU_REDUCE_STORED[rules.SEGMENT_RULES[rule_name]]
+        stored = compiled[f"{rule_name}_stored"]
+        reduce_k = specialize(reduce_t, rule_name, stored, extra, decorate, variant)
+        apply_k = specialize(segment_loops.cpu_apply_stored, "any", None, extra, decorate, variant)
+        ks = _KERNELS[key] = (reduce_k, apply_k)
+    return ks
+
+
+def reduce_stored(rule_name, p, g, states, h, gs, flags, layout, out, u):
+    """Launch 1 of a rule of ``rules.STORED_UPDATE``: :func:`reduce`'s sums, and each element's
+    update into ``u`` (an array like ``p``) and its new state into ``states``."""
+    lo, hi, seg, _ = layout
+    k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[0]
+    k(p, g, *states, h + gs, flags, lo, hi, seg, out, u)
+
+
+def apply_stored(rule_name, p, u, layout, r):
+    """Launch 3 of a rule of ``rules.STORED_UPDATE``: ``p = p - r[seg, 0] * u`` in place."""
+    lo, hi, seg, _ = layout
+    k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[1]
+    k(p, u, lo, hi, seg, r)
+
+
 def reduce(rule_name, p, g, states, h, gs, flags, layout, out):
     """Launch 1: ``out[k] = (sum x^2, sum y^2)`` over piece ``k`` of ``layout``
     (``segment_loops.pieces``), ``(x, y) = <rule>_pre(...)``; ``out`` is (npieces, 2) float64."""

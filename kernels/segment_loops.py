@@ -17,6 +17,10 @@ unit of parallel work, so a step is the same three launches whatever the number 
    ratio, NovoGrad's per-tensor second moment) and its scalar state.
 3. ``apply``: per piece, ``<rule>(p, g, *state, h, flags, r0, r1)`` for every element.
 
+On the CPU the rules of ``rules.STORED_UPDATE`` (LAMB) run a variant of 1 and 3: the reduction
+also stores each element's update and new state, and the apply pass reads the update back
+(the stored-update templates below; same bits, the update's divisions done once).
+
 ``reduce`` and ``apply`` take their scalars as one tuple ``hs = (*h, gradient scale, clip)``, as the
 loops of ``kernels/loops.py`` do.
 
@@ -154,8 +158,49 @@ def cpu_apply2(p, g, s0, s1, hs, flags, lo, hi, seg, r):
             )
 
 
+# Stored-update templates (``rules.STORED_UPDATE``, CPU only): the reduction computes each
+# element's update ``y`` once, in the parameter dtype at the full vector width, stores it in the
+# scratch ``u`` with the new state, then sums p^2 and y^2 over the piece in the lanes and order of
+# ``cpu_reduce2``; the apply pass is ``p - r0 * y`` from ``u``. The same operations on the same
+# values as ``cpu_reduce2`` + ``cpu_apply2`` (same bits): the divider runs once per element
+# instead of twice, and the float64 lanes no longer halve the width of the update's arithmetic.
+
+
+def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u):
+    h, gscale, clip = hs[:-2], hs[-2], hs[-1]
+    for k in indices(lo.size):
+        f = flags[seg[k]]
+        a, b = lo[k], hi[k]
+        ax = np.zeros(LANES, np.float64)
+        ay = np.zeros(LANES, np.float64)
+        for base in range(a, b, LANES):  # one lane row at a time: it stays in the L1 cache
+            c = min(LANES, b - base)
+            pk, gk, mk, vk, uk = p[base:], g[base:], s0[base:], s1[base:], u[base:]
+            for t in range(c):
+                uk[t], mk[t], vk[t] = rule(
+                    pk[t], transformed_grad(gk[t], gscale, clip), mk[t], vk[t], h, f
+                )
+            for t in range(c):
+                xv = np.float64(pk[t])
+                yv = np.float64(uk[t])
+                ax[t] = add(ax[t], mul(xv, xv))
+                ay[t] = add(ay[t], mul(yv, yv))
+        out[k, 0] = lane_tree(ax)
+        out[k, 1] = lane_tree(ay)
+
+
+def cpu_apply_stored(p, u, lo, hi, seg, r):
+    for k in indices(lo.size):
+        r0 = r[seg[k], 0]
+        a, b = lo[k], hi[k]
+        pk, uk = p[a:b], u[a:b]
+        for i in range(b - a):
+            pk[i] = pk[i] - r0 * uk[i]
+
+
 CPU_REDUCE = {0: cpu_reduce0, 2: cpu_reduce2}
 CPU_APPLY = {1: cpu_apply1, 2: cpu_apply2}
+CPU_REDUCE_STORED = {2: cpu_reduce2_stored}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,8 +169,8 @@ FO_HD nv<F> lamb_direction(nv<F> p, nv<F> g, nv<F>& m, nv<F>& v, const nv<F>* h,
     g = h[FO_LAMB_GSIGN] * g;
     m = mad(m, h[FO_LAMB_BETA1], h[FO_LAMB_ONE_MINUS_BETA1] * g);  // fused: beta1 * m
     v = mad(v, h[FO_LAMB_BETA2], h[FO_LAMB_ONE_MINUS_BETA2] * (g * g));  // fused: beta2 * v
-    nv<F> u = (m / h[FO_LAMB_BIAS_CORRECTION1]) /
-              (fo_sqrt(v / h[FO_LAMB_BIAS_CORRECTION2] + h[FO_LAMB_EPS_ROOT]) + h[FO_LAMB_EPS]);
+    nv<F> u = m / (h[FO_LAMB_BIAS_CORRECTION1] *
+                   (fo_sqrt(v / h[FO_LAMB_BIAS_CORRECTION2] + h[FO_LAMB_EPS_ROOT]) + h[FO_LAMB_EPS]));
     if (decays(flags, h[FO_LAMB_WEIGHT_DECAY])) {
         u = mad(p, h[FO_LAMB_WEIGHT_DECAY], u);  // fused: u + wd * p
     }

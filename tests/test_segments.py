@@ -223,6 +223,45 @@ def child_sim_vs_cpu():
     return ok
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [True, False], ids=["prange", "serial"])
+def test_stored_update_launches_equal_the_recomputing_ones(dtype, parallel):
+    """LAMB on the CPU (rules.STORED_UPDATE) stores each element's update in the reduction and
+    applies it from there: the same bits as the reduction + apply that compute it twice (the
+    templates the GPU backends run), for the sums, the parameters and the state, over empty,
+    partial and several pieces, masked and unmasked segments."""
+    sizes = [3, 0, 700, 300, 5]
+    b = np.concatenate([[0], np.cumsum(sizes)])
+    lo, hi, seg, first = layout = segment_loops.pieces(b, chunk=512)
+    h64 = (1, 0.9, 0.1, 0.999, 0.001, 0.1, 0.001, 1e-6, 1e-9, 0.01, 0.1)
+    h = tuple(dtype(x) for x in h64)
+    gs = (dtype(1.5), dtype(2.0))
+    flags = np.array([3, 1, 2, 0, 3], np.int32)
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal(b[-1]).astype(dtype) for _ in range(4)]
+    base[3] = np.abs(base[3])
+    results = []
+    for stored in (True, False):
+        p, g, m, v = (a.copy() for a in base)
+        out, r = np.zeros((lo.size, 2)), np.zeros((len(sizes), 2), dtype)
+        st, sums = np.zeros(len(sizes), dtype), np.zeros((len(sizes), 2))
+        if stored:
+            reduce_k, apply_k = segment_cpu.stored_kernels("lamb", parallel)
+            u = np.full_like(p, np.nan)
+            reduce_k(p, g, m, v, h + gs, flags, lo, hi, seg, out, u)
+        else:
+            reduce_k, _, apply_k = segment_cpu.kernels("lamb", parallel)
+            reduce_k(p, g, m, v, h + gs, flags, lo, hi, seg, out)
+        segment_cpu.segment("lamb", p, flags, layout, out, st, r, sums, h64)
+        if stored:
+            apply_k(p, u, lo, hi, seg, r)
+        else:
+            apply_k(p, g, m, v, h + gs, flags, lo, hi, seg, r)
+        results.append([a.tobytes() for a in (p, m, v, out, r)])
+    assert results[0] == results[1]
+    assert not np.array_equal(base[0], p)  # the step moved the parameters
+
+
 def test_cuda_simulator_equals_cpu_bit_for_bit():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

@@ -166,7 +166,8 @@ class SegmentedOptimizer(Optimizer):
     def step(self, grads=None, *, grad_scale=None):
         """One update of every parameter whose gradient is given (see ``Optimizer.step``):
         gradient scaling, clipping and non-finite skipping as there, then three launches per
-        unit."""
+        unit (on the CPU, a rule of ``rules.STORED_UPDATE`` stores each element's update and
+        its new state in the first and applies the stored update in the third)."""
         plan = self._plan(grads)
         for _, g_int, _, work in plan:
             for unit, grad in work:
@@ -226,12 +227,34 @@ class SegmentedOptimizer(Optimizer):
         on = {}
         if unit.backend.name == "cupy":  # the numba-cuda launchers keep their default stream
             on["stream"] = streams.StepStreams(self._stream)(unit)
-        k.reduce(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], **on)
+        stored = unit.backend.name == "numba-cpu" and self.algorithm in rules.STORED_UPDATE
+        if stored:
+            u = self._update_buffer(p)
+            k.reduce_stored(
+                self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], u
+            )
+        else:
+            k.reduce(
+                self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], **on
+            )
         k.segment(
             self.algorithm, p, w["flags"], w["layout"], w["out"], seg_state, w["r"], w["sums"],
             h64, **on,
         )  # fmt: skip
-        k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"], **on)
+        if stored:
+            k.apply_stored(self.algorithm, p, u, w["layout"], w["r"])
+        else:
+            k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"], **on)
+
+    def _update_buffer(self, p):
+        """Scratch for the stored update of a CPU unit (``rules.STORED_UPDATE``): one value per
+        element, one buffer per dtype shared by the units (they run one after the other), so a
+        list of arrays costs its largest array, not their sum."""
+        buffers = self.__dict__.setdefault("_update_buffers", {})
+        buf = buffers.get(p.dtype)
+        if buf is None or buf.size < p.size:
+            buf = buffers[p.dtype] = np.empty(p.size, p.dtype)
+        return buf[: p.size]
 
 
 def _kernels(unit):
