@@ -1,4 +1,12 @@
-"""Muon (torch.optim.Muon), with an optional AdamW fallback group for the non-matrix parameters."""
+"""Muon (torch.optim.Muon), with an optional AdamW fallback group for the non-matrix parameters.
+
+Where it runs: on the numba-cpu backend (compiled element passes, the Newton–Schulz products
+through NumPy's BLAS on the ParamSet's views: :mod:`fastopt.optim.newton_schulz`), and on the
+GPU backends through CuPy (:mod:`fastopt.optim.newton_schulz_device`: the products through
+``cupy.matmul``, i.e. cuBLAS): ``cupy`` units directly, ``numba-cuda`` units through zero-copy
+CuPy views of their arrays (CuPy must be installed; without it they are refused by name). The
+NumPy reference backend and 16-bit storage are refused by name.
+"""
 
 import math
 from collections.abc import Mapping
@@ -6,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
+from .. import arrays
 from ..paramset import ParamSet
 from ..validation import check_choice, check_int, check_nonnegative, check_real
 from . import precision
@@ -13,6 +22,7 @@ from .base import Optimizer, scalar_tuple
 from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
 from .hyperparameters import lr as lr_row
 from .newton_schulz import NS_DTYPES, NewtonSchulz, round_matrix
+from .newton_schulz_device import DeviceNewtonSchulz, launch_context
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 """(a, b, c) of the quintic Newton–Schulz iteration (Keller Jordan's Muon, torch's defaults)."""
@@ -209,9 +219,17 @@ class Muon(Optimizer):
     fallback parameters their momentum (``ema``, as before: no update reads it) and one AdamW
     kernel (the ``adam`` rule). Gradient scaling, clipping and
     ``skip_nonfinite`` apply as for every optimizer; a NaN gradient propagates into the
-    parameters, as in torch. Runs on the
-    numba-cpu backend with float32 and float64 parameters; other backends (CuPy,
-    numba-cuda, the NumPy reference) and 16-bit storage are refused by name at ``step()``.
+    parameters, as in torch.
+
+    Where it runs (float32 and float64 parameters, gradients of their dtype): the numba-cpu
+    backend as above; the ``cupy`` backend with the same three steps per matrix as CuPy ufuncs
+    and ``cupy.matmul`` (cuBLAS) into device scratch (:mod:`fastopt.optim.newton_schulz_device`:
+    the same arithmetic, the products' rounding cuBLAS's), the fallback through the backend's
+    kernels; the ``numba-cuda`` backend the same way through zero-copy CuPy views of its arrays
+    when CuPy is installed (refused by name at ``step()`` otherwise). Every launch goes on the
+    arrays' current stream (or ``stream=``; numba-cuda arrays without one: the null stream), with
+    no host synchronisation (but CuPy's, once, on the stream a numba array names when it first
+    views it). The NumPy reference backend and 16-bit storage are refused by name at ``step()``.
     """
 
     algorithm = "muon"
@@ -312,29 +330,33 @@ class Muon(Optimizer):
         for _, _, _, work in plan:
             for unit, grad in work:
                 self._check_unit(unit, grad)
-        scales = self._grad_scales(plan, grad_scale)
+        stream_of = self.step_streams()
+        scales = self._grad_scales(plan, grad_scale, stream_of)
         if scales is None:
             return
         for group, g_int, lr, work in plan:
             for unit, grad in work:
+                stream = stream_of(unit)
                 if not unit.state:
-                    self._allocate(group, unit, g_int["state_names"], lr)
+                    self._allocate(group, unit, g_int["state_names"], lr, stream)
                 step = unit.state["step"] + 1
                 matrices, adam_runs = self._layout(group, g_int, unit)
                 if matrices:
-                    self._muon_step(group, unit, grad, lr, scales, matrices, adam_runs)
+                    self._muon_step(group, unit, grad, lr, scales, matrices, adam_runs, stream)
                 if adam_runs:
-                    self._adamw_step(group, unit, grad, lr, step, scales, adam_runs)
+                    self._adamw_step(group, unit, grad, lr, step, scales, adam_runs, stream)
                 unit.state["step"] = step
         self._count_step(plan)
 
     def _check_unit(self, unit, grad):
         name = unit.backend.name
-        if name != "numba-cpu":
+        if name not in ("numba-cpu", "cupy", "numba-cuda"):
             raise RuntimeError(
-                f"Muon runs on the numba-cpu backend (NumPy BLAS products); {unit.label} is on "
-                f"{name!r}"
+                f"Muon runs on the numba-cpu backend (NumPy BLAS products) and on the GPU "
+                f"backends cupy and numba-cuda (cuBLAS products through CuPy); {unit.label} is "
+                f"on {name!r}"
             )
+        self._device_module(unit)  # numba-cuda without CuPy: refused here, before any write
         storage = precision.storage_of(self.precision, unit.param, grad)
         if not precision.is_plain(storage) or unit.param.dtype not in (np.float32, np.float64):
             raise TypeError(
@@ -350,20 +372,47 @@ class Muon(Optimizer):
             ns = scratch[key] = NewtonSchulz(shape, ns_dtype)
         return ns
 
-    def _muon_step(self, group, unit, grad, lr, scales, matrices, runs):
+    def _device_module(self, unit):
+        """The array module that runs ``unit``'s matrices: None on numba-cpu (the compiled
+        passes and NumPy's BLAS), CuPy on the cupy and numba-cuda backends (RuntimeError naming
+        the reason when CuPy is not installed)."""
+        name = unit.backend.name
+        if name == "numba-cpu":
+            return None
+        return arrays.import_cupy(
+            f"Muon on {unit.label} ({name} backend: the Newton–Schulz products run through "
+            "cuBLAS, via CuPy views of the arrays)"
+        )
+
+    def _device_ns_for(self, xp, like, shape, ns_dtype):
+        """DeviceNewtonSchulz per (array module, device, shape, ns_dtype, parameter dtype),
+        allocated on the current device (inside :func:`launch_context`)."""
+        scratch = self._scratch()
+        device = None if xp is np else int(like.data.device_id)
+        key = ("device", xp.__name__, device, shape, ns_dtype, np.dtype(like.dtype))
+        ns = scratch.get(key)
+        if ns is None:
+            ns = scratch[key] = DeviceNewtonSchulz(xp, shape, ns_dtype, like.dtype)
+        return ns
+
+    def _muon_step(self, group, unit, grad, lr, scales, matrices, runs, stream=None):
         st, p = unit.scalar_type, unit.param
         mu = group["momentum"]
         buf = unit.state["momentum_buffer"]
         gs = (st(scales[0]), st(scales[1]))
         for lo, hi in runs:  # the fallback tensors' momentum, as over the whole unit before
             unit.backend.update(
-                "ema", buf[lo:hi], grad[lo:hi], [], (st(1.0 - mu), st(mu)), gs, None
+                "ema", buf[lo:hi], grad[lo:hi], [], (st(1.0 - mu), st(mu)), gs, None, stream
             )
         nesterov = (1 if mu < 0.5 else 2) if group["nesterov"] else 0
         h = (*gs, st(1.0 - mu), st(mu), nesterov)
         wd = st(lr * group["weight_decay"])
         coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
         ns_dtype, adjust = group["ns_dtype"], group["adjust_lr_fn"]
+        xp = self._device_module(unit)
+        if xp is not None:
+            self._device_matrices(xp, unit, grad, stream, matrices, h, wd, group, lr)
+            return
         for shape, lo, hi in matrices:
             ns = self._ns_for(shape, ns_dtype)
             bf16 = ns.emulate_bf16
@@ -371,7 +420,44 @@ class Muon(Optimizer):
             o = ns.run(ns.x, coefficients, steps, eps, round_output=False)
             apply_update(p[lo:hi], o, st(adjusted_lr(lr, adjust, shape)), wd, bf16)
 
-    def _adamw_step(self, group, unit, grad, lr, step, scales, runs):
+    def _views(self, xp, unit, grad):
+        """``xp`` views of the unit's parameter, gradient and momentum (zero-copy
+        ``xp.asarray``: the arrays themselves for CuPy units, CuPy views of numba-cuda ones).
+        The views of the arrays a unit keeps (its parameter, momentum and ParamSet gradient
+        buffer) are made once: CuPy synchronises the stream a numba array names when it views
+        it."""
+        kept = self._scratch().setdefault(("views", id(unit)), {})
+        index = None if unit.device is None else arrays.parse_device(unit.device)
+        buf = unit.state["momentum_buffer"]
+        out = []
+        with arrays.on_device(xp, None if index is None or index < 0 else index):
+            for role, a in (("param", unit.param), ("grad", grad), ("momentum", buf)):
+                keep = role != "grad" or grad is unit.default_grad
+                hit = kept.get(role) if keep else None
+                if hit is None or hit[0] is not a:
+                    hit = (a, xp.asarray(a))
+                    if keep:
+                        kept[role] = hit
+                out.append(hit[1])
+        return out
+
+    def _device_matrices(self, xp, unit, grad, stream, matrices, h, wd, group, lr):
+        """The Muon matrices of a GPU unit: :meth:`_views` of its arrays, then the three steps
+        per matrix on ``stream`` (numba-cuda's default, the null stream, for arrays that name
+        none)."""
+        st = unit.scalar_type
+        p, g, buf = self._views(xp, unit, grad)
+        if stream is None and unit.backend.name == "numba-cuda":
+            stream = 0
+        coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+        with launch_context(xp, p, stream):
+            for shape, lo, hi in matrices:
+                ns = self._device_ns_for(xp, p, shape, group["ns_dtype"])
+                ns.momentum_into(g[lo:hi], buf[lo:hi], h)
+                o = ns.run(coefficients, steps, eps)
+                ns.apply_update(p[lo:hi], o, st(adjusted_lr(lr, group["adjust_lr_fn"], shape)), wd)
+
+    def _adamw_step(self, group, unit, grad, lr, step, scales, runs, stream=None):
         st = unit.scalar_type
         if group["adamw_lr"] is not None:
             lr = float(group["adamw_lr"])
@@ -393,7 +479,7 @@ class Muon(Optimizer):
         m, v = unit.state["exp_avg"], unit.state["exp_avg_sq"]
         for lo, hi in runs:
             unit.backend.update(
-                "adam", unit.param[lo:hi], grad[lo:hi], [m[lo:hi], v[lo:hi]], h, gs, None
+                "adam", unit.param[lo:hi], grad[lo:hi], [m[lo:hi], v[lo:hi]], h, gs, None, stream
             )
 
 
