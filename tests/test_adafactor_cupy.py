@@ -41,9 +41,13 @@ SHAPES = (
     (0,),
     (2, 0, 3),
 )
-# Per step: (maximize, weight decay, (gradient scale, clip)). Steps 1, 2, 3: w = 1, 0.57, 0.42
-# (both branches of lerp).
-STEPS = ((True, 0.1, (0.5, 0.8)), (False, 0.0, (1.0, 0.0)), (False, 0.2, (2.0, 1.5)))
+# Per step: (maximize, weight decay, d, (gradient scale, clip)). Steps 1, 2, 3: w = 1, 0.57,
+# 0.42 (both branches of lerp); d = 0.25 makes RMS(u) / d > 1 (the clipped update).
+STEPS = (
+    (True, 0.1, 1.0, (0.5, 0.8)),
+    (False, 0.0, 0.25, (1.0, 0.0)),
+    (False, 0.2, 1.0, (2.0, 1.5)),
+)
 
 
 def _cuda_c():
@@ -159,7 +163,7 @@ def test_harness_constants_are_factored_py(harness):
 # The case: a flat buffer of SHAPES, three steps of STEPS.
 
 
-def _scalars(dtype, t, maximize, wd, lr=0.05):
+def _scalars(dtype, t, maximize, wd, d, lr=0.05):
     """(h, h64) as fastopt.optim.Adafactor builds them for step ``t``."""
     st = np.dtype(dtype).type
     w = float(t) ** -0.8
@@ -174,7 +178,7 @@ def _scalars(dtype, t, maximize, wd, lr=0.05):
         st(decay),
         st(1.0),
     )
-    return h, (1e-3, min(lr, 1 / float(t) ** 0.5), 1.0)
+    return h, (1e-3, min(lr, 1 / float(t) ** 0.5), d)
 
 
 def _case(dtype):
@@ -189,8 +193,8 @@ def _case(dtype):
 
 
 def _step_args(dtype, t):
-    maximize, wd, gs = STEPS[t - 1]
-    h, h64 = _scalars(dtype, t, maximize, wd)
+    maximize, wd, d, gs = STEPS[t - 1]
+    h, h64 = _scalars(dtype, t, maximize, wd, d)
     st = np.dtype(dtype).type
     return h, h64, (st(gs[0]), st(gs[1]))
 
