@@ -199,9 +199,20 @@ def _step_args(dtype, t):
     return h, h64, (st(gs[0]), st(gs[1]))
 
 
-def _ptr(a):
-    a = a.host if isinstance(a, FakeDeviceArray) else a
-    return a.ctypes.data
+def _arg(a):
+    """A launch argument as the harness takes it: an array's address, a float, an int."""
+    if isinstance(a, (FakeDeviceArray, np.ndarray)):
+        return (a.host if isinstance(a, FakeDeviceArray) else a).ctypes.data
+    return float(a) if isinstance(a, (float, np.floating)) else int(a)
+
+
+def _host_launcher(harness, dtype):
+    """``run(phase, *args)``: the harness's launch of ``phase`` over arrays of ``dtype``."""
+
+    def run(phase, *args):
+        getattr(harness, f"fo_host_af_{phase}")(int(dtype == np.float64), *map(_arg, args))
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +230,6 @@ def test_each_phase_equals_the_numba_cpu_kernel(harness, dtype):
     nan = {k: np.full(v.size, np.nan, v.dtype) for k, v in cpu.items()}  # unwritten shows
     items, batches = layout["items"], layout["batches"]
     nitems, nbatches, nseg = items.shape[0], batches.shape[0], layout["numel"].size
-    dbl = int(dtype == np.float64)
     for t, g in enumerate(grads, 1):
         h, h64, gs = _step_args(dtype, t)
         factored.step(host["p"], g, *host["states"], h, h64, gs, layout, cpu)
@@ -227,66 +237,24 @@ def test_each_phase_equals_the_numba_cpu_kernel(harness, dtype):
         row_var, col_var, variance = dev["states"]
         hs = kcupy._scalars(h, np.dtype(dtype))
         h64s = np.array(h64, np.float64)
-        clip = float(gs[1]) if gs[1] > 0 else np.inf
-        harness.fo_host_af_tiles(
-            dbl,
-            _ptr(g),
-            float(gs[0]),
-            clip,
-            _ptr(items),
-            nitems,
-            _ptr(w["rowpart"]),
-            _ptr(w["colpart"]),
-        )
-        for k in ("rowpart", "colpart"):
-            assert _same(w[k], cpu[k]), (t, k)
-        harness.fo_host_af_factors(
-            dbl,
-            _ptr(batches),
-            nbatches,
-            _ptr(w["rowpart"]),
-            _ptr(w["colpart"]),
-            _ptr(row_var),
-            _ptr(col_var),
-            _ptr(w["bmean"]),
-            _ptr(hs),
-        )
-        assert _same(w["bmean"], cpu["bmean"]), (t, "bmean")
+        clip = gs[1] if gs[1] > 0 else np.inf
+        run = _host_launcher(harness, dtype)
+        rp, cp, bmean, update, part, scale = (w[k] for k in factored_cupy.SCRATCH)
+        run("tiles", g, gs[0], clip, items, nitems, rp, cp)
+        assert _same(rp, cpu["rowpart"]) and _same(cp, cpu["colpart"]), t
+        run("factors", batches, nbatches, rp, cp, row_var, col_var, bmean, hs)
+        assert _same(bmean, cpu["bmean"]), (t, "bmean")
         for a, b in zip(dev["states"][:2], host["states"][:2], strict=True):
             assert _same(a, b), (t, "factors")
         assert np.isnan(col_var[-6:]).all() and np.isfinite(col_var[:-6]).all()  # (2, 0, 3)
-        harness.fo_host_af_items(
-            dbl,
-            _ptr(dev["p"]),
-            _ptr(g),
-            _ptr(hs),
-            float(gs[0]),
-            clip,
-            _ptr(items),
-            nitems,
-            _ptr(row_var),
-            _ptr(col_var),
-            _ptr(w["bmean"]),
-            _ptr(variance),
-            _ptr(w["update"]),
-            _ptr(w["part"]),
-        )
-        assert _same(w["update"], cpu["update"]), (t, "update")
-        assert _same(w["part"], cpu["part"].ravel()), (t, "part")
+        args = (row_var, col_var, bmean, variance, update, part)
+        run("items", dev["p"], g, hs, gs[0], clip, items, nitems, *args)
+        assert _same(update, cpu["update"]), (t, "update")
+        assert _same(part, cpu["part"].ravel()), (t, "part")
         assert _same(variance, host["states"][2]), (t, "variance")
-        harness.fo_host_af_scales(
-            dbl,
-            _ptr(layout["first"]),
-            _ptr(layout["numel"]),
-            nseg,
-            _ptr(w["part"]),
-            _ptr(h64s),
-            _ptr(w["scale"]),
-        )
-        assert _same(w["scale"], cpu["scale"]), (t, "scale")
-        harness.fo_host_af_apply(
-            dbl, _ptr(dev["p"]), _ptr(hs), _ptr(items), nitems, _ptr(w["update"]), _ptr(w["scale"])
-        )
+        run("scales", layout["first"], layout["numel"], nseg, part, h64s, scale)
+        assert _same(scale, cpu["scale"]), (t, "scale")
+        run("apply", dev["p"], hs, items, nitems, update, scale)
         assert _same(dev["p"], host["p"]), (t, "p")
     clipped = np.abs(grads[0] * np.dtype(dtype).type(0.5)) > 0.8
     assert clipped.any() and not clipped.all()
@@ -303,11 +271,6 @@ def fake(harness, nvrtc_ptx, monkeypatch):
     PTX signature and its configuration against the kernels' contract."""
     sizes_of = _cuda_c()._param_sizes
 
-    def arg(a):
-        if isinstance(a, (FakeDeviceArray, np.ndarray)):
-            return _ptr(a)
-        return float(a) if isinstance(a, np.floating) else int(a)
-
     def run(name, grid, block, args):
         sizes = [8 if isinstance(a, FakeDeviceArray) else a.nbytes for a in args]
         assert sizes == sizes_of(nvrtc_ptx, name), name
@@ -317,7 +280,7 @@ def fake(harness, nvrtc_ptx, monkeypatch):
         threads = {"tiles": factored.TILE_COLS, "items": factored.TILE_COLS}
         if phase in threads:
             assert block == (threads[phase],), name
-        getattr(harness, f"fo_host_af_{phase}")(int(sfx == "f64"), *map(arg, args))
+        _host_launcher(harness, np.float64 if sfx == "f64" else np.float32)(phase, *args)
 
     fake = FakeVectorCuPy(run)
     fake.ndarray = SegmentArray
