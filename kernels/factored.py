@@ -24,8 +24,8 @@ bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one k
 4. per item, ``p = p * decay + scale * u``, ``u`` read back from ``update``.
 
 Every element's arithmetic is in the parameter dtype (as torch's), every sum in float64 in an
-order that depends only on the segment's shape: identical bits for any thread count. Numba CPU
-only: the GPU backends are refused by ``fastopt.optim.Adafactor`` by name.
+order that depends only on the segment's shape: identical bits for any thread count. The same
+phases on numba-cuda: ``kernels/factored_cuda.py``.
 
 Speed: the update's square root and two divisions bound the step (the divider, not memory), so
 each element's ``u`` is computed once, in phase 2, and phase 4 streams it back (4 more bytes

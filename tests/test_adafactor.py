@@ -11,6 +11,7 @@ kernels/factored.py.
 
 import hashlib
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -228,17 +229,29 @@ def test_bad_input_writes_nothing():
     assert len(opt.param_groups) == 1  # the refused group is not kept
 
 
-def test_gpu_backends_are_refused_by_name():
+def test_gpu_backends_run_it_and_others_are_refused_by_name(monkeypatch):
+    from fastopt.optim import adafactor
+
     opt = fo.Adafactor([np.ones((2, 2))])
 
-    class Unit:
-        label = "param [0]"
-        backend = type("B", (), {"name": "cupy"})()
+    def unit(backend):
+        return type(
+            "Unit", (), {"label": "param [0]", "backend": type("B", (), {"name": backend})()}
+        )
 
+    opt._check_backend(unit("numba-cuda"))  # no longer refused
+    assert adafactor.kernel_module("numba-cuda").__name__ == "fastopt.kernels.factored_cuda"
     with pytest.raises(
-        RuntimeError, match="numba-cpu and numpy backends; param \\[0\\] is on 'cupy'"
+        RuntimeError,
+        match="numba-cpu, numba-cuda, cupy and numpy backends; param \\[0\\] is on 'tpu'",
     ):
-        opt._check_backend(Unit())
+        opt._check_backend(unit("tpu"))
+    monkeypatch.setitem(sys.modules, "fastopt.kernels.factored_cupy", None)  # as if missing
+    with pytest.raises(
+        RuntimeError,
+        match="'cupy' backend \\(param \\[0\\]\\) needs fastopt.kernels.factored_cupy, which",
+    ):
+        opt._check_backend(unit("cupy"))
 
 
 def test_registry_trainer_on_digits():

@@ -1,5 +1,10 @@
 """Adafactor (torch.optim.Adafactor semantics): factored second moments over the segments of a
-unit, in the fixed launch sequence of ``kernels/factored.py``."""
+unit, in the fixed sequence of five phases of ``kernels/factored.py`` (numba-cpu), run by the
+kernel module of the unit's backend: ``kernels/factored.py`` on numba-cpu,
+``kernels/factored_cuda.py`` on numba-cuda, ``kernels/factored_cupy.py`` on CuPy (each imported
+on first use), the NumPy reference on ``numpy``."""
+
+import importlib.util
 
 import numpy as np
 
@@ -15,7 +20,36 @@ STATE_NAMES = ("row_var", "col_var", "variance")
 """The state arrays of every unit, torch's names: the row and column factors of its tensors of 2
 or more dimensions and the second moment of its vectors and scalars, back to back."""
 
-_BACKENDS = ("numba-cpu", "numpy")
+KERNEL_MODULES = {
+    "numba-cpu": "factored",
+    "numba-cuda": "factored_cuda",
+    "cupy": "factored_cupy",
+}
+"""The kernel module (in ``fastopt.kernels``) of each backend Adafactor runs on besides the NumPy
+reference. A GPU module has ``device_layout(layout, like)``, ``scratch(layout, dtype, like,
+update=None)`` and ``step`` (``factored.step``'s arguments and semantics, on device arrays)."""
+
+
+def kernel_module(backend, label="a parameter"):
+    """The kernel module of Adafactor on ``backend`` (a name of :data:`KERNEL_MODULES`),
+    imported on first use; RuntimeError naming ``label`` for any other backend, or when the
+    module is missing from this installation."""
+    module = KERNEL_MODULES.get(backend)
+    if module is None:
+        raise RuntimeError(
+            f"Adafactor runs on the {', '.join(KERNEL_MODULES)} and numpy backends; {label} is "
+            f"on {backend!r}"
+        )
+    full = importlib.util.resolve_name(f"..kernels.{module}", __package__)
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name != full:
+            raise
+        raise RuntimeError(
+            f"Adafactor on the {backend!r} backend ({label}) needs {full}, which this "
+            "installation lacks"
+        ) from None
 
 
 def check_eps(name, value):
@@ -57,7 +91,9 @@ class Adafactor(Optimizer):
     (``row_var``, ``col_var``); per vector or scalar: one per element (``variance``).
     ``eps = (None, 1e-3)``: eps1 None is the dtype's machine epsilon. ``foreach`` is accepted
     for torch's signature (every step is fused). float32 and float64 parameters, on the
-    numba-cpu backend (and the NumPy reference); GPU backends are refused by name.
+    numba-cpu, numba-cuda and cupy backends (kernel modules :data:`KERNEL_MODULES`; device
+    arrays keep their state and scratch on their device) and the NumPy reference; other
+    backends are refused by name.
 
     A step is one kernel run for five phases whatever the number of tensors (row/column sums
     of G^2 per tile, the factors, per-tensor sums of squares of the parameter and the update,
@@ -97,25 +133,34 @@ class Adafactor(Optimizer):
         return [tuple(unit.shape)]
 
     def _layout(self, g_int, unit):
-        """The unit's cached :func:`kernels.factored.plan` and scratch arrays. Their ``update``
-        (one value per element) is a view of one buffer per dtype, shared by the units (they
-        run one after the other): a list of arrays costs its largest array, not their sum."""
+        """(kernel module, layout, scratch) of the unit, cached: the module of its backend
+        (:func:`kernel_module`; the NumPy reference takes numba-cpu's), the
+        :func:`kernels.factored.plan` of its tensors (its tables on the unit's device for a GPU
+        backend) and the scratch arrays. Their ``update`` (one value per element) is a view of
+        one buffer per backend, device and dtype, shared by the units (they run one after the
+        other, on one stream): a list of arrays costs its largest array, not their sum."""
         cache = self.__dict__.setdefault("_layouts", {})
-        key = ("update", unit.param.dtype)
+        backend = unit.backend.name
+        dtype = unit.param.dtype
+        key = ("update", backend, unit.backend.device_of(unit.param), dtype)
         shared = cache.get(key)
         hit = cache.get(id(unit))
         if hit is None or hit[0] is not unit:
-            layout = factored.plan(self._shapes(g_int, unit))
-            hit = cache[id(unit)] = (
-                unit,
-                layout,
-                factored.scratch(layout, unit.param.dtype, shared),
-            )
-            shared = cache[key] = hit[2]["update"].base
-        work = hit[2]
-        if work["update"].base is not shared:  # the buffer grew for a larger unit since
+            plan = factored.plan(self._shapes(g_int, unit))
+            if backend in ("numba-cpu", "numpy"):
+                module, layout, work = factored, plan, factored.scratch(plan, dtype, shared)
+            else:
+                module = kernel_module(backend, unit.label)
+                layout = module.device_layout(plan, unit.param)
+                work = module.scratch(plan, dtype, unit.param, shared)
+            if shared is None or shared.size < work["update"].size:  # a new, larger buffer
+                shared = cache[key] = work["update"]
+            hit = cache[id(unit)] = [unit, module, layout, work, shared]
+        work = hit[3]
+        if hit[4] is not shared:  # the buffer grew for a larger unit since
             work["update"] = shared[: work["update"].size]
-        return hit[1], work
+            hit[4] = shared
+        return hit[1], hit[2], work
 
     def _state_shape(self, g_int, unit, name):
         shapes = self._shapes(g_int, unit)
@@ -144,11 +189,8 @@ class Adafactor(Optimizer):
             raise
 
     def _check_backend(self, unit):
-        if unit.backend.name not in _BACKENDS:
-            raise RuntimeError(
-                f"Adafactor runs on the {' and '.join(_BACKENDS)} backends; {unit.label} is on "
-                f"{unit.backend.name!r}"
-            )
+        if unit.backend.name != "numpy":
+            kernel_module(unit.backend.name, unit.label)
 
     def _check_dtype(self, unit, dtype, what="has"):
         dtype = np.dtype(dtype)
@@ -221,13 +263,13 @@ class Adafactor(Optimizer):
         launches = []
         for group, g_int, lr, work in plan:
             for unit, grad in work:
-                layout, scratch = self._layout(g_int, unit)
+                kernels = self._layout(g_int, unit)
                 if not unit.state:
                     self._allocate(group, unit, g_int["state_names"], lr)
                 step = unit.state["step"] + 1
                 h, h64 = self._step_scalars(group, unit, step, lr)
-                launches.append((group, g_int, lr, unit, grad, step, h, h64, layout, scratch))
-        for group, g_int, lr, unit, grad, step, h, h64, layout, scratch in launches:
+                launches.append((group, g_int, lr, unit, grad, step, h, h64, kernels))
+        for group, g_int, lr, unit, grad, step, h, h64, (module, layout, scratch) in launches:
             state = unit.state
             if unit.backend.name == "numpy":
                 reference.adafactor(
@@ -240,7 +282,7 @@ class Adafactor(Optimizer):
                 )
             else:
                 st = unit.scalar_type
-                factored.step(
+                module.step(
                     unit.param,
                     grad,
                     *(state[n] for n in STATE_NAMES),
