@@ -21,6 +21,7 @@ from fake_cupy import FakeDeviceArray, install
 from test_lbfgs_cupy import FakeVectorCuPy
 from test_segments_cupy import SegmentArray
 
+import fastopt as fo
 from fastopt import dispatch
 from fastopt.kernels import cupy as kcupy
 from fastopt.kernels import factored, factored_cupy
@@ -284,6 +285,7 @@ def fake(harness, nvrtc_ptx, monkeypatch):
 
     fake = FakeVectorCuPy(run)
     fake.ndarray = SegmentArray
+    fake.zeros = lambda n, dtype: SegmentArray(np.zeros(n, dtype))
     fake.empty = lambda n, dtype: SegmentArray(  # NaN (or -1): an element never written shows
         np.full(n, np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
     )
@@ -341,6 +343,32 @@ def test_cupy_step_follows_factored_step(fake, dtype):
         vwork,
     )
     assert [n.split("_")[2] for n, *_ in fake.launches] == ["items", "scales", "apply"]
+
+
+def test_optimizer_on_cupy_follows_numba_cpu(fake):
+    """fastopt.Adafactor over fake CuPy arrays (a matrix of two row tiles, a 3-D tensor, a
+    vector; weight decay and clipping), two steps: every parameter equal to numba-cpu's bit for
+    bit, five launches per matrix unit and step, on CuPy's current stream."""
+    rng = np.random.default_rng(5)
+    shapes = [(70, 20), (2, 3, 5), (9,)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+    kw = dict(lr=0.05, weight_decay=0.1, max_grad_value=1.5)
+    results = []
+    for make, backend in ((np.copy, "numba-cpu"), (SegmentArray, "cupy")):
+        params = [make(a.copy()) for a in init]
+        opt = fo.Adafactor(params, backend=backend, **kw)
+        fake.launches.clear()
+        fake.current_ptr = 11
+        for g in grads:
+            opt.step([make(a.copy()) for a in g])
+        assert opt.backend_name == backend
+        results.append([a.host.copy() if backend == "cupy" else a for a in params])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert _same(got, want)
+    phases = [n.split("_")[2] for n, *_ in fake.launches]
+    assert phases == (list(factored_cupy.PHASES) * 2 + ["items", "scales", "apply"]) * 2
+    assert set(fake.streams) == {11}
 
 
 def test_bad_input_is_refused_before_any_launch(fake):

@@ -8,7 +8,7 @@ import importlib.util
 
 import numpy as np
 
-from .. import reference
+from .. import reference, streams
 from ..kernels import factored
 from ..paramset import ParamSet
 from ..validation import check_bool, check_nonnegative, check_pair
@@ -282,6 +282,9 @@ class Adafactor(Optimizer):
                 )
             else:
                 st = unit.scalar_type
+                on = {}
+                if unit.backend.name == "cupy":  # numba-cuda keeps its default stream, as LAMB
+                    on["stream"] = streams.StepStreams(self._stream)(unit)
                 module.step(
                     unit.param,
                     grad,
@@ -291,6 +294,7 @@ class Adafactor(Optimizer):
                     (st(scales[0]), st(scales[1])),
                     layout,
                     scratch,
+                    **on,
                 )
             state["step"] = step
         self._count_step(plan)
