@@ -53,8 +53,10 @@ void host_block(void* p, float* w, const void* g, const fo::quant_slot* slots, l
       false)                                                                                 \
     X(fo_block_adam_amsgrad_f32_f32_f32, fo::op_adam_amsgrad, float, float, float, false,    \
       false)                                                                                 \
-    X(fo_block_adam_bf16_bf16_f32_master_sr, fo::op_adam, float, fo::bf16_bits,             \
-      fo::bf16_bits, true, true)
+    X(fo_block_adam_bf16_bf16_f32_master, fo::op_adam, float, fo::bf16_bits, fo::bf16_bits,  \
+      true, false)                                                                           \
+    X(fo_block_adam_bf16_bf16_f32_sr, fo::op_adam, float, fo::bf16_bits, fo::bf16_bits, false, \
+      true)
 
 // One launch of kernel `name` over host arrays (slots: codes, absmax, map, table per slot; the
 // unused ones null); h points to the fo::Scalars struct. -1 for a kernel it does not run.
