@@ -6,8 +6,8 @@ Without a GPU: NVRTC compiles the modules CuPy would, for sm_90; a host harness
 with the block's threads emulated in order, and a fake CuPy routes every launch to it. The
 quantizer helpers then equal block_loops' on every midpoint of both maps, its neighbours and
 10**4 other values; each launch equals numba-cpu's block loop bit for bit (codes, absmax,
-parameters, master weights; float32, and bfloat16 with master weights and stochastic rounding;
-1, 2 and 3 state slots; a partial last block, an all-zero block and a NaN block); and the
+parameters, master weights; float32, bfloat16 with master weights, bfloat16 with stochastic
+rounding; 1, 2 and 3 state slots; a partial last block, an all-zero block and a NaN block); the
 optimizers over fake CuPy arrays follow numba-cpu bit for bit, through a state_dict round trip.
 On a GPU (skipped here): CuPy and numba-cpu give the same bits.
 """
@@ -157,7 +157,9 @@ def _values(signed, rng):
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_quantizer_helpers_equal_block_loops(harness, signed):
     """bucket_of, nearest_code, magnitude_bits and normalized (with the block's reciprocal) of
-    the CUDA C quantizer equal block_loops' compiled helpers on every value of ``_values``."""
+    the CUDA C quantizer equal block_loops' on every value of ``_values``: its compiled
+    ``nearest_code``, the tables' bucket index, and ``normalized`` run as NumPy (its source,
+    elementwise)."""
     rng = np.random.default_rng(11 + signed)
     x = _values(signed, rng)
     n = x.size
@@ -173,12 +175,12 @@ def test_quantizer_helpers_equal_block_loops(harness, signed):
     bits = x.view(np.uint32)
     assert _same(out["bucket"], block_loops._bucket(bits).astype(np.uint32))  # the tables' index
     assert _same(out["magnitude"], bits & np.uint32(0x7FFFFFFF))
-    code, normalized = block_loops.helper("nearest_code"), block_loops.helper("normalized")
+    inverse = 1.0 / np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
+    with np.errstate(over="ignore"):  # x / a subnormal scale overflows to Inf, as it should
+        assert _same(out["xn"], block_loops.normalized(x, inverse))
+    code = block_loops.helper("nearest_code")
     for k in range(n):
         assert out["code"][k] == code(x[k], qm, lut), x[k]
-        s = scale[k] if scale[k] > 0 else np.float32(1.0)
-        want = np.float32(normalized(x[k], 1.0 / np.float64(s)))
-        assert _same(out["xn"][k], want), (x[k], scale[k])
     if signed:  # the sign rule: -3e-8 (the last value) rounds to zero's code, keeps its sign
         assert out["code"][-1] == 126
 
@@ -267,6 +269,14 @@ def _h(rule, dtype):
     return tuple(np.dtype(dtype).type(x) for x in _cuda_c().H64[rule][-1])
 
 
+def _slot_names(rule):
+    return {
+        "adam": ("exp_avg", "exp_avg_sq"),
+        "sgd_momentum": ("momentum_buffer",),
+        "adam_amsgrad": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    }[rule]
+
+
 @pytest.mark.parametrize(
     "rule, storage", HOST_KERNELS, ids=[block_cupy.kernel_name(*k) for k in HOST_KERNELS]
 )
@@ -277,6 +287,7 @@ def test_each_launch_equals_numba_cpus_block_loop(fake, rule, storage):
     pdt = BF16 if storage.param == "bfloat16" else np.float32
     p = rng.standard_normal(N).astype(np.float32)
     g = (rng.standard_normal(N) * 10.0 ** rng.integers(-3, 2, N)).astype(np.float32)
+    g[QUANT_BLOCK : 2 * QUANT_BLOCK] = 0  # with zero state: an all-zero block (no weight decay)
     signs = [precision.INT8_SIGNED[k] for k in _slot_names(rule)]
     host = dict(p=p.astype(pdt), g=g.astype(pdt), w=p.copy() if storage.master else None)
     host["s"] = [precision.int8_from_values(_slot_values(rng, N, s), s) for s in signs]
@@ -297,15 +308,10 @@ def test_each_launch_equals_numba_cpus_block_loop(fake, rule, storage):
         for k, (a, b) in enumerate(zip(dev["s"], host["s"], strict=True)):
             assert _same(a.codes.host, b.codes) and _same(a.absmax.host, b.absmax), (rule, k)
     assert np.isnan(host["s"][0].absmax[2])  # the NaN block stays NaN
+    if rule != "sgd_momentum":  # its case decays the weights into the gradient
+        zero = block_loops.code_of(0.0, True)
+        assert host["s"][0].absmax[1] == 0 and set(host["s"][0].codes[QUANT_BLOCK:512]) == {zero}
     assert len(fake.launches) == 2
-
-
-def _slot_names(rule):
-    return {
-        "adam": ("exp_avg", "exp_avg_sq"),
-        "sgd_momentum": ("momentum_buffer",),
-        "adam_amsgrad": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    }[rule]
 
 
 def test_bad_input_is_refused_before_any_launch(fake):
