@@ -146,16 +146,15 @@ def check(rule_name, storage, p, g, states, master):
             )
 
 
-def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None, *, check_args=True):
+def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):
     """``kcupy.apply_storage`` for 8-bit state: ``states`` are the rule's 8-bit slots
     (``precision.Quantized`` of cupy arrays) in its slot order; ``master`` the float32 master
     copy or None; ``h`` and ``gs`` cast to the compute dtype; ``rs`` = (seed, step, index of
     ``p[0]`` among the optimizer's parameters). One launch, asynchronous on ``stream`` (None:
-    CuPy's current stream) and ``p``'s device; checked before it unless ``check_args=False``."""
+    CuPy's current stream) and ``p``'s device; the arguments checked (:func:`check`) before."""
     import cupy
 
-    if check_args:
-        check(rule_name, storage, p, g, states, master)
+    check(rule_name, storage, p, g, states, master)
     n = p.size
     if n == 0:
         return

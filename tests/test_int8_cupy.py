@@ -392,14 +392,21 @@ def test_optimizer_on_cupy_follows_numba_cpu(fake, monkeypatch, cls, kw, dtype):
         assert _same(np.asarray(sd[k]), np.asarray(sh[k])), k
     kinds = [n for n, *_ in fake.launches]
     assert len(kinds) == 3 * len(SHAPES) and all(n.startswith("fo_block_adam") for n in kinds)
-    # state_dict round trip: the CuPy state into a fresh numba-cpu optimizer, one more step
+    # state_dict round trips, one more step each: the CuPy state into a fresh numba-cpu
+    # optimizer, and the numba-cpu state into a fresh CuPy one
     hp2 = [a.host.copy() for a in dp]
+    dp2 = [BlockArray(a.copy()) for a in hp]
     opt_h2 = cls(hp2, backend="numba-cpu", state_dtype="int8", **kw)
+    opt_d2 = cls(dp2, backend="cupy", state_dtype="int8", **kw)
     opt_h2.load_state_dict(opt_d.state_dict())
-    opt_d.step([BlockArray(a) for a in _grads(3, dtype)])
-    opt_h2.step(_grads(3, dtype))
-    for a, b in zip(dp, hp2, strict=True):
+    opt_d2.load_state_dict(opt_h.state_dict())
+    for opt in (opt_d, opt_d2):
+        opt.step([BlockArray(a) for a in _grads(3, dtype)])
+    for opt in (opt_h, opt_h2):
+        opt.step(_grads(3, dtype))
+    for a, b, c, d in zip(dp, hp2, dp2, hp, strict=True):
         assert _same(a.host.view(np.uint8), b.view(np.uint8))
+        assert _same(c.host.view(np.uint8), d.view(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
