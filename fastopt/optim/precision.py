@@ -15,8 +15,8 @@ stochastic_rounding=, seed=)``):
   running moments or sums (``INT8_RULES``: the Adam family, RMSprop, Adagrad, Adadelta, SGD with
   momentum, Lion, Yogi), on the numba-cpu, numba-cuda (``kernels/block_cuda.py``) and CuPy
   (``kernels/block_cupy.py``) backends; any other optimizer, or the NumPy reference backend,
-  is refused at construction. Units (a ParamSet's buffer, a plain array) below ``MIN_8BIT_SIZE`` (4096,
-  bitsandbytes' ``min_8bit_size``) elements keep float32 state.
+  is refused at construction. Units (a ParamSet's buffer, a plain array) below
+  ``MIN_8BIT_SIZE`` (4096, bitsandbytes' ``min_8bit_size``) elements keep float32 state.
 - ``master_weights``: keep a float32 copy of every bfloat16/float16 parameter in the state
   (``"master_param"``, part of ``state_dict`` and checkpoints); the rule updates the copy and the
   16-bit parameter is written from it each step (rounded). Parameters stored in float32 or float64
