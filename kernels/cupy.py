@@ -25,7 +25,8 @@ per (rule, storage combination), compiled on first use as a module of its own th
 ``cupy.RawModule(name_expressions=...)``; 16-bit arrays are passed as ``uint16`` views. Each
 thread takes packs of 4 consecutive elements per aligned load (8 bytes of 16-bit elements), so the
 grid is sized on ceil(n / 4). The
-gradient norm of 16-bit arrays uses the ``fo_sumsq_partials_bf16``/``_f16`` module.
+gradient norm of 16-bit arrays uses the ``fo_sumsq_partials_bf16``/``_f16`` module. 8-bit
+blockwise state (``state_dtype="int8"``) goes to the block kernels of ``block_cupy.py``.
 
 CuPy is imported lazily: this module imports (and ``available()`` answers) without it.
 The scalar struct is passed as a size-1 ``numpy.ndarray`` of a structured dtype, which CuPy
@@ -431,7 +432,14 @@ def apply_storage(rule_name, storage, p, g, states, master, h, gs, rs, stream=No
     says, in place: one launch of its storage kernel, asynchronous on ``stream`` (None: the
     current stream). ``master`` the float32 master copy of ``p`` or None; ``h`` and ``gs`` cast
     to the compute dtype; ``rs`` = (seed, step, index of p[0] among the optimizer's parameters).
-    The arguments are not checked again (the optimizers have checked them)."""
+    The arguments are not checked again (the optimizers have checked them).
+
+    8-bit state (``storage.state == "int8"``) runs the block kernels of ``block_cupy.py``
+    (``states`` its 8-bit slots), which check their arguments before the launch."""
+    if storage.state == "int8":
+        from . import block_cupy  # it imports this module
+
+        return block_cupy.apply(rule_name, storage, p, g, states, master, h, gs, rs, stream)
     import cupy
 
     from . import access

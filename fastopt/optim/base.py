@@ -554,9 +554,11 @@ class Optimizer:
 
     def _allocate(self, group, unit, names, lr, stream=None):
         for n, dtype in precision.slot_dtypes(self.precision, unit.param, names).items():
-            if precision.is_quantized(dtype):  # 8-bit codes and block absmax (host only)
+            if precision.is_quantized(dtype):  # 8-bit codes and block absmax
                 fill = self._initial_value(group, n, lr)
-                unit.state[n] = precision.int8_zeros(unit.backend, unit.param.size, dtype, fill)
+                unit.state[n] = precision.int8_zeros(
+                    unit.backend, unit.param.size, dtype, fill, like=unit.param
+                )
                 continue
             a = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
             if n == precision.MASTER:

@@ -13,10 +13,10 @@ stochastic_rounding=, seed=)``):
   first moments and signed state, the unsigned one for second moments and sums
   (``INT8_SIGNED``), about 2.03 bytes per parameter for Adam. Only for the rules whose state are
   running moments or sums (``INT8_RULES``: the Adam family, RMSprop, Adagrad, Adadelta, SGD with
-  momentum, Lion, Yogi), on the numba-cpu and numba-cuda backends (``kernels/block_cuda.py``);
-  any other optimizer, or another backend (CuPy, the NumPy reference), is refused at
-  construction. Units (a ParamSet's buffer, a plain array) below ``MIN_8BIT_SIZE`` (4096,
-  bitsandbytes' ``min_8bit_size``) elements keep float32 state.
+  momentum, Lion, Yogi), on the numba-cpu, numba-cuda (``kernels/block_cuda.py``) and CuPy
+  (``kernels/block_cupy.py``) backends; any other optimizer, or the NumPy reference backend,
+  is refused at construction. Units (a ParamSet's buffer, a plain array) below
+  ``MIN_8BIT_SIZE`` (4096, bitsandbytes' ``min_8bit_size``) elements keep float32 state.
 - ``master_weights``: keep a float32 copy of every bfloat16/float16 parameter in the state
   (``"master_param"``, part of ``state_dict`` and checkpoints); the rule updates the copy and the
   16-bit parameter is written from it each step (rounded). Parameters stored in float32 or float64
@@ -61,8 +61,9 @@ _FLOAT32 = np.dtype(np.float32)
 INT8 = "int8"
 """``Precision.state_dtype`` of 8-bit blockwise state (the storage name ``Storage.state`` too)."""
 
-INT8_BACKENDS = ("numba-cpu", "numba-cuda")
-"""Backends with 8-bit blockwise kernels (``kernels/block_loops.py``, ``block_cuda.py``)."""
+INT8_BACKENDS = ("numba-cpu", "numba-cuda", "cupy")
+"""Backends with 8-bit blockwise kernels (``kernels/block_loops.py``, ``block_cuda.py``,
+``block_cupy.py``)."""
 
 INT8_RULES = frozenset(
     (
@@ -230,8 +231,8 @@ def check_param_storable(backend, param, label):
 def _no_int8(backend, label):
     return (
         f"{label}: backend {backend.name!r} cannot keep 8-bit blockwise state "
-        f"(state_dtype='int8'); only {', '.join(INT8_BACKENDS)} can (CuPy arrays run on "
-        "backend='numba-cuda')"
+        f"(state_dtype='int8'); only {', '.join(INT8_BACKENDS)} can (host arrays run on "
+        "backend='numba-cpu', CUDA arrays on backend='cupy' or 'numba-cuda')"
     )
 
 
@@ -252,7 +253,7 @@ def check_int8_rule(optimizer, group):
 
 def check_int8_backends(options, units, backend_name):
     """TypeError naming the unit and the backend when 8-bit state is asked for units that a
-    backend without 8-bit kernels (CuPy, the NumPy reference) would step: the named
+    backend without 8-bit kernels (the NumPy reference) would step: the named
     backend, or a device unit's."""
     if not is_int8(options):
         return
@@ -291,15 +292,15 @@ def int8_block_count(n):
     return -(-int(n) // QUANT_BLOCK)
 
 
-def int8_zeros(backend, n, slot, fill=0.0):
-    """A new 8-bit slot (a :class:`Quantized`) of ``n`` elements on ``backend``
-    (an ``Int8Slot`` says which map), every element ``fill``: absmax |fill| and the code of
-    +-1 (exact for fill >= 0, the initial values rules have: both maps end in 1.0), or all
-    zero."""
+def int8_zeros(backend, n, slot, fill=0.0, like=None):
+    """A new 8-bit slot (a :class:`Quantized`) of ``n`` elements on ``backend`` (on ``like``'s
+    device when given) (an ``Int8Slot`` says which map), every element ``fill``: absmax |fill|
+    and the code of +-1 (exact for fill >= 0, the initial values rules have: both maps end in
+    1.0), or all zero."""
     from ..kernels import block_loops
 
-    codes = backend.zeros(n, np.uint8)
-    absmax = backend.zeros(int8_block_count(n), np.float32)
+    codes = backend.zeros(n, np.uint8, like=like)
+    absmax = backend.zeros(int8_block_count(n), np.float32, like=like)
     fill = np.float32(fill)
     if fill != 0:  # through the backend: device arrays have no fill()
         backend.fill(absmax, abs(fill))

@@ -190,7 +190,7 @@ def _int8_slot(entry, name, slot, unit, index):
             f"state[{index}][{name + '_qmap'!r}] is {qmap!r}; this optimizer keeps {name!r} in the "
             f"{_qmap_name(slot.signed)!r} dynamic map"
         )
-    dst = precision.int8_zeros(unit.backend, n, slot)
+    dst = precision.int8_zeros(unit.backend, n, slot, like=unit.param)
     unit.backend.assign(dst.codes, codes.reshape(n))
     unit.backend.assign(dst.absmax, absmax)
     return dst

@@ -1,0 +1,182 @@
+"""CuPy block kernels: 8-bit blockwise optimizer state (``state_dtype="int8"``) on the CuPy backend.
+
+The block loops of ``kernels/block_loops.py`` in CUDA C (``block_kernels.cu``, the quantizer of
+``quantizer.cuh``, the rules of ``rules.cuh`` through the storage element of
+``optim_kernels.cu``), compiled by NVRTC through ``cupy.RawModule`` and launched with the
+contract of ``kernels/block_cuda.py``'s ``apply``: same state (``precision.Quantized`` slots of
+``uint8`` codes and float32 block absmax), same launch shape (one CUDA block of ``QUANT_BLOCK``
+threads per quantization block, block-stride beyond ``BLOCKS_PER_SM`` blocks per multiprocessor).
+
+Numerics: the dequantize product, the quantizer (integer arithmetic, a float64 reciprocal and
+product rounded once to float32) and the rules (each operation explicitly rounded, never fused
+or flushed, as in every CuPy kernel) are the numba-cpu block loops' arithmetic: CuPy gives
+``block_loops.py``'s bits (tests/test_int8_cupy.py, through a host build of the same code).
+
+One module per (rule, storage combination), compiled on first use (CuPy caches the binary on
+disk): ``block_kernels.cu`` with its headers inlined and one ``FO_BLOCK_KERNEL`` line naming
+the instantiation (:func:`kernel_name`). The maps and quantizer tables go to each device once.
+"""
+
+import threading
+
+import numpy as np
+
+from . import access, block_loops
+from . import cupy as kcupy
+from .layout import ARITY
+from .storage import QUANT_BLOCK
+
+KERNEL_SOURCE = "block_kernels.cu"
+COMPILE_OPTIONS = kcupy.COMPILE_OPTIONS
+SLOTS_MAX = 3
+"""The most state slots a rule has (the kernels take three, unused ones null)."""
+
+_ELEMENT = {
+    "float32": ("float", "f32"),
+    "float64": ("double", "f64"),
+    "bfloat16": ("fo::bf16_bits", "bf16"),
+    "float16": ("fo::f16_bits", "f16"),
+}
+
+_lock = threading.Lock()
+_modules = {}  # (rule, storage) -> kcupy.RawModuleCache
+_tables = {}  # (signed, device) -> (map, quantizer table) as cupy arrays
+
+
+def kernel_name(rule_name, storage):
+    """``fo_block_<rule>_<param>_<grad>_<compute>[_master][_sr]`` (an ``access.Storage`` with
+    ``state == "int8"``)."""
+    short = [_ELEMENT[n][1] for n in (storage.param, storage.grad, access.compute_name(storage))]
+    flags = ("_master" if storage.master else "") + ("_sr" if storage.stochastic else "")
+    return f"fo_block_{rule_name}_{'_'.join(short)}{flags}"
+
+
+def instantiation(rule_name, storage):
+    """The ``FO_BLOCK_KERNEL(...)`` line of one kernel."""
+    if rule_name not in ARITY or ARITY[rule_name] == 0:
+        raise KeyError(f"no 8-bit block kernel for rule {rule_name!r}")
+    c = _ELEMENT[access.compute_name(storage)][0]
+    p, g = (_ELEMENT[n][0] for n in (storage.param, storage.grad))
+    flags = f"{str(storage.master).lower()}, {str(storage.stochastic).lower()}"
+    return f"FO_BLOCK_KERNEL({kernel_name(rule_name, storage)}, fo::op_{rule_name}, {c}, {p}, {g}, {flags})"
+
+
+def source(kernels):
+    """The CUDA source handed to NVRTC: ``block_kernels.cu`` with its headers inlined (a stale
+    ``rules_layout.cuh`` is refused) and the kernels of ``kernels``, (rule, storage) pairs."""
+    lines = [kcupy._inline(KERNEL_SOURCE)]
+    lines += [instantiation(r, s) for r, s in kernels]
+    return "\n".join(lines) + "\n"
+
+
+def _module(rule_name, storage):
+    key = (rule_name, storage)
+    m = _modules.get(key)
+    if m is None:
+        instantiation(rule_name, storage)  # KeyError before anything is cached
+        with _lock:
+            m = _modules.get(key)
+            if m is None:
+                m = _modules[key] = kcupy.RawModuleCache(
+                    lambda: source([(rule_name, storage)]), COMPILE_OPTIONS
+                )
+    return m
+
+
+def tables(signed, device):
+    """(map, quantizer table) of a slot as cupy arrays on ``device``, copied there once:
+    ``block_loops.tables``."""
+    key = (bool(signed), device)
+    t = _tables.get(key)
+    if t is None:
+        from . import vector_cupy
+
+        t = tuple(vector_cupy.to_device(np.array(a), device) for a in block_loops.tables(signed))
+        _tables[key] = t
+    return t
+
+
+def check(rule_name, storage, p, g, states, master):
+    """TypeError/ValueError naming the problem unless the arrays fit the block kernel of
+    ``rule_name`` for ``storage`` (checked before any launch): flat contiguous cupy arrays on
+    one device, ``states`` the rule's 8-bit slots of ``p``'s size, ``master`` a float32 copy
+    exactly when ``storage.master``."""
+    import cupy
+
+    if rule_name not in ARITY:
+        raise KeyError(f"unknown rule {rule_name!r}")
+    if storage.state != "int8":
+        raise ValueError(f"the block kernels keep int8 state, not {storage.state}")
+    n = p.size if isinstance(p, cupy.ndarray) else 0
+    arrays = [("parameter", p, storage.param), ("gradient", g, storage.grad)]
+    if storage.master:
+        arrays.append(("master copy", master, "float32"))
+    elif master is not None:
+        raise ValueError("a master copy was given for a storage without master weights")
+    arity = ARITY[rule_name]
+    if len(states) != arity:
+        raise ValueError(f"{rule_name} takes {arity} state slots, got {len(states)}")
+    for k, s in enumerate(states):
+        codes, absmax = getattr(s, "codes", None), getattr(s, "absmax", None)
+        if codes is None or absmax is None or not hasattr(s, "signed"):
+            raise TypeError(
+                f"state slot {k} of {rule_name} must be an 8-bit slot (codes, absmax, signed), "
+                f"got {type(s).__name__}"
+            )
+        arrays.append((f"codes of state slot {k}", codes, "uint8"))
+        arrays.append((f"absmax of state slot {k}", absmax, "float32"))
+    blocks = -(-n // QUANT_BLOCK)
+    for what, a, dtype in arrays:
+        if not isinstance(a, cupy.ndarray):
+            raise TypeError(
+                f"the CuPy block kernels take cupy.ndarray; the {what} is a {type(a).__name__}"
+            )
+        if a.dtype.name != dtype:
+            raise TypeError(f"the {what} must be {dtype}, got {a.dtype}")
+        size = blocks if what.startswith("absmax") else n
+        if a.ndim != 1 or a.size != size or not a.flags.c_contiguous:
+            raise ValueError(
+                f"the {what} must be a flat contiguous array of {size} elements, got shape "
+                f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
+            )
+        if a.data.device_id != p.data.device_id:
+            raise ValueError(
+                f"the {what} is on cuda:{a.data.device_id}, the parameter on "
+                f"cuda:{p.data.device_id}"
+            )
+
+
+def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):
+    """``kcupy.apply_storage`` for 8-bit state: ``states`` are the rule's 8-bit slots
+    (``precision.Quantized`` of cupy arrays) in its slot order; ``master`` the float32 master
+    copy or None; ``h`` and ``gs`` cast to the compute dtype; ``rs`` = (seed, step, index of
+    ``p[0]`` among the optimizer's parameters). One launch, asynchronous on ``stream`` (None:
+    CuPy's current stream) and ``p``'s device; the arguments checked (:func:`check`) before."""
+    import cupy
+
+    check(rule_name, storage, p, g, states, master)
+    n = p.size
+    if n == 0:
+        return
+    compute = np.dtype(access.compute_name(storage))
+    device = p.data.device_id
+    null = np.uint64(0)
+    slots = []
+    for s in states:
+        slots += [s.codes, s.absmax, *tables(s.signed, device)]
+    slots += [null] * (4 * (SLOTS_MAX - len(states)))
+    module = _module(rule_name, storage)
+    stream = kcupy.as_stream(stream, device)
+    with cupy.cuda.Device(device):
+        k = module.function(cupy, device, kernel_name(rule_name, storage))
+        nblocks = -(-n // QUANT_BLOCK)
+        grid = max(1, min(nblocks, kcupy.BLOCKS_PER_SM * kcupy._sm_count(device)))
+        w = null if master is None else master
+        args = (kcupy._bits(p), w, kcupy._bits(g), *slots, np.int64(n))
+        args += (kcupy._scalars(h, compute), compute.type(gs[0]), compute.type(gs[1]))
+        args += tuple(np.uint64(int(v) % 2**64) for v in rs)
+        if stream is None:
+            k((grid,), (QUANT_BLOCK,), args)
+        else:
+            with stream:  # RawKernel launches go to the current stream
+                k((grid,), (QUANT_BLOCK,), args)
