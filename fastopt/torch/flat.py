@@ -17,6 +17,11 @@ change), as torch skips it. Measured alternative, not taken: a post-accumulate-g
 each fresh gradient during backward (it would free the fresh tensor sooner) costs a Python call
 from the autograd engine per parameter per backward, about 10 µs, several times the copy here.
 
+8-bit state (``state_dtype="int8"``) puts every parameter of at least ``MIN_8BIT_SIZE`` elements
+in a buffer of its own kind, each starting at a multiple of 256 elements (``align``): each keeps
+its 8-bit state in blocks of its own (the gaps between them hold zeros; see
+:class:`fastopt.torch.FastoptOptimizer`).
+
 What must be redone after the parameters move (``model.to(other device or dtype)``,
 ``model.cuda()``, ``model.half()``, an assignment to ``param.data``): the optimizer notices that a
 parameter no longer lives at its place in the buffer and raises; build a new optimizer over the
@@ -31,6 +36,7 @@ import torch
 
 from .. import arrays
 from ..memory import aligned_zeros
+from ..optim import precision
 from ..paramset import ParamSet
 
 _GRAD = operator.attrgetter("grad")
@@ -68,20 +74,19 @@ class FlatBuffer:
     """Parameters of one device and dtype packed in ``flat``, their gradients in ``grad``.
 
     ``params``: the tensors, in buffer order; ``names``: labels for errors; ``offsets``: their
-    (start, stop) element ranges; ``ptrs``: the address of each in ``flat``; ``grad_views``: the
-    gradient views attached as ``.grad``;
+    (start, stop) element ranges, each start a multiple of ``align`` (1: packed back to back; the
+    gaps hold zeros, in ``flat`` and ``grad``); ``ptrs``: the address of each in ``flat``;
+    ``grad_views``: the gradient views attached as ``.grad``;
     ``paramset``: a :class:`fastopt.ParamSet` adopting both buffers (no copy). Built by
     :meth:`pack`; :meth:`slice` gives a sub-range as a ParamSet for a kernel call over part.
     """
 
-    def __init__(self, params, names, flat, grad):
+    def __init__(self, params, names, flat, grad, align=1):
         self.params = list(params)
         self.names = list(names)
         self.flat, self.grad = flat, grad
-        self.offsets, lo = [], 0
-        for p in self.params:
-            self.offsets.append((lo, lo + p.numel()))
-            lo += p.numel()
+        self.align = align
+        self.offsets = aligned_offsets(self.params, align)
         self.grad_views = [grad[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
         base, size = flat.data_ptr(), flat.element_size()
         self.ptrs = [base + a * size for a, _ in self.offsets]
@@ -90,27 +95,26 @@ class FlatBuffer:
         self._all_present = (True,) * len(self.params)
 
     @classmethod
-    def pack(cls, params, names, *, pin_memory=False):
-        """A FlatBuffer over ``params`` (one device and dtype): adopt the buffer they already are
-        consecutive views of (from :func:`flatten_`), else copy them into a new buffer and rebind
+    def pack(cls, params, names, *, pin_memory=False, align=1):
+        """A FlatBuffer over ``params`` (one device and dtype), each starting at a multiple of
+        ``align`` elements: adopt the buffer they already are consecutive views of (from
+        :func:`flatten_`, with the same ``align``), else copy them into a new buffer and rebind
         each ``param.data`` to its view. Gradients already present are copied in and attached."""
-        adopted = _adopt(params, names)
+        adopted = _adopt(params, names, align)
         if adopted is not None:
             return adopted
         p0 = params[0]
-        n = sum(p.numel() for p in params)
+        offsets = aligned_offsets(params, align)
+        n = offsets[-1][1]
         flat, grad = (
             allocate(n, p0.dtype, p0.device, pin_memory),
             allocate(n, p0.dtype, p0.device, pin_memory),
         )
-        lo = 0
         with torch.no_grad():
-            for p in params:
-                hi = lo + p.numel()
+            for p, (lo, hi) in zip(params, offsets):
                 flat[lo:hi].copy_(p.detach().reshape(-1))
                 p.data = flat[lo:hi].view(p.shape)
-                lo = hi
-        buf = cls(params, names, flat, grad)
+        buf = cls(params, names, flat, grad, align)
         with torch.no_grad():
             for p, view in zip(params, buf.grad_views):
                 if p.grad is not None:
@@ -120,9 +124,15 @@ class FlatBuffer:
         return buf
 
     def slice(self, i, j):
-        """A ParamSet adopting the buffers' range of params ``i .. j-1`` (no copy)."""
+        """A ParamSet adopting the buffers' range of params ``i .. j-1`` (no copy); the gaps
+        between them are segments of their own (``"<k>+"``: after param ``k``)."""
         lo, hi = self.offsets[i][0], self.offsets[j - 1][1]
-        segments = [(str(k), tuple(p.shape)) for k, p in zip(range(i, j), self.params[i:j])]
+        segments = []
+        for k in range(i, j):
+            segments.append((str(k), tuple(self.params[k].shape)))
+            gap = self.offsets[k + 1][0] - self.offsets[k][1] if k + 1 < j else 0
+            if gap:
+                segments.append((f"{k}+", (gap,)))
         return ParamSet.from_buffers(self.flat[lo:hi], self.grad[lo:hi], segments)
 
     def check_in_place(self):
@@ -196,6 +206,27 @@ class FlatBuffer:
                     p.grad = view
 
 
+def aligned_offsets(params, align):
+    """[(start, stop)] of ``params`` packed in order, each start rounded up to a multiple of
+    ``align`` elements."""
+    out, lo = [], 0
+    for p in params:
+        lo = -(-lo // align) * align
+        out.append((lo, lo + p.numel()))
+        lo += p.numel()
+    return out
+
+
+def int8_layout(pairs):
+    """``[(pairs, align)]``: how ``state_dtype="int8"`` packs ``(name, param)`` pairs of one
+    device and dtype: the parameters of at least ``MIN_8BIT_SIZE`` elements (8-bit state) each
+    starting on a block of ``QUANT_BLOCK`` elements, then the smaller ones (float32 state)
+    back to back; empty kinds left out."""
+    large = [(n, p) for n, p in pairs if p.numel() >= precision.MIN_8BIT_SIZE]
+    small = [(n, p) for n, p in pairs if p.numel() < precision.MIN_8BIT_SIZE]
+    return [(kind, align) for kind, align in ((large, precision.QUANT_BLOCK), (small, 1)) if kind]
+
+
 def allocate(n, dtype, device, pin_memory):
     """A zeroed 1-D buffer of ``n`` elements of ``dtype`` (a torch or NumPy dtype): host
     buffers cache-line (and huge-page) aligned through ``fastopt.memory``, or pinned for copies
@@ -224,12 +255,12 @@ def torch_dtype(dtype):
     return as_tensor(np.empty(0, dtype), "cpu").dtype
 
 
-def _adopt(params, names):
+def _adopt(params, names, align):
     """The FlatBuffer whose consecutive params are exactly ``params``, as a new FlatBuffer over
-    that range of its buffers; None if they are not packed that way."""
+    that range of its buffers; None if they are not packed that way (``align`` included)."""
     p0 = params[0]
     owner = _BUFFERS.get((str(p0.device), p0.untyped_storage().data_ptr()))
-    if owner is None or owner.dtype != p0.dtype:
+    if owner is None or owner.dtype != p0.dtype or owner.align != align:
         return None
     try:
         i = next(k for k, q in enumerate(owner.params) if q is p0)
@@ -240,7 +271,7 @@ def _adopt(params, names):
         return None
     owner.check_in_place()
     lo, hi = owner.offsets[i][0], owner.offsets[i + len(params) - 1][1]
-    buf = FlatBuffer(params, names, owner.flat[lo:hi], owner.grad[lo:hi])
+    buf = FlatBuffer(params, names, owner.flat[lo:hi], owner.grad[lo:hi], align)
     buf.grad_views = owner.grad_views[i : i + len(params)]  # attached gradients stay attached
     return buf
 
@@ -252,6 +283,13 @@ def flatten_(model, *, pin_memory=False):
     parameters, in the same order, adopts these buffers without copying again (it flattens by
     itself otherwise). Tied parameters occupy one slot; frozen ones (``requires_grad=False``)
     stay where they are."""
+    return pack_trainable(model, pin_memory=pin_memory)
+
+
+def pack_trainable(model, *, pin_memory=False, int8=False):
+    """:func:`flatten_`; with ``int8``, in the layout of the optimizers with
+    ``state_dtype="int8"`` (:func:`int8_layout`), so that they adopt the buffers
+    (:class:`fastopt.torch.CPUOffload` packs its host masters so)."""
     params = model.parameters() if isinstance(model, torch.nn.Module) else model
     groups, seen = {}, set()
     for i, p in enumerate(params):
@@ -260,7 +298,12 @@ def flatten_(model, *, pin_memory=False):
             continue
         seen.add(id(p))
         groups.setdefault((str(p.device), p.dtype), []).append((f"[{i}]", p))
+    kinds = [
+        kind for items in groups.values() for kind in (int8_layout(items) if int8 else [(items, 1)])
+    ]
     return [
-        FlatBuffer.pack([p for _, p in items], [n for n, _ in items], pin_memory=pin_memory)
-        for items in groups.values()
+        FlatBuffer.pack(
+            [p for _, p in items], [n for n, _ in items], pin_memory=pin_memory, align=align
+        )
+        for items, align in kinds
     ]

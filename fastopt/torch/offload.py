@@ -2,7 +2,8 @@
 
 ``CPUOffload(fastopt.torch.AdamW, model.parameters(), lr=...)`` keeps a float32 master copy of
 every parameter and the optimizer state in host memory (pinned when the model is on a GPU, packed
-into one flat buffer per group by :func:`fastopt.torch.flatten_`). A step copies the gradients
+into one flat buffer per group by :func:`fastopt.torch.flatten_`, in the 8-bit layout with
+``state_dtype="int8"``). A step copies the gradients
 to the host (non-blocking, on a side CUDA stream), runs the fused CPU step of the inner
 ``fastopt.torch`` optimizer over the master weights, and copies the updated weights back to the
 device parameters (cast to their dtype, non-blocking on the side stream; torch's current stream
@@ -12,8 +13,8 @@ result is the inner optimizer's, bit for bit.
 
 import torch
 
-from ..optim.precision import MASTER
-from .flat import check_param, flatten_
+from ..optim.precision import INT8, MASTER
+from .flat import check_param, pack_trainable
 from .optimizer import FastoptOptimizer, closure_loss
 
 
@@ -53,7 +54,8 @@ class CPUOffload(torch.optim.Optimizer):
         self.masters = [m for _, m in self._pairs]
         devices = {p.device for p, _ in self._pairs}
         self._cuda = any(d.type == "cuda" for d in devices)
-        self._host = flatten_(self.masters, pin_memory=self._cuda)
+        int8 = isinstance(kwargs.get("state_dtype"), str) and kwargs["state_dtype"] == INT8
+        self._host = pack_trainable(self.masters, pin_memory=self._cuda, int8=int8)
         self.inner = optimizer_class(master_groups, *args, **kwargs)
         self._stream = torch.cuda.Stream(next(iter(devices))) if self._cuda else None
         self._grad_views = {

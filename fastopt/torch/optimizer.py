@@ -11,6 +11,8 @@ Per-parameter steps, as torch keeps them: a parameter whose ``.grad`` is None is
 update, no weight decay, its step count stays). Each step launches one kernel per *run*:
 consecutive parameters of a bucket that have a gradient and equal scalar state (step count, ...).
 When every parameter has a gradient, as in ordinary training, that is one launch per bucket.
+With ``state_dtype="int8"`` a param group's parameters of each dtype make two buckets: the
+8-bit ones, each on a block boundary, and the float32-state ones (see :class:`FastoptOptimizer`).
 """
 
 import inspect
@@ -21,7 +23,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
 from ..optim import precision
-from .flat import FlatBuffer, allocate, as_tensor, check_param
+from .flat import FlatBuffer, allocate, as_tensor, check_param, int8_layout
 
 _LAYOUT_CACHE = 16
 """Core optimizers kept per distinct layout of runs (usually one is ever used)."""
@@ -62,16 +64,23 @@ def is_state_array(v):
     return hasattr(v, "shape") or isinstance(v, precision.Quantized)
 
 
-def quantized_entry(name, slot, lo, hi, shape):
-    """The torch-format state entries of elements ``lo:hi`` (one parameter, ``shape``) of a
-    bucket's 8-bit slot ``name``: its codes (uint8, shaped like the parameter) under ``name``,
-    under ``name + "_absmax"`` the absmax of every block of the bucket's grid that holds one of
-    its elements (a block shared with a neighbouring parameter is in both entries), and the
-    map under ``name + "_qmap"`` (``"signed"`` or ``"unsigned"``): the keys of fastopt's core."""
+def quantized_range(slot, lo, hi):
+    """(codes, block absmax): views of elements ``lo:hi`` of an 8-bit slot whose blocks start
+    at ``lo`` (a parameter's start in an 8-bit bucket: a multiple of ``QUANT_BLOCK``)."""
     block = precision.QUANT_BLOCK
+    return slot.codes[lo:hi], slot.absmax[lo // block : -(-hi // block)]
+
+
+def quantized_entry(name, slot, lo, hi, shape):
+    """The torch-format state entries of one parameter (elements ``lo:hi`` of its bucket,
+    ``shape``) of 8-bit slot ``name``: its codes (uint8, shaped like the parameter) under
+    ``name``, the absmax of its own blocks under ``name + "_absmax"`` and the map under
+    ``name + "_qmap"`` (``"signed"`` or ``"unsigned"``): the keys of fastopt's core, which
+    keeps them so for a parameter that is a unit of its own."""
+    codes, absmax = quantized_range(slot, lo, hi)
     return {
-        name: slot.codes[lo:hi].view(shape),
-        name + "_absmax": slot.absmax[lo // block : -(-hi // block)],
+        name: codes.view(shape),
+        name + "_absmax": absmax,
         name + "_qmap": "signed" if slot.signed else "unsigned",
     }
 
@@ -112,15 +121,25 @@ class FastoptOptimizer(torch.optim.Optimizer):
     16-bit parameter.
 
     ``state_dtype="int8"`` (the rules of :data:`fastopt.optim.precision.INT8_RULES`, CPU
-    parameters; a GPU model through :class:`fastopt.torch.CPUOffload`): each flat buffer of at
-    least ``MIN_8BIT_SIZE`` elements keeps its state as uint8 codes and one float32 absmax per
-    block of 256 elements of the whole buffer, the layout of a fastopt ParamSet over the same
-    parameters (results equal bit for bit). Blocks span neighbouring parameters, so such a
-    buffer steps whole: a step where some of its parameters have a gradient and others not is
-    refused (ValueError naming them, before any write); put parameters that may lack one in a
-    param group of their own. ``state_dict()`` gives fastopt's 8-bit keys (codes under the slot's
-    name, ``"<name>_absmax"``, ``"<name>_qmap"``; see :mod:`fastopt.torch.state`), which
-    torch.optim cannot load; a float state (torch.optim's) loads and is quantized.
+    parameters; a GPU model through :class:`fastopt.torch.CPUOffload`): each parameter of at
+    least ``MIN_8BIT_SIZE`` (4096) elements keeps its state as uint8 codes and one float32
+    absmax per block of 256 of its own elements, as bitsandbytes keeps each tensor's; smaller
+    parameters keep float32 state (bitsandbytes' ``min_8bit_size``, and the rule the fastopt
+    core applies to each array it is given). The 8-bit parameters of a param group and dtype
+    share a flat buffer in which each starts at a multiple of 256 elements, so that no block
+    spans two parameters (the gap after each, under 256 elements, holds zeros in the parameter,
+    gradient and state, which every rule leaves at zero); the smaller ones share another, back
+    to back. Each buffer steps in one kernel call (the first step of parameters without state runs
+    one call per 8-bit parameter, so that the rule's initial state does not fill the gaps). The
+    results equal bit for bit those of the fastopt core over the parameters as separate arrays
+    (``fastopt.AdamW([p0, p1, ...], state_dtype="int8")``; not a ParamSet over one buffer, whose
+    blocks span parameters), except the gradient norm of ``max_grad_norm`` (summed in another
+    order) and stochastic rounding's random bits (indexed by element, gaps counted). A parameter
+    without a gradient keeps its value and its state bits, codes and absmax included, as torch
+    skips it. ``state_dict()`` gives fastopt's 8-bit keys (codes under the slot's name,
+    ``"<name>_absmax"``: the parameter's blocks, ``"<name>_qmap"``; see
+    :mod:`fastopt.torch.state`), which torch.optim cannot load; a float state (torch.optim's)
+    loads and is quantized per parameter.
     """
 
     core_class = None
@@ -136,6 +155,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._tensors = []  # per bucket: state name -> flat state tensor (or 8-bit Quantized)
         self._quantized = []  # per bucket: whether its state is 8-bit (state_dtype="int8")
         self._cores = {}
+        self._cut_keys = {}  # int8: a step's runs -> its units (_below_8bit)
         self._version = 0
         self.skipped_steps = 0
         self.last_step_taken = None
@@ -152,8 +172,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
         """torch's ``add_param_group``; the group's trainable parameters are then packed into one
-        flat buffer per (dtype) on the group's one device. Sparse and complex parameters and
-        mixed devices raise before anything moves."""
+        flat buffer per (dtype) on the group's one device (two with ``state_dtype="int8"``).
+        Sparse and complex parameters and mixed devices raise before anything moves."""
         gi = len(self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -180,14 +200,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 by_dtype.setdefault(p.dtype, []).append((name, p))
             else:
                 self._frozen.append((name, p))
+        int8 = precision.is_int8(self._precision)
         for pairs in by_dtype.values():
-            buf = FlatBuffer.pack([p for _, p in pairs], [n for n, _ in pairs])
-            self._buckets.append((gi, buf))
-            self._records.append([None] * len(buf.params))
-            self._tensors.append({})
-            self._quantized.append(
-                precision.is_int8(self._precision) and buf.flat.numel() >= precision.MIN_8BIT_SIZE
-            )
+            for kind, align in int8_layout(pairs) if int8 else [(pairs, 1)]:
+                buf = FlatBuffer.pack([p for _, p in kind], [n for n, _ in kind], align=align)
+                self._buckets.append((gi, buf))
+                self._records.append([None] * len(buf.params))
+                self._tensors.append({})
+                self._quantized.append(align > 1)
         self._cores.clear()
 
     @staticmethod
@@ -254,12 +274,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
         key = []
         for k, (_, buf) in enumerate(self._buckets):
             runs = self._runs(k, buf.gather_grads())
-            if self._quantized[k] and runs and runs != [(0, len(buf.params))]:
-                self._refuse_partial(k, runs)
+            if self._quantized[k]:  # first steps one parameter per unit: see _int8_runs
+                runs = [r for i, j in runs for r in self._int8_runs(k, i, j)]
             key.extend((k, i, j) for i, j in runs)
         if not key:
             return
         key = tuple(key)
+        if precision.is_int8(self._precision):
+            key = self._below_8bit(key)
         core, version = self._core(key)
         for cg, (k, _, _) in zip(core.param_groups, key):
             tg = self.param_groups[self._buckets[k][0]]
@@ -283,22 +305,51 @@ class FastoptOptimizer(torch.optim.Optimizer):
         for u, (k, i, j) in zip(units, key):
             self._harvest(u, k, i, j)
 
-    def _refuse_partial(self, k, runs):
-        """ValueError for a step of part of an 8-bit bucket (raised before any write)."""
-        buf = self._buckets[k][1]
-        stepped = {i for i, j in runs for i in range(i, j)}
-        left = [buf.names[i] for i in range(len(buf.params)) if i not in stepped]
-        why = (
-            f"{', '.join(left[:3])}{'...' if len(left) > 3 else ''} have no gradient"
-            if left
-            else "its parameters have different step counts"
-        )
-        raise ValueError(
-            f"state_dtype='int8': a step of part of a flat buffer ({why}): its 8-bit blocks of "
-            f"{precision.QUANT_BLOCK} elements span neighbouring parameters, so every parameter "
-            "of a buffer steps together. Give them all gradients (zero_grad(set_to_none=False)), "
-            "or put the parameters that may lack one in a param group of their own"
-        )
+    def _int8_runs(self, k, i, j):
+        """The units of run ``i .. j-1`` of 8-bit bucket ``k``: the run, or one unit per
+        parameter while they have no state yet. The core fills new state with the rule's initial
+        value (Adagrad's and Yogi's are not 0) over its whole unit, the gaps between parameters
+        included; one parameter per unit keeps the gaps at 0, where every rule leaves them
+        (zero parameter, gradient and state give a zero update and state), so a gap never
+        raises the absmax of its parameter's last block."""
+        if self._records[k][i] is not None:
+            return [(i, j)]
+        return [(m, m + 1) for m in range(i, j)]
+
+    def _below_8bit(self, key):
+        """``key`` with the runs of the float-state buckets of an int8 optimizer (parameters
+        below ``MIN_8BIT_SIZE``) cut so that each unit is smaller than every 8-bit unit; the core
+        (``_core``) takes the smallest 8-bit unit as its ``min_8bit_size``. Usually nothing is
+        cut: the 8-bit units are whole buffers of large parameters."""
+        hit = self._cut_keys.get(key)
+        if hit is not None:
+            return hit
+        limit = self._int8_limit(key)
+        out = []
+        for k, i, j in key:
+            if self._quantized[k]:
+                out.append((k, i, j))
+                continue
+            offsets, start = self._buckets[k][1].offsets, i
+            for m in range(i + 1, j + 1):
+                if m == j or offsets[m][1] - offsets[start][0] >= limit:
+                    out.append((k, start, m))
+                    start = m
+        if len(self._cut_keys) >= _LAYOUT_CACHE:
+            self._cut_keys.clear()
+        self._cut_keys[key] = out = tuple(out)
+        return out
+
+    def _int8_limit(self, key):
+        """The core's ``min_8bit_size`` for ``key``: the size of its smallest 8-bit unit (at
+        least ``MIN_8BIT_SIZE``: each holds a parameter that large), or, without one, a size no
+        unit reaches."""
+        sizes = [
+            self._buckets[k][1].offsets[j - 1][1] - self._buckets[k][1].offsets[i][0]
+            for k, i, j in key
+            if self._quantized[k]
+        ]
+        return min(sizes) if sizes else 1 << 62
 
     def _runs(self, k, present):
         """[(i, j)]: maximal ranges of consecutive params with gradients and equal scalar state."""
@@ -329,7 +380,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
             groups.append(
                 {"params": buf.slice(i, j), **{n: _plain(tg[n]) for n in self._hyper_names}}
             )
-        return self.core_class(groups, **self._options), None
+        core = self.core_class(groups, **self._options)
+        if precision.is_int8(self._precision):
+            core.precision = core.precision._replace(min_8bit_size=self._int8_limit(key))
+        return core, None
 
     def _views(self, unit, k, i, j):
         """The core unit's state: native flat views of this run's range of the state tensors."""
@@ -337,9 +391,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
         lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
         out = {}
         for name, t in self._tensors[k].items():
-            if isinstance(t, precision.Quantized):  # the whole bucket (host only)
+            if isinstance(t, precision.Quantized):  # host only; lo starts a block
+                codes, absmax = quantized_range(t, lo, hi)
                 out[name] = precision.Quantized(
-                    arrays.host_view(t.codes), arrays.host_view(t.absmax), t.signed
+                    arrays.host_view(codes), arrays.host_view(absmax), t.signed
                 )
                 continue
             part = t[lo:hi]
@@ -355,7 +410,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in unit.state.items():
                 if isinstance(a, precision.Quantized):
-                    self._store_quantized(k, name, a)
+                    self._store_quantized(k, name, a, lo, hi)
                 elif hasattr(a, "shape"):
                     self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
             self._version += 1
@@ -371,21 +426,27 @@ class FastoptOptimizer(torch.optim.Optimizer):
             tensors[name] = allocate(flat.numel(), dtype, flat.device, flat.is_pinned())
         return tensors[name]
 
-    def _store_quantized(self, k, name, slot):
-        """Bucket ``k``'s 8-bit state ``name`` (codes and block absmax as host tensors, one
-        block grid over the whole bucket) set to the host :class:`~fastopt.optim.precision.
-        Quantized` ``slot``."""
+    def _store_quantized(self, k, name, slot, lo, hi):
+        """Elements ``lo:hi`` (``lo`` starting a block) of bucket ``k``'s 8-bit state ``name``
+        set to the host :class:`~fastopt.optim.precision.Quantized` ``slot`` (their codes and
+        the absmax of their blocks). The host tensors (codes and block absmax over the whole
+        buffer, the gaps between parameters holding the code of 0) are made on first use."""
         flat = self._buckets[k][1].flat
         t = self._tensors[k].get(name)
         if t is None:
+            from ..kernels.block_loops import code_of
+
             pinned = flat.is_pinned()
+            n = flat.numel()
             t = self._tensors[k][name] = precision.Quantized(
-                allocate(slot.codes.size, torch.uint8, flat.device, pinned),
-                allocate(slot.absmax.size, torch.float32, flat.device, pinned),
+                allocate(n, torch.uint8, flat.device, pinned),
+                allocate(precision.int8_block_count(n), torch.float32, flat.device, pinned),
                 bool(slot.signed),
             )
-        t.codes.copy_(torch.from_numpy(np.ascontiguousarray(slot.codes)))
-        t.absmax.copy_(torch.from_numpy(np.ascontiguousarray(slot.absmax)))
+            t.codes.fill_(int(code_of(0.0, t.signed)))
+        codes, absmax = quantized_range(t, lo, hi)
+        codes.copy_(torch.from_numpy(np.ascontiguousarray(slot.codes)))
+        absmax.copy_(torch.from_numpy(np.ascontiguousarray(slot.absmax)))
 
     # ------------------------------------------------------------------ state
     def _publish_state(self):

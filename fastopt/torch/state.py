@@ -13,14 +13,14 @@ puts the saved tensors back. And a state without ``"master_param"`` (one saved b
 ``torch.optim``, which keeps no master copy) loaded into an optimizer with
 ``master_weights=True`` starts the master copy from the current 16-bit parameter.
 
-8-bit state (``state_dtype="int8"``): a flat buffer of at least ``MIN_8BIT_SIZE`` elements keeps
-each slot as uint8 codes and one float32 absmax per block of 256 elements of the WHOLE buffer
-(the block grid of a fastopt ParamSet over the same parameters). ``state_dict()`` gives each
-parameter its codes under the slot's name, the absmax of the blocks its elements lie in under
-``name + "_absmax"`` (a block shared with a neighbour is in both) and the map under
-``name + "_qmap"``: fastopt's keys, which torch.optim cannot load. Loading joins them back
-(:func:`_whole_bucket`; the optimizer must have the same parameters in the same order) or, from a
-float state such as torch.optim's, quantizes it (``precision.int8_from_values``).
+8-bit state (``state_dtype="int8"``): every parameter of at least ``MIN_8BIT_SIZE`` elements
+keeps each slot as uint8 codes and one float32 absmax per block of 256 of its own elements
+(its blocks start with it), the smaller ones float32 state: the layout of a fastopt core over
+the parameters as separate arrays. ``state_dict()`` gives each such parameter its codes under
+the slot's name, its absmax under ``name + "_absmax"`` and the map under ``name + "_qmap"``:
+fastopt's keys, which torch.optim cannot load. Loading checks them per parameter (with the
+core) or, from a float state such as torch.optim's, quantizes it (``precision.int8_from_values``,
+the kernels' rounding) per parameter.
 """
 
 import itertools
@@ -103,15 +103,19 @@ def install_state(opt):
     ``opt``'s flat state tensors and records. Raises ValueError naming the problem before
     anything of ``opt``'s flat state changes."""
     pending = []
+    int8 = precision.is_int8(opt._precision)
     for k, (gi, buf) in enumerate(opt._buckets):
         entries = [_entry(p, opt.state.get(p)) for p in buf.params]
         if opt._quantized[k]:
-            entries = _whole_bucket(buf, entries)
-        runs, start = [], 0
-        for i in range(1, len(entries) + 1):
-            if i == len(entries) or _run_key(entries[i]) != _run_key(entries[start]):
-                runs.append((start, i))
-                start = i
+            entries = [_quantized_slots(entry) for entry in entries]
+        if int8:  # one unit per parameter: the core decides 8-bit or float32 state by its size
+            runs = [(i, i + 1) for i in range(len(entries))]
+        else:
+            runs, start = [], 0
+            for i in range(1, len(entries) + 1):
+                if i == len(entries) or _run_key(entries[i]) != _run_key(entries[start]):
+                    runs.append((start, i))
+                    start = i
         tg = opt.param_groups[gi]
         missing = [n for n in opt._hyper_names if n not in tg]
         if missing:
@@ -129,7 +133,7 @@ def install_state(opt):
                 continue
             state = dict(record)
             for name in slots:
-                if isinstance(slots[name], (str, np.ndarray)):  # merged by _whole_bucket
+                if isinstance(slots[name], (str, np.ndarray)):  # from _quantized_slots
                     state[name] = slots[name]
                     continue
                 try:
@@ -165,91 +169,27 @@ def install_state(opt):
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in u.state.items():
                 if isinstance(a, precision.Quantized):
-                    opt._store_quantized(k, name, a)
+                    opt._store_quantized(k, name, a, lo, hi)
                 elif hasattr(a, "shape"):
                     dst = opt._state_tensor(k, name, a.dtype)[lo:hi]
                     dst.copy_(as_tensor(a, dst.device))
 
 
-def _whole_bucket(buf, entries):
-    """The entries of an 8-bit bucket (``state_dtype="int8"``, one block grid over the whole
-    buffer) as ONE state, in the first entry (the others repeat its run key), so that the
-    bucket is one run. 8-bit slots saved by fastopt (codes, per-parameter block
-    absmax, map) are joined into the bucket's (a block shared by two parameters must hold the
-    same absmax in both: ValueError otherwise, e.g. a state saved over another layout); float
-    slots (a state saved by torch.optim) are quantized as the kernels would."""
-    if all(record is None for record, _ in entries):
-        return entries
-    where = f"params {buf.names[0]}..{buf.names[-1]}"
-    records = {record for record, _ in entries}
-    if len(records) != 1:
-        raise ValueError(
-            f"state_dtype='int8' keeps one state for a whole flat buffer ({where}): its "
-            "parameters must all have state, with the same step count"
-        )
-    names = set(entries[0][1])
-    if any(set(slots) != names for _, slots in entries):
-        raise ValueError(f"the state entries of {where} hold different state names")
-    joined = {}
-    for name in sorted(names):
-        if name.endswith(("_absmax", "_qmap")):
-            continue
-        if name + "_absmax" in names:
-            joined[name] = _joined_codes(buf, entries, name)
-            joined[name + "_absmax"] = _joined_absmax(buf, entries, name)
-            qmaps = {str(slots.get(name + "_qmap")) for _, slots in entries}
-            if len(qmaps) != 1:
-                raise ValueError(f"the state entries of {where} name maps {sorted(qmaps)}")
-            joined[name + "_qmap"] = qmaps.pop()
-            continue
-        values = np.concatenate(
-            [arrays.to_host(slots[name]).reshape(-1) for _, slots in entries]
-        ).astype(np.float32)
-        if name in precision.INT8_SIGNED:  # a float state (torch.optim's): quantize it
-            slot = precision.int8_from_values(values, precision.INT8_SIGNED[name])
-            joined[name] = slot.codes
-            joined[name + "_absmax"] = slot.absmax
-            joined[name + "_qmap"] = "signed" if slot.signed else "unsigned"
-        else:  # the float32 master copy
-            joined[name] = values
-    # one run: the others repeat the first's key; their slots are never read
-    return [(entries[0][0], joined)] + [(entries[0][0], dict.fromkeys(joined))] * (len(entries) - 1)
-
-
-def _joined_codes(buf, entries, name):
-    parts = []
-    for p, n, (_, slots) in zip(buf.params, buf.names, entries):
-        codes = arrays.to_host(slots[name])
-        if codes.dtype != np.uint8 or codes.size != p.numel():
-            raise ValueError(
-                f"state of {n}[{name!r}] must hold {p.numel()} uint8 codes, got {codes.size} "
-                f"{codes.dtype}"
-            )
-        parts.append(codes.reshape(-1))
-    return np.concatenate(parts)
-
-
-def _joined_absmax(buf, entries, name):
-    block = precision.QUANT_BLOCK
-    out = np.full(precision.int8_block_count(buf.flat.numel()), np.nan, np.float32)
-    done = -1  # the last block filled
-    for (lo, hi), n, (_, slots) in zip(buf.offsets, buf.names, entries):
-        b0, b1 = lo // block, -(-hi // block)
-        a = arrays.to_host(slots[name + "_absmax"]).reshape(-1)
-        if a.dtype != np.float32 or a.size != b1 - b0:
-            raise ValueError(
-                f"state of {n}[{name + '_absmax'!r}] must hold {b1 - b0} float32 block absmax "
-                f"(blocks {b0}..{b1 - 1} of its flat buffer), got {a.size} {a.dtype}: a state "
-                "saved over another layout of parameters"
-            )
-        if b0 == done and a[:1].view(np.uint32) != out[b0 : b0 + 1].view(np.uint32):
-            raise ValueError(
-                f"state of {n}[{name + '_absmax'!r}]: block {b0}, shared with the previous "
-                "parameter, holds another absmax there: a state saved over another layout"
-            )
-        out[b0:b1] = a
-        done = b1 - 1
-    return out
+def _quantized_slots(entry):
+    """One parameter's entry (record, slots) of an 8-bit bucket with its float moments (a state
+    saved by torch.optim) quantized in its own blocks as the kernels would; 8-bit slots saved by
+    fastopt (codes, ``_absmax``, ``_qmap``) and the float32 master copy stay as they are, for
+    the core to check."""
+    record, slots = entry
+    out = dict(slots)
+    for name, v in slots.items():
+        if name in precision.INT8_SIGNED and name + "_absmax" not in slots:
+            values = arrays.to_host(v).reshape(-1).astype(np.float32)
+            q = precision.int8_from_values(values, precision.INT8_SIGNED[name])
+            out[name] = q.codes
+            out[name + "_absmax"] = q.absmax
+            out[name + "_qmap"] = "signed" if q.signed else "unsigned"
+    return record, out
 
 
 def _run_key(entry):
