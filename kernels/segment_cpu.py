@@ -39,10 +39,14 @@ def _compiled():
         inline = njit(inline="always", cache=True, error_model="numpy")
         compiled = compile_rules(inline)
         glb = {"np": segment_loops.np, "LANES": segment_loops.LANES}
+        glb["STORED_BLOCK"] = segment_loops.STORED_BLOCK
+        glb["STORED_TASK"] = segment_loops.STORED_TASK
+        glb["CHUNK"] = segment_loops.REDUCTION_CHUNK
         glb["add"] = inline(rebind(_add, glb))
         glb["mul"] = inline(rebind(_mul, glb))
         glb["lane_tree"] = inline(rebind(segment_loops._lane_tree, glb, "lane_tree"))
-        _RULES = compiled, glb
+        glb["skip_single"] = False
+        _RULES = compiled, glb, inline
     return _RULES
 
 
@@ -57,12 +61,13 @@ def kernels(rule_name, parallel=True):
     key = (rule_name, parallel)
     ks = _KERNELS.get(key)
     if ks is None:
-        compiled, glb = _compiled()
+        compiled, glb, inline = _compiled()
         variant = f"_seg{_TAG}" + ("" if parallel else "_serial")
         extra = dict(glb, indices=prange if parallel else range)
         extra["transformed_grad"] = compiled["transformed_grad"]
         extra["pre"] = compiled[f"{rule_name}_pre"]
         extra["segrule"] = compiled[f"{rule_name}_segment"]
+        extra["segment_step"] = inline(rebind(segment_loops.segment_step, extra))
         decorate = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
         reduce_t = segment_loops.CPU_REDUCE[pre_arity(rule_name)]
         reduce_k = specialize(reduce_t, rule_name, None, extra, decorate, variant)
@@ -80,37 +85,61 @@ def kernels(rule_name, parallel=True):
 
 
 def stored_kernels(rule_name, parallel=True):
-    """(reduce, apply) kernels of a rule of ``rules.STORED_UPDATE``: the reduction that also
-    stores each element's update and new state, and ``p - r0 * y`` from the stored update."""
+    """(reduce, segment, apply) kernels of a rule of ``rules.STORED_UPDATE``: the reduction that
+    also stores each element's update and new state and steps the segments of one piece, the
+    segment pass and ``p - r0 * y`` from the stored update for the others."""
     key = (rule_name, parallel, "stored")
     ks = _KERNELS.get(key)
     if ks is None:
-        compiled, glb = _compiled()
+        compiled, glb, inline = _compiled()
         variant = f"_seg{_TAG}" + ("" if parallel else "_serial")
-        extra = dict(glb, indices=prange if parallel else range)
+        extra = dict(glb, indices=prange if parallel else range, skip_single=True)
         extra["transformed_grad"] = compiled["transformed_grad"]
+        extra["segrule"] = compiled[f"{rule_name}_segment"]
+        extra["segment_step"] = inline(rebind(segment_loops.segment_step, extra))
+        extra["apply_stored_piece"] = inline(rebind(segment_loops.apply_stored_piece, extra))
         decorate = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
         reduce_t = segment_loops.CPU_REDUCE_STORED[rules.SEGMENT_RULES[rule_name]]
         stored = compiled[f"{rule_name}_stored"]
-        reduce_k = specialize(reduce_t, rule_name, stored, extra, decorate, variant)
-        apply_k = specialize(segment_loops.cpu_apply_stored, "any", None, extra, decorate, variant)
-        ks = _KERNELS[key] = (reduce_k, apply_k)
+        reduce_k = specialize(reduce_t, rule_name, stored, extra, decorate, variant + "_stored")
+        serial = njit(cache=True, nogil=True, error_model="numpy")
+        seg_k = specialize(
+            segment_loops.segment_pass,
+            rule_name,
+            None,
+            dict(extra, indices=range),
+            serial,
+            variant + "_stored",
+        )
+        apply_k = specialize(
+            segment_loops.cpu_apply_stored, rule_name, None, extra, decorate, variant
+        )
+        ks = _KERNELS[key] = (reduce_k, seg_k, apply_k)
     return ks
 
 
-def reduce_stored(rule_name, p, g, states, h, gs, flags, layout, out, u):
-    """Launch 1 of a rule of ``rules.STORED_UPDATE``: :func:`reduce`'s sums, and each element's
-    update into ``u`` (an array like ``p``) and its new state into ``states``."""
-    lo, hi, seg, _ = layout
+def reduce_stored(rule_name, p, g, states, h, gs, flags, layout, out, u, st, r, sums, h64):
+    """Launch 1 of a rule of ``rules.STORED_UPDATE``: :func:`reduce`'s sums, each element's
+    update into ``u`` (an array like ``p``) and its new state into ``states``; the segments of
+    one piece stepped whole (:func:`segment`'s ``r``, ``st``, ``sums`` and the update)."""
+    lo, hi, seg, first = layout
     k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[0]
-    k(p, g, *states, h + gs, flags, lo, hi, seg, out, u)
+    k(p, g, *states, h + gs, flags, lo, hi, seg, out, u, first, st, r, sums, h64)
+
+
+def segment_stored(rule_name, p, flags, layout, out, st, r, sums, h64):
+    """Launch 2 of a rule of ``rules.STORED_UPDATE``: :func:`segment` for the segments of more
+    than one piece."""
+    k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[1]
+    k(layout[3], out, flags, st, r, sums, h64)
 
 
 def apply_stored(rule_name, p, u, layout, r):
-    """Launch 3 of a rule of ``rules.STORED_UPDATE``: ``p = p - r[seg, 0] * u`` in place."""
-    lo, hi, seg, _ = layout
-    k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[1]
-    k(p, u, lo, hi, seg, r)
+    """Launch 3 of a rule of ``rules.STORED_UPDATE``: ``p = p - r[seg, 0] * u`` in place over
+    the segments of more than one piece."""
+    lo, hi, seg, first = layout
+    k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[2]
+    k(p, u, lo, hi, seg, first, r)
 
 
 def reduce(rule_name, p, g, states, h, gs, flags, layout, out):

@@ -42,9 +42,10 @@ def _compiled():
             decorate = cuda.jit(device=True, forceinline=True)
             add, mul = libdevice.dadd_rn, libdevice.dmul_rn
         glb = {"cuda": cuda, "np": np, "LANES": segment_loops.LANES, "add": add, "mul": mul}
+        glb["skip_single"] = False
         glb["block_sum"] = decorate(rebind(segment_loops.cuda_block_sum, glb, "block_sum"))
         glb["indices"] = decorate(rebind(_grid_stride, {"cuda": cuda}))
-        _COMPILED.append((compile_rules(decorate), glb))
+        _COMPILED.append((compile_rules(decorate), glb, decorate))
     return _COMPILED[0]
 
 
@@ -55,12 +56,13 @@ def kernels(rule_name):
         with _LOCK:
             ks = _KERNELS.get(rule_name)
             if ks is None:
-                compiled, glb = _compiled()
+                compiled, glb, device = _compiled()
                 jit = _cuda().jit(cache=True)
                 variant = f"_seg{_TAG}_cuda"
                 extra = dict(glb, transformed_grad=compiled["transformed_grad"])
                 extra["pre"] = compiled[f"{rule_name}_pre"]
                 extra["segrule"] = compiled[f"{rule_name}_segment"]
+                extra["segment_step"] = device(rebind(segment_loops.segment_step, extra))
                 reduce_t = segment_loops.CUDA_REDUCE[pre_arity(rule_name)]
                 red = specialize(reduce_t, rule_name, None, extra, jit, variant)
                 seg = specialize(segment_loops.segment_pass, rule_name, None, extra, jit, variant)

@@ -41,6 +41,10 @@ from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
 
 LANES = REDUCTION_THREADS
 """Lanes of each piece's sum (the CUDA block size of the segment kernels)."""
+STORED_BLOCK = 8 * LANES
+"""Elements per block of the CPU's stored-update reduction (whole lane rows)."""
+STORED_TASK = 8
+"""Pieces per parallel task of the CPU's stored-update reduction (one scratch buffer each)."""
 
 
 def pieces(bounds, chunk=REDUCTION_CHUNK):
@@ -114,20 +118,28 @@ def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
         out[k, 1] = lane_tree(ay)
 
 
+def segment_step(s, first, out, flags, st, r, sums, h):
+    """Segment ``s``: its pieces' partials added in piece order, then ``<rule>_segment``."""
+    sx = 0.0
+    sy = 0.0
+    for k in range(first[s], first[s + 1]):
+        sx = add(sx, out[k, 0])
+        sy = add(sy, out[k, 1])
+    r0, r1, v = segrule(sx, sy, flags[s], st[s], h)
+    r[s, 0] = r0
+    r[s, 1] = r1
+    st[s] = v
+    sums[s, 0] = sx
+    sums[s, 1] = sy
+
+
 def segment_pass(first, out, flags, st, r, sums, h):
-    """Shared by the CPU (``indices`` = range) and CUDA (grid-stride) targets."""
+    """Shared by the CPU (``indices`` = range) and CUDA (grid-stride) targets. ``skip_single``
+    (bound True for the CPU's fused stored-update reduction, which steps the segments of one
+    piece itself): leave those segments alone."""
     for s in indices(flags.size):
-        sx = 0.0
-        sy = 0.0
-        for k in range(first[s], first[s + 1]):
-            sx = add(sx, out[k, 0])
-            sy = add(sy, out[k, 1])
-        r0, r1, v = segrule(sx, sy, flags[s], st[s], h)
-        r[s, 0] = r0
-        r[s, 1] = r1
-        st[s] = v
-        sums[s, 0] = sx
-        sums[s, 1] = sy
+        if not (skip_single and first[s + 1] - first[s] == 1):
+            segment_step(s, first, out, flags, st, r, sums, h)
 
 
 def cpu_apply1(p, g, s0, hs, flags, lo, hi, seg, r):
@@ -161,41 +173,62 @@ def cpu_apply2(p, g, s0, s1, hs, flags, lo, hi, seg, r):
 # Stored-update templates (``rules.STORED_UPDATE``, CPU only): the reduction computes each
 # element's update ``y`` once, in the parameter dtype at the full vector width, stores it in the
 # scratch ``u`` with the new state, then sums p^2 and y^2 over the piece in the lanes and order of
-# ``cpu_reduce2``; the apply pass is ``p - r0 * y`` from ``u``. The same operations on the same
-# values as ``cpu_reduce2`` + ``cpu_apply2`` (same bits): the divider runs once per element
-# instead of twice, and the float64 lanes no longer halve the width of the update's arithmetic.
+# ``cpu_reduce2``; the apply pass is ``p - r0 * y`` from ``u``. A segment of one piece (most
+# tensors: up to REDUCTION_CHUNK elements) is stepped at once by the reduction, while its update
+# is in the cache: its ``segment_step`` (the sums added to 0, as the segment pass adds them) and
+# its apply; the segment and apply passes then skip it. The same operations on the same values as
+# ``cpu_reduce2`` + ``segment_pass`` + ``cpu_apply2`` (same bits): the divider runs once per
+# element instead of twice, the float64 lanes no longer halve the width of the update's
+# arithmetic, and most of the buffer is read and written once per step.
 
 
-def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u):
+def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, r, sums, h64):
     h, gscale, clip = hs[:-2], hs[-2], hs[-1]
-    for k in indices(lo.size):
-        f = flags[seg[k]]
-        a, b = lo[k], hi[k]
-        ax = np.zeros(LANES, np.float64)
-        ay = np.zeros(LANES, np.float64)
-        for base in range(a, b, LANES):  # one lane row at a time: it stays in the L1 cache
-            c = min(LANES, b - base)
-            pk, gk, mk, vk, uk = p[base:], g[base:], s0[base:], s1[base:], u[base:]
-            for t in range(c):
-                uk[t], mk[t], vk[t] = rule(
-                    pk[t], transformed_grad(gk[t], gscale, clip), mk[t], vk[t], h, f
-                )
-            for t in range(c):
-                xv = np.float64(pk[t])
-                yv = np.float64(uk[t])
-                ax[t] = add(ax[t], mul(xv, xv))
-                ay[t] = add(ay[t], mul(yv, yv))
-        out[k, 0] = lane_tree(ax)
-        out[k, 1] = lane_tree(ay)
+    for task in indices((lo.size + STORED_TASK - 1) // STORED_TASK):
+        # allocated once per task (an allocation per piece costs as much as its arithmetic):
+        local = np.empty(CHUNK, p.dtype)  # the update of a one-piece segment: never leaves it
+        ax = np.empty(LANES, np.float64)
+        ay = np.empty(LANES, np.float64)
+        for k in range(task * STORED_TASK, min(lo.size, (task + 1) * STORED_TASK)):
+            s = seg[k]
+            f = flags[s]
+            a, b = lo[k], hi[k]
+            whole = first[s + 1] - first[s] == 1
+            uw = local[: b - a] if whole else u[a:b]
+            ax[:] = 0.0
+            ay[:] = 0.0
+            for block in range(0, b - a, STORED_BLOCK):  # a few lane rows at a time, in cache
+                e = min(block + STORED_BLOCK, b - a)
+                pk, gk = p[a + block : a + e], g[a + block : a + e]
+                mk, vk, uk = s0[a + block : a + e], s1[a + block : a + e], uw[block:e]
+                for i in range(e - block):
+                    uk[i], mk[i], vk[i] = rule(
+                        pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f
+                    )
+                for base in range(block, e, LANES):
+                    pr, ur = p[a + base :], uw[base:]
+                    for t in range(min(LANES, e - base)):
+                        xv = np.float64(pr[t])
+                        yv = np.float64(ur[t])
+                        ax[t] = add(ax[t], mul(xv, xv))
+                        ay[t] = add(ay[t], mul(yv, yv))
+            out[k, 0] = lane_tree(ax)
+            out[k, 1] = lane_tree(ay)
+            if whole:
+                segment_step(s, first, out, flags, st, r, sums, h64)
+                apply_stored_piece(p[a:b], uw, r[s, 0])
 
 
-def cpu_apply_stored(p, u, lo, hi, seg, r):
+def apply_stored_piece(pk, uk, r0):
+    for i in range(pk.size):
+        pk[i] = pk[i] - r0 * uk[i]
+
+
+def cpu_apply_stored(p, u, lo, hi, seg, first, r):
     for k in indices(lo.size):
-        r0 = r[seg[k], 0]
-        a, b = lo[k], hi[k]
-        pk, uk = p[a:b], u[a:b]
-        for i in range(b - a):
-            pk[i] = pk[i] - r0 * uk[i]
+        s = seg[k]
+        if first[s + 1] - first[s] > 1:  # one-piece segments were stepped by the reduction
+            apply_stored_piece(p[lo[k] : hi[k]], u[lo[k] : hi[k]], r[s, 0])
 
 
 CPU_REDUCE = {0: cpu_reduce0, 2: cpu_reduce2}

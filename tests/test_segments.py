@@ -226,15 +226,16 @@ def child_sim_vs_cpu():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stored_update_launches_equal_the_recomputing_ones(dtype):
     """LAMB on the CPU (rules.STORED_UPDATE) stores each element's update in the reduction and
-    applies it from there: the same bits as the reduction + apply that compute it twice (the
-    templates the GPU backends run), for the sums, the parameters and the state, over empty,
-    partial and several pieces, masked and unmasked segments. The serial kernels (the prange
+    applies it from there, stepping the segments of one piece in the reduction itself: the same
+    bits as the reduction + segment pass + apply that compute the update twice (the templates
+    the GPU backends run), for the sums, the segment scalars, the parameters and the state, over
+    empty, one-piece and two-piece segments, masked and unmasked. The serial kernels (the prange
     ones run the same body per piece, and the thread-count test above covers them; their
     compile would double this test's time)."""
     parallel = False
     sizes = [3, 0, 700, 300, 5]
     b = np.concatenate([[0], np.cumsum(sizes)])
-    lo, hi, seg, first = layout = segment_loops.pieces(b, chunk=512)
+    lo, hi, seg, first = segment_loops.pieces(b, chunk=512)
     h64 = (1, 0.9, 0.1, 0.999, 0.001, 0.1, 0.001, 1e-6, 1e-9, 0.01, 0.1)
     h = tuple(dtype(x) for x in h64)
     gs = (dtype(1.5), dtype(2.0))
@@ -248,18 +249,17 @@ def test_stored_update_launches_equal_the_recomputing_ones(dtype):
         out, r = np.zeros((lo.size, 2)), np.zeros((len(sizes), 2), dtype)
         st, sums = np.zeros(len(sizes), dtype), np.zeros((len(sizes), 2))
         if stored:
-            reduce_k, apply_k = segment_cpu.stored_kernels("lamb", parallel)
+            reduce_k, seg_k, apply_k = segment_cpu.stored_kernels("lamb", parallel)
             u = np.full_like(p, np.nan)
-            reduce_k(p, g, m, v, h + gs, flags, lo, hi, seg, out, u)
+            reduce_k(p, g, m, v, h + gs, flags, lo, hi, seg, out, u, first, st, r, sums, h64)
+            seg_k(first, out, flags, st, r, sums, h64)
+            apply_k(p, u, lo, hi, seg, first, r)
         else:
-            reduce_k, _, apply_k = segment_cpu.kernels("lamb", parallel)
+            reduce_k, seg_k, apply_k = segment_cpu.kernels("lamb", parallel)
             reduce_k(p, g, m, v, h + gs, flags, lo, hi, seg, out)
-        segment_cpu.segment("lamb", p, flags, layout, out, st, r, sums, h64)
-        if stored:
-            apply_k(p, u, lo, hi, seg, r)
-        else:
+            seg_k(first, out, flags, st, r, sums, h64)
             apply_k(p, g, m, v, h + gs, flags, lo, hi, seg, r)
-        results.append([a.tobytes() for a in (p, m, v, out, r)])
+        results.append([a.tobytes() for a in (p, m, v, out, r, st, sums)])
     assert results[0] == results[1]
     assert not np.array_equal(base[0], p)  # the step moved the parameters
 

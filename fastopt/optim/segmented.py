@@ -227,24 +227,19 @@ class SegmentedOptimizer(Optimizer):
         on = {}
         if unit.backend.name == "cupy":  # the numba-cuda launchers keep their default stream
             on["stream"] = streams.StepStreams(self._stream)(unit)
-        stored = unit.backend.name == "numba-cpu" and self.algorithm in rules.STORED_UPDATE
-        if stored:
+        flags, layout, out, r, sums = w["flags"], w["layout"], w["out"], w["r"], w["sums"]
+        if unit.backend.name == "numba-cpu" and self.algorithm in rules.STORED_UPDATE:
             u = self._update_buffer(p)
             k.reduce_stored(
-                self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], u
-            )
-        else:
-            k.reduce(
-                self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["out"], **on
-            )
-        k.segment(
-            self.algorithm, p, w["flags"], w["layout"], w["out"], seg_state, w["r"], w["sums"],
-            h64, **on,
-        )  # fmt: skip
-        if stored:
-            k.apply_stored(self.algorithm, p, u, w["layout"], w["r"])
-        else:
-            k.apply(self.algorithm, p, grad, states, h, gs, w["flags"], w["layout"], w["r"], **on)
+                self.algorithm, p, grad, states, h, gs, flags, layout, out, u, seg_state, r,
+                sums, h64,
+            )  # fmt: skip
+            k.segment_stored(self.algorithm, p, flags, layout, out, seg_state, r, sums, h64)
+            k.apply_stored(self.algorithm, p, u, layout, r)
+            return
+        k.reduce(self.algorithm, p, grad, states, h, gs, flags, layout, out, **on)
+        k.segment(self.algorithm, p, flags, layout, out, seg_state, r, sums, h64, **on)
+        k.apply(self.algorithm, p, grad, states, h, gs, flags, layout, r, **on)
 
     def _update_buffer(self, p):
         """Scratch for the stored update of a CPU unit (``rules.STORED_UPDATE``): one value per
