@@ -17,6 +17,10 @@ import re
 
 import numpy as np
 import pytest
+from cupy_ptx import cuda_c as _cuda_c
+from cupy_ptx import entry_body as _entry_body
+from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
+from cupy_ptx import same as _same
 from fake_cupy import FakeDeviceArray, install
 from test_lbfgs_cupy import FakeVectorCuPy
 from test_segments_cupy import SegmentArray
@@ -51,17 +55,6 @@ STEPS = (
 )
 
 
-def _cuda_c():
-    import test_cuda_c
-
-    return test_cuda_c
-
-
-def _same(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 # ---------------------------------------------------------------------------------------------
 # The module CuPy compiles: NVRTC, as cupy.RawModule does, for sm_90.
 
@@ -69,16 +62,7 @@ def _same(a, b):
 @pytest.fixture(scope="module")
 def nvrtc_ptx():
     """The PTX of factored_cupy's module, compiled with its options (and CuPy's -ftz=true)."""
-    h = _cuda_c()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(h.cupy_backend, "COMPILE_OPTIONS", factored_cupy.COMPILE_OPTIONS)
-        return h._nvrtc_compile(h.nvrtc_or_skip(), factored_cupy.source(), arch="compute_90")[0]
-
-
-def _entry_body(ptx, name):
-    start = ptx.index(f".entry {name}(")
-    end = ptx.find(".entry ", start + 1)
-    return ptx[start : end if end > 0 else len(ptx)]
+    return nvrtc_ptx_of(factored_cupy.source(), factored_cupy.COMPILE_OPTIONS)
 
 
 def test_nvrtc_compiles_every_phase_with_explicit_roundings(nvrtc_ptx):

@@ -18,6 +18,10 @@ import pathlib
 import ml_dtypes
 import numpy as np
 import pytest
+from cupy_ptx import cuda_c as _cuda_c
+from cupy_ptx import entry_body as _entry_body
+from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
+from cupy_ptx import same as _same
 from fake_cupy import FakeDeviceArray, install
 from test_lbfgs_cupy import FakeCupyArray, FakeVectorCuPy
 
@@ -57,17 +61,6 @@ SM_COUNT = 2  # FakeVectorCuPy's
 N = 3 * QUANT_BLOCK + 77  # a partial last block
 
 
-def _cuda_c():
-    import test_cuda_c
-
-    return test_cuda_c
-
-
-def _same(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 # ---------------------------------------------------------------------------------------------
 # The modules CuPy compiles: NVRTC, as cupy.RawModule does, for sm_90.
 
@@ -76,16 +69,7 @@ def _same(a, b):
 def nvrtc_ptx():
     """The PTX of NVRTC_KERNELS in one module, compiled with block_cupy's options and CuPy's
     -ftz=true."""
-    h = _cuda_c()
-    return h._nvrtc_compile(h.nvrtc_or_skip(), block_cupy.source(NVRTC_KERNELS), arch="compute_90")[
-        0
-    ]
-
-
-def _entry_body(ptx, name):
-    start = ptx.index(f".entry {name}(")
-    end = ptx.find(".entry ", start + 1)
-    return ptx[start : end if end > 0 else len(ptx)]
+    return nvrtc_ptx_of(block_cupy.source(NVRTC_KERNELS))
 
 
 def test_nvrtc_compiles_every_kernel_ieee(nvrtc_ptx):

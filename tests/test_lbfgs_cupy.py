@@ -15,6 +15,9 @@ import types
 
 import numpy as np
 import pytest
+from cupy_ptx import cuda_c as _cuda_c
+from cupy_ptx import entry_body as _entry_body
+from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
 import fastopt as fo
@@ -32,26 +35,13 @@ REDUCING = ("dot", "update_dot", "scale_dot", "pair", "abs", "axpy_absmax")
 WITH_FMA = ("dot", "update_dot", "scale_dot", "pair", "axpy_absmax")
 
 
-def _cuda_c():
-    import test_cuda_c
-
-    return test_cuda_c
-
-
 # ---------------------------------------------------------------------------------------------
 # The module CuPy compiles: NVRTC, as cupy.RawModule does, for sm_90.
 
 
 @pytest.fixture(scope="module")
 def nvrtc_ptx():
-    h = _cuda_c()
-    return h._nvrtc_compile(h.nvrtc_or_skip(), vector_cupy.source(), arch="compute_90")[0]
-
-
-def _entry_body(ptx, name):
-    start = ptx.index(f".entry {name}(")
-    end = ptx.find(".entry ", start + 1)
-    return ptx[start : end if end > 0 else len(ptx)]
+    return nvrtc_ptx_of(vector_cupy.source())
 
 
 def test_source_inlines_the_headers():

@@ -16,6 +16,10 @@ import re
 
 import numpy as np
 import pytest
+from cupy_ptx import cuda_c as _cuda_c
+from cupy_ptx import entry_body as _entry_body
+from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
+from cupy_ptx import same as _same
 from fake_cupy import FakeDeviceArray, install
 from test_lbfgs_cupy import FakeCupyArray, FakeVectorCuPy
 from test_segments import CASES  # the same optimizer cases as the CPU segment tests
@@ -32,17 +36,6 @@ DTYPES = (np.float32, np.float64)
 SHAPES = ((30, 40), (40,), (7,), (REDUCTION_CHUNK + 300,))  # the last: two pieces
 
 
-def _cuda_c():
-    import test_cuda_c
-
-    return test_cuda_c
-
-
-def _same(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 # ---------------------------------------------------------------------------------------------
 # The module CuPy compiles: NVRTC, as cupy.RawModule does, for sm_90.
 
@@ -50,16 +43,7 @@ def _same(a, b):
 @pytest.fixture(scope="module")
 def nvrtc_ptx():
     """The PTX of segment_cupy's module, compiled with its options (and CuPy's -ftz=true)."""
-    h = _cuda_c()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(h.cupy_backend, "COMPILE_OPTIONS", segment_cupy.COMPILE_OPTIONS)
-        return h._nvrtc_compile(h.nvrtc_or_skip(), segment_cupy.source(), arch="compute_90")[0]
-
-
-def _entry_body(ptx, name):
-    start = ptx.index(f".entry {name}(")
-    end = ptx.find(".entry ", start + 1)
-    return ptx[start : end if end > 0 else len(ptx)]
+    return nvrtc_ptx_of(segment_cupy.source(), segment_cupy.COMPILE_OPTIONS)
 
 
 def test_nvrtc_compiles_every_kernel_with_numba_cudas_roundings(nvrtc_ptx):
