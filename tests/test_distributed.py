@@ -652,14 +652,14 @@ def test_zero1_int8_mismatched_block_layout_is_refused(int8_run):
 
 
 def test_trainer_zero1_with_int8_state_equals_data_parallel(int8_run):
-    """Trainer(distributed=True, zero=True) with Adam's state in 8 bits (6003 parameters, 24
+    """Trainer(distributed=True, zero=True) with Adam's state in 8 bits (6003 float32 parameters, 24
     blocks; each rank's shard below MIN_8BIT_SIZE) trains as Trainer(distributed=True) with the
     same state on 2 ranks: parameters equal to the gradient norm's rounding (the clip factor's
     partial sums are added in another order), codes and block absmax in the gathered state."""
     _, ranks, _ = int8_run
     for r in ranks:
         np.testing.assert_allclose(
-            r["trainer_zero_params"], r["trainer_dp_params"], rtol=1e-12, atol=1e-14
+            r["trainer_zero_params"], r["trainer_dp_params"], rtol=1e-6, atol=1e-7
         )
         assert r["trainer_zero_exp_avg"].dtype == np.uint8
         assert r["trainer_zero_exp_avg_sq"].dtype == np.uint8

@@ -18,7 +18,7 @@ rank 1's optimizer, and rank 0, whose part was good, puts its state back; parame
 bit-identical afterwards.
 
 The Trainer: ``Trainer(distributed=True)`` with and without ``zero=True``, Adam with 8-bit
-state, an MLP of 6003 parameters (8-bit state from 4096 on; each shard is smaller), 2 epochs on
+state, a float32 MLP of 6003 parameters (8-bit state from 4096 on; each shard is smaller), 2 epochs on
 ``trainer_common``'s data; with two
 ranks every gradient sum is exact in any order, so both must give the same bits, and the ZeRO
 run keeps codes and block absmax in its shard.
@@ -142,7 +142,7 @@ def trainer_runs(comm):
     out = {}
     for zero in (False, True):
         t = C.trainer(
-            MLP(C.D, (600,), C.K, dtype="float64", seed=0),
+            MLP(C.D, (600,), C.K, dtype="float32", seed=0),  # the kernels compiled above
             "adam",
             distributed=dist.Context(comm),
             zero=zero,
