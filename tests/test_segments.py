@@ -191,7 +191,9 @@ def child_sim_vs_cpu():
     }
     ok = {}
     for rule, h64 in hs.items():
-        for dtype in (np.float32, np.float64):
+        # float32 for LAMB only: the templates do not depend on the dtype, and each simulated
+        # launch costs seconds (a Python thread per CUDA thread)
+        for dtype in (np.float32, np.float64) if rule == "lamb" else (np.float64,):
             rng = np.random.default_rng(0)
             base = [rng.standard_normal(b[-1]).astype(dtype) for _ in range(4)]
             base[3] = np.abs(base[3])
@@ -278,7 +280,7 @@ def test_cuda_simulator_equals_cpu_bit_for_bit():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(ok) == 8 and all(ok.values()), ok
+    assert len(ok) == 5 and all(ok.values()), ok
 
 
 @pytest.mark.parametrize("paramset", [True, False], ids=["paramset", "list"])
