@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 in their own process",
 )
 
-SMALL = 2 * 256 + 44
+SMALL = 256 + 44  # a full block and a partial one (each simulated block costs seconds)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -91,16 +91,16 @@ FULL = [("adam", fo.Adam, dict(lr=1e-2), np.float32)]
 @pytest.mark.parametrize("case", FULL, ids=[c[0] for c in FULL])
 def test_units_above_and_below_the_threshold_match_numba_cpu_bit_for_bit(case, monkeypatch):
     """A unit above ``MIN_8BIT_SIZE`` (8-bit state, partial last block) and one below it
-    (float32 state, as on the CPU). The threshold is lowered to 512: the device kernels never
+    (float32 state, as on the CPU). The threshold is lowered to 256: the device kernels never
     see it (the host decides per unit, as ``tests/test_int8_state.py`` checks at 4096), and the
     simulator runs each of a block's 256 threads as a Python thread (a 4096-element unit took
     a minute)."""
-    monkeypatch.setattr(precision, "MIN_8BIT_SIZE", 512)
+    monkeypatch.setattr(precision, "MIN_8BIT_SIZE", 256)
     _, cls, kwargs, dtype = case
     opt_d, _ = run_both(cls, dict(kwargs, state_dtype="int8"), [(SMALL,), (100,)], dtype)
     big, small = opt_d.state[0], opt_d.state[1]
     slot = big["momentum_buffer" if cls is fo.SGD else "exp_avg"]
-    assert isinstance(slot, precision.Quantized) and slot.absmax.size == 3
+    assert isinstance(slot, precision.Quantized) and slot.absmax.size == 2
     assert not any(isinstance(v, precision.Quantized) for v in small.values())
 
 
@@ -168,10 +168,10 @@ def test_bad_input_is_refused_before_any_write(monkeypatch):
     g = to_device(np.ones(SMALL, np.float32))
     m, v = s["exp_avg"], s["exp_avg_sq"]
     on_host = precision.Quantized(host(m.codes), host(m.absmax), True)
-    short = precision.Quantized(m.codes, _cuda().to_device(np.zeros(2, np.float32)), True)
+    short = precision.Quantized(m.codes, _cuda().to_device(np.zeros(1, np.float32)), True)
     for states, exc, match in (
         ([on_host, v], TypeError, "slot 0 of adam must be an 8-bit slot of device arrays"),
-        ([m, short], ValueError, "slot 1 of adam: absmax must be float32 of 3 elements"),
+        ([m, short], ValueError, "slot 1 of adam: absmax must be float32 of 2 elements"),
         ([m], ValueError, "adam takes 2 state slots, got 1"),
     ):
         with pytest.raises(exc, match=match):
