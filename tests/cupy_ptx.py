@@ -1,9 +1,14 @@
 """What the tests of the CuPy kernel modules share: the PTX NVRTC makes of a module's source as
 ``cupy.RawModule`` compiles it (sm_90, the module's options plus CuPy's ``-ftz=true``), one
-kernel's body in it, and bit-for-bit array equality."""
+kernel's body in it, the nvcc build of a host harness, and bit-for-bit array equality."""
+
+import ctypes
+import pathlib
 
 import numpy as np
 import pytest
+
+KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 
 
 def cuda_c():
@@ -28,6 +33,24 @@ def entry_body(ptx, name):
     start = ptx.index(f".entry {name}(")
     end = ptx.find(".entry ", start + 1)
     return ptx[start : end if end > 0 else len(ptx)]
+
+
+def build_harness(nvcc, source, workdir, argtypes, restypes=None):
+    """The host harness ``source`` (a .cu file including kernels/ headers) built by ``nvcc`` in
+    ``workdir`` as a shared library (host code at -O2, no floating-point contraction, every
+    warning an error) and loaded, its functions typed: ``argtypes`` and ``restypes`` map
+    function names to their ctypes argument lists and result types."""
+    source = pathlib.Path(source)
+    lib = pathlib.Path(workdir) / f"lib{source.stem}.so"
+    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
+    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
+    cuda_c()._run([*cmd, str(source), "-o", str(lib)], workdir)
+    dll = ctypes.CDLL(str(lib))
+    for name, types in argtypes.items():
+        getattr(dll, name).argtypes = list(types)
+    for name, restype in (restypes or {}).items():
+        getattr(dll, name).restype = restype
+    return dll
 
 
 def same(a, b):

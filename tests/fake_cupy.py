@@ -1,6 +1,8 @@
 """A fake CuPy for testing kernels/cupy.py's launchers without a GPU (tests/test_cuda_c.py,
 tests/test_dispatch.py): device arrays are NumPy arrays, and each kernel launch is recorded and
 handed to the test, which runs it on the host (the nvcc-built harness) and checks its arguments.
+:class:`FakeStream` is a CuPy stream for the fakes that record which stream work ran on
+(tests/test_lbfgs_cupy.py, tests/test_muon_device.py).
 """
 
 import sys
@@ -21,6 +23,21 @@ class FakeDeviceArray:
 
     def get(self):
         return self.host.copy()
+
+
+class FakeStream:
+    """A ``cupy.cuda.Stream`` stand-in with handle ``ptr``: ``with`` it pushes ``ptr`` on
+    ``fake.stream_stack`` (the fake's current stream is the top, as CuPy's is) and pops it."""
+
+    def __init__(self, fake, ptr):
+        self.fake, self.ptr = fake, ptr
+
+    def __enter__(self):
+        self.fake.stream_stack.append(self.ptr)
+
+    def __exit__(self, *exc):
+        self.fake.stream_stack.pop()
+        return False
 
 
 class FakeCuPy:

@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from cupy_ptx import cuda_c as _cuda_c
 from cupy_ptx import entry_body as _entry_body
 from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
@@ -32,7 +33,6 @@ from fastopt.kernels import factored, factored_cupy
 from fastopt.kernels.layout import REDUCTION_CHUNK
 
 HERE = pathlib.Path(__file__).resolve().parent
-KERNELS = HERE.parent / "kernels"
 DTYPES = (np.float32, np.float64)
 # A 3-D tensor (3 matrices of two column tiles), a matrix of two row tiles, a vector of two
 # pieces, a short vector, a scalar, an empty vector and a matrix of no rows. Under
@@ -87,24 +87,23 @@ def test_nvrtc_compiles_every_phase_with_explicit_roundings(nvrtc_ptx):
 # The host harness.
 
 
+_p, _i, _ll, _d = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+ARGTYPES = {
+    "fo_host_af_tiles": [_i, _p, _d, _d, _p, _ll, _p, _p],
+    "fo_host_af_factors": [_i, _p, _ll, _p, _p, _p, _p, _p, _p],
+    "fo_host_af_items": [_i, _p, _p, _p, _d, _d, _p, _ll, _p, _p, _p, _p, _p, _p],
+    "fo_host_af_scales": [_i, _p, _p, _ll, _p, _p, _p],
+    "fo_host_af_apply": [_i, _p, _p, _p, _ll, _p, _p],
+    "fo_host_af_constant": [ctypes.c_char_p],
+}
+RESTYPES = {"fo_host_af_constant": _ll}
+
+
 @pytest.fixture(scope="module")
 def harness(nvcc, tmp_path_factory):
     """tests/factored_host_harness.cu built once for this module (nvcc, a shared library)."""
     workdir = tmp_path_factory.mktemp("factored_cupy")
-    lib = workdir / "libfo_factored_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _cuda_c()._run([*cmd, str(HERE / "factored_host_harness.cu"), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    p, i, ll, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
-    dll.fo_host_af_tiles.argtypes = [i, p, d, d, p, ll, p, p]
-    dll.fo_host_af_factors.argtypes = [i, p, ll, p, p, p, p, p, p]
-    dll.fo_host_af_items.argtypes = [i, p, p, p, d, d, p, ll, p, p, p, p, p, p]
-    dll.fo_host_af_scales.argtypes = [i, p, p, ll, p, p, p]
-    dll.fo_host_af_apply.argtypes = [i, p, p, p, ll, p, p]
-    dll.fo_host_af_constant.argtypes = [ctypes.c_char_p]
-    dll.fo_host_af_constant.restype = ll
-    return dll
+    return build_harness(nvcc, HERE / "factored_host_harness.cu", workdir, ARGTYPES, RESTYPES)
 
 
 def test_harness_constants_are_factored_py(harness):

@@ -18,6 +18,7 @@ import pathlib
 import ml_dtypes
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from cupy_ptx import cuda_c as _cuda_c
 from cupy_ptx import entry_body as _entry_body
 from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
@@ -34,7 +35,6 @@ from fastopt.kernels.storage import QUANT_BLOCK
 from fastopt.optim import precision
 
 HERE = pathlib.Path(__file__).resolve().parent
-KERNELS = HERE.parent / "kernels"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = Storage("float32", "float32", "int8", False, False)
 BF16_MASTER = Storage("bfloat16", "bfloat16", "int8", True, False)
@@ -103,21 +103,21 @@ def test_kernel_names_and_bad_rules():
 # The host harness.
 
 
+_p, _ll, _d, _u64 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint64
+_s = ctypes.c_char_p
+ARGTYPES = {
+    "fo_host_block": [_s, _p, _p, _p, _p, _p, _p, _p, _ll, _p, _d, _d, _u64, _u64, _u64],
+    "fo_host_quantizer": [_p, _p, _ll, _p, _p, _p, _p, _p, _p],
+    "fo_host_block_constant": [_s],
+}
+RESTYPES = {"fo_host_block_constant": _ll}
+
+
 @pytest.fixture(scope="module")
 def harness(nvcc, tmp_path_factory):
     """tests/block_host_harness.cu built once for this module (nvcc, a shared library)."""
     workdir = tmp_path_factory.mktemp("int8_cupy")
-    lib = workdir / "libfo_block_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _cuda_c()._run([*cmd, str(HERE / "block_host_harness.cu"), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    p, ll, d, u64 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint64
-    dll.fo_host_block.argtypes = [ctypes.c_char_p, p, p, p, p, p, p, p, ll, p, d, d, u64, u64, u64]
-    dll.fo_host_quantizer.argtypes = [p, p, ll, p, p, p, p, p, p]
-    dll.fo_host_block_constant.argtypes = [ctypes.c_char_p]
-    dll.fo_host_block_constant.restype = ll
-    return dll
+    return build_harness(nvcc, HERE / "block_host_harness.cu", workdir, ARGTYPES, RESTYPES)
 
 
 def test_harness_constants_are_block_loops(harness):

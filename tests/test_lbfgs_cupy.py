@@ -15,10 +15,11 @@ import types
 
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from cupy_ptx import cuda_c as _cuda_c
 from cupy_ptx import entry_body as _entry_body
 from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
-from fake_cupy import FakeCuPy, FakeDeviceArray, install
+from fake_cupy import FakeCuPy, FakeDeviceArray, FakeStream, install
 
 import fastopt as fo
 from fastopt import dispatch
@@ -29,7 +30,6 @@ from fastopt.optim import lbfgs
 
 CHUNK, T = REDUCTION_CHUNK, REDUCTION_THREADS
 HERE = pathlib.Path(__file__).resolve().parent
-KERNELS = HERE.parent / "kernels"
 DTYPES = (np.float32, np.float64)
 REDUCING = ("dot", "update_dot", "scale_dot", "pair", "abs", "axpy_absmax")
 WITH_FMA = ("dot", "update_dot", "scale_dot", "pair", "axpy_absmax")
@@ -67,19 +67,16 @@ def test_nvrtc_compiles_every_kernel_keeping_the_fma(nvrtc_ptx):
 # The host harness, and a NumPy model of the documented order.
 
 
+_p, _i, _ll, _d = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+ARGTYPES = {"fo_host_vector": [ctypes.c_char_p, _i, _ll, *[_p] * 6, _d, _d]}
+RESTYPES = {"fo_host_vector": _i}
+
+
 @pytest.fixture(scope="module")
 def harness(nvcc, tmp_path_factory):
     """tests/vector_host_harness.cu built once for this module (nvcc, a shared library)."""
     workdir = tmp_path_factory.mktemp("vector_cupy")
-    lib = workdir / "libfo_vector_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _cuda_c()._run([*cmd, str(HERE / "vector_host_harness.cu"), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    dll.fo_host_vector.restype = ctypes.c_int
-    dll.fo_host_vector.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_longlong]
-    dll.fo_host_vector.argtypes += [ctypes.c_void_p] * 6 + [ctypes.c_double] * 2
-    return dll
+    return build_harness(nvcc, HERE / "vector_host_harness.cu", workdir, ARGTYPES, RESTYPES)
 
 
 def _libm_fma():
@@ -200,18 +197,6 @@ class FakeCupyArray(FakeDeviceArray):
 
     def set(self, host, stream=None):
         self.host[...] = host
-
-
-class FakeStream:
-    def __init__(self, fake, ptr):
-        self.fake, self.ptr = fake, ptr
-
-    def __enter__(self):
-        self.fake.stream_stack.append(self.ptr)
-
-    def __exit__(self, *exc):
-        self.fake.stream_stack.pop()
-        return False
 
 
 class FakeVectorCuPy(FakeCuPy):

@@ -17,6 +17,7 @@ import types
 
 import numpy as np
 import pytest
+from fake_cupy import FakeStream
 
 import fastopt as fo
 from fastopt import dispatch
@@ -164,18 +165,6 @@ def _unwrap(v):
     if isinstance(v, dict):
         return {k: _unwrap(x) for k, x in v.items()}
     return v
-
-
-class FakeStream:
-    def __init__(self, fake, ptr):
-        self.fake, self.ptr = fake, ptr
-
-    def __enter__(self):
-        self.fake.stream_stack.append(self.ptr)
-
-    def __exit__(self, *exc):
-        self.fake.stream_stack.pop()
-        return False
 
 
 class NumPyCuPy(types.ModuleType):

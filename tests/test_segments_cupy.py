@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from cupy_ptx import cuda_c as _cuda_c
 from cupy_ptx import entry_body as _entry_body
 from cupy_ptx import nvrtc_ptx as nvrtc_ptx_of
@@ -31,7 +32,6 @@ from fastopt.kernels import cupy as kcupy
 from fastopt.kernels.layout import REDUCTION_CHUNK, REDUCTION_THREADS
 
 HERE = pathlib.Path(__file__).resolve().parent
-KERNELS = HERE.parent / "kernels"
 DTYPES = (np.float32, np.float64)
 SHAPES = ((30, 40), (40,), (7,), (REDUCTION_CHUNK + 300,))  # the last: two pieces
 
@@ -72,22 +72,21 @@ def test_nvrtc_compiles_every_kernel_with_numba_cudas_roundings(nvrtc_ptx):
 # The host harness, and a fake CuPy whose launches run on it.
 
 
+_p, _i, _ll, _d = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
+_s = ctypes.c_char_p
+ARGTYPES = {
+    "fo_host_seg_reduce": [_s, _i, _p, _p, _p, _p, _p, _d, _d, _p, _p, _p, _p, _ll, _p],
+    "fo_host_seg_segment": [_s, _i, _p, _p, _p, _ll, _p, _p, _p, _p],
+    "fo_host_seg_apply": [_s, _i, _p, _p, _p, _p, _p, _d, _d, _p, _p, _p, _p, _ll, _p],
+    "fo_host_seg_constant": [_s],
+}
+
+
 @pytest.fixture(scope="module")
 def harness(nvcc, tmp_path_factory):
     """tests/segment_host_harness.cu built once for this module (nvcc, a shared library)."""
     workdir = tmp_path_factory.mktemp("segment_cupy")
-    lib = workdir / "libfo_segment_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _cuda_c()._run([*cmd, str(HERE / "segment_host_harness.cu"), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    p, i, ll, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double
-    s = ctypes.c_char_p
-    dll.fo_host_seg_reduce.argtypes = [s, i, p, p, p, p, p, d, d, p, p, p, p, ll, p]
-    dll.fo_host_seg_segment.argtypes = [s, i, p, p, p, ll, p, p, p, p]
-    dll.fo_host_seg_apply.argtypes = [s, i, p, p, p, p, p, d, d, p, p, p, p, ll, p]
-    dll.fo_host_seg_constant.argtypes = [s]
-    return dll
+    return build_harness(nvcc, HERE / "segment_host_harness.cu", workdir, ARGTYPES)
 
 
 def test_harness_constants_are_rules_py(harness):
