@@ -108,9 +108,10 @@ def check(rule_name, storage, p, g, states, master):
     if storage.state != "int8":
         raise ValueError(f"the block kernels keep int8 state, not {storage.state}")
     n = p.size if isinstance(p, cupy.ndarray) else 0
-    arrays = [("parameter", p, storage.param), ("gradient", g, storage.grad)]
+    blocks = -(-n // QUANT_BLOCK)
+    arrays = [("the parameter", p, (storage.param,), n), ("the gradient", g, (storage.grad,), n)]
     if storage.master:
-        arrays.append(("master copy", master, "float32"))
+        arrays.append(("the master copy", master, ("float32",), n))
     elif master is not None:
         raise ValueError("a master copy was given for a storage without master weights")
     arity = ARITY[rule_name]
@@ -123,27 +124,9 @@ def check(rule_name, storage, p, g, states, master):
                 f"state slot {k} of {rule_name} must be an 8-bit slot (codes, absmax, signed), "
                 f"got {type(s).__name__}"
             )
-        arrays.append((f"codes of state slot {k}", codes, "uint8"))
-        arrays.append((f"absmax of state slot {k}", absmax, "float32"))
-    blocks = -(-n // QUANT_BLOCK)
-    for what, a, dtype in arrays:
-        if not isinstance(a, cupy.ndarray):
-            raise TypeError(
-                f"the CuPy block kernels take cupy.ndarray; the {what} is a {type(a).__name__}"
-            )
-        if a.dtype.name != dtype:
-            raise TypeError(f"the {what} must be {dtype}, got {a.dtype}")
-        size = blocks if what.startswith("absmax") else n
-        if a.ndim != 1 or a.size != size or not a.flags.c_contiguous:
-            raise ValueError(
-                f"the {what} must be a flat contiguous array of {size} elements, got shape "
-                f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
-            )
-        if a.data.device_id != p.data.device_id:
-            raise ValueError(
-                f"the {what} is on cuda:{a.data.device_id}, the parameter on "
-                f"cuda:{p.data.device_id}"
-            )
+        arrays.append((f"the codes of state slot {k}", codes, ("uint8",), n))
+        arrays.append((f"the absmax of state slot {k}", absmax, ("float32",), blocks))
+    kcupy.check_device_arrays("block", arrays)
 
 
 def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):

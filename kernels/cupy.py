@@ -490,29 +490,45 @@ class RawModuleCache:
         return k
 
 
-def check_flat_arrays(arrays, n, what):
-    """TypeError/ValueError naming the first of ``arrays`` that is not a flat, C-contiguous
-    float32/float64 ``cupy.ndarray`` of ``n`` elements with the dtype and device of the first
-    (checked before anything is launched; ``what`` names the kernels in the message)."""
+FLOAT_DTYPES = ("float32", "float64")
+"""The dtypes of the float kernels' arrays."""
+
+
+def check_device_arrays(what, arrays, one_dtype=False):
+    """TypeError/ValueError naming the first of ``arrays``, ``(name, array, dtypes, size)``
+    tuples, that is not a flat, C-contiguous ``cupy.ndarray`` of ``size`` elements, of one of
+    the dtype names ``dtypes`` (and of the first array's dtype if ``one_dtype``), on the first
+    array's device (checked before anything is launched; ``what`` names the kernels)."""
     import cupy
 
-    first = arrays[0]
-    for k, a in enumerate(arrays):
+    first_name, first = arrays[0][:2]
+    for name, a, dtypes, size in arrays:
         if not isinstance(a, cupy.ndarray):
             raise TypeError(
-                f"the CuPy {what} kernels take cupy.ndarray, argument {k} is a {type(a).__name__}"
+                f"the CuPy {what} kernels take cupy.ndarray, {name} is a {type(a).__name__}"
             )
-        if a.dtype not in (np.float32, np.float64):
-            raise TypeError(f"the CuPy {what} kernels take float32 or float64, not {a.dtype}")
-        if a.dtype != first.dtype:
-            raise TypeError(f"arrays of one dtype expected, got {first.dtype} and {a.dtype}")
-        if a.ndim != 1 or a.size != n or not a.flags.c_contiguous:
+        if a.dtype.name not in dtypes:
+            raise TypeError(
+                f"{name} must be {' or '.join(dtypes)} for the CuPy {what} kernels, got {a.dtype}"
+            )
+        if one_dtype and a.dtype != first.dtype:
+            raise TypeError(
+                f"the CuPy {what} kernels take arrays of one dtype, got {first.dtype} and {a.dtype}"
+            )
+        if a.ndim != 1 or a.size != size or not a.flags.c_contiguous:
             raise ValueError(
-                f"flat contiguous arrays of {n} elements expected, argument {k} has shape "
+                f"{name} must be a flat contiguous array of {size} elements, got shape "
                 f"{a.shape}" + ("" if a.flags.c_contiguous else " (not contiguous)")
             )
         if a.data.device_id != first.data.device_id:
             raise ValueError(
-                f"arrays on one device expected, got cuda:{first.data.device_id} and "
-                f"cuda:{a.data.device_id}"
+                f"{name} is on cuda:{a.data.device_id}, {first_name} on cuda:{first.data.device_id}"
             )
+
+
+def check_flat_arrays(arrays, n, what):
+    """TypeError/ValueError naming the first of ``arrays`` that is not a flat, C-contiguous
+    float32/float64 ``cupy.ndarray`` of ``n`` elements with the dtype and device of the first
+    (checked before anything is launched; ``what`` names the kernels in the message)."""
+    named = [(f"argument {k}", a, FLOAT_DTYPES, n) for k, a in enumerate(arrays)]
+    check_device_arrays(what, named, one_dtype=True)
