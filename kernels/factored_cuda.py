@@ -85,8 +85,8 @@ functions' source) nor the globals bound here."""
 
 # ---------------------------------------------------------------------------------------------
 # Device functions and kernels (templates: ``cuda``, ``add``, ``mul``, ``sqrt``, ``grad``,
-# ``lerp``, ``rsqrt_update``, ``pow2``, ``block_tree`` and ``segment_scale`` are globals bound
-# by ``rebind``).
+# ``lerp``, ``rsqrt_update``, ``pow2``, ``add_square``, ``block_tree`` and ``segment_scale`` are
+# globals bound by ``rebind``).
 # ruff: noqa: F821
 
 
@@ -104,6 +104,12 @@ def block_tree(s, n):
             s[j] = add(s[j], s[j + half])
         cuda.syncthreads()
         half //= 2
+
+
+def add_square(s, j, a):
+    """Lane ``j`` of ``s`` += ``a``^2, in float64 (``factored._add_squares``'s lane sum)."""
+    x = np.float64(a)
+    s[j] = add(s[j], mul(x, x))
 
 
 def rsqrt_update(g, v, h):
@@ -133,7 +139,7 @@ def tile_partials(g, hs, items, rowpart, colpart):
                     if j < cols:
                         x = np.float64(grad(g[e + j], hs))
                         sq[j] = mul(x, x)
-                        col[j] = add(col[j], mul(x, x))
+                        add_square(col, j, x)
                     else:
                         sq[j] = 0.0
                 block_tree(sq, n)
@@ -197,10 +203,8 @@ def item_sums(p, g, hs, items, row_var, col_var, bmean, variance, update, part):
                 for j in range(t, cols, nt):
                     u = rsqrt_update(grad(g[e + j], hs), r * col_var[cv + j] / bm, hs)
                     update[e + j] = u
-                    x = np.float64(p[e + j])
-                    y = np.float64(u)
-                    sp[j] = add(sp[j], mul(x, x))
-                    su[j] = add(su[j], mul(y, y))
+                    add_square(sp, j, p[e + j])
+                    add_square(su, j, u)
         else:
             vo = items[k, VO]
             for base in range(0, cols, LANES):
@@ -211,10 +215,8 @@ def item_sums(p, g, hs, items, row_var, col_var, bmean, variance, update, part):
                     variance[o] = v
                     u = rsqrt_update(gj, v, hs)
                     update[e] = u
-                    x = np.float64(p[e])
-                    y = np.float64(u)
-                    sp[j] = add(sp[j], mul(x, x))
-                    su[j] = add(su[j], mul(y, y))
+                    add_square(sp, j, p[e])
+                    add_square(su, j, u)
         block_tree(sp, n)
         block_tree(su, n)
         if t == 0:
@@ -272,6 +274,7 @@ def _globals():
         ("pow2", factored._pow2.py_func),
         ("segment_scale", factored._segment_scale.py_func),
         ("rsqrt_update", rsqrt_update),
+        ("add_square", add_square),
         ("block_tree", block_tree),
     ):
         glb[name] = decorate(rebind(fn, glb, f"adafactor_{name}"))

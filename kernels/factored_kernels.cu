@@ -154,15 +154,23 @@ FO_HD void tile_lane(const F* g, ieee<F> gscale, ieee<F> clip, const long long* 
 
 // ---------------------------------------------------------------------------------------------
 // Phase 1 (factored._factor_update), matrix q: row i, then the mean (one thread), column j.
+
+// A row or column factor v lerped toward its mean: its n partial sums at part, added in
+// order, over count elements.
+template <typename F>
+FO_HD void lerp_factor(const double* part, long long n, long long count, F& v, const ieee<F>* h) {
+    D s(0.0);
+    for (long long c = 0; c < n; ++c) s = s + D(part[c]);
+    const F mean = to<F>((s / D((double)count)).v);
+    v = lerp(ieee<F>(v), ieee<F>(mean), h[FO_AF_W], h[FO_AF_ONE_MINUS_W]).v;
+}
+
 template <typename F>
 FO_HD void factor_row(const long long* b, long long i, const double* rowpart, F* row_var,
                       const ieee<F>* h) {
-    const long long ncb = b[FO_AF_B_NCB], at = b[FO_AF_B_RP] + i * ncb;
-    D s(0.0);
-    for (long long c = 0; c < ncb; ++c) s = s + D(rowpart[at + c]);
-    const F mean = to<F>((s / D((double)b[FO_AF_B_N])).v);
-    F& r = row_var[b[FO_AF_B_RV] + i];
-    r = lerp(ieee<F>(r), ieee<F>(mean), h[FO_AF_W], h[FO_AF_ONE_MINUS_W]).v;
+    const long long ncb = b[FO_AF_B_NCB];
+    lerp_factor(rowpart + b[FO_AF_B_RP] + i * ncb, ncb, b[FO_AF_B_N], row_var[b[FO_AF_B_RV] + i],
+                h);
 }
 
 template <typename F>
@@ -178,12 +186,9 @@ FO_HD void factor_mean(const long long* b, long long q, const F* row_var, F* bme
 template <typename F>
 FO_HD void factor_col(const long long* b, long long j, const double* colpart, F* col_var,
                       const ieee<F>* h) {
-    const long long nrb = b[FO_AF_B_NRB], at = b[FO_AF_B_CP] + j * nrb;
-    D s(0.0);
-    for (long long c = 0; c < nrb; ++c) s = s + D(colpart[at + c]);
-    const F mean = to<F>((s / D((double)b[FO_AF_B_M])).v);
-    F& c = col_var[b[FO_AF_B_CV] + j];
-    c = lerp(ieee<F>(c), ieee<F>(mean), h[FO_AF_W], h[FO_AF_ONE_MINUS_W]).v;
+    const long long nrb = b[FO_AF_B_NRB];
+    lerp_factor(colpart + b[FO_AF_B_CP] + j * nrb, nrb, b[FO_AF_B_M], col_var[b[FO_AF_B_CV] + j],
+                h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,6 +269,16 @@ FO_HD void apply_lane(F* p, const ieee<F>* h, const long long* it, long long j0,
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// factored._tree over the block's lanes s[:n] (and u[:n]; n a power of two), thread j taking
+// lane j: a barrier before each level and after the last, so s[0] (u[0]) is the sum for all.
+__device__ __forceinline__ void block_tree(double* s, double* u, int j, int n) {
+    __syncthreads();
+    for (int half = n / 2; half > 0; half >>= 1) {
+        tree_level(s, u, j, half);
+        __syncthreads();
+    }
+}
+
 template <typename F>
 __device__ __forceinline__ void tiles_kernel(const F* __restrict__ g, F gscale, F clip,
                                              const long long* __restrict__ items,
@@ -278,11 +293,7 @@ __device__ __forceinline__ void tiles_kernel(const F* __restrict__ g, F gscale, 
         double col = 0.0;
         for (long long i = 0; i < it[FO_AF_ROWS]; ++i) {
             tile_lane(g, ieee<F>(gscale), ieee<F>(clip), it, i, j, t, col);
-            __syncthreads();
-            for (int half = n / 2; half > 0; half >>= 1) {
-                tree_level(t, (double*)0, j, half);
-                __syncthreads();
-            }
+            block_tree(t, (double*)0, j, n);
             if (j == 0) rowpart[it[FO_AF_RP] + i * it[FO_AF_NCB]] = t[0];
             // the next row's t[j] (j > 0) is written after this barrier-ended level; t[0] by
             // thread 0 itself after reading it
@@ -330,11 +341,7 @@ __device__ __forceinline__ void items_kernel(
         const long long* it = items + k * FO_AF_ITEM_FIELDS;
         item_lane(p, g, h, ieee<F>(gscale), ieee<F>(clip), it, j, row_var, col_var, bmean,
                   variance, update, sp[j], su[j]);
-        __syncthreads();
-        for (int half = item_lanes(it) / 2; half > 0; half >>= 1) {
-            tree_level(sp, su, j, half);
-            __syncthreads();
-        }
+        block_tree(sp, su, j, item_lanes(it));
         if (j == 0) {
             part[2 * k] = sp[0];
             part[2 * k + 1] = su[0];
