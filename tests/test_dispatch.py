@@ -36,6 +36,13 @@ from fastopt import arrays, dispatch
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim_only = pytest.mark.skipif(not SIM, reason="CUDA simulator test: NUMBA_ENABLE_CUDASIM=1")
+default_run_only = pytest.mark.skipif(
+    SIM, reason="does not depend on the simulator: checked once, in the default run"
+)
+"""For the checks whose outcome cannot depend on NUMBA_ENABLE_CUDASIM (host tensors, child processes
+started without it, nvcc/NVRTC compiles): the simulator run would repeat them at full cost. Two
+cheap torch CPU tensor tests stay in both runs: with numba-cuda available, host tensors must still
+go to numba-cpu."""
 CHUNK = 1 << 14
 DTYPES = (np.float32, np.float64)
 
@@ -303,6 +310,7 @@ def _params(dtype, seed=1):
     return [rng.standard_normal(s).astype(dtype) for s in [(7, 5), (13,), (2, 3, 4)]]
 
 
+@default_run_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_torch_cpu_tensors_match_numpy_bit_for_bit(case, dtype):
@@ -385,6 +393,7 @@ def test_backends_never_raises(monkeypatch):
     assert entry == ("broken", False, "OSError: libcuda.so: cannot open shared object file")
 
 
+@default_run_only
 def test_import_is_lazy():
     code = (
         "import sys, numpy as np, fastopt as fo\n"
@@ -450,6 +459,7 @@ def _reduction_input(n, dtype, seed=0):
     return x
 
 
+@default_run_only
 def test_model_is_close_to_numpy():
     x = _reduction_input(3 * CHUNK + 17, np.float64)
     _, total, finite = model_sumsq(x)
@@ -494,6 +504,7 @@ def reduction_ptx(nvcc, workdir):
     return ptx.read_text()
 
 
+@default_run_only
 def test_reduction_source_is_separate():
     from fastopt.kernels import cupy as kcupy
 
@@ -503,6 +514,7 @@ def test_reduction_source_is_separate():
     assert kcupy.REDUCTION_CHUNK == CHUNK
 
 
+@default_run_only
 def test_reduction_ptx_is_ieee_and_spill_free(reduction_ptx, nvcc, workdir):
     h = _cuda_c_helpers()
     assert h._entries(reduction_ptx) == REDUCTION_ENTRIES
@@ -519,6 +531,7 @@ def test_reduction_ptx_is_ieee_and_spill_free(reduction_ptx, nvcc, workdir):
     assert len(frames) == 3 and all("0 bytes stack frame, 0 bytes spill" in f for f in frames)
 
 
+@default_run_only
 def test_reduction_compiles_with_nvrtc():
     from fastopt.kernels import cupy as kcupy
 
@@ -610,6 +623,7 @@ def _same(a, b):
     return a.shape == b.shape and np.array_equal(a.view(np.int64), b.view(np.int64))
 
 
+@default_run_only
 def test_harness_constants(reduction_harness):
     from fastopt.kernels import cpu
     from fastopt.kernels import cupy as kcupy
@@ -620,6 +634,7 @@ def test_harness_constants(reduction_harness):
     )
 
 
+@default_run_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("n", [1, 255, 256, 257, CHUNK - 1, CHUNK, 3 * CHUNK + 5, 300 * CHUNK + 1])
 def test_harness_matches_model_bit_for_bit(reduction_harness, n, dtype):
@@ -631,6 +646,7 @@ def test_harness_matches_model_bit_for_bit(reduction_harness, n, dtype):
     np.testing.assert_allclose(out[0], float(np.dot(x.astype(np.float64), x)), rtol=1e-12)
 
 
+@default_run_only
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_harness_flags_nonfinite(reduction_harness, dtype, bad_value):
@@ -667,6 +683,7 @@ def _check_reduction_source(code, options):
     assert "#define FO_ENABLE_REDUCTIONS 1" in code
 
 
+@default_run_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_cupy_sumsq_marshalling(reduction_harness, reduction_ptx, monkeypatch, dtype):
     from fastopt.kernels import cupy as kcupy
@@ -717,6 +734,7 @@ print("ok finish")
 )
 
 
+@default_run_only
 def test_numba_reduction_compiles_to_ptx_without_fma():
     assert run_ptx_script(_NUMBA_PTX).count("ok") == 3
 

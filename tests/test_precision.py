@@ -72,9 +72,19 @@ def _lockstep(torch, name, kwargs, dtype, n, steps, start_state=None):
     return p, q, topt, fopt
 
 
+SIZES_AND_DTYPES = [
+    pytest.param(4099, BF16, id="serial-bf16"),
+    pytest.param((1 << 15) + 1, BF16, id="parallel-bf16"),
+    pytest.param(4099, F16, id="serial-fp16"),
+]
+"""The serial loop (below the parallel threshold) and the parallel one for bfloat16; float16 in
+the serial loop only: the loop templates load and store every 16-bit dtype the same way
+(test_parallel_and_serial_loops_agree_bit_for_bit), and each float16 kernel takes several times
+bfloat16's compile time, so a parallel float16 variant per rule cost over a minute of CI."""
+
+
 @pytest.mark.oracle
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n", [4099, (1 << 15) + 1], ids=["serial", "parallel"])
+@pytest.mark.parametrize("n,dtype", SIZES_AND_DTYPES)
 @pytest.mark.parametrize(
     "name,kwargs",
     [("Adam", dict(lr=1e-2)), ("AdamW", dict(lr=1e-2, weight_decay=0.1))],
@@ -108,8 +118,7 @@ def arr(torch, t):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n", [4099, (1 << 15) + 1], ids=["serial", "parallel"])
+@pytest.mark.parametrize("n,dtype", SIZES_AND_DTYPES)
 def test_sgd_momentum_matches_torch_fused_float32_rounded_per_store(dtype, n):
     """torch 2.13's fused CPU SGD with momentum is no oracle on 16-bit tensors: its vectorised
     body leaves the parameter unchanged and its tail restarts the momentum buffer (seen with
@@ -145,10 +154,9 @@ def test_sgd_momentum_matches_torch_fused_float32_rounded_per_store(dtype, n):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
-def test_adagrad_one_step_matches_torch_fused_within_one_ulp(dtype):
+@pytest.mark.parametrize("n,dtype", [SIZES_AND_DTYPES[1], SIZES_AND_DTYPES[2]])
+def test_adagrad_one_step_matches_torch_fused_within_one_ulp(n, dtype):
     torch = torch_or_skip()
-    n = (1 << 15) + 1
     tdt = _torch_dtype(torch, dtype)
     gen = torch.Generator().manual_seed(3)
     p = torch.randn(n, generator=gen).to(tdt)
@@ -169,7 +177,7 @@ def test_adagrad_one_step_matches_torch_fused_within_one_ulp(dtype):
     assert np.array_equal(
         topt.state[p]["sum"].view(torch.int16).numpy(), bits(fopt.state[0]["sum"])
     )
-    assert (tb != fb).mean() < 0.05  # measured: 2.0% (bf16), 3.6% (fp16)
+    assert (tb != fb).mean() < 0.05  # measured: 2.0% (bf16, 32769), 3.9% (fp16, 4099)
     # torch's vectorised body also rounds clr and eps to the 16-bit dtype (fVec(scalar_t(clr))):
     # a relative 2^-9 change of the step, which moves large steps by more than one ulp.
     t, f, step = p.float().numpy(), q.float().numpy(), (p.float() - p0.float()).numpy()
