@@ -69,11 +69,16 @@ def pieces(bounds, chunk=REDUCTION_CHUNK):
 # wraparound test and the element loops vectorize (6x faster for LAMB's update, same bits).
 
 
-def _lane_tree(acc):
+def _lane_tree(acc, c):
+    """``acc[0]`` after the pairwise tree over the lanes, of which only the first ``c`` can be
+    non-zero (a piece of fewer than ``LANES`` elements): the additions of a zero lane are left
+    out, which changes no bit (the lanes are sums of squares: never -0, so ``x + 0`` is ``x``)
+    and spares a small tensor the whole tree."""
     half = LANES // 2
     while half > 0:
-        for t in range(half):
+        for t in range(c - half):
             acc[t] = add(acc[t], acc[t + half])
+        c = min(c, half)
         half //= 2
     return acc[0]
 
@@ -94,8 +99,8 @@ def cpu_reduce0(p, g, hs, flags, lo, hi, seg, out):
                 yv = np.float64(y)
                 ax[t] = add(ax[t], mul(xv, xv))
                 ay[t] = add(ay[t], mul(yv, yv))
-        out[k, 0] = lane_tree(ax)
-        out[k, 1] = lane_tree(ay)
+        out[k, 0] = lane_tree(ax, min(b - a, LANES))
+        out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
 
 def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
@@ -114,8 +119,8 @@ def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
                 yv = np.float64(y)
                 ax[t] = add(ax[t], mul(xv, xv))
                 ay[t] = add(ay[t], mul(yv, yv))
-        out[k, 0] = lane_tree(ax)
-        out[k, 1] = lane_tree(ay)
+        out[k, 0] = lane_tree(ax, min(b - a, LANES))
+        out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
 
 def segment_step(s, first, out, flags, st, r, sums, h):
@@ -195,8 +200,9 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
             a, b = lo[k], hi[k]
             whole = first[s + 1] - first[s] == 1
             uw = local[: b - a] if whole else u[a:b]
-            ax[:] = 0.0
-            ay[:] = 0.0
+            c = min(b - a, LANES)  # the lanes this piece fills; the tree ignores the others
+            ax[:c] = 0.0
+            ay[:c] = 0.0
             for block in range(0, b - a, STORED_BLOCK):  # a few lane rows at a time, in cache
                 e = min(block + STORED_BLOCK, b - a)
                 pk, gk = p[a + block : a + e], g[a + block : a + e]
@@ -212,8 +218,8 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                         yv = np.float64(ur[t])
                         ax[t] = add(ax[t], mul(xv, xv))
                         ay[t] = add(ay[t], mul(yv, yv))
-            out[k, 0] = lane_tree(ax)
-            out[k, 1] = lane_tree(ay)
+            out[k, 0] = lane_tree(ax, c)
+            out[k, 1] = lane_tree(ay, c)
             if whole:
                 segment_step(s, first, out, flags, st, r, sums, h64)
                 apply_stored_piece(p[a:b], uw, r[s, 0])
