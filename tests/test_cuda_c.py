@@ -21,6 +21,7 @@ import types
 import ml_dtypes
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 
 from fastopt.kernels import access, layout, loops, rules
@@ -221,22 +222,15 @@ def test_cupy_source_compiles_with_nvrtc(dtype):
 
 @pytest.fixture(scope="module")
 def harness(nvcc, workdir):
-    lib = workdir / "libfo_host_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    # No contraction of a*b+c into an FMA on the host either (g++ only emits FMAs with -mfma,
-    # but be explicit).
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _run([*cmd, str(HARNESS), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    dll.fo_host_rule_table.restype = ctypes.c_char_p
-    dll.fo_host_max_scalars.restype = ctypes.c_int
-    for suffix in ("f32", "f64"):
-        fn = getattr(dll, f"fo_host_apply_{suffix}")
-        fn.restype = ctypes.c_int
-        real = ctypes.c_float if suffix == "f32" else ctypes.c_double
-        fn.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_longlong] + [ctypes.c_void_p] * 6
-        fn.argtypes += [real, real]  # gscale, clip
-    return dll
+    # no contraction of a*b+c into an FMA on the host either (build_harness: -ffp-contract=off)
+    restypes = {"fo_host_rule_table": ctypes.c_char_p, "fo_host_max_scalars": ctypes.c_int}
+    argtypes = {}
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        restypes[f"fo_host_apply_{suffix}"] = ctypes.c_int
+        argtypes[f"fo_host_apply_{suffix}"] = (
+            [ctypes.c_char_p, ctypes.c_int, ctypes.c_longlong] + [ctypes.c_void_p] * 6 + [real] * 2
+        )  # ..., gscale, clip
+    return build_harness(nvcc, HARNESS, workdir, argtypes, restypes)
 
 
 def _ptr(a):
@@ -822,16 +816,13 @@ def test_storage_expression_names():
 
 @pytest.fixture(scope="module")
 def storage_harness(nvcc, workdir):
-    lib = workdir / "libfo_storage_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _run([*cmd, str(STORAGE_HARNESS), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    fn = dll.fo_host_storage_apply
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_char_p] + [ctypes.c_int] * 5 + [ctypes.c_longlong]
-    fn.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_float] * 2 + [ctypes.c_uint64] * 3
-    return fn
+    args = [ctypes.c_char_p] + [ctypes.c_int] * 5 + [ctypes.c_longlong] + [ctypes.c_void_p] * 7
+    args += [ctypes.c_float] * 2 + [ctypes.c_uint64] * 3
+    dll = build_harness(
+        nvcc, STORAGE_HARNESS, workdir,
+        {"fo_host_storage_apply": args}, {"fo_host_storage_apply": ctypes.c_int},
+    )  # fmt: skip
+    return dll.fo_host_storage_apply
 
 
 _TYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}

@@ -26,6 +26,7 @@ import types
 
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from fake_cupy import FakeCuPy, FakeDeviceArray, install
 from optimizer_cases import CASES, grad_of
 from oracle import import_or_skip
@@ -589,20 +590,13 @@ extern "C" long long fo_host_reduction_chunk() { return FO_REDUCTION_CHUNK; }
 
 @pytest.fixture(scope="module")
 def reduction_harness(nvcc, workdir):
-    h = _cuda_c_helpers()
     src = workdir / "reduce_harness.cu"
     src.write_text(HARNESS)
-    lib = workdir / "libfo_reduce_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(h.KERNELS)]
-    h._run([*cmd, str(src), "-o", str(lib)], workdir)
-    dll = ctypes.CDLL(str(lib))
-    dll.fo_host_reduction_chunk.restype = ctypes.c_longlong
-    for name in ("fo_host_sumsq_partials_f32", "fo_host_sumsq_partials_f64"):
-        getattr(dll, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_void_p] * 2
-    dll.fo_host_sumsq_finish.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
-    dll.fo_host_sumsq_finish.argtypes += [ctypes.c_void_p]
-    return dll
+    partials = [ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_void_p] * 2
+    argtypes = {f"fo_host_sumsq_partials_{s}": partials for s in ("f32", "f64")}
+    argtypes["fo_host_sumsq_finish"] = [ctypes.c_void_p] * 2 + [ctypes.c_longlong, ctypes.c_void_p]
+    restypes = {"fo_host_reduction_chunk": ctypes.c_longlong}
+    return build_harness(nvcc, src, workdir, argtypes, restypes)
 
 
 def harness_sumsq(dll, x):

@@ -17,6 +17,7 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from cupy_ptx import build_harness
 from elementwise import elementwise
 from oracle import import_or_skip
 from ptx_without_gpu import PREAMBLE, run_ptx_script
@@ -650,12 +651,7 @@ def test_header_tables_are_the_python_maps():
 
 @pytest.fixture(scope="module")
 def harness(nvcc, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("storage_c")
-    lib = workdir / "libfo_storage_harness.so"
-    cmd = [nvcc, "-x", "cu", "--shared", "-O2", "-Xcompiler", "-fPIC"]
-    cmd += ["-Xcompiler", "-ffp-contract=off", "-Werror", "all-warnings", "-I", str(KERNELS)]
-    _run([*cmd, str(HARNESS), "-o", str(lib)], workdir)
-    return ctypes.CDLL(str(lib))
+    return build_harness(nvcc, HARNESS, tmp_path_factory.mktemp("storage_c"), {})
 
 
 def _p(a):
