@@ -15,6 +15,9 @@ plain float64 -> float32 cast), or for 16-bit stores with ``stochastic`` stochas
 slots), ``index`` the element's index in the whole parameter set, so the bits do not depend on the
 thread count or the launch. A value computed in float64 and stored in 16 bits is rounded to
 float32 first (to nearest), then to 16 bits.
+
+The float16 helpers are integer bit operations on every target but the CPU with F16C, where
+``storage.compile_storage`` compiles them as the hardware conversions (same bits, NaN included).
 """
 
 import types
