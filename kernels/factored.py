@@ -189,12 +189,28 @@ def _pow2(n):
 @_inline
 def _tree(t, n):
     """The sum of ``t[:n]`` (``n`` a power of two) by pairwise halving, ``t[j] += t[j + half]``
-    for half = n/2, ..., 1 (each level a vector loop); the order depends on ``n`` alone."""
-    half = n // 2
-    while half > 0:
-        for j in range(half):
-            t[j] += t[j + half]
-        half //= 2
+    for half = n/2, ..., 1; the order depends on ``n`` alone. Three levels per pass over ``t``
+    while n >= 64 (``t[j]`` = the sum of its eight terms in the tree's order), two while
+    n >= 16, the last levels on scalars: the same additions with fewer loads, stores and loop
+    starts than a pass per level. Writes ``t[:n/4]`` at most."""
+    while n >= 16:
+        if n >= 64:
+            e = n // 8
+            for j in range(e):
+                a = (t[j] + t[j + 4 * e]) + (t[j + 2 * e] + t[j + 6 * e])
+                b = (t[j + e] + t[j + 5 * e]) + (t[j + 3 * e] + t[j + 7 * e])
+                t[j] = a + b
+        else:
+            e = n // 4
+            for j in range(e):
+                t[j] = (t[j] + t[j + 2 * e]) + (t[j + e] + t[j + 3 * e])
+        n = e
+    if n == 8:
+        return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
+    if n == 4:
+        return (t[0] + t[2]) + (t[1] + t[3])
+    if n == 2:
+        return t[0] + t[1]
     return t[0]
 
 
@@ -213,7 +229,7 @@ def _tile_partials(k, g, hs, items, rowpart, colpart):
             x = np.float64(_grad(gr[j], hs))
             t[j] = x * x
             col[j] += x * x
-        rowpart[rp + i * ncb] = _tree(t, n)  # writes t[:n/2] only: t[cols:] stays 0
+        rowpart[rp + i * ncb] = _tree(t, n)  # writes t[:n/4] only: t[cols:] stays 0
     for j in range(cols):
         colpart[cp + j * nrb] = col[j]
 
