@@ -55,6 +55,13 @@ ITEM_FIELDS = 14
 # Columns of the batch table (one row per matrix of a factored segment).
 B_RV, B_M, B_CV, B_N, B_RP, B_CP, B_NCB, B_NRB = range(8)
 BATCH_FIELDS = 8
+# Columns of the wave table: the first and past-the-last item, batch and segment of a wave.
+W_I0, W_I1, W_B0, W_B1, W_S0, W_S1 = range(6)
+WAVE_FIELDS = 6
+WAVE_ELEMENTS = 1 << 18
+"""Elements of a *wave*: consecutive segments that run the five phases before the next ones
+(a segment larger than this is a wave alone), so that what phase 2 and 4 read again is still
+in the last-level cache (about 12 bytes per float32 element: ``p``, ``g``, ``update``)."""
 PARALLEL_THRESHOLD = 1 << 15
 """Buffers with fewer elements run the serial kernel (a parallel launch costs more than them)."""
 PREFETCH_BYTES = 1 << 14
@@ -92,9 +99,12 @@ def plan(shapes):
     """The work layout of a flat buffer holding tensors of ``shapes`` back to back (in order,
     from element 0): a dict of int64 tables ``items`` (tiles and pieces, segment by segment),
     ``batches`` (one row per matrix), ``first`` (segment ``s``'s items are ``first[s] ..
-    first[s + 1] - 1``) and ``numel``, and the sizes ``rows``, ``cols``, ``vector``,
-    ``rowpart``, ``colpart``."""
-    items, batches, first, numel = [], [], [0], []
+    first[s + 1] - 1``), ``numel`` and ``waves`` (segments grouped by ``WAVE_ELEMENTS``, the
+    order in which the CPU kernel runs them; the sums do not depend on it), and the sizes
+    ``rows``, ``cols``, ``vector``, ``rowpart``, ``colpart``."""
+    items, batches, first, numel, waves = [], [], [0], [], []
+    wave = [0, 0, 0, 0, 0, 0]  # as W_I0, W_I1, ...: the wave being filled
+    wave_size = 0
     lo = rv = cv = vo = rp = cp = 0
     for s, shape in enumerate(shapes):
         size = math.prod(shape)
@@ -136,6 +146,12 @@ def plan(shapes):
                 items.append((0, s, lo + k0, 1, k1 - k0, 0, 0, 0, 0, 0, 0, 0, 0, vo + k0))
             vo += size
         lo += size
+        if wave_size and wave_size + size > WAVE_ELEMENTS:
+            waves.append(tuple(wave))
+            wave = [wave[W_I1], wave[W_I1], wave[W_B1], wave[W_B1], s, s]
+            wave_size = 0
+        wave[W_I1], wave[W_B1], wave[W_S1] = len(items), len(batches), s + 1
+        wave_size += size
         first.append(len(items))
         numel.append(size)
     return {
@@ -143,6 +159,7 @@ def plan(shapes):
         "batches": np.array(batches, np.int64).reshape(-1, BATCH_FIELDS),
         "first": np.array(first, np.int64),
         "numel": np.array(numel, np.int64),
+        "waves": np.array(waves + [tuple(wave)] * bool(numel), np.int64).reshape(-1, WAVE_FIELDS),
         "rows": rv,
         "cols": cv,
         "vector": vo,
@@ -372,21 +389,24 @@ indices = range
 """The loop range of :func:`_phases` (rebound to ``prange`` in the parallel kernel)."""
 
 
-def _phases(p, g, hs, h64, items, batches, first, numel, rowpart, colpart, row_var,
+def _phases(p, g, hs, h64, items, batches, first, numel, waves, rowpart, colpart, row_var,
             col_var, bmean, variance, update, part, scale):  # fmt: skip
-    """The five phases in order, each a loop over ``indices`` (``prange`` or ``range``, bound
-    by :func:`kernel`): the end of each loop is a barrier before the next."""
-    for t in indices(items.shape[0]):
-        if items[t, KIND] == 1:
-            _tile_partials(t, g, hs, items, rowpart, colpart)
-    for q in indices(batches.shape[0]):
-        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
-    for t in indices(items.shape[0]):
-        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
-    for s in indices(numel.size):
-        _segment_scale(s, first, numel, part, h64, scale)
-    for t in indices(items.shape[0]):
-        _item_apply(t, p, hs, items, update, scale)
+    """The five phases in order, wave by wave (``waves``), each a loop over ``indices``
+    (``prange`` or ``range``, bound by :func:`kernel`): the end of each loop is a barrier
+    before the next."""
+    for w in range(waves.shape[0]):
+        i0, i1, b0, b1 = waves[w, W_I0], waves[w, W_I1], waves[w, W_B0], waves[w, W_B1]
+        for t in indices(i0, i1):
+            if items[t, KIND] == 1:
+                _tile_partials(t, g, hs, items, rowpart, colpart)
+        for q in indices(b0, b1):
+            _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
+        for t in indices(i0, i1):
+            _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
+        for s in indices(waves[w, W_S0], waves[w, W_S1]):
+            _segment_scale(s, first, numel, part, h64, scale)
+        for t in indices(i0, i1):
+            _item_apply(t, p, hs, items, update, scale)
 
 
 _KERNELS = {}
@@ -442,7 +462,7 @@ def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
         clip = type(clip)(np.inf)
     kernel(p.size >= PARALLEL_THRESHOLD)(
         p, g, h + (scale, clip), h64,
-        layout["items"], layout["batches"], layout["first"], layout["numel"],
+        layout["items"], layout["batches"], layout["first"], layout["numel"], layout["waves"],
         work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
         work["update"], work["part"], work["scale"],
     )  # fmt: skip
