@@ -9,7 +9,8 @@ matrix into tiles of at most ``TILE_ROWS x TILE_COLS`` and every vector into pie
 ``REDUCTION_CHUNK`` elements, counted from the segment's start, so a tensor's sums do not depend
 on where it lies in the buffer (a list of arrays and a ParamSet of the same arrays give the same
 bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one kernel call
-(:func:`kernel`) of five parallel loops, each ending in a barrier, whatever the number of tensors:
+(:func:`kernel`); for each *wave* of consecutive segments (``plan``'s ``waves``), five
+parallel loops, each ending in a barrier, whatever the number of tensors:
 
 0. per tile, the partial row sums (one per tile row) and column sums (one per tile column) of
    ``g^2`` in float64, into ``rowpart``/``colpart``;
@@ -27,11 +28,20 @@ Every element's arithmetic is in the parameter dtype (as torch's), every sum in 
 order that depends only on the segment's shape: identical bits for any thread count. The same
 phases on numba-cuda: ``kernels/factored_cuda.py``.
 
-Speed: the update's square root and two divisions bound the step (the divider, not memory), so
-each element's ``u`` is computed once, in phase 2, and phase 4 streams it back (4 more bytes
-written and read per element, one scratch value per element) instead of computing it again.
-The element loops run on slices of the rows (offsets known to be >= 0) with selects, not
-branches, so LLVM vectorizes them at the full width of the parameter dtype.
+Speed: one thread over the transformer shapes of bench/ (5.2M float32) spends about half the
+step in phase 2, whose two divisions and square root per element (8 lanes at a time; 0.77
+ns/element with everything in cache) bound it more than memory; so each element's ``u`` is
+computed once, in phase 2, and phase 4 streams it back (4 more bytes written and read per
+element, one scratch value per element) instead of computing it again. Phases 0 and 4 are
+bound by memory: phase 0 prefetches its rows of ``g`` ``PREFETCH_BYTES`` ahead (without, it
+waited on memory as long as it computed) and sums each row's tree three levels per pass;
+phase 4 reads 8 and writes 4 bytes per element. Running the phases wave by wave
+(``WAVE_ELEMENTS``) keeps what phases 2 and 4 read again in the last-level cache. Measured
+(one thread, CPU time, ns/element): phase 0 0.65-0.84 -> 0.45, phase 2 1.05-1.3 -> 1.04-1.14,
+phase 4 0.46-0.6 -> 0.47-0.52 (one wave), and the waves take the whole step from 13.8 to
+12.4 ms (two threads: 8.7 -> 7.8 ms). The element loops run on slices of the rows (offsets
+known to be >= 0) with selects, not branches, so LLVM vectorizes them at the full width of the
+parameter dtype.
 """
 
 import math
@@ -58,10 +68,11 @@ BATCH_FIELDS = 8
 # Columns of the wave table: the first and past-the-last item, batch and segment of a wave.
 W_I0, W_I1, W_B0, W_B1, W_S0, W_S1 = range(6)
 WAVE_FIELDS = 6
-WAVE_ELEMENTS = 1 << 18
+WAVE_ELEMENTS = 1 << 19
 """Elements of a *wave*: consecutive segments that run the five phases before the next ones
 (a segment larger than this is a wave alone), so that what phase 2 and 4 read again is still
-in the last-level cache (about 12 bytes per float32 element: ``p``, ``g``, ``update``)."""
+in the last-level cache (about 12 bytes per float32 element: ``p``, ``g``, ``update``). Over
+the transformer shapes of bench/ (two threads) 2^19 beat 2^17, 2^18, 2^20 and one wave."""
 PARALLEL_THRESHOLD = 1 << 15
 """Buffers with fewer elements run the serial kernel (a parallel launch costs more than them)."""
 PREFETCH_BYTES = 1 << 14
