@@ -76,9 +76,9 @@ the transformer shapes of bench/ (two threads) 2^19 beat 2^17, 2^18, 2^20 and on
 PARALLEL_THRESHOLD = 1 << 15
 """Buffers with fewer elements run the serial kernel (a parallel launch costs more than them)."""
 PREFETCH_BYTES = 1 << 14
-"""How far ahead of a row (in bytes of its array) phases 0 and 2 ask for the cache lines of
-``g`` (and ``p``) they will read next: with the hardware's prefetch alone, phase 0 waited on
-memory as long as it computed (its time was their sum)."""
+"""How far ahead of a row (in bytes) phase 0 asks for the cache lines of ``g`` it will read next:
+with the hardware's prefetch alone it waited on memory as long as it computed (its time was
+their sum). Phase 2 gained nothing from it and took 20 s longer to compile."""
 CACHE_LINE = 64
 # The element scalars ``h`` (parameter dtype): gsign, w, 1 - w, eps1, eps1^2, decay, 1. The kernel
 # takes them with the gradient's (scale, clip) as one tuple ``hs = (*h, gscale, clip)``.
@@ -343,8 +343,6 @@ def _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, update, pa
         cr = col_var[cv : cv + cols]
         for i in range(rows):
             e = lo + i * ld  # slices below: offsets known >= 0, so the loops vectorize
-            _ahead(g, e, cols)
-            _ahead(p, e, cols)
             gr, ur, r = g[e : e + cols], update[e : e + cols], row_var[rv + i]
             for j in range(cols):
                 ur[j] = _update(_grad(gr[j], hs), r * cr[j] / bm, hs)
@@ -354,8 +352,6 @@ def _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, update, pa
         for base in range(0, cols, n):
             c = min(n, cols - base)
             e, o = lo + base, vo + base
-            _ahead(g, e, c)
-            _ahead(p, e, c)
             gr, ur, vr = g[e : e + c], update[e : e + c], variance[o : o + c]
             for j in range(c):
                 gj = _grad(gr[j], hs)
