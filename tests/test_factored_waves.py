@@ -71,7 +71,7 @@ def test_wave_schedule_gives_the_bits_of_one_wave(monkeypatch):
     one = dict(waves, waves=waves["waves"][[0]].copy())
     one["waves"][0, 1::2] = waves["waves"][-1, 1::2]  # the ends of the last wave
     assert len(waves["waves"]) > 2
-    for dtype in (np.float32, np.float64):
-        got, want = _step(waves, dtype), _step(one, dtype)
-        for a, b in zip(got, want):
-            assert a.tobytes() == b.tobytes()
+    # float32 only: the serial kernel test_adafactor.py compiles too (no new variant in CI)
+    got, want = _step(waves, np.float32), _step(one, np.float32)
+    for a, b in zip(got, want):
+        assert a.tobytes() == b.tobytes()
