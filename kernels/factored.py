@@ -9,8 +9,10 @@ matrix into tiles of at most ``TILE_ROWS x TILE_COLS`` and every vector into pie
 ``REDUCTION_CHUNK`` elements, counted from the segment's start, so a tensor's sums do not depend
 on where it lies in the buffer (a list of arrays and a ParamSet of the same arrays give the same
 bits). Tiles and pieces (*items*) are the unit of parallel work. A step is one kernel call
-(:func:`kernel`); for each *wave* of consecutive segments (``plan``'s ``waves``), five
-parallel loops, each ending in a barrier, whatever the number of tensors:
+(:func:`kernel`): first the segments of at most ``WHOLE_ELEMENTS`` (``plan``'s ``whole``), each
+stepped through the five phases below by one thread, in one parallel loop over them; then, for
+each *wave* of consecutive larger segments (``plan``'s ``waves``), five parallel loops, each
+ending in a barrier, whatever the number of tensors:
 
 0. per tile, the partial row sums (one per tile row) and column sums (one per tile column) of
    ``g^2`` in float64, into ``rowpart``/``colpart``;
@@ -26,7 +28,8 @@ parallel loops, each ending in a barrier, whatever the number of tensors:
 
 Every element's arithmetic is in the parameter dtype (as torch's), every sum in float64 in an
 order that depends only on the segment's shape: identical bits for any thread count. The same
-phases on numba-cuda: ``kernels/factored_cuda.py``.
+phases on numba-cuda: ``kernels/factored_cuda.py``. A whole segment runs the same operations
+on its items, matrices and segment in the same order as a wave would: the same bits.
 
 Speed: one thread over the transformer shapes of bench/ (5.2M float32) spends about half the
 step in phase 2, whose two divisions and square root per element (8 lanes at a time; 0.77
@@ -48,7 +51,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -65,6 +68,18 @@ ITEM_FIELDS = 14
 # Columns of the batch table (one row per matrix of a factored segment).
 B_RV, B_M, B_CV, B_N, B_RP, B_CP, B_NCB, B_NRB = range(8)
 BATCH_FIELDS = 8
+# Columns of the whole table (one row per segment stepped by one thread): the segment, its first
+# and past-the-last item and batch, and its elements.
+H_SEG, H_I0, H_I1, H_B0, H_B1, H_SIZE = range(6)
+WHOLE_FIELDS = 6
+WHOLE_ELEMENTS = 1 << 17
+"""Segments of at most this many elements are stepped *whole*: all five phases by one thread,
+the segments shared among the threads in one parallel loop, instead of in the waves' five
+barriered loops (a small tensor's few items split over threads cost more in barriers than
+in arithmetic; one thread keeps its ``g``, ``p`` and ``update`` in its own cache). Over the
+transformer shapes of bench/ (its blocks' tensors whole, 2^14 to 2^16 elements; the embedding and
+the output layer in waves): 4-6% less time with two threads and 4-8% less CPU time with one than
+all in waves; a bound of 2^14 (the 16384-element matrices in waves) gained less."""
 # Columns of the wave table: the first and past-the-last item, batch and segment of a wave.
 W_I0, W_I1, W_B0, W_B1, W_S0, W_S1 = range(6)
 WAVE_FIELDS = 6
@@ -110,15 +125,18 @@ def plan(shapes):
     """The work layout of a flat buffer holding tensors of ``shapes`` back to back (in order,
     from element 0): a dict of int64 tables ``items`` (tiles and pieces, segment by segment),
     ``batches`` (one row per matrix), ``first`` (segment ``s``'s items are ``first[s] ..
-    first[s + 1] - 1``), ``numel`` and ``waves`` (segments grouped by ``WAVE_ELEMENTS``, the
-    order in which the CPU kernel runs them; the sums do not depend on it), and the sizes
+    first[s + 1] - 1``), ``numel``, ``whole`` (the segments of at most ``WHOLE_ELEMENTS``,
+    largest first, each stepped by one thread on the CPU) and ``waves`` (the other segments,
+    consecutive runs of them grouped by ``WAVE_ELEMENTS``): the order in which the CPU kernel
+    runs them (the sums do not depend on it), and the sizes
     ``rows``, ``cols``, ``vector``, ``rowpart``, ``colpart``."""
-    items, batches, first, numel, waves = [], [], [0], [], []
+    items, batches, first, numel, waves, whole = [], [], [0], [], [], []
     wave = [0, 0, 0, 0, 0, 0]  # as W_I0, W_I1, ...: the wave being filled
-    wave_size = 0
+    wave_size, wave_open = 0, False
     lo = rv = cv = vo = rp = cp = 0
     for s, shape in enumerate(shapes):
         size = math.prod(shape)
+        b_first = len(batches)
         if factored(shape):
             m, n = shape[-2], shape[-1]
             nb = math.prod(shape[:-2])
@@ -157,12 +175,16 @@ def plan(shapes):
                 items.append((0, s, lo + k0, 1, k1 - k0, 0, 0, 0, 0, 0, 0, 0, 0, vo + k0))
             vo += size
         lo += size
-        if wave_size and wave_size + size > WAVE_ELEMENTS:
-            waves.append(tuple(wave))
-            wave = [wave[W_I1], wave[W_I1], wave[W_B1], wave[W_B1], s, s]
-            wave_size = 0
-        wave[W_I1], wave[W_B1], wave[W_S1] = len(items), len(batches), s + 1
-        wave_size += size
+        if size <= WHOLE_ELEMENTS:
+            whole.append((s, first[-1], len(items), b_first, len(batches), size))
+        else:
+            if wave_open and (wave_size + size > WAVE_ELEMENTS or wave[W_S1] != s):
+                waves.append(tuple(wave))
+                wave_open = False
+            if not wave_open:  # a wave runs consecutive segments, none of them whole
+                wave, wave_size, wave_open = [first[-1], 0, b_first, 0, s, 0], 0, True
+            wave[W_I1], wave[W_B1], wave[W_S1] = len(items), len(batches), s + 1
+            wave_size += size
         first.append(len(items))
         numel.append(size)
     return {
@@ -170,7 +192,10 @@ def plan(shapes):
         "batches": np.array(batches, np.int64).reshape(-1, BATCH_FIELDS),
         "first": np.array(first, np.int64),
         "numel": np.array(numel, np.int64),
-        "waves": np.array(waves + [tuple(wave)] * bool(numel), np.int64).reshape(-1, WAVE_FIELDS),
+        "waves": np.array(waves + [tuple(wave)] * wave_open, np.int64).reshape(-1, WAVE_FIELDS),
+        "whole": np.array(sorted(whole, key=lambda r: -r[H_SIZE]), np.int64).reshape(
+            -1, WHOLE_FIELDS
+        ),
         "rows": rv,
         "cols": cv,
         "vector": vo,
@@ -392,15 +417,45 @@ def _item_apply(k, p, hs, items, update, scale):
             pr[j] = pr[j] * decay + a * ur[j]
 
 
+@_helper
+def _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole, rowpart, colpart,
+                   row_var, col_var, bmean, variance, update, part, scale):  # fmt: skip
+    """The five phases over segment ``whole[r]`` alone, by the calling thread: the same
+    operations on its items, matrices and segment, in the same order, as in a wave."""
+    i0, i1, b0, b1 = whole[r, H_I0], whole[r, H_I1], whole[r, H_B0], whole[r, H_B1]
+    for t in range(i0, i1):
+        if items[t, KIND] == 1:
+            _tile_partials(t, g, hs, items, rowpart, colpart)
+    for q in range(b0, b1):
+        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
+    for t in range(i0, i1):
+        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
+    _segment_scale(whole[r, H_SEG], first, numel, part, h64, scale)
+    for t in range(i0, i1):
+        _item_apply(t, p, hs, items, update, scale)
+
+
 indices = range
 """The loop range of :func:`_phases` (rebound to ``prange`` in the parallel kernel)."""
 
 
-def _phases(p, g, hs, h64, items, batches, first, numel, waves, rowpart, colpart, row_var,
-            col_var, bmean, variance, update, part, scale):  # fmt: skip
-    """The five phases in order, wave by wave (``waves``), each a loop over ``indices``
-    (``prange`` or ``range``, bound by :func:`kernel`): the end of each loop is a barrier
-    before the next."""
+def _phases(p, g, hs, h64, items, batches, first, numel, waves, whole, threads, rowpart,
+            colpart, row_var, col_var, bmean, variance, update, part, scale):  # fmt: skip
+    """The ``whole`` segments (largest first), each by one thread: the ``nt`` tasks of one loop
+    over ``indices`` take them in snake order (task 0, 1, ..., nt - 1, then nt - 1, ..., 0, ...)
+    so that the tasks' elements differ by about one segment at most. Then the five phases in
+    order, wave by wave (``waves``), each a loop over ``indices`` (``prange`` or ``range``,
+    bound by :func:`kernel`): the end of each loop is a barrier before the next."""
+    nw = whole.shape[0]
+    nt = max(1, min(threads, nw))
+    for t in indices(nt):
+        task = np.int64(t)  # a prange index may be unsigned: int64 arithmetic below
+        for r0 in range(0, nw, nt):
+            r = r0 + (task if (r0 // nt) % 2 == 0 else nt - 1 - task)
+            if r < nw:
+                _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole, rowpart,
+                               colpart, row_var, col_var, bmean, variance, update, part,
+                               scale)  # fmt: skip
     for w in range(waves.shape[0]):
         i0, i1, b0, b1 = waves[w, W_I0], waves[w, W_I1], waves[w, W_B0], waves[w, W_B1]
         for t in indices(i0, i1):
@@ -470,6 +525,6 @@ def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
     kernel(p.size >= PARALLEL_THRESHOLD)(
         p, g, h + (scale, clip), h64,
         layout["items"], layout["batches"], layout["first"], layout["numel"], layout["waves"],
-        work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
+        layout["whole"], get_num_threads(), work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
         work["update"], work["part"], work["scale"],
     )  # fmt: skip
