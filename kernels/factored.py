@@ -78,8 +78,8 @@ the segments shared among the threads in one parallel loop, instead of in the wa
 barriered loops (a small tensor's few items split over threads cost more in barriers than
 in arithmetic; one thread keeps its ``g``, ``p`` and ``update`` in its own cache). Over the
 transformer shapes of bench/ (its blocks' tensors whole, 2^14 to 2^16 elements; the embedding and
-the output layer in waves): 4-6% less time with two threads and 4-8% less CPU time with one than
-all in waves; a bound of 2^14 (the 16384-element matrices in waves) gained less."""
+the output layer in waves): 5-9% less time with two threads and 5-10% less CPU time with one
+than all in waves; a bound of 2^14 (the 16384-element matrices in waves) gained less."""
 # Columns of the wave table: the first and past-the-last item, batch and segment of a wave.
 W_I0, W_I1, W_B0, W_B1, W_S0, W_S1 = range(6)
 WAVE_FIELDS = 6
@@ -417,58 +417,67 @@ def _item_apply(k, p, hs, items, update, scale):
             pr[j] = pr[j] * decay + a * ur[j]
 
 
-@_helper
-def _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole, rowpart, colpart,
-                   row_var, col_var, bmean, variance, update, part, scale):  # fmt: skip
-    """The five phases over segment ``whole[r]`` alone, by the calling thread: the same
-    operations on its items, matrices and segment, in the same order, as in a wave."""
-    i0, i1, b0, b1 = whole[r, H_I0], whole[r, H_I1], whole[r, H_B0], whole[r, H_B1]
-    for t in range(i0, i1):
-        if items[t, KIND] == 1:
-            _tile_partials(t, g, hs, items, rowpart, colpart)
-    for q in range(b0, b1):
-        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
-    for t in range(i0, i1):
-        _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
-    _segment_scale(whole[r, H_SEG], first, numel, part, h64, scale)
-    for t in range(i0, i1):
-        _item_apply(t, p, hs, items, update, scale)
-
-
 indices = range
 """The loop range of :func:`_phases` (rebound to ``prange`` in the parallel kernel)."""
 
 
 def _phases(p, g, hs, h64, items, batches, first, numel, waves, whole, threads, rowpart,
             colpart, row_var, col_var, bmean, variance, update, part, scale):  # fmt: skip
-    """The ``whole`` segments (largest first), each by one thread: the ``nt`` tasks of one loop
-    over ``indices`` take them in snake order (task 0, 1, ..., nt - 1, then nt - 1, ..., 0, ...)
-    so that the tasks' elements differ by about one segment at most. Then the five phases in
-    order, wave by wave (``waves``), each a loop over ``indices`` (``prange`` or ``range``,
-    bound by :func:`kernel`): the end of each loop is a barrier before the next."""
+    """Stage 0: the ``whole`` segments (largest first), each by one thread: the ``nt`` tasks take
+    them in snake order (task 0, 1, ..., nt - 1, then nt - 1, ..., 0, ...) so that the tasks'
+    elements differ by about one segment at most. Then the five phases in order, wave by wave
+    (``waves``). Every stage is one run of the same loop over ``indices`` (``prange`` or
+    ``range``, bound by :func:`kernel`), whose end is a barrier before the next stage: one
+    parallel loop in the code, compiled once, not one per phase."""
     nw = whole.shape[0]
     nt = max(1, min(threads, nw))
-    for t in indices(nt):
-        task = np.int64(t)  # a prange index may be unsigned: int64 arithmetic below
-        for r0 in range(0, nw, nt):
-            r = r0 + (task if (r0 // nt) % 2 == 0 else nt - 1 - task)
-            if r < nw:
-                _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole, rowpart,
-                               colpart, row_var, col_var, bmean, variance, update, part,
-                               scale)  # fmt: skip
-    for w in range(waves.shape[0]):
-        i0, i1, b0, b1 = waves[w, W_I0], waves[w, W_I1], waves[w, W_B0], waves[w, W_B1]
-        for t in indices(i0, i1):
-            if items[t, KIND] == 1:
-                _tile_partials(t, g, hs, items, rowpart, colpart)
-        for q in indices(b0, b1):
-            _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
-        for t in indices(i0, i1):
-            _item_sums(t, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
-        for s in indices(waves[w, W_S0], waves[w, W_S1]):
-            _segment_scale(s, first, numel, part, h64, scale)
-        for t in indices(i0, i1):
-            _item_apply(t, p, hs, items, update, scale)
+    for stage in range(-1, 5 * waves.shape[0]):
+        w, phase = stage // 5, stage % 5
+        lo, hi = 0, nt
+        if stage >= 0:
+            lo, hi = waves[w, W_I0], waves[w, W_I1]
+            if phase == 1:
+                lo, hi = waves[w, W_B0], waves[w, W_B1]
+            elif phase == 3:
+                lo, hi = waves[w, W_S0], waves[w, W_S1]
+        for t in indices(lo, hi):
+            k = np.int64(t)  # a prange index may be unsigned: int64 arithmetic below
+            if stage < 0:
+                for r0 in range(0, nw, nt):
+                    r = r0 + (k if (r0 // nt) % 2 == 0 else nt - 1 - k)
+                    if r < nw:  # the five phases of one wave over segment whole[r] alone:
+                        _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole,
+                                       rowpart, colpart, row_var, col_var, bmean, variance,
+                                       update, part, scale)  # fmt: skip
+            elif phase == 0:
+                if items[k, KIND] == 1:
+                    _tile_partials(k, g, hs, items, rowpart, colpart)
+            elif phase == 1:
+                _factor_update(k, batches, rowpart, colpart, row_var, col_var, bmean, hs)
+            elif phase == 2:
+                _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
+            elif phase == 3:
+                _segment_scale(k, first, numel, part, h64, scale)
+            else:
+                _item_apply(k, p, hs, items, update, scale)
+
+
+@_inline
+def _whole_segment(r, p, g, hs, h64, items, batches, first, numel, whole, rowpart, colpart,
+                   row_var, col_var, bmean, variance, update, part, scale):  # fmt: skip
+    """The five phases over segment ``whole[r]`` alone, by the calling thread: the same
+    operations on its items, matrices and segment, in the same order, as in a wave."""
+    i0, i1, b0, b1 = whole[r, H_I0], whole[r, H_I1], whole[r, H_B0], whole[r, H_B1]
+    for k in range(i0, i1):
+        if items[k, KIND] == 1:
+            _tile_partials(k, g, hs, items, rowpart, colpart)
+    for q in range(b0, b1):
+        _factor_update(q, batches, rowpart, colpart, row_var, col_var, bmean, hs)
+    for k in range(i0, i1):
+        _item_sums(k, p, g, hs, items, row_var, col_var, bmean, variance, update, part)
+    _segment_scale(whole[r, H_SEG], first, numel, part, h64, scale)
+    for k in range(i0, i1):
+        _item_apply(k, p, hs, items, update, scale)
 
 
 _KERNELS = {}
