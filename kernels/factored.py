@@ -534,6 +534,6 @@ def step(p, g, row_var, col_var, variance, h, h64, gs, layout, work):
     kernel(p.size >= PARALLEL_THRESHOLD)(
         p, g, h + (scale, clip), h64,
         layout["items"], layout["batches"], layout["first"], layout["numel"], layout["waves"],
-        layout["whole"], get_num_threads(), work["rowpart"], work["colpart"], row_var, col_var, work["bmean"], variance,
-        work["update"], work["part"], work["scale"],
+        layout["whole"], get_num_threads(), work["rowpart"], work["colpart"], row_var, col_var,
+        work["bmean"], variance, work["update"], work["part"], work["scale"],
     )  # fmt: skip

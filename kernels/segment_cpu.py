@@ -9,9 +9,7 @@ layout of ``segment_loops.pieces``. Every result is identical for any thread cou
 import hashlib
 import inspect
 import pathlib
-import weakref
 
-import numpy as np
 from numba import njit, prange
 
 from . import rules, segment_loops
@@ -25,7 +23,6 @@ PARALLEL_THRESHOLD = 1 << 15
 
 _RULES = None
 _KERNELS = {}
-_MULTI_PIECE = {}  # id(first) -> (weak reference to first, has a segment of several pieces)
 
 
 def _add(a, b):
@@ -130,32 +127,22 @@ def reduce_stored(rule_name, p, g, states, h, gs, flags, layout, out, u, st, r, 
     k(p, g, *states, h + gs, flags, lo, hi, seg, out, u, first, st, r, sums, h64)
 
 
-def has_multi_piece(first):
-    """Whether a layout (its ``first`` array, ``segment_loops.pieces``) has a segment of more than
-    one piece; remembered per array, since a layout is built once and stepped many times."""
-    key = id(first)
-    known = _MULTI_PIECE.get(key)
-    if known is not None and known[0]() is first:
-        return known[1]
-    multi = bool(np.any(np.diff(first) > 1))
-    _MULTI_PIECE[key] = (weakref.ref(first, lambda _, key=key: _MULTI_PIECE.pop(key, None)), multi)
-    return multi
-
-
-def segment_stored(rule_name, p, flags, layout, out, st, r, sums, h64):
+def segment_stored(rule_name, p, flags, layout, out, st, r, sums, h64, multi_piece=True):
     """Launch 2 of a rule of ``rules.STORED_UPDATE``: :func:`segment` for the segments of more
-    than one piece (no launch when there are none: the reduction stepped every segment)."""
-    if has_multi_piece(layout[3]):
+    than one piece; no launch when ``multi_piece`` is false
+    (``segment_loops.has_multi_piece(layout[3])``: the reduction stepped every segment)."""
+    if multi_piece:
         k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[1]
         k(layout[3], out, flags, st, r, sums, h64)
 
 
-def apply_stored(rule_name, p, u, layout, r):
+def apply_stored(rule_name, p, u, layout, r, multi_piece=True):
     """Launch 3 of a rule of ``rules.STORED_UPDATE``: ``p = p - r[seg, 0] * u`` in place over
-    the segments of more than one piece (no launch when there are none: a parallel launch that
-    has nothing to do still wakes and joins every thread)."""
+    the segments of more than one piece; no launch when ``multi_piece`` is false (as
+    :func:`segment_stored`: a parallel launch with nothing to do still wakes and joins every
+    thread)."""
     lo, hi, seg, first = layout
-    if has_multi_piece(first):
+    if multi_piece:
         k = stored_kernels(rule_name, p.size >= PARALLEL_THRESHOLD)[2]
         k(p, u, lo, hi, seg, first, r)
 

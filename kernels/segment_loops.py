@@ -63,6 +63,12 @@ def pieces(bounds, chunk=REDUCTION_CHUNK):
     return lo, hi, seg, first
 
 
+def has_multi_piece(first):
+    """Whether the layout whose ``first`` array (:func:`pieces`) this is has a segment of more
+    than one piece (segment ``s`` has ``first[s + 1] - first[s]`` pieces; an empty one has 0)."""
+    return bool(np.any(np.diff(first) > 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU templates (one per number of state slots the function takes). Each piece is walked through
 # views starting at its first element: with indices known to be non-negative Numba emits no

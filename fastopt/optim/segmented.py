@@ -103,6 +103,7 @@ class SegmentedOptimizer(Optimizer):
         segs = self._segments(g_int, unit)
         bounds = [0] + [hi for _, _, _, hi in segs]
         layout = segment_loops.pieces(bounds)
+        multi_piece = segment_loops.has_multi_piece(layout[3])  # on the host, once per layout
         flags = self._flags(group, segs)
         nseg, npieces = len(segs), layout[0].size
         dtype = unit.param.dtype
@@ -126,7 +127,7 @@ class SegmentedOptimizer(Optimizer):
             layout = tuple(segment_cupy.to_device(a, unit.param) for a in layout)
         else:
             arrays = host
-        work = dict(arrays, key=key, segs=segs, layout=layout)
+        work = dict(arrays, key=key, segs=segs, layout=layout, multi_piece=multi_piece)
         self._segment_cache[id(unit)] = work
         return work
 
@@ -234,8 +235,9 @@ class SegmentedOptimizer(Optimizer):
                 self.algorithm, p, grad, states, h, gs, flags, layout, out, u, seg_state, r,
                 sums, h64,
             )  # fmt: skip
-            k.segment_stored(self.algorithm, p, flags, layout, out, seg_state, r, sums, h64)
-            k.apply_stored(self.algorithm, p, u, layout, r)
+            multi = w["multi_piece"]
+            k.segment_stored(self.algorithm, p, flags, layout, out, seg_state, r, sums, h64, multi)
+            k.apply_stored(self.algorithm, p, u, layout, r, multi)
             return
         k.reduce(self.algorithm, p, grad, states, h, gs, flags, layout, out, **on)
         k.segment(self.algorithm, p, flags, layout, out, seg_state, r, sums, h64, **on)
