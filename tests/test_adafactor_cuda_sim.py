@@ -9,7 +9,9 @@ The simulator runs every CUDA thread as a Python thread: a few tiny tensors, a f
 tile height and vector piece length (read by ``factored.plan`` alone, never by a kernel) are made
 small, so that tiny tensors still have several tiles and pieces per segment.
 
-Outside the simulator (the default run) the kernels are compiled to PTX for a GPU, without one.
+Outside the simulator (the default run) the kernels are compiled to PTX for a GPU, without one,
+and, on a machine with a CUDA GPU (skipped elsewhere), run there: within the tolerance of NVVM's
+fused multiply-adds of numba-cpu's values.
 """
 
 import os
@@ -194,3 +196,40 @@ for dt in (types.float32,):  # float64 takes the same paths (its compile costs s
 @pytest.mark.skipif(SIMULATING, reason="compiled outside the simulator, in the default run")
 def test_kernels_compile_to_ptx_without_contracted_sums():
     assert run_ptx_script(_PTX).count("ok") == 5
+
+
+GPU_SHAPES = {"w": (300, 70), "t": (3, 40, 300), "v": (5000,), "b": (7,), "s": ()}
+"""Tensors of several default-size tiles and vector pieces; the host runs the parallel kernel."""
+GPU_TOLERANCE = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+@pytest.mark.skipif(SIMULATING, reason="runs on a GPU, outside the simulator")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_numba_cuda_on_a_gpu_follows_numba_cpu(dtype):
+    """Three steps over device arrays on a real GPU against numba-cpu on the same values: the
+    sums are explicitly rounded (the same bits); the element arithmetic may be contracted into
+    fused multiply-adds by NVVM, hence the tolerance."""
+    from numba import cuda
+
+    if not cuda.is_available():
+        pytest.skip("no CUDA GPU (numba.cuda.is_available() is False)")
+    rng = np.random.default_rng(3)
+    shapes = GPU_SHAPES
+    host = fo.ParamSet({k: np.array(rng.standard_normal(s), dtype) for k, s in shapes.items()})
+    assert host.size >= factored.PARALLEL_THRESHOLD
+    flat, grad = cuda.to_device(np.array(host.flat)), cuda.to_device(np.array(host.grad_flat))
+    dev = fo.ParamSet.from_buffers(flat, grad, [(k, host.shapes[k]) for k in host.names])
+    opt_h, opt_d = fo.Adafactor(host, **KW), fo.Adafactor(dev, **KW)
+    assert opt_d._groups[0]["units"][0].backend.name == "numba-cuda"
+    for t in range(3):
+        g = np.array(rng.standard_normal(host.size) * 10.0 ** (t - 1), dtype)
+        host.grad_flat[...] = g
+        dev.grad_flat.copy_to_device(g)
+        opt_h.step()
+        opt_d.step()
+    tol = GPU_TOLERANCE[dtype]
+    np.testing.assert_allclose(dev.flat.copy_to_host(), np.asarray(host.flat), **tol)
+    sd, sh = opt_d.state_dict()["state"][0], opt_h.state_dict()["state"][0]
+    for k in ("row_var", "col_var", "variance"):
+        np.testing.assert_allclose(sd[k], sh[k], err_msg=k, **tol)
+    assert sd["step"] == sh["step"] == 3
