@@ -36,6 +36,7 @@ SOURCE_TAG = hashlib.sha256(
             "storage.py",
             "access.py",
             "cpu_storage.py",
+            "packed_loops.py",
         )
         if (pathlib.Path(__file__).parent / f).exists()
     )
@@ -90,14 +91,22 @@ def loop_kernel(rule_name, compiled_rules, indices, decorate, variant=""):
 
 
 def storage_loop_kernel(
-    rule_name, storage, compiled_rules, element_access, indices, decorate, variant=""
+    rule_name,
+    storage,
+    compiled_rules,
+    element_access,
+    indices,
+    decorate,
+    variant="",
+    templates=loops.STORAGE_TEMPLATES,
 ):
     """The storage loop of one rule and storage combination for a target: the template of
-    ``loops.STORAGE_TEMPLATES`` for its number of state slots, with ``rule`` and
-    ``transformed_grad`` from ``compiled_rules`` and the element access of ``element_access``
-    (what ``access.bind`` returned for ``storage``)."""
+    ``templates`` (``loops.STORAGE_TEMPLATES``, or numba-cuda's ``packed_loops.PACKED_TEMPLATES``)
+    for its number of state slots, with ``rule`` and ``transformed_grad`` from ``compiled_rules``
+    and the element access of ``element_access`` (what ``access.bind`` returned for ``storage``,
+    with the pack helpers for the packed templates)."""
     return specialize(
-        loops.STORAGE_TEMPLATES[ARITY[rule_name]],
+        templates[ARITY[rule_name]],
         rule_name,
         compiled_rules[rule_name],
         {

@@ -1,8 +1,9 @@
 """numba.cuda kernels for arrays stored in another dtype than the rule computes in (bfloat16,
 float16, mixed gradient dtypes, float32 master weights, 16-bit state, stochastic rounding).
 
-The storage loops of ``kernels/loops.py`` with the element access of ``kernels/access.py`` and the
-helpers of ``kernels/storage.py`` compiled as device functions
+The storage loops of ``kernels/packed_loops.py`` (a thread takes packs of 4 elements, one 8-byte
+access per 16-bit array) with the element access of ``kernels/access.py`` and the helpers of
+``kernels/storage.py`` compiled as device functions
 (``compile_storage(cuda.jit(device=True), "cuda")``), one kernel per (rule, storage combination),
 compiled on first use and cached in memory and on disk, as ``cuda.py`` does for the plain loops
 (same grid-stride ``indices``, launch configuration, devices and streams). The float32 and
@@ -25,7 +26,7 @@ import threading
 
 import numpy as np
 
-from . import access
+from . import access, packed_loops
 from . import cuda as kcuda
 from . import cuda_launch as launch
 from .compile_rules import ARITY, rebind, storage_loop_kernel
@@ -58,7 +59,9 @@ def kernel(rule_name, storage):
     k = _KERNELS.get(key)
     if k is None:
         rules, indices = kcuda._device_functions()
-        element_access = access.bind(storage, helpers(), _device_decorator())
+        decorate = _device_decorator()
+        element_access = access.bind(storage, helpers(), decorate)
+        element_access.update(packed_loops.bind(storage, decorate), cuda=launch._cuda())
         with _LOCK:
             k = _KERNELS.get(key)
             if k is None:
@@ -70,6 +73,7 @@ def kernel(rule_name, storage):
                     indices,
                     launch._cuda().jit(cache=True),
                     "_cuda",
+                    packed_loops.PACKED_TEMPLATES,
                 )
                 _KERNELS[key] = k
     return k
@@ -105,7 +109,9 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=0, *, thre
     args = (pb, w, bits(g), *[bits(s) for s in states], h + gs, tuple(int(v) for v in rs))
     device = launch.launch_device(p)
     with launch.on_device(device):
-        nblocks, nthreads = kcuda.launch_config(n, threads, None, device)
+        # a thread takes PACK elements per iteration (the packs of kernels/packed_loops.py)
+        work = -(-n // packed_loops.PACK)
+        nblocks, nthreads = kcuda.launch_config(work, threads, None, device)
         s = launch.as_stream(cuda, stream, device)
         launch.configured(kernel(rule_name, storage), nblocks, nthreads, s, device)(*args)
 

@@ -540,6 +540,11 @@ for rule, st in [
     sig += (types.UniTuple(types.int64, 3),)
     ptx, _ = cuda.compile_ptx(k, sig, cc=(9, 0))
     assert "call." not in ptx and "st.global.u16" in ptx, rule  # helpers inlined, 16-bit stores
+    # whole packs of the 16-bit arrays as one 8-byte load and store each (p, g, the states), the
+    # packs' locals in registers (no local memory)
+    sixteen = 1 + (st.grad != "float32") + (st.state != "float32") * ARITY[rule]
+    assert ptx.count("ld.global.u64") == sixteen and ".local" not in ptx, rule
+    assert ptx.count("st.global.u64") == sixteen - (st.grad != "float32"), rule
     print("ok", rule)
 f64, i32 = types.Array(types.float64, 1, "C"), types.Array(types.int32, 1, "C")
 partials, _ = kc.reduction_kernels(256, "bfloat16")
@@ -553,7 +558,9 @@ print("ok partials")
 def test_storage_kernels_compile_to_ptx():
     """The numba-cuda storage kernels (16-bit loads and rounded stores, master weights,
     stochastic rounding) and the 16-bit reduction compile for a real GPU with every storage
-    helper inlined (two kernels only: NVVM is slow on the Philox rounds)."""
+    helper inlined, the 16-bit arrays read and written in packs of 8 bytes
+    (kernels/packed_loops.py) with the packs in registers (two kernels only: NVVM is slow on the
+    Philox rounds)."""
     from ptx_without_gpu import PREAMBLE, run_ptx_script
 
     assert run_ptx_script(PREAMBLE + _STORAGE_PTX).count("ok") == 3

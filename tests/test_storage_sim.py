@@ -218,6 +218,48 @@ def test_sim_storage_kernels_match_cpu(case):
         assert sd[0]["exp_avg"].dtype == _dtype(BF16)
 
 
+def _device_view(values, offset):
+    """``values`` (a 16-bit array) on the device, starting ``offset`` elements past the start of
+    a larger (8-byte aligned) allocation."""
+    bits = values.view(np.uint16)
+    big = cuda.to_device(np.zeros(bits.size + 8, np.uint16))
+    view = big[offset : offset + bits.size]
+    view.copy_to_device(bits)
+    return view.view(values.dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_sim_packs_at_every_alignment_match_cpu(offset):
+    """Parameters and gradients starting ``offset`` elements past an 8-byte boundary (views into
+    larger device allocations; the state allocated by the optimizer): the storage kernel reads
+    whole packs as 8-byte words where every 16-bit array is aligned (offset 0) and element by
+    element where not (kernels/packed_loops.py), with the CPU's bits either way (bfloat16
+    AdamW, stochastic rounding, 41 elements: 10 packs and 1)."""
+    import fastopt as fo
+    from fastopt.kernels import packed_loops
+
+    assert packed_loops.aligned_bits16(_device_view(np.zeros(4, np.float16), offset)) == (
+        offset == 0
+    )
+    bf16 = _dtype(BF16)
+    rng = np.random.default_rng(offset)
+    host = rng.standard_normal(41).astype(bf16)
+    dev = _device_view(host, offset)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, stochastic_rounding=True, seed=5)
+    opt_h, opt_d = fo.AdamW([host], **kwargs), fo.AdamW([dev], **kwargs)
+    assert opt_d._groups[0]["units"][0].backend.name == "numba-cuda"
+    for t in range(2):
+        g = (np.random.default_rng(50 + t).standard_normal(41) * 3).astype(bf16)
+        opt_h.step([g])
+        opt_d.step([_device_view(g, offset)])
+    assert _same_bits(dev.copy_to_host(), host)
+    sd, sh = opt_d.state_dict()["state"][0], opt_h.state_dict()["state"][0]
+    assert _same_bits(sd["exp_avg"], sh["exp_avg"]) and _same_bits(
+        sd["exp_avg_sq"], sh["exp_avg_sq"]
+    )
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_sim_stochastic_rounding_depends_on_the_seed_only():
     """The same seed gives the CPU's bits (test above); another seed other bits, so the
