@@ -87,30 +87,37 @@ def unpack_none(a, words, q, m, wide, loc):
 pack_none = unpack_none
 
 
-_LOCAL_TYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16}
-_LOCAL_TYPES["float16"] = np.uint16
+_LOCAL_TYPES = {
+    "float32": np.float32,
+    "float64": np.float64,
+    "bfloat16": np.uint16,
+    "float16": np.uint16,
+}
+"""The dtype of a pack's thread-local copy of an array stored as each dtype (16-bit: its bits)."""
+_KINDS = {
+    "bits16": (aligned_bits16, unpack_bits16, pack_bits16),
+    "plain": (aligned_plain, unpack_plain, pack_plain),
+    "none": (aligned_plain, unpack_none, pack_none),
+}
+"""(aligned, unpack, pack) of a 16-bit array, a float32/float64 array, and the master copy ``w``
+of a combination without one (``w`` is then ``p``, written by ``pack_p`` alone)."""
 
 
 def bind(storage, decorate):
     """The pack globals of the templates below for ``storage`` (an ``access.Storage``; not
     int8), each helper compiled with ``decorate``."""
-    kinds = {
+    stored = {
         "p": storage.param,
         "w": "float32" if storage.master else None,
         "g": storage.grad,
         "s": storage.state,
     }
     out = {"PACK": PACK, "WORD": WORD}
-    for x, name in kinds.items():
+    for x, name in stored.items():
         local = _LOCAL_TYPES.get(name, np.float32)
         kind = "none" if name is None else "bits16" if local is np.uint16 else "plain"
-        sixteen = kind == "bits16"
-        sources = {
-            f"aligned_{x}": aligned_bits16 if sixteen else aligned_plain,
-            f"unpack_{x}": globals()[f"unpack_{kind}"],
-            f"pack_{x}": globals()[f"pack_{kind}"],
-        }
-        for key, fn in sources.items():
+        for role, fn in zip(("aligned", "unpack", "pack"), _KINDS[kind]):
+            key = f"{role}_{x}"
             namespace = {"__builtins__": builtins, "np": np, "PACK": PACK, "WORD": WORD}
             copy = types.FunctionType(fn.__code__, namespace, key, fn.__defaults__)
             copy.__qualname__ = key
