@@ -120,8 +120,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
     to the parameter's); a state saved by ``torch.optim`` starts the master copy from the
     16-bit parameter.
 
-    ``state_dtype="int8"`` (the rules of :data:`fastopt.optim.precision.INT8_RULES`, CPU
-    parameters; a GPU model through :class:`fastopt.torch.CPUOffload`): each parameter of at
+    ``state_dtype="int8"`` (the rules of :data:`fastopt.optim.precision.INT8_RULES`; CPU
+    parameters, and CUDA parameters on the numba-cuda and CuPy backends, whose block kernels
+    keep the same layout; :class:`fastopt.torch.CPUOffload` keeps it in host memory for a GPU
+    model): each parameter of at
     least ``MIN_8BIT_SIZE`` (4096) elements keeps its state as uint8 codes and one float32
     absmax per block of 256 of its own elements, as bitsandbytes keeps each tensor's; smaller
     parameters keep float32 state (bitsandbytes' ``min_8bit_size``, and the rule the fastopt
@@ -182,11 +184,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
             self._probe({k: _plain(group[k]) for k in self._hyper_names})
             if precision.is_int8(self._precision):
                 for name, p in items:
-                    if p.device.type != "cpu":
+                    if p.device.type not in ("cpu", "cuda"):
                         raise TypeError(
                             f"{name} is on {p.device}: state_dtype='int8' (8-bit blockwise "
-                            "state) runs on the CPU only; for a GPU model use "
-                            "fastopt.torch.CPUOffload(..., state_dtype='int8')"
+                            "state) runs on CPU and CUDA tensors"
                         )
         except Exception:
             self.param_groups.pop()
@@ -391,14 +392,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
         lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
         out = {}
         for name, t in self._tensors[k].items():
-            if isinstance(t, precision.Quantized):  # host only; lo starts a block
+            view = arrays.host_view if unit.device is None else unit.backend.native
+            if isinstance(t, precision.Quantized):  # lo starts a block
                 codes, absmax = quantized_range(t, lo, hi)
-                out[name] = precision.Quantized(
-                    arrays.host_view(codes), arrays.host_view(absmax), t.signed
-                )
+                out[name] = precision.Quantized(view(codes), view(absmax), t.signed)
                 continue
-            part = t[lo:hi]
-            out[name] = arrays.host_view(part) if unit.device is None else unit.backend.native(part)
+            out[name] = view(t[lo:hi])
         return out
 
     def _harvest(self, unit, k, i, j):
@@ -429,8 +428,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _store_quantized(self, k, name, slot, lo, hi):
         """Elements ``lo:hi`` (``lo`` starting a block) of bucket ``k``'s 8-bit state ``name``
         set to the host :class:`~fastopt.optim.precision.Quantized` ``slot`` (their codes and
-        the absmax of their blocks). The host tensors (codes and block absmax over the whole
-        buffer, the gaps between parameters holding the code of 0) are made on first use."""
+        the absmax of their blocks; host or device arrays of the bucket's device). The tensors
+        (codes and block absmax over the whole buffer, on its device, the gaps between
+        parameters holding the code of 0) are made on first use."""
         flat = self._buckets[k][1].flat
         t = self._tensors[k].get(name)
         if t is None:
@@ -445,8 +445,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
             )
             t.codes.fill_(int(code_of(0.0, t.signed)))
         codes, absmax = quantized_range(t, lo, hi)
-        codes.copy_(torch.from_numpy(np.ascontiguousarray(slot.codes)))
-        absmax.copy_(torch.from_numpy(np.ascontiguousarray(slot.absmax)))
+        codes.copy_(as_tensor(slot.codes, codes.device))
+        absmax.copy_(as_tensor(slot.absmax, absmax.device))
 
     # ------------------------------------------------------------------ state
     def _publish_state(self):
