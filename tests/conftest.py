@@ -4,6 +4,7 @@ Keep this minimal and free of heavy imports at import time (no numba): the CUDA 
 process and must be able to set their environment before numba is first imported.
 """
 
+import os
 import pathlib
 import sys
 
@@ -12,6 +13,17 @@ import pytest
 _HERE = str(pathlib.Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+def pytest_configure(config):
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        # The simulator runs each CUDA thread of a block as a Python thread, started one after
+        # the other: starting the k-th waits for the GIL behind the k - 1 already running, each
+        # of which may keep it a whole switch interval (5 ms), so a block's start costs about
+        # k^2 / 2 intervals (a 128-thread block of a few ms of work per thread took minutes on a
+        # loaded machine). At 0.2 ms the simulator run took half the time (96-102 s against
+        # 202-206 s for the int8 and dispatch modules, same machine, interleaved).
+        sys.setswitchinterval(2e-4)
 
 
 @pytest.fixture

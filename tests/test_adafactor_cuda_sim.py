@@ -15,7 +15,6 @@ fused multiply-adds of numba-cpu's values.
 """
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -32,17 +31,6 @@ sim_only = pytest.mark.skipif(
 
 SHAPES = {"w": (3, 7), "t": (2, 3, 2), "e": (2, 257), "b": (5,), "s": ()}
 KW = {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "max_grad_value": 0.8}
-
-
-@pytest.fixture(autouse=True)
-def short_switch_interval():
-    """The simulator's main thread polls the threads of a block for their barriers, and each poll
-    may keep the GIL for the whole switch interval (5 ms): a shorter one makes a barrier several
-    times cheaper."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 @pytest.fixture
