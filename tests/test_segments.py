@@ -226,8 +226,16 @@ def child_sim_vs_cpu():
     return ok
 
 
+LAYOUTS = {
+    "pieces": ([3, 0, 700, 300, 5], 512),
+    # pieces of 3 full rows and a part, of more than one STORED_BLOCK, and of a whole row pair
+    "rows": ([3, 1000, 2600, 5000, 0, 512], 4096),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_stored_update_launches_equal_the_recomputing_ones(dtype):
+def test_stored_update_launches_equal_the_recomputing_ones(dtype, layout):
     """LAMB on the CPU (rules.STORED_UPDATE) stores each element's update in the reduction and
     applies it from there, stepping the segments of one piece in the reduction itself: the same
     bits as the reduction + segment pass + apply that compute the update twice (the templates
@@ -236,16 +244,19 @@ def test_stored_update_launches_equal_the_recomputing_ones(dtype):
     ones run the same body per piece, and the thread-count test above covers them; their
     compile would double this test's time)."""
     parallel = False
-    sizes = [3, 0, 700, 300, 5]
+    sizes, chunk = LAYOUTS[layout]
     b = np.concatenate([[0], np.cumsum(sizes)])
-    lo, hi, seg, first = segment_loops.pieces(b, chunk=512)
+    lo, hi, seg, first = segment_loops.pieces(b, chunk=chunk)
     h64 = (1, 0.9, 0.1, 0.999, 0.001, 0.1, 0.001, 1e-6, 1e-9, 0.01, 0.1)
     h = tuple(dtype(x) for x in h64)
     gs = (dtype(1.5), dtype(2.0))
-    flags = np.array([3, 1, 2, 0, 3], np.int32)
+    flags = np.array([3, 1, 2, 0, 3, 1][: len(sizes)], np.int32)
     rng = np.random.default_rng(0)
     base = [rng.standard_normal(b[-1]).astype(dtype) for _ in range(4)]
     base[3] = np.abs(base[3])
+    # magnitudes over 2^+-3: then the float64 lane sums of float64 squares round, and adding
+    # a lane's squares out of order changes a piece's sum (checked by swapping two of them)
+    base[0] *= (2.0 ** rng.integers(-3, 4, b[-1])).astype(dtype)
     results = []
     for stored in (True, False):
         p, g, m, v = (a.copy() for a in base)
