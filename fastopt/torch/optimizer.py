@@ -391,8 +391,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
         buf = self._buckets[k][1]
         lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
         out = {}
+        view = arrays.host_view if unit.device is None else unit.backend.native
         for name, t in self._tensors[k].items():
-            view = arrays.host_view if unit.device is None else unit.backend.native
             if isinstance(t, precision.Quantized):  # lo starts a block
                 codes, absmax = quantized_range(t, lo, hi)
                 out[name] = precision.Quantized(view(codes), view(absmax), t.signed)
@@ -427,8 +427,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     def _store_quantized(self, k, name, slot, lo, hi):
         """Elements ``lo:hi`` (``lo`` starting a block) of bucket ``k``'s 8-bit state ``name``
-        set to the host :class:`~fastopt.optim.precision.Quantized` ``slot`` (their codes and
-        the absmax of their blocks; host or device arrays of the bucket's device). The tensors
+        set to the :class:`~fastopt.optim.precision.Quantized` ``slot`` (their codes and the
+        absmax of their blocks: host arrays, or device arrays on the bucket's device). The tensors
         (codes and block absmax over the whole buffer, on its device, the gaps between
         parameters holding the code of 0) are made on first use."""
         flat = self._buckets[k][1].flat
