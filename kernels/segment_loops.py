@@ -217,28 +217,11 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                     uk[i], mk[i], vk[i] = rule(
                         pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f
                     )
-                base = block
-                while base + LANES < e:
-                    # a full row and the next (whole or part) in one pass over the lanes, each
-                    # lane adding its two squares in index order (the bits of row by row): the
-                    # lanes are loaded and stored once per two rows
-                    n1 = min(LANES, e - base - LANES)
-                    p0, u0 = p[a + base :], uw[base:]
-                    p1, u1 = p0[LANES:], u0[LANES:]
-                    for t in range(n1):
-                        x0, y0 = np.float64(p0[t]), np.float64(u0[t])
-                        x1, y1 = np.float64(p1[t]), np.float64(u1[t])
-                        ax[t] = add(add(ax[t], mul(x0, x0)), mul(x1, x1))
-                        ay[t] = add(add(ay[t], mul(y0, y0)), mul(y1, y1))
-                    for t in range(n1, LANES):
-                        x0, y0 = np.float64(p0[t]), np.float64(u0[t])
-                        ax[t] = add(ax[t], mul(x0, x0))
-                        ay[t] = add(ay[t], mul(y0, y0))
-                    base += 2 * LANES
-                if base < e:  # a last row alone
+                for base in range(block, e, LANES):
                     pr, ur = p[a + base :], uw[base:]
-                    for t in range(e - base):
-                        xv, yv = np.float64(pr[t]), np.float64(ur[t])
+                    for t in range(min(LANES, e - base)):
+                        xv = np.float64(pr[t])
+                        yv = np.float64(ur[t])
                         ax[t] = add(ax[t], mul(xv, xv))
                         ay[t] = add(ay[t], mul(yv, yv))
             out[k, 0] = lane_tree(ax, c)
