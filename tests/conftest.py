@@ -17,13 +17,10 @@ if _HERE not in sys.path:
 
 def pytest_configure(config):
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        # The simulator runs each CUDA thread of a block as a Python thread, started one after
-        # the other: starting the k-th waits for the GIL behind the k - 1 already running, each
-        # of which may keep it a whole switch interval (5 ms), so a block's start costs about
-        # k^2 / 2 intervals (a 128-thread block of a few ms of work per thread took minutes on a
-        # loaded machine). At 0.2 ms the simulator run took half the time (96-102 s against
-        # 202-206 s for the int8 and dispatch modules, same machine, interleaved).
-        sys.setswitchinterval(2e-4)
+        # a shorter switch interval and an atomic shared-array allocation (cudasim.py says why)
+        import cudasim
+
+        cudasim.prepare()
 
 
 @pytest.fixture

@@ -330,6 +330,49 @@ def test_every_kernel_compiles_to_ptx_for_a_real_gpu():
 
 
 # ---------------------------------------------------------------------------------------------
+# The simulator itself (tests/cudasim.py, applied by conftest.py).
+
+
+def test_threads_of_a_block_get_one_shared_array_even_when_creating_it_is_slow(monkeypatch):
+    """Eight threads of one block ask for the block's shared array at once while creating it
+    releases the GIL (a slow ``empty``): all get the same array. The simulator's own allocation
+    gave each thread an array of its own (this test failed with it: seven wrong arrays), which
+    made the block reductions add values never written (cudasim.py)."""
+    import threading
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    class SlowNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            time.sleep(0.02)
+            return np.empty(*args, **kwargs)
+
+    assert getattr(kernelapi.FakeCUDAShared.array, "fastopt_atomic", False)
+    monkeypatch.setattr(kernelapi, "np", SlowNumpy())
+    shared = kernelapi.FakeCUDAShared(0)
+    got = [None] * 8
+    start = threading.Barrier(len(got))
+
+    def ask(t):
+        start.wait()
+        got[t] = shared.array(4, np.float64)  # one source line: one array per block
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in range(len(got))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(a is got[0] for a in got)
+    other = shared.array(3, np.float32)  # another line: another array
+    assert other is not got[0] and other.shape == (3,) and other.dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
 # L-BFGS on numba-cuda device arrays: the vector passes of kernels/vector_cuda.py.
 
 

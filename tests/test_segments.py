@@ -174,8 +174,10 @@ def test_two_threads_give_the_bits_of_one():
 def child_sim_vs_cpu():
     """Run under NUMBA_ENABLE_CUDASIM=1: every per-segment rule's three launches on the numba-cuda
     templates equal the CPU kernels bit for bit (sums, segment scalars, parameters, state)."""
-    sys.setswitchinterval(2e-4)  # the simulator's barrier polls keep the GIL a switch interval
+    import cudasim
     from numba import cuda
+
+    cudasim.prepare()
 
     from fastopt.kernels import segment_cuda
 
