@@ -3,16 +3,10 @@ LAMB, LARS, NovoGrad over it.
 
 - the piece layout; per-segment sums of squares against NumPy;
 - identical bits for 1 and 2 Numba threads (child processes with NUMBA_NUM_THREADS);
-- the numba-cuda templates under the CUDA simulator equal the CPU kernels bit for bit;
+- (the numba-cuda templates under the CUDA simulator: tests/test_segments_sim.py);
 - the ParamSet path equals the list path bit for bit;
 - each optimizer against the NumPy reference (float64, 1e-12), including zero-norm tensors.
 """
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +15,6 @@ import thread_counts
 import fastopt as fo
 from fastopt.kernels import segment_cpu, segment_loops
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {"w": (30, 40), "b": (40,), "z": (7,), "e": (100, 300)}
 
 CASES = {
@@ -171,63 +164,6 @@ def test_two_threads_give_the_bits_of_one():
     assert one == two
 
 
-def child_sim_vs_cpu():
-    """Run under NUMBA_ENABLE_CUDASIM=1: every per-segment rule's three launches on the numba-cuda
-    templates equal the CPU kernels bit for bit (sums, segment scalars, parameters, state)."""
-    import cudasim
-    from numba import cuda
-
-    cudasim.prepare()
-
-    from fastopt.kernels import segment_cuda
-
-    sizes = [3, 0, 700, 300, 5]
-    b = np.concatenate([[0], np.cumsum(sizes)])
-    layout = segment_loops.pieces(b, chunk=512)
-    ns = len(sizes)
-    hs = {
-        "segment_norms": (1.0,),
-        "lamb": (1, 0.9, 0.1, 0.999, 0.001, 0.1, 0.001, 1e-6, 0, 0.01, 0.1),
-        "lars": (1, 0.01, 0.001, 0.0, 0.1, 0.9, 1.0),
-        "novograd": (1, 0.9, 0.25, 0.75, 1e-6, 0, 0.01, 0.1, 0.0),
-    }
-    ok = {}
-    for rule, h64 in hs.items():
-        # float32 for LAMB only: the templates do not depend on the dtype, and each simulated
-        # launch costs seconds (a Python thread per CUDA thread)
-        for dtype in (np.float32, np.float64) if rule == "lamb" else (np.float64,):
-            rng = np.random.default_rng(0)
-            base = [rng.standard_normal(b[-1]).astype(dtype) for _ in range(4)]
-            base[3] = np.abs(base[3])
-            res = []
-            for mod in (segment_cpu, segment_cuda):
-                arrs = [a.copy() for a in base]
-                extra = [
-                    np.zeros((layout[0].size, 2)),
-                    np.array([3, 1, 2, 0, 3], np.int32),
-                    np.full(ns, 0.5, dtype),
-                    np.zeros((ns, 2), dtype),
-                    np.zeros((ns, 2)),
-                ]
-                lay = layout
-                if mod is segment_cuda:
-                    arrs = [cuda.to_device(a) for a in arrs]
-                    extra = [cuda.to_device(a) for a in extra]
-                    lay = tuple(cuda.to_device(a) for a in layout)
-                out, flags, st, r, sums = extra
-                h = tuple(dtype(x) for x in h64)
-                gs = (dtype(1.0), dtype(0.0))
-                states = arrs[2 : 2 + segment_cpu.rules.SEGMENT_RULES[rule]]
-                mod.reduce(rule, arrs[0], arrs[1], arrs[2:], h, gs, flags, lay, out)
-                mod.segment(rule, arrs[0], flags, lay, out, st, r, sums, h64)
-                if rule != "segment_norms":
-                    mod.apply(rule, arrs[0], arrs[1], states, h, gs, flags, lay, r)
-                host = [a if isinstance(a, np.ndarray) else a.copy_to_host() for a in arrs + extra]
-                res.append(b"".join(np.ascontiguousarray(a).tobytes() for a in host))
-            ok[f"{rule}/{np.dtype(dtype).name}"] = res[0] == res[1]
-    return ok
-
-
 LAYOUTS = {
     "pieces": ([3, 0, 700, 300, 5], 512),
     # pieces of 3 full rows and a part, of more than one STORED_BLOCK, and of a whole row pair
@@ -278,22 +214,6 @@ def test_stored_update_launches_equal_the_recomputing_ones(dtype, layout):
         results.append([a.tobytes() for a in (p, m, v, out, r, st, sums)])
     assert results[0] == results[1]
     assert not np.array_equal(base[0], p)  # the step moved the parameters
-
-
-def test_cuda_simulator_equals_cpu_bit_for_bit():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_segments as t; "
-        "print(json.dumps(t.child_sim_vs_cpu()))"
-    )
-    here = str(pathlib.Path(__file__).resolve().parent)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ok = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(ok) == 5 and all(ok.values()), ok
 
 
 @pytest.mark.parametrize("paramset", [True, False], ids=["paramset", "list"])
