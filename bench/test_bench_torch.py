@@ -9,7 +9,9 @@ overhead of ``step()`` (197 tensors of 4 elements) and ``zero_grad()`` in both m
 ``zero_grad(); backward; step()`` cycle with ``set_to_none=True`` (``fastopt_fresh_grads``: autograd
 allocates fresh gradients) and ``False`` (``fastopt_kept_grads``: it accumulates into the flat
 buffer's views), and a step after assigning fresh gradient tensors by hand
-(``fastopt_assigned_grads``: the copy into the flat buffer alone) are measured. Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
+(``fastopt_assigned_grads``: the copy into the flat buffer alone) are measured; on ``transformer``
+also a fastopt ``ParamSet`` AdamW over the same shapes (``paramset``: the step without the adapter)
+and the roofline kernel over the same bytes (``roofline``; ``of_roofline.*`` in the results). Goals (issue 14): fastopt >= 1.5x fused on ``transformer``, >= 10x on
 ``many_small``.
 
 torch runs with the kernels' thread count (``NUMBA_NUM_THREADS``, all cores by default), as in the
@@ -104,6 +106,8 @@ def _measure(name):
         opt_assigned.step()
 
     peers["fastopt_assigned_grads"] = step_after_assigning
+    if name == "transformer":
+        peers.update(_without_torch(shapes))
     opt_zero = fot.AdamW(_params(shapes), lr=1e-3)
     peers["zero_grad_none"] = lambda: opt_zero.zero_grad(set_to_none=True)
     peers["zero_grad_fill"] = lambda: opt_zero.zero_grad(set_to_none=False)
@@ -113,7 +117,33 @@ def _measure(name):
     for peer in ("torch_fused", "torch_foreach"):
         if peer in times:
             out[f"speedup_vs_{peer}"] = times[peer] / times["fastopt"]
+    if "roofline" in times:
+        for peer in ("fastopt", "paramset", "torch_fused"):
+            if peer in times:
+                out[f"of_roofline.{peer}"] = times["roofline"] / times[peer]
     return out
+
+
+def _without_torch(shapes):
+    """A fastopt ``ParamSet`` AdamW over the same shapes (the step without the adapter) and the
+    roofline kernel over the same bytes (gradient read, parameter and two state arrays read and
+    written): what the goal's 1.5x rests on is how far torch's step is from that traffic."""
+    import numpy as np
+
+    import fastopt as fo
+    from fastopt.benchmarking.roofline import roofline_step
+
+    rng = np.random.default_rng(0)
+    ps = fo.ParamSet({f"p{i}": np.zeros(s, np.float32) for i, s in enumerate(shapes)})
+    ps.flat[...] = rng.standard_normal(ps.flat.size).astype(np.float32)
+    ps.grad_flat[...] = rng.standard_normal(ps.flat.size).astype(np.float32) * 1e-3
+    opt = fo.AdamW(ps, lr=1e-3)
+    opt.step()
+    m, v = np.zeros_like(ps.flat), np.zeros_like(ps.flat)
+    return {
+        "paramset": opt.step,
+        "roofline": roofline_step(ps.grad_flat, ps.flat.copy(), (m, v)),
+    }
 
 
 @pytest.mark.parametrize("name", list(CASES))
