@@ -17,13 +17,6 @@ pytestmark = pytest.mark.skipif(
     reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 in their own process",
 )
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-    from numba import cuda
-
-    from fastopt.kernels import segment_cpu, segment_cuda, segment_loops
-else:  # keep collection free of numba.cuda imports outside the simulator
-    cuda = segment_cpu = segment_cuda = segment_loops = None
-
 SIZES = [3, 0, 700, 300, 5]
 FLAGS = [3, 1, 2, 0, 3]
 H64 = {
@@ -37,8 +30,14 @@ H64 = {
 CASES = [(rule, np.float64) for rule in H64] + [("lamb", np.float32)]
 
 
-def _launches(mod, rule, dtype):
-    """The bytes of every array after ``mod``'s reduce, segment and apply launches."""
+def _launches(target, rule, dtype):
+    """The bytes of every array after the reduce, segment and apply launches of ``target``
+    ("cpu" or "cuda"; imported here: collection outside the simulator imports no numba.cuda)."""
+    from numba import cuda
+
+    from fastopt.kernels import segment_cpu, segment_cuda, segment_loops
+
+    mod = segment_cuda if target == "cuda" else segment_cpu
     b = np.concatenate([[0], np.cumsum(SIZES)])
     layout = segment_loops.pieces(b, chunk=512)
     ns = len(SIZES)
@@ -71,8 +70,8 @@ def _launches(mod, rule, dtype):
 
 @pytest.mark.parametrize("rule,dtype", CASES, ids=[f"{r}-{np.dtype(d).name}" for r, d in CASES])
 def test_numba_cuda_launches_equal_numba_cpu_bit_for_bit(rule, dtype):
-    cpu = _launches(segment_cpu, rule, dtype)
-    sim = _launches(segment_cuda, rule, dtype)
+    cpu = _launches("cpu", rule, dtype)
+    sim = _launches("cuda", rule, dtype)
     assert sim == cpu
     sums = np.frombuffer(cpu[-1]).reshape(len(SIZES), 2)  # per segment: sum x^2, sum y^2
     assert np.all(sums[np.array(SIZES) > 0] > 0)
