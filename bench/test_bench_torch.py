@@ -107,7 +107,7 @@ def _measure(name):
 
     peers["fastopt_assigned_grads"] = step_after_assigning
     if name == "transformer":
-        peers.update(_without_torch(shapes))
+        peers.update(_fastopt_only_peers(shapes))
     opt_zero = fot.AdamW(_params(shapes), lr=1e-3)
     peers["zero_grad_none"] = lambda: opt_zero.zero_grad(set_to_none=True)
     peers["zero_grad_fill"] = lambda: opt_zero.zero_grad(set_to_none=False)
@@ -124,7 +124,7 @@ def _measure(name):
     return out
 
 
-def _without_torch(shapes):
+def _fastopt_only_peers(shapes):
     """A fastopt ``ParamSet`` AdamW over the same shapes (the step without the adapter) and the
     roofline kernel over the same bytes (gradient read, parameter and two state arrays read and
     written): what the goal's 1.5x rests on is how far torch's step is from that traffic."""

@@ -336,7 +336,7 @@ def test_every_kernel_compiles_to_ptx_for_a_real_gpu():
 def test_threads_of_a_block_get_one_shared_array_even_when_creating_it_is_slow(monkeypatch):
     """Eight threads of one block ask for the block's shared array at once while creating it
     releases the GIL (a slow ``empty``): all get the same array. The simulator's own allocation
-    gave each thread an array of its own (this test failed with it: seven wrong arrays), which
+    gave each thread an array of its own (this test failed with it), which
     made the block reductions add values never written (cudasim.py)."""
     import threading
     import time
