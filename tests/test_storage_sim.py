@@ -76,7 +76,7 @@ def results():
     c = np.zeros(N, np.uint8)
     qmap = storage.DYNAMIC_MAP_SIGNED.copy()  # read-only; a kernel argument is copied back
     # blocks of 8 threads: the kernel uses no block-level feature, and the simulator's cost grows
-    # with the square of the threads per block (tests/conftest.py): 128 took 83-420 s here
+    # with the square of the threads per block (tests/cudasim.py): 128 took 83-420 s here
     kernel[N // 8, 8](x, h, rbits, f, o, c, qmap)
     return x, h, rbits.reshape(N, 4), f.reshape(N, 3), o.reshape(N, 4), c
 
