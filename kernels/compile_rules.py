@@ -37,6 +37,7 @@ SOURCE_TAG = hashlib.sha256(
             "access.py",
             "cpu_storage.py",
             "packed_loops.py",
+            "cpu_math.py",
         )
         if (pathlib.Path(__file__).parent / f).exists()
     )
@@ -54,13 +55,18 @@ def rebind(fn, glb, name=None):
     return copy
 
 
-def compile_rules(decorate):
+def compile_rules(decorate, overrides=None):
     """Return {name: decorate(copy of rules.name)} for every function defined in ``rules``
-    (``_``-prefixed module-level declarations excepted), after :func:`layout.check_rules`."""
+    (``_``-prefixed module-level declarations excepted), after :func:`layout.check_rules`.
+    ``overrides`` maps helper names to a target's own bit-identical versions
+    (``cpu_math.RULE_HELPERS``), used as they are instead of the copy."""
     layout.check_rules()
+    overrides = overrides or {}
     namespace = dict(vars(rules))
     for name, fn in vars(rules).items():
-        if (
+        if name in overrides:
+            namespace[name] = overrides[name]
+        elif (
             isinstance(fn, types.FunctionType)
             and fn.__module__ == rules.__name__
             and not name.startswith("_")

@@ -14,10 +14,13 @@ import numba
 import numpy as np
 from numba import njit, prange, uint64
 
+from . import cpu_math
 from .compile_rules import compile_rules, loop_kernel
 from .layout import REDUCTION_CHUNK
 
-_RULES = compile_rules(njit(inline="always", cache=True, error_model="numpy"))
+_RULES = compile_rules(
+    njit(inline="always", cache=True, error_model="numpy"), cpu_math.RULE_HELPERS
+)
 
 PARALLEL_THRESHOLD = 1 << 15
 """Arrays with fewer elements run the serial loop."""

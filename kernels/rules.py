@@ -99,6 +99,13 @@ def second_moment(v, g, beta, one_minus_beta):
     return v * beta + one_minus_beta * (g * g)
 
 
+def divide_by_scalar(x, c):
+    """``x / c`` for a positive ``c`` that is the same for every element. The numba-cpu target
+    replaces it with a bit-identical form without a division per element
+    (``cpu_math.divide_by_scalar``)."""
+    return x / c
+
+
 # ---------------------------------------------------------------------------------------------
 # SGD.  one_minus_dampening = 1 - dampening; nesterov, first (step 1): 1.0 or 0.0
 
@@ -439,7 +446,8 @@ def lamb_direction(p, g, m, v, h, flags):
     v = one_minus_beta2 * (g * g) + beta2 * v
     # optax's (m / bc1) / (sqrt(v / bc2 + eps_root) + eps) with one division fewer (the
     # divider bounds the CPU loop): the same value up to rounding.
-    u = m / (bias_correction1 * (math.sqrt(v / bias_correction2 + eps_root) + eps))
+    v_hat = divide_by_scalar(v, bias_correction2)
+    u = m / (bias_correction1 * (math.sqrt(v_hat + eps_root) + eps))
     if flags & FLAG_DECAY and weight_decay != 0:
         u = u + weight_decay * p
     return u, m, v

@@ -12,11 +12,14 @@ import pathlib
 
 from numba import njit, prange
 
-from . import rules, segment_loops
+from . import cpu_math, rules, segment_loops
 from .compile_rules import compile_rules, rebind, specialize
 
 _TAG = hashlib.sha256(
-    (pathlib.Path(__file__).parent / "segment_loops.py").read_bytes()
+    b"".join(
+        (pathlib.Path(__file__).parent / f).read_bytes()
+        for f in ("segment_loops.py", "cpu_math.py")
+    )
 ).hexdigest()[:8]
 PARALLEL_THRESHOLD = 1 << 15
 """Buffers with fewer elements run the serial loops."""
@@ -37,7 +40,7 @@ def _compiled():
     global _RULES
     if _RULES is None:
         inline = njit(inline="always", cache=True, error_model="numpy")
-        compiled = compile_rules(inline)
+        compiled = compile_rules(inline, cpu_math.RULE_HELPERS)
         glb = {"np": segment_loops.np, "LANES": segment_loops.LANES}
         glb["STORED_BLOCK"] = segment_loops.STORED_BLOCK
         glb["STORED_TASK"] = segment_loops.STORED_TASK
@@ -45,6 +48,7 @@ def _compiled():
         glb["add"] = inline(rebind(_add, glb))
         glb["mul"] = inline(rebind(_mul, glb))
         glb["lane_tree"] = inline(rebind(segment_loops._lane_tree, glb, "lane_tree"))
+        glb["square_add"] = cpu_math.square_add
         glb["skip_single"] = False
         _RULES = compiled, glb, inline
     return _RULES

@@ -28,11 +28,13 @@ The order of every addition depends only on the segment layout and ``LANES``: th
 (``prange`` over pieces, a lane array per piece) and the CUDA ones (one block of ``LANES``
 threads per piece, a shared-memory tree) compute the same bits, for any thread count or grid.
 ``add``/``mul`` are the target's explicitly rounded float64 operations (plain operators on the
-CPU and under the CUDA simulator, libdevice's ``dadd_rn``/``dmul_rn`` on a GPU).
+CPU and under the CUDA simulator, libdevice's ``dadd_rn``/``dmul_rn`` on a GPU); the CPU
+templates add each square with ``cpu_math.square_add``, the same bits as ``add(acc, mul(x, x))``
+in float64.
 
 Globals bound by ``compile_rules.specialize``: ``pre``, ``segrule``, ``rule``,
 ``transformed_grad``, ``indices`` (CPU: ``prange`` or ``range``), ``add``, ``mul``, ``np``,
-``cuda`` (CUDA only) and ``LANES``.
+``square_add`` (CPU only), ``cuda`` (CUDA only) and ``LANES``.
 """
 
 import numpy as np
@@ -101,10 +103,8 @@ def cpu_reduce0(p, g, hs, flags, lo, hi, seg, out):
             for t in range(min(LANES, b - a - base)):
                 i = base + t
                 x, y = pre(pk[i], transformed_grad(gk[i], gscale, clip), h, f)
-                xv = np.float64(x)
-                yv = np.float64(y)
-                ax[t] = add(ax[t], mul(xv, xv))
-                ay[t] = add(ay[t], mul(yv, yv))
+                ax[t] = square_add(ax[t], x)
+                ay[t] = square_add(ay[t], y)
         out[k, 0] = lane_tree(ax, min(b - a, LANES))
         out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
@@ -121,10 +121,8 @@ def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
             for t in range(min(LANES, b - a - base)):
                 i = base + t
                 x, y = pre(pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f)
-                xv = np.float64(x)
-                yv = np.float64(y)
-                ax[t] = add(ax[t], mul(xv, xv))
-                ay[t] = add(ay[t], mul(yv, yv))
+                ax[t] = square_add(ax[t], x)
+                ay[t] = square_add(ay[t], y)
         out[k, 0] = lane_tree(ax, min(b - a, LANES))
         out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
@@ -220,10 +218,8 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                 for base in range(block, e, LANES):
                     pr, ur = p[a + base :], uw[base:]
                     for t in range(min(LANES, e - base)):
-                        xv = np.float64(pr[t])
-                        yv = np.float64(ur[t])
-                        ax[t] = add(ax[t], mul(xv, xv))
-                        ay[t] = add(ay[t], mul(yv, yv))
+                        ax[t] = square_add(ax[t], pr[t])
+                        ay[t] = square_add(ay[t], ur[t])
             out[k, 0] = lane_tree(ax, c)
             out[k, 1] = lane_tree(ay, c)
             if whole:

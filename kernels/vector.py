@@ -14,26 +14,14 @@ array's dtype).
 """
 
 import numpy as np
-from numba import njit, prange, types, uint64
-from numba.extending import intrinsic
+from numba import njit, prange, uint64
 
 from .cpu import PARALLEL_THRESHOLD
+from .cpu_math import fma as _fma  # torch's add_(x, alpha=a) rounds once: so do the axpys here
 from .layout import REDUCTION_CHUNK
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 _INNER = {"fastmath": {"reassoc"}, **_JIT}
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """``a*b + c`` with one rounding (LLVM's fma): torch's ``add_(x, alpha=a)`` rounds once, so
-    the iterates match torch's bit for bit where the dot products do."""
-    sig = types.float64(types.float64, types.float64, types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-
-    return sig, codegen
 
 
 def _chunks(n):
