@@ -478,7 +478,8 @@ def _bits_float32_compiled(u):
 
 
 # float16 on the CPU target: LLVM's ``half`` type, which x86-64 CPUs with F16C convert in one
-# vector instruction each way (``vcvtph2ps``, ``vcvtps2ph``) where the integer versions above take
+# vector instruction each way (``vcvtph2ps``, ``vcvtps2ph``; with AVX512-FP16 LLVM picks
+# ``vcvtph2psx``, ``vcvtps2phx``, which round the same way) where the integer versions above take
 # a dozen (an Adam float16 storage loop compiled in 2.4x the time of the bfloat16 one and ran 2.9x
 # slower). The instructions round to nearest even (LLVM's default environment: MXCSR's rounding
 # field, which Numba never changes), never flush their results and are exact where the result is
