@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from fastopt.optim import muon as muon_module
 from fastopt.optim.muon import adjusted_lr, hidden_matrices
 from fastopt.optim.newton_schulz import round_to_bfloat16
 
@@ -79,10 +80,13 @@ def test_gradient_norm_clipping_is_fused_into_both_momentum_passes(ns_in_param_d
     assert _run_pair(np.float64, "float64", steps=20, clip=1.0) < 1e-10
 
 
-def test_bfloat16_default_matches_torch_as_shipped_to_bfloat16_resolution():
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "torch-products"])
+def test_bfloat16_default_matches_torch_as_shipped_to_bfloat16_resolution(monkeypatch, native):
     """torch runs the iteration in bfloat16; the default emulates it (rounding every stored
-    result): closer to torch than the float32 iteration is, and within a few bfloat16 ulps of
-    the steps taken."""
+    result) or, on CPUs with native bfloat16 products, runs torch's (both forced here, on any
+    CPU): closer to torch than the float32 iteration is, and within a few bfloat16 ulps of the
+    steps taken."""
+    monkeypatch.setattr(muon_module, "native_bfloat16_products", lambda: native)
     assert fo.Muon.__init__.__signature__.parameters["ns_dtype"].default == "bfloat16"
     bf16 = _run_pair(np.float32, "bfloat16")
     f32 = _run_pair(np.float32, "float32")

@@ -23,6 +23,7 @@ from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
 from .hyperparameters import lr as lr_row
 from .newton_schulz import NS_DTYPES, NewtonSchulz, round_matrix
 from .newton_schulz_device import DeviceNewtonSchulz, launch_context
+from .newton_schulz_torch import TorchNewtonSchulz, native_bfloat16_products
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 """(a, b, c) of the quintic Newton–Schulz iteration (Keller Jordan's Muon, torch's defaults)."""
@@ -197,7 +198,10 @@ class Muon(Optimizer):
     for LLM Training" (2025, ``match_rms_adamw``). The iteration is
     :mod:`fastopt.optim.newton_schulz`; ``ns_dtype`` (keyword-only: ``"bfloat16"``, the default,
     as torch, ``"float32"`` or ``"float64"``) is the dtype it runs in; that module says exactly
-    what the bfloat16 mode emulates.
+    what the bfloat16 mode emulates. On a CPU with native bfloat16 matrix instructions
+    (AVX512-BF16, AMX) and torch installed, the bfloat16 mode runs torch's own bfloat16 products
+    instead (:mod:`fastopt.optim.newton_schulz_torch`): torch's iteration bit for bit, in about
+    half the time of the emulation's float32 products there.
 
     Which parameters Muon updates (``muon_params``, keyword-only, per group): ``None`` (the
     default, torch's behaviour) all of them, and every one must be 2-D: anything else is a
@@ -365,11 +369,17 @@ class Muon(Optimizer):
             )
 
     def _ns_for(self, shape, ns_dtype):
+        """The host iteration for ``shape``: torch's bfloat16 products where the CPU has native
+        ones (:mod:`fastopt.optim.newton_schulz_torch`), else NumPy's BLAS."""
         scratch = self._scratch()
         key = (shape, ns_dtype)
         ns = scratch.get(key)
         if ns is None:
-            ns = scratch[key] = NewtonSchulz(shape, ns_dtype)
+            if ns_dtype == "bfloat16" and native_bfloat16_products():
+                ns = TorchNewtonSchulz(shape)
+            else:
+                ns = NewtonSchulz(shape, ns_dtype)
+            scratch[key] = ns
         return ns
 
     def _device_module(self, unit):

@@ -18,7 +18,8 @@ cA + bI, B + aI, the division by the norm) is one compiled call each, so a step 
 its products besides them: no NumPy call per k x k operation, no Python per element.
 
 ``ns_dtype``: the dtype the iteration runs in. torch runs it in bfloat16 (``grad.bfloat16()``).
-The CPU has no fast bfloat16 matrix product, so ``"bfloat16"`` is emulated: every product is
+Most CPUs have no fast bfloat16 matrix product (those that have run torch's:
+:mod:`fastopt.optim.newton_schulz_torch`), so ``"bfloat16"`` is emulated: every product is
 computed in float32 from bfloat16 values and each result that torch stores as a bfloat16 tensor
 is rounded to bfloat16 (round to nearest even): the input matrix, its norm, X after the
 division, A, B and each new X (each rounded once, after the whole ``addmm``, as torch). What is
