@@ -21,7 +21,7 @@ from . import precision
 from .base import Optimizer, scalar_tuple
 from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
 from .hyperparameters import lr as lr_row
-from .newton_schulz import NS_DTYPES, NewtonSchulz, round_matrix
+from .newton_schulz import NS_DTYPES, NewtonSchulz, bfloat16_bits, round_matrix
 from .newton_schulz_device import DeviceNewtonSchulz, launch_context
 from .newton_schulz_torch import TorchNewtonSchulz, native_bfloat16_products
 
@@ -129,6 +129,26 @@ def _lerp(a, b, w, one_minus_w):
     return b - (b - a) * one_minus_w
 
 
+@_inline
+def _momentum(g, buf, i, h):
+    """Element ``i`` of the momentum pass: ``buf[i]`` updated, the iteration's input returned
+    (see :func:`momentum_into`)."""
+    gscale, clip, one_minus_mu, mu, nesterov = h
+    gi = g[i] * gscale
+    if clip > 0:
+        if gi < -clip:
+            gi = -clip
+        elif gi > clip:
+            gi = clip
+    b = _lerp(buf[i], gi, one_minus_mu, mu)
+    buf[i] = b
+    if nesterov == 1:
+        b = (b - gi) * mu + gi
+    elif nesterov == 2:
+        b = b - (b - gi) * one_minus_mu
+    return b
+
+
 @_kernel
 def momentum_into(g, buf, x, h, emulate_bf16):
     """One pass over a matrix's elements (flat ``g``, ``buf``; ``x`` the iteration's input):
@@ -137,25 +157,42 @@ def momentum_into(g, buf, x, h, emulate_bf16):
     form ``(buf - g') mu + g'``, for mu < 0.5; 2: ``buf - (buf - g')(1 - mu)``; 0: ``x = buf``)
     in the parameters' dtype, cast to ``x``'s and rounded to bfloat16 when ``emulate_bf16``.
     ``h = (gscale, clip, 1 - mu, mu, nesterov)``, the floats in the parameters' dtype."""
-    gscale, clip, one_minus_mu, mu, nesterov = h
     xf = x.reshape(x.size)
     dt = xf.dtype.type
     for i in range(buf.size):
-        gi = g[i] * gscale
-        if clip > 0:
-            if gi < -clip:
-                gi = -clip
-            elif gi > clip:
-                gi = clip
-        b = _lerp(buf[i], gi, one_minus_mu, mu)
-        buf[i] = b
-        if nesterov == 1:
-            b = (b - gi) * mu + gi
-        elif nesterov == 2:
-            b = b - (b - gi) * one_minus_mu
-        xf[i] = dt(b)
+        xf[i] = dt(_momentum(g, buf, i, h))
     if emulate_bf16:
         round_matrix(x)
+
+
+_BITS_CHUNK = 512
+"""Elements per chunk of the bfloat16-bits passes: their float32 values go through a scratch
+this long (in L1), viewed as uint32 to round or widen them, so both loops vectorize."""
+
+
+@_kernel
+def momentum_into_bits(g, buf, bits, h):
+    """:func:`momentum_into` with ``emulate_bf16``, the input stored as bfloat16 bits (uint16,
+    C-contiguous ``bits``: the memory of a torch bfloat16 tensor) in the same pass."""
+    bf = bits.reshape(bits.size)
+    chunk = np.empty(_BITS_CHUNK, np.float32)
+    chunk_bits = chunk.view(np.uint32)
+    for lo in range(0, buf.size, _BITS_CHUNK):
+        n = min(_BITS_CHUNK, buf.size - lo)
+        # views from lo: indices known non-negative, no wraparound test, loops vectorize
+        gk, bk, out = g[lo : lo + n], buf[lo : lo + n], bf[lo : lo + n]
+        for j in range(n):
+            chunk[j] = np.float32(_momentum(gk, bk, j, h))
+        for j in range(n):
+            out[j] = np.uint16(bfloat16_bits(chunk_bits[j]) >> np.uint32(16))
+
+
+@_inline
+def _updated(p, o, scale, weight_decay):
+    d = o * scale
+    if weight_decay != 0:
+        d = d + weight_decay * p
+    return p - d
 
 
 @_kernel
@@ -168,10 +205,26 @@ def apply_update(p, o, scale, weight_decay, round_o):
     of = o.reshape(o.size)
     dt = p.dtype.type
     for i in range(p.size):
-        d = dt(of[i]) * scale
-        if weight_decay != 0:
-            d = d + weight_decay * p[i]
-        p[i] = p[i] - d
+        p[i] = _updated(p[i], dt(of[i]), scale, weight_decay)
+
+
+@_kernel
+def apply_update_bits(p, bits, scale, weight_decay):
+    """:func:`apply_update` with ``o`` given as bfloat16 bits: the (rows, cols) uint16 matrix
+    ``bits``, any strides (the transposed view of torch's result for a tall matrix), widened to
+    float32 a row at a time as it is applied to the flat ``p`` of that shape."""
+    dt = p.dtype.type
+    rows, cols = bits.shape
+    chunk_bits = np.empty(_BITS_CHUNK, np.uint32)
+    chunk = chunk_bits.view(np.float32)
+    for r in range(rows):
+        for lo in range(0, cols, _BITS_CHUNK):
+            n = min(_BITS_CHUNK, cols - lo)
+            row, pk = bits[r, lo : lo + n], p[r * cols + lo : r * cols + lo + n]
+            for j in range(n):
+                chunk_bits[j] = np.uint32(row[j]) << np.uint32(16)
+            for j in range(n):
+                pk[j] = _updated(pk[j], dt(chunk[j]), scale, weight_decay)
 
 
 def _check_adamw_lr(name, value):
@@ -425,10 +478,15 @@ class Muon(Optimizer):
             return
         for shape, lo, hi in matrices:
             ns = self._ns_for(shape, ns_dtype)
+            scale = st(adjusted_lr(lr, adjust, shape))
+            if isinstance(ns, TorchNewtonSchulz):  # bfloat16 in and out, no float32 copies
+                momentum_into_bits(grad[lo:hi], buf[lo:hi], ns.input_bits, h)
+                apply_update_bits(p[lo:hi], ns.run_loaded(coefficients, steps, eps), scale, wd)
+                continue
             bf16 = ns.emulate_bf16
             momentum_into(grad[lo:hi], buf[lo:hi], ns.x, h, bf16)
             o = ns.run(ns.x, coefficients, steps, eps, round_output=False)
-            apply_update(p[lo:hi], o, st(adjusted_lr(lr, adjust, shape)), wd, bf16)
+            apply_update(p[lo:hi], o, scale, wd, bf16)
 
     def _views(self, xp, unit, grad):
         """``xp`` views of the unit's parameter, gradient and momentum (zero-copy

@@ -34,13 +34,19 @@ def native_bfloat16_products():
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-class TorchNewtonSchulz:
-    """Scratch tensors and the bfloat16 iteration for matrices of one shape, with the interface
-    of ``newton_schulz.NewtonSchulz``: the caller writes the input, rounded to bfloat16 values,
-    into the float32 matrix ``x`` (``emulate_bf16`` is true, so Muon's passes round as for the
-    emulation) and reads the float32 result that :meth:`run` returns."""
+def _bits(t):
+    """A NumPy uint16 view of the bfloat16 tensor ``t`` (its memory, its strides)."""
+    import torch
 
-    emulate_bf16 = True
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+class TorchNewtonSchulz:
+    """Scratch tensors and the bfloat16 iteration for matrices of one shape. Muon writes the
+    input's bfloat16 bits into ``input_bits`` (``muon.momentum_into_bits``), calls
+    :meth:`run_loaded` and applies the bfloat16 bits it returns (``muon.apply_update_bits``):
+    no float32 copy of the matrix on either side. :meth:`run` takes a float matrix, as
+    ``newton_schulz.NewtonSchulz.run``."""
 
     def __init__(self, shape):
         import torch
@@ -50,32 +56,36 @@ class TorchNewtonSchulz:
         wide = (cols, rows) if self.tall else (rows, cols)
         k = min(rows, cols)
         bf16 = torch.bfloat16
-        self.x = np.empty(shape, np.float32)
-        self.out = np.empty(shape, np.float32)
-        self._x = torch.from_numpy(self.x)
-        self._out = torch.from_numpy(self.out)
         self._input = torch.empty(shape, dtype=bf16)
         self._a = torch.empty((k, k), dtype=bf16)
         self._b = torch.empty((k, k), dtype=bf16)
         self._y = (torch.empty(wide, dtype=bf16), torch.empty(wide, dtype=bf16))
+        self.input_bits = _bits(self._input)
+        # the result's bits in the matrix's orientation: a tall matrix's is the transposed view
+        self._result_bits = [_bits(y.T if self.tall else y) for y in self._y]
+        self.out = np.empty(shape, np.float32)
 
-    def run(self, g, coefficients, steps, eps, *, round_output=True):
-        """The orthogonalized ``g`` after ``steps`` iterations: a float32 view of this object's
-        scratch, valid until the next call. ``g`` is a C-contiguous host matrix (only read) or
-        this object's ``x``. Every product's result is a bfloat16 tensor, as torch's, so
-        ``round_output`` changes nothing."""
+    def run_loaded(self, coefficients, steps, eps):
+        """The bfloat16 bits (a (rows, cols) uint16 view of this object's scratch, valid until
+        the next call) of the orthogonalized matrix whose bits are in ``input_bits``."""
         import torch
 
-        src = self._x if g is self.x else torch.from_numpy(np.ascontiguousarray(g))
-        x = self._input
-        x.copy_(src)  # grad.bfloat16(): round to nearest even
-        if self.tall:
-            x = x.T
+        x = self._input.T if self.tall else self._input
         x.div_(x.norm().clamp(min=eps))
         a, b, c = coefficients
         for i in range(steps):
             A = torch.mm(x, x.T, out=self._a)
             B = torch.addmm(A, A, A, beta=b, alpha=c, out=self._b)
             x = torch.addmm(x, B, x, beta=a, out=self._y[i % 2])
-        self._out.copy_(x.T if self.tall else x)
+        return self._result_bits[(steps - 1) % 2] if steps else self.input_bits
+
+    def run(self, g, coefficients, steps, eps):
+        """The orthogonalized float matrix ``g`` (only read): float32, a view of this object's
+        scratch valid until the next call. ``g`` is rounded to bfloat16 first, as torch's
+        ``grad.bfloat16()``."""
+        import torch
+
+        self._input.copy_(torch.from_numpy(np.ascontiguousarray(g)))
+        bits = self.run_loaded(coefficients, steps, eps)
+        self.out.view(np.uint32)[...] = bits.astype(np.uint32) << 16
         return self.out
