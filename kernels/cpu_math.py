@@ -11,7 +11,9 @@ numba-cuda, the CUDA C) keep the plain operations and compute the same values.
 - :func:`divide_by_scalar`: ``x / c`` for a loop-invariant ``c``. For float32 it is
   ``float32(float64(x) * (1 / float64(c)))``: the same float32 for every ``x`` and every positive
   float32 ``c`` (the argument of ``block_loops.normalized``), with the reciprocal hoisted out of
-  the loop and no division per element (the divider bounds the Adam-direction loops).
+  the loop and no division per element. LAMB's direction uses it (its loop got faster on an
+  AVX-512 Xeon); Adam's does not: in its bfloat16 storage loop there the conversions cost more
+  than the division they save (0.96-0.99x against 1.06-1.08x torch fused, two A/B runs).
 """
 
 import numpy as np
