@@ -205,8 +205,6 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
             whole = first[s + 1] - first[s] == 1
             uw = local[: b - a] if whole else u[a:b]
             c = min(b - a, LANES)  # the lanes this piece fills; the tree ignores the others
-            ax[:c] = 0.0
-            ay[:c] = 0.0
             for block in range(0, b - a, STORED_BLOCK):  # a few lane rows at a time, in cache
                 e = min(block + STORED_BLOCK, b - a)
                 pk, gk = p[a + block : a + e], g[a + block : a + e]
@@ -217,6 +215,11 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                     )
                 for base in range(block, e, LANES):
                     pr, ur = p[a + base :], uw[base:]
+                    if base == 0:  # the first row fills the c lanes: 0 + x^2 is x^2
+                        for t in range(c):
+                            ax[t] = square_add(0.0, pr[t])
+                            ay[t] = square_add(0.0, ur[t])
+                        continue
                     for t in range(min(LANES, e - base)):
                         ax[t] = square_add(ax[t], pr[t])
                         ay[t] = square_add(ay[t], ur[t])
