@@ -48,6 +48,7 @@ def _compiled():
         glb["add"] = inline(rebind(_add, glb))
         glb["mul"] = inline(rebind(_mul, glb))
         glb["lane_tree"] = inline(rebind(segment_loops._lane_tree, glb, "lane_tree"))
+        glb["lane_squares"] = inline(rebind(segment_loops._lane_squares, glb, "lane_squares"))
         glb["square_add"] = cpu_math.square_add
         glb["skip_single"] = False
         _RULES = compiled, glb, inline

@@ -214,20 +214,30 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                         pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f
                     )
                 for base in range(block, e, LANES):
-                    pr, ur = p[a + base :], uw[base:]
-                    if base == 0:  # the first row fills the c lanes: 0 + x^2 is x^2
-                        for t in range(c):
-                            ax[t] = square_add(0.0, pr[t])
-                            ay[t] = square_add(0.0, ur[t])
-                        continue
-                    for t in range(min(LANES, e - base)):
-                        ax[t] = square_add(ax[t], pr[t])
-                        ay[t] = square_add(ay[t], ur[t])
+                    pr, ur, n = p[a + base :], uw[base:], min(LANES, e - base)
+                    if n == LANES:  # a whole row: a loop of constant length (faster)
+                        lane_squares(ax, ay, pr, ur, LANES, base == 0)
+                    else:
+                        lane_squares(ax, ay, pr, ur, n, base == 0)
             out[k, 0] = lane_tree(ax, c)
             out[k, 1] = lane_tree(ay, c)
             if whole:
                 segment_step(s, first, out, flags, st, r, sums, h64)
                 apply_stored_piece(p[a:b], uw, r[s, 0])
+
+
+def _lane_squares(ax, ay, xr, yr, n, first):
+    """Lanes ``t < n`` of a row of the stored-update reduction: ``ax[t] += xr[t]^2`` and
+    ``ay[t] += yr[t]^2``; the piece's first row (``first``) assigns them instead (the squares
+    are never -0, so ``0 + x^2`` is ``x^2``: the lanes need no zeroing)."""
+    if first:
+        for t in range(n):
+            ax[t] = square_add(0.0, xr[t])
+            ay[t] = square_add(0.0, yr[t])
+    else:
+        for t in range(n):
+            ax[t] = square_add(ax[t], xr[t])
+            ay[t] = square_add(ay[t], yr[t])
 
 
 def apply_stored_piece(pk, uk, r0):
