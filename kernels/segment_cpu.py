@@ -43,12 +43,13 @@ def _compiled():
         compiled = compile_rules(inline, cpu_math.RULE_HELPERS)
         glb = {"np": segment_loops.np, "LANES": segment_loops.LANES}
         glb["STORED_BLOCK"] = segment_loops.STORED_BLOCK
-        glb["STORED_TASK"] = segment_loops.STORED_TASK
+        glb["TASK"] = segment_loops.TASK
         glb["CHUNK"] = segment_loops.REDUCTION_CHUNK
         glb["add"] = inline(rebind(_add, glb))
         glb["mul"] = inline(rebind(_mul, glb))
         glb["lane_tree"] = inline(rebind(segment_loops._lane_tree, glb, "lane_tree"))
         glb["lane_squares"] = inline(rebind(segment_loops._lane_squares, glb, "lane_squares"))
+        glb["add_row"] = inline(rebind(segment_loops._add_row, glb, "add_row"))
         glb["square_add"] = cpu_math.square_add
         glb["skip_single"] = False
         _RULES = compiled, glb, inline

@@ -45,8 +45,9 @@ LANES = REDUCTION_THREADS
 """Lanes of each piece's sum (the CUDA block size of the segment kernels)."""
 STORED_BLOCK = 8 * LANES
 """Elements per block of the CPU's stored-update reduction (whole lane rows)."""
-STORED_TASK = 8
-"""Pieces per parallel task of the CPU's stored-update reduction (one scratch buffer each)."""
+TASK = 8
+"""Pieces per parallel task of the CPU's reductions (their scratch is allocated once per task:
+an allocation per piece costs as much as a small piece's arithmetic)."""
 
 
 def pieces(bounds, chunk=REDUCTION_CHUNK):
@@ -93,38 +94,37 @@ def _lane_tree(acc, c):
 
 def cpu_reduce0(p, g, hs, flags, lo, hi, seg, out):
     h, gscale, clip = hs[:-2], hs[-2], hs[-1]
-    for k in indices(lo.size):
-        f = flags[seg[k]]
-        a, b = lo[k], hi[k]
-        pk, gk = p[a:b], g[a:b]
-        ax = np.zeros(LANES, np.float64)
-        ay = np.zeros(LANES, np.float64)
-        for base in range(0, b - a, LANES):
-            for t in range(min(LANES, b - a - base)):
-                i = base + t
-                x, y = pre(pk[i], transformed_grad(gk[i], gscale, clip), h, f)
-                ax[t] = square_add(ax[t], x)
-                ay[t] = square_add(ay[t], y)
-        out[k, 0] = lane_tree(ax, min(b - a, LANES))
-        out[k, 1] = lane_tree(ay, min(b - a, LANES))
+    for task in indices((lo.size + TASK - 1) // TASK):
+        ax, ay = np.empty(LANES, np.float64), np.empty(LANES, np.float64)  # once per task
+        xr, yr = np.empty(LANES, p.dtype), np.empty(LANES, p.dtype)
+        for k in range(task * TASK, min(lo.size, (task + 1) * TASK)):
+            f, a, b = flags[seg[k]], lo[k], hi[k]
+            for base in range(0, b - a, LANES):
+                pk, gk, n = p[a + base :], g[a + base :], min(LANES, b - a - base)
+                for t in range(n):  # the row's (x, y), then their squares into the lanes
+                    xr[t], yr[t] = pre(pk[t], transformed_grad(gk[t], gscale, clip), h, f)
+                add_row(ax, ay, xr, yr, n, base == 0)
+            out[k, 0] = lane_tree(ax, min(b - a, LANES))
+            out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
 
 def cpu_reduce2(p, g, s0, s1, hs, flags, lo, hi, seg, out):
     h, gscale, clip = hs[:-2], hs[-2], hs[-1]
-    for k in indices(lo.size):
-        f = flags[seg[k]]
-        a, b = lo[k], hi[k]
-        pk, gk, mk, vk = p[a:b], g[a:b], s0[a:b], s1[a:b]
-        ax = np.zeros(LANES, np.float64)
-        ay = np.zeros(LANES, np.float64)
-        for base in range(0, b - a, LANES):
-            for t in range(min(LANES, b - a - base)):
-                i = base + t
-                x, y = pre(pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f)
-                ax[t] = square_add(ax[t], x)
-                ay[t] = square_add(ay[t], y)
-        out[k, 0] = lane_tree(ax, min(b - a, LANES))
-        out[k, 1] = lane_tree(ay, min(b - a, LANES))
+    for task in indices((lo.size + TASK - 1) // TASK):
+        ax, ay = np.empty(LANES, np.float64), np.empty(LANES, np.float64)
+        xr, yr = np.empty(LANES, p.dtype), np.empty(LANES, p.dtype)
+        for k in range(task * TASK, min(lo.size, (task + 1) * TASK)):
+            f, a, b = flags[seg[k]], lo[k], hi[k]
+            for base in range(0, b - a, LANES):
+                i = a + base
+                pk, gk, mk, vk = p[i:], g[i:], s0[i:], s1[i:]
+                n = min(LANES, b - a - base)
+                for t in range(n):
+                    tg = transformed_grad(gk[t], gscale, clip)
+                    xr[t], yr[t] = pre(pk[t], tg, mk[t], vk[t], h, f)
+                add_row(ax, ay, xr, yr, n, base == 0)
+            out[k, 0] = lane_tree(ax, min(b - a, LANES))
+            out[k, 1] = lane_tree(ay, min(b - a, LANES))
 
 
 def segment_step(s, first, out, flags, st, r, sums, h):
@@ -193,12 +193,12 @@ def cpu_apply2(p, g, s0, s1, hs, flags, lo, hi, seg, r):
 
 def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, r, sums, h64):
     h, gscale, clip = hs[:-2], hs[-2], hs[-1]
-    for task in indices((lo.size + STORED_TASK - 1) // STORED_TASK):
+    for task in indices((lo.size + TASK - 1) // TASK):
         # allocated once per task (an allocation per piece costs as much as its arithmetic):
         local = np.empty(CHUNK, p.dtype)  # the update of a one-piece segment: never leaves it
         ax = np.empty(LANES, np.float64)
         ay = np.empty(LANES, np.float64)
-        for k in range(task * STORED_TASK, min(lo.size, (task + 1) * STORED_TASK)):
+        for k in range(task * TASK, min(lo.size, (task + 1) * TASK)):
             s = seg[k]
             f = flags[s]
             a, b = lo[k], hi[k]
@@ -214,11 +214,7 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
                         pk[i], transformed_grad(gk[i], gscale, clip), mk[i], vk[i], h, f
                     )
                 for base in range(block, e, LANES):
-                    pr, ur, n = p[a + base :], uw[base:], min(LANES, e - base)
-                    if n == LANES:  # a whole row: a loop of constant length (faster)
-                        lane_squares(ax, ay, pr, ur, LANES, base == 0)
-                    else:
-                        lane_squares(ax, ay, pr, ur, n, base == 0)
+                    add_row(ax, ay, p[a + base :], uw[base:], min(LANES, e - base), base == 0)
             out[k, 0] = lane_tree(ax, c)
             out[k, 1] = lane_tree(ay, c)
             if whole:
@@ -238,6 +234,15 @@ def _lane_squares(ax, ay, xr, yr, n, first):
         for t in range(n):
             ax[t] = square_add(ax[t], xr[t])
             ay[t] = square_add(ay[t], yr[t])
+
+
+def _add_row(ax, ay, xr, yr, n, first):
+    """:func:`_lane_squares` of a row of ``n`` lanes; a whole row (``n == LANES``) as a loop of
+    constant length, which LLVM compiles to faster code."""
+    if n == LANES:
+        lane_squares(ax, ay, xr, yr, LANES, first)
+    else:
+        lane_squares(ax, ay, xr, yr, n, first)
 
 
 def apply_stored_piece(pk, uk, r0):
