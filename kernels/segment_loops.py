@@ -25,8 +25,9 @@ also stores each element's update and new state, and the apply pass reads the up
 loops of ``kernels/loops.py`` do.
 
 The order of every addition depends only on the segment layout and ``LANES``: the CPU templates
-(``prange`` over pieces, a lane array per piece) and the CUDA ones (one block of ``LANES``
-threads per piece, a shared-memory tree) compute the same bits, for any thread count or grid.
+(``prange`` over tasks of ``TASK`` pieces, each piece's lanes in a scratch array of its task)
+and the CUDA ones (one block of ``LANES`` threads per piece, a shared-memory tree) compute the
+same bits, for any thread count or grid.
 ``add``/``mul`` are the target's explicitly rounded float64 operations (plain operators on the
 CPU and under the CUDA simulator, libdevice's ``dadd_rn``/``dmul_rn`` on a GPU); the CPU
 templates add each square with ``cpu_math.square_add``, the same bits as ``add(acc, mul(x, x))``
