@@ -4,15 +4,15 @@ numba-cuda, the CUDA C) keep the plain operations and compute the same values.
 
 - :func:`fma`: ``a * b + c`` rounded once (LLVM's ``llvm.fma``).
 - :func:`square_add`: ``acc + x * x`` in float64, for the float64 sums of squares of the
-  segment reductions. For an ``x`` of 32 bits or fewer the float64 product is exact (at most
+  segment reductions and of Adafactor's phase 2. For an ``x`` of 32 bits or fewer the float64 product is exact (at most
   2 * 24 significant bits, far from float64's range limits), so one fma gives the bits of the
   product and the sum rounded separately, and saves the multiply (the sums of LAMB's
   reduction are bound by the floating-point ports, not by memory).
 - :func:`divide_by_scalar`: ``x / c`` for a loop-invariant ``c``. For float32 it is
   ``float32(float64(x) * (1 / float64(c)))``: the same float32 for every ``x`` and every positive
   float32 ``c`` (the argument of ``block_loops.normalized``), with the reciprocal hoisted out of
-  the loop and no division per element. LAMB's direction uses it (its loop got faster on an
-  AVX-512 Xeon); Adam's does not: in its bfloat16 storage loop there the conversions cost more
+  the loop and no division per element. LAMB's direction and Adafactor's ``v / bmean`` use it
+  (both loops got faster on an AVX-512 Xeon); Adam's does not: in its bfloat16 storage loop there the conversions cost more
   than the division they save (0.96-0.99x against 1.06-1.08x torch fused, two A/B runs).
 """
 
@@ -66,7 +66,7 @@ def divide_by_scalar(x, c):
 
 @overload(divide_by_scalar, inline="always")
 def _divide_by_scalar(x, c):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
+    if all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (x, c)):
 
         def through_float64(x, c):
             return np.float32(np.float64(x) * (1.0 / np.float64(c)))
