@@ -20,6 +20,8 @@ import importlib.util
 
 import numpy as np
 
+from ..arrays import torch_numpy
+
 
 @functools.cache
 def native_bfloat16_products():
@@ -36,9 +38,7 @@ def native_bfloat16_products():
 
 def _bits(t):
     """A NumPy uint16 view of the bfloat16 tensor ``t`` (its memory, its strides)."""
-    import torch
-
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return torch_numpy(t).view(np.uint16)
 
 
 class TorchNewtonSchulz:
