@@ -224,7 +224,7 @@ def cpu_reduce2_stored(p, g, s0, s1, hs, flags, lo, hi, seg, out, u, first, st, 
 
 
 def _lane_squares(ax, ay, xr, yr, n, first):
-    """Lanes ``t < n`` of a row of the stored-update reduction: ``ax[t] += xr[t]^2`` and
+    """Lanes ``t < n`` of a row of a CPU reduction: ``ax[t] += xr[t]^2`` and
     ``ay[t] += yr[t]^2``; the piece's first row (``first``) assigns them instead (the squares
     are never -0, so ``0 + x^2`` is ``x^2``: the lanes need no zeroing)."""
     if first:
