@@ -183,3 +183,21 @@ def test_fastopt_info_does_not_import_the_benchmarks():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["versions"]["numba"]
+
+
+@pytest.mark.parametrize("case", benchmarking.CASES, ids=lambda c: c.name)
+def test_every_cpu_case_builds_and_every_peer_steps(case):
+    """Each case of the catalogue builds on the CPU at a small size, and its step and every peer
+    (roofline, NumPy, torch, the list and one-parameter forms) run: a full bench run is the only
+    other place where a broken peer shows (the NumPy peers of LAMB and LARS once raised a
+    TypeError there, NovoGrad's slot check counted its per-tensor second moments)."""
+    from fastopt.benchmarking import peers
+
+    _, _, step, timed, skipped, _, _, traffic = peers.build_cpu(
+        case, 4096, np.float32, 0, many=(3, 1000)
+    )
+    step()
+    for peer in timed.values():
+        peer()
+    assert "numpy" in timed, skipped
+    assert traffic["bytes_per_element"] == case.bytes_per_element(4)

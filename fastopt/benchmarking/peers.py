@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import arrays
 from ..optim.precision import MASTER
+from ..optim.segmented import SegmentedOptimizer
 from ..paramset import ParamSet
 from . import roofline
 from .settings import CPU_BACKEND, env_many
@@ -30,13 +31,16 @@ class Unavailable(Exception):
     """A (backend, case) combination that cannot run here; the message says why."""
 
 
-def _state_arrays(opt):
-    """The per-element state arrays of an optimizer's first unit (after its first step), without
-    the float32 master copy of 16-bit parameters (see :func:`_master_array`) and empty ones (such
-    as Adafactor's row factors of a vector)."""
+def _state_arrays(opt, size):
+    """The per-element state arrays (``size`` elements each: the unit's parameter's) of an
+    optimizer's only unit (after its first step), without the float32 master copy of 16-bit
+    parameters (see :func:`_master_array`) and arrays of another size: empty ones (Adafactor's
+    row factors of a vector) and one value per tensor (NovoGrad's second moments)."""
     (state,) = opt.state.values()
     return [
-        a for k, a in state.items() if k != MASTER and len(getattr(a, "shape", ())) >= 1 and a.size
+        a
+        for k, a in state.items()
+        if k != MASTER and len(getattr(a, "shape", ())) >= 1 and a.size == size
     ]
 
 
@@ -63,6 +67,12 @@ def _naive_numpy_step(case, params, grads):
 
     cls = case.optimizer_class
     fn = getattr(reference, cls.algorithm)
+    if issubclass(cls, SegmentedOptimizer):
+        # reference.lamb, .lars, .novograd take the tensors' segments and masks: the optimizer's
+        # own reference backend passes them (one segment per array here)
+        opt = cls(list(params), backend="numpy", **case.kwargs)
+        grads = list(grads)
+        return lambda: opt.step(grads)
     if getattr(cls, "matrices_only", False):
         # Muon has no reference backend (reference.muon takes one matrix): its hyperparameters
         # from an unstepped optimizer, its momentum buffers zero as torch's
@@ -180,7 +190,7 @@ def build_cpu(case, n, dtype, seed, many=None):
             f"fastopt's {case.algorithm} cannot step {arrays.storage_name(ps.dtype)} parameters "
             f"on the CPU: {type(exc).__name__}: {msg}"
         ) from None
-    states = _state_arrays(opt)
+    states = _state_arrays(opt, ps.size)
     _check_slots(case, states)
     peers, skipped, keep = {}, {}, [ps, opt]
     master = _master_array(opt)
@@ -282,7 +292,7 @@ def build_gpu(case, n, dtype, seed, backend, many=None):
 
         params, grads = [p], [g]
     step()  # compile and allocate the state
-    states = _state_arrays(opt)
+    states = _state_arrays(opt, count * size)
     _check_slots(case, states)
     keep += [opt, params, grads]
     elements = count * size
