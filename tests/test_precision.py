@@ -253,6 +253,26 @@ def test_float32_gradients_for_bfloat16_parameters():
     assert np.array_equal(bits(w), bits(ref.astype(BF16)))
 
 
+def test_gradient_dtype_may_change_between_steps():
+    """The step keeps each unit's storage combination from the last step while the gradient's
+    dtype and the precision options stay the same: float32, bfloat16, then float32 gradients
+    for one bfloat16 parameter step as a new optimizer would each time, and a gradient dtype
+    that cannot be stored is still refused by name, with nothing written, after steps that
+    could."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal(300).astype(BF16)
+    ref = w.copy()
+    opt = fo.SGD([w], lr=0.1)
+    for dtype in (np.float32, BF16, np.float32, BF16):
+        g = rng.standard_normal(300).astype(dtype)
+        opt.step([g])
+        fo.SGD([ref], lr=0.1).step([g])
+        assert np.array_equal(bits(w), bits(ref)), dtype
+    with pytest.raises(TypeError, match="dtype complex64"):
+        opt.step([np.ones(300, np.complex64)])
+    assert np.array_equal(bits(w), bits(ref))
+
+
 def test_master_weights_follow_the_float32_trajectory():
     """With master weights the rule updates a float32 copy: the float32 optimizer over the same
     (bf16-representable) start and gradients, and the bf16 parameter is that copy rounded."""

@@ -9,8 +9,11 @@ state_dict in ``state_dict.py``.
 """
 
 import math
+import operator
 import sys
 from collections.abc import Mapping
+
+import numpy as np
 
 from .. import dispatch, streams
 from ..clipping import clip_coefficient
@@ -42,6 +45,23 @@ def l2_scalars(group):
     return {"weight_decay": group["weight_decay"], "gsign": maximize_sign(group)}
 
 
+_FIELD_GETTERS = {}
+
+
+def _field_getter(rule):
+    """``values -> tuple of values[f]`` for the declared fields of ``rule``, in order."""
+    get = _FIELD_GETTERS.get(rule)
+    if get is None:
+        fields = SCALARS[rule]
+        if len(fields) == 1:
+            (field,) = fields
+            get = lambda values: (values[field],)  # noqa: E731 (itemgetter of one key: no tuple)
+        else:
+            get = operator.itemgetter(*fields)
+        _FIELD_GETTERS[rule] = get
+    return get
+
+
 def scalar_tuple(optimizer, rule, values, cast):
     """``values`` (field name -> float) as the tuple ``rule`` takes: in the order
     ``rules.SCALARS[rule]`` declares, each cast by ``cast``. TypeError naming the missing and
@@ -49,9 +69,15 @@ def scalar_tuple(optimizer, rule, values, cast):
     fields = SCALARS[rule]
     if len(values) == len(fields):
         try:
-            return tuple([cast(values[f]) for f in fields])
+            picked = _field_getter(rule)(values)
         except KeyError:
             pass
+        else:
+            if cast is np.float32:
+                # one conversion of them all (the same roundings) instead of a NumPy scalar
+                # constructor per field: 1 us less per step of a ten-field rule
+                return tuple(np.array(picked, np.float32))
+            return tuple(map(cast, picked))
     missing = [f for f in fields if f not in values]
     extra = [k for k in values if k not in fields]
     raise TypeError(
@@ -348,10 +374,7 @@ class Optimizer:
         storages = {}
         for _, _, _, work in plan:
             for unit, grad in work:
-                storage = storages[id(unit)] = precision.storage_of(
-                    self.precision, unit.param, grad
-                )
-                precision.check_backend_stores(unit.backend, storage, unit.label)
+                storages[id(unit)] = self._storage(unit, grad)  # (storage, plain)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
             for unit, grad in work:
@@ -366,14 +389,15 @@ class Optimizer:
         for group, rule, names, lr, unit, grad, step, h, updates, storage in launches:
             state = unit.state
             st = unit.scalar_type
-            if precision.is_plain(storage):
+            storage, plain = storage
+            if plain:
                 unit.backend.update(
                     rule,
                     unit.param,
                     grad,
                     [state[n] for n in names],
                     h,
-                    (st(gscale), st(gclip)),
+                    self._cast_scales(st, gscale, gclip),
                     (self, group, state, lr, step),
                     stream_of(unit),
                 )
@@ -386,7 +410,7 @@ class Optimizer:
                     [state[n] for n in names],
                     state.get(precision.MASTER),
                     h,
-                    (st(gscale), st(gclip)),
+                    self._cast_scales(st, gscale, gclip),
                     (self.precision.seed, step, self._offset_of(unit)),
                     stream_of(unit),
                 )
@@ -394,6 +418,36 @@ class Optimizer:
             if updates:
                 state.update(updates)
         self._count_step(plan)
+
+    def _storage(self, unit, grad):
+        """(``access.Storage`` of the unit's update with ``grad``, whether it is plain), checked
+        against the unit's backend (TypeError naming the unit). It depends only on the precision
+        options, the gradient's dtype and the backend (the parameter's dtype and size are the
+        unit's): the last answer is kept on the unit while those are the same objects, which
+        spares the lookups in the host time of a small step."""
+        memo = unit.storage_memo
+        if (
+            memo is not None
+            and memo[0] is self.precision
+            and memo[1] is grad.dtype
+            and memo[2] is unit.backend
+        ):
+            return memo[3]
+        storage = precision.storage_of(self.precision, unit.param, grad)
+        precision.check_backend_stores(unit.backend, storage, unit.label)
+        answer = (storage, precision.is_plain(storage))
+        unit.storage_memo = (self.precision, grad.dtype, unit.backend, answer)
+        return answer
+
+    def _cast_scales(self, cast, gscale, gclip):
+        """``(cast(gscale), cast(gclip))``, the last one kept (the same every step unless the
+        gradient is scaled or clipped by norm)."""
+        memo = self.__dict__.get("_scales_memo")
+        if memo is not None and memo[0] is cast and memo[1] == gscale and memo[2] == gclip:
+            return memo[3]
+        out = (cast(gscale), cast(gclip))
+        self._scales_memo = (cast, gscale, gclip, out)
+        return out
 
     def _grad_scales(self, plan, grad_scale, stream_of=None):
         """(gscale, gclip) of this step: ``grad_scale`` times the norm-clipping coefficient,

@@ -37,6 +37,7 @@ class Unit:
         "scalar_type",
         "kind",
         "device",
+        "storage_memo",
     )
 
     def __init__(self, param, source, shape, default_grad, label):
@@ -50,6 +51,7 @@ class Unit:
         self.scalar_type = None
         self.kind = "numpy"
         self.device = None
+        self.storage_memo = None  # Optimizer._storage's last answer and what it depends on
 
     def use_backend(self, backend):
         self.backend = backend
