@@ -173,6 +173,20 @@ def _other(
     )
 
 
+def _per_tensor(name, algorithm, kwargs, slots, both_passes, description):
+    """A case of a per-tensor rule (no torch.optim class) over one tensor, whose two passes move
+    ``both_passes`` bytes per element (:func:`_two_pass_goals`)."""
+    return _other(
+        name,
+        algorithm,
+        kwargs,
+        slots,
+        torch_name=None,
+        description=description,
+        goals=_two_pass_goals(roofline.bytes_per_element(slots), both_passes),
+    )
+
+
 MUON_SHAPES = ((192, 64), (64, 64), (256, 64), (64, 256))
 """Attention in-projection, out-projection and the MLP's two matrices of a width-64 block."""
 
@@ -228,35 +242,32 @@ CASES = (
     _other("rprop", "Rprop", {"lr": 1e-2}, 2),
     _other("yogi", "Yogi", {"lr": 1e-2}, 2, torch_name=None),
     _other("lion", "Lion", {"lr": 1e-4}, 1, torch_name=None),
-    _other(
+    _per_tensor(
         "lamb",
         "LAMB",
         {"lr": 1e-3, "weight_decay": 1e-2},
         2,
-        torch_name=None,
-        description="LAMB over one tensor: the pass that stores the update and sums its squares "
-        "(p, g, m, v read; m, v, update written), then the update (p, update read; p written)",
-        goals=_two_pass_goals(28, 40),
+        40,
+        "LAMB over one tensor: the pass that stores the update and sums its squares (p, g, m, v "
+        "read; m, v, update written), then the update (p, update read; p written)",
     ),
-    _other(
+    _per_tensor(
         "lars",
         "LARS",
         {"lr": 1e-1, "weight_decay": 1e-4},
         1,
-        torch_name=None,
-        description="LARS over one tensor: the norms of p and g + wd p (p, g read), then the "
-        "update (p, g, momentum read; p, momentum written)",
-        goals=_two_pass_goals(20, 28),
+        28,
+        "LARS over one tensor: the norms of p and g + wd p (p, g read), then the update (p, g, "
+        "momentum read; p, momentum written)",
     ),
-    _other(
+    _per_tensor(
         "novograd",
         "NovoGrad",
         {"lr": 1e-3},
         1,
-        torch_name=None,
-        description="NovoGrad over one tensor: the norm of g (g read), then the update (p, g, m "
-        "read; p, m written)",
-        goals=_two_pass_goals(20, 24),
+        24,
+        "NovoGrad over one tensor: the norm of g (g read), then the update (p, g, m read; p, m "
+        "written)",
     ),
     Case(
         "adafactor",
