@@ -371,10 +371,10 @@ class Optimizer:
         # Every unit's scalars before the first launch: a subclass returning the wrong fields
         # fails with nothing written.
         launches = []
-        storages = {}
+        storages = {}  # id(unit) -> (storage, plain)
         for _, _, _, work in plan:
             for unit, grad in work:
-                storages[id(unit)] = self._storage(unit, grad)  # (storage, plain)
+                storages[id(unit)] = self._storage(unit, grad)
         for group, g_int, lr, work in plan:
             rule, names = g_int["rule"], g_int["state_names"]
             for unit, grad in work:
@@ -382,14 +382,14 @@ class Optimizer:
                 if not state:
                     self._allocate(group, unit, names, lr, stream_of(unit))
                 step = state["step"] + 1
-                storage = storages[id(unit)]
+                kept = storages[id(unit)]
                 values, updates = self._scalars(group, state, step, lr)
                 h = scalar_tuple(self, rule, values, unit.scalar_type)
-                launches.append((group, rule, names, lr, unit, grad, step, h, updates, storage))
-        for group, rule, names, lr, unit, grad, step, h, updates, storage in launches:
+                launches.append((group, rule, names, lr, unit, grad, step, h, updates, kept))
+        for group, rule, names, lr, unit, grad, step, h, updates, kept in launches:
             state = unit.state
             st = unit.scalar_type
-            storage, plain = storage
+            storage, plain = kept
             if plain:
                 unit.backend.update(
                     rule,
