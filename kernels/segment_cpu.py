@@ -74,6 +74,8 @@ def kernels(rule_name, parallel=True):
         extra["pre"] = compiled[f"{rule_name}_pre"]
         extra["segrule"] = compiled[f"{rule_name}_segment"]
         extra["segment_step"] = inline(rebind(segment_loops.segment_step, extra))
+        extra["pre_squares"] = inline(rebind(segment_loops._pre_squares, extra, "pre_squares"))
+        extra["pre_row"] = inline(rebind(segment_loops._pre_row, extra, "pre_row"))
         decorate = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")
         reduce_t = segment_loops.CPU_REDUCE[pre_arity(rule_name)]
         reduce_k = specialize(reduce_t, rule_name, None, extra, decorate, variant)
