@@ -84,3 +84,28 @@ def test_without_torch_the_iteration_is_emulated(monkeypatch):
         assert newton_schulz_torch.native_bfloat16_products() is False
     finally:
         native_bfloat16_products.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "shape, transposed",
+    [((150, 70), True), ((64, 64), True), ((65, 3), True), ((3, 1100), False), ((70, 150), False)],
+)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_update_from_bits_any_layout(shape, transposed, weight_decay):
+    """The update from the iteration's bfloat16 bits, row-major or the transposed view of a
+    tall matrix's result (read by tiles, partial ones included), equals the float32 update of
+    the widened values bit for bit."""
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    values = rng.standard_normal(shape).astype(np.float32)
+    stored = np.ascontiguousarray(values.T) if transposed else values
+    bits = (stored.view(np.uint32) >> 16).astype(np.uint16)
+    view = bits.T if transposed else bits
+    assert view.shape == shape and view.flags.c_contiguous == (not transposed)
+    p0 = rng.standard_normal(shape[0] * shape[1]).astype(np.float32)
+    scale, wd = np.float32(0.02), np.float32(weight_decay)
+    got = p0.copy()
+    muon_module.apply_update_bits(got, view, scale, wd)
+    want = p0.copy()
+    widened = (view.astype(np.uint32) << 16).view(np.float32)
+    muon_module.apply_update(want, np.ascontiguousarray(widened), scale, wd, False)
+    assert np.array_equal(_bits(got), _bits(want))
