@@ -19,14 +19,26 @@ def own_view(flat, lo, hi):
     return flat[lo:hi]  # pragma: no cover - CuPy: groups are told apart by data pointer
 
 
-def decay_groups(params, n_weights, weight_decay=0.0, **overrides):
+def decay_groups(params, n_weights, weight_decay=0.0, per_tensor=False, **overrides):
     """Two param groups over views of ParamSet ``params`` whose first ``n_weights`` elements are
-    the weights: those with ``weight_decay``, everything else without."""
+    the weights: those with ``weight_decay``, everything else without. Each group is one flat
+    view (one kernel launch per group) or, with ``per_tensor``, a dict of a view per parameter
+    tensor, in its shape: what an optimizer that takes statistics over each tensor (a norm, a
+    factored moment: ``Optimizer.elementwise`` False) needs, since a flat view would be one tensor."""
     flat = params.flat
-    groups = [{"params": [own_view(flat, 0, n_weights)], "weight_decay": weight_decay, **overrides}]
-    if n_weights < flat.size:
-        rest = own_view(flat, n_weights, flat.size)
-        groups.append({"params": [rest], "weight_decay": 0.0, **overrides})
+    if per_tensor:
+        sides = ({}, {})
+        offsets, shapes = params.offsets, params.shapes
+        for name in params.names:
+            lo, hi = offsets[name]
+            sides[0 if lo < n_weights else 1][name] = own_view(flat, lo, hi).reshape(shapes[name])
+        weights, rest = sides
+    else:
+        weights = [own_view(flat, 0, n_weights)]
+        rest = [own_view(flat, n_weights, flat.size)] if n_weights < flat.size else []
+    groups = [{"params": weights, "weight_decay": weight_decay, **overrides}]
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0, **overrides})
     return groups
 
 

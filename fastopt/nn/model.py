@@ -252,11 +252,14 @@ class MLP:
         )
 
     # -------------------------------------------------------------------------- weight decay
-    def param_groups(self, weight_decay=0.0, **overrides):
+    def param_groups(self, weight_decay=0.0, per_tensor=False, **overrides):
         """Two optimizer param groups over views of ``params``: the weights with
-        ``weight_decay``, everything else (biases, batch-norm scales and shifts) without.
-        Step with ``opt.step(model.grads_for(opt))``."""
-        return groups.decay_groups(self.params, self.n_weights, weight_decay, **overrides)
+        ``weight_decay``, everything else (biases, batch-norm scales and shifts) without; with
+        ``per_tensor``, a view per parameter tensor (for rules that are not ``elementwise``:
+        :func:`fastopt.nn.groups.decay_groups`). Step with ``opt.step(model.grads_for(opt))``."""
+        return groups.decay_groups(
+            self.params, self.n_weights, weight_decay, per_tensor, **overrides
+        )
 
     def grads_for(self, optimizer):
         """The ``grads`` argument of ``optimizer.step`` for an optimizer over this model's

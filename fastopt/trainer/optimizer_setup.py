@@ -32,8 +32,11 @@ def build_local(optimizer, model, trained, lr, weight_decay, optimizer_kwargs, c
         if not issubclass(optimizer, Optimizer):
             raise TypeError(f"optimizer class {optimizer.__name__} is not a fastopt optimizer")
         # without weight decay one group over the whole ParamSet: one kernel per step
-        # (a closure optimizer takes the ParamSet; its L2 term is in the closure)
-        params = trained.param_groups(weight_decay) if weight_decay else trained.params
+        # (a closure optimizer takes the ParamSet; its L2 term is in the closure); with it,
+        # rules that are not elementwise (a norm or factored moment per tensor) get a view
+        # per tensor, the others one view per group
+        per_tensor = not optimizer.elementwise
+        params = trained.param_groups(weight_decay, per_tensor) if weight_decay else trained.params
         params = model.params if optimizer.requires_closure else params
         own_groups = getattr(optimizer, "trainer_param_groups", None)  # Muon's recipe
         params = own_groups(trained.params, weight_decay) if own_groups else params

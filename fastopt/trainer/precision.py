@@ -82,9 +82,10 @@ class Mixed16:
         """The optimizer's keyword arguments with ``master_weights=True`` unless given."""
         return {"master_weights": True, **dict(kwargs or {})}
 
-    def param_groups(self, weight_decay=0.0, **overrides):
+    def param_groups(self, weight_decay=0.0, per_tensor=False, **overrides):
         """``model.param_groups`` over the 16-bit parameters."""
-        return decay_groups(self.params, self.model.n_weights, weight_decay, **overrides)
+        n_weights = self.model.n_weights
+        return decay_groups(self.params, n_weights, weight_decay, per_tensor, **overrides)
 
     def grads_for(self, optimizer):
         """The ``grads`` of ``optimizer.step``: the model's float32 gradient buffer, or its
