@@ -295,3 +295,21 @@ def test_layouts_with_a_segment_of_several_pieces_are_told_apart():
     first = segment_loops.pieces([0, 0, 700], chunk=512)[3]
     assert first[-1] == 2  # two pieces, two segments
     assert segment_loops.has_multi_piece(first)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_a_mask_refused_on_a_later_tensor_allocates_no_state(name):
+    """Every tensor's masks are called before the first tensor's state is allocated: a mask
+    that fails on the second tensor leaves the optimizer as it was."""
+    import fastopt as fo
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 3)), rng.standard_normal(3)
+    before = w.copy(), b.copy()
+    opt = fo.optim.OPTIMIZERS[name](
+        [w, b], lr=0.1, weight_decay=0.1, weight_decay_mask=lambda i, s: True if i == 0 else 1
+    )
+    with pytest.raises(TypeError, match="not a bool"):
+        opt.step([np.ones_like(w), np.ones_like(b)])
+    assert not opt.state_dict()["state"]
+    assert w.tobytes() == before[0].tobytes() and b.tobytes() == before[1].tobytes()

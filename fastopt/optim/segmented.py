@@ -170,7 +170,8 @@ class SegmentedOptimizer(Optimizer):
         unit (on the CPU, a rule of ``rules.STORED_UPDATE`` stores each element's update and
         its new state in the first and applies the stored update in the third)."""
         plan = self._plan(grads)
-        for _, g_int, _, work in plan:
+        seg_works = {}
+        for group, g_int, _, work in plan:
             for unit, grad in work:
                 self._check_backend(unit)
                 self._check_storage(unit, grad)
@@ -178,13 +179,15 @@ class SegmentedOptimizer(Optimizer):
                     names = g_int["state_names"]
                     states = [unit.state[n] for n in names] if unit.state else None
                     _kernels(unit).check(self.algorithm, unit.param, grad, states)
+                # every unit's masks are called here, before any unit's state is allocated
+                seg_works[id(unit)] = self._work(group, g_int, unit)
         scales = self._grad_scales(plan, grad_scale)
         if scales is None:
             return
         launches = []
         for group, g_int, lr, work in plan:
             for unit, grad in work:
-                seg_work = self._work(group, g_int, unit)
+                seg_work = seg_works[id(unit)]
                 if not unit.state:
                     self._allocate(group, unit, g_int["state_names"], lr)
                 step = unit.state["step"] + 1
