@@ -222,10 +222,12 @@ def test_bad_input_writes_nothing():
     with pytest.raises(ValueError, match=r"eps\[1\]"):
         opt.step([np.ones((3, 4), np.float32)])
     assert np.all(w == 1) and opt.state == {}
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float32 or float64"):
         fo.Adafactor([np.ones(3, np.float16)])
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float32 or float64"):
         opt.add_param_group({"params": [np.ones(3, np.float16)]})
+    with pytest.raises(TypeError, match="state bfloat16"):
+        fo.Adafactor([np.ones(3, np.float32)], state_dtype="bfloat16")
     assert len(opt.param_groups) == 1  # the refused group is not kept
 
 

@@ -106,6 +106,7 @@ class Adafactor(Optimizer):
 
     algorithm = "adafactor"
     elementwise = False
+    plain_storage_only = True
     state_like_params = False
 
     hyperparameter_table = (

@@ -302,6 +302,7 @@ class Muon(Optimizer):
 
     algorithm = "muon"
     elementwise = False  # a matrix's update depends on all of it: ZeRO-1 shards whole tensors
+    plain_storage_only = True
     matrices_only = True
     """Takes 2-D parameters only (without a fallback): the registry-wide checks that run every
     optimizer on vectors leave it out; it has its own tests and benchmark."""

@@ -216,6 +216,23 @@ def check_backend_stores(backend, storage, label):
         )
 
 
+def check_plain_storage(owner, options, param, label):
+    """TypeError naming the parameter when ``owner`` (an optimizer class name whose kernels
+    compute in the storage dtype: ``Optimizer.plain_storage_only``) would have to store
+    ``param`` otherwise: a 16-bit parameter, a ``state_dtype`` other than its dtype, or a master
+    copy. Asked when a param group is added, so a Trainer or the CLI refuses the combination
+    before anything is written or rounded; each step still checks its gradients' dtypes."""
+    storage = storage_of(options, param, param)
+    if is_plain(storage) and param.dtype in (np.float32, np.float64):
+        return
+    raise TypeError(
+        f"{label}: {owner} steps float32 or float64 parameters with state of their dtype and "
+        f"no master copy (16-bit storage, state_dtype and master_weights are not implemented "
+        f"for it); here parameter {storage.param}, state {storage.state}"
+        f"{', master weights' if storage.master else ''}"
+    )
+
+
 def check_param_storable(backend, param, label):
     """TypeError naming the parameter and the backend when ``backend`` cannot store ``param``'s
     dtype (a 16-bit parameter on a backend without 16-bit kernels)."""

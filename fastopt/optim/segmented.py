@@ -60,6 +60,7 @@ class SegmentedOptimizer(Optimizer):
 
     segment_state = None
     elementwise = False
+    plain_storage_only = True
 
     def __init__(self, params, defaults, **options):
         self._segment_cache = {}
