@@ -151,18 +151,25 @@ class EMA:
             raise ValueError(
                 f"EMA state has {len(averages)} arrays, this EMA {len(self._averages)}"
             )
+        converted = []  # every array checked and converted before the first is written
         for i, (a, mine) in enumerate(zip(averages, self._averages)):
             if int(np.prod(np.shape(a))) != mine.size:
                 raise ValueError(
                     f"EMA state array {i} has shape {np.shape(a)}, expected {mine.shape}"
                 )
+            host = np.asarray(a.get() if hasattr(a, "get") else a)
+            if not (np.issubdtype(host.dtype, np.floating) or is_16bit(host.dtype)):
+                raise TypeError(
+                    f"EMA state array {i} has dtype {host.dtype}; averages are real floats"
+                )
+            converted.append(host.reshape(-1).astype(mine.dtype))
         num = state["num_updates"]
         if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
             raise ValueError(f"EMA num_updates must be an int >= 0, got {num!r}")
         check_interval("decay", state["decay"], 0.0, 1.0, hi_closed=True)
         check_bool("warmup", state["warmup"])
-        for a, mine in zip(averages, self._averages):
-            mine[...] = _like(mine, np.asarray(a).reshape(-1).astype(mine.dtype))
+        for host, mine in zip(converted, self._averages):
+            mine[...] = _like(mine, host)
         self.decay, self.warmup, self.num_updates = float(state["decay"]), state["warmup"], int(num)
 
 

@@ -80,6 +80,23 @@ def test_state_dict_round_trip_and_errors():
         pass
 
 
+@pytest.mark.parametrize(
+    "second, match",
+    [(np.array(["x"] * 4), "dtype <U1"), (np.full(4, 2 + 3j, np.complex64), "dtype complex64")],
+)
+def test_a_bad_average_in_a_loaded_state_writes_nothing(second, match):
+    """Every average is checked (a real float dtype) and converted before the first is written:
+    a bad second array leaves the first average as it was, and complex ones are refused
+    instead of losing their imaginary part."""
+    ema = fo.EMA([np.ones(3, np.float32), np.ones((2, 2), np.float32)], decay=0.9)
+    ema.update()
+    before = [a.copy() for a in ema.averages]
+    sd = {**ema.state_dict(), "averages": [np.full(3, 5.0, np.float32), second]}
+    with pytest.raises(TypeError, match=f"EMA state array 1 has {match}"):
+        ema.load_state_dict(sd)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ema.averages, before))
+
+
 def test_one_kernel_call_per_update_over_a_paramset(monkeypatch):
     from fastopt import dispatch
 
