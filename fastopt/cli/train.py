@@ -264,7 +264,8 @@ def add_arguments(p):
     t.add_argument(
         "--state-dtype",
         metavar="NAME",
-        help="optimizer state dtype (float32, bfloat16, float16, ...; default: the parameters')",
+        help="optimizer state dtype: float32, float64, bfloat16, float16, or int8 (8-bit "
+        "blockwise); default: the parameters'",
     )
     t.add_argument(
         "--stochastic-rounding",
