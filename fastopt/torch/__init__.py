@@ -12,6 +12,9 @@ Every algorithm of :data:`fastopt.optim.OPTIMIZERS` (``SGD``, ``Adagrad``, ``RMS
 hyperparameters and defaults, plus fastopt's options as keywords. Each param group's trainable
 parameters are rebound to views of one flat buffer per dtype (:mod:`fastopt.torch.flat`), so a
 step is one kernel call per group; state_dicts are torch's and load both ways.
+``SGDScheduleFree`` and ``AdamWScheduleFree`` also have ``train()`` / ``eval()``, which swap
+the parameters between the gradient point and the averaged one
+(:mod:`fastopt.torch.schedule_free`).
 
 torch is an optional dependency (``pip install fastopt[torch]``); ``import fastopt`` never
 imports it.
@@ -28,6 +31,7 @@ from ..optim import OPTIMIZERS
 from .flat import FlatBuffer, flatten_
 from .offload import CPUOffload
 from .optimizer import FastoptOptimizer, split_arguments
+from .schedule_free import ScheduleFreeModes, is_schedule_free
 
 
 def _adapter_class(core_class):
@@ -41,9 +45,12 @@ def _adapter_class(core_class):
         f"(:class:`fastopt.optim.{core_class.__name__}`; see :class:`FastoptOptimizer`).\n\n"
         + (core_class.__doc__ or "")
     )
+    bases = (FastoptOptimizer,)
+    if is_schedule_free(core_class):  # train() / eval() swap the parameters to x and back
+        bases = (ScheduleFreeModes, FastoptOptimizer)
     return type(
         core_class.__name__,
-        (FastoptOptimizer,),
+        bases,
         {
             "core_class": core_class,
             "__doc__": doc,

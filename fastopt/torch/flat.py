@@ -28,6 +28,7 @@ parameter no longer lives at its place in the buffer and raises; build a new opt
 moved parameters and load the old one's ``state_dict()``.
 """
 
+import functools
 import operator
 import weakref
 
@@ -44,9 +45,12 @@ _THREADED_COPY = 1 << 15
 """Elements from which torch's CPU copy_ runs on several threads (its grain size, 32768)."""
 _DATA_PTR = torch.Tensor.data_ptr
 
-_BUFFERS = weakref.WeakValueDictionary()
-"""(device, first byte of the storage) -> the FlatBuffer that owns that storage: an optimizer built
-over parameters :func:`flatten_` already packed adopts their buffer instead of copying again."""
+_BUFFERS = {}
+"""(device, first byte of the storage) -> the :class:`_Packed` layout of the buffer that owns that
+storage: an optimizer built over parameters :func:`flatten_` (or an earlier optimizer) already
+packed adopts their buffer instead of copying again. An entry lives as long as its parameters do
+(not as long as the FlatBuffer: ``flatten_(model)`` without keeping its result must still work)
+and leaves when one of them is collected or is found moved out of its buffer."""
 
 
 def describe_param(p, name):
@@ -88,8 +92,7 @@ class FlatBuffer:
         self.align = align
         self.offsets = aligned_offsets(self.params, align)
         self.grad_views = [grad[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.offsets)]
-        base, size = flat.data_ptr(), flat.element_size()
-        self.ptrs = [base + a * size for a, _ in self.offsets]
+        self.ptrs = expected_ptrs(flat, self.offsets)
         self.device, self.dtype = flat.device, flat.dtype
         self.paramset = self.slice(0, len(self.params))
         self._all_present = (True,) * len(self.params)
@@ -103,6 +106,7 @@ class FlatBuffer:
         adopted = _adopt(params, names, align)
         if adopted is not None:
             return adopted
+        check_no_overlap(zip(names, params))
         p0 = params[0]
         offsets = aligned_offsets(params, align)
         n = offsets[-1][1]
@@ -120,7 +124,7 @@ class FlatBuffer:
                 if p.grad is not None:
                     view.copy_(p.grad)
                     p.grad = view
-        _BUFFERS[(str(flat.device), flat.untyped_storage().data_ptr())] = buf
+        _register(buf)
         return buf
 
     def slice(self, i, j):
@@ -206,6 +210,36 @@ class FlatBuffer:
                     p.grad = view
 
 
+def check_no_overlap(named):
+    """ValueError naming two distinct parameters of ``named`` (``(name, tensor)`` pairs, each
+    tensor once) whose memory overlaps, e.g. tied through ``.data`` (``dec.weight.data =
+    enc.weight.data``): packing would copy each into a slot of its own and untie them silently.
+    (A Parameter listed twice is one parameter: pass it once.) Zero-element ones hold no memory."""
+    spans = []
+    for name, p in named:
+        if p.numel():
+            lo = p.data_ptr()
+            hi = lo + p.element_size() * (1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride())))
+            spans.append((str(p.device), lo, hi, name, p))
+    spans.sort(key=operator.itemgetter(0, 1))
+    for (dev_a, _, hi_a, name_a, a), (dev_b, lo_b, _, name_b, b) in zip(spans, spans[1:]):
+        if dev_a == dev_b and lo_b < hi_a:
+            raise ValueError(
+                f"{describe_param(a, name_a)} and {describe_param(b, name_b)} share memory "
+                "(tied through .data or views of one tensor): fastopt.torch would update them "
+                "as separate tensors and untie them; tie them as one Parameter instead "
+                "(dec.weight = enc.weight) and pass it once"
+            )
+
+
+def expected_ptrs(flat, offsets):
+    """What ``data_ptr()`` gives for a view of each ``(start, stop)`` range of ``flat``: its
+    address in the buffer, or 0 for an empty range (torch's ``data_ptr()`` of any tensor without
+    elements), so that a zero-element parameter passes :meth:`FlatBuffer.check_in_place`."""
+    base, size = flat.data_ptr(), flat.element_size()
+    return [base + a * size if b > a else 0 for a, b in offsets]
+
+
 def aligned_offsets(params, align):
     """[(start, stop)] of ``params`` packed in order, each start rounded up to a multiple of
     ``align`` elements."""
@@ -255,24 +289,66 @@ def torch_dtype(dtype):
     return as_tensor(np.empty(0, dtype), "cpu").dtype
 
 
+class _Packed:
+    """What :func:`_adopt` needs of a packed FlatBuffer, without holding its parameters: weak
+    references to them (``refs``; when one is collected the entry leaves ``_BUFFERS``, so the
+    buffers of a model that is gone are freed), their ``offsets`` and expected ``ptrs``, and the
+    buffers and gradient views, held here so that they outlive a FlatBuffer nobody kept."""
+
+    def __init__(self, key, buf):
+        forget = functools.partial(_forget, key, id(self))
+        self.refs = [weakref.ref(p, forget) for p in buf.params]
+        self.offsets, self.ptrs, self.align = buf.offsets, buf.ptrs, buf.align
+        self.flat, self.grad, self.grad_views = buf.flat, buf.grad, buf.grad_views
+
+    def in_place(self):
+        """Whether every parameter is alive and still lives at its place in the buffer."""
+        return [p.data_ptr() if p is not None else None for p in self.params()] == self.ptrs
+
+    def params(self):
+        return [r() for r in self.refs]
+
+
+def _forget(key, entry_id, _ref):
+    """Weak-reference callback: a parameter of entry ``entry_id`` was collected. (An id, not
+    the entry: the entry holds this callback; and while the entry lives its id is its own.)"""
+    if id(_BUFFERS.get(key)) == entry_id:
+        del _BUFFERS[key]
+
+
+def _register(buf):
+    """Record ``buf``'s layout in ``_BUFFERS`` (after dropping entries whose parameters moved
+    away, which can no longer be adopted and would keep their old buffers alive)."""
+    for key, entry in list(_BUFFERS.items()):
+        if not entry.in_place():
+            del _BUFFERS[key]
+    if buf.flat.numel():
+        key = (str(buf.device), buf.flat.untyped_storage().data_ptr())
+        _BUFFERS[key] = _Packed(key, buf)
+
+
 def _adopt(params, names, align):
-    """The FlatBuffer whose consecutive params are exactly ``params``, as a new FlatBuffer over
-    that range of its buffers; None if they are not packed that way (``align`` included)."""
+    """A FlatBuffer over the range of a packed buffer whose consecutive params are exactly
+    ``params`` (still in place); None if they are not packed that way (``align`` included)."""
     p0 = params[0]
-    owner = _BUFFERS.get((str(p0.device), p0.untyped_storage().data_ptr()))
-    if owner is None or owner.dtype != p0.dtype or owner.align != align:
+    key = (str(p0.device), p0.untyped_storage().data_ptr())
+    entry = _BUFFERS.get(key)
+    if entry is None or entry.flat.dtype != p0.dtype or entry.align != align:
         return None
+    owned = entry.params()
     try:
-        i = next(k for k, q in enumerate(owner.params) if q is p0)
+        i = next(k for k, q in enumerate(owned) if q is p0)
     except StopIteration:
         return None
-    run = owner.params[i : i + len(params)]
-    if len(run) != len(params) or any(a is not b for a, b in zip(run, params)):
+    j = i + len(params)
+    if len(owned[i:j]) != len(params) or any(a is not b for a, b in zip(owned[i:j], params)):
         return None
-    owner.check_in_place()
-    lo, hi = owner.offsets[i][0], owner.offsets[i + len(params) - 1][1]
-    buf = FlatBuffer(params, names, owner.flat[lo:hi], owner.grad[lo:hi], align)
-    buf.grad_views = owner.grad_views[i : i + len(params)]  # attached gradients stay attached
+    if list(map(_DATA_PTR, params)) != entry.ptrs[i:j]:  # moved: pack them anew
+        del _BUFFERS[key]
+        return None
+    lo, hi = entry.offsets[i][0], entry.offsets[j - 1][1]
+    buf = FlatBuffer(params, names, entry.flat[lo:hi], entry.grad[lo:hi], align)
+    buf.grad_views = entry.grad_views[i:j]  # attached gradients stay attached
     return buf
 
 
@@ -281,8 +357,10 @@ def flatten_(model, *, pin_memory=False):
     parameters) to a view of one flat buffer per (device, dtype), in place; returns the
     :class:`FlatBuffer` objects. A ``fastopt.torch`` optimizer built afterwards over the same
     parameters, in the same order, adopts these buffers without copying again (it flattens by
-    itself otherwise). Tied parameters occupy one slot; frozen ones (``requires_grad=False``)
-    stay where they are."""
+    itself otherwise), whether or not the result was kept: the buffers stay adoptable as long as
+    the parameters live (``_BUFFERS``). Tied parameters (one Parameter) occupy one slot; distinct
+    ones sharing memory are refused (:func:`check_no_overlap`); frozen ones
+    (``requires_grad=False``) stay where they are."""
     return pack_trainable(model, pin_memory=pin_memory)
 
 
@@ -298,6 +376,7 @@ def pack_trainable(model, *, pin_memory=False, int8=False):
             continue
         seen.add(id(p))
         groups.setdefault((str(p.device), p.dtype), []).append((f"[{i}]", p))
+    check_no_overlap(item for items in groups.values() for item in items)
     kinds = [
         kind for items in groups.values() for kind in (int8_layout(items) if int8 else [(items, 1)])
     ]

@@ -4,8 +4,11 @@ optimizer core (a class of ``fastopt.optim.OPTIMIZERS``) over ParamSets adopting
 torch's ``param_groups`` stay the source of truth for hyperparameters (LR schedulers write
 ``group["lr"]``; the adapter reads it at every step). The state lives in one flat tensor per
 (bucket, state name), laid out like the parameter buffer; ``opt.state[p]`` holds views of it in
-torch's format (``"step"`` and scalar state such as NAdam's ``"mu_product"`` as 0-d float tensors,
-refreshed by :meth:`state_dict`).
+torch's format from the step that allocates the parameter's state on (published once then, and at
+``load_state_dict``, not at every step). ``"step"`` and scalar state such as NAdam's
+``"mu_product"`` are 0-d float tensors as in torch: views of one tensor per (bucket, name) with an
+element per parameter, which each step writes once per run of parameters, so they read the current
+value at any time (:meth:`FastoptOptimizer._write_scalars`).
 
 Per-parameter steps, as torch keeps them: a parameter whose ``.grad`` is None is skipped (no
 update, no weight decay, its step count stays). Each step launches one kernel per *run*:
@@ -23,7 +26,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
 from ..optim import precision
-from .flat import FlatBuffer, allocate, as_tensor, check_param, int8_layout
+from .flat import FlatBuffer, allocate, as_tensor, check_no_overlap, check_param, int8_layout
 
 _LAYOUT_CACHE = 16
 """Core optimizers kept per distinct layout of runs (usually one is ever used)."""
@@ -155,6 +158,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
         self._records = []  # per bucket, per param: scalar state as sorted (name, value) pairs
         self._tensors = []  # per bucket: state name -> flat state tensor (or 8-bit Quantized)
+        self._scalars = []  # per bucket: scalar state name -> (tensor, its NumPy view), per param
         self._quantized = []  # per bucket: whether its state is 8-bit (state_dtype="int8")
         self._cores = {}
         self._cut_keys = {}  # int8: a step's runs -> its units (_below_8bit)
@@ -164,7 +168,13 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self.last_grad_norm = None
         # bad hyperparameters or options fail before any parameter moves
         self._precision = self._probe(hyper).precision
+        self._deferred = []  # (group index, items) added by torch's constructor, packed below
         super().__init__(params, hyper)
+        deferred, self._deferred = self._deferred, None
+        # distinct parameters sharing memory across groups: refused before the first one moves
+        check_no_overlap(_distinct(item for _, items in deferred for item in items))
+        for gi, items in deferred:
+            self._pack_group(gi, items)
 
     def _probe(self, hyper):
         """A throwaway core over one element: checks hyperparameters and options."""
@@ -189,9 +199,20 @@ class FastoptOptimizer(torch.optim.Optimizer):
                             f"{name} is on {p.device}: state_dtype='int8' (8-bit blockwise "
                             "state) runs on CPU and CUDA tensors"
                         )
+            if self._deferred is not None:  # in the constructor: packed once all are checked
+                self._deferred.append((gi, items))
+                return
+            packed = [(n, q) for _, buf in self._buckets for n, q in zip(buf.names, buf.params)]
+            check_no_overlap(_distinct([*packed, *self._frozen, *items]))
         except Exception:
             self.param_groups.pop()
             raise
+        self._pack_group(gi, items)
+
+    def _pack_group(self, gi, items):
+        """Pack group ``gi``'s trainable parameters ``items`` ((name, tensor) pairs) into flat
+        buffers (one per dtype; two kinds with ``state_dtype="int8"``); frozen ones are kept
+        aside."""
         by_dtype, seen = {}, set()
         for name, p in items:
             if id(p) in seen:  # a tied parameter listed twice: one slot (torch warns)
@@ -208,6 +229,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 self._buckets.append((gi, buf))
                 self._records.append([None] * len(buf.params))
                 self._tensors.append({})
+                self._scalars.append({})
                 self._quantized.append(align > 1)
         self._cores.clear()
 
@@ -283,6 +305,20 @@ class FastoptOptimizer(torch.optim.Optimizer):
         key = tuple(key)
         if precision.is_int8(self._precision):
             key = self._below_8bit(key)
+        core, units = self._bound_core(key)
+        core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
+        self.last_grad_norm = core.last_grad_norm
+        self.last_step_taken = core.last_step_taken
+        if not core.last_step_taken:
+            self.skipped_steps += 1
+            return
+        for u, (k, i, j) in zip(units, key):
+            self._harvest(u, k, i, j)
+
+    def _bound_core(self, key):
+        """(core, its units) for the runs ``key`` ((bucket, i, j) each), with the torch groups'
+        hyperparameters (an LR scheduler may have changed them) and each unit's state bound to
+        its run's views of the flat state and its scalar state (none before the first step)."""
         core, version = self._core(key)
         for cg, (k, _, _) in zip(core.param_groups, key):
             tg = self.param_groups[self._buckets[k][0]]
@@ -297,14 +333,16 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 u.state = self._views(u, k, i, j)
             u.state.update(record or ())
         self._cores[key] = (core, self._version)
-        core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
-        self.last_grad_norm = core.last_grad_norm
-        self.last_step_taken = core.last_step_taken
-        if not core.last_step_taken:
-            self.skipped_steps += 1
-            return
-        for u, (k, i, j) in zip(units, key):
-            self._harvest(u, k, i, j)
+        return core, units
+
+    def _stateful_key(self):
+        """The runs ((bucket, i, j) each) of parameters that have state: maximal ranges of
+        consecutive parameters with equal scalar state, as a step with every gradient present
+        would take them (so a step after it usually finds the same core)."""
+        key = []
+        for k, records in enumerate(self._records):
+            key.extend((k, i, j) for i, j in self._runs(k, [r is not None for r in records]))
+        return tuple(key)
 
     def _int8_runs(self, k, i, j):
         """The units of run ``i .. j-1`` of 8-bit bucket ``k``: the run, or one unit per
@@ -401,10 +439,12 @@ class FastoptOptimizer(torch.optim.Optimizer):
         return out
 
     def _harvest(self, unit, k, i, j):
-        """After a step: the run's scalar state into the records; state arrays the core just
-        allocated (first step of these params) copied into the flat state tensors."""
+        """After a step: the run's scalar state into the records and the scalar tensors; state
+        arrays the core just allocated (first step of these params) copied into the flat state
+        tensors, and ``self.state`` of these params published (then, not at every step)."""
         record = tuple(sorted((n, v) for n, v in unit.state.items() if not is_state_array(v)))
-        if self._records[k][i] is None:
+        before = self._records[k][i]
+        if before is None:
             buf = self._buckets[k][1]
             lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
             for name, a in unit.state.items():
@@ -414,6 +454,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
                     self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
             self._version += 1
         self._records[k][i:j] = [record] * (j - i)
+        self._write_scalars(k, i, j, record)
+        if before is None or not _same_names(before, record):
+            self._publish(k, i, j)
 
     def _state_tensor(self, k, name, dtype):
         """Bucket ``k``'s flat tensor of state ``name``, allocated in ``dtype`` (the core's
@@ -449,28 +492,64 @@ class FastoptOptimizer(torch.optim.Optimizer):
         absmax.copy_(as_tensor(slot.absmax, absmax.device))
 
     # ------------------------------------------------------------------ state
+    def _scalar_array(self, k, name):
+        """The NumPy view of bucket ``k``'s tensor of scalar state ``name`` (one element per
+        parameter, in torch's dtype for ``"step"``: float32, float64 under a float64 default
+        dtype), made on first use; each parameter's ``state[p][name]`` is a 0-d view of it."""
+        hit = self._scalars[k].get(name)
+        if hit is None:
+            t = torch.zeros(len(self._buckets[k][1].params), dtype=_scalar_dtype(), device="cpu")
+            hit = self._scalars[k][name] = (t, t.numpy())
+        return hit[1]
+
+    def _write_scalars(self, k, i, j, record):
+        """Params ``i .. j-1`` of bucket ``k`` get the scalar state ``record``: one write per
+        name into the tensors their ``state[p]`` entries view (no per-parameter work)."""
+        for name, v in record:
+            self._scalar_array(k, name)[i:j] = v
+
+    def _publish(self, k, i, j):
+        """``self.state[p]`` of params ``i .. j-1`` of bucket ``k`` in torch's format: views of
+        the flat state and of the scalar tensors; params without state get no entry."""
+        buf, tensors = self._buckets[k][1], self._tensors[k]
+        for m in range(i, j):
+            p, (lo, hi), record = buf.params[m], buf.offsets[m], self._records[k][m]
+            if record is None:
+                self.state.pop(p, None)
+                continue
+            entry = {}
+            for name, t in tensors.items():
+                if isinstance(t, precision.Quantized):
+                    entry.update(quantized_entry(name, t, lo, hi, p.shape))
+                else:
+                    entry[name] = t[lo:hi].view(p.shape)
+            for name, _ in record:
+                entry[name] = self._scalars[k][name][0][m]
+            self.state[p] = entry
+
     def _publish_state(self):
-        """``self.state`` in torch's format from the flat state and the records."""
+        """``self.state`` in torch's format from the flat state and the records (after
+        ``load_state_dict`` has replaced them)."""
         for k, (_, buf) in enumerate(self._buckets):
-            tensors = self._tensors[k]
-            for p, (lo, hi), record in zip(buf.params, buf.offsets, self._records[k]):
-                if record is None:
-                    self.state.pop(p, None)
-                    continue
-                entry = {}
-                for name, t in tensors.items():
-                    if isinstance(t, precision.Quantized):
-                        entry.update(quantized_entry(name, t, lo, hi, p.shape))
-                    else:
-                        entry[name] = t[lo:hi].view(p.shape)
-                for name, v in record:
-                    entry[name] = torch.tensor(float(v), dtype=_scalar_dtype())
-                self.state[p] = entry
+            for m, record in enumerate(self._records[k]):
+                if record is not None:
+                    self._write_scalars(k, m, m + 1, record)
+            self._publish(k, 0, len(buf.params))
+
+    def _scalar_names(self):
+        return {name for scalars in self._scalars for name in scalars}
 
     def state_dict(self):
-        """torch's ``state_dict()`` (the state tensors are live views, as torch's are)."""
-        self._publish_state()
-        return super().state_dict()
+        """torch's ``state_dict()``: the state tensors are live views, as torch's are; the
+        scalar state (``"step"``, ...) is copied as of this call, so that an optimizer loading
+        it (torch.optim increments ``"step"`` in place) does not write into this one's."""
+        sd = super().state_dict()
+        names = self._scalar_names()
+        sd["state"] = {
+            index: {n: v.clone() if n in names else v for n, v in entry.items()}
+            for index, entry in sd["state"].items()
+        }
+        return sd
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict``: a state saved by ``torch.optim.X`` or ``fastopt.torch.X``.
@@ -492,6 +571,21 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._version += 1
         self.state.clear()
         self._publish_state()
+
+
+def _distinct(named):
+    """``(name, tensor)`` pairs with each tensor once (a tied Parameter listed twice is one)."""
+    seen, out = set(), []
+    for name, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _same_names(record, other):
+    """Whether two scalar-state records have the same names (in the same, sorted, order)."""
+    return len(record) == len(other) and all(a[0] == b[0] for a, b in zip(record, other))
 
 
 _TORCH_WRAPPED_STEP = torch.optim.Optimizer.profile_hook_step(FastoptOptimizer._step)
