@@ -9,9 +9,13 @@
 Every algorithm of :data:`fastopt.optim.OPTIMIZERS` (``SGD``, ``Adagrad``, ``RMSprop``,
 ``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``, ``Rprop``, ``Yogi``,
 ``Lion``) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
-hyperparameters and defaults, plus fastopt's options as keywords. Each param group's trainable
-parameters are rebound to views of one flat buffer per dtype (:mod:`fastopt.torch.flat`), so a
-step is one kernel call per group; state_dicts are torch's and load both ways.
+hyperparameters and defaults, plus fastopt's options as keywords, plus the implementation
+keywords of its ``torch.optim`` namesake (``foreach``, ``fused``: accepted, fastopt always runs
+its fused kernels; ``capturable=True``, ``differentiable=True``: refused;
+:mod:`fastopt.torch.dropin`). ``lr`` may be a one-element tensor, as in torch. Each param
+group's trainable parameters are rebound to views of one flat buffer per dtype
+(:mod:`fastopt.torch.flat`), so a step is one kernel call per group; state_dicts are torch's and
+load both ways.
 ``SGDScheduleFree`` and ``AdamWScheduleFree`` also have ``train()`` / ``eval()``, which swap
 the parameters between the gradient point and the averaged one
 (:mod:`fastopt.torch.schedule_free`).
@@ -28,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from ..optim import OPTIMIZERS
+from . import dropin
 from .flat import FlatBuffer, flatten_
 from .offload import CPUOffload
 from .optimizer import FastoptOptimizer, split_arguments
@@ -40,6 +45,9 @@ def _adapter_class(core_class):
 
     sig = inspect.signature(core_class.__init__)
     params = [p for name, p in sig.parameters.items() if name != "self"]
+    flags = dropin.torch_flags(core_class.__name__)  # torch's foreach=, fused=, ... if it has X
+    var = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p not in var] + dropin.keyword_parameters(flags) + var
     doc = (
         f"``torch.optim``-compatible {core_class.__name__} running fastopt's kernels "
         f"(:class:`fastopt.optim.{core_class.__name__}`; see :class:`FastoptOptimizer`).\n\n"
@@ -53,6 +61,8 @@ def _adapter_class(core_class):
         bases,
         {
             "core_class": core_class,
+            "torch_flags": tuple(flags),
+            "torch_defaults": dropin.torch_defaults(core_class.__name__),
             "__doc__": doc,
             "__module__": __name__,
             "__qualname__": core_class.__name__,

@@ -11,11 +11,14 @@ waits for it). With CPU tensors standing in for the device, the copies are plain
 result is the inner optimizer's, bit for bit.
 """
 
+from collections.abc import Mapping
+
 import torch
 
 from ..optim.precision import INT8, MASTER
 from .flat import check_no_overlap, check_param, pack_trainable
 from .optimizer import FastoptOptimizer, closure_loss
+from .schedule_free import ScheduleFreeModes
 
 
 class CPUOffload(torch.optim.Optimizer):
@@ -29,6 +32,15 @@ class CPUOffload(torch.optim.Optimizer):
     a state saved from ``torch.optim.AdamW`` or ``fastopt.torch.AdamW`` loads here and back.
     ``inner`` is the host optimizer, ``masters`` the host copies in parameter order. Distinct
     parameters sharing memory (tied through ``.data``) are refused: each would get its own master.
+
+    As on the plain optimizers: ``params`` may be ``model.named_parameters()`` (names in errors
+    and in the state_dict's ``param_names``), ``max_grad_norm`` etc. report through
+    ``last_grad_norm``, ``last_step_taken`` and ``skipped_steps``; torch's ``foreach=`` /
+    ``fused=`` are accepted (``capturable=True`` / ``differentiable=True`` refused) and ``lr``
+    may be a one-element tensor. ``state`` maps each device parameter to the inner state of
+    its master (read-only, live). Over ``SGDScheduleFree`` / ``AdamWScheduleFree`` the object
+    is a :class:`ScheduleFreeOffload`, with ``train()`` / ``eval()`` moving the device
+    parameters too.
     """
 
     def __init__(self, optimizer_class, params, *args, **kwargs):
@@ -38,11 +50,7 @@ class CPUOffload(torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer_class must be a fastopt.torch optimizer class, got {optimizer_class!r}"
             )
-        params = list(params)
-        if params and isinstance(params[0], dict):
-            groups = [dict(g, params=list(g["params"])) for g in params]
-        else:
-            groups = [{"params": params}]
+        groups = param_groups_of(params)
         self._pairs, self._names, master_groups = [], [], []
         for gi, g in enumerate(groups):
             pairs = self._new_pairs(gi, g, g["params"])
@@ -57,6 +65,24 @@ class CPUOffload(torch.optim.Optimizer):
         self._stream = torch.cuda.Stream(next(iter(self._devices))) if self._cuda else None
         self._grad_views = self._inner_grad_views()
         super().__init__(groups, self.inner.defaults)
+        self._master_of = self._masters_by_param()
+        self.state = OuterState(self)  # after torch's __init__, which sets an empty dict
+
+    def __new__(cls, *args, **kwargs):
+        """A :class:`ScheduleFreeOffload` (with ``train()`` / ``eval()``) when
+        ``optimizer_class`` has them, else this class: code that probes
+        ``hasattr(opt, "train")`` (as schedule-free training loops do) sees the truth."""
+        inner = args[0] if args else kwargs.get("optimizer_class")
+        if cls is CPUOffload and isinstance(inner, type) and issubclass(inner, ScheduleFreeModes):
+            cls = ScheduleFreeOffload
+        return super().__new__(cls)
+
+    def _masters_by_param(self):
+        """id(device parameter) -> its host master (the first, for one listed twice)."""
+        out = {}
+        for p, m in self._pairs:
+            out.setdefault(id(p), m)
+        return out
 
     def _new_pairs(self, gi, group, params):
         """(device parameter, host float32 master) for each of ``params`` (param group ``gi``),
@@ -110,6 +136,7 @@ class CPUOffload(torch.optim.Optimizer):
         self.masters.extend(masters)
         self._host.extend(host)
         self._grad_views = self._inner_grad_views()
+        self._master_of = self._masters_by_param()
 
     def _check_devices(self, gi, pairs):
         devices = {p.device for p, _ in pairs}
@@ -135,6 +162,11 @@ class CPUOffload(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Gradients to the host, the inner step on the masters, weights back to the device."""
+        if not getattr(self.inner, "train_mode", True):  # schedule-free, in eval mode
+            raise RuntimeError(
+                f"CPUOffload({type(self.inner).__name__}).step() in eval mode: the parameters "
+                "hold the averaged point x; call train() first"
+            )
         loss = closure_loss(closure)
         self._sync_hyperparameters()
         views = self._grad_views
@@ -149,13 +181,19 @@ class CPUOffload(torch.optim.Optimizer):
         if self._stream is not None:
             self._stream.synchronize()  # the host step needs every gradient
         self.inner.step()
+        self._copy_to_device()
+        return loss
+
+    def _copy_to_device(self):
+        """The masters into the trainable device parameters (cast to their dtype: 16-bit
+        parameters get the master rounded), non-blocking on the side stream, which torch's
+        current stream then waits for. Call under ``torch.no_grad()``."""
         with self._side_stream():
             for p, m in self._pairs:
                 if p.requires_grad:
                     p.copy_(m, non_blocking=self._cuda)
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-        return loss
 
     def _side_stream(self):
         if self._stream is None:
@@ -165,7 +203,20 @@ class CPUOffload(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self):
+        """Steps the inner optimizer skipped (``skip_nonfinite``), as on the plain optimizers."""
         return self.inner.skipped_steps
+
+    @property
+    def last_grad_norm(self):
+        """The gradient norm of the last step (with ``max_grad_norm``; over the host copies of
+        the gradients), as on the plain optimizers; None before a step or without it."""
+        return self.inner.last_grad_norm
+
+    @property
+    def last_step_taken(self):
+        """Whether the last step updated the parameters (False: skipped), as on the plain
+        optimizers; None before a step."""
+        return self.inner.last_step_taken
 
     def state_dict(self):
         """The inner optimizer's state_dict (torch's format), with this object's hyperparameters;
@@ -208,6 +259,93 @@ class CPUOffload(torch.optim.Optimizer):
             params = outer["params"]
             outer.clear()  # the saved group's keys, as torch's load_state_dict keeps them
             outer.update(_without_params(inner), params=params)
+
+
+class ScheduleFreeOffload(CPUOffload):
+    """A :class:`CPUOffload` over ``SGDScheduleFree`` or ``AdamWScheduleFree`` (made by
+    ``CPUOffload(...)`` itself): ``train()`` / ``eval()`` swap the host masters between the
+    gradient point y and the averaged point x with the inner optimizer's own ``train()`` /
+    ``eval()``, then copy them to the device parameters as a step does (16-bit parameters get
+    the float32 master rounded), so the model holds what the inner optimizer's parameters hold.
+    ``step()`` in eval mode raises before anything is written."""
+
+    @property
+    def train_mode(self):
+        """Which point the parameters hold (True: y, where gradients are taken; False: x)."""
+        return self.inner.train_mode
+
+    @torch.no_grad()
+    def eval(self):
+        """Put the evaluation point x into the masters and the device parameters."""
+        if self.inner.train_mode:
+            self.inner.eval()
+            self._copy_to_device()
+
+    @torch.no_grad()
+    def train(self):
+        """Put the gradient point y back into the masters and the device parameters."""
+        if not self.inner.train_mode:
+            self.inner.train()
+            self._copy_to_device()
+
+
+class OuterState(Mapping):
+    """``CPUOffload.state``: device parameter -> the inner optimizer's state of its host master
+    (torch's format, live views of the host state, as ``inner.state[master]``). Read-only; a
+    parameter without state maps to ``{}`` as in torch's defaultdict, without being added."""
+
+    def __init__(self, offload):
+        self._offload = offload
+
+    def __getitem__(self, p):
+        master = self._offload._master_of.get(id(p))
+        if master is None:
+            raise KeyError(p)
+        return self._offload.inner.state.get(master, {})
+
+    def _items(self):
+        inner, seen = self._offload.inner.state, set()
+        for p, m in self._offload._pairs:
+            if id(p) not in seen and inner.get(m):
+                seen.add(id(p))
+                yield p
+
+    def __iter__(self):
+        return self._items()
+
+    def __len__(self):
+        return sum(1 for _ in self._items())
+
+    def __contains__(self, p):
+        master = self._offload._master_of.get(id(p))
+        return master is not None and bool(self._offload.inner.state.get(master))
+
+
+def param_groups_of(params):
+    """torch's forms of ``params`` (tensors, ``(name, tensor)`` pairs as ``named_parameters()``
+    gives, or param-group dicts of either) as param-group dicts whose ``"params"`` are tensors,
+    with ``"param_names"`` where they came named, as torch's ``add_param_group`` makes them
+    (this object needs the tensors before torch's constructor sees the groups). A list mixing
+    named and unnamed parameters raises ValueError, as in torch."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [dict(g) for g in params]
+    else:
+        groups = [{"params": params}]
+    for gi, g in enumerate(groups):
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        named = [isinstance(p, tuple) for p in ps]
+        if any(named):
+            if not all(named):
+                raise ValueError(
+                    f"param_groups[{gi}] mixes (name, tensor) pairs and bare tensors; torch "
+                    "needs all optimizer params with or without names"
+                )
+            g["param_names"] = [n for n, _ in ps]
+            ps = [p for _, p in ps]
+        g["params"] = ps
+    return groups
 
 
 def _without_params(group):

@@ -26,6 +26,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
 from ..optim import precision
+from .dropin import TORCH_CONSTANT_KEYS, check_flags, check_tensor_lr, pop_flags
 from .flat import FlatBuffer, allocate, as_tensor, check_no_overlap, check_param, int8_layout
 
 _LAYOUT_CACHE = 16
@@ -115,6 +116,15 @@ class FastoptOptimizer(torch.optim.Optimizer):
     passed to the fastopt class unchanged. ``skipped_steps``, ``last_step_taken`` and
     ``last_grad_norm`` are the core's, as in :class:`fastopt.optim.Optimizer`.
 
+    torch's implementation keywords, where ``torch.optim.X`` takes them
+    (:mod:`fastopt.torch.dropin`): ``foreach`` and ``fused`` accept None, False and True and
+    change nothing (fastopt always runs its fused kernels, one call per flat buffer);
+    ``capturable=True`` and ``differentiable=True`` raise ValueError (no CUDA-graph capture, no
+    autograd through the step). They sit in ``defaults`` and the param groups as torch keeps
+    them, so state_dicts exchange with ``torch.optim.X`` (``fused=True`` included) both ways; a
+    loaded group keeps the saved values, which have no effect here. ``lr`` may be a
+    one-element tensor (read at every step, so a scheduler writing into it drives the step).
+
     bfloat16/float16 parameters: the state is kept in the parameter's dtype by default, as
     torch.optim keeps it; ``state_dtype="float32"`` keeps it in float32, ``master_weights=True``
     keeps a float32 copy of each 16-bit parameter (and float32 state), which ``state_dict()``
@@ -148,11 +158,17 @@ class FastoptOptimizer(torch.optim.Optimizer):
     """
 
     core_class = None
+    torch_flags = ()
+    """The keywords of :data:`fastopt.torch.dropin.TORCH_FLAGS` torch's namesake class takes."""
+    torch_defaults = {}
+    """Param-group keys kept for torch (:func:`fastopt.torch.dropin.torch_defaults`)."""
 
     def __init__(self, params, *args, **kwargs):
         if self.core_class is None:
             raise TypeError("FastoptOptimizer is a base class; use e.g. fastopt.torch.AdamW")
+        flags = pop_flags(type(self), kwargs)  # torch's foreach=, fused=, ...: checked here
         hyper, self._options = split_arguments(self.core_class, args, kwargs)
+        check_tensor_lr(type(self).__name__, {**hyper, **flags}, type(self).__name__)
         self._hyper_names = tuple(hyper)  # not self.defaults: torch adds keys to it
         self._buckets = []  # (param group index, FlatBuffer)
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
@@ -167,14 +183,26 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self.last_step_taken = None
         self.last_grad_norm = None
         # bad hyperparameters or options fail before any parameter moves
-        self._precision = self._probe(hyper).precision
+        self._precision = self._probe({k: _plain(v) for k, v in hyper.items()}).precision
         self._deferred = []  # (group index, items) added by torch's constructor, packed below
-        super().__init__(params, hyper)
+        super().__init__(params, {**hyper, **self.torch_defaults, **flags})
         deferred, self._deferred = self._deferred, None
         # distinct parameters sharing memory across groups: refused before the first one moves
         check_no_overlap(_distinct(item for _, items in deferred for item in items))
         for gi, items in deferred:
             self._pack_group(gi, items)
+
+    def __setstate__(self, state):
+        """torch's ``__setstate__`` (``load_state_dict`` and unpickling go through it), then
+        torch's keys its namesake class fills in the same way: a group saved without ``fused``
+        etc. gets torch's default, and AdamW's ``decoupled_weight_decay`` is True, as
+        ``torch.optim.AdamW.__setstate__`` makes it."""
+        super().__setstate__(state)
+        constant = TORCH_CONSTANT_KEYS.get(type(self).__name__, {})
+        for group in self.__dict__.get("param_groups", ()):
+            for name in self.torch_flags:
+                group.setdefault(name, self.torch_defaults[name])
+            group.update(constant)
 
     def _probe(self, hyper):
         """A throwaway core over one element: checks hyperparameters and options."""
@@ -190,6 +218,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            where = f"{type(self).__name__} param_groups[{gi}]"
+            check_flags(group, where)
+            check_tensor_lr(type(self).__name__, group, where)
             items = self._checked_items(gi, group)
             self._probe({k: _plain(group[k]) for k in self._hyper_names})
             if precision.is_int8(self._precision):
