@@ -309,11 +309,15 @@ def test_numba_cuda_without_cupy_is_refused_by_name_before_any_write(monkeypatch
 
 
 def test_16_bit_storage_on_cupy_is_refused_before_any_write(fake_cupy):
-    w = FakeArray(np.ones((3, 4), np.float16))
+    w16 = FakeArray(np.ones((3, 4), np.float16))
+    with pytest.raises(TypeError, match="float32 or float64 parameters"):
+        fo.Muon([w16], lr=0.1)  # refused when the group is added
+    w = FakeArray(np.ones((3, 4), np.float32))
     opt = fo.Muon([w], lr=0.1)
     with pytest.raises(TypeError, match="float32 or float64 parameters"):
-        opt.step([FakeArray(np.ones((3, 4), np.float16))])
-    assert not fake_cupy.calls and (w.host == 1).all() and not opt.state
+        opt.step([FakeArray(np.ones((3, 4), np.float16))])  # a 16-bit gradient: at the step
+    assert not fake_cupy.calls and (w.host == 1).all() and (w16.host == 1).all()
+    assert not opt.state
 
 
 # ---------------------------------------------------------------------------------------------
