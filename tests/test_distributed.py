@@ -1016,6 +1016,27 @@ def test_trainer_zero_steps_a_muon_recipe_instance_as_one_process():
     np.testing.assert_allclose(finals[1], finals[0], rtol=1e-12, atol=1e-14)
 
 
+def test_trainer_zero_keeps_an_instances_storage_options():
+    """Trainer(zero=True) given an instance with ``state_dtype="int8"``: ZeRO-1 builds its
+    optimizer with that instance's storage options (they are not in ``defaults``), and in a
+    world of one rank training equals the plain Trainer's bit for bit."""
+    pytest.importorskip("mpi4py")
+    from fastopt.nn import MLP
+
+    X, y = TC.data()
+    finals = []
+    for zero in (False, True):
+        m = MLP(TC.D, (600,), TC.K, dtype="float32", seed=0)  # above 4096: 8-bit state
+        opt = fo.Adam(m.params, lr=0.01, state_dtype="int8", stochastic_rounding=True, seed=3)
+        extra = {"distributed": dist.Context(), "zero": True} if zero else {}
+        trainer = Trainer(m, opt, batch_size=TC.BATCH, epochs=2, seed=5, progress=False, **extra)
+        trainer.fit(X, y)
+        local = getattr(trainer.optimizer, "local_optimizer", trainer.optimizer)
+        assert local.precision.state_dtype == "int8" and local.precision.seed == 3
+        finals.append(m.params.flat.copy())
+    assert finals[1].tobytes() == finals[0].tobytes()
+
+
 # --------------------------------------------------------------------------- in-process fakes
 #
 # A fake communicator (rank 0 of a world whose other ranks hold the same data as this one) and

@@ -97,7 +97,13 @@ class MPIStrategy(LocalStrategy):
                 )
             if optimizer.state:
                 raise ValueError("zero=True: the optimizer instance has already stepped")
-            cls, kwargs = type(optimizer), dict(optimizer.defaults)
+            # the storage options (state_dtype, master weights, ...) are not in defaults
+            cls = type(optimizer)
+            options = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
+            kwargs = {
+                **dict(optimizer.defaults),
+                **{k: getattr(optimizer.precision, k) for k in options},
+            }
             overrides = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
             if "muon_params" in overrides:  # over the whole model: ZeRO restricts it per rank
                 kwargs["muon_params"] = overrides.pop("muon_params")
