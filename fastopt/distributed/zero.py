@@ -1,6 +1,7 @@
 """ZeRO stage 1: the optimizer state sharded over the ranks, parameters and gradients replicated."""
 
 import math
+import pickle
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..optim import precision
 from ..optim.base import Optimizer
 from ..optim.muon import muon_selection
 from ..optim.precision import is_16bit
+from ..optim.segmented import SegmentedOptimizer
 from ..optim.state_dict import INT8_SUFFIXES
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
@@ -46,12 +48,20 @@ class ZeroRedundancyOptimizer:
     each rank owns a contiguous run of whole tensors (:func:`segment_shards`: element counts
     balanced greedily, deterministic; ``tensors`` names them) and steps
     ``optimizer_class(<a ParamSet view of its tensors>)``; the collectives are the same ones
-    with these counts. A rank that owns no tensor steps a private 1-element ParamSet. Muon too:
+    with these counts. A rank that owns no tensor steps a private 1-element ParamSet (a rank
+    owning only zero-size tensors owns them: their per-tensor state is in the layout). Muon too:
     its ``muon_params`` are chosen over the whole ParamSet (``"hidden"`` by position in it) and
     each rank's Muon gets the chosen names among its tensors, the others falling back to AdamW
     there as in one process; a state array a rank does not keep (Muon's momentum on a rank of
     fallback tensors only, which the update never reads) is gathered as zeros. L-BFGS is
     refused by name.
+
+    The options that choose per tensor (LAMB's and LARS's masks, Muon's ``muon_params``) are
+    evaluated for every tensor of the whole ParamSet on every rank, without communication, at
+    construction and whenever ``param_groups``' options changed before a step: a mask failing
+    for one tensor raises the same error on every rank before any collective and any write,
+    instead of on the rank owning that tensor only (the others would wait in the Allgather).
+    Changing which tensors Muon updates is refused (each rank keeps its tensors' state).
 
     :meth:`step`: ``Reduce_scatter`` (sum) of the flat gradient into a slice-sized buffer; if
     ``max_grad_norm`` or ``skip_nonfinite``, one Allreduce of (slice sum of squares, non-finite
@@ -64,7 +74,9 @@ class ZeroRedundancyOptimizer:
 
     ``param_groups`` is the slice optimizer's (change ``lr`` there identically on every rank).
     :meth:`state_dict` / :meth:`load_state_dict` are collective and use the full-buffer layout of
-    ``optimizer_class(ps)``, so states move between world sizes and to single-process runs.
+    ``optimizer_class(ps)``, so states move between world sizes and to single-process runs. A
+    refusal of the loaded state, and an option that cannot be pickled to the other ranks (a
+    lambda mask), raise the same error on every rank, never on one rank alone.
 
     Storage precision: the options of :mod:`fastopt.optim.precision` (``master_weights``,
     ``state_dtype``, ``stochastic_rounding``, ``seed``) go to the slice optimizer with the other
@@ -132,7 +144,7 @@ class ZeroRedundancyOptimizer:
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self.per_tensor = not optimizer_class.elementwise
         self.quantized = not self.per_tensor and quantizes_whole(defaults, params.size)
-        self._muon_params = None
+        self._muon_params = self._muon_chosen = None
         if self.per_tensor:
             names = params.names
             sizes = [hi - lo for lo, hi in (params.offsets[n] for n in names)]
@@ -147,6 +159,8 @@ class ZeroRedundancyOptimizer:
             self.tensors = None
         self.lo = self.displs[self.rank]
         self.hi = self.lo + self.counts[self.rank]
+        # a rank owning only zero-size tensors owns them all the same (their per-tensor state)
+        self._owns = bool(self.tensors) if self.per_tensor else self.hi > self.lo
         # the block absmax of 8-bit slots over the ranks: one per (possibly partial) block
         block = precision.QUANT_BLOCK
         self._block_layout = (
@@ -157,6 +171,7 @@ class ZeroRedundancyOptimizer:
             # checked over the whole ParamSet as one process would (no state is allocated)
             optimizer_class(params, **defaults)
             self._muon_params = defaults.get("muon_params")
+            self._muon_chosen = self._whole_muon_selection(self._muon_params)
             defaults = {**defaults, "muon_params": self._local_muon(self._muon_params)}
         xp = (
             import_cupy("ZeroRedundancyOptimizer on device buffers")
@@ -164,7 +179,7 @@ class ZeroRedundancyOptimizer:
             else np
         )
         grad_dtype = np.float32 if is_16bit(params.dtype) else params.dtype
-        if self.hi > self.lo:
+        if self._owns:
             target = params.flat[self.lo : self.hi]
             if self.per_tensor:  # the rank's whole tensors, as a view: the segments stay known
                 segments = [(n, params.shapes[n]) for n in self.tensors]
@@ -185,6 +200,14 @@ class ZeroRedundancyOptimizer:
             target, max_grad_value=max_grad_value, backend=backend, **defaults
         )
         self.local_optimizer.element_offset = self.lo  # stochastic rounding's element index
+        if not self._owns and isinstance(self.local_optimizer, SegmentedOptimizer):
+            # the private element is no tensor of the ParamSet: the masks are never asked of it
+            self.local_optimizer._flags = _no_flags
+        self._muon_local = None  # the local optimizer's muon_params, as this object set it
+        if self._muon_chosen is not None:
+            self._muon_local = self.local_optimizer.param_groups[0]["muon_params"]
+        self._options_key = None  # the options last checked over the whole ParamSet
+        self._check_options()  # a bad mask: the same error on every rank, before any collective
         if self.quantized:  # 8-bit as the whole ParamSet is, whatever the shard's size
             local = self.local_optimizer
             local.precision = local.precision._replace(min_8bit_size=0)
@@ -195,7 +218,7 @@ class ZeroRedundancyOptimizer:
             # state elements per array on every rank (Adafactor's factors are not one per
             # element): the layout of gathers and scatters, known before any state exists
             self._own_sizes = local_state_sizes(self.local_optimizer)
-            owned = self._own_sizes if self.hi > self.lo else {}
+            owned = self._own_sizes if self._owns else {}
             self._state_sizes = self.comm.allgather(owned)
             # every array of the full layout, the same list on every rank
             self._state_keys = sorted({k for sizes in self._state_sizes for k in sizes})
@@ -219,8 +242,58 @@ class ZeroRedundancyOptimizer:
     def _local_muon(self, value):
         """Muon's ``muon_params`` for this rank: the names ``value`` chooses over the whole
         ParamSet, among this rank's tensors (none on a rank without tensors)."""
-        chosen = muon_selection(value, list(self.params.shapes.items()))
-        return tuple(n for n in (self.tensors if self.hi > self.lo else ()) if n in chosen)
+        chosen = self._whole_muon_selection(value)
+        return RankNames(n for n in (self.tensors if self._owns else ()) if n in chosen)
+
+    def _whole_muon_selection(self, value):
+        """The set of names Muon's ``muon_params`` ``value`` chooses over the whole ParamSet."""
+        return muon_selection(value, list(self.params.shapes.items()))
+
+    # ----------------------------------------------------------------- options
+    def _check_options(self):
+        """Evaluate, on every rank and over every tensor of the whole ParamSet, the options that
+        choose per tensor (LAMB's and LARS's ``weight_decay_mask`` / ``trust_ratio_mask``,
+        Muon's ``muon_params``), when the local group's options changed since the last check
+        (at construction, then before each step and after a load).
+
+        Why: each rank's optimizer evaluates them over its own tensors only, inside its step,
+        so a mask that fails for one tensor (not a bool, a KeyError) would raise on the rank
+        owning it while the others write their shards and wait in the Allgather forever. Here
+        the masks are called for every tensor on every rank, with no communication, so a bad
+        one raises the same error everywhere before any collective and any write (masks are
+        taken to be deterministic functions of (name, shape), as one process assumes too)."""
+        if self._muon_local is None and not isinstance(self.local_optimizer, SegmentedOptimizer):
+            return  # no per-tensor choice to check
+        group = self.local_optimizer.param_groups[0]
+        key = _options_key(group, self.local_optimizer.defaults)
+        if key == self._options_key:
+            return
+        if self._muon_local is not None:
+            self._sync_muon(group)
+        else:
+            whole_mask_flags(self.local_optimizer, group, self.params)
+        self._options_key = _options_key(group, self.local_optimizer.defaults)
+
+    def _sync_muon(self, group):
+        """A ``muon_params`` set in ``param_groups`` after construction (any value but the
+        local tuple this object gave the local Muon): checked over the whole ParamSet as one
+        process would, then replaced by this rank's names. Refused on every rank if it changes
+        which tensors Muon updates: each rank keeps the state arrays of its tensors' rule
+        only (and the state layout follows them), so a new choice needs a new optimizer."""
+        value = group["muon_params"]
+        if value is self._muon_local:
+            return
+        options = {k: group[k] for k in self.local_optimizer.defaults}
+        self.optimizer_class(self.params, **options)  # every check, over the whole ParamSet
+        chosen = self._whole_muon_selection(value)
+        if chosen != self._muon_chosen:
+            raise ValueError(
+                f"param_groups[0]['muon_params'] = {value!r} chooses {sorted(chosen)} for Muon, "
+                f"this ZeroRedundancyOptimizer was built for {sorted(self._muon_chosen)}: each "
+                "rank keeps only its tensors' state, so create a new optimizer to change it"
+            )
+        self._muon_params = value
+        group["muon_params"] = self._muon_local
 
     def _layout(self, name):
         """(counts, displacements) of state array ``name`` over the ranks in the full layout; a
@@ -242,7 +315,7 @@ class ZeroRedundancyOptimizer:
 
     def local_state_elements(self):
         """Elements of optimizer state held by this rank (all state arrays together)."""
-        if self.hi == self.lo:
+        if not self._owns:
             return 0
         values = [v for entry in self.local_optimizer.state.values() for v in entry.values()]
         return sum(
@@ -258,12 +331,13 @@ class ZeroRedundancyOptimizer:
     def step(self, grads=None, *, grad_scale=None):
         """One ZeRO-1 step on this rank's gradient (``grads``: a flat array, or the ParamSet's
         gradient buffer); collective."""
+        self._check_options()
         gs = grad_scale_of(grad_scale)
         src = flat_grad(self.params, grads, "ZeroRedundancyOptimizer.step")
         if src.dtype != self._grad_shard.dtype:  # 16-bit gradients, summed in float32
             src = self._wide = widened(src, self._wide)
         shard = self._grad_shard
-        if self.hi > self.lo:
+        if self._owns:
             self._coll.reduce_scatter_sum(src, shard, self.counts)
         else:  # owns nothing: receives nothing, steps its private element with gradient 0
             self._coll.reduce_scatter_sum(src, shard[:0], self.counts)
@@ -340,19 +414,19 @@ class ZeroRedundancyOptimizer:
         """Load a full-buffer-layout state (from :meth:`state_dict`, a checkpoint, or a plain
         ``optimizer_class(params).state_dict()``), given on ``root`` (other ranks may pass
         ``None``); collective. Each rank takes its slice. Checked on every rank before anything
-        changes; if any rank refuses, every rank raises and keeps its previous state."""
+        changes; if any rank refuses, every rank raises and keeps its previous state.
+
+        Options that cannot be pickled (a lambda mask or ``muon_params``) are not sent: each
+        rank takes them from its own ``state_dict`` argument (e.g. ``state_dict(root=None)``),
+        or keeps its current value when the root's is its current one (the same object); else
+        every rank raises the same ValueError naming the option."""
         if root is None:
             root = 0
-        msg = None
-        if self.rank == root:
-            try:
-                msg = ("ok", *self.check_state_dict(state_dict))
-            except (TypeError, ValueError) as exc:
-                msg = ("error", type(exc).__name__, str(exc))
-        msg = self.comm.bcast(msg, root=root)
-        if msg[0] == "error":
-            raise (TypeError if msg[1] == "TypeError" else ValueError)(msg[2])
-        _, skeleton, array_names = msg
+        skeleton, array_names, unsent = self._received_skeleton(state_dict, root)
+        group = self._received_group(skeleton, unsent, state_dict, root)
+        whole_muon = group.get("muon_params")
+        if self._muon_local is not None and "muon_params" in group:
+            group = {**group, "muon_params": self._loaded_muon(whole_muon)}
         local_entry = None
         if skeleton["state"]:
             local_entry = dict(skeleton["state"][0])
@@ -374,29 +448,23 @@ class ZeroRedundancyOptimizer:
                 if self.per_tensor and k not in self._own_sizes:
                     del local_entry[k]  # an array of the full layout this rank does not keep
                     continue
-                if self.hi == self.lo:  # the private element's state, as a fresh one
+                if not self._owns:  # the private element's state, as a fresh one
                     mine = np.zeros(self._own_sizes[k] if self.per_tensor else 1, dtype)
                 local_entry[k] = mine
-            if self.per_tensor and self.hi == self.lo:  # the private element's own arrays
+            if self.per_tensor and not self._owns:  # the private element's own arrays
                 for k, size in self._own_sizes.items():
                     local_entry.setdefault(k, np.zeros(size, self.params.dtype))
-        groups = skeleton["param_groups"]
-        if "muon_params" in groups[0]:  # the saved choice over the whole ParamSet, for this rank
-            try:
-                groups = [{**groups[0], "muon_params": self._local_muon(groups[0]["muon_params"])}]
-            except (TypeError, ValueError) as exc:  # the same skeleton everywhere: all raise
-                raise type(exc)(f"state_dict param_groups[0]: {exc}") from None
         local_sd = {
             "algorithm": skeleton["algorithm"],
             "state": {0: local_entry} if local_entry is not None else {},
-            "param_groups": groups,
+            "param_groups": [group],
             "skipped_steps": skeleton["skipped_steps"],
         }
         before = self.local_optimizer.state_dict()
         err = None
         try:
             self.local_optimizer.load_state_dict(local_sd)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # any refusal on one rank: all ranks must learn of it
             err = exc
         if not self._coll.all_true(err is None):
             if err is None:
@@ -404,6 +472,98 @@ class ZeroRedundancyOptimizer:
                 raise ValueError("another rank refused the optimizer state; nothing was changed")
             raise err
         self.skipped_steps = int(skeleton["skipped_steps"])
+        if self._muon_local is not None and "muon_params" in group:
+            self._muon_params = whole_muon
+            self._muon_local = self.local_optimizer.param_groups[0]["muon_params"]
+        self._options_key = None  # the loaded options are checked at the next step
+
+    def _loaded_muon(self, value):
+        """This rank's names of a loaded ``muon_params`` ``value`` (the saved choice over the
+        whole ParamSet). The same skeleton is on every rank, so every rank raises alike: a
+        value that is not a choice over this ParamSet, or one choosing other tensors than this
+        optimizer's (each rank's state and the state layout follow its tensors' rules)."""
+        try:
+            chosen = self._whole_muon_selection(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"state_dict param_groups[0]: {exc}") from None
+        if chosen != self._muon_chosen:
+            raise ValueError(
+                f"state_dict param_groups[0]['muon_params'] chooses {sorted(chosen)} for Muon, "
+                f"this ZeroRedundancyOptimizer was built for {sorted(self._muon_chosen)}: "
+                "build it with the state's muon_params"
+            )
+        return self._local_muon(value)
+
+    def _received_skeleton(self, state_dict, root):
+        """(skeleton, array names, unsent options) of the root's ``state_dict``, checked by the
+        root and broadcast (collective). Every refusal by the root, whatever its exception,
+        and anything in the skeleton that cannot be pickled, is raised on every rank as the
+        same TypeError or ValueError: a root raising alone would leave the others waiting in
+        the broadcast. Unpicklable param_groups options are sent as None and listed in
+        ``unsent`` as (name, type name, whether it is the root's current value, why)."""
+        msg = exc = None
+        if self.rank == root:
+            try:
+                skeleton, names = self.check_state_dict(state_dict)
+                unsent = self._unsendable_options(skeleton["param_groups"][0])
+                why = _picklable(skeleton)
+                if why is not None:
+                    raise ValueError(f"state_dict cannot be sent to the other ranks ({why})")
+                msg = ("ok", skeleton, names, unsent)
+            except Exception as e:
+                exc = e
+                kind = "TypeError" if isinstance(e, TypeError) else "ValueError"
+                text = str(e) if isinstance(e, (TypeError, ValueError)) else f"{e!r}"
+                msg = ("error", kind, text)
+        msg = self.comm.bcast(msg, root=root)
+        if msg[0] == "error":
+            raise (TypeError if msg[1] == "TypeError" else ValueError)(msg[2]) from exc
+        return msg[1:]
+
+    def _unsendable_options(self, group):
+        """[(name, type name, is the root's current value, why)] of the options of ``group``
+        (the skeleton's, changed in place to None) that cannot be pickled."""
+        unsent = []
+        for k, v in group.items():
+            why = _picklable(v)
+            if why is not None:
+                unsent.append((k, type(v).__name__, v is self._current_option(k), why))
+                group[k] = None
+        return unsent
+
+    def _current_option(self, name):
+        """This rank's current value of option ``name`` (Muon's ``muon_params``: the whole
+        ParamSet's choice, not the local names)."""
+        if name == "muon_params" and self._muon_local is not None:
+            return self._muon_params
+        return self.local_optimizer.param_groups[0].get(name)
+
+    def _received_group(self, skeleton, unsent, state_dict, root):
+        """The skeleton's ``param_groups[0]`` with its unsent options filled in on each rank:
+        from the rank's own ``state_dict`` argument, else its current value when the root's is
+        its current one. Collective when some were unsent (one agreement, so that every rank
+        raises the same ValueError, before anything changes, if some rank has no value)."""
+        group = dict(skeleton["param_groups"][0])
+        if not unsent:
+            return group
+        own = _own_group(state_dict)
+        found = True
+        for k, _, unchanged, _ in unsent:
+            if own is not None and k in own:
+                group[k] = own[k]
+            elif unchanged:
+                group[k] = self._current_option(k)
+            else:
+                found = False
+        if not self._coll.all_true(found):
+            k, type_name, _, why = next(u for u in unsent if not u[2])
+            raise ValueError(
+                f"load_state_dict: param_groups[0][{k!r}] (a {type_name}) cannot be sent from "
+                f"rank {root} to the other ranks ({why}) and is not this optimizer's current "
+                "value: pass the same state_dict on every rank, or make it picklable (e.g. a "
+                "module-level function)"
+            )
+        return group
 
     def check_state_dict(self, sd):
         """(state dict with arrays removed, [(name, storage dtype name)] of the state arrays)
@@ -546,6 +706,53 @@ def _check_shardable(optimizer_class):
             f"ZeroRedundancyOptimizer cannot shard {name}: it steps with a closure that "
             "re-evaluates the whole model; use DataParallel for it"
         )
+
+
+class RankNames(tuple):
+    """The names a ZeRO rank gives its local Muon as ``muon_params``: a tuple, and a new object
+    each time, so that a value a user sets in ``param_groups`` (even an equal tuple, or the
+    interned ``()``) is never taken for it and is always checked over the whole ParamSet."""
+
+    __slots__ = ()
+
+
+def _options_key(group, names):
+    """The values of options ``names`` of ``group``, comparable between steps (each with its
+    type, so that a user's ``()`` is not this rank's :class:`RankNames`; lists as tuples,
+    functions by identity): a change means the per-tensor choices are evaluated again."""
+    return tuple((type(v), tuple(v) if isinstance(v, list) else v) for v in map(group.get, names))
+
+
+def whole_mask_flags(optimizer, group, params):
+    """The per-tensor flags a :class:`SegmentedOptimizer`'s masks of ``group`` give every tensor
+    of the ParamSet ``params`` (the class's own evaluation, so the same errors: TypeError naming
+    the mask, the tensor and the value). Called on every rank over the whole ParamSet."""
+    segs = [(name, shape, 0, 0) for name, shape in params.shapes.items()]
+    return type(optimizer)._flags(optimizer, group, segs)
+
+
+def _no_flags(group, segs):
+    """The flags of a rank's private element (it owns no tensor): no decay, no trust ratio, and
+    no mask called on a name that is not a tensor of the ParamSet."""
+    return np.zeros(len(segs), np.int32)
+
+
+def _picklable(value):
+    """None if ``value`` pickles (MPI's object collectives send pickles), else why not."""
+    try:
+        pickle.dumps(value)
+    except Exception as exc:  # PicklingError, AttributeError, TypeError: all mean "cannot send"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _own_group(state_dict):
+    """``param_groups[0]`` of a rank's own ``state_dict`` argument, or None when it has none."""
+    try:
+        group = state_dict["param_groups"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return group if isinstance(group, Mapping) else None
 
 
 def local_state_sizes(optimizer):
