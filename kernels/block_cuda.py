@@ -87,8 +87,8 @@ def block_kernel1(p, w, g, c0, a0, q0, l0, hs, rs):
     top = cuda.shared.array(SLOTS_MAX, uint32)
     v0 = cuda.local.array(EPT, float32)
     for b in range(cuda.blockIdx.x, (n + QUANT_BLOCK - 1) // QUANT_BLOCK, cuda.gridDim.x):
-        if tid < SLOTS_MAX:
-            top[tid] = 0
+        for s in range(tid, SLOTS_MAX, cuda.blockDim.x):  # every slot, with any thread count
+            top[s] = 0
         cuda.syncthreads()
         m0 = magnitude_bits(0.0)
         for k in range(EPT):
@@ -118,8 +118,8 @@ def block_kernel2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, hs, rs):
     v0 = cuda.local.array(EPT, float32)
     v1 = cuda.local.array(EPT, float32)
     for b in range(cuda.blockIdx.x, (n + QUANT_BLOCK - 1) // QUANT_BLOCK, cuda.gridDim.x):
-        if tid < SLOTS_MAX:
-            top[tid] = 0
+        for s in range(tid, SLOTS_MAX, cuda.blockDim.x):  # every slot, with any thread count
+            top[s] = 0
         cuda.syncthreads()
         m0 = magnitude_bits(0.0)
         m1 = m0
@@ -156,8 +156,8 @@ def block_kernel3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, r
     v1 = cuda.local.array(EPT, float32)
     v2 = cuda.local.array(EPT, float32)
     for b in range(cuda.blockIdx.x, (n + QUANT_BLOCK - 1) // QUANT_BLOCK, cuda.gridDim.x):
-        if tid < SLOTS_MAX:
-            top[tid] = 0
+        for s in range(tid, SLOTS_MAX, cuda.blockDim.x):  # every slot, with any thread count
+            top[s] = 0
         cuda.syncthreads()
         m0 = magnitude_bits(0.0)
         m1 = m0

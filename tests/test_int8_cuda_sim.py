@@ -151,6 +151,29 @@ def test_launch_configuration_does_not_change_the_bits(monkeypatch):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fewer_threads_than_state_slots_keep_each_blocks_absmax(threads, monkeypatch):
+    """``threads`` may be any divisor of 256: with fewer threads than AMSGrad's three slots
+    every slot's shared maximum is still reset for each quantization block (with 1 or 2
+    threads the third slot's used to carry the previous block's maximum along)."""
+    from fastopt.kernels import block_cuda
+
+    monkeypatch.setattr(block_cuda, "SIMULATOR_LAUNCH", (1, threads))
+    monkeypatch.setattr(precision, "MIN_8BIT_SIZE", 256)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(3 * 256).astype(np.float32)
+    scale = np.repeat(np.float32([100.0, 0.01, 1.0]), 256)  # blocks of very different sizes
+    dw = to_device(w)
+    kwargs = dict(lr=1e-2, amsgrad=True, state_dtype="int8")
+    opt_h, opt_d = fo.Adam([w], **kwargs), fo.Adam([dw], **kwargs)
+    for _ in range(2):
+        g = (rng.standard_normal(w.size) * scale).astype(np.float32)
+        opt_h.step([g])
+        opt_d.step([to_device(g)])
+    assert host(dw).tobytes() == w.tobytes()
+    assert_same_state(opt_d, opt_h)
+
+
 def test_bad_input_is_refused_before_any_write(monkeypatch):
     from fastopt.kernels import block_cuda
 
