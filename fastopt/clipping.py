@@ -3,6 +3,8 @@ into their step: ``max_grad_norm=``, ``max_grad_value=``, ``skip_nonfinite=``)."
 
 import math
 
+import numpy as np
+
 from . import streams
 from .structure import flat_units
 
@@ -80,5 +82,12 @@ def clip_grad_value(grads, clip_value, *, stream=None):
     (``torch.nn.utils.clip_grad_value_``); on a GPU on ``stream`` (as for :func:`global_norm`)."""
     if not (isinstance(clip_value, (int, float)) and math.isfinite(clip_value) and clip_value > 0):
         raise ValueError(f"invalid clip_value: {clip_value!r} (must be a finite number > 0)")
-    for backend, a, s in _units(grads, stream):
+    units = list(_units(grads, stream))
+    for _, a, _ in units:  # every array checked before the first is clamped
+        if np.array(clip_value, dtype=a.dtype) == 0:
+            raise ValueError(
+                f"clip_value={clip_value!r} rounds to 0 in {np.dtype(a.dtype).name}; the smallest "
+                f"clip it can hold is {float(np.finfo(a.dtype).smallest_subnormal):.3g}"
+            )
+    for backend, a, s in units:
         backend.clamp(a, clip_value, s)

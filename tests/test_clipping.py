@@ -148,3 +148,28 @@ def test_clip_coefficient_is_torchs():
     assert fo.clipping.clip_coefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6)
     assert fo.clipping.clip_coefficient(float("inf"), 1.0) == 0.0
     assert np.isnan(fo.clipping.clip_coefficient(float("nan"), 1.0))
+
+
+@pytest.mark.parametrize(
+    "dtype, limit", [(np.float32, 1e-46), (np.float16, 1e-9), ("bfloat16", 1e-41)]
+)
+def test_a_clip_below_the_dtypes_smallest_value_is_refused_before_any_write(dtype, limit):
+    """A clip that rounds to 0 in the dtype the update computes in (float32 for 16-bit
+    parameters) would read as "no clipping" to the kernels: refused by name, nothing written;
+    the same for the clip_grad_value utility in the gradient's own dtype."""
+    import ml_dtypes
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    w = np.array([1.0, 2.0], np.float32).astype(dt)
+    g = np.array([3.0, -3.0], np.float32).astype(dt)
+    before = w.copy()
+    compute_underflows = np.float32(limit) == 0 or dt == np.float32
+    if compute_underflows:
+        opt = fo.SGD([w], lr=1.0, max_grad_value=limit)
+        with pytest.raises(ValueError, match="max_grad_value=.* rounds to 0 in float32"):
+            opt.step([g])
+        assert w.tobytes() == before.tobytes() and opt.state_dict()["state"] == {}
+    g0 = g.copy()
+    with pytest.raises(ValueError, match=f"clip_value=.* rounds to 0 in {dt.name}"):
+        fo.clipping.clip_grad_value([np.array([1.0], np.float32), g], limit)
+    assert g.tobytes() == g0.tobytes()

@@ -86,6 +86,18 @@ def scalar_tuple(optimizer, rule, values, cast):
     )
 
 
+def check_clip_representable(name, value, unit):
+    """ValueError unless the elementwise clip ``value`` (> 0) stays above 0 in the dtype
+    ``unit`` computes in: below that dtype's smallest positive value it rounds to 0, which the
+    kernels read as "no clipping" (every gradient would otherwise have to become 0)."""
+    dtype = np.dtype(np.float32 if precision.is_16bit(unit.param.dtype) else unit.param.dtype)
+    if dtype.type(value) == 0:
+        raise ValueError(
+            f"{name}={value!r} rounds to 0 in {dtype.name}, the dtype {unit.label} computes in; "
+            f"the smallest clip it can hold is {float(np.finfo(dtype).smallest_subnormal):.3g}"
+        )
+
+
 class Optimizer:
     """Base class. ``params``: a ParamSet, an array, a list/tuple/dict of arrays, or a list of
     param-group dicts ``{"params": ..., <hyperparameter overrides>}`` as in torch.optim.
@@ -461,6 +473,10 @@ class Optimizer:
         (counted here). ``stream_of``: the step's :class:`fastopt.streams.StepStreams`."""
         if stream_of is None:
             stream_of = streams.StepStreams(self._stream)
+        if self.max_grad_value is not None:
+            for _, _, _, work in plan:
+                for unit, _ in work:
+                    check_clip_representable("max_grad_value", self.max_grad_value, unit)
         gscale = 1.0
         if grad_scale is not None:
             check_positive("grad_scale", grad_scale)
