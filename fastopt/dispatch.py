@@ -75,6 +75,15 @@ class Backend:
         stochastic rounding. Only backends with ``mixed_storage``."""
         raise NotImplementedError
 
+    def convert(self, dst, src, rs=None, word=0, stream=None):
+        """``dst[...] = src`` for flat native arrays of equal size and storage dtypes (float32,
+        float64, bfloat16, float16): exact where ``dst`` holds ``src``'s values, else rounded as
+        the storage kernels round: to nearest even, or with ``rs`` = (seed, step, index of
+        ``src[0]`` among the optimizer's parameters) stochastically with word ``word`` of each
+        element's random bits (0 the parameter, 1 + j state slot j). Only backends with
+        ``mixed_storage``; the staging of ``fastopt/optim/staging.py`` runs on it."""
+        raise NotImplementedError
+
     def sumsq_and_finite(self, g, stream=None):
         """(sum of squares in float64, every element finite?) of a flat array, deterministic.
         Host values: on a GPU this synchronises (see the class docstring)."""
@@ -152,6 +161,9 @@ class NumbaCPU(Backend):
     def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
         self._storage.apply(rule, storage, p, g, states, master, h, gs, rs)
 
+    def convert(self, dst, src, rs=None, word=0, stream=None):
+        self._storage.convert(dst, src, rs, word)
+
     def sumsq_and_finite(self, g, stream=None):
         if g.dtype.itemsize == 2:
             return self._storage.sumsq_and_finite(g)
@@ -217,6 +229,9 @@ class CuPyBackend(Backend):
 
     def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
         self._kernels.apply_storage(rule, storage, p, g, states, master, h, gs, rs, stream)
+
+    def convert(self, dst, src, rs=None, word=0, stream=None):
+        self._kernels.convert(dst, src, rs, word, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         return self._kernels.sumsq_and_finite(g, stream)
@@ -347,6 +362,9 @@ class NumbaCUDA(Backend):
 
     def update_storage(self, rule, storage, p, g, states, master, h, gs, rs, stream=None):
         self._storage.apply(rule, storage, p, g, states, master, h, gs, rs, stream)
+
+    def convert(self, dst, src, rs=None, word=0, stream=None):
+        self._storage.convert(dst, src, rs, word, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         if g.dtype.itemsize == 2:

@@ -34,6 +34,18 @@ the parameter, stochastic rounding of 16-bit stores."""
 SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16", "int8": "q8"}
 
 
+def storage_name(dtype):
+    """The storage name of a NumPy dtype (``"float32"``, ``"float64"``, ``"bfloat16"``,
+    ``"float16"``); ValueError for any other."""
+    name = np.dtype(dtype).name
+    if name not in _LOAD_NAMES:
+        raise ValueError(f"no storage dtype {name}")
+    return name
+
+
+_LOAD_NAMES = ("float32", "float64", "bfloat16", "float16")
+
+
 def compute_name(storage):
     """The dtype name the rule computes in: float64 for float64 parameters, else float32."""
     return "float64" if storage.param == "float64" and not storage.master else "float32"
@@ -168,3 +180,20 @@ def bind(storage, compiled_storage, decorate):
         namespace[name] = decorate(copy)
     keys = ("load_param", "store_param", "load_grad", "load_state", "store_state", "draw")
     return {k: namespace[k] for k in keys}
+
+
+def bind_convert(dst, src, stochastic, compiled_storage, decorate):
+    """The globals of ``loops.convert_loop`` from storage ``src`` to storage ``dst`` (dtype
+    names), rounding stochastically when ``stochastic`` (and ``dst`` is 16-bit): ``load_src``
+    (to float32, or float64 for a float64 source), ``store_dst`` and ``draw``."""
+    namespace = dict(compiled_storage, np=np)
+    sources = {
+        "load_src": _LOAD[src],
+        "store_dst": _store(dst, stochastic),
+        "draw": element_bits if stochastic else no_bits,
+    }
+    for name, fn in sources.items():
+        copy = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__)
+        copy.__qualname__ = name
+        namespace[name] = decorate(copy)
+    return {k: namespace[k] for k in sources}

@@ -123,3 +123,12 @@ def storage_loop_kernel(
         decorate,
         access.variant_name(storage) + variant,
     )
+
+
+def convert_kernel(dst, src, stochastic, element_access, indices, decorate, variant=""):
+    """``loops.convert_loop`` from storage ``src`` to ``dst`` (dtype names) for a target, with
+    the element access of ``access.bind_convert``."""
+    sr = "_sr" if stochastic else ""
+    name = f"_{access.SHORT[dst]}_from_{access.SHORT[src]}{sr}{variant}"
+    extra = {"indices": indices, **element_access}
+    return specialize(loops.convert_loop, "convert", None, extra, decorate, name)

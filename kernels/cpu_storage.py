@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from . import access, block_loops
-from .compile_rules import rebind, storage_loop_kernel
+from .compile_rules import convert_kernel, rebind, storage_loop_kernel
 from .cpu import _RULES, PARALLEL_THRESHOLD
 from .layout import REDUCTION_CHUNK
 from .storage import compile_storage
@@ -64,6 +64,40 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs):
     pb = bits(p)
     w = pb if master is None else master
     k(pb, w, bits(g), *[bits(s) for s in states], h + gs, rs)
+
+
+_CONVERTERS = {}
+
+
+def convert(dst, src, rs=None, word=0):
+    """``dst[...] = src`` for flat, equal-length host arrays of the storage dtypes: exact when
+    ``dst`` holds every value of ``src``, else rounded to nearest even, or, with ``rs`` =
+    (seed, step, index of ``src[0]`` among the optimizer's parameters), stochastically with
+    word ``word`` (0-3) of each element's ``random_bits4`` (the word the storage loops use:
+    0 for the parameter, 1 + j for state slot j)."""
+    if dst.size != src.size:
+        raise ValueError(f"convert: {dst.size} and {src.size} elements")
+    if not 0 <= word <= 3:
+        raise ValueError(f"convert: word must be 0-3 (one of random_bits4's), not {word}")
+    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
+    stochastic = rs is not None and dst.dtype.itemsize == 2
+    parallel = dst.size >= PARALLEL_THRESHOLD
+    key = (*names, stochastic, parallel)
+    k = _CONVERTERS.get(key)
+    if k is None:
+        element_access = access.bind_convert(
+            *names, stochastic, _storage_helpers(), _HELPER_DECORATOR
+        )
+        k = _CONVERTERS[key] = convert_kernel(
+            *names,
+            stochastic,
+            element_access,
+            prange if parallel else range,
+            njit(parallel=parallel, cache=True, nogil=True, error_model="numpy"),
+            "" if parallel else "_serial",
+        )
+    rs = (0, 0, 0) if rs is None else tuple(int(v) for v in rs)
+    k(bits(dst), bits(src), rs, int(word))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ compiled on first use and cached in memory and on disk, as ``cuda.py`` does for 
 (same grid-stride ``indices``, launch configuration, devices and streams). The float32 and
 float64 kernels of ``cuda.py`` are not touched: a combination for which ``access.is_plain``
 holds runs them; 8-bit blockwise state runs the block kernels of ``block_cuda.py``.
+``convert`` (``Backend.convert``) compiles ``loops.convert_loop`` with ``access.bind_convert``
+the same way, one kernel per (destination, source, stochastic rounding).
 
 16-bit arrays reach the kernels as ``uint16`` views of their bits (:func:`bits`): a numba device
 array of dtype ``ml_dtypes.bfloat16`` or ``float16`` is viewed with ``.view(np.uint16)`` (numba
@@ -29,7 +31,7 @@ import numpy as np
 from . import access, packed_loops
 from . import cuda as kcuda
 from . import cuda_launch as launch
-from .compile_rules import ARITY, rebind, storage_loop_kernel
+from .compile_rules import ARITY, convert_kernel, rebind, storage_loop_kernel
 from .storage import compile_storage
 
 _KERNELS = {}
@@ -114,6 +116,59 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=0, *, thre
         nblocks, nthreads = kcuda.launch_config(work, threads, None, device)
         s = launch.as_stream(cuda, stream, device)
         launch.configured(kernel(rule_name, storage), nblocks, nthreads, s, device)(*args)
+
+
+_CONVERTERS = {}
+
+
+def converter(dst, src, stochastic):
+    """The CUDA kernel of ``loops.convert_loop`` from storage ``src`` to ``dst`` (dtype names),
+    rounding 16-bit stores stochastically when ``stochastic`` (built on first use)."""
+    key = (dst, src, stochastic)
+    k = _CONVERTERS.get(key)
+    if k is None:
+        _, indices = kcuda._device_functions()
+        element_access = access.bind_convert(dst, src, stochastic, helpers(), _device_decorator())
+        with _LOCK:
+            k = _CONVERTERS.get(key)
+            if k is None:
+                k = convert_kernel(
+                    dst,
+                    src,
+                    stochastic,
+                    element_access,
+                    indices,
+                    launch._cuda().jit(cache=True),
+                    "_cuda",
+                )
+                _CONVERTERS[key] = k
+    return k
+
+
+def convert(dst, src, rs=None, word=0, stream=0, *, threads=None, blocks=None):
+    """``dst[...] = src`` for flat, equal-length, contiguous numba device arrays of the storage
+    dtypes (asynchronous, on ``dst``'s device and ``stream``), as ``cpu_storage.convert`` does
+    it, bit for bit: exact widening, else rounding to nearest even, or with ``rs`` = (seed,
+    step, index of ``src[0]`` among the optimizer's parameters) and a 16-bit ``dst``
+    stochastically with word ``word`` (0-3) of each element's ``random_bits4``.
+    ``threads``/``blocks`` override the launch configuration."""
+    n = math.prod(dst.shape)
+    if n != math.prod(src.shape):
+        raise ValueError(f"convert: {n} and {math.prod(src.shape)} elements")
+    if int(word) not in range(4):
+        raise ValueError(f"convert: word must be 0, 1, 2 or 3, got {word}")
+    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
+    stochastic = rs is not None and dst.dtype.itemsize == 2
+    if n == 0:
+        return
+    rs = (0, 0, 0) if rs is None else tuple(int(v) for v in rs)
+    cuda = launch._cuda()
+    device = launch.launch_device(dst)
+    with launch.on_device(device):
+        nblocks, nthreads = kcuda.launch_config(n, threads, blocks, device)
+        s = launch.as_stream(cuda, stream, device)
+        k = launch.configured(converter(*names, stochastic), nblocks, nthreads, s, device)
+        k(bits(dst), bits(src), rs, int(word))
 
 
 def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):

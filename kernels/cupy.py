@@ -27,6 +27,8 @@ thread takes packs of 4 consecutive elements per aligned load (8 bytes of 16-bit
 grid is sized on ceil(n / 4). The
 gradient norm of 16-bit arrays uses the ``fo_sumsq_partials_bf16``/``_f16`` module. 8-bit
 blockwise state (``state_dtype="int8"``) goes to the block kernels of ``block_cupy.py``.
+``convert`` (``Backend.convert``) launches ``fo::convert_kernel``, one instantiation per
+(destination, source, stochastic rounding), compiled the same way.
 
 CuPy is imported lazily: this module imports (and ``available()`` answers) without it.
 The scalar struct is passed as a size-1 ``numpy.ndarray`` of a structured dtype, which CuPy
@@ -462,6 +464,73 @@ def apply_storage(rule_name, storage, p, g, states, master, h, gs, rs, stream=No
         args = (_bits(p), w, _bits(g), *slots, np.int64(n), _scalars(h, compute))
         args += (compute.type(gscale), compute.type(clip))
         args += tuple(np.uint64(int(v) % 2**64) for v in rs)
+        if stream is None:
+            k((grid,), (THREADS_PER_BLOCK,), args)
+        else:
+            with stream:
+                k((grid,), (THREADS_PER_BLOCK,), args)
+
+
+_convert_modules = {}  # (dst, src, stochastic) -> (cupy.RawModule, name expression)
+
+
+def convert_expression(dst, src, stochastic):
+    """The C++ name of the conversion kernel from storage ``src`` to ``dst`` (dtype names):
+    ``fo::convert_kernel<fo::bf16_bits, float, true>``."""
+    return f"fo::convert_kernel<{_ELEMENT[dst]}, {_ELEMENT[src]}, {str(bool(stochastic)).lower()}>"
+
+
+def convert_kernel(dst, src, stochastic):
+    """The ``cupy.RawKernel`` of a conversion (see :func:`convert_expression`) on the current
+    device, compiled on first use as a module of its own, as :func:`storage_kernel` does."""
+    import cupy
+
+    key = (dst, src, bool(stochastic))
+    entry = _convert_modules.get(key)
+    if entry is None:
+        expr = convert_expression(*key)
+        with _lock:
+            entry = _convert_modules.get(key)
+            if entry is None:
+                mod = cupy.RawModule(
+                    code=storage_source(), options=COMPILE_OPTIONS, name_expressions=[expr]
+                )
+                entry = _convert_modules[key] = (mod, expr)
+    kkey = (cupy.cuda.runtime.getDevice(), ("convert", *key))
+    k = _kernels.get(kkey)
+    if k is None:
+        k = _kernels[kkey] = entry[0].get_function(entry[1])
+    return k
+
+
+def convert(dst, src, rs=None, word=0, stream=None):
+    """``dst[...] = src`` for flat, equal-length, contiguous cupy arrays of the storage dtypes
+    (float32, float64, bfloat16, float16): one launch of ``fo::convert_kernel``, asynchronous on
+    ``stream`` (None: the current stream). Exact widening, else rounding to nearest even, or
+    with ``rs`` = (seed, step, index of ``src[0]`` among the optimizer's parameters) and a
+    16-bit ``dst`` stochastically with word ``word`` (0-3) of each element's ``random_bits4``:
+    the bits of ``cpu_storage.convert``."""
+    import cupy
+
+    from . import access
+
+    n = dst.size
+    if n != src.size:
+        raise ValueError(f"convert: {n} and {src.size} elements")
+    if int(word) not in range(4):
+        raise ValueError(f"convert: word must be 0, 1, 2 or 3, got {word}")
+    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
+    stochastic = rs is not None and dst.dtype.itemsize == 2
+    if n == 0:
+        return
+    rs = (0, 0, 0) if rs is None else rs
+    device = dst.data.device_id
+    stream = as_stream(stream, device)
+    with cupy.cuda.Device(device):
+        k = convert_kernel(*names, stochastic)
+        grid = max(1, min(-(-n // THREADS_PER_BLOCK), BLOCKS_PER_SM * _sm_count(device)))
+        args = (_bits(dst), _bits(src), np.int64(n))
+        args += tuple(np.uint64(int(v) % 2**64) for v in rs) + (np.int32(word),)
         if stream is None:
             k((grid,), (THREADS_PER_BLOCK,), args)
         else:

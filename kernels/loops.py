@@ -121,3 +121,13 @@ def storage_loop3(p, w, g, s0, s1, s2, hs, rs):
 
 STORAGE_TEMPLATES = (storage_loop0, storage_loop1, storage_loop2, storage_loop3)
 """The storage loop of each number of state slots."""
+
+
+def convert_loop(dst, src, rs, word):
+    """``dst[i] = src[i]`` converted: widened exactly, or rounded as the storage loops round
+    (to nearest even, or stochastically with word ``word`` of ``draw(rs, i)``). The staging of
+    the per-tensor and matrix rules (``fastopt/optim/staging.py``) runs their float32 kernels
+    between such passes."""
+    for i in indices(dst.size):
+        r = draw(rs, i)
+        store_dst(dst, i, load_src(src, i), r[word])

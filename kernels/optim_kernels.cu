@@ -551,6 +551,58 @@ __global__ void storage_kernel(P* __restrict__ p, float* __restrict__ w,
     }
 }
 
+// Conversion (Backend.convert, kernels/loops.py's convert_loop): dst[i] = src[i] through the
+// element policies above, one instantiation per (destination, source, stochastic rounding), e.g.
+//
+//   fo::convert_kernel<fo::bf16_bits, float, true>
+//     (D* dst, const S* src, long long n, unsigned long long seed, unsigned long long step,
+//      unsigned long long index0, int word)
+//
+// The value goes through double for a double source, else through float (every other source
+// widens to float exactly), so a double source stored in 16 bits is rounded to float first, as
+// the storage stores do. With SR (a 16-bit D) the store takes word `word` (0-3) of
+// random_bits4(seed, step, index0 + i): the bits the storage kernel gives the parameter (0) or
+// state slot j (1 + j) of element i.
+
+template <typename S>
+struct convert_compute {
+    typedef float type;
+};
+
+template <>
+struct convert_compute<double> {
+    typedef double type;
+};
+
+// Word `word` (0-3) of r, by selects: an index computed at run time into r.v would put r in
+// local memory.
+FO_HD unsigned int random_word(const Philox4& r, int word) {
+    const unsigned int lo = (word & 1) ? r.v[1] : r.v[0];
+    const unsigned int hi = (word & 1) ? r.v[3] : r.v[2];
+    return (word & 2) ? hi : lo;
+}
+
+// Element i (the loop body of convert_kernel, __host__ __device__ for a host harness).
+template <typename D, typename S, bool SR>
+FO_HD void convert_element(long long i, D* dst, const S* src, unsigned long long seed,
+                           unsigned long long step, unsigned long long index0, int word) {
+    typedef typename convert_compute<S>::type C;
+    unsigned int rbits = 0u;
+    if (SR) rbits = random_word(random_bits4(seed, step, index0 + (unsigned long long)i), word);
+    dst[i] = element<D>::template store<SR>(element<S>::template load<C>(src[i]), rbits);
+}
+
+template <typename D, typename S, bool SR>
+__global__ void convert_kernel(D* __restrict__ dst, const S* __restrict__ src, long long n,
+                               unsigned long long seed, unsigned long long step,
+                               unsigned long long index0, int word) {
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = start; i < n; i += stride) {
+        convert_element<D, S, SR>(i, dst, src, seed, step, index0, word);
+    }
+}
+
 }  // namespace fo
 
 #endif  // FO_ENABLE_STORAGE
