@@ -216,18 +216,18 @@ def test_bad_hyperparameters_are_refused(kw, err, match):
 def test_bad_input_writes_nothing():
     w = np.ones((3, 4), np.float32)
     opt = fo.Adafactor([w])
-    with pytest.raises(TypeError, match="parameter's dtype"):
-        opt.step([np.ones((3, 4), np.float64)])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([np.ones((4, 3), np.float32)])
     opt.param_groups[0]["eps"] = (None, -1.0)
     with pytest.raises(ValueError, match=r"eps\[1\]"):
         opt.step([np.ones((3, 4), np.float32)])
     assert np.all(w == 1) and opt.state == {}
-    with pytest.raises(TypeError, match="float32 or float64"):
-        fo.Adafactor([np.ones(3, np.float16)])
-    with pytest.raises(TypeError, match="float32 or float64"):
-        opt.add_param_group({"params": [np.ones(3, np.float16)]})
-    with pytest.raises(TypeError, match="state bfloat16"):
-        fo.Adafactor([np.ones(3, np.float32)], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="backend 'numpy' stores float32, float64"):
+        fo.Adafactor([np.ones(3, np.float16)], backend="numpy")
+    with pytest.raises(TypeError, match="integer|dtype"):
+        opt.add_param_group({"params": [np.ones(3, np.int32)]})
+    with pytest.raises(ValueError, match=r"cannot keep state_dtype='int8'.*m \+ n values"):
+        fo.Adafactor([np.ones(3, np.float32)], state_dtype="int8")
     assert len(opt.param_groups) == 1  # the refused group is not kept
 
 

@@ -6,6 +6,7 @@ on first use), the NumPy reference on ``numpy``."""
 
 import importlib.util
 
+import ml_dtypes
 import numpy as np
 
 from .. import reference, streams
@@ -13,7 +14,7 @@ from ..kernels import factored
 from ..paramset import ParamSet
 from ..validation import check_bool, check_nonnegative, check_pair
 from . import hyperparameters as hp
-from . import precision
+from . import precision, staging
 from .base import Optimizer, maximize_sign
 
 STATE_NAMES = ("row_var", "col_var", "variance")
@@ -89,8 +90,12 @@ class Adafactor(Optimizer):
     per tensor (a ParamSet's parameters, or each array), the factors over its last two
     dimensions (leading ones are a batch of matrices). State per m x n matrix: m + n values
     (``row_var``, ``col_var``); per vector or scalar: one per element (``variance``).
-    ``eps = (None, 1e-3)``: eps1 None is the dtype's machine epsilon. ``foreach`` is accepted
-    for torch's signature (every step is fused). float32 and float64 parameters, on the
+    ``eps = (None, 1e-3)``: eps1 None is the machine epsilon of the parameter's dtype (as
+    torch, of the gradient's: for a bfloat16 parameter 2^-7). ``foreach`` is accepted
+    for torch's signature (every step is fused). float32 and float64 parameters, and
+    bfloat16/float16 ones with ``state_dtype``, ``master_weights`` and stochastic rounding
+    (through float32 copies: ``fastopt/optim/staging.py``; not ``state_dtype="int8"``: the
+    factors are already m + n values per matrix), on the
     numba-cpu, numba-cuda and cupy backends (kernel modules :data:`KERNEL_MODULES`; device
     arrays keep their state and scratch on their device) and the NumPy reference; other
     backends are refused by name.
@@ -106,7 +111,6 @@ class Adafactor(Optimizer):
 
     algorithm = "adafactor"
     elementwise = False
-    plain_storage_only = True
     state_like_params = False
 
     hyperparameter_table = (
@@ -142,7 +146,7 @@ class Adafactor(Optimizer):
         other, on one stream): a list of arrays costs its largest array, not their sum."""
         cache = self.__dict__.setdefault("_layouts", {})
         backend = unit.backend.name
-        dtype = unit.param.dtype
+        dtype = staging.compute_dtype(unit.param.dtype)
         key = ("update", backend, unit.backend.device_of(unit.param), dtype)
         shared = cache.get(key)
         hit = cache.get(id(unit))
@@ -164,6 +168,8 @@ class Adafactor(Optimizer):
         return hit[1], hit[2], work
 
     def _state_shape(self, g_int, unit, name):
+        if name == precision.MASTER:
+            return unit.shape
         shapes = self._shapes(g_int, unit)
         rows, cols, vector = factored.state_sizes(shapes)
         size = {"row_var": rows, "col_var": cols, "variance": vector}[name]
@@ -176,14 +182,13 @@ class Adafactor(Optimizer):
 
     # ------------------------------------------------------------------ checks
     def add_param_group(self, param_group):
-        """``Optimizer.add_param_group``, then the group is taken back unless every unit is a
-        float32/float64 array on a backend Adafactor runs on (device arrays: known now)."""
+        """``Optimizer.add_param_group``, then the group is taken back unless every unit is on a
+        backend Adafactor runs on (device arrays: known now)."""
         super().add_param_group(param_group)
         try:
             for u in self._groups[-1]["units"]:
                 if u.backend is not None:
                     self._check_backend(u)
-                self._check_dtype(u, u.param.dtype)
         except (TypeError, RuntimeError):
             self.param_groups.pop()
             self._groups.pop()
@@ -193,34 +198,23 @@ class Adafactor(Optimizer):
         if unit.backend.name != "numpy":
             kernel_module(unit.backend.name, unit.label)
 
-    def _check_dtype(self, unit, dtype, what="has"):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(
-                f"{unit.label} {what} dtype {dtype}; Adafactor updates float32 and float64 "
-                "parameters"
-            )
-
     def _check_unit(self, unit, grad):
+        """The unit's ``access.Storage`` with ``grad``, checked against its backend."""
         self._check_backend(unit)
-        if grad.dtype != unit.param.dtype:
-            raise TypeError(
-                f"gradient for {unit.label} has dtype {grad.dtype}, the parameter "
-                f"{unit.param.dtype}; Adafactor needs gradients of the parameter's dtype"
-            )
         storage = precision.storage_of(self.precision, unit.param, grad)
-        if not precision.is_plain(storage):
-            raise TypeError(
-                f"{unit.label}: Adafactor keeps its state in the parameter's dtype (float32 or "
-                f"float64); state {storage.state}, master weights {storage.master} are not "
-                "supported"
-            )
+        precision.check_backend_stores(unit.backend, storage, unit.label)
+        return storage
 
     # ------------------------------------------------------------------ state
     def _allocate(self, group, unit, names, lr, stream=None):
         sizes = dict(zip(STATE_NAMES, factored.state_sizes(self._unit_shapes(unit))))
+        dtype = precision.state_dtype(self.precision, unit.param)
         for n in names:
-            unit.state[n] = unit.backend.zeros(sizes[n], unit.param.dtype, like=unit.param)
+            unit.state[n] = unit.backend.zeros(sizes[n], dtype, like=unit.param)
+        if precision.has_master(self.precision, unit.param):
+            master = unit.backend.zeros(unit.param.size, np.float32, like=unit.param)
+            unit.backend.assign(master, unit.param)  # exact: float32 holds every 16-bit value
+            unit.state[precision.MASTER] = master
         unit.state["step"] = 0
 
     def _unit_shapes(self, unit):
@@ -234,7 +228,7 @@ class Adafactor(Optimizer):
         st = unit.scalar_type
         eps1, eps2 = group["eps"]
         if eps1 is None:
-            eps1 = float(np.finfo(unit.param.dtype).eps)
+            eps1 = float(ml_dtypes.finfo(unit.param.dtype).eps)  # np.finfo has no bfloat16
         w = float(step) ** group["beta2_decay"]
         wd = group["weight_decay"]
         decay = 1 - lr * wd if wd != 0 else 1.0
@@ -255,9 +249,10 @@ class Adafactor(Optimizer):
         gradient scaling, clipping and non-finite skipping as there, then one kernel run of five
         phases per unit. Everything is checked before anything is written."""
         plan = self._plan(grads)
+        storages = {}
         for _, _, _, work in plan:
             for unit, grad in work:
-                self._check_unit(unit, grad)
+                storages[id(unit)] = self._check_unit(unit, grad)
         scales = self._grad_scales(plan, grad_scale)
         if scales is None:
             return
@@ -270,7 +265,12 @@ class Adafactor(Optimizer):
                 step = unit.state["step"] + 1
                 h, h64 = self._step_scalars(group, unit, step, lr)
                 launches.append((group, g_int, lr, unit, grad, step, h, h64, kernels))
-        for group, g_int, lr, unit, grad, step, h, h64, (module, layout, scratch) in launches:
+        stream_of = self.step_streams()
+        for group, g_int, lr, real, grad, step, h, h64, (module, layout, scratch) in launches:
+            storage = storages[id(real)]
+            unit = real
+            if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernel
+                unit, grad = staging.staging_of(self).load(real, grad, stream_of(real))
             state = unit.state
             if unit.backend.name == "numpy":
                 reference.adafactor(
@@ -297,5 +297,8 @@ class Adafactor(Optimizer):
                     scratch,
                     **on,
                 )
-            state["step"] = step
+            if unit is not real:
+                rs = staging.random_counter(self, real, storage, step)
+                staging.staging_of(self).store(real, unit, rs, stream_of(real))
+            real.state["step"] = step
         self._count_step(plan)

@@ -153,10 +153,6 @@ class Optimizer:
     """True when every element's update depends on that element alone, so any slice of the flat
     buffer can be stepped on its own (ZeRO-1 shards, plain-array slices). Per-tensor rules (LAMB,
     LARS, NovoGrad: a norm per tensor) set it False."""
-    plain_storage_only = False
-    """True for rules whose kernels compute in the storage dtype (the per-tensor and matrix
-    rules): 16-bit parameters, another ``state_dtype`` or master weights are refused by name
-    when a param group is added (``precision.check_plain_storage``)."""
     state_like_params = True
     """True when every state array holds one value per parameter element, laid out like the
     parameters, so ``fastopt.torch`` can keep it in flat buffers beside them (Adafactor's row
@@ -327,8 +323,6 @@ class Optimizer:
         for u in units:
             if u.backend is not None:
                 precision.check_param_storable(u.backend, u.param, u.label)
-            if self.plain_storage_only:
-                precision.check_plain_storage(type(self).__name__, self.precision, u.param, u.label)
         precision.check_int8_backends(self.precision, units, self._backend_name)
         taken = [u.memory_span() for u in self.units()]
         for u in units:

@@ -5,7 +5,8 @@ through NumPy's BLAS on the ParamSet's views: :mod:`fastopt.optim.newton_schulz`
 GPU backends through CuPy (:mod:`fastopt.optim.newton_schulz_device`: the products through
 ``cupy.matmul``, i.e. cuBLAS): ``cupy`` units directly, ``numba-cuda`` units through zero-copy
 CuPy views of their arrays (CuPy must be installed; without it they are refused by name). The
-NumPy reference backend and 16-bit storage are refused by name.
+NumPy reference backend is refused by name. 16-bit parameters, ``state_dtype`` and master
+weights run the same passes on float32 copies (:mod:`fastopt.optim.staging`).
 """
 
 import math
@@ -17,7 +18,7 @@ from numba import njit
 from .. import arrays
 from ..paramset import ParamSet
 from ..validation import check_choice, check_int, check_nonnegative, check_real
-from . import precision
+from . import precision, staging
 from .base import Optimizer, scalar_tuple
 from .hyperparameters import Hyper, betas, flag, nonnegative, weight_decay
 from .hyperparameters import lr as lr_row
@@ -289,7 +290,9 @@ class Muon(Optimizer):
     ``skip_nonfinite`` apply as for every optimizer; a NaN gradient propagates into the
     parameters, as in torch.
 
-    Where it runs (float32 and float64 parameters, gradients of their dtype): the numba-cpu
+    Where it runs (float32 and float64 parameters; bfloat16 and float16 ones, other gradient
+    and ``state_dtype`` dtypes and master weights through float32 copies,
+    :mod:`fastopt.optim.staging`; not ``state_dtype="int8"``): the numba-cpu
     backend as above; the ``cupy`` backend with the same three steps per matrix as CuPy ufuncs
     and ``cupy.matmul`` (cuBLAS) into device scratch (:mod:`fastopt.optim.newton_schulz_device`:
     the same arithmetic, the products' rounding cuBLAS's), the fallback through the backend's
@@ -297,12 +300,11 @@ class Muon(Optimizer):
     when CuPy is installed (refused by name at ``step()`` otherwise). Every launch goes on the
     arrays' current stream (or ``stream=``; numba-cuda arrays without one: the null stream), with
     no host synchronisation (but CuPy's, once, on the stream a numba array names when it first
-    views it). The NumPy reference backend and 16-bit storage are refused by name at ``step()``.
+    views it). The NumPy reference backend is refused by name at ``step()``.
     """
 
     algorithm = "muon"
     elementwise = False  # a matrix's update depends on all of it: ZeRO-1 shards whole tensors
-    plain_storage_only = True
     matrices_only = True
     """Takes 2-D parameters only (without a fallback): the registry-wide checks that run every
     optimizer on vectors leave it out; it has its own tests and benchmark."""
@@ -396,9 +398,10 @@ class Muon(Optimizer):
         checks, gradient scaling, clipping and non-finite skipping as there, everything checked
         before the first write."""
         plan = self._plan(grads)
+        storages = {}
         for _, _, _, work in plan:
             for unit, grad in work:
-                self._check_unit(unit, grad)
+                storages[id(unit)] = self._check_unit(unit, grad)
         stream_of = self.step_streams()
         scales = self._grad_scales(plan, grad_scale, stream_of)
         if scales is None:
@@ -410,11 +413,17 @@ class Muon(Optimizer):
                     self._allocate(group, unit, g_int["state_names"], lr, stream)
                 step = unit.state["step"] + 1
                 matrices, adam_runs = self._layout(group, g_int, unit)
+                storage, real = storages[id(unit)], unit
+                if staging.needs_stage(storage):  # 16-bit storage: float32 copies around
+                    unit, grad = staging.staging_of(self).load(real, grad, stream)
                 if matrices:
                     self._muon_step(group, unit, grad, lr, scales, matrices, adam_runs, stream)
                 if adam_runs:
                     self._adamw_step(group, unit, grad, lr, step, scales, adam_runs, stream)
-                unit.state["step"] = step
+                if unit is not real:
+                    rs = staging.random_counter(self, real, storage, step)
+                    staging.staging_of(self).store(real, unit, rs, stream)
+                real.state["step"] = step
         self._count_step(plan)
 
     def _check_unit(self, unit, grad):
@@ -427,11 +436,8 @@ class Muon(Optimizer):
             )
         self._device_module(unit)  # numba-cuda without CuPy: refused here, before any write
         storage = precision.storage_of(self.precision, unit.param, grad)
-        if not precision.is_plain(storage) or unit.param.dtype not in (np.float32, np.float64):
-            raise TypeError(
-                f"Muon takes float32 or float64 parameters, gradients of the same dtype and no "
-                f"16-bit state; {unit.label} is {unit.param.dtype} with a {grad.dtype} gradient"
-            )
+        precision.check_backend_stores(unit.backend, storage, unit.label)
+        return storage
 
     def _ns_for(self, shape, ns_dtype):
         """The host iteration for ``shape``: torch's bfloat16 products where the CPU has native

@@ -113,6 +113,13 @@ INT8_REFUSED = {
     "novograd": "its per-tensor (segmented) kernels have no 8-bit state",
 }
 INT8_REFUSED["sf_adamw"] = INT8_REFUSED["sf_sgd"]
+INT8_REFUSED["adafactor"] = (
+    "its factored second moments are already m + n values per m x n matrix, not one per element"
+)
+INT8_REFUSED["ema"] = (  # Muon's rule
+    "Muon's momentum feeds the Newton-Schulz products of whole matrices; 8-bit state is not "
+    "implemented for it"
+)
 
 QUANT_BLOCK = 256
 """Elements per 8-bit block (one float32 absmax each): ``kernels.storage.QUANT_BLOCK``."""
@@ -214,23 +221,6 @@ def check_backend_stores(backend, storage, label):
             f"{', master weights' if storage.master else ''}); it stores "
             f"{', '.join(names)} with one dtype for the parameter, gradient and state"
         )
-
-
-def check_plain_storage(owner, options, param, label):
-    """TypeError naming the parameter when ``owner`` (an optimizer class name whose kernels
-    compute in the storage dtype: ``Optimizer.plain_storage_only``) would have to store
-    ``param`` otherwise: a 16-bit parameter, a ``state_dtype`` other than its dtype, or a master
-    copy. Asked when a param group is added, so a Trainer or the CLI refuses the combination
-    before anything is written or rounded; each step still checks its gradients' dtypes."""
-    storage = storage_of(options, param, param)
-    if is_plain(storage) and param.dtype in (np.float32, np.float64):
-        return
-    raise TypeError(
-        f"{label}: {owner} steps float32 or float64 parameters with state of their dtype and "
-        f"no master copy (16-bit storage, state_dtype and master_weights are not implemented "
-        f"for it); here parameter {storage.param}, state {storage.state}"
-        f"{', master weights' if storage.master else ''}"
-    )
 
 
 def check_param_storable(backend, param, label):

@@ -20,7 +20,7 @@ import numpy as np
 from .. import reference, streams
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
-from . import precision
+from . import precision, staging
 from .base import Optimizer
 from .hyperparameters import Hyper
 
@@ -60,7 +60,6 @@ class SegmentedOptimizer(Optimizer):
 
     segment_state = None
     elementwise = False
-    plain_storage_only = True
 
     def __init__(self, params, defaults, **options):
         self._segment_cache = {}
@@ -107,7 +106,7 @@ class SegmentedOptimizer(Optimizer):
         multi_piece = segment_loops.has_multi_piece(layout[3])  # on the host, once per layout
         flags = self._flags(group, segs)
         nseg, npieces = len(segs), layout[0].size
-        dtype = unit.param.dtype
+        dtype = staging.compute_dtype(unit.param.dtype)
         host = {
             "out": np.zeros((npieces, 2)),
             "r": np.zeros((nseg, 2), dtype),
@@ -141,16 +140,11 @@ class SegmentedOptimizer(Optimizer):
             )
 
     def _check_storage(self, unit, grad):
-        """TypeError naming the unit unless it is stored as the segment kernels compute: the
-        parameter, gradient and state in one float32 or float64 dtype, no master copy."""
+        """The unit's ``access.Storage`` with ``grad``; TypeError naming the unit when its
+        backend cannot store it (16-bit storage runs through ``staging``)."""
         storage = precision.storage_of(self.precision, unit.param, grad)
-        if not precision.is_plain(storage):
-            raise TypeError(
-                f"{unit.label}: {type(self).__name__}'s segment kernels take float32 or float64 "
-                f"parameters, gradients and state of one dtype; here parameter {storage.param}, "
-                f"gradient {storage.grad}, state {storage.state}"
-                f"{', master weights' if storage.master else ''}"
-            )
+        precision.check_backend_stores(unit.backend, storage, unit.label)
+        return storage
 
     def _state_shape(self, g_int, unit, name):
         """The per-tensor state (``segment_state``) has one value per segment."""
@@ -162,7 +156,8 @@ class SegmentedOptimizer(Optimizer):
         super()._allocate(group, unit, names, lr, stream)
         if self.segment_state is not None:
             n = len(self._segment_cache[id(unit)]["segs"])
-            unit.state[self.segment_state] = unit.backend.zeros(n, unit.param.dtype)
+            dtype = precision.state_dtype(self.precision, unit.param)
+            unit.state[self.segment_state] = unit.backend.zeros(n, dtype, like=unit.param)
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, *, grad_scale=None):
@@ -172,11 +167,12 @@ class SegmentedOptimizer(Optimizer):
         its new state in the first and applies the stored update in the third)."""
         plan = self._plan(grads)
         seg_works = {}
+        storages = {}
         for group, g_int, _, work in plan:
             for unit, grad in work:
                 self._check_backend(unit)
-                self._check_storage(unit, grad)
-                if unit.backend.name == "cupy":
+                storages[id(unit)] = storage = self._check_storage(unit, grad)
+                if unit.backend.name == "cupy" and not staging.needs_stage(storage):
                     names = g_int["state_names"]
                     states = [unit.state[n] for n in names] if unit.state else None
                     _kernels(unit).check(self.algorithm, unit.param, grad, states)
@@ -199,8 +195,17 @@ class SegmentedOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__}._scalars: wrong fields {missing}")
                 h64 = tuple(float(values[f]) for f in fields)
                 launches.append((group, g_int, lr, unit, grad, step, h64, seg_work))
+        stream_of = self.step_streams()
         for group, g_int, lr, unit, grad, step, h64, seg_work in launches:
-            self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
+            storage = storages[id(unit)]
+            if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernels
+                stages = staging.staging_of(self)
+                stage, wide = stages.load(unit, grad, stream_of(unit))
+                self._launch(group, g_int, lr, stage, wide, step, h64, seg_work, scales)
+                rs = staging.random_counter(self, unit, storage, step)
+                stages.store(unit, stage, rs, stream_of(unit))
+            else:
+                self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
             unit.state["step"] = step
         self._count_step(plan)
 

@@ -1,0 +1,301 @@
+"""16-bit storage, state_dtype, master weights and stochastic rounding for the rules that are not
+elementwise (LAMB, LARS, NovoGrad, Adafactor, Muon; ``fastopt/optim/staging.py``).
+
+The oracle is the spec of the precision issue written out in NumPy: the float32 optimizer run on
+the widened stored values, every stored value rounded after each step (to nearest even by
+ml_dtypes' casts, or stochastically by the pure-Python helpers of ``kernels/storage.py`` with the
+(seed, step, element index, word) counter), bit for bit.
+"""
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt.checkpoint import load, save
+from fastopt.kernels import storage as st
+
+BF16 = ml_dtypes.bfloat16
+RULES = {
+    "lamb": (fo.LAMB, dict(lr=1e-2, weight_decay=0.01)),
+    "lars": (fo.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "novograd": (fo.NovoGrad, dict(lr=1e-2, weight_decay=1e-3)),
+    "adafactor": (fo.Adafactor, dict(lr=1e-2, eps=(1e-3, 1e-3), weight_decay=0.01)),
+    "muon": (fo.Muon, dict(lr=1e-2, weight_decay=0.01)),
+}
+SHAPES = {  # Muon takes 2-D parameters only; Adafactor a batch of matrices too
+    "lamb": {"w": (24, 20), "b": (20,), "big": (200, 180)},
+    "lars": {"w": (24, 20), "b": (20,), "big": (200, 180)},
+    "novograd": {"w": (24, 20), "b": (20,), "big": (200, 180)},
+    "adafactor": {"w": (24, 20), "b": (20,), "t": (3, 30, 40)},
+    "muon": {"w": (24, 20), "big": (120, 90)},
+}
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint16)
+
+
+def _round_rne(x, dtype):
+    return x.astype(dtype).astype(np.float32)
+
+
+def _round_sr(x, dtype, seed, step, index0, word):
+    """Stochastic rounding of float32 ``x`` to ``dtype`` with word ``word`` of
+    random_bits4(seed, step, index0 + i): kernels/storage.py's pure-Python helpers."""
+    to16 = st.f32_to_bf16_sr if dtype == BF16 else st.f32_to_f16_sr
+    flat = x.reshape(-1)
+    out = np.empty(flat.size, np.uint16)
+    for i, v in enumerate(flat):
+        out[i] = to16(np.float32(v), st.random_bits4(seed, step, index0 + i)[word])
+    return out.view(dtype).astype(np.float32).reshape(x.shape)
+
+
+def _grads(rng, shapes, dtype):
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+
+def _oracle_round(opt32, params32, dtype, master, stochastic, seed, step, state_dtype):
+    """After a float32 step: what the stored values are, as floats. The oracle runs over a
+    ParamSet (one unit, element index 0 at its first element)."""
+    (unit,) = opt32.units()
+    if not master:
+        p = unit.param
+        p[...] = _round_sr(p, dtype, seed, step, 0, 0) if stochastic else _round_rne(p, dtype)
+    sd = state_dtype if state_dtype is not None else (None if master else dtype)
+    if sd is None or np.dtype(sd) == np.float32:
+        return
+    arrays = [(k, v) for k, v in unit.state.items() if hasattr(v, "dtype")]
+    for j, (_, a) in enumerate(arrays):
+        flat = a.reshape(-1)
+        if stochastic:
+            flat[...] = _round_sr(flat, sd, seed, step, 0, 1 + j % 3)
+        else:
+            flat[...] = _round_rne(flat, sd)
+
+
+SMALL = {"w": (24, 20), "b": (20,)}
+SMALL_2D = {"w": (24, 20), "v": (10, 12)}
+
+
+def _run(
+    rule, dtype, master, stochastic=False, state_dtype=None, steps=3, seed=7, grad=None,
+    shapes=None, oracle=True,
+):  # fmt: skip
+    cls, kw = RULES[rule]
+    shapes = shapes or SHAPES[rule]
+    rng = np.random.default_rng(5)
+    init = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    ps = fo.ParamSet(init, dtype=dtype)
+    options = dict(master_weights=master, stochastic_rounding=stochastic, seed=seed)
+    opt = cls(ps, state_dtype=state_dtype, **options, **kw)
+    ps32 = fo.ParamSet({k: v.astype(np.float32) for k, v in init.items()})
+    opt32 = cls(ps32, **kw)
+    for t in range(1, steps + 1):
+        g = _grads(rng, shapes, grad or dtype)
+        for k in shapes:
+            ps.grads[k][...] = g[k]
+            ps32.grads[k][...] = g[k].astype(np.float32)
+        opt.step()
+        if oracle:
+            opt32.step()
+            _oracle_round(opt32, ps32.flat, dtype, master, stochastic, seed, t, state_dtype)
+    return ps, ps32, opt, opt32
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("master", [False, True], ids=["rounded", "master"])
+def test_16bit_step_is_the_float32_step_rounded_on_store(rule, dtype, master):
+    ps, ps32, opt, opt32 = _run(rule, dtype, master)
+    assert np.array_equal(_bits(ps.flat), _bits(ps32.flat.astype(dtype)))
+    (unit,), (unit32,) = opt.units(), opt32.units()
+    if master:
+        assert np.array_equal(unit.state["master_param"], ps32.flat)
+    for k, v in unit32.state.items():
+        if hasattr(v, "dtype"):
+            kept = unit.state[k]
+            assert kept.dtype == (np.float32 if master else dtype), k
+            assert np.array_equal(kept.astype(np.float32), v, equal_nan=True), k
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_stochastic_rounding_uses_the_counter_of_the_storage_loops(rule):
+    """Parameter word 0, state array j word 1 + j, of random_bits4(seed, step, index)."""
+    small = SMALL_2D if rule == "muon" else SMALL
+    ps, ps32, opt, _ = _run(rule, BF16, master=False, stochastic=True, steps=2, shapes=small)
+    assert np.array_equal(_bits(ps.flat), _bits(ps32.flat.astype(BF16)))
+    again = _run(rule, BF16, False, stochastic=True, steps=2, shapes=small, oracle=False)[0]
+    assert np.array_equal(_bits(again.flat), _bits(ps.flat))
+    other = _run(rule, BF16, False, True, steps=2, seed=8, shapes=small, oracle=False)[0]
+    assert not np.array_equal(_bits(other.flat), _bits(ps.flat))
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_bfloat16_state_of_float32_parameters(rule):
+    ps, ps32, opt, _ = _run(rule, np.float32, master=False, state_dtype="bfloat16")
+    assert np.array_equal(ps.flat, ps32.flat)
+    (unit,) = opt.units()
+    assert all(v.dtype == BF16 for k, v in unit.state.items() if hasattr(v, "dtype"))
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_bfloat16_gradients_of_float32_parameters(rule):
+    ps, ps32, _, _ = _run(rule, np.float32, master=False, grad=BF16)
+    assert np.array_equal(ps.flat, ps32.flat)
+
+
+@pytest.mark.parametrize("rule", ["lamb", "adafactor", "muon"])
+def test_threads_do_not_change_the_bits(rule):
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _run(rule, BF16, master=False, stochastic=True, steps=2, oracle=False)[0]
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = _run(rule, BF16, master=False, stochastic=True, steps=2, oracle=False)[0]
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(_bits(one.flat), _bits(two.flat))
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_list_of_arrays_equals_the_paramset(rule):
+    """Plain 16-bit arrays (one unit each, their own element offsets) step like the ParamSet
+    of the same arrays under rounding to nearest."""
+    cls, kw = RULES[rule]
+    rng = np.random.default_rng(1)
+    init = {k: rng.standard_normal(s).astype(BF16) for k, s in SHAPES[rule].items()}
+    arrays = {k: v.copy() for k, v in init.items()}
+    ps = fo.ParamSet(init, dtype=BF16)
+    a = cls(arrays, master_weights=True, **kw)
+    b = cls(ps, master_weights=True, **kw)
+    for _ in range(3):
+        g = _grads(rng, SHAPES[rule], BF16)
+        a.step(g)
+        for k in g:
+            ps.grads[k][...] = g[k]
+        b.step()
+    for k in init:
+        assert np.array_equal(_bits(arrays[k]), _bits(ps[k])), k
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_checkpoint_resume_continues_bit_for_bit(rule, tmp_path):
+    """bf16 parameters with master weights and bfloat16 state: state_dict through a checkpoint
+    file into a new optimizer, then the same steps as the optimizer that went on."""
+    cls, kw = RULES[rule]
+    shapes = SHAPES[rule]
+    rng = np.random.default_rng(2)
+    init = {k: rng.standard_normal(s).astype(BF16) for k, s in shapes.items()}
+    options = dict(master_weights=True, state_dtype="bfloat16", **kw)
+    ps = fo.ParamSet(init, dtype=BF16)
+    opt = cls(ps, **options)
+    grads = [_grads(rng, shapes, BF16) for _ in range(4)]
+
+    def step(o, p, g):
+        for k in g:
+            p.grads[k][...] = g[k]
+        o.step()
+
+    for g in grads[:2]:
+        step(opt, ps, g)
+    save(tmp_path / "ckpt", params=ps, optimizer=opt)
+    ck = load(tmp_path / "ckpt")
+    ps2 = fo.ParamSet({k: ck.params[k] for k in shapes}, dtype=BF16)
+    opt2 = cls(ps2, **options)
+    ck.restore(optimizer=opt2)
+    for g in grads[2:]:
+        step(opt, ps, g)
+        step(opt2, ps2, g)
+    assert np.array_equal(_bits(ps.flat), _bits(ps2.flat))
+    (u,), (u2,) = opt.units(), opt2.units()
+    for k, v in u.state.items():
+        if hasattr(v, "dtype"):
+            assert v.dtype == u2.state[k].dtype, k
+            assert np.array_equal(np.asarray(v, np.float32), np.asarray(u2.state[k], np.float32)), k
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_int8_state_is_refused_by_name_with_the_reason(rule):
+    cls, kw = RULES[rule]
+    w = np.ones((300, 300), np.float32)
+    with pytest.raises(ValueError, match=f"{cls.__name__} .*cannot keep state_dtype='int8'"):
+        cls([w], state_dtype="int8", **kw)
+
+
+@pytest.mark.parametrize("rule", ["lamb", "lars", "novograd", "adafactor"])
+def test_reference_backend_refuses_16bit_storage_before_any_write(rule):
+    cls, kw = RULES[rule]
+    with pytest.raises(TypeError, match="backend 'numpy' stores float32, float64 parameters"):
+        cls([np.ones((4, 5), BF16)], backend="numpy", **kw)
+    w = np.ones((4, 5), np.float32)
+    opt = cls([w], backend="numpy", **kw)
+    with pytest.raises(TypeError, match="backend 'numpy' needs gradients of the parameter's dtype"):
+        opt.step([np.ones((4, 5), BF16)])
+    assert np.all(w == 1) and not opt.state_dict()["state"]
+
+
+def test_nonfinite_16bit_gradient_is_skipped_with_nothing_written():
+    w = np.ones((30, 20), BF16)
+    opt = fo.LAMB([w], master_weights=True, skip_nonfinite=True)
+    g = np.ones((30, 20), BF16)
+    g[3, 4] = np.inf
+    opt.step([g])
+    assert np.all(w.astype(np.float32) == 1) and opt.skipped_steps == 1
+
+
+TRAIN = {  # optimizer class, learning rate, keyword arguments
+    "lamb": (fo.LAMB, 3e-3, {}),
+    "lars": (fo.LARS, 0.5, dict(momentum=0.9)),
+    "novograd": (fo.NovoGrad, 1e-2, {}),
+    "adafactor": (fo.Adafactor, 1e-2, {}),
+    "muon": (fo.Muon, 0.02, dict(adamw_lr=1e-2)),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(TRAIN))
+def test_trainer_bf16_learns_digits(rule):
+    """Trainer(precision="bf16"): bf16 parameters with float32 master weights (the Trainer's
+    default), each new rule through its stages."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    model = fo.MLP(64, [64, 64], 10, seed=0)
+    model.fit_standardizer(Xtr)
+    cls, lr, kw = TRAIN[rule]
+    trainer = fo.Trainer(
+        model, cls, lr=lr, optimizer_kwargs=kw, batch_size=64, epochs=12, seed=0,
+        progress=False, precision="bf16",
+    )  # fmt: skip
+    trainer.fit(Xtr, ytr)
+    (unit,) = trainer.optimizer.units()
+    assert unit.param.dtype == BF16 and unit.state["master_param"].dtype == np.float32
+    accuracy = float(np.mean(model.predict(Xte).argmax(axis=1) == yte))
+    assert accuracy >= 0.95, accuracy
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, (1 << 15) + 3])  # serial and parallel loops
+def test_cpu_convert_is_the_cast_and_the_stochastic_helpers(n):
+    from fastopt.kernels import cpu_storage
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 20, n)).astype(np.float32)
+    x[: min(n, 6)] = [0.0, -0.0, np.inf, -np.inf, np.nan, 3 * 2.0**-134][: min(n, 6)]
+    for dtype in (BF16, np.float16):
+        out = np.empty(n, dtype)
+        cpu_storage.convert(out, x)
+        with np.errstate(over="ignore"):  # float16 overflows to inf, as the kernels round
+            assert np.array_equal(_bits(out), _bits(x.astype(dtype)))
+        back = np.empty(n, np.float32)
+        cpu_storage.convert(back, out)
+        assert np.array_equal(back, out.astype(np.float32), equal_nan=True)
+        m = min(n, 300)  # the pure-Python oracle on the first elements
+        cpu_storage.convert(out, x, (2**40 + 3, 9, 2**32 - 5), 2)
+        want = _round_sr(x[:m], dtype, 2**40 + 3, 9, 2**32 - 5, 2)
+        assert np.array_equal(out[:m].astype(np.float32), want, equal_nan=True)
+    with pytest.raises(ValueError, match="word"):
+        cpu_storage.convert(np.empty(n, BF16), x, (1, 1, 1), 4)
