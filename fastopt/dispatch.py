@@ -84,6 +84,14 @@ class Backend:
         ``mixed_storage``; the staging of ``fastopt/optim/staging.py`` runs on it."""
         raise NotImplementedError
 
+    def dequantize(self, slot, out, stream=None):
+        """``out[...]`` = the float32 values of 8-bit slot ``slot`` (``qmap[code] * absmax``)."""
+        raise NotImplementedError
+
+    def quantize(self, slot, values, stream=None):
+        """Store float32 ``values`` into 8-bit slot ``slot`` as the block kernels requantize."""
+        raise NotImplementedError
+
     def sumsq_and_finite(self, g, stream=None):
         """(sum of squares in float64, every element finite?) of a flat array, deterministic.
         Host values: on a GPU this synchronises (see the class docstring)."""
@@ -164,6 +172,16 @@ class NumbaCPU(Backend):
     def convert(self, dst, src, rs=None, word=0, stream=None):
         self._storage.convert(dst, src, rs, word)
 
+    def dequantize(self, slot, out, stream=None):
+        from .kernels import block_loops
+
+        block_loops.dequantize_into(slot, out)
+
+    def quantize(self, slot, values, stream=None):
+        from .kernels import block_loops
+
+        block_loops.quantize_from(slot, values)
+
     def sumsq_and_finite(self, g, stream=None):
         if g.dtype.itemsize == 2:
             return self._storage.sumsq_and_finite(g)
@@ -232,6 +250,16 @@ class CuPyBackend(Backend):
 
     def convert(self, dst, src, rs=None, word=0, stream=None):
         self._kernels.convert(dst, src, rs, word, stream)
+
+    def dequantize(self, slot, out, stream=None):
+        from .kernels import block_cupy
+
+        block_cupy.dequantize_into(slot, out, stream)
+
+    def quantize(self, slot, values, stream=None):
+        from .kernels import block_cupy
+
+        block_cupy.quantize_from(slot, values, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         return self._kernels.sumsq_and_finite(g, stream)
@@ -365,6 +393,16 @@ class NumbaCUDA(Backend):
 
     def convert(self, dst, src, rs=None, word=0, stream=None):
         self._storage.convert(dst, src, rs, word, stream)
+
+    def dequantize(self, slot, out, stream=None):
+        from .kernels import block_cuda
+
+        block_cuda.dequantize_into(slot, out, stream)
+
+    def quantize(self, slot, values, stream=None):
+        from .kernels import block_cuda
+
+        block_cuda.quantize_from(slot, values, stream)
 
     def sumsq_and_finite(self, g, stream=None):
         if g.dtype.itemsize == 2:

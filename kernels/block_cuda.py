@@ -26,6 +26,11 @@ are bit-identical to the CPU. The rules run in float32 (float64 for float64 para
 in ``cuda.py``, NVVM may contract ``a * b + c`` into a fused multiply-add on a GPU, so a value
 may differ from the CPU in its last bit (and then a code by one); under the CUDA simulator the
 rules run as Python and everything is bit-identical to ``block_loops.py``.
+
+Standalone passes (:func:`dequantize_into`, :func:`quantize_from`; for the float32 kernels that
+run on copies of 8-bit state, ``fastopt/optim/staging.py``): the block kernels' dequantization
+(``dequantize_element``) and their block maximum and ``requantize_block``, launched as the block
+kernels; the bits of ``block_loops.dequantize_into`` / ``quantize_from``.
 """
 
 # ruff: noqa: F821 (the templates' helpers are globals that ``rebind`` gives them)
@@ -41,7 +46,7 @@ from numba import float32, uint32
 from . import access, block_loops, cuda_storage
 from . import cuda as kcuda
 from . import cuda_launch as launch
-from .compile_rules import rebind, specialize
+from .compile_rules import SOURCE_TAG, rebind, specialize
 from .layout import ARITY
 from .storage import QUANT_BLOCK
 
@@ -74,6 +79,12 @@ def requantize_block(codes, absmax, qm, lut, top, b, values, n):
             codes[i] = nearest_code(normalized(values[k], inverse), qm, lut)
 
 
+def dequantize_element(codes, absmax, qm, i, b):
+    """The float32 value of element ``i`` (of block ``b``) of a slot: ``qm[code] * absmax``,
+    ``block_loops.dequantize_span``'s product."""
+    return qm[codes[i]] * absmax[b]
+
+
 # The templates: per quantization block b (block-stride), reset the shared maxima, run the rule
 # over this thread's elements (dequantized state in, float32 state kept in local arrays), take
 # the maxima (one atomic per thread and slot), then requantize. Slot k: codes ck, absmax ak,
@@ -98,7 +109,7 @@ def block_kernel1(p, w, g, c0, a0, q0, l0, hs, rs):
                 x, t0 = rule(
                     load_param(p, w, i),
                     transformed_grad(load_grad(g, i), gscale, clip),
-                    to_compute(q0[c0[i]] * a0[b]),
+                    to_compute(dequantize_element(c0, a0, q0, i, b)),
                     h,
                 )
                 store_param(p, w, i, x, r[0])
@@ -130,8 +141,8 @@ def block_kernel2(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, hs, rs):
                 x, t0, t1 = rule(
                     load_param(p, w, i),
                     transformed_grad(load_grad(g, i), gscale, clip),
-                    to_compute(q0[c0[i]] * a0[b]),
-                    to_compute(q1[c1[i]] * a1[b]),
+                    to_compute(dequantize_element(c0, a0, q0, i, b)),
+                    to_compute(dequantize_element(c1, a1, q1, i, b)),
                     h,
                 )
                 store_param(p, w, i, x, r[0])
@@ -169,9 +180,9 @@ def block_kernel3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, r
                 x, t0, t1, t2 = rule(
                     load_param(p, w, i),
                     transformed_grad(load_grad(g, i), gscale, clip),
-                    to_compute(q0[c0[i]] * a0[b]),
-                    to_compute(q1[c1[i]] * a1[b]),
-                    to_compute(q2[c2[i]] * a2[b]),
+                    to_compute(dequantize_element(c0, a0, q0, i, b)),
+                    to_compute(dequantize_element(c1, a1, q1, i, b)),
+                    to_compute(dequantize_element(c2, a2, q2, i, b)),
                     h,
                 )
                 store_param(p, w, i, x, r[0])
@@ -193,6 +204,46 @@ def block_kernel3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, r
 
 TEMPLATES = {1: block_kernel1, 2: block_kernel2, 3: block_kernel3}
 """The block kernel of each number of state slots."""
+
+
+# Standalone passes over one slot (the block kernels' first and last steps), for the kernels
+# that run on float32 copies of 8-bit state (``fastopt/optim/staging.py``); launched as the
+# block kernels are.
+
+
+def dequantize_kernel(codes, absmax, qm, out):
+    n = codes.size
+    tid = cuda.threadIdx.x
+    for b in range(cuda.blockIdx.x, (n + QUANT_BLOCK - 1) // QUANT_BLOCK, cuda.gridDim.x):
+        for k in range(EPT):
+            i = b * QUANT_BLOCK + k * THREADS + tid
+            if i < n:
+                out[i] = dequantize_element(codes, absmax, qm, i, b)
+
+
+def quantize_kernel(codes, absmax, qm, lut, values):
+    n = codes.size
+    tid = cuda.threadIdx.x
+    top = cuda.shared.array(1, uint32)
+    v = cuda.local.array(EPT, float32)
+    for b in range(cuda.blockIdx.x, (n + QUANT_BLOCK - 1) // QUANT_BLOCK, cuda.gridDim.x):
+        if tid == 0:
+            top[0] = 0
+        cuda.syncthreads()
+        m = magnitude_bits(0.0)
+        for k in range(EPT):
+            i = b * QUANT_BLOCK + k * THREADS + tid
+            if i < n:
+                v[k] = values[i]
+                m = max(m, magnitude_bits(v[k]))
+        cuda.atomic.max(top, 0, m)
+        cuda.syncthreads()
+        requantize_block(codes, absmax, qm, lut, top[0], b, v, n)
+        cuda.syncthreads()
+
+
+PASSES = {"dequantize": dequantize_kernel, "quantize": quantize_kernel}
+"""The standalone passes (:func:`dequantize_into`, :func:`quantize_from`)."""
 
 # ---------------------------------------------------------------------------------------------
 # Compilation, tables and launch.
@@ -223,6 +274,28 @@ def helpers():
     return _HELPERS[0]
 
 
+def _globals(threads):
+    """The globals of a template launched with ``threads`` threads per block (a divisor of
+    ``QUANT_BLOCK``), but a rule's and its element access."""
+    if threads < 1 or QUANT_BLOCK % threads:
+        raise ValueError(f"threads must divide {QUANT_BLOCK}, got {threads}")
+    cuda = launch._cuda()
+    decorate = cuda_storage._device_decorator()
+    sizes = {"cuda": cuda, "EPT": QUANT_BLOCK // threads, "THREADS": threads}
+    namespace = dict(helpers(), **sizes)
+    return {
+        **sizes,
+        "np": np,
+        "uint32": uint32,
+        "float32": float32,
+        "QUANT_BLOCK": QUANT_BLOCK,
+        "SLOTS_MAX": SLOTS_MAX,
+        "magnitude_bits": namespace["magnitude_bits"],
+        "dequantize_element": decorate(rebind(dequantize_element, namespace)),
+        "requantize_block": decorate(rebind(requantize_block, namespace)),
+    }
+
+
 def kernel(rule_name, storage, threads=QUANT_BLOCK):
     """The CUDA block kernel of ``rule_name`` for ``storage`` (state ``"int8"``) launched with
     ``threads`` threads per block (a divisor of ``QUANT_BLOCK``: each thread takes
@@ -230,26 +303,15 @@ def kernel(rule_name, storage, threads=QUANT_BLOCK):
     key = (rule_name, storage, threads)
     k = _KERNELS.get(key)
     if k is None:
-        if threads < 1 or QUANT_BLOCK % threads:
-            raise ValueError(f"threads must divide {QUANT_BLOCK}, got {threads}")
+        glb = _globals(threads)
         rules, _ = kcuda._device_functions()
         cuda = launch._cuda()
         decorate = cuda_storage._device_decorator()
-        sizes = {"cuda": cuda, "EPT": QUANT_BLOCK // threads, "THREADS": threads}
-        namespace = dict(helpers(), **sizes)
-        glb = {
-            **sizes,
-            "np": np,
-            "uint32": uint32,
-            "float32": float32,
-            "QUANT_BLOCK": QUANT_BLOCK,
-            "SLOTS_MAX": SLOTS_MAX,
-            "transformed_grad": rules["transformed_grad"],
-            "to_compute": decorate(rebind(_COMPUTE[access.compute_name(storage)], {"np": np})),
-            "magnitude_bits": namespace["magnitude_bits"],
-            "requantize_block": decorate(rebind(requantize_block, namespace)),
+        glb.update(
+            transformed_grad=rules["transformed_grad"],
+            to_compute=decorate(rebind(_COMPUTE[access.compute_name(storage)], {"np": np})),
             **access.bind(storage, cuda_storage.helpers(), decorate),
-        }
+        )
         with _LOCK:
             k = _KERNELS.get(key)
             if k is None:
@@ -261,6 +323,23 @@ def kernel(rule_name, storage, threads=QUANT_BLOCK):
                     cuda.jit(cache=True),
                     f"{access.variant_name(storage)}_t{threads}_{TAG}_cuda",
                 )
+                _KERNELS[key] = k
+    return k
+
+
+def pass_kernel(name, threads=QUANT_BLOCK):
+    """The CUDA kernel of the standalone pass ``"dequantize"`` or ``"quantize"`` launched with
+    ``threads`` threads per block (a divisor of ``QUANT_BLOCK``)."""
+    key = (name, threads)
+    k = _KERNELS.get(key)
+    if k is None:
+        template = PASSES[name]
+        glb = _globals(threads)
+        with _LOCK:
+            k = _KERNELS.get(key)
+            if k is None:
+                variant = f"{template.__name__}_t{threads}_{TAG}_{SOURCE_TAG}_cuda"
+                k = launch._cuda().jit(cache=True)(rebind(template, glb, variant))
                 _KERNELS[key] = k
     return k
 
@@ -331,3 +410,80 @@ def apply(
     with launch.on_device(device):
         s = launch.as_stream(launch._cuda(), stream, device)
         launch.configured(k, blocks, threads, s, device)(*args)
+
+
+def _check_pass(what, slot, array, name):
+    """TypeError/ValueError before any launch unless ``slot`` is an 8-bit slot of numba device
+    arrays and ``array`` a float32 device array of its size; the slot's size."""
+    codes, absmax = getattr(slot, "codes", None), getattr(slot, "absmax", None)
+    if not (
+        hasattr(slot, "signed")
+        and kcuda._is_device_array(codes)
+        and kcuda._is_device_array(absmax)
+        and kcuda._is_device_array(array)
+    ):
+        raise TypeError(
+            f"{what}: needs an 8-bit slot of device arrays (codes, absmax, signed) and a device "
+            f"array {name}, got {type(slot).__name__} and {type(array).__name__}"
+        )
+    n = math.prod(codes.shape)
+    blocks = -(-n // QUANT_BLOCK)
+    if codes.dtype != np.uint8 or absmax.dtype != np.float32 or math.prod(absmax.shape) != blocks:
+        raise ValueError(
+            f"{what}: the slot needs uint8 codes and float32 absmax, one per block of "
+            f"{QUANT_BLOCK} ({n} codes: {blocks}), got {codes.dtype} codes and {absmax.dtype} "
+            f"absmax of shape {tuple(absmax.shape)}"
+        )
+    if array.dtype != np.float32 or math.prod(array.shape) != n:
+        raise ValueError(
+            f"{what}: {name} must be float32 of the slot's {n} elements, got {array.dtype} of "
+            f"shape {tuple(array.shape)}"
+        )
+    return n
+
+
+def _launch(name, n, device, stream, threads, blocks, args):
+    """One launch of pass ``name`` over ``n`` elements, configured as :func:`apply`'s."""
+    nblocks = -(-n // QUANT_BLOCK)
+    most, default_threads = SIMULATOR_LAUNCH if launch._simulating() else (nblocks, QUANT_BLOCK)
+    threads = default_threads if threads is None else int(threads)
+    blocks = min(nblocks, most) if blocks is None else max(int(blocks), 1)
+    k = pass_kernel(name, threads)
+    with launch.on_device(device):
+        s = launch.as_stream(launch._cuda(), stream, device)
+        launch.configured(k, blocks, threads, s, device)(*args)
+
+
+def _flat(a):
+    return a if len(a.shape) == 1 else a.reshape(math.prod(a.shape))
+
+
+def dequantize_into(slot, out, stream=0, *, threads=None, blocks=None):
+    """``out[i] = qmap[code[i]] * absmax[block(i)]`` (float32) for an 8-bit slot of numba
+    device arrays and a float32 device array ``out`` of its size: the block kernels'
+    dequantization (``dequantize_element``), bit-identical to ``block_loops.dequantize_into``.
+    Asynchronous, on the slot's device and ``stream``; checked before the launch; launched as
+    :func:`apply` (``threads`` and ``blocks`` override it, the bits are the same)."""
+    n = _check_pass("dequantize", slot, out, "out")
+    if n == 0:
+        return
+    device = launch.launch_device(slot.codes)
+    qm, _ = tables(slot.signed, device)
+    args = (_flat(slot.codes), _flat(slot.absmax), qm, _flat(out))
+    _launch("dequantize", n, device, stream, threads, blocks, args)
+
+
+def quantize_from(slot, values, stream=0, *, threads=None, blocks=None):
+    """Store float32 device ``values`` (the slot's size; not modified) into an 8-bit slot of
+    numba device arrays, in place: each block's absmax the largest magnitude of its values (an
+    integer max of ``magnitude_bits``: NaN if it holds one), each code the nearest of the value
+    over it (``requantize_block``, the block kernels' own last step): the bits of
+    ``block_loops.quantize_from``. Asynchronous, checked and launched as
+    :func:`dequantize_into`."""
+    n = _check_pass("quantize", slot, values, "values")
+    if n == 0:
+        return
+    device = launch.launch_device(slot.codes)
+    qm, lut = tables(slot.signed, device)
+    args = (_flat(slot.codes), _flat(slot.absmax), qm, lut, _flat(values))
+    _launch("quantize", n, device, stream, threads, blocks, args)

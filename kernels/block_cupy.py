@@ -15,6 +15,12 @@ or flushed, as in every CuPy kernel) are the numba-cpu block loops' arithmetic: 
 One module per (rule, storage combination), compiled on first use (CuPy caches the binary on
 disk): ``block_kernels.cu`` with its headers inlined and one ``FO_BLOCK_KERNEL`` line naming
 the instantiation (:func:`kernel_name`). The maps and quantizer tables go to each device once.
+
+The standalone passes :func:`dequantize_into` and :func:`quantize_from` (for the kernels that
+run on float32 copies of 8-bit state, ``fastopt/optim/staging.py``) are the kernels
+``fo_block_dequantize`` and ``fo_block_quantize`` of one more module (:func:`pass_source`),
+launched as the block kernels: the block kernels' dequantization and requantization steps,
+the bits of ``block_loops.dequantize_into`` / ``quantize_from``.
 """
 
 import threading
@@ -163,3 +169,95 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):
         else:
             with stream:  # RawKernel launches go to the current stream
                 k((grid,), (QUANT_BLOCK,), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone passes over one slot.
+
+PASS_KERNELS = ("fo_block_dequantize", "fo_block_quantize")
+"""The kernels of :func:`pass_source` (``FO_BLOCK_PASSES`` in ``block_kernels.cu``)."""
+
+
+def pass_source():
+    """The CUDA source of the passes' module: ``block_kernels.cu`` with its headers inlined and
+    the ``FO_BLOCK_PASSES`` line."""
+    return kcupy._inline(KERNEL_SOURCE) + "\nFO_BLOCK_PASSES\n"
+
+
+def _pass_module():
+    m = _modules.get("passes")
+    if m is None:
+        with _lock:
+            m = _modules.get("passes")
+            if m is None:
+                m = _modules["passes"] = kcupy.RawModuleCache(pass_source, COMPILE_OPTIONS)
+    return m
+
+
+def check_pass(what, slot, array, name):
+    """TypeError/ValueError naming the problem unless ``slot`` is an 8-bit slot (codes, absmax,
+    signed) of flat contiguous cupy arrays and ``array`` a float32 one of its size on its
+    device (checked before any launch); the slot's size."""
+    import cupy
+
+    codes, absmax = getattr(slot, "codes", None), getattr(slot, "absmax", None)
+    if codes is None or absmax is None or not hasattr(slot, "signed"):
+        raise TypeError(
+            f"{what}: the slot must be an 8-bit slot (codes, absmax, signed), got "
+            f"{type(slot).__name__}"
+        )
+    n = codes.size if isinstance(codes, cupy.ndarray) else 0
+    kcupy.check_device_arrays(
+        what,
+        [
+            ("the codes", codes, ("uint8",), n),
+            ("the absmax", absmax, ("float32",), -(-n // QUANT_BLOCK)),
+            (name, array, ("float32",), n),
+        ],
+    )
+    return n
+
+
+def _launch_pass(name, n, device, args, stream):
+    import cupy
+
+    module = _pass_module()
+    stream = kcupy.as_stream(stream, device)
+    with cupy.cuda.Device(device):
+        k = module.function(cupy, device, name)
+        nblocks = -(-n // QUANT_BLOCK)
+        grid = max(1, min(nblocks, kcupy.BLOCKS_PER_SM * kcupy._sm_count(device)))
+        args = (*args, np.int64(n))
+        if stream is None:
+            k((grid,), (QUANT_BLOCK,), args)
+        else:
+            with stream:  # RawKernel launches go to the current stream
+                k((grid,), (QUANT_BLOCK,), args)
+
+
+def dequantize_into(slot, out, stream=None):
+    """``out[i] = qmap[code[i]] * absmax[block(i)]`` (float32) for an 8-bit slot of cupy arrays
+    and a float32 cupy array ``out`` of its size: one launch of ``fo_block_dequantize``,
+    asynchronous on ``stream`` (None: CuPy's current stream) and the slot's device, checked
+    before; the bits of ``block_loops.dequantize_into``."""
+    n = check_pass("dequantize", slot, out, "out")
+    if n == 0:
+        return
+    device = slot.codes.data.device_id
+    qm, _ = tables(slot.signed, device)
+    _launch_pass("fo_block_dequantize", n, device, (slot.codes, slot.absmax, qm, out), stream)
+
+
+def quantize_from(slot, values, stream=None):
+    """Store float32 cupy ``values`` (the slot's size; not modified) into an 8-bit slot of cupy
+    arrays, in place: one launch of ``fo_block_quantize`` (each block's absmax the largest
+    magnitude of its values, NaN if it holds one; each code the nearest of the value over it,
+    ``block_requantize``), asynchronous and checked as :func:`dequantize_into`; the bits of
+    ``block_loops.quantize_from``."""
+    n = check_pass("quantize", slot, values, "values")
+    if n == 0:
+        return
+    device = slot.codes.data.device_id
+    qm, lut = tables(slot.signed, device)
+    args = (slot.codes, slot.absmax, qm, lut, values)
+    _launch_pass("fo_block_quantize", n, device, args, stream)

@@ -19,6 +19,16 @@
 // Steps 1 and 3 are __host__ __device__ so that the host harness (tests/block_host_harness.cu)
 // runs them with the block's threads in order and compares them with the numba-cpu block loops.
 //
+// Standalone passes over one slot, for the kernels that run on float32 copies of 8-bit state
+// (fastopt/optim/staging.py; block_loops.dequantize_into / quantize_from on the CPU), laid out
+// as the block kernels: block_dequantize (step 1's dequantization alone) and the quantize pass
+// (step 2's maximum, then block_requantize), spelled once by the launcher as FO_BLOCK_PASSES:
+//   fo_block_dequantize(const unsigned char* codes, const float* absmax, const float* qmap,
+//                       float* out, long long n)
+//   fo_block_quantize(unsigned char* codes, float* absmax, const float* qmap, const int* lut,
+//                     const float* values, long long n)
+// (tests/test_int8_convert_cuda_c.py runs their per-block bodies on the host).
+//
 // Kernels: one extern "C" wrapper per (rule, storage combination), spelled by the CuPy launcher
 // (kernels/block_cupy.py) as
 //   FO_BLOCK_KERNEL(name, fo::op_adam, float, fo::bf16_bits, float, true, false)
@@ -75,7 +85,47 @@ FO_HD void block_requantize(const quant_slot& s, long long i, long long b, unsig
                                              s.lut);
 }
 
+// Element i (of block b) of a slot dequantized into out[i]: block_element's first step.
+FO_HD void block_dequantize(const unsigned char* codes, const float* absmax, const float* qmap,
+                            long long i, long long b, float* out) {
+    out[i] = dequantize(codes[i], absmax[b], qmap);
+}
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+
+// The dequantize pass: one thread per element, one CUDA block per quantization block.
+__device__ __forceinline__ void block_dequantize_kernel(const unsigned char* __restrict__ codes,
+                                                        const float* __restrict__ absmax,
+                                                        const float* __restrict__ qmap,
+                                                        float* __restrict__ out, long long n) {
+    const long long nblocks = (n + FO_QUANT_BLOCK - 1) / FO_QUANT_BLOCK;
+    for (long long b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        const long long i = b * FO_QUANT_BLOCK + threadIdx.x;
+        if (i < n) block_dequantize(codes, absmax, qmap, i, b, out);
+    }
+}
+
+// The quantize pass: the block kernel's steps 2 and 3 over given values.
+__device__ __forceinline__ void block_quantize_kernel(quant_slot s,
+                                                      const float* __restrict__ values,
+                                                      long long n) {
+    __shared__ unsigned int top;
+    const int tid = threadIdx.x;
+    const long long nblocks = (n + FO_QUANT_BLOCK - 1) / FO_QUANT_BLOCK;
+    for (long long b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        if (tid == 0) top = 0u;
+        __syncthreads();
+        const long long i = b * FO_QUANT_BLOCK + tid;
+        float v = 0.0f;
+        if (i < n) {
+            v = values[i];
+            atomicMax(&top, magnitude_bits(v));
+        }
+        __syncthreads();  // the block's maximum taken
+        if (i < n) block_requantize(s, i, b, top, v, tid == 0);
+        __syncthreads();  // top is reset for the next block
+    }
+}
 
 template <class Op, typename C, typename P, typename G, bool MASTER, bool SR>
 __device__ __forceinline__ void block_kernel(P* __restrict__ p, float* __restrict__ w,
@@ -128,4 +178,17 @@ __device__ __forceinline__ void block_kernel(P* __restrict__ p, float* __restric
                              s2 = {c2, a2, q2, l2};                                           \
         fo::block_kernel<OP, C, P, G, MASTER, SR>(p, w, g, s0, s1, s2, n, hs, gscale, clip,   \
                                                   seed, step, index0);                        \
+    }
+
+#define FO_BLOCK_PASSES                                                                         \
+    extern "C" __global__ void __launch_bounds__(FO_QUANT_BLOCK)                              \
+        fo_block_dequantize(const unsigned char* codes, const float* absmax, const float* qmap, \
+                            float* out, long long n) {                                         \
+        fo::block_dequantize_kernel(codes, absmax, qmap, out, n);                               \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(FO_QUANT_BLOCK)                              \
+        fo_block_quantize(unsigned char* codes, float* absmax, const float* qmap,              \
+                          const int* lut, const float* values, long long n) {                  \
+        const fo::quant_slot s = {codes, absmax, qmap, lut};                                    \
+        fo::block_quantize_kernel(s, values, n);                                                \
     }

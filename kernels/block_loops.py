@@ -37,6 +37,16 @@ may hold; one lookup and one comparison give exactly ``storage.quantize``'s code
 lookups run in a loop of their own, so that the arithmetic around them vectorizes in 32-bit
 lanes; the value over its absmax is a float64 product with the reciprocal, bit-identical to the
 float32 division without its divider (``normalized``; tests/test_precision_speed_paths.py).
+
+Standalone passes: the optimizers whose kernels are not elementwise (LAMB, LARS, NovoGrad,
+Muon) run their float32 kernels on float32 copies of 8-bit state (``fastopt/optim/staging.py``).
+:func:`dequantize_into` and :func:`quantize_from` are the block loops' first and last steps
+alone (``dequantize_span``; a copy of the values, then ``requantize_span``), over the same tasks,
+so dequantize -> the float32 rule -> quantize gives the fused block loop's bits
+(tests/test_int8_convert.py). ``quantize_from`` equals ``precision.int8_from_values`` but for
+NaN: a block's NaN absmax keeps the largest payload (``int8_from_values``: 0x7FC00000), and a
+positive NaN value gets code 255 (``int8_from_values``: 0); either way the block dequantizes to
+NaN.
 """
 
 import hashlib
@@ -46,7 +56,7 @@ import numpy as np
 from numba import int64, njit, prange, uint64
 
 from . import access
-from .compile_rules import rebind, specialize
+from .compile_rules import SOURCE_TAG, rebind, specialize
 from .cpu import _RULES, PARALLEL_THRESHOLD
 from .layout import ARITY
 from .storage import (
@@ -331,6 +341,31 @@ def block_loop3(p, w, g, c0, a0, q0, l0, c1, a1, q1, l1, c2, a2, q2, l2, hs, rs)
 TEMPLATES = {1: block_loop1, 2: block_loop2, 3: block_loop3}
 """The block loop of each number of state slots (rules without state have nothing to quantize)."""
 
+
+# Standalone passes over one slot, for the kernels that run on float32 copies of 8-bit state
+# (``fastopt/optim/staging.py``): the block loops' first and last steps, tasks as there.
+
+
+def dequantize_loop(codes, absmax, qm, out):
+    n = codes.size
+    for task in indices((n + SPAN - 1) // SPAN):
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        dequantize_span(codes, absmax, qm, task * BLOCKS_PER_TASK, lo, count, out[lo:])
+
+
+def quantize_loop(codes, absmax, qm, lut, values):
+    n = codes.size
+    for task in indices((n + SPAN - 1) // SPAN):
+        v = np.empty(SPAN, np.float32)
+        work = np.empty(SPAN, np.uint32)
+        lo = uint64(task * SPAN)
+        count = uint64(min(SPAN, n - task * SPAN))
+        for j in range(uint64(0), count):
+            v[j] = values[lo + j]
+        requantize_span(codes, absmax, qm, lut, task * BLOCKS_PER_TASK, lo, count, v, work)
+
+
 TAG = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:8]
 """Part of every block kernel's name: Numba's disk cache does not watch this file."""
 
@@ -405,6 +440,90 @@ def kernel(rule_name, storage, parallel=True):
         )
         _KERNELS[key] = k
     return k
+
+
+_PASSES = {}
+
+
+def pass_kernel(name, parallel=True):
+    """The compiled standalone pass ``"dequantize"`` or ``"quantize"`` (:func:`dequantize_into`,
+    :func:`quantize_from`), parallel over tasks of ``BLOCKS_PER_TASK`` blocks or serial."""
+    key = (name, parallel)
+    k = _PASSES.get(key)
+    if k is None:
+        helpers = _helpers()
+        glb = {
+            "np": np,
+            "uint64": uint64,
+            "SPAN": SPAN,
+            "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
+            "indices": prange if parallel else range,
+            "dequantize_span": helpers["dequantize_span"],
+            "requantize_span": helpers["requantize_span"],
+        }
+        template = {"dequantize": dequantize_loop, "quantize": quantize_loop}[name]
+        variant = f"{template.__name__}_{TAG}_{SOURCE_TAG}{'' if parallel else '_serial'}"
+        k = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")(
+            rebind(template, glb, variant)
+        )
+        _PASSES[key] = k
+    return k
+
+
+def _check_pass(what, slot, array, name):
+    """ValueError/TypeError unless ``slot`` is an 8-bit host slot and ``array`` float32 of its
+    size (both C-contiguous, ``array`` writable for ``dequantize_into``)."""
+    codes, absmax = getattr(slot, "codes", None), getattr(slot, "absmax", None)
+    if not (isinstance(codes, np.ndarray) and isinstance(absmax, np.ndarray)):
+        raise TypeError(
+            f"{what}: the slot must be an 8-bit slot of host arrays (codes, absmax, signed), "
+            f"got {type(slot).__name__}"
+        )
+    n = codes.size
+    blocks = -(-n // QUANT_BLOCK)
+    if codes.dtype != np.uint8 or absmax.dtype != np.float32 or absmax.size != blocks:
+        raise ValueError(
+            f"{what}: the slot needs uint8 codes and float32 absmax, one per block of "
+            f"{QUANT_BLOCK} ({n} codes: {blocks}), got {codes.dtype} codes of size {n} and "
+            f"{absmax.dtype} absmax of size {absmax.size}"
+        )
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.size != n:
+        raise ValueError(
+            f"{what}: {name} must be a float32 NumPy array of the slot's {n} elements, got "
+            f"{getattr(array, 'dtype', type(array).__name__)} of size {getattr(array, 'size', '?')}"
+        )
+    arrays = (codes, absmax, array)
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError(f"{what}: the slot's arrays and {name} must be C-contiguous")
+    written = (array,) if what == "dequantize" else (codes, absmax)
+    if not all(a.flags.writeable for a in written):
+        raise ValueError(f"{what}: {'out' if what == 'dequantize' else 'the slot'} is read-only")
+
+
+def dequantize_into(slot, out):
+    """``out[i] = qmap[code[i]] * absmax[block(i)]`` (float32) for an 8-bit host slot (a
+    ``precision.Quantized`` of NumPy arrays) and a float32 host array ``out`` of its size: the
+    block loops' dequantization (``dequantize_span``), bit-identical to :func:`dequantized`."""
+    _check_pass("dequantize", slot, out, "out")
+    n = slot.codes.size
+    if n == 0:
+        return
+    k = pass_kernel("dequantize", n >= PARALLEL_THRESHOLD)
+    k(slot.codes.reshape(-1), slot.absmax.reshape(-1), qmap(slot.signed), out.reshape(-1))
+
+
+def quantize_from(slot, values):
+    """Store float32 host ``values`` (the slot's size; not modified) into an 8-bit host slot,
+    in place: each block's absmax the largest magnitude of its values (NaN if it holds one),
+    each code the nearest of the value over it (``requantize_span``: ties to the even code, the
+    sign kept in the signed map, an all-zero block the code of zero). The codes and absmax the
+    block loops write for these new state values, bit for bit."""
+    _check_pass("quantize", slot, values, "values")
+    n = slot.codes.size
+    if n == 0:
+        return
+    k = pass_kernel("quantize", n >= PARALLEL_THRESHOLD)
+    k(slot.codes.reshape(-1), slot.absmax.reshape(-1), *tables(slot.signed), values.reshape(-1))
 
 
 def _bits(a):
