@@ -308,16 +308,39 @@ def test_numba_cuda_without_cupy_is_refused_by_name_before_any_write(monkeypatch
     assert _same(ps.flat, before) and not opt.state
 
 
-def test_16_bit_storage_on_cupy_is_refused_before_any_write(fake_cupy):
-    w16 = FakeArray(np.ones((3, 4), np.float16))
-    with pytest.raises(TypeError, match="float32 or float64 parameters"):
-        fo.Muon([w16], lr=0.1)  # refused when the group is added
-    w = FakeArray(np.ones((3, 4), np.float32))
-    opt = fo.Muon([w], lr=0.1)
-    with pytest.raises(TypeError, match="float32 or float64 parameters"):
-        opt.step([FakeArray(np.ones((3, 4), np.float16))])  # a 16-bit gradient: at the step
-    assert not fake_cupy.calls and (w.host == 1).all() and (w16.host == 1).all()
-    assert not opt.state
+def test_16_bit_storage_on_cupy_runs_the_device_path_on_float32_copies(fake_cupy, monkeypatch):
+    """A float16 Muon unit on CuPy (master weights, float32 state) runs the device path on
+    its float32 stage (fastopt/optim/staging.py): the conversions are the backend's
+    ``convert`` (here the CPU kernel on the fake arrays' host memory; on a GPU
+    tests/test_gpu_staged.py), and the parameters end where the numba-cpu run of the same
+    arrays does, to the rounding of the device path's products (its tests' tolerance)."""
+    from fastopt.kernels import cpu_storage
+
+    converted = []
+
+    def convert(self, dst, src, rs=None, word=0, stream=None):
+        converted.append((dst.dtype, src.dtype, stream))
+        cpu_storage.convert(dst.host.reshape(-1), src.host.reshape(-1), rs, word)
+
+    monkeypatch.setattr(dispatch.CuPyBackend, "convert", convert)
+    rng = np.random.default_rng(2)
+    host = [rng.standard_normal(s).astype(np.float16) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float16) for s in SHAPES] for _ in range(3)]
+    dev = [FakeArray(a.copy()) for a in host]
+    cpu = [a.copy() for a in host]
+    o_dev = fo.Muon(dev, lr=0.02, ns_dtype="float32", master_weights=True)
+    o_cpu = fo.Muon(cpu, lr=0.02, ns_dtype="float32", master_weights=True)
+    for g in grads:
+        o_dev.step([FakeArray(a.copy()) for a in g])
+        o_cpu.step([a.copy() for a in g])
+    assert {u.backend.name for u in o_dev.units()} == {"cupy"}
+    assert (np.dtype(np.float16), np.dtype(np.float32), 7) in converted  # on CuPy's stream
+    for d, c in zip(dev, cpu):
+        np.testing.assert_allclose(d.host.astype(np.float32), c.astype(np.float32), rtol=2e-3)
+    for ud, uc in zip(o_dev.units(), o_cpu.units()):
+        np.testing.assert_allclose(
+            ud.state["master_param"].host, uc.state["master_param"], rtol=1e-5, atol=1e-7
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,12 +216,77 @@ def test_checkpoint_resume_continues_bit_for_bit(rule, tmp_path):
             assert np.array_equal(np.asarray(v, np.float32), np.asarray(u2.state[k], np.float32)), k
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
-def test_int8_state_is_refused_by_name_with_the_reason(rule):
+INT8 = ["lamb", "lars", "novograd", "muon"]
+
+
+@pytest.mark.parametrize("rule", INT8)
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16-master"])
+def test_int8_state_is_the_float32_step_requantized(rule, dtype):
+    """state_dtype="int8": each step dequantizes the 8-bit slots, runs the float32 step and
+    requantizes each block (its new absmax, the nearest codes): the oracle is the float32
+    optimizer whose state is replaced after each step by its 8-bit image
+    (``precision.int8_from_values``, the host quantizer, then dequantized)."""
+    from fastopt.optim import precision
+
     cls, kw = RULES[rule]
-    w = np.ones((300, 300), np.float32)
-    with pytest.raises(ValueError, match=f"{cls.__name__} .*cannot keep state_dtype='int8'"):
-        cls([w], state_dtype="int8", **kw)
+    shapes = SHAPES[rule]
+    rng = np.random.default_rng(4)
+    init = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    ps = fo.ParamSet(init, dtype=dtype)
+    opt = cls(ps, state_dtype="int8", master_weights=dtype == BF16, **kw)
+    ps32 = fo.ParamSet({k: v.astype(np.float32) for k, v in init.items()})
+    opt32 = cls(ps32, **kw)
+    for _ in range(3):
+        g = _grads(rng, shapes, dtype)
+        for k in shapes:
+            ps.grads[k][...] = g[k]
+            ps32.grads[k][...] = g[k].astype(np.float32)
+        opt.step()
+        opt32.step()
+        (unit32,) = opt32.units()
+        for name, a in unit32.state.items():
+            if name in precision.INT8_SIGNED and a.size == ps32.size:
+                q = precision.int8_from_values(a, precision.INT8_SIGNED[name])
+                a[...] = q.dequantized()
+    (unit,), (unit32,) = opt.units(), opt32.units()
+    quantized = [k for k, v in unit.state.items() if isinstance(v, precision.Quantized)]
+    assert quantized and set(quantized) <= set(precision.INT8_SIGNED)
+    for k in quantized:
+        assert np.array_equal(unit.state[k].dequantized(), unit32.state[k]), k
+    if dtype == BF16:
+        assert np.array_equal(unit.state["master_param"], ps32.flat)
+        assert np.array_equal(_bits(ps.flat), _bits(ps32.flat.astype(BF16)))
+    else:
+        assert np.array_equal(ps.flat, ps32.flat)
+
+
+@pytest.mark.parametrize("rule", INT8)
+def test_int8_state_round_trips_through_a_checkpoint(rule, tmp_path):
+    cls, kw = RULES[rule]
+    shapes = SHAPES[rule]
+    rng = np.random.default_rng(6)
+    init = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    ps = fo.ParamSet(init)
+    opt = cls(ps, state_dtype="int8", **kw)
+    grads = [_grads(rng, shapes, np.float32) for _ in range(4)]
+    for g in grads[:2]:
+        ps.grad_flat[...] = fo.ParamSet(g).flat
+        opt.step()
+    save(tmp_path / "ckpt", params=ps, optimizer=opt)
+    ck = load(tmp_path / "ckpt")
+    ps2 = fo.ParamSet({k: ck.params[k] for k in shapes})
+    opt2 = cls(ps2, state_dtype="int8", **kw)
+    ck.restore(optimizer=opt2)
+    for g in grads[2:]:
+        for p, o in ((ps, opt), (ps2, opt2)):
+            p.grad_flat[...] = fo.ParamSet(g).flat
+            o.step()
+    assert np.array_equal(ps.flat, ps2.flat)
+
+
+def test_int8_state_is_refused_for_adafactor_with_the_reason():
+    with pytest.raises(ValueError, match=r"Adafactor .*cannot keep state_dtype='int8'.*m \+ n"):
+        fo.Adafactor([np.ones((300, 300), np.float32)], state_dtype="int8")
 
 
 @pytest.mark.parametrize("rule", ["lamb", "lars", "novograd", "adafactor"])

@@ -143,6 +143,13 @@ class ZeroRedundancyOptimizer:
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self.per_tensor = not optimizer_class.elementwise
+        if self.per_tensor and quantizes_whole(defaults, params.size):
+            raise ValueError(
+                f"ZeroRedundancyOptimizer shards {optimizer_class.__name__} on tensor "
+                "boundaries, which would cut the 256-element blocks of state_dtype='int8' "
+                "otherwise than one process does (and so change every step's bits); use "
+                "state_dtype='bfloat16', or DataParallel, for 8-bit state of a per-tensor rule"
+            )
         self.quantized = not self.per_tensor and quantizes_whole(defaults, params.size)
         self._muon_params = self._muon_chosen = None
         if self.per_tensor:
@@ -222,6 +229,10 @@ class ZeroRedundancyOptimizer:
             self._state_sizes = self.comm.allgather(owned)
             # every array of the full layout, the same list on every rank
             self._state_keys = sorted({k for sizes in self._state_sizes for k in sizes})
+            # stochastic rounding counts each array's elements in its full layout
+            self.local_optimizer.state_offsets = {
+                k: self._layout(k)[1][self.rank] for k in self._state_keys
+            }
         self._coll.start_from_root(params, root, debug)
 
     # ----------------------------------------------------------------- properties
@@ -383,7 +394,8 @@ class ZeroRedundancyOptimizer:
             for k in sorted(names):  # same order on every rank
                 v = entry.get(k)
                 if v is None:  # an array this rank does not keep: zeros for its share
-                    v = np.zeros(self._layout(k)[0][self.rank], self.params.dtype)
+                    dtype = self.local_optimizer.state_array_dtype(k, self.params.flat)
+                    v = np.zeros(self._layout(k)[0][self.rank], dtype)
                 if isinstance(v, np.ndarray):
                     counts, displs = self._layout(k)
                     mine = np.ascontiguousarray(v.reshape(-1)[: counts[self.rank]])
@@ -453,7 +465,8 @@ class ZeroRedundancyOptimizer:
                 local_entry[k] = mine
             if self.per_tensor and not self._owns:  # the private element's own arrays
                 for k, size in self._own_sizes.items():
-                    local_entry.setdefault(k, np.zeros(size, self.params.dtype))
+                    dtype = self.local_optimizer.state_array_dtype(k, self.params.flat)
+                    local_entry.setdefault(k, np.zeros(size, dtype))
         local_sd = {
             "algorithm": skeleton["algorithm"],
             "state": {0: local_entry} if local_entry is not None else {},
@@ -765,4 +778,7 @@ def local_state_sizes(optimizer):
     segment_state = getattr(optimizer, "segment_state", None)
     if segment_state is not None:
         names.append(segment_state)
-    return {n: math.prod(optimizer._state_shape(g_int, unit, n)) for n in names}
+    sizes = {n: math.prod(optimizer._state_shape(g_int, unit, n)) for n in names}
+    if precision.has_master(optimizer.precision, unit.param):
+        sizes[precision.MASTER] = int(unit.param.size)  # the float32 copy, one per element
+    return sizes

@@ -208,7 +208,7 @@ class Adafactor(Optimizer):
     # ------------------------------------------------------------------ state
     def _allocate(self, group, unit, names, lr, stream=None):
         sizes = dict(zip(STATE_NAMES, factored.state_sizes(self._unit_shapes(unit))))
-        dtype = precision.state_dtype(self.precision, unit.param)
+        dtype = self.state_array_dtype(names[0], unit.param)  # int8 refused at construction
         for n in names:
             unit.state[n] = unit.backend.zeros(sizes[n], dtype, like=unit.param)
         if precision.has_master(self.precision, unit.param):
@@ -270,7 +270,7 @@ class Adafactor(Optimizer):
             storage = storages[id(real)]
             unit = real
             if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernel
-                unit, grad = staging.staging_of(self).load(real, grad, stream_of(real))
+                unit, grad = staging.staging_of(self).load(real, grad, STATE_NAMES, stream_of(real))
             state = unit.state
             if unit.backend.name == "numpy":
                 reference.adafactor(
@@ -299,6 +299,6 @@ class Adafactor(Optimizer):
                 )
             if unit is not real:
                 rs = staging.random_counter(self, real, storage, step)
-                staging.staging_of(self).store(real, unit, rs, stream_of(real))
+                staging.staging_of(self).store(real, unit, STATE_NAMES, rs, stream_of(real))
             real.state["step"] = step
         self._count_step(plan)

@@ -148,6 +148,11 @@ class Optimizer:
     element_offset = 0
     """Index of this optimizer's first parameter element in a larger parameter set (a ZeRO
     shard's ``lo``): stochastic rounding's element index starts there."""
+    state_offsets = None
+    """{state array name: index of this optimizer's first element of it in the larger set's
+    layout of that array} (a ZeRO shard of a per-tensor rule sets it: Adafactor's factors and
+    NovoGrad's per-tensor moments are not one value per element); stochastic rounding of that
+    array counts from there. None: from the unit's parameter offset."""
 
     elementwise = True
     """True when every element's update depends on that element alone, so any slice of the flat
@@ -621,6 +626,15 @@ class Optimizer:
             split_grads(g["structure"], g["units"], g["keys"], gr, f"param_groups[{i}]")
             for i, (g, gr) in enumerate(zip(groups, grads))
         ]
+
+    def state_array_dtype(self, name, param):
+        """The dtype a state array ``name`` of ``param`` (a unit's flat array) outside the rule's
+        slots is kept in (the float32 master copy; a per-tensor or per-row array): the state
+        dtype, float32 where the slots are 8-bit (``precision.state_dtype``)."""
+        if name == precision.MASTER:
+            return np.dtype(np.float32)
+        dtype = precision.state_dtype(self.precision, param)
+        return np.dtype(np.float32) if dtype is precision.INT8 else np.dtype(dtype)
 
     def _allocate(self, group, unit, names, lr, stream=None):
         for n, dtype in precision.slot_dtypes(self.precision, unit.param, names).items():

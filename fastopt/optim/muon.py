@@ -239,6 +239,11 @@ def apply_update_bits(p, bits, scale, weight_decay):
                     pk[j] = _updated(pk[j], dt(chunk[j]), scale, weight_decay)
 
 
+SLOTS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+"""Every state slot Muon may keep, in order (the staging's random-bit words: the same whichever
+a unit keeps)."""
+
+
 def _check_adamw_lr(name, value):
     if value is not None:
         check_nonnegative(name, value)
@@ -415,14 +420,16 @@ class Muon(Optimizer):
                 matrices, adam_runs = self._layout(group, g_int, unit)
                 storage, real = storages[id(unit)], unit
                 if staging.needs_stage(storage):  # 16-bit storage: float32 copies around
-                    unit, grad = staging.staging_of(self).load(real, grad, stream)
+                    unit, grad = staging.staging_of(self).load(
+                        real, grad, g_int["state_names"], stream
+                    )
                 if matrices:
                     self._muon_step(group, unit, grad, lr, scales, matrices, adam_runs, stream)
                 if adam_runs:
                     self._adamw_step(group, unit, grad, lr, step, scales, adam_runs, stream)
                 if unit is not real:
                     rs = staging.random_counter(self, real, storage, step)
-                    staging.staging_of(self).store(real, unit, rs, stream)
+                    staging.staging_of(self).store(real, unit, SLOTS, rs, stream)
                 real.state["step"] = step
         self._count_step(plan)
 

@@ -13,7 +13,8 @@ stochastic_rounding=, seed=)``):
   first moments and signed state, the unsigned one for second moments and sums
   (``INT8_SIGNED``), about 2.03 bytes per parameter for Adam. Only for the rules whose state are
   running moments or sums (``INT8_RULES``: the Adam family, RMSprop, Adagrad, Adadelta, SGD with
-  momentum, Lion, Yogi), on the numba-cpu, numba-cuda (``kernels/block_cuda.py``) and CuPy
+  momentum, Lion, Yogi; and ``STAGED_INT8_RULES``, LAMB, LARS, NovoGrad and Muon, whose slots
+  are dequantized around their float32 kernels by ``fastopt/optim/staging.py``), on the numba-cpu, numba-cuda (``kernels/block_cuda.py``) and CuPy
   (``kernels/block_cupy.py``) backends; any other optimizer, or the NumPy reference backend,
   is refused at construction. Units (a ParamSet's buffer, a plain array) below
   ``MIN_8BIT_SIZE`` (4096, bitsandbytes' ``min_8bit_size``) elements keep float32 state.
@@ -65,6 +66,11 @@ INT8_BACKENDS = ("numba-cpu", "numba-cuda", "cupy")
 """Backends with 8-bit blockwise kernels (``kernels/block_loops.py``, ``block_cuda.py``,
 ``block_cupy.py``)."""
 
+STAGED_INT8_RULES = frozenset(("lamb", "lars", "novograd", "muon"))
+"""Per-tensor and matrix rules (``Optimizer.algorithm``) whose element state are running
+moments: 8-bit state allowed, dequantized around their float32 kernels
+(``fastopt/optim/staging.py``)."""
+
 INT8_RULES = frozenset(
     (
         "sgd_momentum",
@@ -108,18 +114,12 @@ INT8_REFUSED = {
     "their precision",
     "sf_sgd": "schedule-free's 'z' is the base sequence of the iterates (parameter values), not "
     "a running moment",
-    "lamb": "its per-tensor (segmented) kernels have no 8-bit state",
-    "lars": "its per-tensor (segmented) kernels have no 8-bit state",
-    "novograd": "its per-tensor (segmented) kernels have no 8-bit state",
 }
 INT8_REFUSED["sf_adamw"] = INT8_REFUSED["sf_sgd"]
 INT8_REFUSED["adafactor"] = (
     "its factored second moments are already m + n values per m x n matrix, not one per element"
 )
-INT8_REFUSED["ema"] = (  # Muon's rule
-    "Muon's momentum feeds the Newton-Schulz products of whole matrices; 8-bit state is not "
-    "implemented for it"
-)
+
 
 QUANT_BLOCK = 256
 """Elements per 8-bit block (one float32 absmax each): ``kernels.storage.QUANT_BLOCK``."""
@@ -249,12 +249,13 @@ def check_int8_rule(optimizer, group):
     if not is_int8(optimizer.precision):
         return
     rule = optimizer._rule(group)
-    if rule not in INT8_RULES:
+    if rule not in INT8_RULES and getattr(optimizer, "algorithm", None) not in STAGED_INT8_RULES:
         reason = INT8_REFUSED.get(rule, "its state are not running moments or sums")
         raise ValueError(
             f"{type(optimizer).__name__} (rule {rule!r}) cannot keep state_dtype='int8': "
             f"{reason}; 8-bit blockwise state is for the rules whose state are running moments "
-            "or sums (Adam family, RMSprop, Adagrad, Adadelta, SGD with momentum, Lion, Yogi)"
+            "or sums (Adam family, RMSprop, Adagrad, Adadelta, SGD with momentum, Lion, Yogi, "
+            "LAMB, LARS, NovoGrad, Muon)"
         )
 
 

@@ -156,7 +156,7 @@ class SegmentedOptimizer(Optimizer):
         super()._allocate(group, unit, names, lr, stream)
         if self.segment_state is not None:
             n = len(self._segment_cache[id(unit)]["segs"])
-            dtype = precision.state_dtype(self.precision, unit.param)
+            dtype = self.state_array_dtype(self.segment_state, unit.param)
             unit.state[self.segment_state] = unit.backend.zeros(n, dtype, like=unit.param)
 
     # ------------------------------------------------------------------ step
@@ -200,10 +200,11 @@ class SegmentedOptimizer(Optimizer):
             storage = storages[id(unit)]
             if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernels
                 stages = staging.staging_of(self)
-                stage, wide = stages.load(unit, grad, stream_of(unit))
+                slots = (*g_int["state_names"], self.segment_state)
+                stage, wide = stages.load(unit, grad, slots, stream_of(unit))
                 self._launch(group, g_int, lr, stage, wide, step, h64, seg_work, scales)
                 rs = staging.random_counter(self, unit, storage, step)
-                stages.store(unit, stage, rs, stream_of(unit))
+                stages.store(unit, stage, slots, rs, stream_of(unit))
             else:
                 self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
             unit.state["step"] = step

@@ -17,6 +17,10 @@ helpers as the storage loops) around the unchanged float32 kernels:
    bits under stochastic rounding, as the storage loops), each 16-bit state array rounded back
    (word 1 + j for its j-th array, j counted modulo 3).
 
+8-bit state (``state_dtype="int8"``) is dequantized into the float32 scratch and requantized
+from it (``Backend.dequantize`` / ``Backend.quantize``: the block kernels' own steps, each block's
+new absmax and nearest codes), which is what the fused block kernels do around a rule.
+
 The result is bit for bit the one-pass design's: every value the kernels read is the widened
 stored value, every stored value the rounded float32 result. What it costs is traffic and
 memory: a float32 scratch for the parameter (without master weights), the gradient (when
@@ -28,6 +32,8 @@ import numpy as np
 
 from . import precision
 from .units import Unit
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def compute_dtype(param_dtype):
@@ -69,9 +75,10 @@ class Staging:
             hit = self._stages[id(unit)] = (unit, stage)
         return hit[1]
 
-    def load(self, unit, grad, stream=None):
-        """(stage, float32 gradient) of ``unit`` for this step: the float32 arrays the kernels
-        update, widened from the unit's storage (the gradient too when it is not float32)."""
+    def load(self, unit, grad, slots, stream=None):
+        """(stage, gradient in the compute dtype) of ``unit`` for this step: the arrays the
+        kernels update, widened (or dequantized) from the unit's storage. ``slots``: the names
+        of the state arrays in the rule's order (it fixes their random-bit words)."""
         backend = unit.backend
         stage = self.stage_of(unit)
         state = unit.state
@@ -89,36 +96,67 @@ class Staging:
             backend.convert(wide, grad, stream=stream)
             grad = wide
         staged = {}
-        for j, (name, value) in enumerate(self._stored(state, dtype)):
+        for j, name, value in _stored(state, dtype, slots):
+            if isinstance(value, precision.Quantized):  # 8-bit: dequantized, then widened
+                n = value.codes.size
+                a = self._scratch(unit, f"state{j}", n, _FLOAT32)
+                backend.dequantize(value, a, stream=stream)
+                if dtype != _FLOAT32:
+                    wide = self._scratch(unit, f"wide{j}", n, dtype)
+                    backend.convert(wide, a, stream=stream)
+                    a = wide
+                staged[name] = a
+                continue
             a = self._scratch(unit, f"state{j}", value.size, dtype)
             backend.convert(a, _flat(value), stream=stream)
             staged[name] = a.reshape(value.shape)
         stage.state = {k: staged.get(k, v) for k, v in state.items() if k != precision.MASTER}
         return stage, grad
 
-    def store(self, unit, stage, rs, stream=None):
-        """Round the stage's results into the unit's storage: the parameter, then each 16-bit
-        state array. ``rs`` = (seed, step, index of the unit's first element among the
-        optimizer's parameters) under stochastic rounding, else None (to nearest even)."""
+    def store(self, unit, stage, slots, counter=None, stream=None):
+        """Round the stage's results into the unit's storage: the parameter (random-bit word
+        0), then each state array stored otherwise (word 1 + its index in ``slots``, modulo 3;
+        8-bit slots requantized). ``counter``: :func:`random_counter` under stochastic rounding,
+        else None (to nearest even)."""
         backend = unit.backend
         if stage.param is not unit.param:
+            rs = None if counter is None else counter[:3]
             backend.convert(unit.param, stage.param, rs, 0, stream)
-        stored = self._stored(unit.state, stage.param.dtype)
-        for j, (name, value) in enumerate(stored):
-            backend.convert(_flat(value), _flat(stage.state[name]), rs, 1 + j % 3, stream)
+        for j, name, value in _stored(unit.state, stage.param.dtype, slots):
+            result = _flat(stage.state[name])
+            if isinstance(value, precision.Quantized):  # rounded to float32, then requantized
+                if result.dtype != _FLOAT32:
+                    narrow = self._scratch(unit, f"state{j}", result.size, _FLOAT32)
+                    backend.convert(narrow, result, stream=stream)
+                    result = narrow
+                backend.quantize(value, result, stream=stream)
+                continue
+            rs = None
+            if counter is not None:
+                seed, step, offset, offsets = counter
+                rs = (seed, step, offsets.get(name, offset) if offsets else offset)
+            backend.convert(_flat(value), result, rs, 1 + j % 3, stream)
         for k, v in stage.state.items():
-            if not is_array(v) and k != "step":
+            if not (is_array(v) or isinstance(v, precision.Quantized)) and k != "step":
                 unit.state[k] = v
 
-    @staticmethod
-    def _stored(state, dtype):
-        """[(name, array)] of the state arrays stored in another dtype than ``dtype`` (the
-        compute dtype), in state order."""
-        return [
-            (k, v)
-            for k, v in state.items()
-            if k != precision.MASTER and is_array(v) and np.dtype(v.dtype) != dtype
-        ]
+
+def _stored(state, dtype, slots):
+    """[(index in the order, name, array)] of the state arrays kept in another dtype than
+    ``dtype`` (the compute dtype) or 8-bit, in the order ``slots`` then any other by name. The
+    position in ``slots`` fixes an array's random-bit word, not the dict's order (a loaded
+    state_dict may list its arrays otherwise) nor which slots a unit keeps (a ZeRO shard of
+    Muon may keep only its fallback's)."""
+    order = list(slots)
+    order += sorted(k for k in state if k not in order and k != precision.MASTER)
+    out = []
+    for j, k in enumerate(order):  # j: the position in ``slots``, whether or not all are kept
+        v = state.get(k)
+        if v is None:
+            continue
+        if isinstance(v, precision.Quantized) or (is_array(v) and np.dtype(v.dtype) != dtype):
+            out.append((j, k, v))
+    return out
 
 
 def staging_of(optimizer):
@@ -135,7 +173,10 @@ def needs_stage(storage):
 
 
 def random_counter(optimizer, unit, storage, step):
-    """``rs`` of :meth:`Staging.store`: the stochastic rounding counter, or None."""
+    """The stochastic rounding counter of :meth:`Staging.store`, or None without: (seed, step,
+    index of the unit's first parameter element, ``optimizer.state_offsets``: each state
+    array's own first index, where a ZeRO shard sets them)."""
     if not storage.stochastic:
         return None
-    return (optimizer.precision.seed, step, optimizer._offset_of(unit))
+    offsets = optimizer.state_offsets
+    return (optimizer.precision.seed, step, optimizer._offset_of(unit), offsets)

@@ -111,7 +111,7 @@ def _checked_entry(opt, entry, names, group, g_int, unit, index):
     slots = precision.slot_dtypes(opt.precision, unit.param, names)
     per_tensor = getattr(opt, "segment_state", None)  # NovoGrad's one value per tensor
     if per_tensor is not None:
-        slots[per_tensor] = np.dtype(unit.param.dtype)
+        slots[per_tensor] = opt.state_array_dtype(per_tensor, unit.param)
     int8 = {k: v for k, v in slots.items() if precision.is_quantized(v)}
     expected = set(slots) | set(opt._initial_scalar_state(group)) | {"step"}
     expected |= {k + suffix for k in int8 for suffix in INT8_SUFFIXES}
