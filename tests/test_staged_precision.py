@@ -364,3 +364,50 @@ def test_cpu_convert_is_the_cast_and_the_stochastic_helpers(n):
         assert np.array_equal(out[:m].astype(np.float32), want, equal_nan=True)
     with pytest.raises(ValueError, match="word"):
         cpu_storage.convert(np.empty(n, BF16), x, (1, 1, 1), 4)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("options", ["master", "sr-bf16-state"])
+def test_state_dict_in_any_key_order_continues_bit_for_bit(rule, options):
+    """A state_dict whose arrays are listed in another order (sorted, as ZeRO gathers them;
+    reversed) continues as the optimizer that went on: the random-bit words follow the rule's
+    slots. With master weights NovoGrad's per-tensor moment stays float32 through the load."""
+    cls, kw = RULES[rule]
+    shapes = SMALL_2D if rule == "muon" else SMALL
+    opts = (
+        dict(master_weights=True)
+        if options == "master"
+        else dict(stochastic_rounding=True, seed=9, state_dtype="bfloat16")
+    )
+    rng = np.random.default_rng(8)
+    init = {k: rng.standard_normal(s).astype(BF16) for k, s in shapes.items()}
+    grads = [_grads(rng, shapes, BF16) for _ in range(4)]
+    ps = fo.ParamSet(init, dtype=BF16)
+    opt = cls(ps, **opts, **kw)
+
+    def step(o, p, g):
+        for k in g:
+            p.grads[k][...] = g[k]
+        o.step()
+
+    for g in grads[:2]:
+        step(opt, ps, g)
+    sd = opt.state_dict()
+    ends = []
+    for order in (sorted, lambda keys: list(reversed(list(keys)))):
+        entry = sd["state"][0]
+        moved = {**sd, "state": {0: {k: entry[k] for k in order(entry)}}}
+        ps2 = fo.ParamSet({k: np.asarray(ps[k]).copy() for k in shapes}, dtype=BF16)
+        opt2 = cls(ps2, **opts, **kw)
+        opt2.load_state_dict(moved)
+        (u,), (u2,) = opt.units(), opt2.units()
+        for k, v in u.state.items():
+            if hasattr(v, "dtype"):
+                assert u2.state[k].dtype == v.dtype, k
+        for g in grads[2:]:
+            step(opt2, ps2, g)
+        ends.append(_bits(ps2.flat).copy())
+    for g in grads[2:]:
+        step(opt, ps, g)
+    for end in ends:
+        assert np.array_equal(end, _bits(ps.flat))
