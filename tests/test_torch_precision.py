@@ -208,3 +208,24 @@ def test_cpu_offload_state_dict_carries_the_masters():
         assert torch.equal(m, p.detach().float())
     exp_avg = off3.inner.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(exp_avg, ot.state[next(mt.parameters())]["exp_avg"].float())
+
+
+@pytest.mark.parametrize("name", ["AdamW", "LAMB", "Muon"])
+def test_stochastic_rounding_of_a_parameter_does_not_depend_on_the_others_gradients(name):
+    """Each element draws its random bits by its place in the optimizer's buffers: a parameter
+    before it without a gradient (skipped, as torch) leaves its bits as they are. It shifted
+    them when the step's core counted only the parameters that had gradients."""
+    ends = []
+    for drop_first in (False, True):
+        torch.manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(6, 5).to(torch.bfloat16)) for _ in range(2)]
+        opt = getattr(fot, name)(ws, lr=1e-2, stochastic_rounding=True, seed=4)
+        for t in range(3):
+            gen = torch.Generator().manual_seed(t)
+            for w in ws:
+                w.grad = torch.randn(6, 5, generator=gen).to(torch.bfloat16)
+            if drop_first:
+                ws[0].grad = None
+            opt.step()
+        ends.append(ws[1].detach().view(torch.int16).clone())
+    assert torch.equal(ends[0], ends[1])

@@ -453,6 +453,15 @@ class FastoptOptimizer(torch.optim.Optimizer):
         core = self.core_class(groups, **self._options)
         if precision.is_int8(self._precision):
             core.precision = core.precision._replace(min_8bit_size=self._int8_limit(key))
+        # stochastic rounding's element index: the element's place in the buffers (bucket by
+        # bucket, gaps counted), whichever parameters have gradients this step
+        bases = [0]
+        for _, buf in self._buckets:
+            bases.append(bases[-1] + int(buf.flat.numel()))
+        core._offsets = {
+            unit: bases[k] + self._buckets[k][1].offsets[i][0]
+            for unit, (k, i, _) in zip(core.units(), key)
+        }
         return core, None
 
     def _views(self, unit, k, i, j):
