@@ -304,3 +304,19 @@ def test_zero_shards_muon_on_whole_matrices():
     assert zero.tensors == ("w", "b") and zero.param_groups[0]["muon_params"] == ("w",)
     with pytest.raises(ValueError, match="parameter 'b' has shape"):
         ZeroRedundancyOptimizer(ps, fo.Muon)
+
+
+def test_an_empty_matrix_is_left_alone():
+    """A matrix with a zero dimension has nothing to update: the others step as without it (it
+    divided by zero in the learning rate's aspect ratio after the first matrix was written)."""
+    rng = np.random.default_rng(0)
+    a, c = rng.standard_normal((6, 4)), rng.standard_normal((4, 5))
+    ga, gc = rng.standard_normal((6, 4)), rng.standard_normal((4, 5))
+    with_empty = [a.copy(), np.zeros((4, 0)), c.copy()]
+    without = [a.copy(), c.copy()]
+    o1 = fo.Muon(with_empty, lr=0.02, ns_dtype="float64")
+    o2 = fo.Muon(without, lr=0.02, ns_dtype="float64")
+    for _ in range(2):
+        o1.step([ga, np.zeros((4, 0)), gc])
+        o2.step([ga, gc])
+    assert np.array_equal(with_empty[0], without[0]) and np.array_equal(with_empty[2], without[1])

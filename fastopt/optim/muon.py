@@ -386,7 +386,8 @@ class Muon(Optimizer):
                 runs[-1] = (runs[-1][0], hi)
             else:
                 runs.append((lo, hi))
-        matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon]
+        # an empty matrix (a zero dimension) has nothing to update (and no aspect ratio)
+        matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon and hi > lo]
         layout = scratch[key] = (matrices, runs)
         return layout
 
