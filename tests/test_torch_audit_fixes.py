@@ -140,3 +140,15 @@ def test_flatten_without_keeping_the_result_is_adopted_and_freed_with_the_model(
     del model, opt, buf
     gc.collect()
     assert param() is None and grad() is None and key not in flat._BUFFERS
+
+
+def test_optimizers_without_an_adapter_say_why():
+    for name, reason in (
+        ("NovoGrad", "not one value per parameter element"),
+        ("Adafactor", "not one value per parameter element"),
+        ("LBFGS", "torch.optim.LBFGS"),
+    ):
+        with pytest.raises(AttributeError, match=f"no {name} adapter: .*{reason}"):
+            getattr(fot, name)
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        fot.Nope  # noqa: B018

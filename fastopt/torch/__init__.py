@@ -93,3 +93,21 @@ __all__ = [
     "split_arguments",
     *(cls.__name__ for cls in OPTIMIZER_CLASSES.values()),
 ]
+
+_NOT_ADAPTED = {
+    cls.__name__: (
+        "it steps with a closure over fastopt's flat buffer: use torch.optim.LBFGS"
+        if cls.requires_closure
+        else "its state is not one value per parameter element, so it does not fit the flat "
+        f"state buffers: use fastopt.{cls.__name__} over a ParamSet"
+    )
+    for cls in OPTIMIZERS.values()
+    if cls.requires_closure or not cls.state_like_params
+}
+
+
+def __getattr__(name):
+    """AttributeError with the reason for the fastopt optimizers without an adapter."""
+    if name in _NOT_ADAPTED:
+        raise AttributeError(f"fastopt.torch has no {name} adapter: {_NOT_ADAPTED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
