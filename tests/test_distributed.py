@@ -1340,3 +1340,11 @@ def test_per_tensor_zero1_refuses_int8_state_by_name(staged):
     for r in range(2):
         text = (staged / f"int8_rank{r}.txt").read_text()
         assert "shards LAMB on tensor boundaries" in text and "state_dtype='int8'" in text
+
+
+def test_trainer_zero1_takes_muons_recipe_with_bf16(staged):
+    """Trainer(fo.Muon, zero=True) used to refuse the model's biases (its recipe was only that
+    of zero=False); with precision="bf16" both strategies end on the same bits."""
+    for r in range(2):
+        got = np.load(staged / f"trainer_rank{r}.npz")
+        assert np.array_equal(got["trainer_zero0"], got["trainer_zero1"])

@@ -86,6 +86,8 @@ class MPIStrategy(LocalStrategy):
             if not issubclass(optimizer, Optimizer):
                 raise TypeError(f"optimizer class {optimizer.__name__} is not a fastopt optimizer")
             cls, kwargs = optimizer, {"lr": lr, **dict(optimizer_kwargs or {})}
+            if getattr(cls, "matrices_only", False):  # Muon: the Trainer's recipe, one ParamSet
+                kwargs.setdefault("muon_params", "hidden")
         elif isinstance(optimizer, Optimizer):
             if optimizer_kwargs:
                 raise ValueError("optimizer_kwargs apply only when optimizer is a class")

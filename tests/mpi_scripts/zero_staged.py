@@ -13,6 +13,8 @@ import problem as P
 
 import fastopt as fo
 from fastopt import distributed as dist
+from fastopt.nn import MLP
+from fastopt.trainer import Trainer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SAVE_AT = 3
@@ -79,6 +81,21 @@ def main(comm, out):
             **arrays,
             **dtypes,
         )
+    # the Trainer's Muon recipe (hidden matrices, AdamW for the rest) with precision="bf16",
+    # data parallel and ZeRO-1: the same bits
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((96, 6)).astype(np.float32)
+    y = np.argmax(X @ rng.standard_normal((6, 3)), axis=1)
+    ends = {}
+    for zero in (False, True):
+        model = MLP(6, (10, 8), 3, seed=0)
+        trainer = Trainer(
+            model, fo.Muon, lr=0.01, batch_size=12, epochs=1, seed=5, progress=False,
+            precision="bf16", distributed=True, zero=zero,
+        )  # fmt: skip
+        trainer.fit(X, y)
+        ends[f"trainer_zero{int(zero)}"] = model.params.flat.copy()
+    np.savez(out / f"trainer_rank{comm.rank}.npz", **ends)
     # 8-bit state of a per-tensor rule: refused (blocks would not be one process's)
     try:
         big = fo.ParamSet({"a": np.zeros((80, 60), np.float32), "b": np.zeros(10, np.float32)})
