@@ -182,6 +182,24 @@ def bind(storage, compiled_storage, decorate):
     return {k: namespace[k] for k in keys}
 
 
+Conversion = namedtuple("Conversion", "dst src stochastic rs word")
+"""A checked conversion (:func:`conversion`): storage names, stochastic rounding, the counter
+``(seed, step, index0)`` as ints and the random-bit word."""
+
+
+def conversion(dst, src, dst_size, src_size, rs=None, word=0):
+    """The :class:`Conversion` of ``dst[...] = src`` (dtypes and sizes given: host or device
+    arrays alike), for every target's ``convert``; ValueError for unequal sizes or a word
+    outside 0-3. Stochastic only with a counter ``rs`` and a 16-bit destination."""
+    if dst_size != src_size:
+        raise ValueError(f"convert: {dst_size} and {src_size} elements")
+    if int(word) not in range(4):
+        raise ValueError(f"convert: word must be 0, 1, 2 or 3 (one of random_bits4's), got {word}")
+    stochastic = rs is not None and np.dtype(dst).itemsize == 2
+    rs = (0, 0, 0) if rs is None else tuple(int(v) for v in rs)
+    return Conversion(storage_name(dst), storage_name(src), stochastic, rs, int(word))
+
+
 def bind_convert(dst, src, stochastic, compiled_storage, decorate):
     """The globals of ``loops.convert_loop`` from storage ``src`` to storage ``dst`` (dtype
     names), rounding stochastically when ``stochastic`` (and ``dst`` is 16-bit): ``load_src``

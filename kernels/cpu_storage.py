@@ -75,29 +75,24 @@ def convert(dst, src, rs=None, word=0):
     (seed, step, index of ``src[0]`` among the optimizer's parameters), stochastically with
     word ``word`` (0-3) of each element's ``random_bits4`` (the word the storage loops use:
     0 for the parameter, 1 + j for state slot j)."""
-    if dst.size != src.size:
-        raise ValueError(f"convert: {dst.size} and {src.size} elements")
-    if not 0 <= word <= 3:
-        raise ValueError(f"convert: word must be 0-3 (one of random_bits4's), not {word}")
-    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
-    stochastic = rs is not None and dst.dtype.itemsize == 2
+    c = access.conversion(dst.dtype, src.dtype, dst.size, src.size, rs, word)
     parallel = dst.size >= PARALLEL_THRESHOLD
-    key = (*names, stochastic, parallel)
+    key = (c.dst, c.src, c.stochastic, parallel)
     k = _CONVERTERS.get(key)
     if k is None:
         element_access = access.bind_convert(
-            *names, stochastic, _storage_helpers(), _HELPER_DECORATOR
+            c.dst, c.src, c.stochastic, _storage_helpers(), _HELPER_DECORATOR
         )
         k = _CONVERTERS[key] = convert_kernel(
-            *names,
-            stochastic,
+            c.dst,
+            c.src,
+            c.stochastic,
             element_access,
             prange if parallel else range,
             njit(parallel=parallel, cache=True, nogil=True, error_model="numpy"),
             "" if parallel else "_serial",
         )
-    rs = (0, 0, 0) if rs is None else tuple(int(v) for v in rs)
-    k(bits(dst), bits(src), rs, int(word))
+    k(bits(dst), bits(src), c.rs, c.word)
 
 
 # ---------------------------------------------------------------------------------------------

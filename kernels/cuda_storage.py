@@ -153,22 +153,16 @@ def convert(dst, src, rs=None, word=0, stream=0, *, threads=None, blocks=None):
     stochastically with word ``word`` (0-3) of each element's ``random_bits4``.
     ``threads``/``blocks`` override the launch configuration."""
     n = math.prod(dst.shape)
-    if n != math.prod(src.shape):
-        raise ValueError(f"convert: {n} and {math.prod(src.shape)} elements")
-    if int(word) not in range(4):
-        raise ValueError(f"convert: word must be 0, 1, 2 or 3, got {word}")
-    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
-    stochastic = rs is not None and dst.dtype.itemsize == 2
+    c = access.conversion(dst.dtype, src.dtype, n, math.prod(src.shape), rs, word)
     if n == 0:
         return
-    rs = (0, 0, 0) if rs is None else tuple(int(v) for v in rs)
     cuda = launch._cuda()
     device = launch.launch_device(dst)
     with launch.on_device(device):
         nblocks, nthreads = kcuda.launch_config(n, threads, blocks, device)
         s = launch.as_stream(cuda, stream, device)
-        k = launch.configured(converter(*names, stochastic), nblocks, nthreads, s, device)
-        k(bits(dst), bits(src), rs, int(word))
+        k = launch.configured(converter(c.dst, c.src, c.stochastic), nblocks, nthreads, s, device)
+        k(bits(dst), bits(src), c.rs, c.word)
 
 
 def sumsq_and_finite(x, stream=0, *, threads=None, blocks=None):

@@ -515,22 +515,16 @@ def convert(dst, src, rs=None, word=0, stream=None):
     from . import access
 
     n = dst.size
-    if n != src.size:
-        raise ValueError(f"convert: {n} and {src.size} elements")
-    if int(word) not in range(4):
-        raise ValueError(f"convert: word must be 0, 1, 2 or 3, got {word}")
-    names = (access.storage_name(dst.dtype), access.storage_name(src.dtype))
-    stochastic = rs is not None and dst.dtype.itemsize == 2
+    c = access.conversion(dst.dtype, src.dtype, n, src.size, rs, word)
     if n == 0:
         return
-    rs = (0, 0, 0) if rs is None else rs
     device = dst.data.device_id
     stream = as_stream(stream, device)
     with cupy.cuda.Device(device):
-        k = convert_kernel(*names, stochastic)
+        k = convert_kernel(c.dst, c.src, c.stochastic)
         grid = max(1, min(-(-n // THREADS_PER_BLOCK), BLOCKS_PER_SM * _sm_count(device)))
         args = (_bits(dst), _bits(src), np.int64(n))
-        args += tuple(np.uint64(int(v) % 2**64) for v in rs) + (np.int32(word),)
+        args += tuple(np.uint64(v % 2**64) for v in c.rs) + (np.int32(c.word),)
         if stream is None:
             k((grid,), (THREADS_PER_BLOCK,), args)
         else:
