@@ -278,3 +278,28 @@ def test_cpu_offload_schedule_free_eval_rounds_16bit_parameters_as_a_step():
     off.train()
     for p, m in zip(mb.parameters(), off.masters):
         assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_tensor_betas_work_as_in_torch():
+    """One-element tensor betas (torch accepts them without foreach=True): the same steps as
+    torch.optim.Adam, a torch state_dict loads; torch's refusals refused by name."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    w2 = torch.nn.Parameter(w.detach().clone())
+    betas = (torch.tensor(0.8), torch.tensor(0.99))
+    ours = fot.Adam([w], lr=0.1, betas=betas)
+    theirs = torch.optim.Adam([w2], lr=0.1, betas=betas)
+    for _ in range(3):
+        g = torch.randn(5)
+        w.grad, w2.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(w, w2, rtol=1e-6, atol=1e-7)
+    ours.load_state_dict(theirs.state_dict())
+    for bad, match in (
+        (dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.9))), "one element"),
+        (dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), "foreach=True"),
+        (dict(betas=(torch.tensor(0.9), 0.99)), "both floats or both tensors"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fot.Adam([w], **bad)

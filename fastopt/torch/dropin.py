@@ -92,9 +92,32 @@ def check_flags(group, where):
             raise ValueError(f"{where}: {name}=True is not supported: {why}; use {name}=False")
 
 
+def plain_value(v):
+    """A hyperparameter as the fastopt core takes it: one-element tensors (``lr``, ``betas``'
+    entries, as torch accepts them) as Python numbers."""
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, tuple):
+        return tuple(plain_value(x) for x in v)
+    return v
+
+
 def check_tensor_lr(cls_name, group, where):
     """ValueError where torch refuses ``group["lr"]`` as a tensor: not one element, or (Adam,
-    AdamW) with ``foreach=True``; a float, a callable or a one-element tensor pass."""
+    AdamW) with ``foreach=True``; a float, a callable or a one-element tensor pass. The same
+    for tensor entries of ``betas`` (any class with ``betas``, as torch's Adam family)."""
+    betas = group.get("betas") or ()
+    if len({isinstance(b, torch.Tensor) for b in betas}) > 1:
+        raise ValueError(f"{where}: betas must be both floats or both tensors (torch)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if beta.numel() != 1:
+                raise ValueError(f"{where}: betas[{i}] as a tensor must have one element")
+            if group.get("foreach"):
+                raise ValueError(
+                    f"{where}: betas[{i}] as a tensor is not supported with foreach=True (torch "
+                    "refuses it without capturable=True); pass foreach=None or False"
+                )
     lr = group.get("lr")
     if not isinstance(lr, torch.Tensor):
         return

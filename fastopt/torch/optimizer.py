@@ -26,7 +26,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
 from ..optim import precision
-from .dropin import TORCH_CONSTANT_KEYS, check_flags, check_tensor_lr, pop_flags
+from .dropin import TORCH_CONSTANT_KEYS, check_flags, check_tensor_lr, plain_value, pop_flags
 from .flat import FlatBuffer, allocate, as_tensor, check_no_overlap, check_param, int8_layout
 
 _LAYOUT_CACHE = 16
@@ -59,8 +59,7 @@ def closure_loss(closure):
         return closure()
 
 
-def _plain(v):
-    return v.item() if isinstance(v, torch.Tensor) else v
+_plain = plain_value
 
 
 def is_state_array(v):

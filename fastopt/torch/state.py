@@ -30,6 +30,7 @@ import torch
 
 from .. import arrays
 from ..optim import precision
+from .dropin import plain_value
 from .flat import as_tensor
 
 SCALAR_STATE = ("step", "mu_product", "eta", "mu")
@@ -126,7 +127,7 @@ def install_state(opt):
         groups, states = [], {}
         for r, (i, j) in enumerate(runs):
             groups.append(
-                {"params": buf.slice(i, j), **{n: _value(tg[n]) for n in opt._hyper_names}}
+                {"params": buf.slice(i, j), **{n: plain_value(tg[n]) for n in opt._hyper_names}}
             )
             record, slots = entries[i]
             if record is None:
@@ -195,7 +196,3 @@ def _quantized_slots(entry):
 def _run_key(entry):
     record, slots = entry
     return record, tuple(sorted(slots))
-
-
-def _value(v):
-    return v.item() if isinstance(v, torch.Tensor) else v
