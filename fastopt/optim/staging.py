@@ -15,7 +15,8 @@ helpers as the storage loops) around the unchanged float32 kernels:
    them, kept per unit);
 3. after them: the parameter rounded into its 16-bit storage (word 0 of the element's random
    bits under stochastic rounding, as the storage loops), each 16-bit state array rounded back
-   (word 1 + j for its j-th array, j counted modulo 3).
+   (word 1 + j for the j-th of the rule's slots, modulo 3; the element index counted from the
+   array's own place where a ZeRO shard says so: ``Optimizer.state_offsets``).
 
 8-bit state (``state_dtype="int8"``) is dequantized into the float32 scratch and requantized
 from it (``Backend.dequantize`` / ``Backend.quantize``: the block kernels' own steps, each block's
@@ -55,7 +56,7 @@ class Staging:
 
     def __init__(self):
         self._stages = {}  # id(unit) -> (unit, stage Unit)
-        self._buffers = {}  # (role, backend, device, size class) -> flat float32 scratch
+        self._buffers = {}  # (role, backend, device, dtype) -> flat scratch
 
     def _scratch(self, unit, role, n, dtype):
         """``n`` elements of ``dtype`` of the shared buffer of ``role`` on ``unit``'s device."""
