@@ -1,4 +1,5 @@
-"""Buffer allocation: cache-line alignment always, 2 MiB alignment for large host buffers."""
+"""Buffer allocation: cache-line alignment always; large host buffers in huge pages, each
+starting a different multiple of ``STAGGER`` bytes after a 2 MiB boundary."""
 
 import numpy as np
 import pytest
@@ -19,7 +20,23 @@ def test_aligned_zeros(n, dtype):
     expected = memory.HUGE_PAGE if nbytes >= memory.HUGE_PAGE_MIN_BYTES else memory.CACHE_LINE
     assert memory.alignment_for(nbytes) == expected
     if n:  # an empty array has no data to align
-        assert memory.alignment_of(a) >= expected
+        assert memory.alignment_of(a) >= memory.CACHE_LINE
+        if expected == memory.HUGE_PAGE:
+            assert _staggered(a)
+
+
+def _staggered(a):
+    offset = memory.huge_page_offset(a)
+    top = memory.STAGGER * memory.STAGGER_SLOTS
+    return offset % memory.STAGGER == 0 and memory.STAGGER <= offset <= top
+
+
+def test_consecutive_large_buffers_start_at_different_offsets_modulo_4_kib():
+    """Buffers a kernel streams together must not alias modulo 4 KiB (fastopt/memory.py)."""
+    arrays = [memory.aligned_zeros(LARGE, np.float32) for _ in range(memory.STAGGER_SLOTS)]
+    offsets = {a.ctypes.data % 4096 for a in arrays}
+    assert len(offsets) == memory.STAGGER_SLOTS and 16 not in offsets and 0 not in offsets
+    assert all(_staggered(a) for a in arrays)
 
 
 def test_alignment_for_device_arrays_is_a_cache_line():
@@ -35,8 +52,9 @@ def test_large_paramset_and_optimizer_state_are_huge_page_aligned():
     ps.grad_flat[...] = 1
     opt.step()
     (state,) = opt.state.values()
-    for a in (ps.flat, ps.grad_flat, state["exp_avg"], state["exp_avg_sq"]):
-        assert memory.alignment_of(a) >= memory.HUGE_PAGE
+    buffers = (ps.flat, ps.grad_flat, state["exp_avg"], state["exp_avg_sq"])
+    assert all(_staggered(a) for a in buffers)
+    assert len({a.ctypes.data % 4096 for a in buffers}) == len(buffers)
     assert np.all(ps["b"] < 1) and np.all(ps["w"] < 1)  # the step went through
 
 
@@ -44,5 +62,5 @@ def test_state_of_plain_large_arrays_is_huge_page_aligned_and_small_ones_a_cache
     big, small = np.ones(LARGE, np.float32), np.ones(10, np.float32)
     opt = fo.AdamW([big, small])
     opt.step([np.ones_like(big), np.ones_like(small)])
-    assert memory.alignment_of(opt.state[0]["exp_avg_sq"]) >= memory.HUGE_PAGE
+    assert _staggered(opt.state[0]["exp_avg_sq"])
     assert memory.alignment_of(opt.state[1]["exp_avg_sq"]) >= memory.CACHE_LINE
