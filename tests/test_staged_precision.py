@@ -52,6 +52,13 @@ def _round_sr(x, dtype, seed, step, index0, word):
     return out.view(dtype).astype(np.float32).reshape(x.shape)
 
 
+def step(opt, ps, grads):
+    """One step of ``opt`` over the ParamSet ``ps`` with ``grads`` (name -> array)."""
+    for k in grads:
+        ps.grads[k][...] = grads[k]
+    opt.step()
+
+
 def _grads(rng, shapes, dtype):
     return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
 
@@ -192,11 +199,6 @@ def test_checkpoint_resume_continues_bit_for_bit(rule, tmp_path):
     ps = fo.ParamSet(init, dtype=BF16)
     opt = cls(ps, **options)
     grads = [_grads(rng, shapes, BF16) for _ in range(4)]
-
-    def step(o, p, g):
-        for k in g:
-            p.grads[k][...] = g[k]
-        o.step()
 
     for g in grads[:2]:
         step(opt, ps, g)
@@ -384,11 +386,6 @@ def test_state_dict_in_any_key_order_continues_bit_for_bit(rule, options):
     grads = [_grads(rng, shapes, BF16) for _ in range(4)]
     ps = fo.ParamSet(init, dtype=BF16)
     opt = cls(ps, **opts, **kw)
-
-    def step(o, p, g):
-        for k in g:
-            p.grads[k][...] = g[k]
-        o.step()
 
     for g in grads[:2]:
         step(opt, ps, g)
