@@ -1348,3 +1348,24 @@ def test_trainer_zero1_takes_muons_recipe_with_bf16(staged):
     for r in range(2):
         got = np.load(staged / f"trainer_rank{r}.npz")
         assert np.array_equal(got["trainer_zero0"], got["trainer_zero1"])
+
+
+def test_per_tensor_zero1_gathers_float32_state_of_a_bfloat16_paramset(staged):
+    """Muon with float32 state over a bf16 ParamSet: the rank without momentum sends zeros of
+    the state's dtype (it sent the parameters' and the gather failed: message truncated)."""
+    import zero_staged as ZS
+
+    cls, kw = ZS.CASES["muon"]
+    ps = ZS.params()
+    opt = cls(ps, state_dtype="float32", **kw)
+    for step in range(2):
+        ZS.set_grad(ps, step)
+        opt.step()
+    want = opt.state_dict()["state"][0]
+    for r in range(2):
+        got = np.load(staged / f"muon_f32_rank{r}.npz")
+        assert np.array_equal(got["flat"], ps.flat.view(np.uint16))
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert got[f"state_{k}"].dtype == np.float32
+            assert np.array_equal(got[f"state_{k}"], np.asarray(want[k]).reshape(-1)), k
+        assert np.array_equal(got["state_momentum_buffer"][:15], want["momentum_buffer"][:15])

@@ -81,6 +81,17 @@ def main(comm, out):
             **arrays,
             **dtypes,
         )
+    # float32 state of a bf16 ParamSet: rank 1 keeps no momentum (only Muon's fallback tensors)
+    # and gathers zeros for its share in the state's dtype, not the parameters'
+    cls, kw = CASES["muon"]
+    ps = params()
+    opt = dist.ZeroRedundancyOptimizer(ps, cls, comm=comm, state_dtype="float32", **kw)
+    for step in range(2):
+        set_grad(ps, step)
+        opt.step()
+    state = opt.state_dict(root=None)["state"][0]
+    arrays = {f"state_{k}": np.asarray(v) for k, v in state.items() if hasattr(v, "dtype")}
+    np.savez(out / f"muon_f32_rank{comm.rank}.npz", flat=ps.flat.view(np.uint16), **arrays)
     # the Trainer's Muon recipe (hidden matrices, AdamW for the rest) with precision="bf16",
     # data parallel and ZeRO-1: the same bits
     rng = np.random.default_rng(3)
