@@ -412,6 +412,20 @@ def helper(name):
     return _helpers()[name]
 
 
+def _span_globals(helpers, parallel):
+    """The globals the block loops and the standalone passes share: the span helpers, the task
+    sizes and the index range (``prange`` or ``range``)."""
+    return {
+        "np": np,
+        "uint64": uint64,
+        "SPAN": SPAN,
+        "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
+        "indices": prange if parallel else range,
+        "dequantize_span": helpers["dequantize_span"],
+        "requantize_span": helpers["requantize_span"],
+    }
+
+
 def kernel(rule_name, storage, parallel=True):
     """The compiled block loop of ``rule_name`` for ``storage`` (state ``"int8"``)."""
     key = (rule_name, storage, parallel)
@@ -419,15 +433,9 @@ def kernel(rule_name, storage, parallel=True):
     if k is None:
         helpers = _helpers()
         glb = {
-            "np": np,
+            **_span_globals(helpers, parallel),
             "int64": int64,
-            "uint64": uint64,
-            "SPAN": SPAN,
-            "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
-            "indices": prange if parallel else range,
             "transformed_grad": _RULES["transformed_grad"],
-            "dequantize_span": helpers["dequantize_span"],
-            "requantize_span": helpers["requantize_span"],
             **access.bind(storage, helpers, _HELPER_DECORATOR),
         }
         k = specialize(
@@ -451,16 +459,7 @@ def pass_kernel(name, parallel=True):
     key = (name, parallel)
     k = _PASSES.get(key)
     if k is None:
-        helpers = _helpers()
-        glb = {
-            "np": np,
-            "uint64": uint64,
-            "SPAN": SPAN,
-            "BLOCKS_PER_TASK": BLOCKS_PER_TASK,
-            "indices": prange if parallel else range,
-            "dequantize_span": helpers["dequantize_span"],
-            "requantize_span": helpers["requantize_span"],
-        }
+        glb = _span_globals(_helpers(), parallel)
         template = {"dequantize": dequantize_loop, "quantize": quantize_loop}[name]
         variant = f"{template.__name__}_{TAG}_{SOURCE_TAG}{'' if parallel else '_serial'}"
         k = njit(parallel=parallel, cache=True, nogil=True, error_model="numpy")(
