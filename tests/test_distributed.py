@@ -440,6 +440,48 @@ def test_refusals_raise_on_every_rank(runs, world):
         assert info["save_lambda_raised"] is True
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_one_ranks_different_arguments_raise_on_every_rank(runs, world):
+    """The last rank passes another argument (``mpi_scripts/agreement.py``): at construction
+    every rank raises a ValueError naming the argument, instead of the others hanging in the
+    parameter Bcast; with ``debug=True`` a step's bad or different arguments raise on every rank
+    before the Reduce_scatter, with parameters, gradients and state unchanged everywhere."""
+    out = runs("agreement.py", world)
+    infos = [json.loads((out / f"agree_rank{r}.json").read_text()) for r in range(world)]
+    named = {
+        "other_lr": "optimizer['param_groups'][0]['initial_lr']",
+        "other_layout": "params",
+        "not_a_paramset": "params",
+        "other_class": "optimizer_class",
+        "other_clip": "max_grad_norm",
+    }
+    for r, info in enumerate(infos):
+        for case, argument in named.items():
+            raised = info[case]
+            assert raised is not None, (r, case)
+            assert raised["type"] == "ValueError", (r, case, raised)
+            assert f"the ranks passed different {argument} (" in raised["message"], (r, case)
+            assert f"rank {world - 1}: " in raised["message"], (r, case)
+        assert f"rank {world - 1}: 0.2)" in info["other_lr"]["message"]  # the values compared
+        assert info["bad_everywhere"]["type"] == "ValueError"
+        assert "lr" in info["bad_everywhere"]["message"]
+        for mode in ("dp", "zero"):
+            for case in ("grad_scale", "short_grad", "lr_changed"):
+                got = info[f"{mode}_{case}"]
+                assert got["unchanged"] is True, (r, mode, case)
+                assert got["raised"] is not None and got["raised"]["type"] == "ValueError"
+            message = info[f"{mode}_grad_scale"]["raised"]["message"]
+            assert "different grad_scale" in message, (r, mode, message)
+            assert "different param_groups" in info[f"{mode}_lr_changed"]["raised"]["message"]
+            short = info[f"{mode}_short_grad"]["raised"]["message"]
+            if r == world - 1:  # its own error
+                assert "gradient must be a flat array" in short, short
+            else:
+                assert f"refused on rank {world - 1} (ValueError: " in short, short
+    for mode in ("dp", "zero"):  # and the ranks stepped together afterwards
+        assert len({info[f"{mode}_after"] for info in infos}) == 1
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -797,7 +839,8 @@ def test_trainer_one_collective_per_step(trainer_runs, world):
     and small ones.
 
     Construction: ONE parameter-sized Bcast (DataParallel / ZeroRedundancyOptimizer start every
-    rank from rank 0's parameters) and one pickled ``bcast`` (the seed). Per step, data parallel:
+    rank from rank 0's parameters), one pickled ``allgather`` (their arguments compared over the
+    ranks, ``distributed/agreement.py``) and one pickled ``bcast`` (the seed). Per step, data parallel:
     ONE parameter-sized Allreduce (the gradient sum); ZeRO-1: ONE Reduce_scatter of the gradient
     and ONE Allgatherv of the parameters (uneven shards of 103), plus with ``max_grad_norm``
     (the adam scenario) one small Allreduce of (shard sum of squares, non-finite flag).
@@ -822,7 +865,8 @@ def test_trainer_one_collective_per_step(trainer_runs, world):
             run = runs[key]
             assert run["global_step"] == steps
             assert run["comm_built"] == {
-                "buffers": {"Bcast": {"full": 1, "small": 0}}, "objects": {"bcast": 1},
+                "buffers": {"Bcast": {"full": 1, "small": 0}},
+                "objects": {"allgather": 1, "bcast": 1},
             }, key  # fmt: skip
             norm = steps if TC.SCENARIOS[key.split("-")[0]][1].get("max_grad_norm") else 0
             small = small_per_epoch * TC.EPOCHS

@@ -41,7 +41,10 @@ Communication per step, on the ParamSet's flat buffers (never one call per param
 
 Parameters start identical: both classes broadcast the ParamSet from ``root`` when constructed;
 ``debug=True`` compares a checksum of every rank's parameters after each step
-(:func:`check_params_equal`).
+(:func:`check_params_equal`). Before the broadcast both compare their arguments over the ranks
+(``agreement``: one small allgather), so a rank's other layout or hyperparameter raises the same
+ValueError on every rank instead of hanging the others; with ``debug=True`` each step's
+arguments and checks are compared too, before its collectives.
 
 Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`, collective) hold ONE file written
 by the root with :mod:`fastopt.checkpoint`. A sharded optimizer state is gathered into the layout
@@ -56,7 +59,8 @@ synchronisation); otherwise they are staged through host copies.
 mpi4py is imported on first use: :func:`shard_indices`, :func:`shard_bounds` and the rest of
 this package import without it.
 
-Modules: ``mpi`` (mpi4py access), ``sharding`` (who holds what), ``collectives`` (the MPI calls,
+Modules: ``mpi`` (mpi4py access), ``sharding`` (who holds what), ``agreement`` (what the
+ranks compare before a collective), ``collectives`` (the MPI calls,
 host staging, statistics, checksums, metric averaging), ``data_parallel``, ``zero`` (ZeRO-1),
 ``checkpoints`` (collective save/load), ``context`` (:class:`Context`) and ``trainer_strategy``
 (what :class:`fastopt.trainer.Trainer` does differently with ``distributed=True``).

@@ -7,6 +7,7 @@ from ..optim.base import Optimizer
 from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
+from .agreement import agree_on_arguments, agree_on_outcome, group_options, optimizer_arguments
 from .collectives import Collectives, check_params_equal, widened
 
 
@@ -38,6 +39,28 @@ def flat_grad(params, grads, what):
     return grads
 
 
+def step_inputs(wrapper, grads, grad_scale, what, optimizer, check=None):
+    """``(grad_scale as a float, the flat gradient)`` of a step, checked. With the wrapper's
+    ``debug``, the checks (and ``check()``, the caller's own) run on every rank and one
+    allgather compares them with the grad_scale and the optimizer's options, so a rank that
+    refuses or differs raises on every rank before any collective or write; without it, a rank
+    that raises here leaves the others waiting in the step's collective (one per step)."""
+
+    def checked():
+        if check is not None:
+            check()
+        return grad_scale_of(grad_scale), flat_grad(wrapper.params, grads, what)
+
+    if not wrapper.debug:
+        return checked()
+    return agree_on_outcome(
+        wrapper.comm,
+        what,
+        checked,
+        lambda result: {"grad_scale": result[0], "param_groups": group_options(optimizer)},
+    )
+
+
 def grad_scale_of(grad_scale):
     """``grad_scale`` as a float (1.0 for None), checked > 0."""
     if grad_scale is None:
@@ -64,6 +87,18 @@ class DataParallel:
     """
 
     def __init__(self, params, optimizer=None, *, comm=None, root=0, debug=False, cuda_aware=None):
+        self._coll = Collectives(comm, cuda_aware)
+        # first, so that a rank's other arguments raise on every rank instead of hanging them
+        agree_on_arguments(
+            self._coll.comm,
+            "DataParallel",
+            {
+                "params": params,
+                "optimizer": optimizer_arguments(optimizer),
+                "root": root,
+                "debug": debug,
+            },
+        )
         if not isinstance(params, ParamSet):
             raise TypeError(f"DataParallel needs a ParamSet, got {type(params).__name__}")
         check_bool("debug", debug)
@@ -73,7 +108,6 @@ class DataParallel:
         self.optimizer = optimizer
         self.debug = debug
         self.root = root
-        self._coll = Collectives(comm, cuda_aware)
         self._wide = None  # float32 sum of 16-bit gradients
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
@@ -111,8 +145,7 @@ class DataParallel:
         (16-bit gradients: the float32 buffer does; the 16-bit one is left as it was)."""
         if self.optimizer is None:
             raise RuntimeError("DataParallel was built without an optimizer")
-        gs = grad_scale_of(grad_scale)
-        buf = flat_grad(self.params, grads, "DataParallel.step")
+        gs, buf = step_inputs(self, grads, grad_scale, "DataParallel.step", self.optimizer)
         total = self._summed(buf)
         step_grads = None if grads is None and total is buf else total
         self.optimizer.step(step_grads, grad_scale=gs / self.world_size)

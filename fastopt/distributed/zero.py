@@ -18,8 +18,9 @@ from ..optim.segmented import SegmentedOptimizer
 from ..optim.state_dict import INT8_SUFFIXES
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
+from .agreement import agree_on_arguments
 from .collectives import Collectives, check_params_equal, widened
-from .data_parallel import flat_grad, grad_scale_of
+from .data_parallel import step_inputs
 from .mpi import mpi_move_type
 from .sharding import block_shard_sizes, segment_shards, shard_sizes
 
@@ -116,6 +117,23 @@ class ZeroRedundancyOptimizer:
         backend=None,
         **defaults,
     ):
+        self._coll = Collectives(comm, cuda_aware)
+        # first, so that a rank's other arguments raise on every rank instead of hanging them
+        agree_on_arguments(
+            self._coll.comm,
+            "ZeroRedundancyOptimizer",
+            {
+                "params": params,
+                "optimizer_class": optimizer_class,
+                "options": defaults,
+                "max_grad_norm": max_grad_norm,
+                "max_grad_value": max_grad_value,
+                "skip_nonfinite": skip_nonfinite,
+                "backend": backend,
+                "root": root,
+                "debug": debug,
+            },
+        )
         if not isinstance(params, ParamSet):
             raise TypeError(
                 f"ZeroRedundancyOptimizer needs a ParamSet, got {type(params).__name__}"
@@ -139,7 +157,6 @@ class ZeroRedundancyOptimizer:
         self.skipped_steps = 0
         self.last_step_taken = None
         self.last_grad_norm = None
-        self._coll = Collectives(comm, cuda_aware)
         self.comm = self._coll.comm
         self.rank, self.world_size = self._coll.rank, self._coll.size
         self.per_tensor = not optimizer_class.elementwise
@@ -342,9 +359,14 @@ class ZeroRedundancyOptimizer:
     def step(self, grads=None, *, grad_scale=None):
         """One ZeRO-1 step on this rank's gradient (``grads``: a flat array, or the ParamSet's
         gradient buffer); collective."""
-        self._check_options()
-        gs = grad_scale_of(grad_scale)
-        src = flat_grad(self.params, grads, "ZeroRedundancyOptimizer.step")
+        gs, src = step_inputs(
+            self,
+            grads,
+            grad_scale,
+            "ZeroRedundancyOptimizer.step",
+            self.local_optimizer,
+            check=self._check_options,
+        )
         if src.dtype != self._grad_shard.dtype:  # 16-bit gradients, summed in float32
             src = self._wide = widened(src, self._wide)
         shard = self._grad_shard
