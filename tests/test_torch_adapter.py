@@ -19,7 +19,6 @@ TORCH_NAMES = [  # Muon takes matrices only, not this MLP's biases: tests/test_m
     if hasattr(torch.optim, c.__name__)
     and not c.requires_closure
     and not getattr(c, "matrices_only", False)
-    and c.state_like_params
 ]
 SETTINGS = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
@@ -33,6 +32,7 @@ SETTINGS = {
     "radam": {"lr": 1e-2},
     "rprop": {"lr": 1e-3},
     "asgd": {"lr": 1e-2, "t0": 20.0},
+    "adafactor": {"lr": 1e-2, "weight_decay": 1e-3},
 }
 
 
@@ -94,10 +94,10 @@ def test_matches_torch_200_steps_with_scheduler_and_state_swap(name):
 
 def test_classes_come_from_the_registry():
     assert set(fot.OPTIMIZER_CLASSES) == {
-        n for n, c in OPTIMIZERS.items() if not c.requires_closure and c.state_like_params
+        n for n, c in OPTIMIZERS.items() if not c.requires_closure
     }
     assert not hasattr(fot, "LBFGS")  # a closure optimizer: torch.optim.LBFGS for torch models
-    assert not hasattr(fot, "Adafactor")  # row/column factors: not in the flat state buffers
+    assert fot.Adafactor.core_class.tensor_state  # its factors: flat buffers of their own
     for name, cls in fot.OPTIMIZER_CLASSES.items():
         assert issubclass(cls, torch.optim.Optimizer)
         assert cls.core_class is OPTIMIZERS[name]

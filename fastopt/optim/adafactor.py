@@ -112,6 +112,16 @@ class Adafactor(Optimizer):
     algorithm = "adafactor"
     elementwise = False
     state_like_params = False
+    tensor_state = STATE_NAMES
+
+    @classmethod
+    def tensor_state_shapes(cls, shape):
+        """torch.optim.Adafactor's: ``row_var`` ``(..., m, 1)`` and ``col_var`` ``(..., 1, n)``
+        for a tensor of 2 or more dimensions, else ``variance`` shaped like the tensor."""
+        shape = tuple(shape)
+        if len(shape) >= 2:
+            return {"row_var": shape[:-1] + (1,), "col_var": shape[:-2] + (1, shape[-1])}
+        return {"variance": shape}
 
     hyperparameter_table = (
         hp.lr(1e-2),

@@ -160,8 +160,18 @@ class Optimizer:
     LARS, NovoGrad: a norm per tensor) set it False."""
     state_like_params = True
     """True when every state array holds one value per parameter element, laid out like the
-    parameters, so ``fastopt.torch`` can keep it in flat buffers beside them (Adafactor's row
-    and column factors are not)."""
+    parameters (Adafactor's row and column factors are not: see :attr:`tensor_state`)."""
+    tensor_state = ()
+    """The names of the state arrays that are not one value per parameter element, each the
+    shares of the unit's tensors back to back in their order (:meth:`tensor_state_shapes` gives
+    a tensor's share): Adafactor's factors, NovoGrad's per-tensor moment. ``fastopt.torch``
+    keeps each in a flat buffer of its own with that layout."""
+
+    @classmethod
+    def tensor_state_shapes(cls, shape):
+        """{name in :attr:`tensor_state`: its shape} for one tensor of ``shape``, in torch's
+        shapes; a name the tensor has no share of is left out."""
+        return {}
 
     def __init__(
         self,

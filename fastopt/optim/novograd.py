@@ -27,7 +27,13 @@ class NovoGrad(SegmentedOptimizer):
 
     algorithm = "novograd"
     segment_state = "exp_avg_sq"
-    state_like_params = False  # exp_avg_sq: one value per tensor (not in fastopt.torch)
+    state_like_params = False
+    tensor_state = ("exp_avg_sq",)
+
+    @classmethod
+    def tensor_state_shapes(cls, shape):
+        """``exp_avg_sq``: one value per tensor, a 0-d share."""
+        return {"exp_avg_sq": ()}
 
     hyperparameter_table = revise(LAMB.hyperparameter_table, betas=(0.9, 0.25))
     """LAMB's rows (optax.novograd takes the same arguments) with its betas (0.9, 0.25)."""

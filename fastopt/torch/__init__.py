@@ -6,9 +6,10 @@
     opt = fot.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)   # was torch.optim.AdamW
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
 
-Every algorithm of :data:`fastopt.optim.OPTIMIZERS` (``SGD``, ``Adagrad``, ``RMSprop``,
-``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``, ``Rprop``, ``Yogi``,
-``Lion``) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
+Every algorithm of :data:`fastopt.optim.OPTIMIZERS` that steps with gradients (``SGD``,
+``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``,
+``Rprop``, ``ASGD``, ``Yogi``, ``Lion``, ``LAMB``, ``LARS``, ``NovoGrad``, ``Adafactor``,
+``Muon``, the schedule-free pair; not ``LBFGS``) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
 hyperparameters and defaults, plus fastopt's options as keywords, plus the implementation
 keywords of its ``torch.optim`` namesake (``foreach``, ``fused``: accepted, fastopt always runs
 its fused kernels; ``capturable=True``, ``differentiable=True``: refused;
@@ -46,6 +47,7 @@ def _adapter_class(core_class):
     sig = inspect.signature(core_class.__init__)
     params = [p for name, p in sig.parameters.items() if name != "self"]
     flags = dropin.torch_flags(core_class.__name__)  # torch's foreach=, fused=, ... if it has X
+    flags = {f: v for f, v in flags.items() if f not in sig.parameters}  # Adafactor: foreach=
     var = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     params = [p for p in params if p not in var] + dropin.keyword_parameters(flags) + var
     doc = (
@@ -62,7 +64,11 @@ def _adapter_class(core_class):
         {
             "core_class": core_class,
             "torch_flags": tuple(flags),
-            "torch_defaults": dropin.torch_defaults(core_class.__name__),
+            "torch_defaults": {
+                k: v
+                for k, v in dropin.torch_defaults(core_class.__name__).items()
+                if k not in sig.parameters
+            },
             "__doc__": doc,
             "__module__": __name__,
             "__qualname__": core_class.__name__,
@@ -72,15 +78,14 @@ def _adapter_class(core_class):
 
 
 OPTIMIZER_CLASSES = {
-    name: _adapter_class(cls)
-    for name, cls in OPTIMIZERS.items()
-    if not cls.requires_closure and cls.state_like_params
+    name: _adapter_class(cls) for name, cls in OPTIMIZERS.items() if not cls.requires_closure
 }
 """Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS` that steps
 with gradients (L-BFGS steps with a closure over fastopt's flat buffer; torch models use
-``torch.optim.LBFGS``) and keeps its state laid out like the parameters (not Adafactor, whose
-row and column factors do not fit the flat state buffers: ``torch.optim.Adafactor``, or
-``fastopt.Adafactor`` over a ParamSet)."""
+``torch.optim.LBFGS``). State that is not one value per element (Adafactor's row and column
+factors, NovoGrad's per-tensor moment) keeps a flat buffer of its own, each parameter's share
+back to back (:class:`fastopt.torch.optimizer.StateLayout`), in torch's shapes in
+``state_dict()``."""
 
 globals().update({cls.__name__: cls for cls in OPTIMIZER_CLASSES.values()})
 
@@ -95,14 +100,9 @@ __all__ = [
 ]
 
 _NOT_ADAPTED = {
-    cls.__name__: (
-        "it steps with a closure over fastopt's flat buffer: use torch.optim.LBFGS"
-        if cls.requires_closure
-        else "its state is not one value per parameter element, so it does not fit the flat "
-        f"state buffers: use fastopt.{cls.__name__} over a ParamSet"
-    )
+    cls.__name__: "it steps with a closure over fastopt's flat buffer: use torch.optim.LBFGS"
     for cls in OPTIMIZERS.values()
-    if cls.requires_closure or not cls.state_like_params
+    if cls.requires_closure
 }
 
 

@@ -3,7 +3,9 @@ optimizer core (a class of ``fastopt.optim.OPTIMIZERS``) over ParamSets adopting
 
 torch's ``param_groups`` stay the source of truth for hyperparameters (LR schedulers write
 ``group["lr"]``; the adapter reads it at every step). The state lives in one flat tensor per
-(bucket, state name), laid out like the parameter buffer; ``opt.state[p]`` holds views of it in
+(bucket, state name), laid out like the parameter buffer (the core's ``tensor_state``,
+Adafactor's factors and NovoGrad's per-tensor moment: each parameter's share back to back,
+:class:`StateLayout`); ``opt.state[p]`` holds views of it in
 torch's format from the step that allocates the parameter's state on (published once then, and at
 ``load_state_dict``, not at every step). ``"step"`` and scalar state such as NAdam's
 ``"mu_product"`` are 0-d float tensors as in torch: views of one tensor per (bucket, name) with an
@@ -173,6 +175,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
         self._records = []  # per bucket, per param: scalar state as sorted (name, value) pairs
         self._tensors = []  # per bucket: state name -> flat state tensor (or 8-bit Quantized)
+        self._layouts = {}  # (bucket, state name) -> StateLayout of the core's tensor_state
         self._scalars = []  # per bucket: scalar state name -> (tensor, its NumPy view), per param
         self._quantized = []  # per bucket: whether its state is 8-bit (state_dtype="int8")
         self._cores = {}
@@ -262,6 +265,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 self._scalars.append({})
                 self._quantized.append(align > 1)
         self._cores.clear()
+        self._layouts.clear()
 
     @staticmethod
     def _checked_items(gi, group):
@@ -465,17 +469,28 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     def _views(self, unit, k, i, j):
         """The core unit's state: native flat views of this run's range of the state tensors."""
-        buf = self._buckets[k][1]
-        lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
         out = {}
         view = arrays.host_view if unit.device is None else unit.backend.native
         for name, t in self._tensors[k].items():
+            lo, hi = self._layout(k, name).span(i, j)
             if isinstance(t, precision.Quantized):  # lo starts a block
                 codes, absmax = quantized_range(t, lo, hi)
                 out[name] = precision.Quantized(view(codes), view(absmax), t.signed)
                 continue
             out[name] = view(t[lo:hi])
         return out
+
+    def _layout(self, k, name):
+        """The :class:`StateLayout` of state ``name`` in bucket ``k``'s flat state tensor."""
+        layout = self._layouts.get((k, name))
+        if layout is None:
+            buf = self._buckets[k][1]
+            if name in self.core_class.tensor_state:
+                layout = StateLayout.of_tensor_state(self.core_class, name, buf)
+            else:
+                layout = StateLayout(buf.offsets, [p.shape for p in buf.params], buf.flat.numel())
+            self._layouts[k, name] = layout
+        return layout
 
     def _harvest(self, unit, k, i, j):
         """After a step: the run's scalar state into the records and the scalar tensors; state
@@ -484,27 +499,33 @@ class FastoptOptimizer(torch.optim.Optimizer):
         record = tuple(sorted((n, v) for n, v in unit.state.items() if not is_state_array(v)))
         before = self._records[k][i]
         if before is None:
-            buf = self._buckets[k][1]
-            lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
-            for name, a in unit.state.items():
-                if isinstance(a, precision.Quantized):
-                    self._store_quantized(k, name, a, lo, hi)
-                elif hasattr(a, "shape"):
-                    self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, buf.device))
+            self._store_state(k, i, j, unit.state)
             self._version += 1
         self._records[k][i:j] = [record] * (j - i)
         self._write_scalars(k, i, j, record)
         if before is None or not _same_names(before, record):
             self._publish(k, i, j)
 
+    def _store_state(self, k, i, j, state):
+        """Copy the state arrays of a core unit over params ``i .. j-1`` of bucket ``k`` (from
+        its first step, or checked by a load) into the bucket's flat state tensors."""
+        device = self._buckets[k][1].device
+        for name, a in state.items():
+            lo, hi = self._layout(k, name).span(i, j)
+            if isinstance(a, precision.Quantized):
+                self._store_quantized(k, name, a, lo, hi)
+            elif hasattr(a, "shape"):
+                self._state_tensor(k, name, a.dtype)[lo:hi].copy_(as_tensor(a, device))
+
     def _state_tensor(self, k, name, dtype):
         """Bucket ``k``'s flat tensor of state ``name``, allocated in ``dtype`` (the core's
         storage dtype of that slot: the parameter's, ``state_dtype``'s or float32 for master
-        weights) on first use."""
+        weights) on first use, as long as its :meth:`_layout` says."""
         tensors = self._tensors[k]
         if name not in tensors:
             flat = self._buckets[k][1].flat
-            tensors[name] = allocate(flat.numel(), dtype, flat.device, flat.is_pinned())
+            size = self._layout(k, name).size
+            tensors[name] = allocate(size, dtype, flat.device, flat.is_pinned())
         return tensors[name]
 
     def _store_quantized(self, k, name, slot, lo, hi):
@@ -552,16 +573,20 @@ class FastoptOptimizer(torch.optim.Optimizer):
         the flat state and of the scalar tensors; params without state get no entry."""
         buf, tensors = self._buckets[k][1], self._tensors[k]
         for m in range(i, j):
-            p, (lo, hi), record = buf.params[m], buf.offsets[m], self._records[k][m]
+            p, record = buf.params[m], self._records[k][m]
             if record is None:
                 self.state.pop(p, None)
                 continue
             entry = {}
             for name, t in tensors.items():
+                layout = self._layout(k, name)
+                (lo, hi), shape = layout.offsets[m], layout.shapes[m]
+                if shape is None:  # no share of this state (Adafactor: a vector's row_var)
+                    continue
                 if isinstance(t, precision.Quantized):
-                    entry.update(quantized_entry(name, t, lo, hi, p.shape))
+                    entry.update(quantized_entry(name, t, lo, hi, shape))
                 else:
-                    entry[name] = t[lo:hi].view(p.shape)
+                    entry[name] = t[lo:hi].view(shape)
             for name, _ in record:
                 entry[name] = self._scalars[k][name][0][m]
             self.state[p] = entry
@@ -630,3 +655,35 @@ def _same_names(record, other):
 _TORCH_WRAPPED_STEP = torch.optim.Optimizer.profile_hook_step(FastoptOptimizer._step)
 """``FastoptOptimizer._step`` inside torch's profiler range and step hooks, as torch wraps
 every optimizer's ``step``."""
+
+
+class StateLayout:
+    """Where each parameter of a bucket keeps its share of one state array in the bucket's flat
+    state tensor: ``offsets[m]`` = (lo, hi) and ``shapes[m]`` its shape in torch's format (None:
+    no share), ``size`` the tensor's length. A state laid out like the parameters has the
+    parameter offsets and shapes; the core's :attr:`~fastopt.optim.base.Optimizer.tensor_state`
+    (Adafactor's factors, NovoGrad's per-tensor moment) the tensors' shares back to back, the
+    gaps between parameters (8-bit buckets) counted as the vectors they are in the core's
+    ParamSet slices, so that every run of parameters has one contiguous range (:meth:`span`)."""
+
+    def __init__(self, offsets, shapes, size):
+        self.offsets, self.shapes, self.size = offsets, shapes, size
+
+    @classmethod
+    def of_tensor_state(cls, core_class, name, buf):
+        offsets, shapes, pos = [], [], 0
+        for m, p in enumerate(buf.params):
+            share = core_class.tensor_state_shapes(tuple(p.shape)).get(name)
+            size = int(np.prod(share)) if share is not None else 0
+            offsets.append((pos, pos + size))
+            shapes.append(share)
+            pos += size
+            gap = buf.offsets[m + 1][0] - buf.offsets[m][1] if m + 1 < len(buf.params) else 0
+            if gap:  # a segment of the core's slices (FlatBuffer.slice)
+                gap_share = core_class.tensor_state_shapes((gap,)).get(name)
+                pos += int(np.prod(gap_share)) if gap_share is not None else 0
+        return cls(offsets, shapes, pos)
+
+    def span(self, i, j):
+        """(lo, hi): the range of params ``i .. j-1`` (and the gaps between them)."""
+        return self.offsets[i][0], self.offsets[j - 1][1]

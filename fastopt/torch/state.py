@@ -31,7 +31,6 @@ import torch
 from .. import arrays
 from ..optim import precision
 from .dropin import plain_value
-from .flat import as_tensor
 
 SCALAR_STATE = ("step", "mu_product", "eta", "mu")
 """The state entries torch keeps as 0-d tensors (NAdam's running product of momentum factors,
@@ -107,8 +106,10 @@ def install_state(opt):
     int8 = precision.is_int8(opt._precision)
     for k, (gi, buf) in enumerate(opt._buckets):
         entries = [_entry(p, opt.state.get(p)) for p in buf.params]
+        if opt.core_class.tensor_state:
+            entries = [_tensor_state_shares(opt, k, m, e) for m, e in enumerate(entries)]
         if opt._quantized[k]:
-            entries = [_quantized_slots(entry) for entry in entries]
+            entries = [_quantized_slots(e, opt.core_class.tensor_state) for e in entries]
         if int8:  # one unit per parameter: the core decides 8-bit or float32 state by its size
             runs = [(i, i + 1) for i in range(len(entries))]
         else:
@@ -160,23 +161,40 @@ def install_state(opt):
                 f"the state_dict does not fit {type(opt).__name__} (param_groups[{gi}], params "
                 f"{', '.join(buf.names[:3])}{'...' if len(buf.names) > 3 else ''}): {exc}"
             ) from exc
-        pending.append((k, buf, runs, core, entries))
-    for k, buf, runs, core, entries in pending:
+        pending.append((k, runs, core, entries))
+    for k, runs, core, entries in pending:
         for u, (i, j) in zip(core.units(), runs):
             record = entries[i][0]
             opt._records[k][i:j] = [record] * (j - i)
-            if record is None:
-                continue
-            lo, hi = buf.offsets[i][0], buf.offsets[j - 1][1]
-            for name, a in u.state.items():
-                if isinstance(a, precision.Quantized):
-                    opt._store_quantized(k, name, a, lo, hi)
-                elif hasattr(a, "shape"):
-                    dst = opt._state_tensor(k, name, a.dtype)[lo:hi]
-                    dst.copy_(as_tensor(a, dst.device))
+            if record is not None:
+                opt._store_state(k, i, j, u.state)
 
 
-def _quantized_slots(entry):
+def _tensor_state_shares(opt, k, m, entry):
+    """Param ``m``'s entry with its shares of the core's ``tensor_state`` (Adafactor's factors,
+    NovoGrad's per-tensor moment) checked against their torch shapes, and an empty one for
+    each name the parameter has no share of (a vector's ``row_var``), so that the entries of a
+    run of parameters concatenate as the core lays them out."""
+    record, slots = entry
+    if record is None:
+        return entry
+    slots = dict(slots)
+    name_of = opt._buckets[k][1].names[m]
+    for name in opt.core_class.tensor_state:
+        shape = opt._layout(k, name).shapes[m]
+        v = slots.get(name)
+        if shape is None:
+            if v is not None and v.numel():
+                raise ValueError(f"state of {name_of} has {name!r}, which it does not keep")
+            slots[name] = torch.zeros(0)
+        elif v is not None and tuple(v.shape) != tuple(shape):
+            raise ValueError(
+                f"state {name!r} of {name_of} has shape {tuple(v.shape)}, expected {tuple(shape)}"
+            )
+    return record, slots
+
+
+def _quantized_slots(entry, unquantized=()):
     """One parameter's entry (record, slots) of an 8-bit bucket with its float moments (a state
     saved by torch.optim) quantized in its own blocks as the kernels would; 8-bit slots saved by
     fastopt (codes, ``_absmax``, ``_qmap``) and the float32 master copy stay as they are, for
@@ -184,6 +202,8 @@ def _quantized_slots(entry):
     record, slots = entry
     out = dict(slots)
     for name, v in slots.items():
+        if name in unquantized:  # per-tensor state (NovoGrad's moment) stays float32
+            continue
         if name in precision.INT8_SIGNED and name + "_absmax" not in slots:
             values = arrays.to_host(v).reshape(-1).astype(np.float32)
             q = precision.int8_from_values(values, precision.INT8_SIGNED[name])
