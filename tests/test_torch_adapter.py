@@ -96,7 +96,7 @@ def test_classes_come_from_the_registry():
     assert set(fot.OPTIMIZER_CLASSES) == {
         n for n, c in OPTIMIZERS.items() if not c.requires_closure
     }
-    assert not hasattr(fot, "LBFGS")  # a closure optimizer: torch.optim.LBFGS for torch models
+    assert fot.LBFGS.core_class is OPTIMIZERS["lbfgs"]  # a closure optimizer: a class of its own
     assert fot.Adafactor.core_class.tensor_state  # its factors: flat buffers of their own
     for name, cls in fot.OPTIMIZER_CLASSES.items():
         assert issubclass(cls, torch.optim.Optimizer)

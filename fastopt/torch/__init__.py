@@ -9,7 +9,7 @@
 Every algorithm of :data:`fastopt.optim.OPTIMIZERS` that steps with gradients (``SGD``,
 ``Adagrad``, ``RMSprop``, ``Adadelta``, ``Adam``, ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``,
 ``Rprop``, ``ASGD``, ``Yogi``, ``Lion``, ``LAMB``, ``LARS``, ``NovoGrad``, ``Adafactor``,
-``Muon``, the schedule-free pair; not ``LBFGS``) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
+``Muon``, the schedule-free pair) is a ``torch.optim.Optimizer`` subclass here, generated from the fastopt class: same
 hyperparameters and defaults, plus fastopt's options as keywords, plus the implementation
 keywords of its ``torch.optim`` namesake (``foreach``, ``fused``: accepted, fastopt always runs
 its fused kernels; ``capturable=True``, ``differentiable=True``: refused;
@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 from ..optim import OPTIMIZERS
 from . import dropin
 from .flat import FlatBuffer, flatten_
+from .lbfgs import LBFGS
 from .offload import CPUOffload
 from .optimizer import FastoptOptimizer, split_arguments
 from .schedule_free import ScheduleFreeModes, is_schedule_free
@@ -81,8 +82,7 @@ OPTIMIZER_CLASSES = {
     name: _adapter_class(cls) for name, cls in OPTIMIZERS.items() if not cls.requires_closure
 }
 """Lowercase name -> adapter class, one per entry of :data:`fastopt.optim.OPTIMIZERS` that steps
-with gradients (L-BFGS steps with a closure over fastopt's flat buffer; torch models use
-``torch.optim.LBFGS``). State that is not one value per element (Adafactor's row and column
+with gradients (L-BFGS steps with a closure: :class:`fastopt.torch.LBFGS`). State that is not one value per element (Adafactor's row and column
 factors, NovoGrad's per-tensor moment) keeps a flat buffer of its own, each parameter's share
 back to back (:class:`fastopt.torch.optimizer.StateLayout`), in torch's shapes in
 ``state_dict()``."""
@@ -94,20 +94,8 @@ __all__ = [
     "CPUOffload",
     "FastoptOptimizer",
     "FlatBuffer",
+    "LBFGS",
     "flatten_",
     "split_arguments",
     *(cls.__name__ for cls in OPTIMIZER_CLASSES.values()),
 ]
-
-_NOT_ADAPTED = {
-    cls.__name__: "it steps with a closure over fastopt's flat buffer: use torch.optim.LBFGS"
-    for cls in OPTIMIZERS.values()
-    if cls.requires_closure
-}
-
-
-def __getattr__(name):
-    """AttributeError with the reason for the fastopt optimizers without an adapter."""
-    if name in _NOT_ADAPTED:
-        raise AttributeError(f"fastopt.torch has no {name} adapter: {_NOT_ADAPTED[name]}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
