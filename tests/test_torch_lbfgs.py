@@ -99,6 +99,11 @@ def test_bad_input_is_refused_before_anything_changes():
         fot.LBFGS([{"params": [model[0].weight]}, {"params": [model[0].bias]}])
     with pytest.raises(ValueError, match="one dtype"):
         fot.LBFGS([model[0].weight, torch.nn.Parameter(torch.zeros(3))])
+    half = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    storage = half.weight.data_ptr()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fot.LBFGS(half.parameters())
+    assert half.weight.data_ptr() == storage  # refused before the parameters moved
     with pytest.raises(ValueError, match="max_iter"):
         fot.LBFGS(model.parameters(), max_iter=0)
     opt = fot.LBFGS(model.parameters(), max_iter=3)

@@ -90,6 +90,11 @@ class LBFGS(torch.optim.Optimizer):
             kinds = {str(getattr(p, what)) for p in params}
             if len(kinds) > 1:
                 raise ValueError(f"LBFGS needs parameters of one {what}, got {sorted(kinds)}")
+        if params and params[0].dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"LBFGS takes float32 or float64 parameters, got {params[0].dtype} (its vector "
+                "kernels have no 16-bit storage)"
+            )
         if len({id(p) for p in params}) != len(params):
             raise ValueError("LBFGS: a parameter appears twice in its param group")
         check_no_overlap(zip(names, params))

@@ -77,6 +77,16 @@ class CPUOffload(torch.optim.Optimizer):
             cls = ScheduleFreeOffload
         return super().__new__(cls)
 
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy``: rebuilt over the (copied) device parameters with the
+        inner optimizer's arguments, then given this object's ``state_dict()`` (which holds the
+        float32 masters of 16-bit parameters)."""
+        inner = self.inner
+        kwargs = {k: inner.defaults[k] for k in (*inner._hyper_names, *inner.torch_flags)}
+        groups = [{k: v for k, v in g.items()} for g in self.param_groups]
+        args = (type(inner), groups, {**kwargs, **inner._options}, self.state_dict())
+        return _rebuilt, args
+
     def _masters_by_param(self):
         """id(device parameter) -> its host master (the first, for one listed twice)."""
         out = {}
@@ -170,6 +180,12 @@ class CPUOffload(torch.optim.Optimizer):
         loss = closure_loss(closure)
         self._sync_hyperparameters()
         views = self._grad_views
+        for (p, m), name in zip(self._pairs, self._names):
+            if p.grad is not None and id(m) not in views:  # unfrozen after construction
+                raise ValueError(
+                    f"parameter {name} has a gradient but had requires_grad=False when the "
+                    "optimizer was built, so it is not in its buffers; build a new optimizer"
+                )
         with self._side_stream():
             for p, m in self._pairs:
                 if p.grad is None or id(m) not in views:
@@ -358,3 +374,10 @@ class _Nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def _rebuilt(optimizer_class, groups, kwargs, state_dict):
+    """The object :meth:`CPUOffload.__reduce__` describes."""
+    opt = CPUOffload(optimizer_class, groups, **kwargs)
+    opt.load_state_dict(state_dict)
+    return opt

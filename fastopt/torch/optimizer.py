@@ -188,6 +188,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._precision = self._probe({k: _plain(v) for k, v in hyper.items()}).precision
         self._deferred = []  # (group index, items) added by torch's constructor, packed below
         super().__init__(params, {**hyper, **self.torch_defaults, **flags})
+        self._state_seen = (self.state, 0)  # opt.state as last published, and its length
         deferred, self._deferred = self._deferred, None
         # distinct parameters sharing memory across groups: refused before the first one moves
         check_no_overlap(_distinct(item for _, items in deferred for item in items))
@@ -201,10 +202,24 @@ class FastoptOptimizer(torch.optim.Optimizer):
         ``torch.optim.AdamW.__setstate__`` makes it."""
         super().__setstate__(state)
         constant = TORCH_CONSTANT_KEYS.get(type(self).__name__, {})
+        defaults = self.__dict__.get("defaults", {})
         for group in self.__dict__.get("param_groups", ()):
             for name in self.torch_flags:
                 group.setdefault(name, self.torch_defaults[name])
             group.update(constant)
+            # keys a state from an older torch (or torch's Muon: fastopt's own keys) lacks: this
+            # optimizer's values, as torch's classes fill theirs
+            for name in self.__dict__.get("_hyper_names", ()):
+                if name in defaults:
+                    group.setdefault(name, defaults[name])
+
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy``: the optimizer is rebuilt over the (copied)
+        parameters, whose storage it packs anew, and given this one's ``state_dict()``, as a
+        ``torch.optim`` optimizer copies its param groups and state."""
+        kwargs = {k: self.defaults[k] for k in (*self._hyper_names, *self.torch_flags)}
+        groups = [dict(g) for g in self.param_groups]
+        return _rebuilt, (type(self), groups, {**kwargs, **self._options}, self.state_dict())
 
     def _probe(self, hyper):
         """A throwaway core over one element: checks hyperparameters and options."""
@@ -322,6 +337,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _update(self):
         for _, buf in self._buckets:
             buf.check_in_place()
+        if self.state is not self._state_seen[0] or len(self.state) != self._state_seen[1]:
+            self._forget_cleared_state()
         for name, p in self._frozen:
             if p.grad is not None:
                 raise ValueError(
@@ -348,6 +365,19 @@ class FastoptOptimizer(torch.optim.Optimizer):
             return
         for u, (k, i, j) in zip(units, key):
             self._harvest(u, k, i, j)
+        self._state_seen = (self.state, len(self.state))
+
+    def _forget_cleared_state(self):
+        """``opt.state`` was cleared, replaced or had entries removed since the adapter last
+        published it (torch's way to restart the moments): the parameters whose entry is gone
+        or empty lose their state, so their next step starts it afresh, as in torch."""
+        for k, (_, buf) in enumerate(self._buckets):
+            for m, p in enumerate(buf.params):
+                if self._records[k][m] is not None and not self.state.get(p):
+                    self._records[k][m] = None
+        self._cores.clear()
+        self._version += 1
+        self._state_seen = (self.state, len(self.state))
 
     def _bound_core(self, key):
         """(core, its units) for the runs ``key`` ((bucket, i, j) each), with the torch groups'
@@ -635,6 +665,14 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._version += 1
         self.state.clear()
         self._publish_state()
+        self._state_seen = (self.state, len(self.state))
+
+
+def _rebuilt(cls, groups, kwargs, state_dict):
+    """The optimizer :meth:`FastoptOptimizer.__reduce__` describes."""
+    opt = cls(groups, **kwargs)
+    opt.load_state_dict(state_dict)
+    return opt
 
 
 def _distinct(named):

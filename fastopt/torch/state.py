@@ -23,7 +23,9 @@ core) or, from a float state such as torch.optim's, quantizes it (``precision.in
 the kernels' rounding) per parameter.
 """
 
+import functools
 import itertools
+import re
 
 import numpy as np
 import torch
@@ -37,10 +39,12 @@ SCALAR_STATE = ("step", "mu_product", "eta", "mu")
 ASGD's eta and mu); every other tensor entry is a per-element array."""
 
 
-def _entry(p, raw):
+def _entry(p, raw, label, per_tensor=()):
     """(record, arrays) of one parameter's torch state: scalar state as sorted (name, value)
     pairs and the state arrays; (None, {}) for a parameter without state. torch.optim.SGD keeps
-    no ``step``: a momentum buffer means the first step is behind it."""
+    no ``step``: a momentum buffer means the first step is behind it. ValueError naming the
+    parameter (``label``) for a step that is not a finite count, or a state array that is not
+    shaped like the parameter (other than the core's ``per_tensor`` state and 8-bit absmax)."""
     slots, scalars = {}, {}
     for name, v in (raw or {}).items():
         if v is None:  # torch.optim.SGD without momentum stores momentum_buffer=None
@@ -48,8 +52,16 @@ def _entry(p, raw):
         if isinstance(v, str):  # an 8-bit slot's map name: the core checks it
             slots[name] = v
         elif name in SCALAR_STATE or not isinstance(v, torch.Tensor):
-            scalars[name] = int(float(v)) if name == "step" else float(v)
+            value = float(v)
+            if name == "step" and not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"state 'step' of {label} is {value}, not a count of steps")
+            scalars[name] = int(value) if name == "step" else value
         else:
+            if name not in per_tensor and not name.endswith("_absmax") and v.shape != p.shape:
+                raise ValueError(
+                    f"state {name!r} of {label} has shape {tuple(v.shape)}, expected "
+                    f"{tuple(p.shape)} (the parameter's)"
+                )
             slots[name] = v
     if not slots and not scalars:
         return None, {}
@@ -105,7 +117,11 @@ def install_state(opt):
     pending = []
     int8 = precision.is_int8(opt._precision)
     for k, (gi, buf) in enumerate(opt._buckets):
-        entries = [_entry(p, opt.state.get(p)) for p in buf.params]
+        per_tensor = opt.core_class.tensor_state
+        entries = [
+            _entry(p, opt.state.get(p), label, per_tensor)
+            for p, label in zip(buf.params, buf.names)
+        ]
         if opt.core_class.tensor_state:
             entries = [_tensor_state_shares(opt, k, m, e) for m, e in enumerate(entries)]
         if opt._quantized[k]:
@@ -157,9 +173,10 @@ def install_state(opt):
         try:
             core.load_state_dict(saved)
         except (ValueError, TypeError) as exc:
+            # the core numbers the runs of parameters; name the parameters instead
+            message = re.sub(r"state\[(\d+)\]", functools.partial(_run_label, buf, runs), str(exc))
             raise ValueError(
-                f"the state_dict does not fit {type(opt).__name__} (param_groups[{gi}], params "
-                f"{', '.join(buf.names[:3])}{'...' if len(buf.names) > 3 else ''}): {exc}"
+                f"the state_dict does not fit {type(opt).__name__} (param_groups[{gi}]): {message}"
             ) from exc
         pending.append((k, runs, core, entries))
     for k, runs, core, entries in pending:
@@ -168,6 +185,16 @@ def install_state(opt):
             opt._records[k][i:j] = [record] * (j - i)
             if record is not None:
                 opt._store_state(k, i, j, u.state)
+
+
+def _run_label(buf, runs, match):
+    """The parameters of run ``match.group(1)`` of ``runs`` (in a core's error message)."""
+    r = int(match.group(1))
+    if r >= len(runs):
+        return match.group(0)
+    i, j = runs[r]
+    names = buf.names[i] if j == i + 1 else f"{buf.names[i]} .. {buf.names[j - 1]}"
+    return f"the state of {names}"
 
 
 def _tensor_state_shares(opt, k, m, entry):
@@ -204,6 +231,11 @@ def _quantized_slots(entry, unquantized=()):
     for name, v in slots.items():
         if name in unquantized:  # per-tensor state (NovoGrad's moment) stays float32
             continue
+        if getattr(v, "dtype", None) == torch.uint8 and name + "_absmax" not in slots:
+            raise ValueError(
+                f"state {name!r} holds 8-bit codes without {name + '_absmax'!r}: without the "
+                "absmax of their blocks they have no values"
+            )
         if name in precision.INT8_SIGNED and name + "_absmax" not in slots:
             values = arrays.to_host(v).reshape(-1).astype(np.float32)
             q = precision.int8_from_values(values, precision.INT8_SIGNED[name])
