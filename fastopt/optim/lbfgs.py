@@ -171,7 +171,8 @@ class LBFGS(Optimizer):
     was evaluated and the step is abandoned (the state keeps the last completed iteration's
     history; reload a ``state_dict()`` to go back further).
 
-    Like torch: one param group only; the parameters must share one dtype; memory is about
+    Like torch: one param group only; the parameters must share one dtype, here float32 or
+    float64 (no 16-bit storage: TypeError at construction); memory is about
     ``(2 * history_size + 3)`` copies of the parameters. Host arrays (NumPy, torch CPU tensors,
     a host ParamSet) run ``kernels/vector.py``; arrays on a GPU run the same passes in
     ``kernels/vector_cuda.py`` (backend ``"numba-cuda"``) or in the CUDA C kernels of
@@ -226,6 +227,11 @@ class LBFGS(Optimizer):
         if len(dtypes) != 1:
             raise TypeError(f"LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self._dtype = units[0].param.dtype
+        if self._dtype not in (np.float32, np.float64):
+            raise TypeError(
+                f"LBFGS takes float32 or float64 parameters, got {self._dtype} (its vector "
+                "kernels have no 16-bit storage; keep a float32 copy of the parameters)"
+            )
         self._numel = sum(u.param.size for u in units)
         self._paramset = self._groups[0]["structure"] == "paramset"
         self._gbuf = None  # gathered gradient of plain arrays, reused by every evaluation

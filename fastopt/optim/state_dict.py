@@ -64,7 +64,7 @@ def load_state_dict(opt, sd):
             f"state_dict has {len(groups)} param groups, this optimizer {len(opt.param_groups)}"
         )
     base = opt._index_base()
-    new_groups, new_states = [], {}
+    new_groups, new_steps, new_states = [], [], {}
     for gi, (saved, g_int) in enumerate(zip(groups, opt._groups)):
         idx = list(range(base[gi], base[gi] + len(g_int["units"])))
         if list(saved.get("params", [])) != idx:
@@ -80,6 +80,7 @@ def load_state_dict(opt, sd):
             **{k: v for k, v in saved.items() if k not in ("params", "steps")},
         }
         group["params"] = opt.param_groups[gi]["params"]
+        new_steps.append(_count(saved.get("steps", 0), f"param_groups[{gi}]['steps']"))
         check_lr(group["lr"])
         opt._check(group)
         names = opt._state_names(group)
@@ -89,18 +90,24 @@ def load_state_dict(opt, sd):
                 continue
             new_states[(gi, j)] = _checked_entry(opt, entry, names, group, g_int, u, base[gi] + j)
         new_groups.append(group)
-    skipped = sd.get("skipped_steps", 0)
-    if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
-        raise ValueError(f"skipped_steps must be an int >= 0, got {skipped!r}")
-    # commit
-    opt.skipped_steps = int(skipped)
+    skipped = _count(sd.get("skipped_steps", 0), "skipped_steps")
+    # commit: nothing below may raise
+    opt.skipped_steps = skipped
     for gi, group in enumerate(new_groups):
         opt.param_groups[gi].clear()
         opt.param_groups[gi].update(group)
-        opt._groups[gi]["steps"] = int(groups[gi].get("steps", 0))
+        opt._groups[gi]["steps"] = new_steps[gi]
         opt._groups[gi]["checked"] = None
         for j, u in enumerate(opt._groups[gi]["units"]):
             u.state = new_states.get((gi, j), {})
+
+
+def _count(value, where):
+    """``value`` as a Python int: ValueError naming ``where`` unless it is an int >= 0 (bools
+    and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{where} must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 def _checked_entry(opt, entry, names, group, g_int, unit, index):
@@ -120,10 +127,7 @@ def _checked_entry(opt, entry, names, group, g_int, unit, index):
             f"state[{index}] holds {sorted(entry)}, {type(opt).__name__} with these settings "
             f"needs {sorted(expected)}"
         )
-    step = entry["step"]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"state[{index}]['step'] must be an int >= 0, got {step!r}")
-    out = {"step": int(step)}
+    out = {"step": _count(entry["step"], f"state[{index}]['step']")}
     for k, v in entry.items():
         if k == "step" or k.endswith(INT8_SUFFIXES) and k.rsplit("_", 1)[0] in int8:
             continue
