@@ -28,6 +28,11 @@ class GradientAccumulator:
     takes the float32 sum as its gradient (the kernels read float32 gradients of 16-bit
     parameters). Anything the caller put into a 16-bit ParamSet gradient buffer (``add()``
     without gradients, or ``zero_first=False``) is added to that sum at the step.
+
+    A parameter given no gradient (None) in any micro-batch of a cycle is skipped at that cycle's
+    step, as ``optimizer.step`` skips it. When the step refuses (e.g. an invalid lr), nothing is
+    stepped and the sum is kept (a 16-bit ParamSet's gradient buffer then moved into its float32
+    sum, the buffer zeroed): fix the cause and call ``flush()`` again.
     """
 
     def __init__(self, optimizer, steps, *, zero_first=True):
@@ -38,6 +43,7 @@ class GradientAccumulator:
         self.steps = steps
         self.count = 0
         self._sums = {}  # id(unit) -> (unit, buffer) for units without a ParamSet gradient buffer
+        self._added = set()  # id(unit) of the units given a gradient in this cycle
         if zero_first:
             optimizer.zero_grad()
 
@@ -49,6 +55,7 @@ class GradientAccumulator:
             for unit, g in work:
                 stream = stream_of(unit)
                 unit.backend.add(self._buffer(unit, stream), g, stream)
+                self._added.add(id(unit))
         elif any(u.default_grad is None for u in opt.units()):
             raise ValueError(
                 "add() without gradients needs every parameter group to be a ParamSet "
@@ -66,13 +73,23 @@ class GradientAccumulator:
             return
         opt = self.optimizer
         stream_of = opt.step_streams()
-        for unit, buf in self._sums.values():
+        sums = [(u, buf) for u, buf in self._sums.values() if id(u) in self._added]
+        joined = [u for u, _ in sums if u.default_grad is not None]  # 16-bit ParamSets
+        for unit, buf in sums:
             if unit.default_grad is not None:  # a 16-bit ParamSet: its buffer joins the sum
                 unit.backend.add(buf, unit.default_grad, stream_of(unit))
-        opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
+        try:
+            opt.step(self._structured_sums(), grad_scale=1.0 / self.count)
+        except BaseException:
+            # The refused step wrote nothing, but those ParamSet buffers are in the float32 sums
+            # now: empty them, so that a retry does not add them twice.
+            for unit in joined:
+                unit.backend.fill(unit.default_grad, 0, stream_of(unit))
+            raise
         opt.zero_grad()
-        for unit, buf in self._sums.values():
+        for unit, buf in sums:
             unit.backend.fill(buf, 0, stream_of(unit))
+        self._added.clear()
         self.count = 0
 
     def _buffer(self, unit, stream):
@@ -90,10 +107,11 @@ class GradientAccumulator:
 
     def _structured_sums(self):
         """The accumulated sums in the structure ``optimizer.step`` expects (None for a ParamSet:
-        its own gradient buffer holds the sum; None for a parameter that got no gradient)."""
+        its own gradient buffer holds the sum; None for a parameter that got no gradient in this
+        cycle: its buffer, zeroed, is kept from an earlier one)."""
         per_unit = []
         for u in self.optimizer.units():
-            entry = self._sums.get(id(u))
+            entry = self._sums.get(id(u)) if id(u) in self._added else None
             per_unit.append(None if entry is None else entry[1].reshape(u.shape))
         return self.optimizer.structure_grads(per_unit)
 
