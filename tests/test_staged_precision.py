@@ -408,3 +408,37 @@ def test_state_dict_in_any_key_order_continues_bit_for_bit(rule, options):
         step(opt, ps, g)
     for end in ends:
         assert np.array_equal(end, _bits(ps.flat))
+
+
+@pytest.mark.parametrize(
+    "name,dtype,options",
+    [
+        ("NovoGrad", np.float32, {"state_dtype": "bfloat16"}),
+        ("Adafactor", np.float32, {"state_dtype": "bfloat16"}),
+        ("Adafactor", ml_dtypes.bfloat16, {}),
+    ],
+)
+def test_stochastic_rounding_of_per_tensor_state_is_the_same_for_a_list_and_a_paramset(
+    name, dtype, options
+):
+    """Per-tensor state (NovoGrad's second moment, Adafactor's factors) is rounded with the
+    random bits of its place in the ParamSet's layout of that array, for a list of the same
+    arrays too (its units' shares counted in order), not with the unit's parameter offset."""
+    shapes = [(7, 5), (13,), (9, 6)]
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes]
+    grads = [
+        [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes] for _ in range(4)
+    ]
+    kw = {"stochastic_rounding": True, "seed": 1, **options}
+    arrays = [a.copy() for a in init]
+    listed = getattr(fo, name)(arrays, **kw)
+    ps = fo.ParamSet({f"p{i}": a.copy() for i, a in enumerate(init)})
+    whole = getattr(fo, name)(ps, **kw)
+    for step_grads in grads:
+        listed.step(step_grads)
+        for i, g in enumerate(step_grads):
+            ps.grads[f"p{i}"][...] = g
+        whole.step()
+    for i, a in enumerate(arrays):
+        assert np.array_equal(a.view(np.uint8), np.asarray(ps[f"p{i}"]).view(np.uint8)), i

@@ -619,6 +619,23 @@ class Optimizer:
                 n += u.param.size
         return self._offsets[unit]
 
+    def _tensor_state_offsets(self, unit):
+        """{name in :attr:`tensor_state`: index of the unit's first value of that state array
+        among all the units' arrays}: the place a ParamSet of the same tensors gives it, so that
+        stochastic rounding draws the same bits for a list of arrays and for a ParamSet."""
+        cache = self.__dict__.setdefault("_tensor_offsets", {})
+        hit = cache.get(unit)
+        if hit is None:
+            cache.clear()
+            totals = dict.fromkeys(self.tensor_state, 0)
+            for g_int in self._groups:
+                for u in g_int["units"]:
+                    cache[u] = dict(totals)
+                    for name in self.tensor_state:
+                        totals[name] += math.prod(self._state_shape(g_int, u, name))
+            hit = cache[unit]
+        return hit
+
     def _split_grads(self, grads):
         """Per group, a list of per-unit gradients (None = skip) following the params' structure."""
         groups = self._groups

@@ -175,9 +175,12 @@ def needs_stage(storage):
 
 def random_counter(optimizer, unit, storage, step):
     """The stochastic rounding counter of :meth:`Staging.store`, or None without: (seed, step,
-    index of the unit's first parameter element, ``optimizer.state_offsets``: each state
-    array's own first index, where a ZeRO shard sets them)."""
+    index of the unit's first parameter element, each state array's own first index where it
+    differs: ``optimizer.state_offsets`` where a ZeRO shard sets them, else the per-tensor
+    state's place among the units' arrays)."""
     if not storage.stochastic:
         return None
     offsets = optimizer.state_offsets
+    if offsets is None and optimizer.tensor_state:  # per-tensor state: its own layout's index
+        offsets = optimizer._tensor_state_offsets(unit)
     return (optimizer.precision.seed, step, optimizer._offset_of(unit), offsets)
