@@ -8,6 +8,7 @@ from . import arrays, dispatch, streams
 from .kernels.access import Storage, is_plain
 from .optim.precision import check_backend_stores, is_16bit
 from .paramset import ParamSet
+from .paramset_layout import layout_mismatch, paramset_layout
 from .structure import flat_arrays
 from .validation import check_bool, check_interval
 
@@ -51,6 +52,7 @@ class EMA:
             [params.flat] if isinstance(params, ParamSet) else flat_arrays(params, "params")
         )
         self._shapes = [params.flat.shape] if isinstance(params, ParamSet) else _shapes_of(params)
+        self._layout = paramset_layout(params)
         for p in self._params:
             if not p.flags.writeable:
                 raise ValueError("EMA parameters must be writable (swapped() writes them)")
@@ -137,15 +139,34 @@ class EMA:
                 p[...] = saved.pop(0)
         self._saved = saved if swapping_in else None
 
+    @property
+    def paramset_layout(self):
+        """The :func:`paramset_layout` of the ParamSet this EMA averages (None for other params)."""
+        return None if self._layout is None else [[n, list(s)] for n, s in self._layout]
+
     def state_dict(self):
-        return {
+        """decay, warmup, num_updates, the averages (host copies) and, over a ParamSet, its
+        layout as ``"paramset"`` (:func:`paramset_layout`)."""
+        state = {
             "decay": self.decay,
             "warmup": self.warmup,
             "num_updates": self.num_updates,
             "averages": [b.to_numpy(a) for b, a in zip(self._backends, self._averages)],
         }
+        if self._layout is not None:
+            state["paramset"] = self.paramset_layout
+        return state
 
     def load_state_dict(self, state):
+        """Load a :meth:`state_dict`, everything checked before the first write. A state taken
+        over a ParamSet is refused (ValueError naming the difference) by an EMA over a ParamSet of
+        another layout: the averages are one flat array, so a reordered ParamSet would get each
+        parameter's average from another one's place."""
+        saved = state.get("paramset")
+        if saved is not None and self._layout is not None:
+            problem = layout_mismatch(saved, self._layout)
+            if problem is not None:
+                raise ValueError(f"EMA state is of another ParamSet: {problem}")
         averages = state["averages"]
         if len(averages) != len(self._averages):
             raise ValueError(

@@ -29,9 +29,11 @@ use it. What happens depends on what ``path`` is:
   overwriting them is never what a user asking for an output file means.
 - ``"-"`` with ``allow_stdout=True`` (commands that write one file): standard output.
 
-A directory that is missing, not a directory, or not writable raises :class:`OutputError`
-naming the path before anything is written (:func:`check_output` runs the same checks up front,
-so a command can refuse before it does any work); the old file is untouched.
+A directory that is missing, not a directory, or not writable, and a path that names a
+directory (ending in a separator, ``.`` or ``..``: ``run/`` where no ``run`` exists, which a
+shell redirect refuses too) raise :class:`OutputError` naming the path before anything is
+written (:func:`check_output` runs the same checks up front, so a command can refuse before it
+does any work); the old file is untouched.
 """
 
 import contextlib
@@ -98,6 +100,7 @@ def _plan(path, allow_stdout):
                 "character devices such as /dev/null",
                 path,
             )
+    _check_names_a_file(path)
     # a symbolic link (chain) is followed; a dangling one names the file to create
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     directory = os.path.dirname(target)
@@ -111,6 +114,20 @@ def _plan(path, allow_stdout):
             f"cannot write {path}: the directory {directory} is not writable", path, errno.EACCES
         )
     return "replace", target
+
+
+def _check_names_a_file(path):
+    """OutputError for a path that can only name a directory: one ending in a separator, ``.``
+    or ``..``. (An existing directory was refused already; without this a missing ``new/`` would
+    become a FILE ``new``, since :func:`os.path.abspath` drops the slash.)"""
+    tail = os.path.basename(path)
+    if tail in ("", ".", "..", b"", b".", b".."):
+        ending = os.fsdecode(tail) or os.sep
+        raise OutputError(
+            f"cannot write {path}: a path ending in {ending!r} names a directory, not a file",
+            path,
+            errno.EISDIR,
+        )
 
 
 def check_output(path, *, allow_stdout=False):

@@ -17,6 +17,9 @@ but any name works and none is added. Its tensors are named ``params/<name>``,
 ``optimizer/state/<index>/<key>``, ``ema/...``, ``extra/...``; fastopt's metadata (format version,
 optimizer, hyperparameters, everything that is not an array, a SHA-256 per tensor) is in the
 header's ``__metadata__``. Files of the earlier checkpoint format 1 (``FASTOPT-CKPT``) still load.
+An optimizer over a ParamSet keeps its state in flat arrays laid out like the ParamSet, so the
+ParamSet's names and shapes in packing order are saved too (``optimizer_layout`` in the contents,
+an EMA's in its own state), and :meth:`Checkpoint.restore` refuses a ParamSet of another layout.
 
 The package is split by job: :mod:`~fastopt.checkpoint.encoding` turns the saved objects into
 tagged JSON and back (no pickle anywhere: loading parses JSON and raw numeric bytes only, and
@@ -43,6 +46,7 @@ import numpy as np
 from ..arrays import import_cupy, is_device_array, on_device, parse_device
 from ..fileio import TEMP_SUFFIX
 from ..paramset import ParamSet
+from ..paramset_layout import paramset_layout
 from .encoding import Encoder, decode, plain
 from .fileformat import ALIGNMENT, FORMAT_VERSION, CheckpointError, read_file, write_file
 from .legacy import MAGIC
@@ -69,6 +73,17 @@ def _params_tree(params):
     raise TypeError(
         f"params must be a ParamSet or a dict name -> array, got {type(params).__name__}"
     )
+
+
+def _optimizer_layout(optimizer):
+    """The :func:`~fastopt.paramset_layout.paramset_layout` of each param group's params (None for a group
+    that is not a ParamSet), or None when no group is a ParamSet or the optimizer does not say
+    what it is built over (no ``sources()``)."""
+    sources = getattr(optimizer, "sources", None)
+    if not callable(sources):
+        return None
+    layout = [paramset_layout(s) for s in sources()]
+    return layout if any(x is not None for x in layout) else None
 
 
 def _rng_state(rng):
@@ -112,6 +127,9 @@ def save(path, *, params, optimizer=None, plateau=None, ema=None, rng=None, extr
         algorithm = sd.get("algorithm", type(optimizer).__name__)
         sd = {"algorithm": algorithm, **{k: v for k, v in sd.items() if k != "algorithm"}}
         contents["optimizer"] = enc.encode(sd, ("optimizer",))
+        layout = _optimizer_layout(optimizer)
+        if layout is not None:
+            contents["optimizer_layout"] = enc.encode(layout, ("optimizer_layout",))
         hyperparameters = [
             {k: plain(v) for k, v in g.items() if k != "params"} for g in sd.get("param_groups", [])
         ]
@@ -184,4 +202,8 @@ def load(path, *, device="cpu"):
         raise CheckpointError(
             f"cannot load checkpoint {path!r}: invalid contents: {exc}", path
         ) from exc
+    except RecursionError:
+        raise CheckpointError(
+            f"cannot load checkpoint {path!r}: invalid contents: nested too deeply", path
+        ) from None
     return Checkpoint(path, device, meta, decoded)

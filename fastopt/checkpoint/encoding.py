@@ -146,5 +146,11 @@ def decode(v, arrays):
         dt = np.dtype(x) if isinstance(x, str) else None
         if dt is None or dt.kind not in ALLOWED_KINDS:
             raise ValueError(f"unsupported scalar dtype {x!r}")
-        return dt.type(decode(v["value"], arrays))
+        value = decode(v["value"], arrays)
+        if not isinstance(value, (bool, int, float)):
+            raise ValueError(f"scalar of dtype {dt} holds a {type(value).__name__}, not a number")
+        try:
+            return dt.type(value)
+        except (OverflowError, ValueError) as exc:  # e.g. int8 1000, an int of NaN
+            raise ValueError(f"scalar {value!r} does not fit dtype {dt}: {exc}") from None
     return schedule_from_dict(x)  # "__schedule__"

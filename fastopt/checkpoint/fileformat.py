@@ -42,13 +42,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
 
 from ..arrays import bfloat16, storage_name
 from ..fileio import atomic_write
-from .legacy import MAGIC, read_legacy, reject_constant
+from .legacy import MAGIC, check_shape, read_legacy, reject_constant
 
 FORMAT_VERSION = (2, 0)
 """(major, minor) of the checkpoint format. Readers refuse a newer major version; minor versions
@@ -241,6 +242,8 @@ def _parse_header(text, fail):
         header = json.loads(text.decode("ascii"), parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise fail(f"the safetensors header is corrupted (not ASCII JSON: {exc})") from exc
+    except RecursionError:
+        raise fail("the safetensors header is corrupted (its JSON is nested too deeply)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or (
         meta.get("format") != FORMAT_NAME and HEADER_HASH not in meta
@@ -253,12 +256,17 @@ def _parse_header(text, fail):
         raise fail("the safetensors header is corrupted (a metadata value is not text)")
     if not isinstance(meta.get(HEADER_HASH), str):
         raise fail(f"the safetensors header is corrupted (no {HEADER_HASH} in its metadata)")
-    if meta[HEADER_HASH] != canonical_hash(header):
+    try:
+        digest = canonical_hash(header)
+    except RecursionError:  # json.dumps nests a little deeper than json.loads did
+        raise fail("the safetensors header is corrupted (its JSON is nested too deeply)") from None
+    if meta[HEADER_HASH] != digest:
         raise fail("the safetensors header is corrupted (SHA-256 mismatch)")
     version = meta.get("format_version", "")
-    major, _, minor = version.partition(".")
-    if not (major.isdigit() and minor.isdigit()):
+    # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
+    if not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
         raise fail(f"invalid metadata: format_version {version!r}")
+    major, _, minor = version.partition(".")
     if int(major) > FORMAT_VERSION[0]:
         from .. import __version__
 
@@ -275,6 +283,8 @@ def _parse_header(text, fail):
                 meta[key] = json.loads(meta[key], parse_constant=reject_constant)
     except ValueError as exc:
         raise fail(f"invalid metadata: {key}: {exc}") from exc
+    except RecursionError:
+        raise fail(f"invalid metadata: {key}: its JSON is nested too deeply") from None
     return header, meta
 
 
@@ -316,6 +326,10 @@ def _tensor_table(header, meta, fail):
             )
         if name in raw:
             dt, shape = _raw_dtype(name, raw[name], code, shape, inconsistent)
+        try:
+            check_shape(name, dt, shape)
+        except ValueError as exc:
+            raise inconsistent(str(exc)) from None
         if not isinstance(hashes.get(name), str):
             raise inconsistent(f"tensor {name!r} has no SHA-256 in the metadata")
         table.append((name, dt, shape, offsets[0], offsets[1], hashes[name]))

@@ -110,6 +110,8 @@ def read_legacy(f, size, fail):
         table = _array_table(meta, data_start, total)
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise fail(f"invalid metadata: {exc}") from exc
+    except RecursionError:
+        raise fail("invalid metadata: its JSON is nested too deeply") from None
     arrays = []
     for name, dt, shape, lo, nbytes, digest in table:
         if hashlib.sha256(view[lo : lo + nbytes]).hexdigest() != digest:
@@ -154,6 +156,7 @@ def _array_table(meta, data_start, total):
         shape = e["shape"]
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             raise ValueError(f"array {name!r} has invalid shape {shape!r}")
+        check_shape(name, dt, shape)
         offset, nbytes = e["offset"], e["nbytes"]
         count = math.prod(shape)
         if type(nbytes) is not int or nbytes != count * dt.itemsize:
@@ -167,6 +170,17 @@ def _array_table(meta, data_start, total):
             raise ValueError(f"array {name!r} has invalid offset {offset!r}")
         out.append((name, dt, shape, data_start + offset, nbytes, e["sha256"]))
     return out
+
+
+def check_shape(name, dtype, shape):
+    """ValueError unless NumPy can make an array of ``shape`` and ``dtype``: a shape with a zero
+    holds no bytes, so only this catches a dimension past NumPy's limits (e.g. ``[0, 2**70]``)."""
+    try:
+        np.broadcast_to(np.empty((), dtype), shape)  # a view: nothing of that size is allocated
+    except ValueError as exc:
+        raise ValueError(
+            f"array {name!r} has shape {shape}, which NumPy cannot hold ({exc})"
+        ) from None
 
 
 def _dtype_of_tag(tag):

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..arrays import import_cupy, is_device_array, to_host
 from ..paramset import ParamSet
+from ..paramset_layout import layout_mismatch, paramset_layout
 from .fileformat import CheckpointError
 
 
@@ -20,7 +21,10 @@ class Checkpoint:
     ``fastopt_version``, ``created``, ``algorithm``, ``hyperparameters``, ``params`` (dict name ->
     array), ``optimizer_state`` (an optimizer ``state_dict()``, schedules rebuilt, tuples as
     tuples), ``plateau_state``, ``ema_state``, ``rng_state``, ``extra`` (each ``None`` when not
-    saved). :meth:`restore` loads them into existing objects.
+    saved), ``optimizer_layout`` (per param group, the names and shapes of the ParamSet the
+    optimizer was built over, in packing order, None for other params; ``None`` when not
+    recorded, as in files written before fastopt recorded it). :meth:`restore` loads them into
+    existing objects.
     """
 
     def __init__(self, path, device, metadata, contents):
@@ -38,6 +42,7 @@ class Checkpoint:
         self.ema_state = contents.get("ema")
         self.rng_state = contents.get("rng")
         self.extra = contents.get("extra")
+        self.optimizer_layout = contents.get("optimizer_layout")
 
     def __repr__(self):
         parts = [f"{len(self.params)} params"]
@@ -66,6 +71,12 @@ class Checkpoint:
         Names, shapes, dtypes, the optimizer class and the RNG kind are checked before anything
         changes; if an object's own ``load_state_dict`` still refuses, the objects already
         restored are rolled back. Mismatches raise :class:`CheckpointError`.
+
+        An optimizer or EMA over a ParamSet keeps its state as flat arrays laid out like the
+        ParamSet's buffer, so the layout it was saved over (names, order, shapes) must be the
+        target's: the one recorded in the file, or for a file without that record the order and
+        shapes of the saved parameters of the same names. Over plain arrays only the sizes are
+        checked (by the objects' ``load_state_dict``).
         """
         if all(x is None for x in (params, optimizer, plateau, ema, rng)):
             raise TypeError("restore() needs at least one of params, optimizer, plateau, ema, rng")
@@ -80,6 +91,7 @@ class Checkpoint:
             saved_algo, here = state.get("algorithm"), type(optimizer).__name__
             if saved_algo != here:
                 raise self.error(f"it holds {saved_algo} optimizer state, the optimizer is {here}")
+            self._check_optimizer_layout(optimizer)
             state = _tree_to_host(state)  # the optimizer moves it to its own device
         if plateau is not None:
             self._dry_run(plateau, self._need("plateau"), "plateau")
@@ -87,6 +99,7 @@ class Checkpoint:
             self._need("ema")
             if not callable(getattr(ema, "load_state_dict", None)):
                 raise TypeError(f"ema {type(ema).__name__} has no load_state_dict()")
+            self._check_ema_layout(ema)
         if rng is not None:
             saved = self._need("rng")
             bitgen = getattr(rng, "bit_generator", rng)
@@ -148,6 +161,56 @@ class Checkpoint:
         except Exception:
             return
         self._load(probe, copy.deepcopy(state), what)
+
+    def _check_optimizer_layout(self, optimizer):
+        """CheckpointError unless each param group over a ParamSet has the layout saved."""
+        sources = getattr(optimizer, "sources", None)
+        if not callable(sources):
+            return  # e.g. a wrapper: its own load_state_dict checks what it can
+        saved = self.optimizer_layout
+        if saved is not None and not isinstance(saved, list):
+            raise self.error("its optimizer_layout is not a list")
+        groups = sources()
+        for i, source in enumerate(groups):
+            here = paramset_layout(source)
+            if here is None:
+                continue
+            if saved is None:
+                theirs = self._layout_from_params(here)
+            else:  # None: a group saved over plain arrays; a missing one: load_state_dict refuses
+                theirs = saved[i] if i < len(saved) else None
+            what = "optimizer" if len(groups) == 1 else f"optimizer's param group {i}"
+            self._compare_layouts(theirs, here, f"the {what}")
+
+    def _check_ema_layout(self, ema):
+        """CheckpointError unless an EMA over a ParamSet gets the state of the same layout."""
+        here = getattr(ema, "paramset_layout", None)
+        if not isinstance(here, list):
+            return
+        state = self.ema_state
+        if isinstance(state, dict) and "paramset" in state:
+            theirs = state["paramset"]
+        else:
+            theirs = self._layout_from_params(here)
+        self._compare_layouts(theirs, here, "the EMA")
+
+    def _layout_from_params(self, here):
+        """The saved parameters named in the layout ``here``, as a layout in the file's order,
+        or None when the file lacks one of them (then nothing says what the state is over)."""
+        names = {name for name, _ in here}
+        if not isinstance(self.params, dict) or not names <= set(self.params):
+            return None
+        return [[n, list(np.shape(a))] for n, a in self.params.items() if n in names]
+
+    def _compare_layouts(self, saved, here, what):
+        if saved is None:
+            return
+        try:
+            problem = layout_mismatch(saved, here)
+        except ValueError as exc:
+            raise self.error(f"{what}'s saved ParamSet layout is invalid: {exc}") from exc
+        if problem is not None:
+            raise self.error(f"{what} was saved over another ParamSet: {problem}")
 
     def _check_params(self, params):
         """[(destination view, source array on the destination's device)] after checking names,
