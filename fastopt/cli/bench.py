@@ -1,5 +1,7 @@
 """``fastopt bench``: the optimizer throughput report (table, JSON, Markdown, PNG chart)."""
 
+import decimal
+import fractions
 import re
 import sys
 
@@ -31,11 +33,15 @@ examples:
   fastopt bench --backends cupy --out results/h100
   pytest bench/ --benchmark-json=out.json && fastopt bench --from-json out.json
 
-sizes: plain integers or with a suffix: k/M/G (10^3, 10^6, 10^9), Ki/Mi/Gi (2^10, 2^20, 2^30).
+sizes: plain integers or with a suffix: k/M/G (10^3, 10^6, 10^9), Ki/Mi/Gi (2^10, 2^20, 2^30);
+at most 2Gi.
 """
 
 QUICK = {"sizes": "1Mi", "dtypes": "float32", "repeats": 3, "min_time": 0.03}
 FULL = {"sizes": "64Ki,1Mi,16Mi", "dtypes": "float32,float64", "repeats": 5, "min_time": 0.1}
+MAX_SIZE = 2**31
+"""The largest ``--sizes`` value: 2Gi elements, 8 GiB per float32 array (a case holds the
+parameters, gradients and state, and the peers' copies)."""
 _SUFFIX = {
     "": 1,
     "k": 10**3,
@@ -116,13 +122,24 @@ def add_arguments(p):
 
 
 def parse_size(text):
+    """Elements per case from one ``--sizes`` item: a whole number in 1..:data:`MAX_SIZE`."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kKmMgG]i?)?\s*", text)
     if not m:
         raise UsageError(f"--sizes: {text!r} is not a size (e.g. 65536, 1M, 16Mi)")
     number, suffix = m.groups()
-    value = float(number) * _SUFFIX[(suffix or "").lower()]
-    if value != int(value) or value < 1:
+    # exact (a float overflows at 1e400 and rounds 1.0000000000000001e3), and the exponent
+    # bounded first: 1e999999999 would build a billion-digit integer
+    mantissa = decimal.Decimal(number)
+    if not mantissa.is_zero() and mantissa.adjusted() > 18:
+        value = MAX_SIZE + 1
+    else:
+        value = fractions.Fraction(mantissa) * _SUFFIX[(suffix or "").lower()]
+    if value.denominator != 1 or value < 1:
         raise UsageError(f"--sizes: {text!r} is not a whole number of elements >= 1")
+    if value > MAX_SIZE:
+        raise UsageError(
+            f"--sizes: {text.strip()!r} is too large: at most {MAX_SIZE} (2Gi) elements per case"
+        )
     return int(value)
 
 

@@ -1,5 +1,5 @@
 """``fastopt train``'s options checked before anything is read or written: layer sizes, device,
-optimizer and schedule specs, fractions and counts."""
+optimizer and schedule specs, fractions and counts, the output files."""
 
 import dataclasses
 import math
@@ -34,6 +34,7 @@ class Options:
 def check_options(args):
     """:class:`Options` from the parsed arguments; UsageError naming the first bad one."""
     from ..nn import ACTIVATIONS
+    from .train_outputs import check_outputs, output_files  # train_outputs imports train_data
 
     for name, value, low in (
         ("--epochs", args.epochs, 1),
@@ -70,6 +71,7 @@ def check_options(args):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out: {out_dir!r} exists and is not a directory")
     plot = not args.no_plot and has_matplotlib()
+    check_outputs(out_dir, output_files(args.test_size, plot), args.data)
     return Options(hidden, device, spec, lr, weight_decay, opt_kwargs, out_dir, plot)
 
 

@@ -6,7 +6,7 @@ import math
 import os
 import shlex
 
-from ..fileio import atomic_write
+from ..fileio import OutputError, atomic_write, check_output
 from . import UsageError
 from .train_data import class_list
 
@@ -41,6 +41,44 @@ HISTORY_META = (
 ``compile_time_s`` the kernel compilation, or loading from Numba's cache, before it); ``final`` maps ``train``, ``validation``
 and ``test`` (those present) to their metrics (classification: ``loss``, ``accuracy``;
 regression: ``loss``, ``mae``, ``rmse``, ``r2``)."""
+
+
+def output_files(test_size, plot):
+    """The names of the files the run writes in ``--out``: model.ckpt and history.json,
+    test.npz with ``test_size`` > 0, curves.png with ``plot``."""
+    names = [MODEL_FILE, HISTORY_FILE]
+    if test_size > 0:
+        names.append(TEST_FILE)
+    if plot:
+        names.append(CURVES_FILE)
+    return names
+
+
+def check_outputs(out_dir, names, source):
+    """UsageError, before any work, for an output file ``out_dir/NAME`` that could not be
+    written (:func:`fastopt.fileio.check_output`: a directory, a special file, a folder that is
+    not writable...) or that is the data file ``source`` (or a link to it): the run would replace
+    its own input. A folder that does not exist yet is created by the run and holds nothing."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if _same_file(path, source):
+            raise UsageError(
+                f"--out: {path} is the input data {source}; writing it would replace the data "
+                "(give another --out folder)"
+            )
+        try:
+            check_output(path)
+        except OutputError as exc:
+            raise UsageError(f"--out: {exc}") from None
+
+
+def _same_file(path, source):
+    try:
+        return os.path.samefile(path, source)
+    except OSError:  # either is missing (a built-in dataset's name), or cannot be examined
+        return False
 
 
 def history_to_write(history, args, data, final, sched, times):

@@ -285,7 +285,7 @@ class MPIStrategy(LocalStrategy):
         if self.is_root:
             try:
                 ckpt = checkpoint.load(path)
-                resume.check_trainer_checkpoint(ckpt, path)
+                resume.check_trainer_checkpoint(ckpt, path, trainer.model)
                 if self.zero:  # check the optimizer state before anything changes
                     self._check_zero_state(ckpt, trainer.optimizer)
                 has_plateau = ckpt.plateau_state is not None

@@ -529,6 +529,7 @@ class Trainer:
         if diverged:
             # the same decision on every rank: the loss is the sum over the ranks
             self.model.load_state_dict(self._last_finite)
+            self._weights_put_back()
             self.history.meta["diverged"] = True
             self._record_stop("nonfinite_loss", self.epoch)
             self.stop_training = True
@@ -569,11 +570,20 @@ class Trainer:
         if not interrupted:
             restored = self.early_stopping.restore_best(self.model, self.epoch)
             if restored is not None:
+                self._weights_put_back()
                 self.history.meta["restored_epoch"] = restored
         if self.checkpoint_path:
             self.save_checkpoint(self.checkpoint_path)
         if self.history_path and self.is_root:
             self.history.to_json(self.history_path)
+
+    def _weights_put_back(self):
+        """After the model's weights were replaced (best or last finite ones): with a 16-bit
+        precision, round them into the trained parameters and set the optimizer's float32
+        master copies to them, so that the checkpoint written next holds them and a resume
+        (which keeps the saved master) continues from these weights, not the last step's."""
+        if self._mixed is not None:
+            self._mixed.pull(self.optimizer, reset_master=True)
 
     # ------------------------------------------------------------------ monitoring
     def _monitor(self, has_val):
