@@ -9,6 +9,8 @@ the buffer, reductions in float64) reads and writes them in place. The iterates,
 and the number of closure calls are torch's (tests/test_torch_lbfgs.py).
 """
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -17,7 +19,7 @@ from ..optim.lbfgs import LBFGS as CoreLBFGS
 from ..optim.lbfgs_state import FLOATS, HISTORY, INTS, VECTORS
 from .dropin import plain_value
 from .flat import FlatBuffer, check_no_overlap, check_param
-from .optimizer import closure_loss
+from .optimizer import closure_loss, split_arguments
 
 HYPERPARAMETERS = (
     "lr",
@@ -28,6 +30,7 @@ HYPERPARAMETERS = (
     "history_size",
     "line_search_fn",
 )
+"""The core's hyperparameters: the keys of the param group it reads at every step."""
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -53,30 +56,12 @@ class LBFGS(torch.optim.Optimizer):
 
     core_class = CoreLBFGS
 
-    def __init__(
-        self,
-        params,
-        lr=1.0,
-        max_iter=20,
-        max_eval=None,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-9,
-        history_size=100,
-        line_search_fn=None,
-        *,
-        backend=None,
-    ):
-        if max_eval is None:
-            max_eval = max_iter * 5 // 4
-        defaults = {
-            "lr": lr,
-            "max_iter": max_iter,
-            "max_eval": max_eval,
-            "tolerance_grad": tolerance_grad,
-            "tolerance_change": tolerance_change,
-            "history_size": history_size,
-            "line_search_fn": line_search_fn,
-        }
+    def __init__(self, params, *args, **kwargs):
+        # the core's arguments and defaults (its signature is this class's, set below)
+        defaults, _ = split_arguments(CoreLBFGS, args, kwargs)
+        backend = defaults.pop("backend")
+        if defaults["max_eval"] is None:  # torch's default, kept in the param group as torch does
+            defaults["max_eval"] = defaults["max_iter"] * 5 // 4
         # bad hyperparameters fail before any parameter moves
         CoreLBFGS([np.zeros(1, np.float32)], **{k: plain_value(v) for k, v in defaults.items()})
         self._buf = None
@@ -236,3 +221,10 @@ def _vector(v):
     if isinstance(v, torch.Tensor):
         return v.detach().cpu().reshape(-1).numpy() if v.dtype != torch.bfloat16 else v
     return v
+
+
+LBFGS.__signature__ = inspect.signature(CoreLBFGS.__init__).replace(
+    parameters=[
+        p for name, p in inspect.signature(CoreLBFGS.__init__).parameters.items() if name != "self"
+    ]
+)
