@@ -158,10 +158,19 @@ class EMA:
         return state
 
     def load_state_dict(self, state):
-        """Load a :meth:`state_dict`, everything checked before the first write. A state taken
-        over a ParamSet is refused (ValueError naming the difference) by an EMA over a ParamSet of
-        another layout: the averages are one flat array, so a reordered ParamSet would get each
-        parameter's average from another one's place."""
+        """Load a :meth:`state_dict`, everything checked before the first write
+        (:meth:`check_state_dict`)."""
+        converted, num = self.check_state_dict(state)
+        for host, mine in zip(converted, self._averages):
+            mine[...] = _like(mine, host)
+        self.decay, self.warmup, self.num_updates = float(state["decay"]), state["warmup"], int(num)
+
+    def check_state_dict(self, state):
+        """ValueError/TypeError unless :meth:`load_state_dict` takes ``state``; changes nothing.
+        A state taken over a ParamSet is refused by an EMA over a ParamSet of another layout
+        (naming the difference): the averages are one flat array, so a reordered ParamSet would
+        get each parameter's average from another one's place. Returns (the averages converted
+        to this EMA's dtypes on the host, num_updates)."""
         saved = state.get("paramset")
         if saved is not None and self._layout is not None:
             problem = layout_mismatch(saved, self._layout)
@@ -189,9 +198,7 @@ class EMA:
             raise ValueError(f"EMA num_updates must be an int >= 0, got {num!r}")
         check_interval("decay", state["decay"], 0.0, 1.0, hi_closed=True)
         check_bool("warmup", state["warmup"])
-        for host, mine in zip(converted, self._averages):
-            mine[...] = _like(mine, host)
-        self.decay, self.warmup, self.num_updates = float(state["decay"]), state["warmup"], int(num)
+        return converted, num
 
 
 def _shapes_of(params):

@@ -105,3 +105,11 @@ def test_optimizer_arguments_leave_out_what_each_rank_owns():
     assert all("params" not in g and "muon_params" not in g for g in args["param_groups"])
     assert args["param_groups"][0]["lr"] == 0.02
     assert A.optimizer_arguments(None) is None
+
+
+def test_values_python_finds_equal_but_the_checks_tell_apart_differ():
+    for mine, other in ((True, 1), (3.0, 3), (False, 0), ((1, 2), (1.0, 2))):
+        with pytest.raises(ValueError, match="the ranks passed different x"):
+            A.agree_on_arguments(OtherRanks(lambda obj, o=other: [("x", A.describe(o))]), "Y",
+                                 {"x": mine})  # fmt: skip
+    A.agree_on_arguments(OtherRanks(same), "Y", {"x": np.int64(3), "y": np.float32(0.5)})

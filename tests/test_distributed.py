@@ -454,6 +454,8 @@ def test_one_ranks_different_arguments_raise_on_every_rank(runs, world):
         "not_a_paramset": "params",
         "other_class": "optimizer_class",
         "other_clip": "max_grad_norm",
+        "bool_as_int": "skip_nonfinite",  # 1 == True, but not the same argument
+        "seed_as_float": "options['seed']",
     }
     for r, info in enumerate(infos):
         for case, argument in named.items():
@@ -463,6 +465,17 @@ def test_one_ranks_different_arguments_raise_on_every_rank(runs, world):
             assert f"the ranks passed different {argument} (" in raised["message"], (r, case)
             assert f"rank {world - 1}: " in raised["message"], (r, case)
         assert f"rank {world - 1}: 0.2)" in info["other_lr"]["message"]  # the values compared
+        refused = info["optimizer_of_another_paramset"]  # a per-rank check, agreed on
+        assert refused["type"] == "ValueError", refused
+        if r == world - 1:
+            assert "must be built over the ParamSet itself" in refused["message"]
+        else:
+            assert f"refused on rank {world - 1}" in refused["message"]
+        for case, words in (("philox_rng", "Philox"), ("ema_of_one_tensor", "ema refused")):
+            got = info[f"ckpt_{case}"]
+            assert got["unchanged"] is True, (r, case)
+            assert got["raised"]["type"] == "CheckpointError", (r, case, got)
+            assert words in got["raised"]["message"], (r, case, got)
         assert info["bad_everywhere"]["type"] == "ValueError"
         assert "lr" in info["bad_everywhere"]["message"]
         for mode in ("dp", "zero"):

@@ -116,6 +116,13 @@ def agree_on_outcome(comm, who, check, agreed=None):
     return result
 
 
+def _same(a, b):
+    """Whether two descriptions are the same argument: compared by their ``repr``, so that
+    ``True`` and ``1``, or ``3.0`` and ``3``, which Python finds equal but the argument checks
+    tell apart, differ."""
+    return repr(a) == repr(b)
+
+
 def _described(arguments):
     return [(name, describe(value)) for name, value in arguments.items()]
 
@@ -123,11 +130,13 @@ def _described(arguments):
 def _raise_if_different(who, every):
     """ValueError unless the ranks' lists of (name, description) ``every`` are equal."""
     names = [name for name, _ in every[0]]
+    if all(_same(rank_args, every[0]) for rank_args in every[1:]):
+        return
     if any([name for name, _ in rank_args] != names for rank_args in every):
         raise ValueError(f"{who}: the ranks passed different arguments")
     for i, name in enumerate(names):
         seen = [rank_args[i][1] for rank_args in every]
-        other = next((d for d in seen[1:] if d != seen[0]), None)
+        other = next((d for d in seen[1:] if not _same(d, seen[0])), None)
         if other is None:
             continue
         path = _difference_path(seen[0], other)
@@ -157,7 +166,7 @@ def _difference_path(a, b):
         ca, cb = _children(a), _children(b)
         if ca is None or cb is None or a[0] != b[0] or list(ca) != list(cb):
             return path
-        key = next(k for k in ca if ca[k] != cb[k])
+        key = next(k for k in ca if not _same(ca[k], cb[k]))
         path.append(key)
         a, b = ca[key], cb[key]
 

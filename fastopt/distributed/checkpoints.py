@@ -1,10 +1,12 @@
 """Collective checkpoints: ONE :mod:`fastopt.checkpoint` file written and read by the root, a
 ZeRO state gathered into (and scattered from) the one-process layout."""
 
+import copy
 from collections.abc import Mapping
 
 from .. import checkpoint
 from ..paramset import ParamSet
+from .agreement import agree_on_outcome
 from .collectives import Collectives, raise_everywhere
 from .mpi import communicator
 from .zero import ZeroRedundancyOptimizer
@@ -62,8 +64,9 @@ def load_checkpoint(
     optimizer the whole state). ``plateau``, ``ema`` and ``rng`` are restored from the root's
     saved state on every rank. Returns the checkpoint's ``extra`` (None if none was saved).
 
-    Names, shapes, dtypes and the optimizer class are checked on the root before anything
-    changes; a failure raises on every rank."""
+    Names, shapes, dtypes and the optimizer class are checked on the root, and every rank's
+    plateau, EMA and generator against the saved states, before anything changes; a failure
+    raises on every rank."""
     comm = communicator(comm)
     rank = comm.Get_rank()
     if not isinstance(params, ParamSet):
@@ -80,6 +83,15 @@ def load_checkpoint(
     def from_root(value):
         return comm.bcast(value if rank == root else None, root=root)
 
+    # each rank's own plateau, EMA and generator must take the saved states: tried on copies,
+    # and agreed, before anything changes on any rank
+    states = {
+        what: from_root(ckpt and getattr(ckpt, f"{what}_state")) if obj is not None else None
+        for what, obj in (("plateau", plateau), ("ema", ema), ("rng", rng))
+    }
+    agree_on_outcome(
+        comm, "load_checkpoint", lambda: check_local_objects(path, plateau, ema, rng, states)
+    )
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.load_state_dict(ckpt.optimizer_state if rank == root else None, root=root)
     elif optimizer is not None:
@@ -88,12 +100,47 @@ def load_checkpoint(
         ckpt.restore(params=params)
     Collectives(comm, None).bcast(params.flat, root)
     if plateau is not None:
-        plateau.load_state_dict(from_root(ckpt and ckpt.plateau_state))
+        plateau.load_state_dict(states["plateau"])
     if ema is not None:
-        ema.load_state_dict(from_root(ckpt and ckpt.ema_state))
+        ema.load_state_dict(states["ema"])
     if rng is not None:
-        getattr(rng, "bit_generator", rng).state = from_root(ckpt and ckpt.rng_state)
+        getattr(rng, "bit_generator", rng).state = states["rng"]
     return from_root(ckpt and ckpt.extra)
+
+
+def check_local_objects(path, plateau, ema, rng, states):
+    """CheckpointError unless this rank's ``plateau``, ``ema`` and ``rng`` take the saved
+    ``states`` (each loaded into a copy, the generator's kind compared); nothing changes."""
+
+    def fail(what, exc):
+        raise checkpoint.CheckpointError(
+            f"cannot restore checkpoint {path!r}: the {what} refused the saved state: {exc}", path
+        ) from exc
+
+    tries = []
+    if plateau is not None:  # a small object of plain values: tried on a copy
+        tries.append(("plateau", lambda: copy.deepcopy(plateau).load_state_dict(states["plateau"])))
+    if ema is not None and hasattr(ema, "check_state_dict"):  # fastopt's EMA checks, no write
+        tries.append(("ema", lambda: ema.check_state_dict(states["ema"])))
+    for what, attempt in tries:
+        try:
+            attempt()
+        except (ValueError, TypeError, KeyError) as exc:
+            fail(what, exc)
+    if rng is not None:
+        bitgen = getattr(rng, "bit_generator", rng)
+        saved = states["rng"]
+        kind = saved.get("bit_generator") if isinstance(saved, Mapping) else None
+        if kind != type(bitgen).__name__:
+            raise checkpoint.CheckpointError(
+                f"cannot restore checkpoint {path!r}: it holds {kind} RNG state, the generator "
+                f"uses {type(bitgen).__name__}",
+                path,
+            )
+        try:
+            type(bitgen)().state = copy.deepcopy(saved)
+        except (ValueError, TypeError, KeyError) as exc:
+            fail("rng", exc)
 
 
 def check_checkpoint(ckpt, path, params, optimizer, plateau, ema, rng):

@@ -7,7 +7,7 @@ from ..optim.base import Optimizer
 from ..optim.precision import is_16bit
 from ..paramset import ParamSet
 from ..validation import check_bool, check_positive
-from .agreement import agree_on_arguments, agree_on_outcome, group_options, optimizer_arguments
+from .agreement import agree_on_outcome, group_options, optimizer_arguments
 from .collectives import Collectives, check_params_equal, widened
 
 
@@ -88,22 +88,27 @@ class DataParallel:
 
     def __init__(self, params, optimizer=None, *, comm=None, root=0, debug=False, cuda_aware=None):
         self._coll = Collectives(comm, cuda_aware)
-        # first, so that a rank's other arguments raise on every rank instead of hanging them
-        agree_on_arguments(
+
+        def checked():
+            if not isinstance(params, ParamSet):
+                raise TypeError(f"DataParallel needs a ParamSet, got {type(params).__name__}")
+            check_bool("debug", debug)
+            if optimizer is not None:  # over this rank's own ParamSet: a per-rank fact
+                check_over_paramset(optimizer, params, "DataParallel")
+
+        # first, so that a rank's other arguments or refusal raise on every rank instead of
+        # leaving the others waiting in the Bcast
+        agree_on_outcome(
             self._coll.comm,
             "DataParallel",
-            {
+            checked,
+            lambda _: {
                 "params": params,
                 "optimizer": optimizer_arguments(optimizer),
                 "root": root,
                 "debug": debug,
             },
         )
-        if not isinstance(params, ParamSet):
-            raise TypeError(f"DataParallel needs a ParamSet, got {type(params).__name__}")
-        check_bool("debug", debug)
-        if optimizer is not None:
-            check_over_paramset(optimizer, params, "DataParallel")
         self.params = params
         self.optimizer = optimizer
         self.debug = debug

@@ -55,7 +55,24 @@ def main(comm, out):
         ps = P.init_params()
         dist.ZeroRedundancyOptimizer(ps, fo.Adam, lr=-1.0, comm=comm)
 
+    def bool_as_int():  # 1 == True in Python, but skip_nonfinite must be a bool
+        ps = P.init_params()
+        flag = 1 if last else True
+        dist.ZeroRedundancyOptimizer(ps, fo.Adam, lr=0.1, skip_nonfinite=flag, comm=comm)
+
+    def seed_as_float():
+        ps = P.init_params()
+        kw = {"stochastic_rounding": True, "seed": 3.0 if last else 3}
+        dist.ZeroRedundancyOptimizer(ps, fo.Adam, lr=0.1, comm=comm, **kw)
+
+    def optimizer_of_another_paramset():  # the same layout, but not this rank's ParamSet
+        ps = P.init_params()
+        dist.DataParallel(ps, fo.SGD(P.init_params() if last else ps, lr=0.1), comm=comm)
+
     for name, call in [
+        ("bool_as_int", bool_as_int),
+        ("seed_as_float", seed_as_float),
+        ("optimizer_of_another_paramset", optimizer_of_another_paramset),
         ("other_lr", other_lr),
         ("other_layout", other_layout),
         ("not_a_paramset", not_a_paramset),
@@ -65,10 +82,40 @@ def main(comm, out):
     ]:
         info[name] = outcome(call)
 
+    # ---- a checkpoint whose RNG or EMA state a rank's objects cannot take: refused everywhere
+    info.update(checkpoint_cases(comm, out))
+
     # ---- debug steps: one rank's bad or different step arguments, nothing written anywhere
     for mode in ("dp", "zero"):
         info.update(debug_step_cases(comm, mode, last))
     (out / f"agree_rank{comm.rank}.json").write_text(json.dumps(info))
+
+
+def checkpoint_cases(comm, out):
+    ps = P.init_params()
+    zero = dist.ZeroRedundancyOptimizer(ps, fo.Adam, lr=0.05, comm=comm)
+    X, Y = P.data()
+    P.set_grad(ps, X, Y, P.batch(0, 4 * comm.size, comm.rank, comm.size))
+    zero.step()
+    path = out / "agree.fo"
+    ema = fo.EMA(ps)
+    dist.save_checkpoint(
+        path, params=ps, optimizer=zero, ema=ema, rng=np.random.default_rng(1), comm=comm
+    )
+    zero.step()
+    before = ps.flat.copy(), zero.state_dict(root=None)["state"][0]["exp_avg"].copy()
+    info = {}
+    for case, kw in (
+        ("philox_rng", {"rng": np.random.Generator(np.random.Philox(0))}),
+        ("ema_of_one_tensor", {"ema": fo.EMA([ps["W"]])}),
+    ):
+        result = outcome(
+            lambda kw=kw: dist.load_checkpoint(path, params=ps, optimizer=zero, comm=comm, **kw)
+        )
+        after = ps.flat.copy(), zero.state_dict(root=None)["state"][0]["exp_avg"].copy()
+        unchanged = all(np.array_equal(a, b) for a, b in zip(before, after))
+        info[f"ckpt_{case}"] = {"raised": result, "unchanged": unchanged}
+    return info
 
 
 def debug_step_cases(comm, mode, last):
