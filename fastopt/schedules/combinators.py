@@ -6,6 +6,7 @@ as :meth:`Schedule.to_dict` configs."""
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -166,10 +167,10 @@ class ChainedScheduler(Schedule):
 
     A schedule whose torch scheduler scales the lr it finds by a factor (*multiplicative*:
     :class:`Constant`, :class:`StepDecay`, :class:`MultiStepDecay`, :class:`ExponentialDecay`,
-    :class:`PolynomialDecay`, :class:`CosineAnnealing` with ``eta_min = 0`` up to ``T_max``)
-    contributes its factor; any other schedule *sets* the lr (as ``CyclicLR``, ``OneCycleLR``,
+    :class:`PolynomialDecay`, :class:`CosineAnnealing` with ``eta_min = 0``) contributes its
+    factor; any other schedule *sets* the lr (as ``CyclicLR``, ``OneCycleLR``,
     ``CosineAnnealingWarmRestarts`` and ``LambdaLR`` do in torch), discarding what the schedules
-    before it in the chain did. With no setter:
+    before it in the chain did. With no setter, until a factor first reaches 0:
 
     .. math:: \eta_k = \text{lr}\prod_i \frac{s_i(k)}{\text{lr}}
 
@@ -181,8 +182,21 @@ class ChainedScheduler(Schedule):
               \rho_i(k) = \frac{\hat s_i(k)}{\hat s_i(k - 1)},\ \rho_i(0) = \hat s_i(0)
 
     where :math:`\hat s_i` is :math:`s_i` with ``lr = 1`` (a ratio of 0/0, where the schedule has
-    already reached 0, counts as 1, as torch's ``PolynomialLR`` leaves the lr alone then). As in
-    torch, a :class:`CyclicLR` that is not first in the chain starts from ``lr`` at step 0.
+    already reached 0, counts as 1, as torch's ``PolynomialLR`` leaves the lr alone then).
+
+    Past ``T_max`` torch's ``CosineAnnealingLR`` is not a factor at every step: it reaches 0 at
+    ``T_max`` (and every ``2·T_max`` after), and the step after, :math:`r = T_{\max} + 1 +
+    2mT_{\max}`, its recursion *adds* :math:`\text{lr}\,(1 - \cos(\pi/T_{\max}))/2` to the
+    lr it finds (its base lr is the optimizer's initial lr: the chain's ``lr``) instead of
+    scaling it. The chain does the same: at the steps :math:`r` that term is added at the
+    cosine's place in the chain. Without a setter the product above then holds only up to the
+    last step :math:`z \le k` at which some factor is 0 (torch's lr is 0 there, but for the
+    terms added at :math:`z` itself); from there :math:`\eta_z` and :math:`\eta_{z+1}` are
+    torch's step maps applied to 0, and for :math:`k > z + 1`,
+    :math:`\eta_k = \eta_{z+1}\prod_i \hat s_i(k) / \hat s_i(z + 1)` (a ratio whose
+    denominator is 0 counts as 1): a cosine restarts only the step after its own 0, so none
+    restarts in :math:`(z + 1, k]`. As in torch, a :class:`CyclicLR` that is not first in the chain starts from ``lr``
+    at step 0.
     torch: ``ChainedScheduler([...])`` over one optimizer whose initial lr is ``lr`` (equal to
     rounding). :class:`SWALR` is refused in a chain with other schedules: torch's ``SWALR``
     recovers its start lr from the lr it set the step before, which a chain changes, and so is
@@ -223,12 +237,27 @@ class ChainedScheduler(Schedule):
     def _value(self, k: int) -> float:
         j = self._last_setter()
         if j is None:
-            lr = self.lr
-            if lr == 0:
-                return 0.0
-            out = lr
-            for s in self.schedules:
-                out *= s(k) / lr
+            zeros = [z for z in (_last_zero(s, k) for s in self.schedules) if z is not None]
+            z = max(zeros, default=None)
+            if z is None:
+                lr = self.lr
+                if lr == 0:
+                    return 0.0
+                out = lr
+                for s in self.schedules:
+                    out *= s(k) / lr
+                return out
+            # a factor of 0 at step z: torch's lr is 0 there but for the cosine terms added at
+            # z, and from z + 1 on no cosine restarts before k (each restarts the step after
+            # its own 0), so the factors of z + 2 ... k telescope
+            out = self._step(z, 0.0)
+            if k > z:
+                out = self._step(z + 1, out)
+            for s in self.schedules if k > z + 1 else ():
+                unit = replace(s, lr=1.0)
+                before = unit(z + 1)
+                if before != 0:
+                    out *= unit(k) / before
             return out
         setter = self.schedules[j]
         if k == 0 and j > 0 and type(setter).__name__ == "CyclicLR":
@@ -237,9 +266,53 @@ class ChainedScheduler(Schedule):
             out = self.lr
         else:
             out = setter(k)
-        for s in self.schedules[j + 1 :]:
-            out *= _step_factor(s, k)
-        return out
+        return self._step(k, out, self.schedules[j + 1 :])
+
+    def _step(self, k: int, lr: float, schedules=None) -> float:
+        """What torch's chained schedulers (multiplicative ones: ``schedules``, default all)
+        make of ``lr`` at step ``k``: each scales it by its factor, a cosine restarting at
+        ``k`` adds its term."""
+        for s in self.schedules if schedules is None else schedules:
+            add = _cosine_restart_term(s, k, self.lr)
+            lr = lr * _step_factor(s, k) if add is None else lr + add
+        return lr
+
+
+def _zero_cosine(schedule):
+    """Whether ``schedule`` is a :class:`CosineAnnealing` down to 0 (``eta_min = 0``)."""
+    return type(schedule).__name__ == "CosineAnnealing" and schedule.eta_min == 0
+
+
+def _cosine_restart_term(schedule, k, lr):
+    """What torch's ``CosineAnnealingLR`` (``eta_min = 0``) over an optimizer whose initial lr
+    is ``lr`` adds to the lr at step ``k`` when ``k`` is a step after one where it reached 0
+    (``k = T_max + 1 + 2m·T_max``), else None."""
+    if not _zero_cosine(schedule):
+        return None
+    t = schedule.T_max
+    if k <= t or (k - 1 - t) % (2 * t):
+        return None
+    return lr * (1 - math.cos(math.pi / t)) / 2
+
+
+def _last_zero(schedule, k):
+    """The last step ``z <= k`` where multiplicative ``schedule``'s factor is 0 (its value is 0
+    and was not the step before), or None. A cosine is 0 at ``T_max, 3·T_max, ...``; the other
+    multiplicative schedules stay 0 once they reach it (found by bisection)."""
+    if _zero_cosine(schedule):
+        t = schedule.T_max
+        return None if k < t else t + (k - t) // (2 * t) * (2 * t)
+    unit = replace(schedule, lr=1.0)
+    if unit(k) != 0:
+        return None
+    lo, hi = 0, k  # unit(hi) == 0: the first zero is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if unit(mid) == 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _step_factor(schedule, k):

@@ -330,34 +330,36 @@ class Trainer:
         n_train = train_rows.size
         bs = self.batch_size
         n_epoch = self._strategy.epoch_size(self, n_train, val is not None)
-        if self._mixed is not None:  # the model's values may be new (resumed, broadcast)
-            self._mixed.pull(self.optimizer, reset_master=resume is None)
-        steps = self._steps(n_epoch)
         drop_single = (
             model.batch_norm
             and not self.drop_last
-            and self._strategy.skips_last_batch(n_epoch, steps, bs)
+            and self._strategy.skips_last_batch(n_epoch, self._steps(n_epoch), bs)
         )
         if self.drop_last and n_epoch < bs:
             raise ValueError(
                 f"drop_last=True with batch_size={bs} > {n_epoch} training samples: no batches"
             )
-        if drop_single and steps == 1:
+        steps = self._steps(n_epoch, drop_single)  # the optimizer steps of an epoch
+        if drop_single and steps == 0:
             raise ValueError(
                 "batch norm cannot train on a single sample"
                 if self.world_size == 1
                 else f"batch norm cannot train on {n_epoch} samples over "
                 f"{self.world_size} ranks (fewer than 2 per rank)"
             )
+        monitor, mode = self._monitor(val is not None)
+        if self.plateau is None and self._plateau_arg not in (None, False):
+            self.plateau = self._make_plateau(val is not None)
+        # every check above comes before the first write: a fit that raises leaves the model
+        # (and, with a 16-bit precision, its float32 weights) as it found them
+        if self._mixed is not None:  # the model's values may be new (resumed, broadcast)
+            self._mixed.pull(self.optimizer, reset_master=resume is None)
         if self.schedule is not None and resume is None and self.epoch == 0:
             sched = self.schedule
             if self.schedule_unit == "epoch":
                 sched = PerEpoch(sched, steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = sched
-        if self.plateau is None and self._plateau_arg not in (None, False):
-            self.plateau = self._make_plateau(val is not None)
-        monitor, mode = self._monitor(val is not None)
         self.stop_training = False
         self.interrupted = False
         self._stop.requested = False
@@ -406,9 +408,15 @@ class Trainer:
     def _epochs(self):
         return self.epoch
 
-    def _steps(self, n):
+    def _steps(self, n, drop_single=False):
+        """Optimizer steps of an epoch over ``n`` samples: the batches, less a last one that
+        ``drop_last`` drops or that batch norm skips (``drop_single``: it would give a process
+        a single row). :class:`~fastopt.schedules.PerEpoch` (``schedule_unit="epoch"``) and
+        ``history.meta["steps_per_epoch"]`` count these, so the lr changes exactly at epoch
+        boundaries, as torch's ``scheduler.step()`` once per epoch."""
         bs = self.batch_size
-        return n // bs if self.drop_last or n % bs == 0 else n // bs + 1
+        steps = n // bs if self.drop_last or n % bs == 0 else n // bs + 1
+        return steps - 1 if drop_single else steps
 
     def _record_stop(self, reason, epoch):
         """The first reason training stopped early (``history.stop_reason``) and its epoch."""
@@ -425,9 +433,7 @@ class Trainer:
             order = xp.asarray(order)
         # the samples the (global) batches are cut from: this process's order, or all of them
         n = strategy.cut_size(order, train_rows.size)
-        steps = self._steps(n)
-        if drop_single:  # the last batch would give (some rank) a single row: skip it
-            steps -= 1
+        steps = self._steps(n, drop_single)  # drop_single: skip a last batch of a single row
         check_each_step = not strategy.collective  # several processes check the epoch's loss
         self._last_finite = model.state_dict()
         sums = [0.0, 0.0, 0.0]
