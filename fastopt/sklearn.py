@@ -38,8 +38,11 @@ The algorithm is torch's L-BFGS (strong-Wolfe line search, 10 curvature pairs, i
 Stopping, as scikit-learn: training stops when the training loss (or, with ``early_stopping``,
 the validation loss on a held-out ``validation_fraction``, and the best weights are restored)
 has not improved by more than ``tol`` for ``n_iter_no_change`` epochs, or after ``max_iter``
-epochs (with a ConvergenceWarning). ``partial_fit`` runs one epoch; the input standardization
-is fitted on the data of its first call.
+epochs (with a ConvergenceWarning). ``partial_fit`` runs one epoch on all of its data (a
+``fit``'s ``early_stopping`` does not apply to it), continuing the optimizer's state, the epoch
+count and ``loss_curve_`` of the earlier calls, also after pickling; the input standardization
+is fitted on the data of its first call. ``t_`` counts the training samples seen, as
+scikit-learn's.
 
 scikit-learn is an optional dependency (``pip install fastopt[sklearn]``); importing this module
 without it raises an ImportError saying so.
@@ -54,7 +57,7 @@ import warnings
 import numpy as np
 
 try:
-    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, unique_labels
@@ -172,6 +175,46 @@ def _stochastic_solver(estimator):
     return True
 
 
+_INPUT_ATTRS = ("n_features_in_", "feature_names_in_")
+"""What scikit-learn's input validation sets on a first fit."""
+
+
+def _carried(trainer, optimizer=True):
+    """What a later ``partial_fit`` continues from ``trainer``, in picklable form (the Trainer is
+    not: its optimizer holds views of the model's buffer): the optimizer's ``state_dict()``
+    (None without ``optimizer`` or for a closure optimizer, which has no ``partial_fit``), the
+    epoch and step counts, the history and the dropout generator."""
+    opt = trainer.optimizer
+    return {
+        "optimizer": opt.state_dict() if optimizer and not opt.requires_closure else None,
+        "epoch": trainer.epoch,
+        "global_step": trainer.global_step,
+        "history": trainer.history,
+        "rng": trainer.rng,
+    }
+
+
+def _continue(trainer, prev):
+    """Make the new ``trainer`` continue ``prev``: a Trainer, or :func:`_carried` of one (an
+    unpickled estimator's). The optimizer's state carries over when the optimizer is of the
+    same kind (a changed ``solver`` starts afresh); the counters, history and dropout generator
+    always do."""
+    if isinstance(prev, Trainer):
+        if type(prev.optimizer) is type(trainer.optimizer):
+            trainer.optimizer, trainer._grads = prev.optimizer, prev._grads
+        prev = _carried(prev, optimizer=False)
+    sd = prev["optimizer"]
+    if sd is not None and sd.get("algorithm") == type(trainer.optimizer).__name__:
+        try:
+            trainer.optimizer.load_state_dict(sd)
+        except ValueError:
+            # other parameter groups (``alpha`` changed from or to 0 since): a fresh state;
+            # load_state_dict changes nothing before its checks pass
+            pass
+    trainer.epoch, trainer.global_step = prev["epoch"], prev["global_step"]
+    trainer.history, trainer.rng = prev["history"], prev["rng"]
+
+
 def _optimizer_class(solver):
     if isinstance(solver, type) and issubclass(solver, Optimizer):
         return solver
@@ -191,10 +234,13 @@ class _BaseMLP(BaseEstimator):
         return cls(**{**cls.TUNED, **overrides})
 
     # ------------------------------------------------------------------ hooks
-    def _encode_targets(self, y, first):
+    def _encode_targets(self, y, first, classes=None):
+        """(y encoded for the model, the target attributes a first fit sets, as a dict: empty
+        unless ``first``), y checked against them; sets nothing."""
         raise NotImplementedError
 
-    def _n_outputs(self):
+    def _n_outputs(self, targets):
+        """The model's number of outputs for the target attributes ``targets``."""
         raise NotImplementedError
 
     def _loss_name(self):
@@ -230,6 +276,8 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(
                 f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}"
             )
+        self._hidden()
+        self._loss_name()
 
     def _hidden(self):
         h = self.hidden_layer_sizes
@@ -256,7 +304,20 @@ class _BaseMLP(BaseEstimator):
         rs = check_random_state(self.random_state)
         return int(rs.randint(2**31 - 1)), int(rs.randint(2**31 - 1))
 
+    def _checked_data(self, X, y, reset):
+        """(X, y) checked and converted for training and, with ``reset``, the input attributes
+        they give (``n_features_in_``, ``feature_names_in_``) as a dict, else None. Sets
+        nothing on the estimator: a later check that fails leaves it as it was."""
+        probe = clone(self) if reset else self  # validation with reset sets the attributes
+        X, y = _validate_data(
+            probe, X, y, dtype=[np.float64, np.float32], order="C", reset=reset, **self._xy_kwargs()
+        )
+        inputs = {k: getattr(probe, k) for k in _INPUT_ATTRS if hasattr(probe, k)}
+        return X, y, inputs if reset else None
+
     def _build(self, X, n_outputs):
+        """(a new model for X, with its input standardization fitted, the trainer's seed); the
+        model's constructor checks the parameters it takes."""
         model_seed, trainer_seed = self._seeds()
         model = MLP(
             X.shape[1],
@@ -273,19 +334,19 @@ class _BaseMLP(BaseEstimator):
         )
         if self.standardize:
             model.fit_standardizer(X)
-        self.model_ = model
-        self._trainer_seed = trainer_seed
-        self._trainer = None
+        return model, trainer_seed
 
-    def _make_trainer(self, n, *, epochs, partial):
+    def _make_trainer(self, model, seed, n, *, epochs, partial):
+        """A Trainer of ``model`` for ``n`` samples: ``fit``'s, or with ``partial`` the one
+        epoch of ``partial_fit`` on all the samples (no validation split, no patience)."""
         cls = _optimizer_class(self.solver)
         kwargs = dict(_SOLVER_DEFAULTS.get(cls.__name__.lower(), {}))
         full_batch = cls.requires_closure  # lbfgs: one full-batch step() of max_iter iterations
         if full_batch:
             kwargs = {**_lbfgs_kwargs(self.max_iter, self.tol), **kwargs}
         early = self.early_stopping and not partial and not full_batch
-        self._trainer = Trainer(
-            self.model_,
+        return Trainer(
+            model,
             cls,
             lr=1.0 if full_batch else self.learning_rate_init,
             weight_decay=self.alpha,
@@ -299,37 +360,72 @@ class _BaseMLP(BaseEstimator):
             restore_best_weights=bool(early),
             progress=bool(self.verbose) and None,
             verbose=int(bool(self.verbose)),
-            seed=self._trainer_seed,
+            seed=seed,
             drop_last=False,
         )
-        return self._trainer
+
+    def _partial_trainer(self, n):
+        """The current trainer when ``partial_fit`` can run its epoch with it as it is (one
+        built by an earlier ``partial_fit`` for this solver and batch size), else a new partial
+        trainer continuing it (see :func:`_continue`)."""
+        prev = self._trainer
+        if (
+            isinstance(prev, Trainer)
+            and not prev.validation_split
+            and prev.patience is None
+            and type(prev.optimizer) is _optimizer_class(self.solver)
+            and prev.batch_size == self._batch_size(n)
+        ):
+            return prev
+        trainer = self._make_trainer(self.model_, self._trainer_seed, n, epochs=1, partial=True)
+        if prev is not None:
+            _continue(trainer, prev)
+        return trainer
+
+    def _commit(self, inputs, targets, model, seed, trainer):
+        """Set the state of a fit that succeeded: the input attributes (``inputs``, None to keep
+        them), the target attributes, the model and its trainer."""
+        if inputs is not None:
+            for name in _INPUT_ATTRS:
+                if name in inputs:
+                    setattr(self, name, inputs[name])
+                else:
+                    self.__dict__.pop(name, None)
+        for name, value in targets.items():
+            setattr(self, name, value)
+        self.model_ = model
+        self._trainer_seed = seed
+        self._trainer = trainer
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y):
         """Train from scratch (or, with ``warm_start``, from the current weights) for at most
-        ``max_iter`` epochs."""
+        ``max_iter`` epochs. Everything is checked before anything is set: a fit that raises
+        on bad input leaves the estimator as it was."""
         self._check_params()
-        X, y = _validate_data(
-            self, X, y, dtype=[np.float64, np.float32], order="C", **self._xy_kwargs()
-        )
         warm = self.warm_start and hasattr(self, "model_")
-        if warm and X.shape[1] != self.model_.n_features:
-            raise ValueError(
-                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.model_.n_features} features as input"
-            )
-        t = self._encode_targets(y, first=not warm)
-        if not warm:
-            self._build(X, self._n_outputs())
-        trainer = self._make_trainer(X.shape[0], epochs=self.max_iter, partial=False)
+        X, y, inputs = self._checked_data(X, y, reset=not warm)
+        t, targets = self._encode_targets(y, first=not warm)
+        if warm:
+            model, seed = self.model_, self._trainer_seed
+        else:
+            model, seed = self._build(X, self._n_outputs(targets))
+        trainer = self._make_trainer(model, seed, X.shape[0], epochs=self.max_iter, partial=False)
+        seen = 0
         if warm and getattr(self, "history_", None) is not None:  # epochs keep counting
             trainer.history = History(
                 {k: list(v) for k, v in self.history_.items()}, meta=self.history_.meta
             )
             trainer.epoch = len(self.history_.get("loss", []))
-        if trainer.optimizer.requires_closure:
-            history = trainer.fit(X, t, epochs=trainer.epoch + 1)
-            self._record(history)
+            seen = getattr(self, "t_", 0)
+        start = trainer.epoch
+        full_batch = trainer.optimizer.requires_closure
+        # a fresh model trains unseen by the estimator: the Trainer's own checks of the data
+        # run before the first epoch and leave it as it was
+        history = trainer.fit(X, t, epochs=start + (1 if full_batch else self.max_iter))
+        self._commit(inputs, targets, model, seed, trainer)
+        self._record(start, seen)
+        if full_batch:
             self.n_iter_ = trainer.optimizer.state[0]["n_iter"] if trainer.optimizer.state else 0
             if self.n_iter_ >= self.max_iter:
                 warnings.warn(
@@ -338,11 +434,7 @@ class _BaseMLP(BaseEstimator):
                     ConvergenceWarning,
                     stacklevel=2,
                 )
-            return self
-        target = trainer.epoch + self.max_iter
-        history = trainer.fit(X, t, epochs=target)
-        self._record(history)
-        if not history.meta.get("stopped_early") and trainer.epoch >= target:
+        elif not history.meta.get("stopped_early") and trainer.epoch >= start + self.max_iter:
             warnings.warn(
                 f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
                 "optimization hasn't converged yet.",
@@ -352,29 +444,31 @@ class _BaseMLP(BaseEstimator):
         return self
 
     def _partial_fit(self, X, y, classes=None):
+        """One epoch on all of (X, y), continuing the optimizer's state, the epoch count and
+        the loss curve of the earlier calls (a ``fit`` with ``early_stopping`` included: its
+        validation split and patience do not apply here)."""
         self._check_params()
         first = not hasattr(self, "model_")
-        X, y = _validate_data(
-            self, X, y, dtype=[np.float64, np.float32], order="C", reset=first, **self._xy_kwargs()
-        )
-        t = self._encode_targets(y, first=first, classes=classes)
+        X, y, inputs = self._checked_data(X, y, reset=first)
+        t, targets = self._encode_targets(y, first=first, classes=classes)
         if first:
-            self._build(X, self._n_outputs())
-        trainer = self._trainer
-        if trainer is None or trainer.batch_size != self._batch_size(X.shape[0]):
-            prev = trainer
-            trainer = self._make_trainer(X.shape[0], epochs=1, partial=True)
-            if prev is not None:  # keep the optimizer state and the epoch count
-                trainer.optimizer = prev.optimizer
-                trainer._grads = prev._grads
-                trainer.epoch = prev.epoch
-                trainer.global_step = prev.global_step
-                trainer.history = prev.history
-        history = trainer.fit(X, t, epochs=trainer.epoch + 1)
-        self._record(history)
+            model, seed = self._build(X, self._n_outputs(targets))
+            trainer = self._make_trainer(model, seed, X.shape[0], epochs=1, partial=True)
+        else:
+            model, seed = self.model_, self._trainer_seed
+            trainer = self._partial_trainer(X.shape[0])
+        start, seen = trainer.epoch, 0 if first else getattr(self, "t_", 0)
+        trainer.fit(X, t, epochs=start + 1)
+        self._commit(inputs, targets, model, seed, trainer)
+        self._record(start, seen)
         return self
 
-    def _record(self, history):
+    def _record(self, start, seen):
+        """Set the fitted attributes from the trainer, which ran from epoch ``start`` on;
+        ``seen``: the samples seen before (``t_`` counts the training samples of every epoch,
+        as scikit-learn's)."""
+        trainer = self._trainer
+        history = trainer.history
         self.history_ = history
         self.n_iter_ = len(history.get("loss", []))
         self.loss_curve_ = list(history.get("loss", []))
@@ -382,7 +476,7 @@ class _BaseMLP(BaseEstimator):
         if "val_loss" in history:
             self.validation_loss_curve_ = list(history["val_loss"])
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("nan")
-        self.t_ = self._trainer.global_step * self._trainer.batch_size
+        self.t_ = seen + (trainer.epoch - start) * history.meta["n_train"]
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -415,7 +509,8 @@ class _BaseMLP(BaseEstimator):
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.pop("_trainer", None)  # the optimizer holds views of the model's buffer
+        if isinstance(state.get("_trainer"), Trainer):  # partial_fit continues from it
+            state["_trainer"] = _carried(state["_trainer"])
         return state
 
     def __setstate__(self, state):
@@ -423,7 +518,7 @@ class _BaseMLP(BaseEstimator):
             super().__setstate__(state)
         else:  # pragma: no cover
             self.__dict__.update(state)
-        self._trainer = None
+        self.__dict__.setdefault("_trainer", None)  # pickled before the trainer state was kept
 
     def _more_tags(self):  # scikit-learn < 1.6
         return {"multioutput": self._multioutput}
@@ -451,34 +546,35 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _model_kwargs(self):
         return {"label_smoothing": self.label_smoothing}
 
-    def _n_outputs(self):
-        return max(2, len(self.classes_))
+    def _n_outputs(self, targets):
+        return max(2, len(targets["classes_"]))
 
     def _encode_targets(self, y, first, classes=None):
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         if first:
             if classes is not None:
-                seen = unique_labels(classes)
-                unknown = np.setdiff1d(unique_labels(y), seen)
+                known = unique_labels(classes)
+                unknown = np.setdiff1d(unique_labels(y), known)
                 if unknown.size:
-                    raise ValueError(f"y holds labels {unknown.tolist()} not in classes={seen}")
-                self.classes_ = seen
+                    raise ValueError(f"y holds labels {unknown.tolist()} not in classes={known}")
             else:
-                self.classes_ = unique_labels(y)
-            if len(self.classes_) < 2:
+                known = unique_labels(y)
+            if len(known) < 2:
                 raise ValueError(
                     "MLPClassifier needs samples of at least 2 classes to train; "
-                    f"y holds only one class ({self.classes_[0]!r})"
+                    f"y holds only one class ({known[0]!r})"
                 )
+            targets = {"classes_": known}
         else:
-            unknown = np.setdiff1d(unique_labels(y), self.classes_)
+            known, targets = self.classes_, {}
+            unknown = np.setdiff1d(unique_labels(y), known)
             if unknown.size:
                 raise ValueError(
                     f"y holds labels {unknown.tolist()} unseen in the first fit; "
-                    f"known classes: {self.classes_.tolist()}"
+                    f"known classes: {known.tolist()}"
                 )
-        return np.searchsorted(self.classes_, y).astype(np.int64)
+        return np.searchsorted(known, y).astype(np.int64), targets
 
     def fit(self, X, y):
         """Fit the classifier on (X, y)."""
@@ -542,27 +638,32 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _model_kwargs(self):
         return {"huber_delta": self.huber_delta}
 
-    def _n_outputs(self):
-        return self.n_outputs_
+    def _n_outputs(self, targets):
+        return targets["n_outputs_"]
 
     def _encode_targets(self, y, first, classes=None):
         y = np.asarray(y, dtype=np.float64)
         y2 = y.reshape(-1, 1) if y.ndim == 1 else y
         if first:
-            self.n_outputs_ = y2.shape[1]
-            self._y_1d = y.ndim == 1
             if self.standardize_targets:
                 mean = y2.mean(axis=0)
                 std = y2.std(axis=0)
                 std[std <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
             else:
                 mean, std = np.zeros(y2.shape[1]), np.ones(y2.shape[1])
-            self._y_mean, self._y_std = mean, std
-        elif y2.shape[1] != self.n_outputs_:
-            raise ValueError(
-                f"y has {y2.shape[1]} targets, the model was fitted on {self.n_outputs_}"
-            )
-        return (y2 - self._y_mean) / self._y_std
+            targets = {
+                "n_outputs_": y2.shape[1],
+                "_y_1d": y.ndim == 1,
+                "_y_mean": mean,
+                "_y_std": std,
+            }
+        else:
+            if y2.shape[1] != self.n_outputs_:
+                raise ValueError(
+                    f"y has {y2.shape[1]} targets, the model was fitted on {self.n_outputs_}"
+                )
+            mean, std, targets = self._y_mean, self._y_std, {}
+        return (y2 - mean) / std, targets
 
     def fit(self, X, y):
         """Fit the regressor on (X, y); y of shape (n,) or (n, n_targets)."""
