@@ -191,6 +191,16 @@ def test_resume_of_a_valid_checkpoint_still_works(trainer_checkpoint):
     assert len(history["loss"]) == 2 and trainer.epoch == 2
 
 
+def test_resume_with_data_that_do_not_fit_changes_nothing(trainer_checkpoint):
+    path, X, y = trainer_checkpoint
+    model = fo.MLP(4, (8,), 2, seed=2)
+    trainer = fo.Trainer(model, fo.Adam, lr=1e-2, epochs=2, seed=0)
+    before = model.params.flat.copy()
+    with pytest.raises(ValueError):
+        trainer.fit(X[:, :3], y, resume=path)  # one feature short: refused before the load
+    assert np.array_equal(model.params.flat, before) and trainer.epoch == 0
+
+
 # ------------------------------------------------------------------ fastopt train outputs
 TRAIN = ("--epochs", "1", "--hidden", "4", "--no-plot", "--quiet")
 

@@ -323,7 +323,10 @@ class Trainer:
         model = self.model
         total_epochs = self.epochs if epochs is None else check_int("epochs", epochs, lo=0)
         if resume is not None:
-            self._resume(resume)  # before the split: it restores the seed
+            # the data are checked before the checkpoint replaces anything; the split needs the
+            # seed the checkpoint restores, so it is drawn again below
+            data.prepare(model, X, y, validation_data, self.validation_split, self.seed)
+            self._resume(resume)
         X, y, train_rows, val = data.prepare(
             model, X, y, validation_data, self.validation_split, self.seed
         )
