@@ -143,11 +143,30 @@ def parse_size(text):
     return int(value)
 
 
+MAX_MANY_COUNT = 1_000_000
+"""The most tensors in ``--many``: each one costs Python objects (a view, a name) on top of its
+elements."""
+
+
 def parse_many(text):
+    """``(count, size)`` from ``--many COUNTxSIZE``: 1..:data:`MAX_MANY_COUNT` tensors of ``size``
+    elements, at most :data:`MAX_SIZE` elements in all (as ``--sizes``)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+    if not m or not any(c != "0" for c in m.group(1)) or not any(c != "0" for c in m.group(2)):
         raise UsageError(f"--many: {text!r} is not COUNTxSIZE (e.g. 1000x1000)")
-    return int(m.group(1)), int(m.group(2))
+    if any(len(g.lstrip("0")) > 18 for g in m.groups()):  # before int(), which caps digits
+        raise UsageError(
+            f"--many: {text.strip()!r} is too large: at most {MAX_SIZE} (2Gi) elements"
+        )
+    count, size = int(m.group(1)), int(m.group(2))
+    if count > MAX_MANY_COUNT:
+        raise UsageError(f"--many: {count} tensors is too many: at most {MAX_MANY_COUNT}")
+    if count * size > MAX_SIZE:
+        raise UsageError(
+            f"--many: {text.strip()!r} is {count * size} elements in all, too large: at most "
+            f"{MAX_SIZE} (2Gi)"
+        )
+    return count, size
 
 
 def _dtype(text):
