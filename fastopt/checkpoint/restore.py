@@ -91,7 +91,7 @@ class Checkpoint:
             saved_algo, here = state.get("algorithm"), type(optimizer).__name__
             if saved_algo != here:
                 raise self.error(f"it holds {saved_algo} optimizer state, the optimizer is {here}")
-            self._check_optimizer_layout(optimizer)
+            self.check_optimizer_layout(optimizer)
             state = _tree_to_host(state)  # the optimizer moves it to its own device
         if plateau is not None:
             self._dry_run(plateau, self._need("plateau"), "plateau")
@@ -162,8 +162,9 @@ class Checkpoint:
             return
         self._load(probe, copy.deepcopy(state), what)
 
-    def _check_optimizer_layout(self, optimizer):
-        """CheckpointError unless each param group over a ParamSet has the layout saved."""
+    def check_optimizer_layout(self, optimizer):
+        """CheckpointError unless each param group over a ParamSet (``optimizer.sources()``) has
+        the layout saved; nothing changes."""
         sources = getattr(optimizer, "sources", None)
         if not callable(sources):
             return  # e.g. a wrapper: its own load_state_dict checks what it can

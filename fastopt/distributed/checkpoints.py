@@ -8,19 +8,35 @@ from .. import checkpoint
 from ..paramset import ParamSet
 from .agreement import agree_on_outcome
 from .collectives import Collectives, raise_everywhere
+from .data_parallel import DataParallel
 from .mpi import communicator
 from .zero import ZeroRedundancyOptimizer
 
 
 class StateHolder:
     """Stands for an optimizer whose ``state_dict()`` was already taken (e.g. gathered from the
-    ZeRO shards), for :func:`fastopt.checkpoint.save`."""
+    ZeRO shards), for :func:`fastopt.checkpoint.save`; ``sources``, what each param group's state
+    is laid out over (:func:`state_sources`), is recorded as its ParamSet layout."""
 
-    def __init__(self, sd):
+    def __init__(self, sd, sources=()):
         self._sd = sd
+        self._sources = list(sources)
 
     def state_dict(self):
         return self._sd
+
+    def sources(self):
+        return self._sources
+
+
+def state_sources(optimizer):
+    """What ``optimizer``'s state_dict is laid out over, per param group: the ParamSet of a
+    :class:`DataParallel` or :class:`ZeroRedundancyOptimizer` (the full-buffer layout), a plain
+    optimizer's ``sources()``, else nothing."""
+    if isinstance(optimizer, (DataParallel, ZeroRedundancyOptimizer)):
+        return [optimizer.params]
+    sources = getattr(optimizer, "sources", None)
+    return list(sources()) if callable(sources) else []
 
 
 def save_checkpoint(
@@ -43,7 +59,7 @@ def save_checkpoint(
             checkpoint.save(
                 path,
                 params=params,
-                optimizer=None if optimizer is None else StateHolder(sd),
+                optimizer=None if optimizer is None else StateHolder(sd, state_sources(optimizer)),
                 plateau=plateau,
                 ema=ema,
                 rng=rng,
@@ -180,3 +196,5 @@ def check_checkpoint(ckpt, path, params, optimizer, plateau, ema, rng):
         )
         if got != want:
             fail(f"it holds {got} optimizer state, the optimizer is {want}")
+        # the state is laid out over the optimizer's ParamSet, which need not be ``params``
+        ckpt.check_optimizer_layout(StateHolder(None, state_sources(optimizer)))

@@ -256,7 +256,9 @@ class MPIStrategy(LocalStrategy):
         state, extra = resume.trainer_state(trainer)
         optimizer = trainer.optimizer
         if self.zero:
-            optimizer = StateHolder(optimizer.state_dict(root=self.root))  # gathered
+            optimizer = StateHolder(
+                optimizer.state_dict(root=self.root), [optimizer.params]
+            )  # gathered
         rng_states = self.comm.gather(trainer.rng.bit_generator.state, root=self.root)
         exc = None
         if self.is_root:
