@@ -20,7 +20,7 @@ standardized targets (``standardize_targets``) and maps predictions back.
 Defaults are scikit-learn's, so that a drop-in replacement trains the same network:
 ``hidden_layer_sizes=(100,)``, ``alpha=1e-4``, ``batch_size="auto"`` = min(200, n_samples),
 no label smoothing. fastopt's own additions default to off, except ``standardize=True``
-(scikit-learn leaves the scaling to the caller). The settings tuned on digits (98.9 % test
+(scikit-learn leaves the scaling to the caller). The settings tuned on digits (98.7 % test
 accuracy; see the README) are :data:`TUNED_CLASSIFIER` / :data:`TUNED_REGRESSOR`, also
 ``MLPClassifier.tuned(**overrides)`` and ``MLPRegressor.tuned(**overrides)``:
 ``hidden_layer_sizes=(512,)``, ``alpha=1e-3``, ``batch_size=64`` and, for the classifier,
@@ -35,14 +35,46 @@ The algorithm is torch's L-BFGS (strong-Wolfe line search, 10 curvature pairs, i
 (``gtol=tol``, relative ``ftol``, a More-Thuente line search), so the iterates differ; the L2 term
 ``alpha/2 |W|^2`` is part of the objective.
 
-Stopping, as scikit-learn: training stops when the training loss (or, with ``early_stopping``,
-the validation loss on a held-out ``validation_fraction``, and the best weights are restored)
-has not improved by more than ``tol`` for ``n_iter_no_change`` epochs, or after ``max_iter``
-epochs (with a ConvergenceWarning). ``partial_fit`` runs one epoch on all of its data (a
-``fit``'s ``early_stopping`` does not apply to it), continuing the optimizer's state, the epoch
-count and ``loss_curve_`` of the earlier calls, also after pickling; the input standardization
-is fitted on the data of its first call. ``t_`` counts the training samples seen, as
-scikit-learn's.
+Stopping (solvers other than lbfgs) follows scikit-learn's ``MLPClassifier`` / ``MLPRegressor``
+exactly (``_update_no_improvement_count`` and the test after it in ``_fit_stochastic``,
+sklearn/neural_network/_multilayer_perceptron.py; the rule is
+:class:`fastopt.trainer.early_stopping.SklearnStopping`, not the Trainer's Keras-like
+``patience``). After every epoch a value is compared with the best so far:
+
+- ``early_stopping=False``: the epoch's training loss; ``loss > best_loss_ - tol`` adds one
+  to a count of epochs without improvement, anything else resets it to 0; a loss strictly
+  below ``best_loss_`` becomes ``best_loss_``.
+- ``early_stopping=True``: the validation score on a held-out ``validation_fraction`` (at
+  least 2 samples; stratified for the classifier), the ACCURACY for the classifier and R^2
+  for the regressor, as ``score()`` computes them (not the validation loss);
+  ``score < best_validation_score_ + tol`` adds one to the count, anything else resets it; a
+  score strictly above ``best_validation_score_`` becomes the best and its weights are kept.
+  The scores are ``validation_scores_``; ``best_loss_`` is None, as in scikit-learn.
+
+Training stops when the count exceeds ``n_iter_no_change``, i.e. after ``n_iter_no_change + 1``
+epochs in a row that did not beat the best by at least ``tol`` (the best they are compared
+with moves with every strictly better value, also one better by less than ``tol``; with
+``tol=0`` a tie resets the count), or after ``max_iter`` epochs (with a ConvergenceWarning).
+With ``early_stopping`` the weights of the best-scoring epoch are then put back (also after
+``max_iter`` epochs; the initial weights if no score was ever a best, e.g. all NaN). A NaN
+value resets the count and is never a best, as in scikit-learn. ``n_iter_`` counts the epochs
+run, including those after the best one. A ``warm_start`` fit continues the count, best and
+``validation_scores_`` of the fit (or ``partial_fit`` calls) before it, as scikit-learn does;
+like scikit-learn's (whose kept weights are the arrays that training then updates in place), it
+ends with its last weights unless it finds a new best. Unlike scikit-learn, fastopt's
+``n_iter_`` and ``loss_curve_`` count the epochs of every ``warm_start`` fit and
+``partial_fit`` call (scikit-learn's ``n_iter_`` counts those of the last call), and a
+diverging loss (NaN or infinite) stops training with the last finite weights (see
+:class:`~fastopt.trainer.Trainer`). ``loss_curve_`` is the mean training loss of each epoch
+without the ``alpha`` L2 term (scikit-learn's includes it), so the same ``tol`` can stop at
+another epoch than scikit-learn's would on the same weights.
+
+``partial_fit`` runs one epoch on all of its data (a ``fit``'s ``early_stopping`` does not apply
+to it; scikit-learn refuses ``partial_fit`` with ``early_stopping=True``), continuing the
+optimizer's state, the epoch count and ``loss_curve_`` of the earlier calls, also after
+pickling; its training loss updates the count and ``best_loss_`` (it never stops). The input
+standardization is fitted on the data of its first call. ``t_`` counts the training samples
+seen, as scikit-learn's.
 
 scikit-learn is an optional dependency (``pip install fastopt[sklearn]``); importing this module
 without it raises an ImportError saying so.
@@ -51,6 +83,7 @@ without it raises an ImportError saying so.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import warnings
 
@@ -59,6 +92,7 @@ import numpy as np
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import accuracy_score, r2_score
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, unique_labels
     from sklearn.utils.validation import check_is_fitted, check_random_state, column_or_1d
@@ -78,6 +112,8 @@ except ImportError:  # pragma: no cover - older scikit-learn
 from .nn import ACTIVATIONS, LOSSES, MLP
 from .optim import OPTIMIZERS, Optimizer
 from .trainer import History, Trainer
+from .trainer.data import split as _validation_split
+from .trainer.early_stopping import SklearnStopping
 
 __all__ = ["TUNED_CLASSIFIER", "TUNED_REGRESSOR", "MLPClassifier", "MLPRegressor"]
 
@@ -122,7 +158,7 @@ _POSITIONAL = ("hidden_layer_sizes", "activation")
 TUNED_REGRESSOR = {"hidden_layer_sizes": (512,), "alpha": 1e-3, "batch_size": 64}
 """fastopt's tuned settings (a wider layer, stronger L2, smaller batches)."""
 TUNED_CLASSIFIER = {**TUNED_REGRESSOR, "label_smoothing": 0.1}
-"""The tuned settings plus label smoothing: 98.9 % on digits (README, bench/test_bench_mlp.py)."""
+"""The tuned settings plus label smoothing: 98.7 % on digits (README, bench/test_bench_mlp.py)."""
 
 
 def _estimator_init(kind):
@@ -222,6 +258,57 @@ def _optimizer_class(solver):
     if cls is None:
         raise ValueError(f"unknown solver {solver!r}; known: {sorted(OPTIMIZERS)}")
     return cls
+
+
+def _float64(model):
+    """``model`` for inference in float64: itself, or a float64 copy of a float32 one. A
+    float32 matrix product rounds differently for different batch shapes; float64 makes
+    predictions independent of how the samples are batched (to ~1e-16)."""
+    return model if model.dtype == np.float64 else model.astype(np.float64)
+
+
+class _StoppingCallback:
+    """The Trainer callback of a stochastic ``fit``: scikit-learn's stopping rule
+    (:class:`~fastopt.trainer.early_stopping.SklearnStopping` ``rule``) after every epoch, on
+    ``score(model)`` (the validation score, ``early_stopping=True``) or on the epoch's training
+    loss (``score`` None). It stops training when the rule says so and records the run in
+    ``history.meta`` (``monitor``, ``best_epoch``, ``best``, ``stopped_early``...)."""
+
+    def __init__(self, rule, score, monitor, verbose):
+        self.rule, self.score, self.monitor, self.verbose = rule, score, monitor, verbose
+        self.stopped = False
+
+    def __call__(self, trainer, epoch, logs):
+        model = trainer.model
+        if self.score is None:
+            value = float(logs["loss"])
+        else:
+            value = float(self.score(model))
+            if self.verbose:
+                print(f"Validation score: {value:f}", flush=True)  # as scikit-learn's
+        rule = self.rule
+        rule.update(value, epoch, model)
+        meta = trainer.history.meta
+        meta.update(monitor=self.monitor, best_epoch=rule.best_epoch, best=rule.best)
+        if not rule.should_stop():
+            return False
+        self.stopped = True
+        meta.update(stopped_early=True, stopped_epoch=epoch)
+        if "stop_reason" not in meta:  # not a divergence at the same epoch
+            meta.update(stop_reason="early_stopping", stop_epoch=epoch)
+        return True
+
+    def restore_best(self, trainer, start):
+        """After the fit (``start``: its first epoch), with early stopping: put the best
+        weights back (also when training ran to ``max_iter``), as scikit-learn does."""
+        rule = self.rule
+        state, rule.best_state = rule.best_state, None  # the estimator keeps no extra copy
+        if self.score is None or state is None or rule.best_epoch == trainer.epoch:
+            return
+        trainer.model.load_state_dict(state)
+        trainer.history.meta["restored_epoch"] = (
+            start if rule.best_epoch is None else rule.best_epoch
+        )
 
 
 class _BaseMLP(BaseEstimator):
@@ -355,9 +442,10 @@ class _BaseMLP(BaseEstimator):
             epochs=epochs,
             shuffle=bool(self.shuffle) and not full_batch,
             validation_split=self.validation_fraction if early else 0.0,
-            patience=None if partial or full_batch else self.n_iter_no_change,
-            min_delta=self.tol,
-            restore_best_weights=bool(early),
+            # no Trainer early stopping (Keras's rule): ``fit`` runs scikit-learn's
+            # (:class:`_StoppingCallback`) and restores the best weights itself
+            patience=None,
+            restore_best_weights=False,
             progress=bool(self.verbose) and None,
             verbose=int(bool(self.verbose)),
             seed=seed,
@@ -420,11 +508,37 @@ class _BaseMLP(BaseEstimator):
             seen = getattr(self, "t_", 0)
         start = trainer.epoch
         full_batch = trainer.optimizer.requires_closure
+        callback = None
+        if not full_batch:
+            early = bool(self.early_stopping)
+            score = None
+            if early:
+                # the Trainer's own split (same rows: same targets, fraction and seed)
+                _, val_rows = _validation_split(
+                    t, X.shape[0], trainer.validation_split, trainer.seed
+                )
+                if val_rows.size < 2:  # as scikit-learn: a score needs 2 samples
+                    raise ValueError(
+                        f"The validation set is too small ({val_rows.size} sample of "
+                        f"{X.shape[0]}): increase validation_fraction or the size of the data"
+                    )
+                score = self._validation_scorer(X[val_rows], y[val_rows], t[val_rows], targets)
+            stopping = self._stopping_rule(early, warm, model)
+            callback = _StoppingCallback(stopping, score, self._monitor_name(early), self.verbose)
+            for key in ("stopped_early", "stopped_epoch", "restored_epoch"):
+                trainer.history.meta.pop(key, None)  # of an earlier (warm-started) fit
+            trainer.callbacks.append(callback)
         # a fresh model trains unseen by the estimator: the Trainer's own checks of the data
         # run before the first epoch and leave it as it was
-        history = trainer.fit(X, t, epochs=start + (1 if full_batch else self.max_iter))
+        try:
+            trainer.fit(X, t, epochs=start + (1 if full_batch else self.max_iter))
+        finally:
+            if callback is not None:  # a later partial_fit may train on with this trainer
+                trainer.callbacks.remove(callback)
+        if callback is not None:
+            callback.restore_best(trainer, start)
         self._commit(inputs, targets, model, seed, trainer)
-        self._record(start, seen)
+        self._record(start, seen, None if callback is None else callback.rule)
         if full_batch:
             self.n_iter_ = trainer.optimizer.state[0]["n_iter"] if trainer.optimizer.state else 0
             if self.n_iter_ >= self.max_iter:
@@ -434,7 +548,7 @@ class _BaseMLP(BaseEstimator):
                     ConvergenceWarning,
                     stacklevel=2,
                 )
-        elif not history.meta.get("stopped_early") and trainer.epoch >= start + self.max_iter:
+        elif not callback.stopped and trainer.epoch >= start + self.max_iter:
             warnings.warn(
                 f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
                 "optimization hasn't converged yet.",
@@ -443,10 +557,31 @@ class _BaseMLP(BaseEstimator):
             )
         return self
 
+    def _stopping_rule(self, early, warm, model):
+        """The :class:`~fastopt.trainer.early_stopping.SklearnStopping` of a stochastic fit
+        (``early``: on the validation score, else on the training loss). A ``warm`` fit
+        continues the last one of the same kind, as scikit-learn keeps its
+        ``_no_improvement_count``, ``best_loss_`` / ``best_validation_score_`` and
+        ``validation_scores_`` over ``warm_start`` fits and ``partial_fit`` calls; a new one
+        holds the initial weights as its best (scikit-learn's ``_best_coefs`` at first)."""
+        mode = "max" if early else "min"
+        prev = getattr(self, "_stopping", None) if warm else None
+        if prev is not None and prev.mode == mode:
+            return prev.continued(self.n_iter_no_change, self.tol, keep_best=early)
+        rule = SklearnStopping(self.n_iter_no_change, self.tol, mode, keep_best=early)
+        if early:
+            rule.best_state = model.state_dict()
+        return rule
+
+    def _monitor_name(self, early):
+        return self._score_name if early else "loss"
+
     def _partial_fit(self, X, y, classes=None):
         """One epoch on all of (X, y), continuing the optimizer's state, the epoch count and
         the loss curve of the earlier calls (a ``fit`` with ``early_stopping`` included: its
-        validation split and patience do not apply here)."""
+        validation split and patience do not apply here). The training loss goes into the
+        stopping rule's count and ``best_loss_`` as in scikit-learn (which never stops a
+        ``partial_fit``)."""
         self._check_params()
         first = not hasattr(self, "model_")
         X, y, inputs = self._checked_data(X, y, reset=first)
@@ -459,14 +594,20 @@ class _BaseMLP(BaseEstimator):
             trainer = self._partial_trainer(X.shape[0])
         start, seen = trainer.epoch, 0 if first else getattr(self, "t_", 0)
         trainer.fit(X, t, epochs=start + 1)
+        stopping = self._stopping_rule(False, not first, model)
+        for epoch, loss in enumerate(trainer.history["loss"][start:], start + 1):
+            stopping.update(loss, epoch)
         self._commit(inputs, targets, model, seed, trainer)
-        self._record(start, seen)
+        self._record(start, seen, stopping)
         return self
 
-    def _record(self, start, seen):
+    def _record(self, start, seen, stopping):
         """Set the fitted attributes from the trainer, which ran from epoch ``start`` on;
         ``seen``: the samples seen before (``t_`` counts the training samples of every epoch,
-        as scikit-learn's)."""
+        as scikit-learn's); ``stopping``: the stochastic solvers' stopping rule (None for
+        lbfgs). As in scikit-learn, ``best_loss_`` is the best training loss without early
+        stopping and None with it; ``validation_scores_`` and ``best_validation_score_``
+        are the validation scores and their best with early stopping, None without."""
         trainer = self._trainer
         history = trainer.history
         self.history_ = history
@@ -475,7 +616,16 @@ class _BaseMLP(BaseEstimator):
         self.loss_ = self.loss_curve_[-1] if self.loss_curve_ else float("nan")
         if "val_loss" in history:
             self.validation_loss_curve_ = list(history["val_loss"])
-        self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("nan")
+        self.validation_scores_ = self.best_validation_score_ = None
+        if stopping is None:
+            self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("nan")
+        elif stopping.mode == "max":
+            self.best_loss_ = None
+            self.validation_scores_ = list(stopping.values)
+            self.best_validation_score_ = stopping.best
+        else:
+            self.best_loss_ = stopping.best
+        self._stopping = stopping
         self.t_ = seen + (trainer.epoch - start) * history.meta["n_train"]
 
     # ------------------------------------------------------------------ inspection
@@ -498,13 +648,7 @@ class _BaseMLP(BaseEstimator):
     def _outputs(self, X):
         check_is_fitted(self, "model_")
         X = _validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
-        model = self.model_
-        if model.dtype != np.float64:
-            # float64 inference from the trained weights: a float32 matrix product rounds
-            # differently for different batch shapes, float64 makes predictions independent of
-            # how the samples are batched (to ~1e-16).
-            model = model.astype(np.float64)
-        return model.predict(X)
+        return _float64(self.model_).predict(X)
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
@@ -548,6 +692,18 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def _n_outputs(self, targets):
         return max(2, len(targets["classes_"]))
+
+    _score_name = "val_accuracy"
+
+    def _validation_scorer(self, X, y, t, targets):
+        """``score(model)``: early stopping's validation score on (X, y), encoded ``t``: the
+        accuracy of the model's predictions, as scikit-learn's (``_score`` with
+        ``accuracy_score``)."""
+
+        def score(model):
+            return accuracy_score(t, np.argmax(_float64(model).predict(X), axis=1))
+
+        return score
 
     def _encode_targets(self, y, first, classes=None):
         y = column_or_1d(y, warn=True)
@@ -640,6 +796,24 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _n_outputs(self, targets):
         return targets["n_outputs_"]
+
+    _score_name = "val_r2"
+
+    def _validation_scorer(self, X, y, t, targets):
+        """``score(model)``: early stopping's validation score on (X, y): the R^2 of the
+        model's predictions (as :meth:`predict` makes them), as scikit-learn's (``_score``
+        with ``r2_score``; NaN when a prediction is not finite)."""
+        scale = {k: getattr(self, k, None) for k in ("_y_mean", "_y_std", "_y_1d")}
+        scale.update({k: targets[k] for k in scale if k in targets})
+        mean, std, y_1d = scale["_y_mean"], scale["_y_std"], scale["_y_1d"]
+
+        def score(model):
+            out = _float64(model).predict(X) * std + mean
+            if not np.isfinite(out).all():
+                return math.nan
+            return r2_score(y, out[:, 0] if y_1d else out)
+
+        return score
 
     def _encode_targets(self, y, first, classes=None):
         y = np.asarray(y, dtype=np.float64)
