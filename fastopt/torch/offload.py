@@ -11,13 +11,14 @@ waits for it). With CPU tensors standing in for the device, the copies are plain
 result is the inner optimizer's, bit for bit.
 """
 
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import MutableMapping
 
 import torch
 
 from ..optim.precision import INT8, MASTER
 from .flat import check_no_overlap, check_param, pack_trainable
-from .optimizer import FastoptOptimizer, closure_loss
+from .optimizer import FastoptOptimizer, check_listed_once, closure_loss, torch_add_param_group
 from .schedule_free import ScheduleFreeModes
 
 
@@ -38,7 +39,10 @@ class CPUOffload(torch.optim.Optimizer):
     ``last_grad_norm``, ``last_step_taken`` and ``skipped_steps``; torch's ``foreach=`` /
     ``fused=`` are accepted (``capturable=True`` / ``differentiable=True`` refused) and ``lr``
     may be a one-element tensor. ``state`` maps each device parameter to the inner state of
-    its master (read-only, live). Over ``SGDScheduleFree`` / ``AdamWScheduleFree`` the object
+    its master (live); clearing it, deleting or replacing an entry, or assigning ``state``
+    edits the inner optimizer's state, as on the plain optimizers (``opt.state.clear()``
+    restarts the moments, as in torch). A parameter listed twice in one group is refused, as
+    on the plain optimizers. Over ``SGDScheduleFree`` / ``AdamWScheduleFree`` the object
     is a :class:`ScheduleFreeOffload`, with ``train()`` / ``eval()`` moving the device
     parameters too.
     """
@@ -51,6 +55,8 @@ class CPUOffload(torch.optim.Optimizer):
                 f"optimizer_class must be a fastopt.torch optimizer class, got {optimizer_class!r}"
             )
         groups = param_groups_of(params)
+        for gi, g in enumerate(groups):
+            check_listed_once(g, gi, f"CPUOffload param_groups[{gi}]")
         self._pairs, self._names, master_groups = [], [], []
         for gi, g in enumerate(groups):
             pairs = self._new_pairs(gi, g, g["params"])
@@ -66,7 +72,31 @@ class CPUOffload(torch.optim.Optimizer):
         self._grad_views = self._inner_grad_views()
         super().__init__(groups, self.inner.defaults)
         self._master_of = self._masters_by_param()
-        self.state = OuterState(self)  # after torch's __init__, which sets an empty dict
+        self._outer_state = OuterState(self)
+
+    @property
+    def state(self):
+        """Device parameter -> the inner optimizer's state of its host master
+        (:class:`OuterState`)."""
+        return self._outer_state
+
+    @state.setter
+    def state(self, value):
+        """``opt.state = {...}`` (a mapping of device parameters to entries, as torch users
+        replace it: ``opt.state = defaultdict(dict)`` restarts every parameter) replaces the
+        inner optimizer's state with the same entries under the masters; its next step takes
+        them as the plain optimizer takes a replaced ``state``. torch's constructor sets an
+        empty dict before this object has its state: ignored."""
+        outer = self.__dict__.get("_outer_state")
+        if outer is None or value is outer:
+            return
+        entries = {}
+        for p, entry in dict(value).items():
+            master = self._master_of.get(id(p))
+            if master is None:
+                raise KeyError(f"opt.state: {p!r} is not a parameter of this CPUOffload")
+            entries[master] = entry
+        self.inner.state = defaultdict(dict, entries)
 
     def __new__(cls, *args, **kwargs):
         """A :class:`ScheduleFreeOffload` (with ``train()`` / ``eval()``) when
@@ -130,9 +160,10 @@ class CPUOffload(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         gi, n = len(self.param_groups), len(self._pairs)
-        super().add_param_group(param_group)
+        torch_add_param_group(self, param_group)
         group = self.param_groups[-1]
         try:
+            check_listed_once(group, gi, f"CPUOffload param_groups[{gi}]")
             pairs = self._new_pairs(gi, group, group["params"])
             self._check_devices(gi, pairs)
             check_no_overlap(self._distinct_params())
@@ -305,19 +336,33 @@ class ScheduleFreeOffload(CPUOffload):
             self._copy_to_device()
 
 
-class OuterState(Mapping):
+class OuterState(MutableMapping):
     """``CPUOffload.state``: device parameter -> the inner optimizer's state of its host master
-    (torch's format, live views of the host state, as ``inner.state[master]``). Read-only; a
-    parameter without state maps to ``{}`` as in torch's defaultdict, without being added."""
+    (torch's format, live views of the host state, as ``inner.state[master]``). Edits go to the
+    inner optimizer's state, whose next step takes them as a plain optimizer does
+    (``clear()``, ``del state[p]``, ``state[p] = {}`` restart the parameter's state, as in
+    torch); a parameter without state maps to an empty entry, as in torch's defaultdict."""
 
     def __init__(self, offload):
         self._offload = offload
 
     def __getitem__(self, p):
+        return self._offload.inner.state[self._master(p)]
+
+    def _master(self, p):
         master = self._offload._master_of.get(id(p))
         if master is None:
             raise KeyError(p)
-        return self._offload.inner.state.get(master, {})
+        return master
+
+    def __setitem__(self, p, entry):
+        self._offload.inner.state[self._master(p)] = entry
+
+    def __delitem__(self, p):
+        del self._offload.inner.state[self._master(p)]
+
+    def clear(self):
+        self._offload.inner.state.clear()
 
     def _items(self):
         inner, seen = self._offload.inner.state, set()

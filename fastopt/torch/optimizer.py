@@ -18,9 +18,21 @@ consecutive parameters of a bucket that have a gradient and equal scalar state (
 When every parameter has a gradient, as in ordinary training, that is one launch per bucket.
 With ``state_dtype="int8"`` a param group's parameters of each dtype make two buckets: the
 8-bit ones, each on a block boundary, and the float32-state ones (see :class:`FastoptOptimizer`).
+
+State that depends on the settings is kept as torch keeps it (:mod:`fastopt.torch.state`): SGD
+momentum turned on mid-run starts each parameter's buffer at its next step as a copy of the
+gradient, as ``torch.optim.SGD`` does; a setting turned off leaves its state in ``opt.state``,
+unused, and uses it again when turned back on; a setting whose state torch makes only at a
+parameter's first step (``amsgrad``, RMSprop's ``centered`` and ``momentum``) turned on mid-run
+raises ValueError naming the parameters before anything is written (torch raises KeyError).
+``opt.state`` edited the ways torch users edit it (cleared, an entry deleted, cleared or
+replaced, a key deleted or assigned) is taken at the next step as torch takes it
+(:meth:`FastoptOptimizer._reconcile_state`). A parameter listed twice in a param group raises
+ValueError (:func:`check_listed_once`); in two groups, torch's ValueError.
 """
 
 import inspect
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +42,7 @@ from .. import arrays
 from ..optim import precision
 from .dropin import TORCH_CONSTANT_KEYS, check_flags, check_tensor_lr, plain_value, pop_flags
 from .flat import FlatBuffer, allocate, as_tensor, check_no_overlap, check_param, int8_layout
+from .state import LAZY_STATE, StateEntry, TrackedState, _Edits, install_state, is_state_array
 
 _LAYOUT_CACHE = 16
 """Core optimizers kept per distinct layout of runs (usually one is ever used)."""
@@ -63,10 +76,39 @@ def closure_loss(closure):
 
 _plain = plain_value
 
+_TORCH_DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 
-def is_state_array(v):
-    """Whether a core state value is a per-element array (or an 8-bit slot), not a scalar."""
-    return hasattr(v, "shape") or isinstance(v, precision.Quantized)
+
+def check_listed_once(group, gi, where):
+    """ValueError naming a parameter that param group ``gi`` lists twice (after torch's
+    ``add_param_group`` normalised it). torch.optim only warns ("in future, this will cause an
+    error", pytorch#40967) and updates such a parameter once per listing, with results that
+    differ between its for-loop, foreach and fused implementations (each reads the shared state
+    at another moment), so there is no one behaviour to match; fastopt.torch refuses it, as its
+    LBFGS does (torch refuses a parameter in two groups outright)."""
+    params = group["params"]
+    if len({id(p) for p in params}) == len(params):
+        return
+    names = group.get("param_names") or [f"param_groups[{gi}][{j}]" for j in range(len(params))]
+    first = {}
+    for name, p in zip(names, params):
+        if id(p) in first:
+            raise ValueError(
+                f"{where}: parameter {name} is listed twice in one param group (as "
+                f"{first[id(p)]} too). torch.optim warns about this (it is to become an error, "
+                "pytorch#40967) and updates such a parameter once per listing, differently in "
+                "its for-loop, foreach and fused implementations; fastopt.torch refuses it. List "
+                "each parameter once (model.parameters() lists a tied weight once)"
+            )
+        first[id(p)] = name
+
+
+def torch_add_param_group(opt, param_group):
+    """``torch.optim.Optimizer.add_param_group`` without its duplicate-parameter warning (the
+    caller raises :func:`check_listed_once`'s error instead)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _TORCH_DUPLICATE_WARNING, UserWarning)
+        torch.optim.Optimizer.add_param_group(opt, param_group)
 
 
 def quantized_range(slot, lo, hi):
@@ -174,6 +216,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._buckets = []  # (param group index, FlatBuffer)
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
         self._records = []  # per bucket, per param: scalar state as sorted (name, value) pairs
+        self._held = []  # per bucket, per param: frozenset of the state arrays it holds (or None)
+        self._shown = []  # per bucket, per param: (entry, its items) as last published
+        self._edits = _Edits()  # set by edits of opt.state and its entries (TrackedState)
         self._tensors = []  # per bucket: state name -> flat state tensor (or 8-bit Quantized)
         self._layouts = {}  # (bucket, state name) -> StateLayout of the core's tensor_state
         self._scalars = []  # per bucket: scalar state name -> (tensor, its NumPy view), per param
@@ -181,6 +226,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._cores = {}
         self._cut_keys = {}  # int8: a step's runs -> its units (_below_8bit)
         self._version = 0
+        self._rebound = False  # whether the last _bound_core bound the units' state anew
         self.skipped_steps = 0
         self.last_step_taken = None
         self.last_grad_norm = None
@@ -188,7 +234,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
         self._precision = self._probe({k: _plain(v) for k, v in hyper.items()}).precision
         self._deferred = []  # (group index, items) added by torch's constructor, packed below
         super().__init__(params, {**hyper, **self.torch_defaults, **flags})
-        self._state_seen = (self.state, 0)  # opt.state as last published, and its length
+        self.state = TrackedState(self._edits)
+        self._state_seen = self.state  # opt.state as last published (a user may replace it)
         deferred, self._deferred = self._deferred, None
         # distinct parameters sharing memory across groups: refused before the first one moves
         check_no_overlap(_distinct(item for _, items in deferred for item in items))
@@ -232,10 +279,11 @@ class FastoptOptimizer(torch.optim.Optimizer):
         flat buffer per (dtype) on the group's one device (two with ``state_dtype="int8"``).
         Sparse and complex parameters and mixed devices raise before anything moves."""
         gi = len(self.param_groups)
-        super().add_param_group(param_group)
+        torch_add_param_group(self, param_group)
         group = self.param_groups[-1]
         try:
             where = f"{type(self).__name__} param_groups[{gi}]"
+            check_listed_once(group, gi, where)
             check_flags(group, where)
             check_tensor_lr(type(self).__name__, group, where)
             items = self._checked_items(gi, group)
@@ -261,11 +309,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
         """Pack group ``gi``'s trainable parameters ``items`` ((name, tensor) pairs) into flat
         buffers (one per dtype; two kinds with ``state_dtype="int8"``); frozen ones are kept
         aside."""
-        by_dtype, seen = {}, set()
-        for name, p in items:
-            if id(p) in seen:  # a tied parameter listed twice: one slot (torch warns)
-                continue
-            seen.add(id(p))
+        by_dtype = {}
+        for name, p in items:  # each listed once (check_listed_once)
             if p.requires_grad:
                 by_dtype.setdefault(p.dtype, []).append((name, p))
             else:
@@ -276,6 +321,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
                 buf = FlatBuffer.pack([p for _, p in kind], [n for n, _ in kind], align=align)
                 self._buckets.append((gi, buf))
                 self._records.append([None] * len(buf.params))
+                self._held.append([None] * len(buf.params))
+                self._shown.append([None] * len(buf.params))
                 self._tensors.append({})
                 self._scalars.append({})
                 self._quantized.append(align > 1)
@@ -337,8 +384,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
     def _update(self):
         for _, buf in self._buckets:
             buf.check_in_place()
-        if self.state is not self._state_seen[0] or len(self.state) != self._state_seen[1]:
-            self._forget_cleared_state()
+        if self.state is not self._state_seen or self._edits.edited:
+            self._reconcile_state()
         for name, p in self._frozen:
             if p.grad is not None:
                 raise ValueError(
@@ -357,33 +404,171 @@ class FastoptOptimizer(torch.optim.Optimizer):
         if precision.is_int8(self._precision):
             key = self._below_8bit(key)
         core, units = self._bound_core(key)
-        core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
+        # state the settings use and a run lacks: looked for when the state was (re)bound, and
+        # when the core refuses the step (it checks each unit's state names, before any write,
+        # whenever a group's settings change): nothing to do per step otherwise
+        starting = self._start_lazy_state(core, units, key) if self._rebound else {}
+        try:
+            core.step()  # on torch's current stream of each CUDA bucket (fastopt.streams)
+            refused = None
+        except ValueError as exc:
+            if starting:
+                raise
+            refused = exc
+        if refused is not None:
+            starting = self._start_lazy_state(core, units, key)  # raises if not lazy state
+            if not starting:
+                raise refused
+            core.step()
         self.last_grad_norm = core.last_grad_norm
         self.last_step_taken = core.last_step_taken
         if not core.last_step_taken:
             self.skipped_steps += 1
             return
-        for u, (k, i, j) in zip(units, key):
-            self._harvest(u, k, i, j)
-        self._state_seen = (self.state, len(self.state))
+        if not starting:  # the usual case
+            for u, (k, i, j) in zip(units, key):
+                self._harvest(u, k, i, j)
+            return
+        for r, (u, (k, i, j)) in enumerate(zip(units, key)):
+            self._harvest(u, k, i, j, starting.get(r))
 
-    def _forget_cleared_state(self):
-        """``opt.state`` was cleared, replaced or had entries removed since the adapter last
-        published it (torch's way to restart the moments): the parameters whose entry is gone
-        or empty lose their state, so their next step starts it afresh, as in torch."""
+    def _reconcile_state(self):
+        """``opt.state`` was replaced, or it or one of its entries was changed through their
+        methods (:class:`~fastopt.torch.state.TrackedState`), since the adapter published it;
+        make fastopt's state what torch's would be. A parameter whose entry is gone or empty
+        (``opt.state.clear()``, ``del opt.state[p]``, ``opt.state[p] = {}``,
+        ``opt.state[p].clear()``: torch's ways to restart the moments) loses its state, so its
+        next step starts it afresh, as in torch. Any other difference (a state tensor or
+        ``"step"`` replaced, a key deleted, an entry given to a parameter without state) has the
+        entries read back as ``load_state_dict`` reads a state: the values are copied into
+        fastopt's state, an SGD ``momentum_buffer`` deleted starts again at the parameter's
+        next step (as torch's ``state.get("momentum_buffer")`` is None then), and anything the
+        optimizer cannot step with (a moment deleted, on which torch's step raises KeyError; a
+        wrong shape) raises ValueError here, before anything is written (again at every step,
+        until the state is repaired or cleared)."""
+        state = self.state
+        restart, edited = [], False
         for k, (_, buf) in enumerate(self._buckets):
             for m, p in enumerate(buf.params):
-                if self._records[k][m] is not None and not self.state.get(p):
-                    self._records[k][m] = None
+                entry = state.get(p)
+                if entry is not None and not isinstance(entry, StateEntry):
+                    entry = StateEntry(self._edits, entry)  # given by the user: noted from now
+                    dict.__setitem__(state, p, entry)
+                if self._records[k][m] is None:
+                    edited = edited or bool(entry)
+                elif not entry:
+                    restart.append((k, m))
+                elif not self._as_shown(k, m, entry):
+                    edited = True
+        if edited:
+            try:
+                install_state(self, self._scalar_names(), "opt.state", self._exact_scalars())
+            except ValueError as exc:
+                raise ValueError(
+                    f"{type(self).__name__}.step(): opt.state was edited since the last step: "
+                    f"{exc}. Nothing was updated"
+                ) from exc
+            self.state = TrackedState(self._edits)
+            self._publish_state()
+        else:
+            if not (isinstance(state, TrackedState) and state._edits is self._edits):
+                self.state = TrackedState(self._edits, state)  # replaced by the user
+            for k, m in restart:
+                self._records[k][m] = self._held[k][m] = None
+                self._publish(k, m, m + 1)
         self._cores.clear()
         self._version += 1
-        self._state_seen = (self.state, len(self.state))
+        self._edits.edited = False
+        self._state_seen = self.state
+
+    def _exact_scalars(self):
+        """{id(published 0-d tensor): its value unrounded} for the scalar state whose tensor
+        still holds the record's value (cast to its dtype): re-read, it keeps its precision."""
+        out = {}
+        for k, shown in enumerate(self._shown):
+            for m, s in enumerate(shown):
+                if s is None:
+                    continue
+                published = dict(s[1])
+                for name, value in self._records[k][m]:
+                    a = self._scalars[k][name][1]
+                    if name in published and a[m] == a.dtype.type(value):
+                        out[id(published[name])] = value
+        return out
+
+    def _as_shown(self, k, m, entry):
+        """Whether ``entry`` (``opt.state[p]`` of param ``m`` of bucket ``k``) is the one the
+        adapter published, with the same objects under the same keys and its scalar state
+        (``"step"``, ...) unchanged."""
+        shown = self._shown[k][m]
+        if shown is None or entry is not shown[0] or len(entry) != len(shown[1]):
+            return False
+        if any(entry.get(n, entry) is not v for n, v in shown[1]):
+            return False
+        for name, value in self._records[k][m]:
+            a = self._scalars[k][name][1]
+            if a[m] != a.dtype.type(value):  # written in place (state[p]["step"] += 1)
+                return False
+        return True
+
+    def _start_lazy_state(self, core, units, key):
+        """{index in ``key``: state names}: the runs of parameters with state that lack state
+        their group's settings now use. ``torch.optim.SGD`` starts a ``momentum_buffer`` at any
+        step of a parameter without one (momentum turned on mid-run, a buffer deleted:
+        :data:`~fastopt.torch.state.LAZY_STATE`) as a copy of the gradient (after weight decay),
+        as fastopt's SGD rule does at its first step: such a run gets the new arrays and runs
+        this step as its step 1 (its step count is put right in :meth:`_harvest`). Any other
+        state is made only at a parameter's first step (torch's ``if len(state) == 0``), so a
+        setting that needs more (Adam's ``amsgrad``, RMSprop's ``centered`` or ``momentum``
+        turned on mid-run) raises ValueError naming the parameters, before anything is written
+        (torch.optim raises KeyError, after updating the groups before)."""
+        lazy = LAZY_STATE.get(self.core_class.__name__, frozenset())
+        starting, held_of = {}, self._held
+        for r, cg in enumerate(core.param_groups):
+            k, i, j = key[r]
+            held = held_of[k][i]
+            names = None if held is None else core._state_names(cg)
+            if names is None or held.issuperset(names):
+                continue
+            missing = tuple(n for n in names if n not in held)
+            if not lazy.issuperset(missing):
+                raise self._missing_state_error(k, i, j, missing, held)
+            starting[r] = missing
+        if starting:  # rebind at the next step, whether this one is taken, skipped or fails
+            self._version += 1
+        for r, names in starting.items():
+            u, cg = units[r], core.param_groups[r]
+            core._ensure_backend(u)
+            kept, u.state = u.state, {}
+            core._allocate(cg, u, names, _plain(cg["lr"]), core.step_streams()(u))
+            kept.update({n: u.state[n] for n in names}, step=0)
+            u.state = kept
+        return starting
+
+    def _missing_state_error(self, k, i, j, missing, held):
+        gi, buf = self._buckets[k]
+        who = buf.names[i] if j == i + 1 else f"{buf.names[i]} (and {j - i - 1} more)"
+        name = self.core_class.__name__
+        if isinstance(getattr(torch.optim, name, None), type):
+            how = (
+                f"torch.optim.{name} makes such state only at a parameter's first step, and its "
+                "step raises KeyError on a state without it"
+            )
+        else:
+            how = f"{name} makes such state only at a parameter's first step"
+        return ValueError(
+            f"{type(self).__name__} param_groups[{gi}]: its settings now use state "
+            f"{list(missing)}, which the state of {who} lacks (it holds {sorted(held)}): {how}. "
+            "Nothing was updated. Restart these parameters' state (del opt.state[p], "
+            "opt.state.clear()), load a state that has it, or set the setting back"
+        )
 
     def _bound_core(self, key):
         """(core, its units) for the runs ``key`` ((bucket, i, j) each), with the torch groups'
         hyperparameters (an LR scheduler may have changed them) and each unit's state bound to
         its run's views of the flat state and its scalar state (none before the first step)."""
         core, version = self._core(key)
+        self._rebound = version != self._version  # the units get their state views anew
         for cg, (k, _, _) in zip(core.param_groups, key):
             tg = self.param_groups[self._buckets[k][0]]
             for name in self._hyper_names:
@@ -455,12 +640,16 @@ class FastoptOptimizer(torch.optim.Optimizer):
         return min(sizes) if sizes else 1 << 62
 
     def _runs(self, k, present):
-        """[(i, j)]: maximal ranges of consecutive params with gradients and equal scalar state."""
-        records, runs, start = self._records[k], [], None
-        if all(present) and records.count(records[0]) == len(records):  # the usual case
-            return [(0, len(records))]
+        """[(i, j)]: maximal ranges of consecutive params with gradients, equal scalar state and
+        the same state arrays."""
+        records, held, runs, start = self._records[k], self._held[k], [], None
+        n = len(records)
+        if all(present) and records.count(records[0]) == n and held.count(held[0]) == n:
+            return [(0, n)]  # the usual case
         for i, has in enumerate(present):
-            if start is not None and not (has and records[i] == records[start]):
+            if start is not None and not (
+                has and records[i] == records[start] and held[i] == held[start]
+            ):
                 runs.append((start, i))
                 start = None
             if has and start is None:
@@ -499,9 +688,11 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     def _views(self, unit, k, i, j):
         """The core unit's state: native flat views of this run's range of the state tensors."""
-        out = {}
+        out, held = {}, self._held[k][i]
         view = arrays.host_view if unit.device is None else unit.backend.native
         for name, t in self._tensors[k].items():
+            if name not in held:  # a state array other parameters of the bucket hold
+                continue
             lo, hi = self._layout(k, name).span(i, j)
             if isinstance(t, precision.Quantized):  # lo starts a block
                 codes, absmax = quantized_range(t, lo, hi)
@@ -522,18 +713,28 @@ class FastoptOptimizer(torch.optim.Optimizer):
             self._layouts[k, name] = layout
         return layout
 
-    def _harvest(self, unit, k, i, j):
+    def _harvest(self, unit, k, i, j, starting=None):
         """After a step: the run's scalar state into the records and the scalar tensors; state
-        arrays the core just allocated (first step of these params) copied into the flat state
-        tensors, and ``self.state`` of these params published (then, not at every step)."""
+        arrays the core just allocated (first step of these params, or ``starting``: the names
+        :meth:`_start_lazy_state` started) copied into the flat state tensors, and
+        ``self.state`` of these params published (then, not at every step)."""
         record = tuple(sorted((n, v) for n, v in unit.state.items() if not is_state_array(v)))
-        before = self._records[k][i]
+        before, held = self._records[k][i], self._held[k][i]
         if before is None:
             self._store_state(k, i, j, unit.state)
             self._version += 1
+            held = frozenset(n for n, v in unit.state.items() if is_state_array(v))
+        elif starting:
+            self._store_state(k, i, j, {n: unit.state[n] for n in starting})
+            self._version += 1
+            held = held.union(starting)
+            steps = dict(before)["step"] + 1  # this step ran as the rule's step 1
+            record = tuple((n, steps if n == "step" else v) for n, v in record)
         self._records[k][i:j] = [record] * (j - i)
+        if before is None or starting:
+            self._held[k][i:j] = [held] * (j - i)
         self._write_scalars(k, i, j, record)
-        if before is None or not _same_names(before, record):
+        if before is None or starting or not _same_names(before, record):
             self._publish(k, i, j)
 
     def _store_state(self, k, i, j, state):
@@ -600,15 +801,20 @@ class FastoptOptimizer(torch.optim.Optimizer):
 
     def _publish(self, k, i, j):
         """``self.state[p]`` of params ``i .. j-1`` of bucket ``k`` in torch's format: views of
-        the flat state and of the scalar tensors; params without state get no entry."""
+        the flat state it holds and of the scalar tensors; params without state get no entry.
+        Written past the :class:`~fastopt.torch.state.TrackedState` notes, and kept in
+        ``_shown`` for :meth:`_reconcile_state` to compare with."""
         buf, tensors = self._buckets[k][1], self._tensors[k]
         for m in range(i, j):
-            p, record = buf.params[m], self._records[k][m]
+            p, record, held = buf.params[m], self._records[k][m], self._held[k][m]
             if record is None:
-                self.state.pop(p, None)
+                dict.pop(self.state, p, None)
+                self._shown[k][m] = None
                 continue
             entry = {}
             for name, t in tensors.items():
+                if name not in held:
+                    continue
                 layout = self._layout(k, name)
                 (lo, hi), shape = layout.offsets[m], layout.shapes[m]
                 if shape is None:  # no share of this state (Adafactor: a vector's row_var)
@@ -619,7 +825,9 @@ class FastoptOptimizer(torch.optim.Optimizer):
                     entry[name] = t[lo:hi].view(shape)
             for name, _ in record:
                 entry[name] = self._scalars[k][name][0][m]
-            self.state[p] = entry
+            entry = StateEntry(self._edits, entry)
+            dict.__setitem__(self.state, p, entry)
+            self._shown[k][m] = (entry, tuple(entry.items()))
 
     def _publish_state(self):
         """``self.state`` in torch's format from the flat state and the records (after
@@ -649,7 +857,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``: a state saved by ``torch.optim.X`` or ``fastopt.torch.X``.
         Everything is checked (by torch, then by the fastopt core: state names, shapes, steps,
         hyperparameters) before the optimizer changes; on an error it is left as it was."""
-        from .state import install_state, keep_saved_dtypes, restore_strings, without_strings
+        from .state import keep_saved_dtypes, restore_strings, without_strings
 
         old_state, old_groups = self.state, self.param_groups
         plain, strings = without_strings(state_dict)  # torch's loader mangles str values
@@ -663,9 +871,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
             raise
         self._cores.clear()
         self._version += 1
-        self.state.clear()
+        self.state = TrackedState(self._edits)
         self._publish_state()
-        self._state_seen = (self.state, len(self.state))
+        self._edits.edited = False
+        self._state_seen = self.state
 
 
 def _rebuilt(cls, groups, kwargs, state_dict):

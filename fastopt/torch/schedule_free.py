@@ -61,7 +61,11 @@ class ScheduleFreeModes:
 
     def _swap(self, to_train):
         """The core's ``train()`` / ``eval()`` over every run of parameters with state, with
-        the torch groups' momentum (``betas[0]`` or ``momentum``) as of now."""
+        the torch groups' momentum (``betas[0]`` or ``momentum``) as of now. An edited
+        ``opt.state`` is taken first, as a step takes it (a parameter whose state was cleared
+        has no z to swap with, as in the ``schedulefree`` package)."""
+        if self.state is not self._state_seen or self._edits.edited:
+            self._reconcile_state()
         key = self._stateful_key()
         if key:
             core, units = self._bound_core(key)
