@@ -6,7 +6,7 @@ The matrix products go to NumPy's BLAS; everything around them is fused here, on
 ``act_backward``     D <- G * mask * act'(.), db <- column sums of D
 ``col_sums``         column sums (the output layer's bias gradient)
 ``softmax_xent``     softmax + cross-entropy (label smoothing) -> loss, #correct, dLoss/dZ
-``softmax_soft``     softmax + cross-entropy / KL divergence against soft targets
+``softmax_soft``     softmax + cross-entropy (label smoothing) / KL divergence, soft targets
 ``sigmoid_bce``      sigmoid + binary cross-entropy (logits) -> loss, #correct, dLoss/dZ
 ``regression``       MSE / L1 / Huber -> loss, sum |err|, sum err^2, dLoss/dZ
 ``bn_train``         batch-norm batch statistics, running statistics, folded scale/shift
@@ -242,30 +242,34 @@ def _softmax_xent(Z, y, smoothing, scale, D, row_loss, row_correct):
     (target (1-eps)·onehot + eps/K, torch's ``CrossEntropyLoss(label_smoothing=eps)``).
 
     row_loss[i] = logsumexp(z) - sum_k q_k z_k (float64); D = (softmax(z) - q) * scale; returns
-    (sum of row losses, number of rows whose argmax is the label). D and Z are distinct arrays."""
+    (sum of row losses, number of rows whose argmax is the label). D and Z are distinct arrays.
+
+    The loss is summed from nonnegative float64 terms, never as the difference lse - z_label of
+    two numbers of the logits' size: (max - z_label) + log(sum exp(z - max)), with smoothing
+    (1-eps)·(max - z_label) + eps/K·sum_k (max - z_k) + log(sum). A confident float32 row (loss
+    1e-5 at logits ~100) then keeps its relative accuracy instead of half an ulp of the logit."""
     t = Z.dtype.type
     n, k = Z.shape
-    eps = t(smoothing)
     off = t(smoothing / k)
     on = t(1.0 - smoothing)
+    on64 = 1.0 - smoothing
+    off64 = smoothing / k
     sc = t(scale)
     for i in prange(n):
         z = Z[i]
         d = D[i]
         label = y[i]
         mx, am = _max_argmax(z)
-        sz = t(0.0)
-        zl = z[label]
-        for j in range(k):
-            sz += z[j]
+        mx64 = np.float64(mx)
         s = _exp_shifted(z, mx, d)
-        lse = mx + math.log(s)
-        if eps == t(0.0):
-            row_loss[i] = np.float64(lse) - np.float64(zl)
+        gap = mx64 - np.float64(z[label])
+        if smoothing == 0.0:
+            row_loss[i] = gap + math.log(np.float64(s))
         else:
-            row_loss[i] = (
-                np.float64(lse) - np.float64(on) * np.float64(zl) - np.float64(off) * np.float64(sz)
-            )
+            gaps = 0.0
+            for j in range(k):
+                gaps += mx64 - np.float64(z[j])
+            row_loss[i] = on64 * gap + off64 * gaps + math.log(np.float64(s))
         r = t(1.0) / s
         for j in range(k):
             d[j] = (d[j] * r - off) * sc
@@ -274,15 +278,22 @@ def _softmax_xent(Z, y, smoothing, scale, D, row_loss, row_correct):
     return _totals(row_loss, row_correct)
 
 
-def _softmax_soft(Z, T, kl, scale, D, row_loss, row_correct):
+def _softmax_soft(Z, T, kl, smoothing, scale, D, row_loss, row_correct):
     """Softmax against soft targets T (rows of probabilities): cross-entropy
-    -sum_k t_k log p_k, or with ``kl`` the KL divergence sum_k t_k (log t_k - log p_k)
-    (torch ``KLDivLoss(log_softmax(z), t)``; 0·log 0 = 0). D = (p·sum_k t_k - t) * scale.
-    Correct: argmax z == argmax t. D and Z are distinct arrays."""
+    -sum_k q_k log p_k with q = (1-eps)·t + eps/K (label smoothing ``smoothing``, as torch's
+    ``cross_entropy(z, t, label_smoothing=eps)`` smooths probability targets), or with ``kl``
+    the KL divergence sum_k t_k (log t_k - log p_k) (torch ``KLDivLoss(log_softmax(z), t)``;
+    0·log 0 = 0; no smoothing). D = (p·sum_k q_k - q) * scale. Correct: argmax z == argmax t.
+    D and Z are distinct arrays. -log p_k is summed as (max - z_k) + log(sum exp(z - max)) in
+    float64, two nonnegative terms (see :func:`_softmax_xent`)."""
     t = Z.dtype.type
     n, k = Z.shape
     sc = t(scale)
     zero = t(0.0)
+    off = t(smoothing / k)
+    on = t(1.0 - smoothing)
+    on64 = 1.0 - smoothing
+    off64 = smoothing / k
     for i in prange(n):
         z = Z[i]
         d = D[i]
@@ -290,20 +301,23 @@ def _softmax_soft(Z, T, kl, scale, D, row_loss, row_correct):
         mx, am = _max_argmax(z)
         at = _max_argmax(tr)[1]
         s = _exp_shifted(z, mx, d)
-        lse = mx + math.log(s)
+        mx64 = np.float64(mx)
+        logs = math.log(np.float64(s))
         loss = 0.0
-        tsum = t(0.0)
+        qsum = t(0.0)
         for j in range(k):
             tj = tr[j]
-            tsum += tj
-            if tj != zero:
-                loss -= np.float64(tj) * np.float64(z[j] - lse)
+            qj = on * tj + off  # tj itself without smoothing
+            qsum += qj
+            if qj != zero:
+                q64 = on64 * np.float64(tj) + off64
+                loss += q64 * ((mx64 - np.float64(z[j])) + logs)
                 if kl:
-                    loss += np.float64(tj) * math.log(np.float64(tj))
+                    loss += q64 * math.log(q64)
         row_loss[i] = loss
         r = t(1.0) / s
         for j in range(k):
-            d[j] = (d[j] * r * tsum - tr[j]) * sc
+            d[j] = (d[j] * r * qsum - (on * tr[j] + off)) * sc
         row_correct[i] = 1 if am == at else 0
     return _totals(row_loss, row_correct)
 

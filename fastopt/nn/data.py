@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["all_finite", "check_features", "check_targets"]
+__all__ = ["all_finite", "check_features", "check_targets", "kernel_dtype"]
 
 
 def all_finite(X, xp):
@@ -18,9 +18,24 @@ def all_finite(X, xp):
     return bool(xp.isfinite(X).all())
 
 
+def kernel_dtype(dtype):
+    """The dtype features of ``dtype`` (kind f, i, u or b) are converted to so that the kernels
+    take them: float32 and float64 as they are (native byte order), float16 to float32 (exact),
+    every other float (long double) and integers and bools to float64. Integers are NOT cast to
+    the model's dtype: standardization runs in float64 from the raw values (as for float64
+    ``X``), so large integers (timestamps, ids) keep their low bits, which float32 would round
+    away before the mean is subtracted."""
+    if dtype.kind == "f" and dtype.itemsize in (4, 8):
+        return np.dtype(dtype.type)  # native byte order
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
 def check_features(X, xp, n_features, dtype, what="X"):
-    """``X`` as a 2-D float array of ``n_features`` columns, every value finite (integer and
-    bool arrays cast to ``dtype``)."""
+    """``X`` as a 2-D float32/float64 array of native byte order and ``n_features`` columns,
+    every value finite (see :func:`kernel_dtype` for what other dtypes become; ``dtype``, the
+    model's, is not used for them: rows are cast to it after standardization)."""
     X = xp.asarray(X)
     if X.dtype.kind not in "fiub":
         raise TypeError(f"{what} must hold numbers, got dtype {X.dtype}")
@@ -30,10 +45,12 @@ def check_features(X, xp, n_features, dtype, what="X"):
         raise ValueError(f"{what} has {X.shape[1]} features, but the model expects {n_features}")
     if X.shape[0] == 0:
         raise ValueError(f"{what} has no samples")
-    if X.dtype.kind == "f" and not all_finite(X, xp):
+    is_float = X.dtype.kind == "f"
+    target = kernel_dtype(X.dtype)
+    if X.dtype != target:  # (dtype equality includes the byte order)
+        X = X.astype(target)
+    if is_float and not all_finite(X, xp):
         raise ValueError(f"{what} contains NaN or infinity")
-    if X.dtype.kind != "f":
-        X = X.astype(dtype)
     return X
 
 

@@ -3,8 +3,9 @@
 =================  ==========  =================================================================
 ``loss``           head        targets; reduction (torch's defaults)
 =================  ==========  =================================================================
-``cross_entropy``  softmax     int labels in [0, K) (``label_smoothing``), or rows of
-                               probabilities; mean over samples
+``cross_entropy``  softmax     int labels in [0, K), or rows of probabilities (both with
+                               ``label_smoothing``: t -> (1-eps)·t + eps/K, as torch); mean
+                               over samples
 ``kl_div``         softmax     rows of probabilities; KL(t || softmax(z)) summed over classes,
                                mean over samples (torch ``KLDivLoss(reduction="batchmean")``)
 ``bce``            sigmoid     0/1 (or probabilities) of shape (n, K); mean over all elements
@@ -75,9 +76,12 @@ def batch_loss(loss, ops, Z, D, ws, *, labels, label_smoothing=0.0, huber_delta=
             Z, ws.labels, label_smoothing, scale, D, ws.row_loss, ws.row_correct
         )
         return total, correct, 0.0
-    if loss.head == "softmax":
+    if loss.head == "softmax":  # probability targets: cross-entropy (smoothed as torch) or KL
         kl = loss.name == "kl_div"
-        total, correct = ops.softmax_soft(Z, ws.T, kl, scale, D, ws.row_loss, ws.row_correct)
+        smoothing = 0.0 if kl else label_smoothing
+        total, correct = ops.softmax_soft(
+            Z, ws.T, kl, smoothing, scale, D, ws.row_loss, ws.row_correct
+        )
         return total, correct, 0.0
     if loss.head == "sigmoid":
         total, correct = ops.sigmoid_bce(Z, ws.T, scale, D, ws.row_loss, ws.row_correct)

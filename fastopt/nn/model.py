@@ -6,7 +6,10 @@ backward are hand written: the matrix products go to BLAS through the array modu
 everything elementwise to the array ops (:mod:`fastopt.nn.ops`). Weights are stored
 (fan_in, fan_out) so that ``Z = X @ W``. Backward writes the gradients straight into
 ``params.grads`` (overwriting them) and a step allocates no arrays: every intermediate lives in
-a workspace preallocated per batch size (:mod:`fastopt.nn.workspace`).
+a workspace preallocated per batch size (:mod:`fastopt.nn.workspace`). Because backward
+overwrites them, ``params`` is declared to :func:`fastopt.accumulate.mark_grads_overwritten`:
+a :class:`fastopt.GradientAccumulator` over ``model.params`` keeps its sum in a buffer of its
+own, so ``model.loss_and_grad(Xb, yb); acc.add()`` per micro-batch steps on their mean gradient.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numbers
 
 import numpy as np
 
+from ..accumulate import mark_grads_overwritten
 from ..arrays import array_module, to_host
 from ..paramset import ParamSet
 from ..validation import check_choice, check_int, check_real
@@ -156,6 +160,7 @@ class MLP:
         self.rng = np.random.default_rng(rng.integers(2**63))
         """Generator of the dropout masks when no ``rng`` is passed (seeded from ``seed``)."""
         self.params = ParamSet(self._initial_params(init, rng), dtype=dtype, device=device)
+        mark_grads_overwritten(self.params)  # backward overwrites params.grads (see the module)
         self.n_weights = sum(a * b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
         """Elements of the weight matrices: ``params.flat[:n_weights]`` (they come first)."""
         self.buffers = {}
@@ -271,9 +276,9 @@ class MLP:
     def fit_standardizer(self, X):
         """Fit the input standardization (x - mean) / std on ``X`` (the training set): applied
         by every later forward pass. Constant features get std 1."""
-        X = self.check_X(X)
+        X = self.check_X(X)  # integers come as float64: their low bits are kept
         xp = self._xp
-        X64 = X.astype(np.float64)
+        X64 = X.astype(np.float64, copy=False)
         mean = X64.mean(axis=0)
         std = X64.std(axis=0)
         tiny = 1e-12 * xp.maximum(1.0, xp.abs(mean))
@@ -426,17 +431,23 @@ class MLP:
         Returns (loss sum, stat1, stat2) as :meth:`_loss`. No arrays are allocated once the
         workspace for ``len(idx)`` rows exists. ``train``: batch statistics and dropout."""
         n = len(idx)
-        if train and self.batch_norm and n < 2:
-            raise ValueError(
-                "batch norm needs more than 1 sample per batch in training mode; "
-                "use a larger batch or drop_last=True"
-            )
+        self._check_train_batch(n, train)
         ws = self.workspace(n, True)
         self.load_batch(ws, X, y, idx)
         self._forward(ws, train, rng)
         out = self._loss(ws, "labels" if y.ndim == 1 else "matrix")
         self._backward(ws, train)
         return out
+
+    def _check_train_batch(self, n, train):
+        """Batch norm in training mode needs 2 rows or more (the variance of one row is 0 and
+        its running-variance update has no n/(n-1) correction); torch's BatchNorm1d refuses it
+        too. Checked before anything (running statistics, gradients) is written."""
+        if train and self.batch_norm and n < 2:
+            raise ValueError(
+                f"batch norm needs more than 1 sample per batch in training mode, got {n}; "
+                "use a larger batch (or train=False)"
+            )
 
     def batch_loss(self, X, y, idx):
         """Evaluation-mode (loss sum, stat1, stat2) of rows ``idx``; no gradients."""
@@ -466,6 +477,7 @@ class MLP:
         X = self.check_X(X)
         y = self.check_targets(y, X.shape[0])
         n = X.shape[0]
+        self._check_train_batch(n, train)
         idx = self._xp.arange(n, dtype=np.int64)
         if train:
             ws = self.workspace(n, True)
@@ -477,7 +489,9 @@ class MLP:
         return total / self.loss_denominator(n)
 
     def logits(self, X, *, batch_size=1024):
-        """The output layer's values before the head (evaluation mode), shape (n, n_outputs)."""
+        """The output layer's values before the head (evaluation mode), shape (n, n_outputs),
+        computed ``batch_size`` rows at a time."""
+        batch_size = check_int("batch_size", batch_size, lo=1)
         X = self.check_X(X)
         xp = self._xp
         n = X.shape[0]
@@ -492,7 +506,7 @@ class MLP:
 
     def predict(self, X, *, batch_size=1024):
         """Evaluation-mode outputs: class probabilities (softmax or sigmoid head) or values."""
-        z = self.logits(X, batch_size=batch_size)
+        z = self.logits(X, batch_size=batch_size)  # checks batch_size first
         xp = self._xp
         if self.head == "softmax":
             z = z - z.max(axis=1, keepdims=True)
@@ -506,12 +520,14 @@ class MLP:
     def evaluate(self, X, y, *, batch_size=1024):
         """Evaluation-mode metrics over (X, y): ``loss`` and ``accuracy`` (classification; the
         elementwise accuracy for bce) or ``mae`` and ``rmse`` (regression)."""
+        batch_size = check_int("batch_size", batch_size, lo=1)
         X = self.check_X(X)
         y = self.check_targets(y, X.shape[0])
         return self.evaluate_checked(X, y, batch_size=batch_size)
 
     def evaluate_checked(self, X, y, *, idx=None, batch_size=1024):
         """:meth:`evaluate` on already checked arrays (rows ``idx`` when given)."""
+        batch_size = check_int("batch_size", batch_size, lo=1)
         xp = self._xp
         n = X.shape[0] if idx is None else len(idx)
         sums = [0.0, 0.0, 0.0]

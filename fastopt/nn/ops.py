@@ -49,8 +49,10 @@ class NumbaOps:
             Z, y, smoothing, scale, D, row_loss, row_correct
         )
 
-    def softmax_soft(self, Z, T, kl, scale, D, row_loss, row_correct):
-        return self._pick(self.k.softmax_soft, Z.size)(Z, T, kl, scale, D, row_loss, row_correct)
+    def softmax_soft(self, Z, T, kl, smoothing, scale, D, row_loss, row_correct):
+        return self._pick(self.k.softmax_soft, Z.size)(
+            Z, T, kl, smoothing, scale, D, row_loss, row_correct
+        )
 
     def sigmoid_bce(self, Z, T, scale, D, row_loss, row_correct):
         return self._pick(self.k.sigmoid_bce, Z.size)(Z, T, scale, D, row_loss, row_correct)
@@ -112,9 +114,15 @@ class ArrayOps:
         mx = Z.max(axis=1, keepdims=True)
         e = xp.exp(Z - mx)
         s = e.sum(axis=1, keepdims=True)
-        lse = (mx + xp.log(s))[:, 0].astype(np.float64)
-        zl = Z[rows, y].astype(np.float64)
-        row_loss[...] = lse - (1 - smoothing) * zl - smoothing / k * Z.sum(axis=1)
+        # nonnegative float64 terms (max - z_label) + log(sum), as the kernel: no cancellation
+        mx64 = mx.astype(np.float64)
+        gap = mx64[:, 0] - Z[rows, y].astype(np.float64)
+        logs = xp.log(s[:, 0].astype(np.float64))
+        if smoothing == 0.0:
+            row_loss[...] = gap + logs
+        else:
+            gaps = (mx64 - Z.astype(np.float64)).sum(axis=1)
+            row_loss[...] = (1.0 - smoothing) * gap + smoothing / k * gaps + logs
         row_correct[...] = Z.argmax(axis=1) == y
         t = Z.dtype.type
         g = (e / s - t(smoothing / k)) * t(scale)
@@ -122,21 +130,24 @@ class ArrayOps:
         D[...] = g
         return float(row_loss.sum()), int(row_correct.sum())
 
-    def softmax_soft(self, Z, T, kl, scale, D, row_loss, row_correct):
+    def softmax_soft(self, Z, T, kl, smoothing, scale, D, row_loss, row_correct):
         xp = self.xp
+        k = Z.shape[1]
+        t = Z.dtype.type
         mx = Z.max(axis=1, keepdims=True)
         e = xp.exp(Z - mx)
         s = e.sum(axis=1, keepdims=True)
-        logp = (Z - mx - xp.log(s)).astype(np.float64)
-        t64 = T.astype(np.float64)
-        loss = -(t64 * logp).sum(axis=1)
+        # -log p = (max - z) + log(sum) in float64, two nonnegative terms (as the kernel)
+        neg_logp = (mx.astype(np.float64) - Z.astype(np.float64)) + xp.log(s.astype(np.float64))
+        q = T * t(1.0 - smoothing) + t(smoothing / k)  # the smoothed targets (T itself at 0)
+        q64 = T.astype(np.float64) * (1.0 - smoothing) + smoothing / k
+        loss = (q64 * neg_logp).sum(axis=1)
         if kl:
-            safe = xp.where(t64 > 0, t64, 1.0)
-            loss = loss + (t64 * xp.log(safe)).sum(axis=1)
+            safe = xp.where(q64 > 0, q64, 1.0)
+            loss = loss + (q64 * xp.log(safe)).sum(axis=1)
         row_loss[...] = loss
         row_correct[...] = Z.argmax(axis=1) == T.argmax(axis=1)
-        t = Z.dtype.type
-        D[...] = (e / s * T.sum(axis=1, keepdims=True) - T) * t(scale)
+        D[...] = (e / s * q.sum(axis=1, keepdims=True) - q) * t(scale)
         return float(row_loss.sum()), int(row_correct.sum())
 
     def sigmoid_bce(self, Z, T, scale, D, row_loss, row_correct):

@@ -43,6 +43,13 @@ def build_local(optimizer, model, trained, lr, weight_decay, optimizer_kwargs, c
         optimizer = optimizer(params, lr=lr, **dict(optimizer_kwargs or {}))
     elif optimizer_kwargs:
         raise ValueError("optimizer_kwargs apply only when optimizer is a class")
+    elif weight_decay:
+        # the instance's own groups decide its decay: refuse rather than ignore it silently
+        raise ValueError(
+            f"weight_decay with a {type(optimizer).__name__} instance: pass the class instead "
+            "(the Trainer builds it over model.param_groups(weight_decay)), or build the "
+            "instance over model.param_groups(weight_decay) and leave weight_decay at 0"
+        )
     grads = trained.grads_for(optimizer)  # raises if it is over other arrays
     for name, value in clip.items():
         if value is not None:

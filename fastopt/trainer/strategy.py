@@ -27,7 +27,12 @@ class LocalStrategy:
 
     # ---- construction
     def check_batch_size(self, batch_size, batch_norm):
-        pass
+        if batch_norm and batch_size < 2:
+            raise ValueError(
+                f"batch_size={batch_size} with batch norm: training needs at least 2 samples "
+                "per batch (the batch statistics of a single sample are undefined); use "
+                "batch_size >= 2"
+            )
 
     def agree_seed(self, seed):
         return seed

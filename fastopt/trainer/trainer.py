@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ..arrays import array_module
+from ..nn.data import all_finite
 from ..optim.schedulefree import evaluation_point
 from ..schedules import PerEpoch, ReduceLROnPlateau
 from ..validation import check_bool, check_choice, check_int, check_real
@@ -26,6 +27,13 @@ from .progress import bar_factory
 from .strategy import strategy_for
 
 _CLIP_OPTIONS = ("max_grad_norm", "max_grad_value", "skip_nonfinite")
+
+
+def _all_finite(model):
+    """Whether every parameter and buffer of ``model`` is finite (one pass, no copy on the CPU)."""
+    xp = array_module(model.device)[0]
+    arrays = [model.params.flat, *model.buffers.values()]
+    return all(a.size == 0 or all_finite(a.reshape(1, -1), xp) for a in arrays)
 
 
 class Trainer:
@@ -64,11 +72,13 @@ class Trainer:
     ``restore_best_weights`` then puts the best epoch's parameters back.
 
     Divergence: a training loss that becomes NaN or infinite (e.g. a learning rate far too
-    large) stops training; the parameters and buffers of the last epoch whose loss was finite
-    are put back (the optimizer state is left as it is) and ``history.stop_reason`` is
-    ``"nonfinite_loss"``. One process checks every step's loss (and stops at once), several
-    processes the epoch's (the same number everywhere). NumPy's overflow / invalid-value
-    warnings are silenced inside the epoch: the stop reason says what happened.
+    large) stops training; the parameters and buffers from the start of that epoch are put back
+    (the optimizer state is left as it is), or, when those were not all finite (the previous
+    epoch's last step overflowed them, its loss being computed before the step), the last
+    epoch-start state that was; ``history.stop_reason`` is ``"nonfinite_loss"``. One process
+    checks every step's loss (and stops at once), several processes the epoch's (the same
+    number everywhere). NumPy's overflow / invalid-value warnings are silenced inside the
+    epoch: the stop reason says what happened.
     ``history.stop_reason`` / ``history.stop_epoch`` also record the other early ends:
     ``"early_stopping"``, ``"callback"`` and ``"interrupted"``.
 
@@ -186,6 +196,9 @@ class Trainer:
         """This process's rank (0 without ``distributed``)."""
         self.world_size = self._strategy.world_size
         """Number of processes training together (1 without ``distributed``)."""
+        # before the optimizer is built or set up (a refused batch size leaves it untouched)
+        self.batch_size = check_int("batch_size", batch_size, lo=1)
+        self._strategy.check_batch_size(self.batch_size, model.batch_norm)
         if optimizer is None:
             optimizer = Adam
         self._mixed = mixed_precision(model, precision, optimizer)
@@ -209,8 +222,6 @@ class Trainer:
             )
         self._grad_scale = self._strategy.attach(model, self.optimizer)
 
-        self.batch_size = check_int("batch_size", batch_size, lo=1)
-        self._strategy.check_batch_size(self.batch_size, model.batch_norm)
         self.epochs = check_int("epochs", epochs, lo=0)
         self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, lo=1)
         check_bool("shuffle", shuffle)
@@ -258,7 +269,8 @@ class Trainer:
         self._agreed_stop = False
         self.early_stopping = EarlyStopping(self.patience, self.min_delta, restore_best_weights)
         """Best value of the monitored metric, its epoch, epochs since, best weights."""
-        self._last_finite = None  # the model's state at the start of the current epoch
+        self._last_finite = None  # the last epoch-start state of the model whose values are finite
+        self._last_finite_epoch = 0  # the epochs completed at that state
 
     # ------------------------------------------------------------------ distributed hooks
     @property
@@ -322,6 +334,7 @@ class Trainer:
         Returns :attr:`history`."""
         model = self.model
         total_epochs = self.epochs if epochs is None else check_int("epochs", epochs, lo=0)
+        self._last_finite = None  # taken again at the first epoch of this fit
         if resume is not None:
             # the data are checked before the checkpoint replaces anything; the split needs the
             # seed the checkpoint restores, so it is drawn again below
@@ -438,7 +451,7 @@ class Trainer:
         n = strategy.cut_size(order, train_rows.size)
         steps = self._steps(n, drop_single)  # drop_single: skip a last batch of a single row
         check_each_step = not strategy.collective  # several processes check the epoch's loss
-        self._last_finite = model.state_dict()
+        self._snapshot_if_finite()
         sums = [0.0, 0.0, 0.0]
         seen = 0
         bar = bars(n) if bars else None
@@ -496,6 +509,15 @@ class Trainer:
         self.history.append(row)
         self.epoch += 1
 
+    def _snapshot_if_finite(self):
+        """At the start of an epoch: keep the model's state (parameters and buffers) as the one
+        a divergence restores, if every value is finite (one pass over them); else keep the
+        last one that was (the first of a fit is kept in any case: there is no other)."""
+        model = self.model
+        if self._last_finite is None or _all_finite(model):
+            self._last_finite = model.state_dict()
+            self._last_finite_epoch = self.epoch
+
     def _step(self, opt, grads):
         threads = self.step_threads
         if threads is None:
@@ -545,7 +567,7 @@ class Trainer:
             if self.verbose and self.is_root:
                 print(
                     f"epoch {self.epoch}: the training loss is {logs['loss']}: stopped, "
-                    f"weights of epoch {self.epoch - 1} restored",
+                    f"weights of epoch {self._last_finite_epoch} restored",
                     flush=True,
                 )
         early = self.early_stopping
