@@ -16,11 +16,12 @@ import sys
 import numpy as np
 import pytest
 import thread_counts
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.kernels import factored
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {"w": (30, 40), "t": (3, 5, 7), "b": (40,), "s": (), "e": (70, 300)}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import assert_ok, cli
+from oracle import import_or_skip
 
 from fastopt import arrays, benchmarking
 from fastopt.benchmarking import roofline
@@ -115,7 +116,7 @@ def test_bench_runs_muon_on_matrices_against_torch(tmp_path):
     peer ``torch``) and the NumPy reference on the same matrices; its goal is checked."""
     from fastopt.cli import main
 
-    pytest.importorskip("torch")
+    import_or_skip("torch")
     threadpoolctl = pytest.importorskip("threadpoolctl")
     out = tmp_path / "muon"
     # in process (no second start of Python, Numba and torch); one BLAS thread, as

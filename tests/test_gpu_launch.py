@@ -19,6 +19,7 @@ import types
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt import streams
@@ -253,7 +254,7 @@ def test_device_of_numba_arrays_and_pointers(fake_numba, monkeypatch):
 
 
 def test_clipping_helpers_on_torch_cpu_tensors():
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     rng = np.random.default_rng(0)
     host = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,)]]
     tensors = [torch.from_numpy(h.copy()).requires_grad_(False) for h in host]

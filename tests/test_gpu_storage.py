@@ -17,6 +17,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.kernels import cuda as kcuda
@@ -118,7 +119,7 @@ def test_cupy_16bit_arrays_match_cpu_storage_kernels(case, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_bfloat16_cuda_tensors_updated_in_place(backend):
     _needs(backend)
-    torch = pytest.importorskip("torch")
+    torch = import_or_skip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
     gen = torch.Generator().manual_seed(0)

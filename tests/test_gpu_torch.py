@@ -4,10 +4,12 @@ stream, CPU offload of a GPU model. Skipped without a CUDA GPU (and without a fa
 import copy
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
+
 
 import fastopt.torch as fot  # noqa: E402
 

@@ -5,12 +5,13 @@ import copy
 import numba
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt import checkpoint
 from fastopt.kernels import vector
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 
 STEPS = 50
 

@@ -4,13 +4,14 @@ and checkpoints, bad input, the Trainer on digits."""
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.optim import muon as muon_module
 from fastopt.optim.muon import adjusted_lr, hidden_matrices
 from fastopt.optim.newton_schulz import round_to_bfloat16
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 
 SHAPES = ((6, 4), (4, 6), (5, 5))  # tall (torch transposes it), wide, square
 

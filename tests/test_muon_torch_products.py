@@ -5,13 +5,14 @@ Both run on any CPU (torch's bfloat16 products are only slower without those ins
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.optim import muon as muon_module
 from fastopt.optim.newton_schulz import NewtonSchulz
 from fastopt.optim.newton_schulz_torch import TorchNewtonSchulz, native_bfloat16_products
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: E402
 
 COEFFICIENTS = (3.4445, -4.775, 2.0315)

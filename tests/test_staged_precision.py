@@ -11,6 +11,7 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.checkpoint import load, save
@@ -325,7 +326,7 @@ TRAIN = {  # optimizer class, learning rate, keyword arguments
 def test_trainer_bf16_learns_digits(rule):
     """Trainer(precision="bf16"): bf16 parameters with float32 master weights (the Trainer's
     default), each new rule through its stages."""
-    pytest.importorskip("sklearn")
+    import_or_skip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

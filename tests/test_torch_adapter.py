@@ -6,8 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402

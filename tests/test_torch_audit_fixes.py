@@ -6,8 +6,10 @@ import gc
 import weakref
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt.torch as fot  # noqa: E402
 from fastopt.torch import flat  # noqa: E402

@@ -6,8 +6,10 @@ import copy
 import inspect
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt.torch as fot  # noqa: E402
 from fastopt.torch.dropin import TORCH_FLAGS  # noqa: E402

@@ -4,8 +4,10 @@ scheduler, state_dicts exchanged both ways mid-run; bad input refused before any
 import copy
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt.torch as fot  # noqa: E402
 

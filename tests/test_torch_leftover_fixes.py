@@ -8,8 +8,10 @@ import collections
 import copy
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt.torch as fot  # noqa: E402
 

@@ -3,8 +3,10 @@ step), and the schedule-free adapters' ``train()`` / ``eval()`` against the fast
 
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
@@ -208,7 +210,7 @@ def test_schedule_free_eval_train_match_the_core_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", sorted(SCHEDULE_FREE))
 def test_schedule_free_eval_matches_the_schedulefree_package(name):
-    schedulefree = pytest.importorskip("schedulefree")
+    schedulefree = import_or_skip("schedulefree")
     torch.manual_seed(0)
     w = torch.randn(6, 5)
     p, q = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())

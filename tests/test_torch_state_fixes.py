@@ -6,8 +6,10 @@ import copy
 import pickle
 
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt.torch as fot  # noqa: E402
 

@@ -8,8 +8,10 @@ import copy
 import ml_dtypes
 import numpy as np
 import pytest
+from oracle import import_or_skip
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
+
 
 import fastopt as fo  # noqa: E402
 import fastopt.torch as fot  # noqa: E402

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 from cli_helpers import cli
+from oracle import import_or_skip
 
 import fastopt as fo
 from fastopt.checkpoint import CheckpointError
@@ -224,7 +225,7 @@ def test_train_checks_every_output_before_training(tmp_path, capsys, name):
 
 
 def test_train_checks_curves_png_when_it_draws_them(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    import_or_skip("matplotlib")
     out = tmp_path / "out"
     (out / "curves.png").mkdir(parents=True)
     args = ["train", "iris", "--out", str(out), "--epochs", "1", "--hidden", "4", "--quiet"]
