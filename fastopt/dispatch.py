@@ -132,8 +132,13 @@ class Backend:
         """A NumPy copy of a native array."""
         return np.array(a, copy=True)
 
-    def assign(self, dst, src):
-        """Copy ``src`` (NumPy or a device array, any float dtype, same size) into native ``dst``."""
+    def assign(self, dst, src, stream=None):
+        """Copy ``src`` (NumPy or a device array, any float dtype, same size) into native ``dst``.
+        On a GPU backend the copy is ordered on ``stream`` (a handle, as for :meth:`update`;
+        None the backend's default): a host source is uploaded on it, a device source copied
+        device to device on it (CuPy: a casting copy; numba-cuda, given a stream: a copy, or
+        :meth:`convert` where the storage dtypes differ, else through the host as for a
+        checkpoint load). A step passes its stream (the master copy of its first step)."""
         dst[...] = arrays.to_host(src).reshape(dst.shape)
 
     # -- arrays of the kinds the backend accepts
@@ -283,7 +288,11 @@ class CuPyBackend(Backend):
         if like is not None and isinstance(like, cupy.ndarray):
             with self._on(like, stream):
                 return aligned_zeros(n, dtype, cupy)
-        return aligned_zeros(n, dtype, cupy)
+        s = self._kernels.as_stream(stream, cupy.cuda.runtime.getDevice())
+        if s is None:
+            return aligned_zeros(n, dtype, cupy)
+        with s:  # the zero-fill on ``stream``, on the current device
+            return aligned_zeros(n, dtype, cupy)
 
     def fill(self, a, value, stream=None):
         with self._on(a, stream):
@@ -317,17 +326,17 @@ class CuPyBackend(Backend):
     def to_numpy(self, a):
         return self._cp().asnumpy(a)
 
-    def assign(self, dst, src):
-        cupy = self._cp()
+    def assign(self, dst, src, stream=None):
         if isinstance(src, np.ndarray):
-            dst.set(np.ascontiguousarray(src.reshape(dst.shape), dtype=dst.dtype))
+            with self._on(dst, stream):  # the upload on ``stream`` (None: CuPy's current)
+                dst.set(np.ascontiguousarray(src.reshape(dst.shape), dtype=dst.dtype))
             return
         kind = arrays.array_kind(src)
         if kind in arrays.HOST_KINDS:
-            self.assign(dst, arrays.host_view(src))
+            self.assign(dst, arrays.host_view(src), stream)
             return
-        with cupy.cuda.Device(dst.data.device_id):
-            dst[...] = self.native(src).reshape(dst.shape)  # device to device, casting
+        with self._on(dst, stream):  # device to device, casting, on ``stream``
+            dst[...] = self.native(src).reshape(dst.shape)
 
     def native(self, a):
         cupy = self._cp()
@@ -453,9 +462,26 @@ class NumbaCUDA(Backend):
     def to_numpy(self, a):
         return a.copy_to_host()
 
-    def assign(self, dst, src):
-        host = arrays.to_host(src)  # a checkpoint load: a host round trip keeps this simple
-        dst.copy_to_device(np.ascontiguousarray(host.reshape(dst.shape), dtype=dst.dtype))
+    def assign(self, dst, src, stream=None):
+        launch = self._launch
+        cuda = launch._cuda()
+        device = self.device_of(dst)
+        if stream is not None and arrays.is_device_array(src):
+            # a step's first-step copy (the float32 master of a 16-bit parameter): on the
+            # device, ordered on the step's stream after the zero-fill there, before the update
+            d = self.native(src)
+            if self.is_c_contiguous(d) and _converts(dst, d):
+                self.convert(dst, self.flat(d), stream=stream)
+                return
+            if self.is_c_contiguous(d) and d.dtype == dst.dtype:
+                with launch.on_device(device):
+                    dst.copy_to_device(self.flat(d), stream=launch.as_stream(cuda, stream, device))
+                return
+        # a checkpoint load (or arrays that name no stream): a host round trip keeps this
+        # simple; the upload on ``stream`` (None: the legacy default stream)
+        host = np.ascontiguousarray(arrays.to_host(src).reshape(dst.shape), dtype=dst.dtype)
+        with launch.on_device(device):
+            dst.copy_to_device(host, stream=launch.as_stream(cuda, stream, device))
 
     def native(self, a):
         a = arrays.detached(a)
@@ -472,6 +498,13 @@ class NumbaCUDA(Backend):
 
     def is_c_contiguous(self, a):
         return bool(a.is_c_contiguous())
+
+
+def _converts(dst, src):
+    """Whether ``dst[...] = src`` is a conversion between two storage dtypes (float32, float64,
+    bfloat16, float16): the backends' ``convert`` kernel does it, on the given stream."""
+    a, b = arrays.storage_name(dst.dtype), arrays.storage_name(src.dtype)
+    return a is not None and b is not None and a != b
 
 
 _FACTORIES = {

@@ -344,15 +344,21 @@ def pass_kernel(name, threads=QUANT_BLOCK):
     return k
 
 
-def tables(signed, device):
+def tables(signed, device, stream=0):
     """(map, lookup table) of a slot as device arrays on ``device`` (None: the current one),
-    copied there once: ``block_loops.tables``."""
+    copied there once: ``block_loops.tables``. The copy goes to ``stream``, the first launch's
+    (the launch that reads them is ordered after it), and that stream alone is synchronised,
+    once per process, device and map: every later launch reads the tables, whatever its
+    stream, and a copy from pageable host memory may still be in flight when it returns."""
     key = (bool(signed), device)
     t = _TABLES.get(key)
     if t is None:
         cuda = launch._cuda()
         with launch.on_device(device):
-            t = tuple(cuda.to_device(np.array(a)) for a in block_loops.tables(signed))
+            s = launch.as_stream(cuda, stream, device)
+            t = tuple(cuda.to_device(np.array(a), stream=s) for a in block_loops.tables(signed))
+            if s:
+                s.synchronize()
         _TABLES[key] = t
     return t
 
@@ -405,7 +411,7 @@ def apply(
     pb = cuda_storage.bits(p)
     args = [pb, pb if master is None else master, cuda_storage.bits(g)]
     for s in states:
-        args += [s.codes, s.absmax, *tables(s.signed, device)]
+        args += [s.codes, s.absmax, *tables(s.signed, device, stream)]
     args += [h + gs, tuple(int(v) for v in rs)]
     with launch.on_device(device):
         s = launch.as_stream(launch._cuda(), stream, device)
@@ -468,7 +474,7 @@ def dequantize_into(slot, out, stream=0, *, threads=None, blocks=None):
     if n == 0:
         return
     device = launch.launch_device(slot.codes)
-    qm, _ = tables(slot.signed, device)
+    qm, _ = tables(slot.signed, device, stream)
     args = (_flat(slot.codes), _flat(slot.absmax), qm, _flat(out))
     _launch("dequantize", n, device, stream, threads, blocks, args)
 
@@ -484,6 +490,6 @@ def quantize_from(slot, values, stream=0, *, threads=None, blocks=None):
     if n == 0:
         return
     device = launch.launch_device(slot.codes)
-    qm, lut = tables(slot.signed, device)
+    qm, lut = tables(slot.signed, device, stream)
     args = (_flat(slot.codes), _flat(slot.absmax), qm, lut, _flat(values))
     _launch("quantize", n, device, stream, threads, blocks, args)

@@ -89,15 +89,17 @@ def _module(rule_name, storage):
     return m
 
 
-def tables(signed, device):
+def tables(signed, device, stream=None):
     """(map, quantizer table) of a slot as cupy arrays on ``device``, copied there once:
-    ``block_loops.tables``."""
+    ``block_loops.tables``, on ``stream`` (the first launch's, which is ordered after the
+    copy; None: CuPy's current stream)."""
     key = (bool(signed), device)
     t = _tables.get(key)
     if t is None:
         from . import vector_cupy
 
-        t = tuple(vector_cupy.to_device(np.array(a), device) for a in block_loops.tables(signed))
+        host = block_loops.tables(signed)
+        t = tuple(vector_cupy.to_device(np.array(a), device, stream) for a in host)
         _tables[key] = t
     return t
 
@@ -152,7 +154,7 @@ def apply(rule_name, storage, p, g, states, master, h, gs, rs, stream=None):
     null = np.uint64(0)
     slots = []
     for s in states:
-        slots += [s.codes, s.absmax, *tables(s.signed, device)]
+        slots += [s.codes, s.absmax, *tables(s.signed, device, stream)]
     slots += [null] * (4 * (SLOTS_MAX - len(states)))
     module = _module(rule_name, storage)
     stream = kcupy.as_stream(stream, device)
@@ -244,7 +246,7 @@ def dequantize_into(slot, out, stream=None):
     if n == 0:
         return
     device = slot.codes.data.device_id
-    qm, _ = tables(slot.signed, device)
+    qm, _ = tables(slot.signed, device, stream)
     _launch_pass("fo_block_dequantize", n, device, (slot.codes, slot.absmax, qm, out), stream)
 
 
@@ -258,6 +260,6 @@ def quantize_from(slot, values, stream=None):
     if n == 0:
         return
     device = slot.codes.data.device_id
-    qm, lut = tables(slot.signed, device)
+    qm, lut = tables(slot.signed, device, stream)
     args = (slot.codes, slot.absmax, qm, lut, values)
     _launch_pass("fo_block_quantize", n, device, args, stream)

@@ -299,40 +299,51 @@ def kernels():
 # Layout, scratch and launch
 
 
-def device_layout(layout, like):
+def device_layout(layout, like, stream=0):
     """``layout`` (``factored.plan``) with its int64 tables (``TABLES``) copied to the device of
-    the device array ``like``; the sizes as they are."""
+    the device array ``like``, uploaded on ``stream`` (the step's: its launches read them
+    there); the sizes as they are."""
     cuda = launch._cuda()
     out = dict(layout)
-    with launch.on_device(launch.launch_device(like)):
+    device = launch.launch_device(like)
+    with launch.on_device(device):
+        s = launch.as_stream(cuda, stream, device)
         for name in TABLES:
-            out[name] = cuda.to_device(np.ascontiguousarray(layout[name], np.int64))
+            out[name] = cuda.to_device(np.ascontiguousarray(layout[name], np.int64), stream=s)
     return out
 
 
-def scratch(layout, dtype, like, update=None):
+def scratch(layout, dtype, like, update=None, stream=0):
     """``factored.scratch`` on the device of the device array ``like``: ``rowpart``,
     ``colpart``, ``part`` (float64), ``bmean``, ``scale`` and ``update`` (``dtype``) as zeroed
-    device arrays (copied there once per layout); ``update`` the first elements of the device
-    array given when it is large enough. ``layout``: the host plan or its
-    :func:`device_layout`."""
+    device arrays (zero-filled on the device, on ``stream``: the step's); ``update`` the first
+    elements of the device array given when it is large enough. ``layout``: the host plan or
+    its :func:`device_layout`."""
+    from . import cuda as kcuda
+
+    device = launch.launch_device(like)
     numel = layout["numel"]
-    if not isinstance(numel, np.ndarray):
-        numel = numel.copy_to_host()
+    if not isinstance(numel, np.ndarray):  # a device layout: its sizes read back on ``stream``
+        with launch.on_device(device):
+            s = launch.as_stream(launch._cuda(), stream, device)
+            numel = numel.copy_to_host(stream=s)
+            if s:
+                s.synchronize()
     size = int(numel.sum())
     nitems = layout["items"].shape[0]
-    host = {
-        "rowpart": np.zeros(layout["rowpart"]),
-        "colpart": np.zeros(layout["colpart"]),
-        "part": np.zeros((nitems, 2)),
-        "bmean": np.zeros(layout["batches"].shape[0], dtype),
-        "scale": np.zeros(numel.size, dtype),
+    shapes = {
+        "rowpart": ((int(layout["rowpart"]),), np.float64),
+        "colpart": ((int(layout["colpart"]),), np.float64),
+        "part": ((nitems, 2), np.float64),
+        "bmean": ((layout["batches"].shape[0],), dtype),
+        "scale": ((numel.size,), dtype),
     }
-    cuda = launch._cuda()
-    with launch.on_device(launch.launch_device(like)):
-        work = {name: cuda.to_device(a) for name, a in host.items()}
-        if update is None or update.size < size:
-            update = cuda.to_device(np.zeros(size, dtype))
+    work = {}
+    for name, (shape, dt) in shapes.items():
+        a = kcuda.zeros(math.prod(shape), dt, stream, device)
+        work[name] = a.reshape(shape) if len(shape) > 1 else a
+    if update is None or update.size < size:
+        update = kcuda.zeros(size, dtype, stream, device)
     work["update"] = update[:size]
     return work
 

@@ -1,7 +1,9 @@
 """numba-cuda launchers of the per-segment rules: the CUDA templates of
 ``kernels/segment_loops.py`` (one block of ``LANES`` threads per piece), with the contract of
 ``kernels/segment_cpu.py``. The layout arrays (``segment_loops.pieces``), ``flags``, ``out``,
-``st``, ``r`` and ``sums`` are device arrays. Launches only: nothing synchronises.
+``st``, ``r`` and ``sums`` are device arrays (:func:`to_device`). Every launch goes to ``p``'s
+device and to ``stream`` (a handle or stream; 0/None the default stream: the optimizers pass the
+step's). Launches only: nothing synchronises.
 
 Under the CUDA simulator the results equal the CPU kernels bit for bit (same order of every
 addition, plain IEEE operators). On a GPU the float64 sums use libdevice's explicitly rounded
@@ -10,6 +12,8 @@ addition, plain IEEE operators). On a GPU the float64 sums use libdevice's expli
 """
 
 import threading
+
+import numpy as np
 
 from . import cuda_launch as launch
 from . import rules, segment_loops
@@ -29,8 +33,6 @@ def _grid_stride(n):
 def _compiled():
     if not _COMPILED:
         cuda = _cuda()
-        import numpy as np
-
         if _simulating():
             import operator
 
@@ -74,8 +76,26 @@ def kernels(rule_name):
     return ks
 
 
-def _blocks(n):
-    return max(1, min(int(n), BLOCKS_PER_SM * launch.sm_count(_cuda())))
+def to_device(host, like, stream=0):
+    """A device copy of the NumPy array ``host`` on the device of the device array ``like``,
+    uploaded on ``stream`` (the launches that read it go there too)."""
+    cuda = _cuda()
+    device = launch.launch_device(like)
+    with launch.on_device(device):
+        s = launch.as_stream(cuda, stream, device)
+        return cuda.to_device(np.ascontiguousarray(host), stream=s)
+
+
+def _blocks(n, device=None):
+    return max(1, min(int(n), BLOCKS_PER_SM * launch.sm_count(_cuda(), device)))
+
+
+def _run(k, n, threads, p, stream, args):
+    """``k`` over ``n`` blocks of ``threads`` on ``p``'s device and ``stream``."""
+    device = launch.launch_device(p)
+    with launch.on_device(device):
+        s = launch.as_stream(_cuda(), stream, device)
+        k[_blocks(n, device), threads, s](*args)
 
 
 def reduce(rule_name, p, g, states, h, gs, flags, layout, out, stream=0):
@@ -83,21 +103,16 @@ def reduce(rule_name, p, g, states, h, gs, flags, layout, out, stream=0):
     lo, hi, seg, _ = layout
     if lo.size == 0:
         return
-    s = launch.as_stream(_cuda(), stream)
-    k = kernels(rule_name)[0]
-    k[_blocks(lo.size), segment_loops.LANES, s](
-        p, g, *states[: pre_arity(rule_name)], h + gs, flags, lo, hi, seg, out
-    )
+    args = (p, g, *states[: pre_arity(rule_name)], h + gs, flags, lo, hi, seg, out)
+    _run(kernels(rule_name)[0], lo.size, segment_loops.LANES, p, stream, args)
 
 
 def segment(rule_name, p, flags, layout, out, st, r, sums, h64, stream=0):
     """Launch 2 (see ``segment_cpu.segment``): one thread per segment."""
     n = flags.size
     threads = 128
-    s = launch.as_stream(_cuda(), stream)
-    kernels(rule_name)[1][_blocks(-(-n // threads)), threads, s](
-        layout[3], out, flags, st, r, sums, h64
-    )
+    args = (layout[3], out, flags, st, r, sums, h64)
+    _run(kernels(rule_name)[1], -(-n // threads), threads, p, stream, args)
 
 
 def apply(rule_name, p, g, states, h, gs, flags, layout, r, stream=0):
@@ -105,7 +120,5 @@ def apply(rule_name, p, g, states, h, gs, flags, layout, r, stream=0):
     lo, hi, seg, _ = layout
     if lo.size == 0:
         return
-    s = launch.as_stream(_cuda(), stream)
-    kernels(rule_name)[2][_blocks(lo.size), segment_loops.LANES, s](
-        p, g, *states, h + gs, flags, lo, hi, seg, r
-    )
+    args = (p, g, *states, h + gs, flags, lo, hi, seg, r)
+    _run(kernels(rule_name)[2], lo.size, segment_loops.LANES, p, stream, args)

@@ -543,6 +543,84 @@ def test_step_follows_torch_side_stream(torch_cuda, backend):
     assert bool(torch.all(p == 0.0))
 
 
+SIDE_STREAM_CASES = {
+    # name: (optimizer class, keyword arguments, parameter shape, torch dtype name)
+    "lamb": (fo.LAMB, {"lr": 0.1}, (RACE_N,), "float32"),
+    "lamb-bf16-master": (fo.LAMB, {"lr": 0.1, "master_weights": True}, (RACE_N,), "bfloat16"),
+    "adafactor": (fo.Adafactor, {"lr": 0.1}, (1024, 1024), "float32"),
+    "muon": (
+        fo.Muon,
+        {"lr": 0.2, "ns_dtype": "float32", "weight_decay": 0.0},
+        (1024, 1024),
+        "float32",
+    ),
+}
+
+
+def _side_stream_cases():
+    out = []
+    for name in SIDE_STREAM_CASES:
+        for backend in _torch_backends():
+            if name.endswith("bf16-master") and backend.values[0] == "cupy":
+                continue  # torch bfloat16 on CuPy needs CuPy >= 14 with ml_dtypes
+            out.append(
+                pytest.param(name, *backend.values, marks=backend.marks, id=f"{name}-{backend.id}")
+            )
+    return out
+
+
+@pytest.mark.parametrize(("name", "backend"), _side_stream_cases())
+def test_first_step_of_per_tensor_and_matrix_rules_follows_torch_side_stream(
+    torch_cuda, name, backend
+):
+    """LAMB (float32; bfloat16 with master weights: the master copy, the float32 stage and the
+    conversion back to bfloat16), Adafactor and Muon: a FIRST step (state, master copy, layout
+    uploads and scratch made inside it) on a non-blocking side stream delayed by a spin, its
+    gradient written there after the spin. Every launch, copy and fill of the step must be on
+    that stream: one on the legacy default stream would run before the gradient is written (or
+    before the master copy / stage it reads), and the parameter would miss the update. The
+    kernels are compiled beforehand by another optimizer of the same class, so that the race is
+    on the device. The parameter then equals a numba-cpu step's (to the GPU's rounding)."""
+    import ml_dtypes
+
+    torch = torch_cuda
+    cls, kw, shape, dtype_name = SIDE_STREAM_CASES[name]
+    dtype = getattr(torch, dtype_name)
+    host_dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
+    rng = np.random.default_rng(3)
+    init = rng.standard_normal(shape).astype(np.float32).astype(host_dtype)
+    grad = rng.standard_normal(shape).astype(np.float32).astype(host_dtype)
+    ref = init.copy()
+    cls([ref], **kw).step([grad.copy()])
+
+    def plus_one(a):  # p.add_(1.0) in the parameter's dtype
+        return (a.astype(np.float32) + np.float32(1.0)).astype(host_dtype).astype(np.float32)
+
+    want = plus_one(ref)
+
+    def device(a):
+        return torch.from_numpy(a.astype(np.float32)).to(device="cuda", dtype=dtype)
+
+    warm = device(init)
+    cls([warm], backend=backend, **kw).step([device(grad)])  # compile first
+    p, g, g_src = device(init), torch.zeros(shape, device="cuda", dtype=dtype), device(grad)
+    opt = cls([p], backend=backend, **kw)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()  # torch's pool streams are non-blocking
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        g.copy_(g_src)
+        opt.step([g])  # the first step: its state made here too
+        p.add_(1.0)  # queued after the update: sees it
+    s.synchronize()
+    got = p.float().cpu().numpy()
+    assert float(np.median(np.abs(want - plus_one(init)))) > 1e-3  # far above the tolerance
+    if dtype_name == "bfloat16":
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)  # one bfloat16 ulp
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", _torch_backends())
 def test_stream_option_orders_on_the_given_stream(torch_cuda, backend):
     torch = torch_cuda

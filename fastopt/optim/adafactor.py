@@ -9,7 +9,7 @@ import importlib.util
 import ml_dtypes
 import numpy as np
 
-from .. import reference, streams
+from .. import reference
 from ..kernels import factored
 from ..paramset import ParamSet
 from ..validation import check_bool, check_nonnegative, check_pair
@@ -27,8 +27,10 @@ KERNEL_MODULES = {
     "cupy": "factored_cupy",
 }
 """The kernel module (in ``fastopt.kernels``) of each backend Adafactor runs on besides the NumPy
-reference. A GPU module has ``device_layout(layout, like)``, ``scratch(layout, dtype, like,
-update=None)`` and ``step`` (``factored.step``'s arguments and semantics, on device arrays)."""
+reference. A GPU module has ``device_layout(layout, like, stream)``, ``scratch(layout, dtype,
+like, update=None, stream=None)`` and ``step`` (``factored.step``'s arguments and semantics, on
+device arrays, and ``stream=``): the step passes its stream to each, so uploads, zero-fills and
+launches of a step are all ordered on it."""
 
 
 def kernel_module(backend, label="a parameter"):
@@ -147,13 +149,14 @@ class Adafactor(Optimizer):
             return [tuple(source.shapes[n]) for n in source.names]
         return [tuple(unit.shape)]
 
-    def _layout(self, g_int, unit):
+    def _layout(self, g_int, unit, stream=None):
         """(kernel module, layout, scratch) of the unit, cached: the module of its backend
         (:func:`kernel_module`; the NumPy reference takes numba-cpu's), the
         :func:`kernels.factored.plan` of its tensors (its tables on the unit's device for a GPU
         backend) and the scratch arrays. Their ``update`` (one value per element) is a view of
         one buffer per backend, device and dtype, shared by the units (they run one after the
-        other, on one stream): a list of arrays costs its largest array, not their sum."""
+        other, on one stream): a list of arrays costs its largest array, not their sum. On a GPU
+        the tables are uploaded and the scratch made on ``stream``, the step's."""
         cache = self.__dict__.setdefault("_layouts", {})
         backend = unit.backend.name
         dtype = staging.compute_dtype(unit.param.dtype)
@@ -166,8 +169,8 @@ class Adafactor(Optimizer):
                 module, layout, work = factored, plan, factored.scratch(plan, dtype, shared)
             else:
                 module = kernel_module(backend, unit.label)
-                layout = module.device_layout(plan, unit.param)
-                work = module.scratch(plan, dtype, unit.param, shared)
+                layout = module.device_layout(plan, unit.param, stream)
+                work = module.scratch(plan, dtype, unit.param, shared, stream)
             if shared is None or shared.size < work["update"].size:  # a new, larger buffer
                 shared = cache[key] = work["update"]
             hit = cache[id(unit)] = [unit, module, layout, work, shared]
@@ -219,11 +222,13 @@ class Adafactor(Optimizer):
     def _allocate(self, group, unit, names, lr, stream=None):
         sizes = dict(zip(STATE_NAMES, factored.state_sizes(self._unit_shapes(unit))))
         dtype = self.state_array_dtype(names[0], unit.param)  # int8 refused at construction
+        like = unit.param
         for n in names:
-            unit.state[n] = unit.backend.zeros(sizes[n], dtype, like=unit.param)
+            unit.state[n] = unit.backend.zeros(sizes[n], dtype, like=like, stream=stream)
         if precision.has_master(self.precision, unit.param):
-            master = unit.backend.zeros(unit.param.size, np.float32, like=unit.param)
-            unit.backend.assign(master, unit.param)  # exact: float32 holds every 16-bit value
+            master = unit.backend.zeros(unit.param.size, np.float32, like=like, stream=stream)
+            # exact (float32 holds every 16-bit value), on the step's stream
+            unit.backend.assign(master, unit.param, stream)
             unit.state[precision.MASTER] = master
         unit.state["step"] = 0
 
@@ -263,24 +268,25 @@ class Adafactor(Optimizer):
         for _, _, _, work in plan:
             for unit, grad in work:
                 storages[id(unit)] = self._check_unit(unit, grad)
-        scales = self._grad_scales(plan, grad_scale)
+        stream_of = self.step_streams()  # every launch, copy and fill of the step goes there
+        scales = self._grad_scales(plan, grad_scale, stream_of)
         if scales is None:
             return
         launches = []
         for group, g_int, lr, work in plan:
             for unit, grad in work:
-                kernels = self._layout(g_int, unit)
+                kernels = self._layout(g_int, unit, stream_of(unit))
                 if not unit.state:
-                    self._allocate(group, unit, g_int["state_names"], lr)
+                    self._allocate(group, unit, g_int["state_names"], lr, stream_of(unit))
                 step = unit.state["step"] + 1
                 h, h64 = self._step_scalars(group, unit, step, lr)
                 launches.append((group, g_int, lr, unit, grad, step, h, h64, kernels))
-        stream_of = self.step_streams()
         for group, g_int, lr, real, grad, step, h, h64, (module, layout, scratch) in launches:
             storage = storages[id(real)]
+            stream = stream_of(real)
             unit = real
             if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernel
-                unit, grad = staging.staging_of(self).load(real, grad, STATE_NAMES, stream_of(real))
+                unit, grad = staging.staging_of(self).load(real, grad, STATE_NAMES, stream)
             state = unit.state
             if unit.backend.name == "numpy":
                 reference.adafactor(
@@ -294,8 +300,8 @@ class Adafactor(Optimizer):
             else:
                 st = unit.scalar_type
                 on = {}
-                if unit.backend.name == "cupy":  # numba-cuda keeps its default stream, as LAMB
-                    on["stream"] = streams.StepStreams(self._stream)(unit)
+                if unit.backend.name in ("cupy", "numba-cuda"):  # the step's stream, both
+                    on["stream"] = stream
                 module.step(
                     unit.param,
                     grad,
@@ -309,6 +315,6 @@ class Adafactor(Optimizer):
                 )
             if unit is not real:
                 rs = staging.random_counter(self, real, storage, step)
-                staging.staging_of(self).store(real, unit, STATE_NAMES, rs, stream_of(real))
+                staging.staging_of(self).store(real, unit, STATE_NAMES, rs, stream)
             real.state["step"] = step
         self._count_step(plan)

@@ -668,12 +668,13 @@ class Optimizer:
             if precision.is_quantized(dtype):  # 8-bit codes and block absmax
                 fill = self._initial_value(group, n, lr)
                 unit.state[n] = precision.int8_zeros(
-                    unit.backend, unit.param.size, dtype, fill, like=unit.param
+                    unit.backend, unit.param.size, dtype, fill, like=unit.param, stream=stream
                 )
                 continue
             a = unit.backend.zeros(unit.param.size, dtype, like=unit.param, stream=stream)
             if n == precision.MASTER:
-                unit.backend.assign(a, unit.param)  # exact: float32 holds every 16-bit value
+                # exact (float32 holds every 16-bit value), on the step's stream
+                unit.backend.assign(a, unit.param, stream)
             else:
                 fill = self._initial_value(group, n, lr)
                 if fill != 0:

@@ -300,19 +300,20 @@ def int8_block_count(n):
     return -(-int(n) // QUANT_BLOCK)
 
 
-def int8_zeros(backend, n, slot, fill=0.0, like=None):
+def int8_zeros(backend, n, slot, fill=0.0, like=None, stream=None):
     """A new 8-bit slot (a :class:`Quantized`) of ``n`` elements on ``backend`` (on ``like``'s
     device when given) (an ``Int8Slot`` says which map), every element ``fill``: absmax |fill|
     and the code of +-1 (exact for fill >= 0, the initial values rules have: both maps end in
-    1.0), or all zero."""
+    1.0), or all zero. On a GPU the fills go to ``stream`` (a handle; None the backend's
+    default): a step passes its own, so the kernels that read the slot are ordered after."""
     from ..kernels import block_loops
 
-    codes = backend.zeros(n, np.uint8, like=like)
-    absmax = backend.zeros(int8_block_count(n), np.float32, like=like)
+    codes = backend.zeros(n, np.uint8, like=like, stream=stream)
+    absmax = backend.zeros(int8_block_count(n), np.float32, like=like, stream=stream)
     fill = np.float32(fill)
     if fill != 0:  # through the backend: device arrays have no fill()
-        backend.fill(absmax, abs(fill))
-        backend.fill(codes, block_loops.code_of(fill / abs(fill), slot.signed))
+        backend.fill(absmax, abs(fill), stream)
+        backend.fill(codes, block_loops.code_of(fill / abs(fill), slot.signed), stream)
     return Quantized(codes, absmax, slot.signed)
 
 

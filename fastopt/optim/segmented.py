@@ -17,7 +17,7 @@ import importlib
 
 import numpy as np
 
-from .. import reference, streams
+from .. import reference
 from ..kernels import rules, segment_loops
 from ..paramset import ParamSet
 from . import precision, staging
@@ -94,8 +94,9 @@ class SegmentedOptimizer(Optimizer):
                 flags[s] |= rules.FLAG_TRUST
         return flags
 
-    def _work(self, group, g_int, unit):
-        """The cached per-unit arrays: segments, layout, flags and scratch on the unit's device."""
+    def _work(self, group, g_int, unit, stream=None):
+        """The cached per-unit arrays: segments, layout, flags and scratch on the unit's device,
+        uploaded (once) on ``stream``, the step's: its launches read them there."""
         key = (id(unit), g_int["checked"])
         work = self._segment_cache.get(id(unit))
         if work is not None and work["key"] == key:
@@ -116,15 +117,15 @@ class SegmentedOptimizer(Optimizer):
         }
         name = unit.backend.name
         if name == "numba-cuda":
-            from numba import cuda
+            from ..kernels import segment_cuda
 
-            arrays = {k: cuda.to_device(v) for k, v in host.items()}
-            layout = tuple(cuda.to_device(a) for a in layout)
+            arrays = {k: segment_cuda.to_device(v, unit.param, stream) for k, v in host.items()}
+            layout = tuple(segment_cuda.to_device(a, unit.param, stream) for a in layout)
         elif name == "cupy":
             from ..kernels import segment_cupy
 
-            arrays = {k: segment_cupy.to_device(v, unit.param) for k, v in host.items()}
-            layout = tuple(segment_cupy.to_device(a, unit.param) for a in layout)
+            arrays = {k: segment_cupy.to_device(v, unit.param, stream) for k, v in host.items()}
+            layout = tuple(segment_cupy.to_device(a, unit.param, stream) for a in layout)
         else:
             arrays = host
         work = dict(arrays, key=key, segs=segs, layout=layout, multi_piece=multi_piece)
@@ -157,7 +158,9 @@ class SegmentedOptimizer(Optimizer):
         if self.segment_state is not None:
             n = len(self._segment_cache[id(unit)]["segs"])
             dtype = self.state_array_dtype(self.segment_state, unit.param)
-            unit.state[self.segment_state] = unit.backend.zeros(n, dtype, like=unit.param)
+            unit.state[self.segment_state] = unit.backend.zeros(
+                n, dtype, like=unit.param, stream=stream
+            )
 
     # ------------------------------------------------------------------ step
     def step(self, grads=None, *, grad_scale=None):
@@ -166,6 +169,7 @@ class SegmentedOptimizer(Optimizer):
         unit (on the CPU, a rule of ``rules.STORED_UPDATE`` stores each element's update and
         its new state in the first and applies the stored update in the third)."""
         plan = self._plan(grads)
+        stream_of = self.step_streams()  # every launch, copy and fill of the step goes there
         seg_works = {}
         storages = {}
         for group, g_int, _, work in plan:
@@ -177,8 +181,8 @@ class SegmentedOptimizer(Optimizer):
                     states = [unit.state[n] for n in names] if unit.state else None
                     _kernels(unit).check(self.algorithm, unit.param, grad, states)
                 # every unit's masks are called here, before any unit's state is allocated
-                seg_works[id(unit)] = self._work(group, g_int, unit)
-        scales = self._grad_scales(plan, grad_scale)
+                seg_works[id(unit)] = self._work(group, g_int, unit, stream_of(unit))
+        scales = self._grad_scales(plan, grad_scale, stream_of)
         if scales is None:
             return
         launches = []
@@ -186,7 +190,7 @@ class SegmentedOptimizer(Optimizer):
             for unit, grad in work:
                 seg_work = seg_works[id(unit)]
                 if not unit.state:
-                    self._allocate(group, unit, g_int["state_names"], lr)
+                    self._allocate(group, unit, g_int["state_names"], lr, stream_of(unit))
                 step = unit.state["step"] + 1
                 values, _ = self._scalars(group, unit.state, step, lr)
                 fields = rules.LAYOUTS[self.algorithm]
@@ -195,22 +199,25 @@ class SegmentedOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__}._scalars: wrong fields {missing}")
                 h64 = tuple(float(values[f]) for f in fields)
                 launches.append((group, g_int, lr, unit, grad, step, h64, seg_work))
-        stream_of = self.step_streams()
         for group, g_int, lr, unit, grad, step, h64, seg_work in launches:
             storage = storages[id(unit)]
+            stream = stream_of(unit)
             if staging.needs_stage(storage):  # 16-bit storage: float32 copies around the kernels
                 stages = staging.staging_of(self)
                 slots = (*g_int["state_names"], self.segment_state)
-                stage, wide = stages.load(unit, grad, slots, stream_of(unit))
-                self._launch(group, g_int, lr, stage, wide, step, h64, seg_work, scales)
+                stage, wide = stages.load(unit, grad, slots, stream)
+                self._launch(group, g_int, lr, stage, wide, step, h64, seg_work, scales, stream)
                 rs = staging.random_counter(self, unit, storage, step)
-                stages.store(unit, stage, slots, rs, stream_of(unit))
+                stages.store(unit, stage, slots, rs, stream)
             else:
-                self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales)
+                self._launch(group, g_int, lr, unit, grad, step, h64, seg_work, scales, stream)
             unit.state["step"] = step
         self._count_step(plan)
 
-    def _launch(self, group, g_int, lr, unit, grad, step, h64, w, gs):
+    def _launch(self, group, g_int, lr, unit, grad, step, h64, w, gs, stream=None):
+        """The three launches of ``unit`` (on a GPU on ``stream``, the step's: the launchers of
+        both GPU backends take it, so the update is ordered after the gradient norm and the
+        16-bit conversions of the step, on the same stream)."""
         state = unit.state
         names = g_int["state_names"]
         p = unit.param
@@ -236,8 +243,8 @@ class SegmentedOptimizer(Optimizer):
         states = [state[n] for n in names]
         seg_state = state[self.segment_state] if self.segment_state else w["st"]
         on = {}
-        if unit.backend.name == "cupy":  # the numba-cuda launchers keep their default stream
-            on["stream"] = streams.StepStreams(self._stream)(unit)
+        if unit.backend.name in ("cupy", "numba-cuda"):
+            on["stream"] = stream
         flags, layout, out, r, sums = w["flags"], w["layout"], w["out"], w["r"], w["sums"]
         if unit.backend.name == "numba-cpu" and self.algorithm in rules.STORED_UPDATE:
             u = self._update_buffer(p)

@@ -58,13 +58,15 @@ class Staging:
         self._stages = {}  # id(unit) -> (unit, stage Unit)
         self._buffers = {}  # (role, backend, device, dtype) -> flat scratch
 
-    def _scratch(self, unit, role, n, dtype):
-        """``n`` elements of ``dtype`` of the shared buffer of ``role`` on ``unit``'s device."""
+    def _scratch(self, unit, role, n, dtype, stream=None):
+        """``n`` elements of ``dtype`` of the shared buffer of ``role`` on ``unit``'s device,
+        made (zero-filled) on ``stream``, the step's, when it is new or grows."""
         backend = unit.backend
         key = (role, backend.name, backend.device_of(unit.param), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.size < n:
-            buf = self._buffers[key] = backend.zeros(max(n, 1), dtype, like=unit.param)
+            buf = backend.zeros(max(n, 1), dtype, like=unit.param, stream=stream)
+            self._buffers[key] = buf
         return buf[:n]
 
     def stage_of(self, unit):
@@ -88,27 +90,27 @@ class Staging:
         if param is None:
             param = unit.param
             if param.dtype != dtype:
-                param = self._scratch(unit, "param", unit.param.size, dtype)
+                param = self._scratch(unit, "param", unit.param.size, dtype, stream)
                 backend.convert(param, unit.param, stream=stream)
         stage.param = param
         stage.scalar_type = backend.scalar_type(dtype)
         if grad.dtype != dtype:
-            wide = self._scratch(unit, "grad", grad.size, dtype)
+            wide = self._scratch(unit, "grad", grad.size, dtype, stream)
             backend.convert(wide, grad, stream=stream)
             grad = wide
         staged = {}
         for j, name, value in _stored(state, dtype, slots):
             if isinstance(value, precision.Quantized):  # 8-bit: dequantized, then widened
                 n = value.codes.size
-                a = self._scratch(unit, f"state{j}", n, _FLOAT32)
+                a = self._scratch(unit, f"state{j}", n, _FLOAT32, stream)
                 backend.dequantize(value, a, stream=stream)
                 if dtype != _FLOAT32:
-                    wide = self._scratch(unit, f"wide{j}", n, dtype)
+                    wide = self._scratch(unit, f"wide{j}", n, dtype, stream)
                     backend.convert(wide, a, stream=stream)
                     a = wide
                 staged[name] = a
                 continue
-            a = self._scratch(unit, f"state{j}", value.size, dtype)
+            a = self._scratch(unit, f"state{j}", value.size, dtype, stream)
             backend.convert(a, _flat(value), stream=stream)
             staged[name] = a.reshape(value.shape)
         stage.state = {k: staged.get(k, v) for k, v in state.items() if k != precision.MASTER}
@@ -127,7 +129,7 @@ class Staging:
             result = _flat(stage.state[name])
             if isinstance(value, precision.Quantized):  # rounded to float32, then requantized
                 if result.dtype != _FLOAT32:
-                    narrow = self._scratch(unit, f"state{j}", result.size, _FLOAT32)
+                    narrow = self._scratch(unit, f"state{j}", result.size, _FLOAT32, stream)
                     backend.convert(narrow, result, stream=stream)
                     result = narrow
                 backend.quantize(value, result, stream=stream)
