@@ -437,3 +437,16 @@ def test_a_deleted_moment_is_refused_before_any_write_as_torch_fails(key):
     del of.state[next(mf.parameters())]  # restart it, as torch would take it
     train(mf, of, 1)
     assert float(of.state[next(mf.parameters())]["step"]) == 1
+
+
+def test_cpu_offload_refuses_parameters_on_two_devices():
+    """One side stream on one device orders a step's copies; parameters of another device (two
+    GPUs, or a GPU and the CPU) would be copied on that device's current stream, which the step
+    never waits for. Refused by name before any host master is made (a meta tensor stands in
+    for the second device here)."""
+    here = torch.nn.Parameter(torch.ones(3))
+    elsewhere = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match=r"on \['cpu', 'meta'\]; one CPUOffload steps"):
+        fot.CPUOffload(fot.AdamW, [here, elsewhere], lr=0.1)
+    with pytest.raises(ValueError, match="use a CPUOffload per device"):
+        fot.CPUOffload(fot.AdamW, [{"params": [here]}, {"params": [elsewhere]}], lr=0.1)

@@ -24,7 +24,7 @@ from .schedule_free import ScheduleFreeModes
 
 class CPUOffload(torch.optim.Optimizer):
     """Run ``optimizer_class`` (a ``fastopt.torch`` class) on host master weights of ``params``
-    (tensors or param groups of one device each). Other arguments go to ``optimizer_class``.
+    (tensors or param groups, all on one device). Other arguments go to ``optimizer_class``.
 
     ``param_groups`` are this object's (LR schedulers drive it like any torch optimizer;
     ``add_param_group`` adds the group to the inner optimizer too);
@@ -57,6 +57,13 @@ class CPUOffload(torch.optim.Optimizer):
         groups = param_groups_of(params)
         for gi, g in enumerate(groups):
             check_listed_once(g, gi, f"CPUOffload param_groups[{gi}]")
+        devices = {p.device for g in groups for p in g["params"] if isinstance(p, torch.Tensor)}
+        if len(devices) > 1:  # one copy stream, on one device, orders every copy of a step
+            raise ValueError(
+                f"CPUOffload: the parameters are on {sorted(map(str, devices))}; one CPUOffload "
+                "steps the parameters of one device (its copy stream and pinned host memory are "
+                "set up for it): use a CPUOffload per device"
+            )
         self._pairs, self._names, master_groups = [], [], []
         for gi, g in enumerate(groups):
             pairs = self._new_pairs(gi, g, g["params"])
