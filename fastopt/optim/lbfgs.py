@@ -18,7 +18,7 @@ from ..kernels import vector
 from ..validation import check_choice, check_int, check_nonnegative
 from . import lbfgs_state
 from .base import Optimizer
-from .line_search import strong_wolfe
+from .line_search import TensorScalar, strong_wolfe
 
 LINE_SEARCHES = (None, "strong_wolfe")
 
@@ -167,20 +167,29 @@ class LBFGS(Optimizer):
 
     It returns the loss of the first evaluation. The loss must be a finite real number and the
     gradients must fit the parameters, else TypeError/ValueError: on the first evaluation of a
-    ``step()`` before anything is written; on a later one the parameters are at the point that
-    was evaluated and the step is abandoned (the state keeps the last completed iteration's
-    history; reload a ``state_dict()`` to go back further).
+    ``step()`` before anything is written. An exception from a later evaluation (these checks',
+    or the closure's own) abandons the step and leaves the optimizer as its last completed
+    iteration left it, consistent with the parameters: the state (``n_iter``, ``func_evals``,
+    the direction, step, history and previous gradient) is updated only when an iteration
+    completes, so a later ``step()`` resumes from there. With the line search the parameters go
+    back to the start of the interrupted iteration (where its trial points were measured
+    from); with a fixed step the iteration completed by moving them, and the evaluation that
+    failed was the next one's, at the point the parameters are at. (torch updates its state
+    as it goes: after such an exception its ``n_iter``, ``func_evals``, history and previous
+    gradient include the interrupted iteration but its direction and step do not, and the
+    parameters stay at the trial point.)
 
     Like torch: one param group only; the parameters must share one dtype, here float32 or
     float64 (no 16-bit storage: TypeError at construction); memory is about
-    ``(2 * history_size + 3)`` copies of the parameters. Host arrays (NumPy, torch CPU tensors,
-    a host ParamSet) run ``kernels/vector.py``; arrays on a GPU run the same passes in
-    ``kernels/vector_cuda.py`` (backend ``"numba-cuda"``) or in the CUDA C kernels of
-    ``kernels/vector_cupy.py`` (backend ``"cupy"``, on the stream of the parameters' library):
-    deterministic tree reductions, one host read per dot product, the same bits on both GPU
-    backends. All parameters live on the host or all on one GPU with one backend. Reductions
-    accumulate in float64 for float32 parameters too (torch's float32 dot products round in
-    float32).
+    ``(2 * history_size + 7)`` copies of the parameters (the history and a spare pair; the
+    direction and the previous gradient twice each, an iteration writing its own beside the
+    state's; the gathered gradient). Host arrays (NumPy, torch CPU tensors, a host ParamSet)
+    run ``kernels/vector.py``; arrays on a GPU run the same passes in ``kernels/vector_cuda.py``
+    (backend ``"numba-cuda"``) or in the CUDA C kernels of ``kernels/vector_cupy.py`` (backend
+    ``"cupy"``, on the stream of the parameters' library): deterministic tree reductions, one
+    host read per dot product, the same bits on both GPU backends. All parameters live on the
+    host or all on one GPU with one backend. Reductions accumulate in float64 for float32
+    parameters too (torch's float32 dot products round in float32).
 
     Not elementwise, so not a rule of the fused kernels: ``step()`` takes a closure, not
     gradients (``requires_closure`` is True), and ``max_grad_norm``/``skip_nonfinite`` are not
@@ -236,6 +245,8 @@ class LBFGS(Optimizer):
         self._paramset = self._groups[0]["structure"] == "paramset"
         self._gbuf = None  # gathered gradient of plain arrays, reused by every evaluation
         self._spare = None  # (y, s) buffers for the next curvature pair
+        self._spare_d = None  # buffer for the next direction (the state's d is the last one)
+        self._spare_g = None  # buffer for the next previous gradient (likewise)
 
     def add_param_group(self, param_group):
         """As torch: LBFGS takes exactly one param group (no per-parameter options)."""
@@ -354,53 +365,58 @@ class LBFGS(Optimizer):
         if g_abs_max <= tolerance_grad:
             return orig_loss
 
-        d, t = state.get("d"), state.get("t")
-        old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
-        H_diag = state.get("H_diag")
-        prev_flat_grad, prev_loss = state.get("prev_flat_grad"), state.get("prev_loss")
-
+        # Each iteration writes its direction, curvature pair and previous gradient into spare
+        # buffers and commits them to the state only when it completes (torch's end-of-step
+        # state.update, done per iteration): an exception in between leaves the state of the
+        # last completed iteration, which the parameters match (see the class docstring).
         n_iter = 0
         while n_iter < max_iter:
             n_iter += 1
-            state["n_iter"] += 1
+            k = state["n_iter"] + 1  # torch's state["n_iter"] += 1, committed with the rest
 
             # ---- the descent direction
-            if state["n_iter"] == 1:
-                d = self._new_vector()
+            d = self._spare_d if self._spare_d is not None else self._new_vector()
+            new = {"n_iter": k, "d": d}
+            if k == 1:
                 vec.scale(d, -1.0, flat_grad)
-                old_dirs, old_stps, ro = [], [], []
-                H_diag = 1
+                new.update(old_dirs=[], old_stps=[], ro=[], H_diag=1)
+                spare = self._spare
             else:
                 y, s = self._spare or (self._new_vector(), self._new_vector())
-                self._spare = None
-                ys, yy = vec.curvature_pair(flat_grad, prev_flat_grad, d, t, y, s)
+                ys, yy = vec.curvature_pair(
+                    flat_grad, state["prev_flat_grad"], state["d"], state["t"], y, s
+                )
+                dirs, stps, ro = list(state["old_dirs"]), list(state["old_stps"]), list(state["ro"])
+                H_diag = state["H_diag"]
                 if ys > 1e-10:
-                    if len(old_dirs) == history_size:  # drop the oldest pair, reuse its memory
-                        self._spare = (old_dirs.pop(0), old_stps.pop(0))
+                    spare = None
+                    if len(dirs) == history_size:  # drop the oldest pair, reuse its memory
+                        spare = (dirs.pop(0), stps.pop(0))
                         ro.pop(0)
-                    old_dirs.append(y)
-                    old_stps.append(s)
+                    dirs.append(y)
+                    stps.append(s)
                     ro.append(1.0 / ys)
                     H_diag = ys / yy
                 else:
-                    self._spare = (y, s)
-                if "al" not in state:
-                    state["al"] = [None] * history_size
-                _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, state["al"])
+                    spare = (y, s)
+                al = list(state["al"]) if "al" in state else [None] * history_size
+                _two_loop(vec, flat_grad, d, dirs, stps, ro, H_diag, al)
+                new.update(old_dirs=dirs, old_stps=stps, ro=ro, H_diag=H_diag, al=al)
 
-            if prev_flat_grad is None:
-                prev_flat_grad = vec.clone(flat_grad)
-            else:
-                vec.copy(prev_flat_grad, flat_grad)
+            prev_flat_grad = self._spare_g if self._spare_g is not None else self._new_vector()
+            vec.copy(prev_flat_grad, flat_grad)
             prev_loss = loss
+            new.update(prev_flat_grad=prev_flat_grad, prev_loss=prev_loss)
 
             # ---- the step length
-            if state["n_iter"] == 1:
-                t = min(1.0, 1.0 / g_abs_sum) * lr
+            if k == 1:
+                # torch: min(1.0, 1.0 / flat_grad.abs().sum()) * lr, the quotient a tensor
+                t = min(1.0, TensorScalar(1.0 / g_abs_sum)) * lr
             else:
                 t = lr
             gtd = vec.dot(flat_grad, d)
             if gtd > -tolerance_change:
+                self._commit(state, new, t, spare)
                 break
 
             ls_func_evals = 0
@@ -409,17 +425,21 @@ class LBFGS(Optimizer):
 
                 def obj_func(t_trial, x_init=x_init, d=d):
                     self._add_grad(t_trial, d)
-                    _, f, g = self._evaluate(closure)
-                    self._set_param(x_init)
+                    try:
+                        _, f, g = self._evaluate(closure)
+                    finally:  # also when the closure raises: back to the iteration's start
+                        self._set_param(x_init)
                     return f, g
 
                 loss, flat_grad, t, ls_func_evals = strong_wolfe(
                     obj_func, t, d, loss, flat_grad, gtd, vec, max_ls=max_eval - current_evals
                 )
                 d_abs_max = self._add_grad(t, d)
+                self._commit(state, new, t, spare)
                 opt_cond = vec.abs_max(flat_grad) <= tolerance_grad
             else:
                 d_abs_max = self._add_grad(t, d)
+                self._commit(state, new, t, spare)
                 if n_iter != max_iter:
                     # as torch: no re-evaluation after the last iteration
                     _, loss, flat_grad = self._evaluate(closure)
@@ -436,17 +456,15 @@ class LBFGS(Optimizer):
             if abs(loss - prev_loss) < tolerance_change:
                 break
 
-        state.update(
-            d=d,
-            t=t,
-            old_dirs=old_dirs,
-            old_stps=old_stps,
-            ro=ro,
-            H_diag=H_diag,
-            prev_flat_grad=prev_flat_grad,
-            prev_loss=prev_loss,
-        )
         return orig_loss
+
+    def _commit(self, state, new, t, spare):
+        """A completed iteration: its entries ``new`` and step ``t`` into ``state``; the
+        direction and previous gradient they replace become the spare buffers the next
+        iteration writes, and ``spare`` the (y, s) pair it fills."""
+        self._spare_d, self._spare_g = state.get("d"), state.get("prev_flat_grad")
+        self._spare = spare
+        state.update(new, t=t)
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
@@ -460,7 +478,7 @@ class LBFGS(Optimizer):
         checked (keys, types, lengths, history sizes) before anything changes."""
         self._bind_stream()
         lbfgs_state.load_state_dict(self, state_dict)
-        self._spare = None
+        self._spare = self._spare_d = self._spare_g = None
 
     def _bind_stream(self):
         """CuPy: launch on the current stream of the parameters' library (``fastopt.streams``)."""

@@ -12,24 +12,101 @@ import math
 import numpy as np
 
 
+class TensorScalar(float):
+    """A step length that torch's LBFGS holds as a 0-d float64 tensor, not a Python float.
+
+    torch's line search mixes the two: the slopes ``gtd`` are tensors, the losses floats, the step
+    lengths either (the first ``t`` is a tensor when ``1 / sum|g|`` is below 1, an interpolated
+    one is a tensor unless clamped to a float bound). They compute alike but for one division:
+    ``float / tensor`` is ``tensor.reciprocal() * float`` in torch (two roundings), and a
+    division by zero gives +-inf/NaN where a float division raises. This float carries the mark
+    through ``+ - * /`` (with a float, an int or another one) so that :func:`cubic_interpolate`
+    divides as torch does; everything else sees a float."""
+
+    __slots__ = ()
+
+    def __add__(self, other):
+        return TensorScalar(float(self) + float(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return TensorScalar(float(self) - float(other))
+
+    def __rsub__(self, other):
+        return TensorScalar(float(other) - float(self))
+
+    def __mul__(self, other):
+        return TensorScalar(float(self) * float(other))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return TensorScalar(_div(float(self), other))
+
+    def __rtruediv__(self, other):
+        return TensorScalar(_rdiv(other, float(self)))
+
+    def __neg__(self):
+        return TensorScalar(-float(self))
+
+    def __abs__(self):
+        return TensorScalar(abs(float(self)))
+
+    def __repr__(self):
+        return f"TensorScalar({float(self)!r})"
+
+
 def cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
     """Minimiser of the cubic through ``(x1, f1)``, ``(x2, f2)`` with slopes ``g1``, ``g2``,
     clamped to ``bounds`` (default: the interval between the points); the midpoint when the
-    cubic has no real minimiser (Nocedal & Wright, eq. 3.59)."""
+    cubic has no real minimiser (Nocedal & Wright, eq. 3.59).
+
+    torch's ``_cubic_interpolate`` operation for operation, with torch's types (see
+    :class:`TensorScalar`: the slopes and the minimiser are tensors, the losses floats, the
+    points either): IEEE 754 float64, so a division by zero gives +-inf or NaN instead of raising
+    (on a piecewise-linear objective the two slopes are equal and ``g2 - g1 + 2*d2`` is 0),
+    ``3*(f1 - f2) / (x1 - x2)`` is a reciprocal times the numerator when a point is a tensor,
+    ``d1**2`` is ``d1*d1`` (overflowing to inf), a NaN ``d2_square`` takes the midpoint, and the
+    clamp is Python's ``min(max(...))``: an infinite minimiser is clamped to a bound, a NaN one
+    comes back as NaN. The square root is the correctly rounded one (torch's CPU ``sqrt`` may
+    differ in the last bit). Where torch's points are both Python floats and equal, torch
+    raises ZeroDivisionError; this divides as IEEE does."""
     if bounds is not None:
         xmin_bound, xmax_bound = bounds
     else:
         xmin_bound, xmax_bound = (x1, x2) if x1 <= x2 else (x2, x1)
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
-    d2_square = d1**2 - g1 * g2
+    dx = x1 - x2
+    if isinstance(dx, TensorScalar):
+        d1 = g1 + g2 - _rdiv(3 * (f1 - f2), float(dx))
+    else:
+        d1 = g1 + g2 - _div(3 * (f1 - f2), dx)
+    d2_square = d1 * d1 - g1 * g2  # torch's d1**2 is d1*d1; a float's ** raises on overflow
     if d2_square >= 0:
         d2 = math.sqrt(d2_square)
         if x1 <= x2:
-            min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+            min_pos = x2 - (x2 - x1) * _div(g2 + d2 - d1, g2 - g1 + 2 * d2)
         else:
-            min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
-        return min(max(min_pos, xmin_bound), xmax_bound)
+            min_pos = x1 - (x1 - x2) * _div(g1 + d2 - d1, g1 - g2 + 2 * d2)
+        return min(max(TensorScalar(min_pos), xmin_bound), xmax_bound)
     return (xmin_bound + xmax_bound) / 2.0
+
+
+def _div(a, b):
+    """``a / b`` in IEEE 754 float64 (torch's tensor division): +-inf for a nonzero ``a`` over a
+    signed zero, NaN for ``0/0`` and a NaN over zero; Python's float division raises there."""
+    a, b = float(a), float(b)
+    if b != 0.0:
+        return a / b
+    if a == 0.0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _rdiv(a, b):
+    """torch's ``a / b`` for a Python float ``a`` and a 0-d tensor ``b``:
+    ``b.reciprocal() * a`` (two roundings)."""
+    return _div(1.0, b) * float(a)
 
 
 def strong_wolfe(obj_func, t, d, f, g, gtd, ops, c1=1e-4, c2=0.9, tolerance_change=1e-9, max_ls=25):
