@@ -7,6 +7,7 @@ import numpy as np
 
 from . import streams
 from .structure import flat_units
+from .validation import check_real
 
 
 def _units(grads, stream):
@@ -60,16 +61,23 @@ def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False, stream=None):
 
     .. math:: g \leftarrow g \cdot \min\!\left(1, \frac{\text{max\_norm}}{\|g\| + 10^{-6}}\right)
 
-    The norm and the scaling run on ``stream`` (as for :func:`global_norm`).
+    ``max_norm``: a finite real number > 0 (Python or NumPy; not a bool): else TypeError for a
+    non-number, ValueError for a value out of range. With ``error_if_nonfinite=True``, a total
+    norm that is NaN or infinite raises FloatingPointError before anything is scaled, as torch
+    raises: whether an element is NaN/Inf or every element is finite and the sum of squares
+    overflows float64 (then clipping would scale every gradient by 0). The norm and the scaling
+    run on ``stream`` (as for :func:`global_norm`).
     """
-    if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"invalid max_norm: {max_norm!r} (must be a finite number > 0)")
+    max_norm = check_real("max_norm", max_norm, lo=0.0, lo_open=True)
     units = _units(grads, stream)
     norm, finite = _norm_and_finite(units)
-    if error_if_nonfinite and not finite:
-        raise FloatingPointError(
-            f"the total gradient norm is {norm}: some gradient holds NaN or Inf"
+    if error_if_nonfinite and not (finite and math.isfinite(norm)):
+        why = (
+            "some gradient holds NaN or Inf"
+            if not finite
+            else "every element is finite but the sum of their squares overflows float64"
         )
+        raise FloatingPointError(f"the total gradient norm is {norm}: {why}")
     coef = clip_coefficient(norm, max_norm)
     if coef < 1.0 or not finite:
         for backend, a, s in units:
@@ -79,9 +87,9 @@ def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False, stream=None):
 
 def clip_grad_value(grads, clip_value, *, stream=None):
     """Clip every gradient element to [-clip_value, clip_value] in place
-    (``torch.nn.utils.clip_grad_value_``); on a GPU on ``stream`` (as for :func:`global_norm`)."""
-    if not (isinstance(clip_value, (int, float)) and math.isfinite(clip_value) and clip_value > 0):
-        raise ValueError(f"invalid clip_value: {clip_value!r} (must be a finite number > 0)")
+    (``torch.nn.utils.clip_grad_value_``); on a GPU on ``stream`` (as for :func:`global_norm`).
+    ``clip_value``: a finite real number > 0, as ``max_norm`` of :func:`clip_grad_norm`."""
+    clip_value = check_real("clip_value", clip_value, lo=0.0, lo_open=True)
     units = list(_units(grads, stream))
     for _, a, _ in units:  # every array checked before the first is clamped
         if np.array(clip_value, dtype=a.dtype) == 0:

@@ -27,6 +27,7 @@ or NPZ, ragged rows, an unknown column, a non-numeric feature, NaN/infinity, wro
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import zipfile
@@ -181,7 +182,10 @@ def load_csv(path, *, target=None, delimiter=None, features=None):
         raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if "\0" in text:
         raise DatasetError(f"{path}: not a text CSV file (it holds NUL bytes)")
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, strict=True)
+    # the text as the file it was read from (newline=''), so that csv sees every line end as it
+    # is: str.splitlines() would also split at \f, \x85, U+2028, ... and drop the newlines kept
+    # inside quoted fields
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows, lines = [], []
     header = None
     try:

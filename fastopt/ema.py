@@ -28,6 +28,14 @@ class EMA:
     at each ``update()``). ``with ema.swapped(): ...`` puts the averages into the parameters for
     evaluation and restores the trained values afterwards, even if the block raises.
 
+    Inside ``swapped()`` the parameters hold the averages and (for parameters of the averages'
+    dtype) the averages' arrays hold the trained values, so anything that writes either would
+    be undone or would corrupt one of them when the block exits: ``update()`` (and
+    ``AveragedModel.update_parameters()``), ``load_state_dict()``, ``copy_to_params()`` and a
+    nested ``swapped()`` raise RuntimeError there, before writing anything, as does reading
+    :attr:`averages` (its arrays hold the trained values until the block exits).
+    ``state_dict()`` works inside the block and returns the averages.
+
     ``stream``: the CUDA stream the averaging kernels run on (a torch/CuPy/numba stream or a
     handle); by default the current stream of the library that owns each array
     (:mod:`fastopt.streams`).
@@ -66,6 +74,17 @@ class EMA:
         ]
         self.num_updates = 0
         self._saved = None  # the 16-bit parameters' own values while swapped()
+        self._swapped = False  # inside swapped(): parameters and averages exchanged
+
+    def _refuse_while_swapped(self, what):
+        """RuntimeError if called inside ``swapped()`` (see the class docstring)."""
+        if self._swapped:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} inside `with swapped():`: until the block "
+                "exits the parameters hold the averages and the averages' arrays the trained "
+                "values (restored on exit), so this would be lost or mix them up; call it "
+                "after the block"
+            )
 
     def current_decay(self):
         """The decay the next update() will use."""
@@ -75,7 +94,8 @@ class EMA:
         return self.decay
 
     def update(self):
-        """Fold the current parameters into the average."""
+        """Fold the current parameters into the average (RuntimeError inside ``swapped()``)."""
+        self._refuse_while_swapped("update()")
         if self.num_updates == 0:
             for avg, p in zip(self._averages, self._params):
                 avg[...] = p
@@ -103,23 +123,32 @@ class EMA:
 
     @property
     def averages(self):
-        """The averaged arrays (views shaped like the parameters; a ParamSet's as one flat array)."""
+        """The averaged arrays (views shaped like the parameters; a ParamSet's as one flat array).
+        RuntimeError inside ``swapped()``, where the parameters hold the averages."""
+        self._refuse_while_swapped("averages")
         return [a.reshape(s) for a, s in zip(self._averages, self._shapes)]
 
     def copy_to_params(self):
-        """Overwrite the parameters with the averages (e.g. before exporting a model)."""
+        """Overwrite the parameters with the averages (e.g. before exporting a model);
+        RuntimeError inside ``swapped()``."""
+        self._refuse_while_swapped("copy_to_params()")
         for avg, p in zip(self._averages, self._params):
             p[...] = avg
 
     @contextmanager
     def swapped(self):
-        """Within the block the parameters hold the averages; afterwards their own values."""
+        """Within the block the parameters hold the averages; afterwards their own values.
+        Not nested; ``update()``, ``load_state_dict()`` and ``copy_to_params()`` raise
+        RuntimeError within it (see the class docstring)."""
+        self._refuse_while_swapped("swapped()")
         if self.num_updates == 0:
             raise RuntimeError("EMA.swapped() before any update(): there is no average yet")
         self._swap()
+        self._swapped = True
         try:
             yield self
         finally:
+            self._swapped = False
             self._swap()
 
     def _swap(self):
@@ -146,12 +175,17 @@ class EMA:
 
     def state_dict(self):
         """decay, warmup, num_updates, the averages (host copies) and, over a ParamSet, its
-        layout as ``"paramset"`` (:func:`paramset_layout`)."""
+        layout as ``"paramset"`` (:func:`paramset_layout`). Inside ``swapped()`` the averages
+        are read where they are then (the parameters, for those of the averages' dtype)."""
+        held = [
+            p if self._swapped and a.dtype == p.dtype else a
+            for a, p in zip(self._averages, self._params)
+        ]
         state = {
             "decay": self.decay,
             "warmup": self.warmup,
             "num_updates": self.num_updates,
-            "averages": [b.to_numpy(a) for b, a in zip(self._backends, self._averages)],
+            "averages": [b.to_numpy(a) for b, a in zip(self._backends, held)],
         }
         if self._layout is not None:
             state["paramset"] = self.paramset_layout
@@ -159,7 +193,8 @@ class EMA:
 
     def load_state_dict(self, state):
         """Load a :meth:`state_dict`, everything checked before the first write
-        (:meth:`check_state_dict`)."""
+        (:meth:`check_state_dict`); RuntimeError inside ``swapped()``, before any check."""
+        self._refuse_while_swapped("load_state_dict()")
         converted, num = self.check_state_dict(state)
         for host, mine in zip(converted, self._averages):
             mine[...] = _like(mine, host)
