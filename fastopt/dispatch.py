@@ -128,9 +128,25 @@ class Backend:
         """The CUDA device ordinal of a native array (None for host memory or when unknown)."""
         return None
 
-    def to_numpy(self, a):
-        """A NumPy copy of a native array."""
+    def to_numpy(self, a, stream=None):
+        """A NumPy copy of a native array; on a GPU read on ``stream`` (a handle; None the
+        backend's default), which it synchronises."""
         return np.array(a, copy=True)
+
+    def copy(self, dst, src, stream=None):
+        """``dst[...] = src`` for native flat arrays of this backend, of equal size and storage
+        dtypes: exact for equal dtypes (the bits), else as :meth:`convert` rounds (to nearest
+        even). On a GPU a device-to-device copy or one conversion kernel on ``stream`` (a
+        handle, as for :meth:`update`), asynchronous, never through the host nor a kernel the
+        array library compiles for the dtype (numba cannot type bfloat16)."""
+        dst[...] = src
+
+    def clone(self, a, stream=None):
+        """A new native flat array holding ``a``'s values (bits), on ``a``'s device, made on
+        ``stream`` (:meth:`copy`; device arrays need not have ``copy()``)."""
+        out = self.zeros(a.size, a.dtype, like=a, stream=stream)
+        self.copy(out, a, stream)
+        return out
 
     def assign(self, dst, src, stream=None):
         """Copy ``src`` (NumPy or a device array, any float dtype, same size) into native ``dst``.
@@ -323,8 +339,22 @@ class CuPyBackend(Backend):
     def device_of(self, a):
         return int(a.data.device_id)
 
-    def to_numpy(self, a):
-        return self._cp().asnumpy(a)
+    def to_numpy(self, a, stream=None):
+        cupy = self._cp()
+        if stream is None:
+            return cupy.asnumpy(a)
+        with self._on(a, stream):  # read on ``stream`` (asnumpy waits for it)
+            return cupy.asnumpy(a, stream=cupy.cuda.get_current_stream())
+
+    def copy(self, dst, src, stream=None):
+        if _converts(dst, src):
+            self.convert(dst, src, stream=stream)
+            return
+        with self._on(dst, stream):  # the bits, device to device, on ``stream``
+            if dst.dtype.itemsize == 2:
+                dst.view(np.uint16)[...] = src.view(np.uint16)
+            else:
+                dst[...] = src
 
     def assign(self, dst, src, stream=None):
         if isinstance(src, np.ndarray):
@@ -459,8 +489,27 @@ class NumbaCUDA(Backend):
     def device_of(self, a):
         return self._launch.device_of(a)
 
-    def to_numpy(self, a):
-        return a.copy_to_host()
+    def to_numpy(self, a, stream=None):
+        if not stream:
+            return a.copy_to_host()
+        launch = self._launch
+        device = self.device_of(a)
+        with launch.on_device(device):
+            s = launch.as_stream(launch._cuda(), stream, device)
+            host = a.copy_to_host(stream=s)
+            s.synchronize()  # this stream alone
+        return host
+
+    def copy(self, dst, src, stream=None):
+        if _converts(dst, src):
+            self.convert(dst, src, stream=stream)
+            return
+        launch = self._launch
+        device = self.device_of(dst)
+        if dst.dtype.itemsize == 2:  # numba cannot type bfloat16: copy the bits
+            dst, src = dst.view(np.uint16), src.view(np.uint16)
+        with launch.on_device(device):  # device to device (cudaMemcpyAsync) on ``stream``
+            dst.copy_to_device(src, stream=launch.as_stream(launch._cuda(), stream, device))
 
     def assign(self, dst, src, stream=None):
         launch = self._launch

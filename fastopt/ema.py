@@ -96,9 +96,9 @@ class EMA:
     def update(self):
         """Fold the current parameters into the average (RuntimeError inside ``swapped()``)."""
         self._refuse_while_swapped("update()")
-        if self.num_updates == 0:
-            for avg, p in zip(self._averages, self._params):
-                avg[...] = p
+        if self.num_updates == 0:  # the copy (widening) on the device, on the EMA's stream
+            for b, avg, p in zip(self._backends, self._averages, self._params):
+                b.copy(avg, p, self._launch_stream(p))
         else:
             weight, decay = self._lerp_weights()
             for b, avg, p, s in zip(self._backends, self._averages, self._params, self._storages):
@@ -132,8 +132,8 @@ class EMA:
         """Overwrite the parameters with the averages (e.g. before exporting a model);
         RuntimeError inside ``swapped()``."""
         self._refuse_while_swapped("copy_to_params()")
-        for avg, p in zip(self._averages, self._params):
-            p[...] = avg
+        for b, avg, p in zip(self._backends, self._averages, self._params):
+            b.copy(p, avg, self._launch_stream(p))  # rounded to nearest even for 16-bit
 
     @contextmanager
     def swapped(self):
@@ -156,16 +156,19 @@ class EMA:
         trained values are kept in ``_saved`` on the way in and written back on the way out."""
         swapping_in = self._saved is None
         saved = [] if swapping_in else self._saved
-        for avg, p in zip(self._averages, self._params):
+        # every copy through the backend, on the EMA's stream: numba device arrays have no
+        # copy(), and their ``a[...] = b`` compiles a kernel that cannot type bfloat16
+        for b, avg, p in zip(self._backends, self._averages, self._params):
+            s = self._launch_stream(p)
             if avg.dtype == p.dtype:
-                tmp = p.copy()
-                p[...] = avg
-                avg[...] = tmp
+                tmp = b.clone(p, s)
+                b.copy(p, avg, s)
+                b.copy(avg, tmp, s)
             elif swapping_in:
-                saved.append(p.copy())
-                p[...] = avg  # rounded to nearest even
+                saved.append(b.clone(p, s))
+                b.copy(p, avg, s)  # rounded to nearest even
             else:
-                p[...] = saved.pop(0)
+                b.copy(p, saved.pop(0), s)
         self._saved = saved if swapping_in else None
 
     @property
@@ -185,7 +188,10 @@ class EMA:
             "decay": self.decay,
             "warmup": self.warmup,
             "num_updates": self.num_updates,
-            "averages": [b.to_numpy(a) for b, a in zip(self._backends, held)],
+            "averages": [
+                b.to_numpy(a, self._launch_stream(p))
+                for b, a, p in zip(self._backends, held, self._params)
+            ],
         }
         if self._layout is not None:
             state["paramset"] = self.paramset_layout
@@ -196,8 +202,8 @@ class EMA:
         (:meth:`check_state_dict`); RuntimeError inside ``swapped()``, before any check."""
         self._refuse_while_swapped("load_state_dict()")
         converted, num = self.check_state_dict(state)
-        for host, mine in zip(converted, self._averages):
-            mine[...] = _like(mine, host)
+        for b, host, mine, p in zip(self._backends, converted, self._averages, self._params):
+            b.assign(mine, host, self._launch_stream(p))  # uploaded on the EMA's stream
         self.decay, self.warmup, self.num_updates = float(state["decay"]), state["warmup"], int(num)
 
     def check_state_dict(self, state):
@@ -241,14 +247,6 @@ def _shapes_of(params):
         return [params.shape]
     values = params.values() if isinstance(params, dict) else params
     return [a.shape for a in values]
-
-
-def _like(dst, host):
-    if isinstance(dst, np.ndarray):
-        return host
-    import cupy
-
-    return cupy.asarray(host)
 
 
 def _average_dtype(dtype):

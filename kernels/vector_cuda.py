@@ -6,21 +6,28 @@ curvature pair) and reduces up to two float64 quantities of the updated elements
 ``sumsq_and_finite`` is: ``REDUCTION_CHUNK`` elements per partial, thread ``t`` of a block summing
 elements ``lo + t, lo + t + T, ...`` in index order, then a pairwise tree over the block's ``T``
 threads; the partials are copied back and summed on the host in index order. The order of every
-addition depends on ``(n, T)`` only, never on the grid: the same bits run to run (they differ from
-the CPU kernels' in the last places, whose chunks sum sequentially).
+addition depends on ``(n, T)`` only, never on the grid: the same bits run to run. They differ from
+the CPU kernels' (``kernels/vector.py``) in the last places: there each chunk is summed as
+1024-element blocks, each block sequentially (in L1), the block sums in order.
 
 All kernels are one template, :func:`_pass`, with an element function per operation bound as a
 global (``element(i, A, B, C, D, E, a, b) -> (v0, v1)``; unused array slots get a one-element
 dummy) and ``second_max`` choosing whether ``v1`` is summed or maxed. Arrays are flat device arrays
-(numba, or anything with ``__cuda_array_interface__``) of float32 or float64, on the current
-device; launches go to the default stream, and every reduction synchronises on it to return host
-floats, as the L-BFGS control flow needs them.
+(numba, or anything with ``__cuda_array_interface__``) of float32 or float64, all on one device;
+every launch goes to that device and to ``stream`` (a handle, numba/CuPy/torch stream or None:
+the legacy default stream, see :func:`fastopt.kernels.cuda_launch.as_stream`). A reduction
+copies its partials back on that stream and synchronises that stream alone, as the L-BFGS
+control flow needs host floats; operations that reduce nothing (``scale``, ``copy``, ``fill``)
+never wait. The partials buffer and the dummy arrays live per thread and device
+(``threading.local``, as ``kernels/vector_cupy.py``): optimizers stepped from several threads,
+or on several devices, never share them.
 """
 
 import threading
 
 import numpy as np
 
+from . import cuda_launch as launch
 from .compile_rules import rebind
 from .cuda_launch import _cuda
 from .layout import REDUCTION_CHUNK, REDUCTION_THREADS
@@ -32,8 +39,7 @@ BLOCKS = 1024
 
 _LOCK = threading.Lock()
 _KERNELS = {}
-_PARTIALS = {}
-_DUMMY = {}
+_local = threading.local()  # .partials: {device: (2, capacity) float64}; .dummy: {(device, dtype)}
 
 
 # ---------------------------------------------------------------------------- element functions
@@ -164,23 +170,42 @@ def _kernel(op, threads):
     return k
 
 
-def _dummy(dtype):
-    d = _DUMMY.get(np.dtype(dtype))
+def _thread_buffers(name):
+    """This thread's ``{key: device array}`` of kind ``name`` (a ``threading.local``)."""
+    buffers = getattr(_local, name, None)
+    if buffers is None:
+        buffers = {}
+        setattr(_local, name, buffers)
+    return buffers
+
+
+def _dummy(dtype, device=None, stream=0):
+    """This thread's one-element filler of ``dtype`` on ``device`` (never read nor written);
+    allocated on the current device (the caller's ``launch.on_device``)."""
+    dummies = _thread_buffers("dummy")
+    key = (device, np.dtype(dtype))
+    d = dummies.get(key)
     if d is None:
-        d = _DUMMY[np.dtype(dtype)] = _cuda().device_array(1, dtype)
+        d = dummies[key] = _cuda().device_array(1, dtype, stream=stream)
     return d
 
 
-def _partials(nchunks):
-    p = _PARTIALS.get(nchunks)
-    if p is None:
-        p = _PARTIALS[nchunks] = _cuda().device_array((2, nchunks), np.float64)
+def _partials(nchunks, device=None, stream=0, sink=False):
+    """This thread's ``(2, capacity)`` partials buffer on ``device``, ``capacity >= nchunks``
+    (grown when a longer vector needs more, else reused), allocated on the current device.
+    ``sink``: the buffer the passes that reduce nothing write their (unread) partials to, so
+    that they never touch the one a reduction reads back."""
+    buffers = _thread_buffers("partials")
+    key = (device, sink)
+    p = buffers.get(key)
+    if p is None or p.shape[1] < nchunks:
+        p = buffers[key] = _cuda().device_array((2, nchunks), np.float64, stream=stream)
     return p
 
 
-def _run(op, n, arrays, a=0.0, b=0.0, reduce=True):
-    """Run ``op`` over ``n`` elements; the (2, nchunks) partials on the host (None when not
-    ``reduce``: nothing is copied back and nothing waits)."""
+def _run(op, n, arrays, a=0.0, b=0.0, reduce=True, stream=None):
+    """Run ``op`` over ``n`` elements on ``stream``; the (2, nchunks) partials on the host
+    (None when not ``reduce``: nothing is copied back and nothing waits)."""
     cuda = _cuda()
     threads = int(THREADS)
     if threads < 1 or threads & (threads - 1):
@@ -189,59 +214,100 @@ def _run(op, n, arrays, a=0.0, b=0.0, reduce=True):
         return np.zeros((2, 1)) if reduce else None
     nchunks = max(1, -(-n // REDUCTION_CHUNK))
     arrays = [x if getattr(x, "__cuda_ndarray__", False) else cuda.as_cuda_array(x) for x in arrays]
-    filler = _dummy(arrays[0].dtype)
-    args = arrays + [filler] * (5 - len(arrays))
-    out = _partials(nchunks)
-    _kernel(op, threads)[min(nchunks, BLOCKS), threads](n, out, *args, float(a), float(b))
-    return out.copy_to_host() if reduce else None
+    device = launch.device_of(arrays[0])
+    where = launch.launch_device(arrays[0])
+    with launch.on_device(where):
+        s = launch.as_stream(cuda, stream, where)
+        filler = _dummy(arrays[0].dtype, device, s)
+        args = arrays + [filler] * (5 - len(arrays))
+        out = _partials(nchunks, device, s, sink=not reduce)
+        k = launch.configured(_kernel(op, threads), min(nchunks, BLOCKS), threads, s, where)
+        k(n, out, *args, float(a), float(b))
+        if not reduce:
+            return None
+        if s:
+            host = out.copy_to_host(stream=s)
+            s.synchronize()  # this stream alone
+        else:
+            host = out.copy_to_host()
+    return host[:, :nchunks]
 
 
 # ---------------------------------------------------------------------------- public API
 # The same functions and meaning as kernels/vector.py.
 
 
-def dot(x, y):
+def dot(x, y, stream=None):
     """``x . y`` in float64 (deterministic)."""
-    return float(np.sum(_run("dot", x.size, [x, y])[0]))
+    return float(np.sum(_run("dot", x.size, [x, y], stream=stream)[0]))
 
 
-def update_dot(q, a, x, h, z):
+def update_dot(q, a, x, h, z, stream=None):
     """``q <- h * (q + a*x)`` in place, then return ``z . q`` (one pass)."""
-    return float(np.sum(_run("update_dot", q.size, [q, x, z], a, h)[0]))
+    return float(np.sum(_run("update_dot", q.size, [q, x, z], a, h, stream=stream)[0]))
 
 
-def scale_dot(out, c, x, z):
+def scale_dot(out, c, x, z, stream=None):
     """``out <- c * x``, then return ``z . out`` (one pass)."""
-    return float(np.sum(_run("scale_dot", out.size, [out, x, z], c)[0]))
+    return float(np.sum(_run("scale_dot", out.size, [out, x, z], c, stream=stream)[0]))
 
 
-def curvature_pair(g, pg, d, t, y, s):
+def curvature_pair(g, pg, d, t, y, s, stream=None):
     """``y <- g - pg``, ``s <- t*d``; return ``(y . s, y . y)`` (one pass)."""
-    r = _run("pair", g.size, [g, pg, d, y, s], t)
+    r = _run("pair", g.size, [g, pg, d, y, s], t, stream=stream)
     return float(np.sum(r[0])), float(np.sum(r[1]))
 
 
-def abs_sum_max(x):
+def abs_sum_max(x, stream=None):
     """``(sum |x_i|, max |x_i|)`` in float64 (one pass)."""
-    r = _run("abs", x.size, [x])
+    r = _run("abs", x.size, [x], stream=stream)
     return float(np.sum(r[0])), float(np.max(r[1]))
 
 
-def axpy_absmax(p, a, x):
+def axpy_absmax(p, a, x, stream=None):
     """``p <- p + a*x`` in place; return ``max |x_i|`` (one pass)."""
-    return float(np.max(_run("axpy_absmax", p.size, [p, x], a)[1]))
+    return float(np.max(_run("axpy_absmax", p.size, [p, x], a, stream=stream)[1]))
 
 
-def scale(out, c, x):
-    """``out <- c * x`` (rounded once to ``out``'s dtype)."""
-    _run("scale", out.size, [out, x], c, reduce=False)
+def scale(out, c, x, stream=None):
+    """``out <- c * x`` (rounded once to ``out``'s dtype); asynchronous."""
+    _run("scale", out.size, [out, x], c, reduce=False, stream=stream)
 
 
-def copy(dst, src):
-    """``dst <- src`` (equal sizes)."""
-    _run("copy", dst.size, [dst, src], reduce=False)
+def copy(dst, src, stream=None):
+    """``dst <- src`` (equal sizes); asynchronous."""
+    _run("copy", dst.size, [dst, src], reduce=False, stream=stream)
 
 
-def fill(x, value):
-    """``x <- value`` everywhere."""
-    _run("fill", x.size, [x], value, reduce=False)
+def fill(x, value, stream=None):
+    """``x <- value`` everywhere; asynchronous."""
+    _run("fill", x.size, [x], value, reduce=False, stream=stream)
+
+
+def empty(n, dtype, device=None, stream=None):
+    """An uninitialised flat device array of ``n`` elements on ``device`` (None: the current
+    one), allocated on ``stream``."""
+    cuda = _cuda()
+    with launch.on_device(device):
+        return cuda.device_array(int(n), dtype, stream=launch.as_stream(cuda, stream, device))
+
+
+def to_device(host, device=None, stream=None):
+    """A flat device copy of the NumPy array ``host`` on ``device``, uploaded on ``stream``."""
+    host = np.ascontiguousarray(host).reshape(host.size)
+    out = empty(host.size, host.dtype, device, stream)
+    cuda = _cuda()
+    with launch.on_device(device):
+        out.copy_to_device(host, stream=launch.as_stream(cuda, stream, device))
+    return out
+
+
+def synchronize(device=None, stream=None):
+    """Wait for ``stream`` (None: the legacy default stream) on ``device``."""
+    cuda = _cuda()
+    with launch.on_device(device):
+        s = launch.as_stream(cuda, stream, device)
+        if s:
+            s.synchronize()
+        else:
+            cuda.synchronize()

@@ -709,3 +709,131 @@ def test_numba_cuda_state_and_launches_on_the_parameters_device(torch_cuda):
         with pytest.raises(ValueError, match="cuda:0"):
             opt.step([grad.to("cuda:0")])
         assert np.array_equal(p.cpu().numpy(), before)
+
+
+# -- GPU audit fixes: EMA over numba-cuda arrays (bfloat16 too), vector_cuda per thread/stream
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_ema_on_numba_cuda_matches_cpu_bit_for_bit(dtype):
+    """numba's DeviceNDArray has no copy() and cannot assign bfloat16 (``a[...] = b`` types
+    the dtype): update, swapped, copy_to_params and a state_dict round trip go through the
+    backend, bit for bit the CPU EMA, without CuPy in the numba path."""
+    import ml_dtypes
+    from numba import cuda
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(3)
+    host = [rng.standard_normal(s).astype(np.float32).astype(dt) for s in [(7, 5), (1000,)]]
+    dev = [cuda.to_device(h.view(np.uint16) if dt.itemsize == 2 else h) for h in host]
+    if dt.itemsize == 2:
+        dev = [d.view(dt) for d in dev]
+    ema_h, ema_d = fo.EMA(host, 0.9), fo.EMA(dev, 0.9)
+    for _ in range(3):
+        ema_h.update()
+        ema_d.update()
+        for h, d in zip(host, dev):
+            new = (rng.standard_normal(h.shape) * 0.1).astype(np.float32).astype(dt)
+            h[...] = new
+            (d.view(np.uint16) if dt.itemsize == 2 else d).copy_to_device(
+                new.view(np.uint16) if dt.itemsize == 2 else new
+            )
+
+    def bits(a):
+        a = (
+            a.view(np.uint16).copy_to_host()
+            if hasattr(a, "copy_to_host") and dt.itemsize == 2
+            else a
+        )
+        return np.asarray(_host(a)).view(np.uint8).tobytes()
+
+    for a, b in zip(ema_h.averages, ema_d.averages):
+        assert _host(a).tobytes() == _host(b).tobytes()
+    with ema_h.swapped(), ema_d.swapped():
+        for h, d in zip(host, dev):
+            assert h.view(np.uint8).tobytes() == bits(d)
+    for h, d in zip(host, dev):
+        assert h.view(np.uint8).tobytes() == bits(d)
+    sd = ema_d.state_dict()
+    again = fo.EMA(dev, 0.9)
+    again.load_state_dict(sd)
+    for a, b in zip(ema_h.averages, again.averages):
+        assert _host(a).tobytes() == _host(b).tobytes()
+    ema_h.copy_to_params()
+    ema_d.copy_to_params()
+    for h, d in zip(host, dev):
+        assert h.view(np.uint8).tobytes() == bits(d)
+
+
+def test_ema_follows_torch_side_stream(torch_cuda):
+    """The EMA's first copy and lerp on the torch current (non-blocking) stream: queued after
+    a spin and a fill there, they see the fill."""
+    torch = torch_cuda
+    p = torch.zeros(RACE_N, device="cuda")
+    ema = fo.EMA([p], 0.5)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(SPIN_CYCLES)
+        p.fill_(2.0)
+        ema.update()  # average = 2
+        sd = ema.state_dict()  # read after this stream
+    assert np.all(sd["averages"][0] == 2.0)
+
+
+@needs_numba
+def test_vector_cuda_threads_and_stream():
+    """Two threads reducing vectors of one length at once get their own sums (the partials
+    buffer is per thread), on the stream they name."""
+    import threading
+
+    from numba import cuda
+
+    from fastopt.kernels import vector_cuda as vc
+
+    n = 1 << 20
+    xs = {k: cuda.to_device(np.full(n, float(k), np.float32)) for k in (1, 2)}
+    streams = {k: cuda.stream() for k in (1, 2)}
+    bad = []
+
+    def work(k):
+        for _ in range(50):
+            got = vc.dot(xs[k], xs[k], streams[k])
+            if got != float(k * k * n):
+                bad.append((k, got))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in (1, 2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert bad == []
+
+
+@needs_numba
+def test_lbfgs_numba_cuda_stream_option(torch_cuda):
+    """LBFGS on torch CUDA tensors (numba-cuda) with ``stream=`` a torch side stream: the same
+    iterates as without it."""
+    torch = torch_cuda
+    x0 = np.linspace(-1.2, 1.0, 64)
+
+    def run(stream):
+        x = torch.tensor(x0, device="cuda")
+
+        def closure():
+            h = x.cpu().numpy()
+            a, b = h[:-1], h[1:]
+            g = np.zeros_like(h)
+            g[:-1] = -400.0 * a * (b - a * a) - 2 * (1 - a)
+            g[1:] += 200.0 * (b - a * a)
+            return float(np.sum(100.0 * (b - a * a) ** 2 + (1 - a) ** 2)), [
+                torch.tensor(g, device="cuda")
+            ]
+
+        opt = fo.LBFGS([x], lr=1.0, max_iter=5, line_search_fn="strong_wolfe", stream=stream)
+        for _ in range(3):
+            opt.step(closure)
+        torch.cuda.synchronize()
+        return x.cpu().numpy()
+
+    s = torch.cuda.Stream()
+    np.testing.assert_array_equal(run(s), run(None))

@@ -61,38 +61,61 @@ class _HostVectors:
 
 
 class _CudaVectors:
-    """The same operations on numba-cuda device arrays (``kernels/vector_cuda.py``)."""
+    """The same operations on numba-cuda device arrays of one device (``kernels/vector_cuda.py``),
+    launched on ``stream`` (set by every ``step()``: the optimizer's ``stream=`` or the stream
+    of the parameters' library); a reduction synchronises that stream alone."""
 
-    def __init__(self):
+    def __init__(self, device):
         from ..kernels import vector_cuda
 
         self.k = vector_cuda
-        for name in ("dot", "update_dot", "scale_dot", "curvature_pair", "abs_sum_max"):
-            setattr(self, name, getattr(vector_cuda, name))
-        self.axpy_absmax = vector_cuda.axpy_absmax
-        self.copy = vector_cuda.copy
-        self.scale = vector_cuda.scale
+        self.device = device
+        self.stream = None
+
+    def dot(self, x, y):
+        return self.k.dot(x, y, self.stream)
+
+    def update_dot(self, q, a, x, h, z):
+        return self.k.update_dot(q, a, x, h, z, self.stream)
+
+    def scale_dot(self, out, c, x, z):
+        return self.k.scale_dot(out, c, x, z, self.stream)
+
+    def curvature_pair(self, g, pg, d, t, y, s):
+        return self.k.curvature_pair(g, pg, d, t, y, s, self.stream)
+
+    def abs_sum_max(self, x):
+        return self.k.abs_sum_max(x, self.stream)
 
     def abs_max(self, x):
-        return self.k.abs_sum_max(x)[1]
+        return self.k.abs_sum_max(x, self.stream)[1]
+
+    def axpy_absmax(self, p, a, x):
+        return self.k.axpy_absmax(p, a, x, self.stream)
+
+    def copy(self, dst, src):
+        self.k.copy(dst, src, self.stream)
+
+    def scale(self, out, c, x):
+        self.k.scale(out, c, x, self.stream)
+
+    def zero(self, x):
+        self.k.fill(x, 0.0, self.stream)
 
     def empty(self, n, dtype):
-        from numba import cuda
-
-        return cuda.device_array(n, dtype)
+        return self.k.empty(n, dtype, self.device, self.stream)
 
     def clone(self, x):
         out = self.empty(x.size, x.dtype)
-        self.k.copy(out, x)
+        self.copy(out, x)
         return out
 
-    def zero(self, x):
-        self.k.fill(x, 0.0)
-
     def to_vector(self, host):
-        from numba import cuda
+        return self.k.to_device(host, self.device, self.stream)
 
-        return cuda.to_device(host)
+    def synchronize(self):
+        """Wait for the work launched on ``stream`` (before host copies of the vectors)."""
+        self.k.synchronize(self.device, self.stream)
 
 
 class _CupyVectors:
@@ -186,8 +209,9 @@ class LBFGS(Optimizer):
     state's; the gathered gradient). Host arrays (NumPy, torch CPU tensors, a host ParamSet)
     run ``kernels/vector.py``; arrays on a GPU run the same passes in ``kernels/vector_cuda.py``
     (backend ``"numba-cuda"``) or in the CUDA C kernels of ``kernels/vector_cupy.py`` (backend
-    ``"cupy"``, on the stream of the parameters' library): deterministic tree reductions, one
-    host read per dot product, the same bits on both GPU backends. All parameters live on the
+    ``"cupy"``): deterministic tree reductions, one host read per dot product (synchronising
+    the step's stream alone: ``stream=``, a torch/CuPy/numba stream or handle, else the current
+    stream of the parameters' library, :mod:`fastopt.streams`), the same bits on both GPU backends. All parameters live on the
     host or all on one GPU with one backend. Reductions accumulate in float64 for float32
     parameters too (torch's float32 dot products round in float32).
 
@@ -212,6 +236,7 @@ class LBFGS(Optimizer):
         line_search_fn=None,
         *,
         backend=None,
+        stream=None,
     ):
         check_int("max_iter", max_iter, lo=1)
         if max_eval is None:
@@ -225,7 +250,7 @@ class LBFGS(Optimizer):
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, stream=stream)
         units = self.units()
         if len({u.device for u in units}) > 1:
             raise TypeError("LBFGS needs all parameters on the host or all on one GPU")
@@ -470,7 +495,10 @@ class LBFGS(Optimizer):
     def state_dict(self):
         """torch's LBFGS layout: ``{"algorithm", "state": {0: {func_evals, n_iter, d, t,
         old_dirs, old_stps, ro, H_diag, prev_flat_grad, prev_loss, al}}, "param_groups"}``,
-        vectors as flat NumPy copies (the history as lists of them)."""
+        vectors as flat NumPy copies (the history as lists of them), read after the stream of
+        the last step (on a GPU) is synchronised."""
+        if isinstance(self._vec, _CudaVectors):  # the host copies run on the default stream
+            self._vec.synchronize()
         return lbfgs_state.state_dict(self)
 
     def load_state_dict(self, state_dict):
@@ -481,8 +509,9 @@ class LBFGS(Optimizer):
         self._spare = self._spare_d = self._spare_g = None
 
     def _bind_stream(self):
-        """CuPy: launch on the current stream of the parameters' library (``fastopt.streams``)."""
-        if isinstance(self._vec, _CupyVectors):
+        """GPU: launch on the optimizer's ``stream=``, else the current stream of the
+        parameters' library (``fastopt.streams``)."""
+        if isinstance(self._vec, (_CupyVectors, _CudaVectors)):
             self._vec.stream = self.step_streams()(self.units()[0])
 
 
@@ -504,7 +533,7 @@ def _device_vectors(units):
             )
     if first.backend.name == "cupy":
         return _CupyVectors(first.backend.device_of(first.param))
-    return _CudaVectors()
+    return _CudaVectors(first.backend.device_of(first.param))
 
 
 def _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
