@@ -391,7 +391,11 @@ def test_lbfgs_on_fake_cupy_follows_numba_cpu(fake, line_search_fn):
     fake.current_ptr = 42
     got = _lbfgs_run(dev, lambda p: p.host, lambda gs: [FakeCupyArray(g) for g in gs], **kw)
     opt = got[3]
-    assert opt.units()[0].backend.name == "cupy" and isinstance(opt._vec, lbfgs._CupyVectors)
+    assert (
+        opt.units()[0].backend.name == "cupy"
+        and isinstance(opt._vec, lbfgs._DeviceVectors)
+        and opt._vec.k.__name__.endswith(".vector_cupy")
+    )
     assert got[2] == ref[2]  # closure calls
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-12, atol=1e-12 * ref[0][0])

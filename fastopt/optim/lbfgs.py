@@ -60,15 +60,15 @@ class _HostVectors:
         return host
 
 
-class _CudaVectors:
-    """The same operations on numba-cuda device arrays of one device (``kernels/vector_cuda.py``),
-    launched on ``stream`` (set by every ``step()``: the optimizer's ``stream=`` or the stream
-    of the parameters' library); a reduction synchronises that stream alone."""
+class _DeviceVectors:
+    """The same operations on GPU arrays of one device: numba-cuda device arrays
+    (``kernels/vector_cuda.py``) or CuPy arrays (``kernels/vector_cupy.py``), the module given
+    as ``kernels``, launched on ``stream`` (set by every ``step()``: the optimizer's
+    ``stream=`` or the stream of the parameters' library); a reduction synchronises that
+    stream alone."""
 
-    def __init__(self, device):
-        from ..kernels import vector_cuda
-
-        self.k = vector_cuda
+    def __init__(self, kernels, device):
+        self.k = kernels
         self.device = device
         self.stream = None
 
@@ -114,61 +114,12 @@ class _CudaVectors:
         return self.k.to_device(host, self.device, self.stream)
 
     def synchronize(self):
-        """Wait for the work launched on ``stream`` (before host copies of the vectors)."""
-        self.k.synchronize(self.device, self.stream)
-
-
-class _CupyVectors:
-    """The same operations on CuPy arrays of one device (``kernels/vector_cupy.py``), launched
-    on ``stream`` (set by every ``step()``: the stream of the parameters' library)."""
-
-    def __init__(self, device):
-        from ..kernels import vector_cupy
-
-        self.k = vector_cupy
-        self.device = device
-        self.stream = None
-
-    def dot(self, x, y):
-        return self.k.dot(x, y, self.stream)
-
-    def update_dot(self, q, a, x, h, z):
-        return self.k.update_dot(q, a, x, h, z, self.stream)
-
-    def scale_dot(self, out, c, x, z):
-        return self.k.scale_dot(out, c, x, z, self.stream)
-
-    def curvature_pair(self, g, pg, d, t, y, s):
-        return self.k.curvature_pair(g, pg, d, t, y, s, self.stream)
-
-    def abs_sum_max(self, x):
-        return self.k.abs_sum_max(x, self.stream)
-
-    def abs_max(self, x):
-        return self.k.abs_sum_max(x, self.stream)[1]
-
-    def axpy_absmax(self, p, a, x):
-        return self.k.axpy_absmax(p, a, x, self.stream)
-
-    def copy(self, dst, src):
-        self.k.copy(dst, src, self.stream)
-
-    def scale(self, out, c, x):
-        self.k.scale(out, c, x, self.stream)
-
-    def zero(self, x):
-        self.k.fill(x, 0.0, self.stream)
-
-    def empty(self, n, dtype):
-        return self.k.empty(n, dtype, self.device, self.stream)
-
-    def clone(self, x):
-        out = self.empty(x.size, x.dtype)
-        self.copy(out, x)
-        return out
-
-    def to_vector(self, host):
-        return self.k.to_device(host, self.device, self.stream)
+        """Wait for the work launched on ``stream`` before host copies of the vectors, which
+        numba-cuda makes on the default stream. (CuPy's host copies run on its current stream:
+        ``vector_cupy`` has no ``synchronize`` and nothing is waited for here.)"""
+        sync = getattr(self.k, "synchronize", None)
+        if sync is not None:
+            sync(self.device, self.stream)
 
 
 class LBFGS(Optimizer):
@@ -497,7 +448,7 @@ class LBFGS(Optimizer):
         old_dirs, old_stps, ro, H_diag, prev_flat_grad, prev_loss, al}}, "param_groups"}``,
         vectors as flat NumPy copies (the history as lists of them), read after the stream of
         the last step (on a GPU) is synchronised."""
-        if isinstance(self._vec, _CudaVectors):  # the host copies run on the default stream
+        if isinstance(self._vec, _DeviceVectors):
             self._vec.synchronize()
         return lbfgs_state.state_dict(self)
 
@@ -511,7 +462,7 @@ class LBFGS(Optimizer):
     def _bind_stream(self):
         """GPU: launch on the optimizer's ``stream=``, else the current stream of the
         parameters' library (``fastopt.streams``)."""
-        if isinstance(self._vec, (_CupyVectors, _CudaVectors)):
+        if isinstance(self._vec, _DeviceVectors):
             self._vec.stream = self.step_streams()(self.units()[0])
 
 
@@ -532,8 +483,10 @@ def _device_vectors(units):
                 "backend='numba-cuda')"
             )
     if first.backend.name == "cupy":
-        return _CupyVectors(first.backend.device_of(first.param))
-    return _CudaVectors(first.backend.device_of(first.param))
+        from ..kernels import vector_cupy as kernels
+    else:
+        from ..kernels import vector_cuda as kernels
+    return _DeviceVectors(kernels, first.backend.device_of(first.param))
 
 
 def _two_loop(vec, flat_grad, d, old_dirs, old_stps, ro, H_diag, al):
