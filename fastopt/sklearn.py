@@ -58,12 +58,12 @@ with moves with every strictly better value, also one better by less than ``tol`
 With ``early_stopping`` the weights of the best-scoring epoch are then put back (also after
 ``max_iter`` epochs; the initial weights if no score was ever a best, e.g. all NaN). A NaN
 value resets the count and is never a best, as in scikit-learn. ``n_iter_`` counts the epochs
-run, including those after the best one. A ``warm_start`` fit continues the count, best and
+run by the last call, including those after the best one (1 after a ``partial_fit``), while
+``loss_curve_`` and ``t_`` go on over ``warm_start`` fits and ``partial_fit`` calls, as in
+scikit-learn. A ``warm_start`` fit continues the count, best and
 ``validation_scores_`` of the fit (or ``partial_fit`` calls) before it, as scikit-learn does;
 like scikit-learn's (whose kept weights are the arrays that training then updates in place), it
-ends with its last weights unless it finds a new best. Unlike scikit-learn, fastopt's
-``n_iter_`` and ``loss_curve_`` count the epochs of every ``warm_start`` fit and
-``partial_fit`` call (scikit-learn's ``n_iter_`` counts those of the last call), and a
+ends with its last weights unless it finds a new best. Unlike scikit-learn, a
 diverging loss (NaN or infinite) stops training with the last finite weights (see
 :class:`~fastopt.trainer.Trainer`). ``loss_curve_`` is the mean training loss of each epoch
 without the ``alpha`` L2 term (scikit-learn's includes it), so the same ``tol`` can stop at
@@ -611,7 +611,7 @@ class _BaseMLP(BaseEstimator):
         trainer = self._trainer
         history = trainer.history
         self.history_ = history
-        self.n_iter_ = len(history.get("loss", []))
+        self.n_iter_ = len(history.get("loss", [])) - start  # this call's epochs, as scikit-learn
         self.loss_curve_ = list(history.get("loss", []))
         self.loss_ = self.loss_curve_[-1] if self.loss_curve_ else float("nan")
         if "val_loss" in history:

@@ -201,7 +201,7 @@ def test_partial_fit_and_warm_start():
             clf.partial_fit(Xtr[lo : lo + 400], ytr[lo : lo + 400], classes=np.arange(10))
         scores.append(clf.score(Xte, yte))
     assert scores[-1] > 0.9 and scores[-1] >= scores[0]
-    assert clf.n_iter_ == 4 * 4
+    assert clf.n_iter_ == 1 and len(clf.loss_curve_) == 4 * 4  # n_iter_: the last call's
     with pytest.raises(ValueError, match=r"unseen in the first fit"):
         clf.partial_fit(Xtr[:10], np.full(10, 11))
     with pytest.raises(ValueError, match="features"):
@@ -215,7 +215,11 @@ def test_partial_fit_and_warm_start():
         warm.fit(Xtr, ytr)
         first = warm.coefs_[0]
         warm.fit(Xtr, ytr)
-    assert warm.n_iter_ == 6 and not np.array_equal(first, warm.coefs_[0])
+    assert (
+        warm.n_iter_ == 3
+        and len(warm.loss_curve_) == 6
+        and not np.array_equal(first, warm.coefs_[0])
+    )
 
 
 def test_early_stopping_and_convergence_warning():

@@ -320,8 +320,8 @@ def test_warm_start_continues_the_count_and_keeps_the_last_weights(monkeypatch):
     _assert_same_state(est.model_.state_dict(), best)  # epoch 2's
     snapshots = _script_scores(monkeypatch, MLPClassifier, second)
     est.fit(X, y)
-    # fastopt's n_iter_ counts the epochs of every warm fit (scikit-learn's: this fit's)
-    assert len(snapshots) == 1 and est.n_iter_ == 5 + 1
+    # n_iter_ counts this fit's epochs, as scikit-learn's
+    assert len(snapshots) == 1 and est.n_iter_ == 1 and len(est.loss_curve_) == 5 + 1
     assert est.validation_scores_ == first + second[:1]
     assert est.best_validation_score_ == 0.6 and est.history_.meta["best_epoch"] == 2
     _assert_same_state(est.model_.state_dict(), snapshots[0])  # the refit's last weights
@@ -344,7 +344,8 @@ def test_partial_fit_counts_and_a_warm_fit_continues(monkeypatch):
         est.partial_fit(X, y, classes=[0, 1])
     assert est.best_loss_ == 1.0 and est.validation_scores_ is None
     est.fit(X, y)
-    assert est.n_iter_ == 3 + n_iter and est.history_.meta["stopped_early"]
+    assert est.n_iter_ == n_iter and len(est.loss_curve_) == 3 + n_iter
+    assert est.history_.meta["stopped_early"]
     assert est.best_loss_ == ref.best
 
 
@@ -420,3 +421,28 @@ def test_validation_set_of_one_sample_is_refused_as_in_sklearn():
         SkMLPRegressor(early_stopping=True).fit(X, y)
     with pytest.raises(ValueError, match="validation set is too small"):
         MLPRegressor(early_stopping=True).fit(X, y)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_epoch_counters_follow_sklearn_over_warm_fits_and_partial_fits(early):
+    """n_iter_ counts the last call's epochs; loss_curve_, t_ and validation_scores_ go on over
+    warm_start fits and partial_fit calls: the same call sequence through scikit-learn."""
+    X, y = make_classification(n_samples=120, n_features=6, random_state=0)
+    kw = {"hidden_layer_sizes": (4,), "warm_start": True, "random_state": 0, "tol": 0.0}
+    kw["n_iter_no_change"] = 1000  # neither stops early: every epoch of max_iter runs
+    calls = [("fit", 3), ("fit", 2), ("max", 4)] + ([] if early else [("partial", 0)] * 2)
+    seen = []
+    for cls in (SkMLPClassifier, MLPClassifier):
+        est, row = cls(max_iter=3, early_stopping=early, **kw), []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for kind, max_iter in calls:
+                if kind == "partial":
+                    est.partial_fit(X, y)
+                else:
+                    est.set_params(max_iter=max_iter).fit(X, y)
+                scores = est.validation_scores_
+                row.append((est.n_iter_, len(est.loss_curve_), est.t_, scores and len(scores)))
+        seen.append(row)
+    assert seen[1] == seen[0]
+    assert [r[0] for r in seen[1]] == [m if k != "partial" else 1 for k, m in calls]
