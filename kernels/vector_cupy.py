@@ -169,3 +169,15 @@ def to_device(host, device, stream=None):
     with cupy.cuda.Device(device):
         out.set(np.ascontiguousarray(host).reshape(host.size), kcupy.as_stream(stream, device))
     return out
+
+
+def synchronize(device=None, stream=None):
+    """Wait for the work launched on ``stream`` on ``device``, before host copies that run on
+    CuPy's current stream (``arrays.to_host``: an L-BFGS ``state_dict``). None: CuPy's current
+    stream, which orders such copies by itself, so nothing is waited for."""
+    import cupy
+
+    stream = kcupy.as_stream(stream, device)
+    if stream is not None:
+        with cupy.cuda.Device(device):
+            stream.synchronize()

@@ -39,6 +39,10 @@ class FakeStream:
         self.fake.stream_stack.pop()
         return False
 
+    def synchronize(self):
+        """Recorded in ``fake.synchronized`` (created on first use)."""
+        self.fake.__dict__.setdefault("synchronized", []).append(self.ptr)
+
 
 class FakeCuPy:
     """Just enough of the ``cupy`` module for kernels/cupy.py, on one device with ``sm_count``

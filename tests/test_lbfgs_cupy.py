@@ -409,6 +409,36 @@ def test_lbfgs_on_fake_cupy_follows_numba_cpu(fake, line_search_fn):
     assert _same(again.units()[0].state["d"].host, sd["state"][0]["d"])
 
 
+def test_lbfgs_state_dict_waits_for_the_given_stream(fake, monkeypatch):
+    """A ``stream=`` other than CuPy's current one: the steps launch and read on it, and
+    ``state_dict`` synchronises it before copying the vectors to the host on the current
+    stream (before, those copies could overtake the stream's last launches)."""
+    x0 = np.random.default_rng(1).uniform(-1.5, 1.5, 5)
+    fake.current_ptr = 7
+    events = []
+    get = FakeCupyArray.get
+    monkeypatch.setattr(
+        FakeCupyArray,
+        "get",
+        lambda a, stream=None: events.append(("read", fake.current_stream)) or get(a),
+    )
+    monkeypatch.setattr(FakeStream, "synchronize", lambda s: events.append(("sync", s.ptr)))
+    dev = [FakeCupyArray(x0[:3].copy()), FakeCupyArray(x0[3:].copy())]
+
+    def closure():
+        f, g = rosenbrock(np.concatenate([p.host for p in dev]))
+        return f, [FakeCupyArray(g[:3].copy()), FakeCupyArray(g[3:].copy())]
+
+    opt = fo.LBFGS(dev, max_iter=5, history_size=4, stream=1234)
+    opt.step(closure)
+    assert set(fake.streams) == {1234} and {e for e in events} == {("read", 1234)}
+    events.clear()
+    sd = opt.state_dict()
+    assert events[0] == ("sync", 1234) and ("sync", 1234) not in events[1:]
+    assert {e for e in events[1:]} == {("read", 7)}  # the host copies, after the wait
+    assert sd["state"][0]["n_iter"] == 5 and len(sd["state"][0]["old_dirs"]) == 4
+
+
 def test_lbfgs_on_fake_cupy_refuses_bad_input_before_any_write(fake):
     p = FakeCupyArray(np.array([-1.5, 2.0]))
     with pytest.raises(TypeError, match="all on one GPU"):

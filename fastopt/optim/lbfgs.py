@@ -115,11 +115,8 @@ class _DeviceVectors:
 
     def synchronize(self):
         """Wait for the work launched on ``stream`` before host copies of the vectors, which
-        numba-cuda makes on the default stream. (CuPy's host copies run on its current stream:
-        ``vector_cupy`` has no ``synchronize`` and nothing is waited for here.)"""
-        sync = getattr(self.k, "synchronize", None)
-        if sync is not None:
-            sync(self.device, self.stream)
+        numba-cuda makes on the default stream and CuPy on its current one."""
+        self.k.synchronize(self.device, self.stream)
 
 
 class LBFGS(Optimizer):
