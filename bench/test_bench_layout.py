@@ -96,7 +96,9 @@ def test_huge_page_alignment(benchmark):
     n, statistic, limit = layout_check(env_n())
     ps, opt, buffers = _adam(n, huge_pages=True)
     ps64, opt64, buffers64 = _adam(n, huge_pages=False)
-    top = memory.STAGGER * memory.STAGGER_SLOTS  # huge-page buffers start this close to 2 MiB
+    top = (
+        memory.STAGGER * memory.STAGGER_SLOTS
+    )  # huge-page buffers start this close to 2 MiB (float32)
     assert max(map(memory.huge_page_offset, buffers)) <= top
     assert min(map(memory.alignment_of, buffers64)) < memory.HUGE_PAGE
     steps = {"fastopt": opt.step, "fastopt, 64 B-aligned": opt64.step}
