@@ -187,6 +187,50 @@ def test_chained_cosine_past_t_max_matches_torch(schedules, make):
     np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
 
 
+GAMMA_ZERO_CHAINS = [
+    (
+        "multistep0-cosine",  # the cosine's restart makes the lr nonzero; the next milestone zeroes it
+        [S.MultiStepDecay(LR, [10, 30], 0.0), S.CosineAnnealing(LR, 5)],
+        lambda L, o: [L.MultiStepLR(o, [10, 30], gamma=0.0), L.CosineAnnealingLR(o, 5)],
+    ),
+    (
+        "cosine-step0",
+        [S.CosineAnnealing(LR, 4), S.StepDecay(LR, 7, 0.0)],
+        lambda L, o: [L.CosineAnnealingLR(o, 4), L.StepLR(o, 7, gamma=0.0)],
+    ),
+    (
+        "cyclic-step0",  # a setter: StepLR(gamma=0) zeroes its value at every multiple of 10
+        [S.CyclicLR(0.01, LR, step_size_up=4), S.StepDecay(0.01, 10, 0.0)],
+        lambda L, o: [
+            L.CyclicLR(o, 0.01, LR, step_size_up=4, cycle_momentum=False),
+            L.StepLR(o, 10, gamma=0.0),
+        ],
+    ),
+    (
+        "cyclic-exponential0",
+        [S.CyclicLR(0.01, LR, step_size_up=4), S.ExponentialDecay(0.01, gamma=0.0)],
+        lambda L, o: [
+            L.CyclicLR(o, 0.01, LR, step_size_up=4, cycle_momentum=False),
+            L.ExponentialLR(o, gamma=0.0),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("schedules", "make"),
+    [c[1:] for c in GAMMA_ZERO_CHAINS],
+    ids=[c[0] for c in GAMMA_ZERO_CHAINS],
+)
+def test_chained_gamma_zero_decay_zeroes_the_lr_at_each_decay_step_as_torch(schedules, make):
+    """torch's StepLR, MultiStepLR and ExponentialLR with gamma = 0 multiply the lr by 0 at
+    every decay step, also after a setter or a cosine restart made it nonzero again (before,
+    the chain took their factor as 1 once their own value was 0)."""
+    ours = values(S.ChainedScheduler(schedules, lr=LR), 120)
+    ref = torch_lrs(lambda L, o: L.ChainedScheduler(make(L, o)), LR, 120)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+
+
 def test_chained_cosine_alone_is_the_cosine():
     for cos in (S.CosineAnnealing(0.1, 5), S.CosineAnnealing(0.1, 5, 0.01)):
         chain = S.ChainedScheduler([cos])

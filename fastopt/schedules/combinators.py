@@ -182,7 +182,9 @@ class ChainedScheduler(Schedule):
               \rho_i(k) = \frac{\hat s_i(k)}{\hat s_i(k - 1)},\ \rho_i(0) = \hat s_i(0)
 
     where :math:`\hat s_i` is :math:`s_i` with ``lr = 1`` (a ratio of 0/0, where the schedule has
-    already reached 0, counts as 1, as torch's ``PolynomialLR`` leaves the lr alone then).
+    already reached 0, counts as 1, as torch's ``PolynomialLR`` leaves the lr alone then, but
+    as 0 at each decay step of a ``gamma = 0`` decay, which torch's ``StepLR``,
+    ``MultiStepLR`` and ``ExponentialLR`` multiply by 0 again).
 
     Past ``T_max`` torch's ``CosineAnnealingLR`` is not a factor at every step: it reaches 0 at
     ``T_max`` (and every ``2·T_max`` after), and the step after, :math:`r = T_{\max} + 1 +
@@ -295,13 +297,23 @@ def _cosine_restart_term(schedule, k, lr):
     return lr * (1 - math.cos(math.pi / t)) / 2
 
 
+def _zero_gamma(schedule):
+    """Whether ``schedule`` decays by ``gamma = 0`` (:class:`StepDecay`, :class:`MultiStepDecay`,
+    :class:`ExponentialDecay`): torch's scheduler then multiplies the lr by 0 at EVERY decay
+    step, also after its own lr reached 0 (another scheduler in the chain may have set it)."""
+    return hasattr(schedule, "last_decay") and getattr(schedule, "gamma", None) == 0
+
+
 def _last_zero(schedule, k):
-    """The last step ``z <= k`` where multiplicative ``schedule``'s factor is 0 (its value is 0
-    and was not the step before), or None. A cosine is 0 at ``T_max, 3·T_max, ...``; the other
-    multiplicative schedules stay 0 once they reach it (found by bisection)."""
+    """The last step ``z <= k`` where multiplicative ``schedule``'s factor is 0, or None. A
+    cosine is 0 at ``T_max, 3·T_max, ...``; a ``gamma = 0`` decay at each of its decay steps;
+    the other multiplicative schedules stay 0 once they reach it (their first 0, found by
+    bisection)."""
     if _zero_cosine(schedule):
         t = schedule.T_max
         return None if k < t else t + (k - t) // (2 * t) * (2 * t)
+    if _zero_gamma(schedule):
+        return schedule.last_decay(k)
     unit = replace(schedule, lr=1.0)
     if unit(k) != 0:
         return None
@@ -317,12 +329,14 @@ def _last_zero(schedule, k):
 
 def _step_factor(schedule, k):
     """The factor by which multiplicative ``schedule``'s torch scheduler scales the lr at step
-    ``k``: the ratio of its consecutive values at ``lr = 1``."""
+    ``k``: the ratio of its consecutive values at ``lr = 1``; once that value is 0, 0 at each
+    decay step of a ``gamma = 0`` decay and 1 otherwise (torch's ``PolynomialLR`` past
+    ``total_iters``)."""
     unit = replace(schedule, lr=1.0)
     now = unit(k)
     if k == 0:
         return now
     before = unit(k - 1)
     if before == 0:
-        return 1.0
+        return 0.0 if _zero_gamma(schedule) and schedule.last_decay(k) == k else 1.0
     return now / before

@@ -74,6 +74,10 @@ class StepDecay(Schedule):
     def _value(self, k: int) -> float:
         return self.lr * self.gamma ** (k // self.step_size)
 
+    def last_decay(self, k: int) -> int | None:
+        """The last step ``<= k`` at which torch's ``StepLR`` multiplies the lr by ``gamma``."""
+        return k - k % self.step_size if k >= self.step_size else None
+
 
 @dataclass(frozen=True)
 class MultiStepDecay(Schedule):
@@ -99,6 +103,12 @@ class MultiStepDecay(Schedule):
 
     def _value(self, k: int) -> float:
         return self.lr * self.gamma ** bisect_right(self.milestones, k)
+
+    def last_decay(self, k: int) -> int | None:
+        """The last step ``<= k`` at which torch's ``MultiStepLR`` multiplies the lr by
+        ``gamma`` (the last milestone reached)."""
+        i = bisect_right(self.milestones, k)
+        return self.milestones[i - 1] if i else None
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,11 @@ class ExponentialDecay(Schedule):
         if self.gamma is not None:
             return self.lr * self.gamma**k
         return self.lr * math.exp(-self.rate * k)  # type: ignore[operator]
+
+    def last_decay(self, k: int) -> int | None:
+        """The last step ``<= k`` at which torch's ``ExponentialLR`` multiplies the lr by
+        ``gamma``: every step after the first."""
+        return k if k >= 1 else None
 
 
 @dataclass(frozen=True)
