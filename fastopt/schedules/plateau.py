@@ -27,7 +27,9 @@ class ReduceLROnPlateau:
     better than ``best`` by more than ``threshold`` (relative: ``best·(1∓threshold)``, absolute:
     ``best∓threshold``) resets the bad-epoch count; after more than ``patience`` bad epochs every
     group's lr is multiplied by ``factor`` (floored at ``min_lr``), then ``cooldown`` epochs are
-    ignored.
+    ignored. Values torch takes but that have no meaning there are refused: a negative
+    ``factor``, ``threshold``, ``patience``, ``cooldown``, ``eps`` or ``min_lr`` (ValueError), a
+    non-integer ``patience`` or ``cooldown`` (TypeError); torch checks only ``factor < 1``.
 
     ``optimizer`` is anything with a ``param_groups`` list of dicts having an ``"lr"`` key.
 
