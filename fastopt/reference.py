@@ -46,7 +46,7 @@ def _adam_moments(param, grad, state, lr, betas, weight_decay, decoupled, maximi
     g = _grad(param, grad, maximize, weight_decay)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = _lerp(m, g, 1 - beta1)
-    v[...] = v * beta2 + (1 - beta2) * (g * g)
+    v[...] = v * beta2 + ((1 - beta2) * g) * g
     return g, m, v
 
 
@@ -123,7 +123,7 @@ def rmsprop(
     """
     g = _grad(param, grad, maximize, weight_decay)
     sq = state["square_avg"]
-    sq[...] = sq * alpha + (1 - alpha) * (g * g)
+    sq[...] = sq * alpha + ((1 - alpha) * g) * g
     if centered:
         ga = state["grad_avg"]
         ga[...] = _lerp(ga, g, 1 - alpha)
@@ -145,9 +145,9 @@ def adadelta(param, grad, state, *, step, lr, rho, eps, weight_decay, maximize):
     """
     g = _grad(param, grad, maximize, weight_decay)
     sq, acc = state["square_avg"], state["acc_delta"]
-    sq[...] = sq * rho + (1 - rho) * (g * g)
+    sq[...] = sq * rho + ((1 - rho) * g) * g
     delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * g
-    acc[...] = acc * rho + (1 - rho) * (delta * delta)
+    acc[...] = acc * rho + ((1 - rho) * delta) * delta
     param[...] = param - lr * delta
 
 
@@ -461,7 +461,7 @@ def adamw_schedulefree(
     """
     beta1, beta2 = betas
     v = state["exp_avg_sq"]
-    v[...] = v * beta2 + (1 - beta2) * (grad * grad)
+    v[...] = v * beta2 + ((1 - beta2) * grad) * grad
     d = grad / (np.sqrt(v / (1 - beta2**step)) + eps)
     _schedulefree(param, d, state, step, lr, beta1, weight_decay, warmup_steps, r, weight_lr_power)
 

@@ -183,10 +183,10 @@ FO_HD T l2_grad(T p, T g, T gsign, T weight_decay) {
     return g;
 }
 
-// v * beta + (1 - beta) * g^2.
+// v * beta + ((1 - beta) * g) * g: g scaled before it is squared, as torch's addcmul (rules.py).
 template <typename T>
 FO_HD T second_moment(T v, T g, T beta, T one_minus_beta) {
-    return v * beta + one_minus_beta * (g * g);
+    return v * beta + (one_minus_beta * g) * g;
 }
 
 // -------------------------------------------------------------------------------------------

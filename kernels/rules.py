@@ -95,8 +95,11 @@ def l2_grad(p, g, gsign, weight_decay):
 
 
 def second_moment(v, g, beta, one_minus_beta):
-    """``v * beta + (1 - beta) * g^2`` (torch: ``v.mul_(beta).addcmul_(g, g, value=1 - beta)``)."""
-    return v * beta + one_minus_beta * (g * g)
+    """``v * beta + ((1 - beta) * g) * g``, torch's ``v.mul_(beta).addcmul_(g, g, value=1 - beta)``,
+    which scales ``g`` before squaring it: ``g * g`` first would overflow for |g| above
+    ``sqrt(max)`` (1.8e19 in float32) where torch's value is finite (torch's addcmul is one fused
+    multiply-add, ``fma((1 - beta) * g, g, v * beta)``: the same up to its last bit)."""
+    return v * beta + (one_minus_beta * g) * g
 
 
 def divide_by_scalar(x, c):

@@ -390,3 +390,41 @@ def test_lr_callable_matches_lambdalr(name, kwargs, dt):
         compare_state(pair, 100, label=f"{name}/LambdaLR")
     finally:
         torch.set_default_dtype(old)
+
+
+# A gradient whose square overflows while torch's second moment, which scales the gradient by
+# (1 - beta) before squaring it (addcmul), stays finite: float32 |g| > 1.8e19, float64 > 1.3e154.
+HUGE_GRADIENT = {np.float32: 1e20, np.float64: 1e155}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "name,kwargs,key",
+    [
+        ("Adam", dict(lr=0.1), "exp_avg_sq"),
+        ("AdamW", dict(lr=0.1), "exp_avg_sq"),
+        ("Adam", dict(lr=0.1, amsgrad=True), "exp_avg_sq"),
+        ("NAdam", dict(lr=0.1), "exp_avg_sq"),
+        ("RAdam", dict(lr=0.1), "exp_avg_sq"),
+        ("RMSprop", dict(lr=0.01), "square_avg"),
+        ("RMSprop", dict(lr=0.01, alpha=1.0), "square_avg"),  # (0 * g) * g = 0, not 0 * inf
+    ],
+)
+def test_second_moment_of_a_huge_gradient_stays_finite_as_in_torch(name, kwargs, key, dtype):
+    """One step with a gradient whose square overflows, then five ordinary ones: the state and
+    the parameters follow torch (before, fastopt's second moment was inf from then on and the
+    parameter never moved again, or NaN for RMSprop with alpha = 1)."""
+    tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    w = np.full(3, 1.0, dtype)
+    opt = getattr(fo, name)([w], **kwargs)
+    tw = torch.nn.Parameter(torch.full((3,), 1.0, dtype=tdt))
+    topt = getattr(torch.optim, name)([tw], foreach=False, **kwargs)
+    for k in range(6):
+        g = np.full(3, HUGE_GRADIENT[dtype] if k == 0 else 1.0, dtype)
+        opt.step([g])
+        tw.grad = torch.from_numpy(g.copy())
+        topt.step()
+        ours, ref = opt.state[0][key], topt.state[tw][key].numpy()
+        assert np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)), (k, ours, ref)
+        np.testing.assert_allclose(ours, ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(w, tw.detach().numpy(), **TOL[dtype])
