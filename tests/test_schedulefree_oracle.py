@@ -180,7 +180,7 @@ def test_step_in_eval_mode_is_refused_and_state_dict_keeps_the_mode():
         ("SGDScheduleFree", dict(weight_lr_power=-2.0), "weight_lr_power"),
         ("AdamWScheduleFree", dict(betas=(0.0, 0.999)), "betas"),
         ("AdamWScheduleFree", dict(betas=(0.9, 1.0)), "betas"),
-        ("AdamWScheduleFree", dict(eps=0.0), "eps"),
+        ("AdamWScheduleFree", dict(eps=-1e-8), "eps"),
         ("AdamWScheduleFree", dict(r=float("nan")), "r"),
         ("AdamWScheduleFree", dict(lr=-0.1), "lr"),
     ],

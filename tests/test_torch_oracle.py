@@ -428,3 +428,22 @@ def test_second_moment_of_a_huge_gradient_stays_finite_as_in_torch(name, kwargs,
         assert np.all(np.isfinite(ours)) and np.all(np.isfinite(ref)), (k, ours, ref)
         np.testing.assert_allclose(ours, ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
         np.testing.assert_allclose(w, tw.detach().numpy(), **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta"]
+)
+def test_eps_zero_is_taken_as_torch_takes_it(name, f64):
+    """torch checks only eps >= 0; with eps = 0 (and gradients that are never 0) both divide by
+    the bare root of the second moment, float64, 20 steps."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(4)
+    tw = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    opt = getattr(fo, name)([w], lr=0.01, eps=0.0)
+    topt = getattr(torch.optim, name)([tw], lr=0.01, eps=0.0, foreach=False)
+    for _ in range(20):
+        g = rng.uniform(0.5, 2.0, 4) * rng.choice([-1.0, 1.0], 4)
+        opt.step([g.copy()])
+        tw.grad = torch.from_numpy(g)
+        topt.step()
+    np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-12, atol=1e-14)

@@ -18,7 +18,6 @@ from ..validation import (
     check_interval,
     check_lr,
     check_nonnegative,
-    check_positive,
     check_real,
 )
 
@@ -62,8 +61,9 @@ def betas(default=(0.9, 0.999)):
 
 
 def eps(default=1e-8):
-    """The denominator's ε, > 0 (the per-tensor rules, where 0 is allowed, use ``nonnegative``)."""
-    return Hyper("eps", default, check_positive)
+    """The denominator's ε, >= 0, as torch checks it (``eps = 0`` divides by the bare root: a
+    zero second moment then gives NaN, in torch too)."""
+    return Hyper("eps", default, check_nonnegative)
 
 
 def weight_decay(default=0.0):
