@@ -10,13 +10,14 @@ from .structure import flat_units
 from .validation import check_real
 
 
-def _units(grads, stream):
+def _units(grads, stream, writable=False):
     """[(backend, flat native view, stream handle)] of every gradient: ``stream`` when given,
-    else the stream of the library that owns the array (:func:`fastopt.streams.current`)."""
+    else the stream of the library that owns the array (:func:`fastopt.streams.current`);
+    ``writable``: every array checked writable before the caller changes any."""
     override = streams.handle(stream)
     return [
         (b, flat, override if override is not None else streams.current(a))
-        for b, flat, a in flat_units(grads, "grads")
+        for b, flat, a in flat_units(grads, "grads", writable=writable)
     ]
 
 
@@ -69,7 +70,7 @@ def clip_grad_norm(grads, max_norm, *, error_if_nonfinite=False, stream=None):
     run on ``stream`` (as for :func:`global_norm`).
     """
     max_norm = check_real("max_norm", max_norm, lo=0.0, lo_open=True)
-    units = _units(grads, stream)
+    units = _units(grads, stream, writable=True)
     norm, finite = _norm_and_finite(units)
     if error_if_nonfinite and not (finite and math.isfinite(norm)):
         why = (
@@ -90,7 +91,7 @@ def clip_grad_value(grads, clip_value, *, stream=None):
     (``torch.nn.utils.clip_grad_value_``); on a GPU on ``stream`` (as for :func:`global_norm`).
     ``clip_value``: a finite real number > 0, as ``max_norm`` of :func:`clip_grad_norm`."""
     clip_value = check_real("clip_value", clip_value, lo=0.0, lo_open=True)
-    units = list(_units(grads, stream))
+    units = _units(grads, stream, writable=True)
     for _, a, _ in units:  # every array checked before the first is clamped
         if np.array(clip_value, dtype=a.dtype) == 0:
             raise ValueError(

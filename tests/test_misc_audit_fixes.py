@@ -203,3 +203,23 @@ def test_ema_swapped_still_restores_after_a_refused_call_raises_out_of_the_block
     np.testing.assert_allclose(ema.averages[0], 3.0)
     with ema.swapped():
         np.testing.assert_allclose(params[0], 3.0)
+
+
+@pytest.mark.parametrize("clip", ["norm", "value"])
+def test_clipping_refuses_a_read_only_gradient_before_scaling_any(clip):
+    """clip_grad_norm/_value scale arrays one at a time: a read-only one after a writable one
+    raised only once the first was already scaled. Now every array is checked first, and a
+    dict's entries are named by key."""
+    w = np.array([3.0, 4.0])
+    ro = np.array([10.0])
+    ro.flags.writeable = False
+    run = {
+        "norm": lambda g: fo.clip_grad_norm(g, 1.0),
+        "value": lambda g: fo.clip_grad_value(g, 1.0),
+    }[clip]
+    with pytest.raises(ValueError, match=r"grads\[1\] is read-only"):
+        run([w, ro])
+    with pytest.raises(ValueError, match=r"grads\['frozen'\] is read-only"):
+        run({"w": w, "frozen": ro})
+    np.testing.assert_array_equal(w, [3.0, 4.0])
+    assert fo.global_norm([w, ro]) == pytest.approx(np.sqrt(125.0))  # reading needs no write
