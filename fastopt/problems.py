@@ -99,7 +99,17 @@ class Problem:
         self.start = tuple(float(v) for v in start)
         self.minimum = None if minimum is None else tuple(float(v) for v in minimum)
         self.window = tuple((float(lo), float(hi)) for lo, hi in window)
-        self.min_value = None if self.minimum is None else float(self.value(self.minimum))
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.min_value = None if self.minimum is None else float(self.value(self.minimum))
+            at_start = float(self.value(self.start))
+        numbers = [*self.start, *(self.minimum or ()), *(v for w in self.window for v in w)]
+        numbers += [at_start] + ([] if self.min_value is None else [self.min_value])
+        if not np.isfinite(numbers).all():
+            given = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+            raise ValueError(
+                f"{self.name} with {given or 'these parameters'}: its start, minimum or values "
+                "are not finite in float64 (use smaller parameters)"
+            )
 
     # -- evaluation
     def _coords(self, x):
@@ -227,6 +237,11 @@ class Rosenbrock(Problem):
 
     def __init__(self, a=1.0, b=100.0):
         self.a, self.b = _finite("a", a), _positive("b", b)
+        if not np.isfinite(self.a * self.a):
+            raise ValueError(
+                f"invalid a: {self.a:g} (the minimum (a, a^2) must be finite in float64: "
+                "|a| < 1.34e154)"
+            )
         self.formula = f"({self.a:g} - x)^2 + {self.b:g} (y - x^2)^2"
         self.tex = rf"$f(x, y) = ({self.a:g} - x)^2 + {self.b:g}\,(y - x^2)^2$"
         lo = min(-2.0, -abs(self.a) - 1)

@@ -604,6 +604,20 @@ def test_warmup_starts_at_a_third_of_the_lr(files, tmp_path, monkeypatch):
         assert sched(0) == pytest.approx(start) and sched(4) == pytest.approx(1e-3)
 
 
+def test_schedule_spec_warmup_takes_its_steps_from_the_run(files, tmp_path, monkeypatch, capsys):
+    """warmup=W in --schedule works as --warmup W: the schedule after it takes the run's other
+    steps, and a warmup not shorter than the run is refused (exit 2) before anything is
+    written (before, the cosine kept the whole run's length and any W was taken)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", str(files["npz"]), "--epochs", "2", "--no-plot", "--quiet"]
+    assert main([*argv, "--batch-size", "48", "--schedule", "cosine:warmup=4", "--out", "a"]) == 0
+    meta = json.loads((tmp_path / "a" / "history.json").read_text())["meta"]
+    sched = fastopt.schedules.schedule_from_dict(meta["schedule"])
+    assert sched.warmup_steps == 4 and sched.schedule.T_max == 2 * meta["steps_per_epoch"] - 4
+    assert main([*argv, "--schedule", "cosine:warmup=100000", "--out", "b"]) == 2
+    assert "not shorter" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_hidden_zero_means_no_hidden_layer(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for text in ("0", "none"):

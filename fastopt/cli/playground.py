@@ -1,9 +1,10 @@
 """``fastopt playground``: optimizer trajectories on textbook functions; schedule plots."""
 
 import json
+import os
 import sys
 
-from ..fileio import write_text
+from ..fileio import OutputError, check_output, write_text
 from . import UsageError, require_matplotlib
 
 HELP = "plot optimizer trajectories on test functions, or learning-rate schedules"
@@ -36,7 +37,8 @@ With --schedules, plot the learning rate of fastopt.schedules over --steps steps
 gallery of every kind, or the ones given with --schedule NAME:k=v (class names of
 fastopt.schedules, any case, or cosine, step, multistep, exponential, polynomial, rsqrt, sgdr,
 onecycle, piecewise; extra keys warmup=W (starting at warmup_start_factor=F times the lr,
-default 1/3 as torch's LinearLR) and per_epoch=E; step counts default from --steps)."""
+default 1/3 as torch's LinearLR; shorter than --steps) and per_epoch=E; step counts default
+from --steps, less the warmup, as fastopt train --warmup)."""
 
 
 DESCRIPTION = _description()
@@ -122,14 +124,64 @@ def _check_out(path, default):
     path = pathlib.Path(path or default)
     if path.suffix.lower() != ".png":
         raise UsageError(f"--out: {str(path)!r} must end in .png")
-    if not path.parent.is_dir():
-        raise UsageError(f"--out: directory {str(path.parent)!r} does not exist")
+    try:  # before any work: a missing folder, a folder, a block device ...
+        check_output(path)
+    except OutputError as exc:
+        raise UsageError(f"--out: {exc}") from None
     return path
 
 
-def _list():
+def _check_outputs(args, default):
+    """The PNG's path, after checking, before anything runs or is written, that ``--out`` and
+    ``--json`` can be written (:func:`fastopt.fileio.check_output`) and are not the same file
+    (the JSON would replace the picture)."""
+    out = _check_out(args.out, default)
+    if args.json is not None:
+        try:
+            check_output(args.json)
+        except OutputError as exc:
+            raise UsageError(f"--json: {exc}") from None
+        if _same_file(out, args.json):
+            raise UsageError(
+                f"--json {args.json} is the --out picture {out}; the JSON would replace it "
+                "(give two different files)"
+            )
+    return out
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # either does not exist yet
+        return False
+
+
+_LIST_ALONE = (
+    "preset",
+    "problem",
+    "optimizer",
+    "start",
+    "steps",
+    "title",
+    "schedules",
+    "schedule",
+    "out",
+    "json",
+)
+
+
+def _list(args):
     from .. import playground as P
     from .. import problems
+
+    given = [n for n in _LIST_ALONE if getattr(args, n, None) not in (None, False)]
+    if given:
+        raise UsageError(
+            "--list prints the problems, optimizers, presets and schedules: it takes no "
+            + "/".join(f"--{n}" for n in given)
+        )
 
     print("problems:")
     for name in problems.PROBLEMS:
@@ -165,20 +217,19 @@ def _schedules(args):
             "--schedules plots schedules: it takes no --problem/--optimizer/--preset/--start"
         )
     steps = _steps(args, 100)
-    out = _check_out(args.out, "schedules.png")
-    _check_json(args.json)
+    out = _check_outputs(args, "schedules.png")
     if args.schedule:
         items = []
         for spec in args.schedule:
             try:
-                sched = P.parse_schedule(spec, steps)
+                sched = P.parse_schedule(spec, steps, strict=True)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             items.append((P.schedule_label(sched), sched))
     else:
         items = P.default_schedules(steps)
     require_matplotlib("fastopt playground")
-    w, h = P.plot_schedules(items, steps, out)
+    w, h = _write_png(P.plot_schedules, items, steps, out, title=args.title)
     for label, sched in items:
         v = P.schedule_values(sched, steps)
         print(
@@ -208,23 +259,40 @@ def _config(sched):
         return None
 
 
-def _check_json(path):
-    import pathlib
-
-    if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
-        raise UsageError(f"--json: directory {str(pathlib.Path(path).parent)!r} does not exist")
+def _write_png(plot, *args, **kwargs):
+    try:
+        return plot(*args, **kwargs)
+    except OutputError as exc:  # checked up front; changed since
+        raise UsageError(f"--out: {exc}") from None
 
 
 def _write_json(path, data):
     try:
         write_text(path, json.dumps(data, indent=1) + "\n")
+    except OutputError as exc:  # checked up front; changed since. It names the path already
+        raise UsageError(f"--json: {exc}") from None
     except OSError as exc:
         raise UsageError(f"--json: cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _preset_title(args, preset, problem, start):
+    """The preset's text as the title, when it describes what runs: its optimizers on its
+    problem from its start point (the text names them). None otherwise."""
+    from .. import playground as P
+
+    if preset is None or args.optimizer:
+        return None
+    own = P.parse_problem(preset.problem)
+    if (own.name, own.params) != (problem.name, problem.params):
+        return None
+    if start is not None and tuple(start) != tuple(preset.start or own.start):
+        return None
+    return preset.text
+
+
 def run(args):
     if args.list:
-        return _list()
+        return _list(args)
     if args.schedules or args.schedule:
         return _schedules(args)
 
@@ -246,8 +314,7 @@ def run(args):
         raise UsageError(str(exc)) from None
     steps = _steps(args, preset.steps if preset else 20)
     start = _parse_start(args.start, problem) if args.start else None
-    out = _check_out(args.out, f"{args.preset.lower()}.png" if preset else "playground.png")
-    _check_json(args.json)
+    out = _check_outputs(args, f"{args.preset.lower()}.png" if preset else "playground.png")
 
     require_matplotlib("fastopt playground")
     try:
@@ -255,9 +322,9 @@ def run(args):
     except ValueError as exc:  # e.g. Muon on a problem whose points are vectors
         raise UsageError(str(exc)) from None
     title = args.title
-    if title is None and preset is not None and not args.optimizer:
-        title = preset.text
-    w, h = P.plot_trajectories(problem, runs, out, title=title)
+    if title is None:
+        title = _preset_title(args, preset, problem, start)
+    w, h = _write_png(P.plot_trajectories, problem, runs, out, title=title)
     print(problem.describe())
     if start is not None:
         print("  from (" + ", ".join(f"{v:g}" for v in start) + ")")
@@ -266,7 +333,7 @@ def run(args):
         status = f"diverged after {len(r.values) - 1} steps" if r.diverged else f"{steps} steps"
         print(f"  {r.label}: {status}, f = {r.values[-1]:.4g} at ({end})")
     if args.json:
-        _write_json(args.json, P.trajectories_json(problem, runs, steps))
+        _write_json(args.json, P.trajectories_json(problem, runs, steps, start=start))
     print(f"wrote {out} ({w}x{h})" + (f" and {args.json}" if args.json else ""))
     sys.stdout.flush()
     return 0

@@ -66,7 +66,7 @@ def check_options(args):
     spec, lr, weight_decay, opt_kwargs = parse_optimizer(args.optimizer)
     opt_kwargs.update(precision_kwargs(args))
     if args.schedule:
-        parse_schedule(args.schedule, lr, 100)  # names and keys, before reading the data
+        parse_schedule(args.schedule, lr, 100, strict=False)  # names and keys, before the data
     out_dir = args.out or default_out(args.data)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out: {out_dir!r} exists and is not a directory")
@@ -204,9 +204,11 @@ def parse_optimizer(text):
     return spec, float(lr), float(wd), kwargs
 
 
-def parse_schedule(text, lr, steps):
+def parse_schedule(text, lr, steps, strict=True):
     """The ``--schedule`` spec (playground syntax) over ``steps`` steps, its lr defaulting to
-    the optimizer's."""
+    the optimizer's; with ``strict`` a ``warmup=W`` in it must be shorter than ``steps``, as
+    ``--warmup`` must be shorter than the run (the check of the options' keys, before the data
+    sets the run's length, passes ``strict=False``)."""
     from .. import playground as P
     from .. import schedules
 
@@ -224,6 +226,6 @@ def parse_schedule(text, lr, steps):
                 if k in fields and k not in kwargs:
                     text += ("," if ":" in text else ":") + f"{k}={lr!r}"
     try:
-        return P.parse_schedule(text, steps)
+        return P.parse_schedule(text, steps, strict=strict)
     except ValueError as exc:
         raise UsageError(f"--schedule: {exc}") from None

@@ -154,7 +154,10 @@ def _draw_contours(ax, problem, runs, shown, colors):
         ms = 3 if len(pts) <= 80 else 0
         label = _run_label(r, shown[i])
         ax.plot(pts[:, 0], pts[:, 1], "-o", color=c, ms=ms, lw=1.2, label=label)
-    ax.plot(*problem.start, "s", color="k", ms=6, label="start")
+    # where the runs started (a --start point), else the problem's start
+    starts = {tuple(r.points[0]) for r in runs if len(r.points)} or {tuple(problem.start)}
+    for k, point in enumerate(sorted(starts)):
+        ax.plot(*point, "s", color="k", ms=6, label="start" if k == 0 else None)
     if problem.minimum is not None:
         ax.plot(*problem.minimum, "*", color="k", ms=12, label="minimum")
     stationary = getattr(problem, "stationary", None)
@@ -213,9 +216,9 @@ def schedules_size(count):
     return SCHEDULE_PANEL_PX[0] * cols, SCHEDULE_PANEL_PX[1] * rows
 
 
-def plot_schedules(items, steps, path):
+def plot_schedules(items, steps, path, title=None):
     """PNG of the learning rate of each (label, schedule) for steps 0..steps-1, one panel each,
-    3 per row; size :func:`schedules_size`. Needs matplotlib."""
+    3 per row, with ``title`` on top; size :func:`schedules_size`. Needs matplotlib."""
     plt = pyplot()
     w, h = schedules_size(len(items))
     cols = min(SCHEDULE_COLUMNS, max(1, len(items)))
@@ -235,5 +238,5 @@ def plot_schedules(items, steps, path):
         ax.set_ylabel("lr", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    save_figure(fig, path, title)
     return w, h

@@ -79,15 +79,25 @@ def _one_step(opt, problem, x, shape):
         opt.step([problem.grad(x).reshape(shape)])
 
 
-def trajectories_json(problem, runs, steps):
+def run_start(problem, runs):
+    """The start point the ``runs`` share (their first point), or ``problem.start`` when there
+    is no run or they start at different points."""
+    firsts = {tuple(float(v) for v in r.points[0]) for r in runs if len(r.points)}
+    return firsts.pop() if len(firsts) == 1 else tuple(problem.start)
+
+
+def trajectories_json(problem, runs, steps, start=None):
     """A JSON-serialisable dict of runs: problem {name, formula, params, start, minimum,
-    min_value}, steps, and runs [{label, optimizer, kwargs, points, values, diverged}]."""
+    min_value}, steps, and runs [{label, optimizer, kwargs, points, values, diverged}].
+    ``start``: the start point the runs used (default: the one they share,
+    :func:`run_start`)."""
+    start = run_start(problem, runs) if start is None else start
     return {
         "problem": {
             "name": problem.name,
             "formula": problem.formula,
             "params": problem.params,
-            "start": list(problem.start),
+            "start": [float(v) for v in start],
             "minimum": None if problem.minimum is None else list(problem.minimum),
             "min_value": problem.min_value,
         },

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import numbers
 
 import numpy as np
 
@@ -23,14 +24,18 @@ WARMUP_START_FACTOR = 1.0 / 3
 default, as :func:`fastopt.schedules.warmup`'s."""
 
 
-def parse_schedule(text, steps=100):
+def parse_schedule(text, steps=100, strict=False):
     """A schedule from ``NAME:k=v,...`` (class name of :mod:`fastopt.schedules`, any case, or an
     alias such as ``cosine``, ``step``, ``onecycle``, ``sgdr``). Three extra keys: ``warmup=W``
     puts a linear warmup of W steps in front (:func:`fastopt.schedules.warmup`), starting at
     ``warmup_start_factor=F`` times the lr (default 1/3, torch's ``LinearLR``), ``per_epoch=E``
-    advances it once per E steps. Required step counts default from ``steps`` (``T_max``, ``total_steps``,
-    ``total_iters``). A JSON object (``{"type": "Warmup", ...}``, as ``Schedule.to_dict``
-    writes) is accepted too. ValueError with a readable message otherwise."""
+    advances it once per E steps. Required step counts default from ``steps`` (``T_max``,
+    ``total_steps``, ``total_iters``), less the warmup: warmup and schedule together take
+    ``steps`` steps, as with ``fastopt train --warmup`` and the gallery's warmup + cosine. With
+    ``strict`` a warmup that is not shorter than ``steps`` is refused (without it, the step counts
+    then default from ``steps``). A JSON object (``{"type": "Warmup", ...}``, as
+    ``Schedule.to_dict`` writes) is accepted too. ValueError with a readable message
+    otherwise."""
     text = str(text).strip()
     if text.startswith("{"):
         import json
@@ -60,6 +65,10 @@ def parse_schedule(text, steps=100):
                 f"schedule {cls_name} has no argument {k!r}; its arguments: "
                 f"{', '.join(sorted(fields))}, warmup, warmup_start_factor, per_epoch"
             )
+    if _is_count(warm) and warm >= steps and strict:
+        raise ValueError(f"schedule {text!r}: warmup={warm} is not shorter than the {steps} steps")
+    if _is_count(warm) and 0 < warm < steps:
+        steps -= warm  # the schedule after the warmup
     defaults = {"T_max": steps, "total_steps": steps, "total_iters": steps}
     if cls is _schedules.StepDecay:
         defaults["step_size"] = max(1, steps // 4)
@@ -87,6 +96,10 @@ def parse_schedule(text, steps=100):
     except (TypeError, ValueError) as exc:
         raise ValueError(f"schedule {text!r}: {exc}") from None
     return sched
+
+
+def _is_count(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def default_schedules(steps=100):
