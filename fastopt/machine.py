@@ -187,7 +187,8 @@ def environment():
     ``fastopt``, ``python`` (version, implementation, executable), ``platform``, ``cpu``
     (model, logical_cores, usable_cores), ``versions`` (numpy, numba, llvmlite and each of
     :data:`OPTIONAL_PACKAGES`: None when not installed), ``numba`` (threading layer in use,
-    configured layer, available layers, threads, NUMBA_NUM_THREADS, cuda_simulator),
+    configured layer, available layers, threads, NUMBA_NUM_THREADS, cuda_simulator; when no
+    layer can start, the layer is ``"unavailable (REASON)"`` and threads None),
     ``backends`` ([{name, available, detail}]: what it runs on, or why it is unavailable) and
     ``gpus`` (see :func:`gpu_info`).
     """
@@ -198,8 +199,12 @@ def environment():
 
     try:
         layer = cpu.threading_layer()
-    except Exception as exc:  # no layer can start
-        layer = f"unavailable ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # no layer can start (NUMBA_THREADING_LAYER=tbb without TBB ...)
+        layer = f"unavailable ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    try:  # starts the thread pool: fails as the layer did
+        threads = numba.get_num_threads()
+    except Exception:
+        threads = None
     versions = {"numpy": np.__version__, "numba": numba.__version__}
     versions["llvmlite"] = llvmlite.__version__
     for name in OPTIONAL_PACKAGES:
@@ -222,7 +227,7 @@ def environment():
             "threading_layer": layer,
             "configured_layer": numba.config.THREADING_LAYER,
             "available_layers": threading_layers(),
-            "threads": numba.get_num_threads(),
+            "threads": threads,
             "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
             "cuda_simulator": os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
         },

@@ -21,10 +21,13 @@ A results document (``fastopt bench`` JSON, and what :func:`from_pytest_benchmar
 """
 
 import datetime as dt
+import errno
 import json
+import os
 import pathlib
+import stat
 
-from ..fileio import write_text
+from ..fileio import OutputError, check_output, write_text
 from ..machine import machine_info, package_version
 from .charts import plot_chart
 from .settings import CPU_BACKEND
@@ -77,14 +80,26 @@ def from_pytest_benchmark(data, source):
     per case under ``pytest_benchmark``. Machine details come from the JSON (recorded where it
     ran, by ``bench/conftest.py``); if absent they are collected now and marked as such.
     """
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    benchmarks = data.get("benchmarks", [])
+    if not isinstance(benchmarks, list):
+        raise ValueError("'benchmarks' is not a list")
     cases = []
-    for b in data.get("benchmarks", []):
+    for i, b in enumerate(benchmarks):
+        if not isinstance(b, dict):
+            raise ValueError(f"benchmarks[{i}] is not an object")
         info = b.get("extra_info") or {}
-        if "case" not in info or "median_s" not in info:
+        if not isinstance(info, dict):
+            raise ValueError(f"benchmarks[{i}].extra_info is not an object")
+        if "case" not in info:  # another benchmark of bench/ (not a case of the catalogue)
             continue
+        _check_case(info, f"benchmarks[{i}].extra_info", pytest_row=True)
         row = dict(info)
         row.setdefault("backend", CPU_BACKEND)
         st = b.get("stats") or {}
+        if not isinstance(st, dict):
+            raise ValueError(f"benchmarks[{i}].stats is not an object")
         row["pytest_benchmark"] = {
             "name": b.get("fullname"),
             "median_s": st.get("median"),
@@ -95,11 +110,20 @@ def from_pytest_benchmark(data, source):
             "iterations": st.get("iterations"),
         }
         cases.append(row)
-    mi = (data.get("machine_info") or {}).get("fastopt_bench")
+    mi = data.get("machine_info") or {}
+    if not isinstance(mi, dict):
+        raise ValueError("'machine_info' is not an object")
+    mi = mi.get("fastopt_bench")
+    if mi is not None and not isinstance(mi, dict):
+        raise ValueError("'machine_info.fastopt_bench' is not an object")
     collected_now = mi is None
     machine = machine_info() if collected_now else dict(mi)
     when = data.get("datetime")
-    date = (dt.datetime.fromisoformat(when) if when else dt.datetime.now(dt.timezone.utc)).date()
+    try:
+        stamp = dt.datetime.fromisoformat(when) if when else dt.datetime.now(dt.timezone.utc)
+    except (TypeError, ValueError):
+        raise ValueError(f"'datetime' {when!r} is not an ISO 8601 date and time") from None
+    date = stamp.date()
     return {
         "schema": SCHEMA,
         "date": date.isoformat(),
@@ -116,8 +140,82 @@ def from_pytest_benchmark(data, source):
     }
 
 
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(ok, where, what):
+    if not ok:
+        raise ValueError(f"{where} is not {what}")
+
+
+def _check_number_or_none(value, where):
+    _check(value is None or _is_number(value), where, "a number or null")
+
+
+def _check_goal(g, where):
+    _check(isinstance(g, dict), where, "an object")
+    for key in ("goal", "status"):
+        if key not in g:
+            raise ValueError(f"{where} lacks {key}")
+    _check(isinstance(g["goal"], str), f"{where}.goal", "a string")
+    _check(g["status"] in ("pass", "fail", "skipped"), f"{where}.status", "pass, fail or skipped")
+    _check_number_or_none(g.get("value"), f"{where}.value")
+
+
+def _check_case(c, where, *, pytest_row=False):
+    """ValueError naming the first field of the case result ``c`` that is missing or of the wrong
+    type (``pytest_row``: an ``extra_info`` of pytest-benchmark, which may lack the backend)."""
+    _check(isinstance(c, dict), where, "an object")
+    missing = [k for k in CASE_FIELDS if k not in c and not (pytest_row and k == "backend")]
+    if missing:
+        more = f" and {len(missing) - 4} more fields" if len(missing) > 5 else ""
+        raise ValueError(f"{where} lacks {', '.join(missing[:4] if more else missing)}{more}")
+    for key in ("case", "dtype") + (("backend",) if "backend" in c else ()):
+        _check(isinstance(c[key], str) and c[key], f"{where}.{key}", "a non-empty string")
+    for key in ("elements", "params"):
+        _check(
+            isinstance(c[key], int) and not isinstance(c[key], bool) and c[key] >= 1,
+            f"{where}.{key}",
+            "a whole number >= 1",
+        )
+    _check(
+        _is_number(c["bytes_per_element"]) and c["bytes_per_element"] > 0,
+        f"{where}.bytes_per_element",
+        "a number > 0",
+    )
+    median = c["median_s"]
+    _check(
+        _is_number(median) and 0 < median < float("inf"),
+        f"{where}.median_s",
+        "a number of seconds > 0",
+    )
+    for key in ("us_per_step", "elements_per_s", "gb_per_s"):
+        _check(_is_number(c[key]), f"{where}.{key}", "a number")
+    for key in ("fraction_of_roofline", "roofline_gb_per_s"):
+        _check_number_or_none(c[key], f"{where}.{key}")
+    for key in ("speedup_vs", "time_ratio_to", "timings", "skipped_peers"):
+        _check(isinstance(c[key], dict), f"{where}.{key}", "an object")
+    for key in ("speedup_vs", "time_ratio_to"):
+        for peer, v in c[key].items():
+            _check_number_or_none(v, f"{where}.{key}.{peer}")
+    for peer, t in c["timings"].items():
+        _check(isinstance(t, dict), f"{where}.timings.{peer}", "an object")
+        _check_number_or_none(t.get("median_s"), f"{where}.timings.{peer}.median_s")
+    for peer, why in c["skipped_peers"].items():
+        _check(isinstance(why, str), f"{where}.skipped_peers.{peer}", "a string")
+    best = c["best_of_repeats"]
+    _check(best is None or isinstance(best, dict), f"{where}.best_of_repeats", "an object")
+    if best:
+        _check_number_or_none(best.get("spread"), f"{where}.best_of_repeats.spread")
+    _check(isinstance(c["goals"], list), f"{where}.goals", "a list")
+    for j, g in enumerate(c["goals"]):
+        _check_goal(g, f"{where}.goals[{j}]")
+
+
 def validate_results(doc):
-    """Raise ValueError naming the first problem if ``doc`` is not a results document."""
+    """Raise ValueError naming the first problem if ``doc`` is not a results document: a field
+    that is missing or of the wrong type (what the tables, the Markdown and the chart read)."""
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     for key in ("schema", "date", "machine", "cases", "goals"):
@@ -125,12 +223,43 @@ def validate_results(doc):
             raise ValueError(f"no {key!r} field")
     if doc["schema"] != SCHEMA:
         raise ValueError(f"schema {doc['schema']!r}, expected {SCHEMA!r}")
-    if not isinstance(doc["cases"], list):
-        raise ValueError("'cases' is not a list")
+    _check(isinstance(doc["date"], str), "'date'", "a string")
+    machine = doc["machine"]
+    _check(isinstance(machine, dict), "'machine'", "an object")
+    gpus = machine.get("gpus") or []
+    _check(isinstance(gpus, list), "'machine.gpus'", "a list")
+    for i, g in enumerate(gpus):
+        _check(
+            isinstance(g, dict) and all(k in g for k in ("index", "name", "memory_gib")),
+            f"'machine.gpus[{i}]'",
+            "an object with index, name and memory_gib",
+        )
+    ci = doc.get("commit_info")
+    _check(ci is None or isinstance(ci, dict), "'commit_info'", "an object or null")
+    if ci and ci.get("id") is not None:
+        _check(isinstance(ci["id"], str), "'commit_info.id'", "a string")
+    _check(isinstance(doc["cases"], list), "'cases'", "a list")
     for i, c in enumerate(doc["cases"]):
-        missing = [k for k in CASE_FIELDS if k not in c]
+        _check_case(c, f"cases[{i}]")
+    _check(isinstance(doc["goals"], list), "'goals'", "a list")
+    for i, g in enumerate(doc["goals"]):
+        _check_goal(g, f"goals[{i}]")
+        for key in ("case", "backend", "dtype"):
+            _check(isinstance(g.get(key, ""), str), f"goals[{i}].{key}", "a string")
+        if "case" not in g:
+            raise ValueError(f"goals[{i}] lacks case")
+    errors = doc.get("errors") or []
+    _check(isinstance(errors, list), "'errors'", "a list")
+    for i, e in enumerate(errors):
+        _check(isinstance(e, dict), f"errors[{i}]", "an object")
+        missing = [k for k in ("backend", "dtype", "elements", "case", "reason") if k not in e]
         if missing:
-            raise ValueError(f"cases[{i}] lacks {', '.join(missing)}")
+            raise ValueError(f"errors[{i}] lacks {', '.join(missing)}")
+        _check(
+            isinstance(e["elements"], int) and not isinstance(e["elements"], bool),
+            f"errors[{i}].elements",
+            "a whole number",
+        )
 
 
 def load_results(path):
@@ -152,16 +281,32 @@ def load_results(path):
     if isinstance(data, dict) and "benchmarks" in data:
         benchmarks = data["benchmarks"] if isinstance(data["benchmarks"], list) else []
         if not any(
-            isinstance(b, dict) and "case" in (b.get("extra_info") or {}) for b in benchmarks
+            isinstance(b, dict)
+            and isinstance(b.get("extra_info"), dict)
+            and "case" in b["extra_info"]
+            for b in benchmarks
         ):
             raise ValueError(f"{path}: a pytest-benchmark JSON without fastopt bench/ cases")
-        return from_pytest_benchmark(data, path)
-    try:
-        validate_results(data)
-    except ValueError as exc:
-        raise ValueError(
-            f"{path}: neither a fastopt bench JSON nor a pytest-benchmark JSON ({exc})"
-        ) from None
+        try:
+            doc = from_pytest_benchmark(data, path)
+            validate_results(doc)
+        except ValueError as exc:
+            raise ValueError(f"{path}: a pytest-benchmark JSON of bench/, but {exc}") from None
+        return doc
+    if isinstance(data, dict) and data.get("schema") == SCHEMA:
+        try:
+            validate_results(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: a fastopt bench JSON, but {exc}") from None
+    else:
+        try:
+            validate_results(data)
+        except ValueError as exc:
+            raise ValueError(
+                f"{path}: neither a fastopt bench JSON nor a pytest-benchmark JSON ({exc})"
+            ) from None
+    if not data["cases"]:
+        raise ValueError(f"{path}: no case results to report")
     return data
 
 
@@ -372,25 +517,76 @@ def markdown(doc):
     return "\n".join(lines) + "\n"
 
 
+def output_paths(prefix, *, chart=True, md=True):
+    """{kind: path} of the files :func:`write_outputs` writes for ``prefix`` (``png`` only with
+    ``chart`` and matplotlib installed). :class:`fastopt.fileio.OutputError` for a prefix that
+    names no file (empty, ``.``, ``..``)."""
+    if not os.fspath(prefix):
+        raise OutputError("the output prefix is empty", prefix)
+    prefix = pathlib.Path(prefix)
+    if prefix.name in ("", ".", ".."):
+        raise OutputError(f"{str(prefix)!r} names a directory, not a file prefix", str(prefix))
+    kinds = ["json"] + (["md"] if md else [])
+    if chart and package_version("matplotlib") is not None:
+        kinds.append("png")
+    return {k: prefix.with_name(prefix.name + "." + k) for k in kinds}
+
+
+def check_outputs(prefix, *, chart=True, md=True):
+    """Raise :class:`fastopt.fileio.OutputError` now if any file of :func:`write_outputs` could
+    not be written: its directory cannot be created (a component is a file, or the nearest
+    existing folder is not writable) or the file itself is refused by
+    :func:`fastopt.fileio.check_output` (a directory, a special file ...). Nothing is created."""
+    paths = output_paths(prefix, chart=chart, md=md)
+    parent = os.path.abspath(os.path.dirname(os.fspath(paths["json"])) or ".")
+    existing, missing = parent, False
+    while True:
+        try:
+            st = os.stat(existing)
+        except (FileNotFoundError, NotADirectoryError):
+            existing, missing = os.path.dirname(existing), True
+            continue
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {prefix}.*: {existing}: {exc.strerror or exc}", str(prefix)
+            ) from None
+        break
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(
+            f"cannot write {prefix}.*: {existing} is not a directory", str(prefix), errno.ENOTDIR
+        )
+    if missing:  # the files cannot exist yet; the folder must be creatable
+        effective = os.access in os.supports_effective_ids
+        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+            raise OutputError(
+                f"cannot create {parent}: the directory {existing} is not writable",
+                str(prefix),
+                errno.EACCES,
+            )
+        return paths
+    for path in paths.values():
+        check_output(path)
+    return paths
+
+
 def write_outputs(doc, prefix, *, chart=True, md=True):
     """Write ``prefix.json`` (and ``prefix.md``, ``prefix.png``); return {kind: path}. The chart
-    is skipped, with the reason under ``"chart_skipped"``, when matplotlib is missing."""
-    prefix = pathlib.Path(prefix)
-    if prefix.parent and not prefix.parent.exists():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+    is skipped, with the reason under ``"chart_skipped"``, when matplotlib is missing. Every
+    path is checked (:func:`check_outputs`) before the first is written."""
+    paths = check_outputs(prefix, chart=chart, md=md)
+    parent = paths["json"].parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
     out = {}
-    json_path = prefix.with_name(prefix.name + ".json")
-    write_text(json_path, json.dumps(doc, indent=1) + "\n")
-    out["json"] = str(json_path)
+    write_text(paths["json"], json.dumps(doc, indent=1) + "\n")
+    out["json"] = str(paths["json"])
     if md:
-        md_path = prefix.with_name(prefix.name + ".md")
-        write_text(md_path, markdown(doc))
-        out["md"] = str(md_path)
+        write_text(paths["md"], markdown(doc))
+        out["md"] = str(paths["md"])
     if chart:
-        if package_version("matplotlib") is None:
+        if "png" not in paths:
             out["chart_skipped"] = "matplotlib is not installed (pip install 'fastopt[plot]')"
         else:
-            png = prefix.with_name(prefix.name + ".png")
-            plot_chart(doc, png)
-            out["png"] = str(png)
+            plot_chart(doc, paths["png"])
+            out["png"] = str(paths["png"])
     return out

@@ -37,6 +37,7 @@ sizes: plain integers or with a suffix: k/M/G (10^3, 10^6, 10^9), Ki/Mi/Gi (2^10
 at most 2Gi.
 """
 
+DEFAULT_MANY = "1000x1000"
 QUICK = {"sizes": "1Mi", "dtypes": "float32", "repeats": 3, "min_time": 0.03}
 FULL = {"sizes": "64Ki,1Mi,16Mi", "dtypes": "float32,float64", "repeats": 5, "min_time": 0.1}
 MAX_SIZE = 2**31
@@ -84,8 +85,7 @@ def add_arguments(p):
     what.add_argument(
         "--many",
         metavar="COUNTxSIZE",
-        default="1000x1000",
-        help="layout of the many-parameter case (default 1000x1000)",
+        help=f"layout of the many-parameter case (default {DEFAULT_MANY})",
     )
     what.add_argument(
         "--peers",
@@ -237,35 +237,58 @@ def _print_goals(doc):
         )
 
 
-def _check_writable_prefix(prefix):
-    import pathlib
+RUN_OPTIONS = (
+    "algorithms",
+    "cases",
+    "sizes",
+    "dtypes",
+    "backends",
+    "many",
+    "peers",
+    "repeats",
+    "min_time",
+    "threads",
+)
+"""Options that only apply to a run (refused with ``--from-json``)."""
 
-    parent = pathlib.Path(prefix).parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out: {parent} is not a directory")
+
+def _option(name):
+    return "--" + name.replace("_", "-")
+
+
+def _list(args, name, default=None):
+    """The items of a list option (``--sizes``): its default when not given, UsageError for an
+    empty value (an unset shell variable must not mean 'everything')."""
+    text = getattr(args, name)
+    if text is None:
+        return None if default is None else split_list(default, _option(name))
+    if not text.strip():
+        raise UsageError(f"{_option(name)}: empty; give a comma-separated list or leave it out")
+    return split_list(text, _option(name))
+
+
+def _check_outputs(prefix, chart):
+    from ..benchmarking.report import check_outputs
+    from ..fileio import OutputError
+
+    try:  # before any work: every file, and the folder that will hold them
+        check_outputs(prefix, chart=chart)
+    except OutputError as exc:
+        raise UsageError(f"--out: {exc}") from None
 
 
 def run(args):
     from .. import benchmarking as B
 
     stdout_unicode = (sys.stdout.encoding or "").lower().replace("-", "") in ("utf8", "utf16")
-    if args.from_json:
-        if (
-            any(
-                getattr(args, k) is not None
-                for k in (
-                    "algorithms",
-                    "cases",
-                    "sizes",
-                    "dtypes",
-                    "backends",
-                    "repeats",
-                    "min_time",
-                )
+    if args.from_json is not None:
+        given = [_option(k) for k in RUN_OPTIONS if getattr(args, k) is not None]
+        if args.quick:
+            given.insert(0, "--quick")
+        if given:
+            raise UsageError(
+                f"--from-json reports an existing JSON: it takes no run options ({', '.join(given)})"
             )
-            or args.quick
-        ):
-            raise UsageError("--from-json reports an existing JSON: it takes no run options")
         try:
             doc = B.load_results(args.from_json)
         except ValueError as exc:
@@ -276,8 +299,7 @@ def run(args):
             prefix = (src[:-5] if src.lower().endswith(".json") else src) + "-report"
     else:
         doc = None
-        prefix = args.out or "fastopt-bench"
-    _check_writable_prefix(prefix)
+        prefix = "fastopt-bench" if args.out is None else args.out
     chart = not args.no_chart
     if chart:
         from . import require_matplotlib
@@ -287,16 +309,15 @@ def run(args):
         except Exception as exc:
             print(f"fastopt bench: note: {exc}; writing no chart", file=sys.stderr)
             chart = False
+    _check_outputs(prefix, chart)
 
     if doc is None:
         defaults = QUICK if args.quick else FULL
-        sizes = [parse_size(s) for s in split_list(args.sizes or defaults["sizes"], "--sizes")]
-        dtypes = [_dtype(d) for d in split_list(args.dtypes or defaults["dtypes"], "--dtypes")]
+        sizes = [parse_size(s) for s in _list(args, "sizes", defaults["sizes"])]
+        dtypes = [_dtype(d) for d in _list(args, "dtypes", defaults["dtypes"])]
         try:
             cases = B.select_cases(
-                algorithms=split_list(args.algorithms, "--algorithms") if args.algorithms else None,
-                names=split_list(args.cases, "--cases") if args.cases else None,
-                quick=args.quick,
+                algorithms=_list(args, "algorithms"), names=_list(args, "cases"), quick=args.quick
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
@@ -308,13 +329,14 @@ def run(args):
         min_time = defaults["min_time"] if args.min_time is None else args.min_time
         if not min_time > 0 or min_time > 60:
             raise UsageError(f"--min-time must be in (0, 60] seconds, got {min_time}")
-        peers = None
-        if args.peers:
-            peers = split_list(args.peers, "--peers")
+        peers = _list(args, "peers")
+        if peers is not None:
             bad = [x for x in peers if x not in B.PEERS]
             if bad:
                 raise UsageError(f"--peers: unknown peer {bad[0]!r}; known: {', '.join(B.PEERS)}")
-        many = parse_many(args.many)
+        many = parse_many(DEFAULT_MANY if args.many is None else args.many)
+        if args.backends is not None and not args.backends.strip():
+            raise UsageError("--backends: empty; give a comma-separated list or leave it out")
         backends = _backends(args.backends)
         if args.threads is not None:
             import numba

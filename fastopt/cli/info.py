@@ -47,8 +47,14 @@ def format_info(env):
         "Numba",
         f"  threading layer  {nb['threading_layer']} (configured: {nb['configured_layer']}; "
         f"available: {layers})",
-        f"  threads          {nb['threads']} (NUMBA_NUM_THREADS={nb['NUMBA_NUM_THREADS']})",
+        f"  threads          {'unknown' if nb['threads'] is None else nb['threads']} "
+        f"(NUMBA_NUM_THREADS={nb['NUMBA_NUM_THREADS']})",
     ]
+    if nb["threading_layer"].startswith("unavailable"):
+        lines.append(
+            "  problem          no threading layer can start: the CPU kernels will fail; install "
+            "the configured layer or change NUMBA_THREADING_LAYER"
+        )
     if nb["threading_layer"] == "workqueue":
         lines.append(
             "  note             workqueue is not thread-safe: step() from several Python threads "

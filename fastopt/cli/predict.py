@@ -154,10 +154,17 @@ def load_model(path):
             raise ValueError(f"unknown task {task!r}")
         if task == "classification" and len(info["classes"]) != config["n_outputs"]:
             raise ValueError("classes do not match the output layer")
-        if task == "regression" and not all(
-            isinstance(info[k], (int, float)) for k in ("target_mean", "target_std")
-        ):
-            raise ValueError("no target standardization")
+        if task == "regression":
+            mean, std = info["target_mean"], info["target_std"]
+            if not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mean, std)
+            ):
+                raise ValueError("no target standardization")
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise ValueError(
+                    f"target_mean {mean!r} and target_std {std!r} must be finite numbers, "
+                    "target_std > 0"
+                )
         if int(info["n_features"]) != config["n_features"]:
             raise ValueError("n_features does not match the input layer")
         names = info.get("feature_names")
@@ -179,7 +186,17 @@ def load_model(path):
     return TrainedModel(path, info, mlp)
 
 
+def _same_file(a, b):
+    """Whether paths ``a`` and ``b`` name the same existing file (through links too)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one does not exist (yet), or cannot be looked at
+        return False
+
+
 def run(args):
+    import numpy as np
+
     from .. import datasets as D
 
     if args.delimiter is not None and len(args.delimiter) != 1:
@@ -192,6 +209,14 @@ def run(args):
             check_output(args.out)
         except OutputError as exc:
             raise UsageError(f"--out: {exc}") from None
+        try:
+            model_path = resolve_model_path(args.model)
+        except ModelError as exc:
+            raise UsageError(str(exc)) from None
+        # the predictions would replace the model or the data they are made from
+        for what, path in (("the model", model_path), ("the data", args.data)):
+            if _same_file(args.out, path):
+                raise UsageError(f"--out: {args.out} is {what} file ({path}); choose another file")
     try:
         model = load_model(args.model)
     except ModelError as exc:
@@ -209,8 +234,19 @@ def run(args):
             f"{args.data}: {X.shape[1]} features, the model expects {model.n_features}"
         )
 
-    out = model.outputs(X)
-    pred = model.decode(out)
+    with np.errstate(all="ignore"):  # non-finite outputs are refused below, by row
+        out = model.outputs(X)
+        pred = model.decode(out)
+    bad = ~np.isfinite(out).all(axis=1)
+    if model.task == "regression":
+        bad |= ~np.isfinite(pred)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise UsageError(
+            f"{args.data}: the model's output is NaN or infinite for {len(rows)} of "
+            f"{X.shape[0]} rows (first: row {int(rows[0])}, counting from 0; inputs too "
+            "large for the network?); nothing written"
+        )
     header = ["prediction"]
     if args.proba:
         header += [f"proba_{c}" for c in model.classes.tolist()]
