@@ -318,7 +318,10 @@ class Optimizer:
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
-        """Add a group ``{"params": ..., **overrides}``; missing hyperparameters take the defaults."""
+        """Add a group ``{"params": ..., **overrides}``; missing hyperparameters take the defaults.
+        An optimizer built over plain parameters (not group dicts) then has several groups, and
+        ``step()`` takes one gradient entry per group (None: a ParamSet's own buffer), as it does
+        for an optimizer built from group dicts."""
         if not isinstance(param_group, Mapping) or "params" not in param_group:
             raise TypeError("a param group must be a dict with a 'params' entry")
         unknown = set(param_group) - set(self.defaults) - {"params", "initial_lr"}
@@ -349,6 +352,8 @@ class Optimizer:
                 )
             taken.append(span)
         group.setdefault("initial_lr", group["lr"])
+        if self.param_groups:  # a second group: gradients come per group from now on
+            self._grouped = True
         self.param_groups.append(group)
         self._groups.append(
             {

@@ -365,10 +365,13 @@ class Muon(Optimizer):
         """(Muon matrices [(shape, lo, hi)], AdamW runs [(lo, hi)]) of a unit, adjacent
         fallback parameters merged into one run."""
         scratch = self._scratch()
-        key = ("layout", id(unit), g_int["checked"])
-        layout = scratch.get(key)
-        if layout is not None:
-            return layout
+        # one entry per unit, rebuilt when the selection changes (not with lr or any other
+        # setting: keyed on those, a schedule left one entry behind per step)
+        chosen_by = group["muon_params"]
+        key = tuple(chosen_by) if isinstance(chosen_by, list) else chosen_by
+        kept = scratch.get(("layout", id(unit)))
+        if kept is not None and kept[0] == key:
+            return kept[1]
         source = g_int["source"]
         _, chosen = self._selection(group)
         if isinstance(source, ParamSet):
@@ -388,7 +391,8 @@ class Muon(Optimizer):
                 runs.append((lo, hi))
         # an empty matrix (a zero dimension) has nothing to update (and no aspect ratio)
         matrices = [(shape, lo, hi) for is_muon, shape, lo, hi in parts if is_muon and hi > lo]
-        layout = scratch[key] = (matrices, runs)
+        layout = (matrices, runs)
+        scratch[("layout", id(unit))] = (key, layout)
         return layout
 
     @classmethod

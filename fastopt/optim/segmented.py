@@ -42,6 +42,16 @@ def mask(name):
     return Hyper(name, True, check_mask, keyword_only=True)
 
 
+def _mask_key(mask):
+    """A mask as its cached flags depend on it: lists and dicts by their current contents (an
+    edit in place changes the key), anything else (a bool, a callable) as it is."""
+    if isinstance(mask, list):
+        return ("list", tuple(mask))
+    if isinstance(mask, dict):
+        return ("dict", tuple(mask.items()))
+    return mask
+
+
 def _mask_value(mask, name, shape, what):
     if isinstance(mask, bool):
         return mask
@@ -96,8 +106,9 @@ class SegmentedOptimizer(Optimizer):
 
     def _work(self, group, g_int, unit, stream=None):
         """The cached per-unit arrays: segments, layout, flags and scratch on the unit's device,
-        uploaded (once) on ``stream``, the step's: its launches read them there."""
-        key = (id(unit), g_int["checked"])
+        uploaded (once) on ``stream``, the step's: its launches read them there. Rebuilt when
+        the group's masks change (the flags), not with lr or another setting."""
+        key = (id(unit), tuple(map(_mask_key, self._masks(group))))
         work = self._segment_cache.get(id(unit))
         if work is not None and work["key"] == key:
             return work

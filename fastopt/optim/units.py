@@ -38,6 +38,7 @@ class Unit:
         "kind",
         "device",
         "storage_memo",
+        "tensor",
     )
 
     def __init__(self, param, source, shape, default_grad, label):
@@ -52,6 +53,7 @@ class Unit:
         self.kind = "numpy"
         self.device = None
         self.storage_memo = None  # Optimizer._storage's last answer and what it depends on
+        self.tensor = None  # a torch tensor's (tensor, data_ptr, dtype) when built: see check_grad
 
     def use_backend(self, backend):
         self.backend = backend
@@ -108,7 +110,16 @@ def _unit(a, label, backend_name):
     view = arrays.host_view(a)  # a torch CPU tensor: the kernels update a NumPy view of it
     unit = Unit(_flat_view(view, label), view, tuple(view.shape), None, label)
     unit.kind = arrays.array_kind(a)
+    _remember_tensor(unit, a)
     return unit
+
+
+def _remember_tensor(unit, a):
+    """For a torch tensor: the tensor, its data pointer and dtype, so that a step after
+    ``t.data = ...`` (``model.half()``, ``model.to(dtype)``) refuses instead of updating the
+    memory the tensor no longer uses."""
+    if arrays.root_module(a) == "torch":
+        unit.tensor = (a, a.data_ptr(), a.dtype)
 
 
 def _flat_view(a, label):
@@ -132,6 +143,7 @@ def _device_unit(a, label, backend_name, default_grad=None):
         default_grad = backend.flat(backend.native(default_grad))
     unit = Unit(backend.flat(native), a, tuple(native.shape), default_grad, label)
     unit.kind = kind
+    _remember_tensor(unit, a)
     index = arrays.device_index(a, kind)
     if index is None:  # numba device arrays, CAI-only arrays: ask the backend
         index = backend.device_of(unit.param)
@@ -173,6 +185,14 @@ def _check_still_writable(unit):
     # Host arrays can be made read-only after construction; device arrays were checked then.
     if unit.device is None:
         arrays.check_writable(unit.source.flags.writeable, unit.label)
+    if unit.tensor is not None:
+        t, ptr, dtype = unit.tensor
+        if t.data_ptr() != ptr or t.dtype != dtype:
+            raise RuntimeError(
+                f"{unit.label} no longer uses the memory the optimizer was built over (its "
+                f".data was replaced: model.half(), model.to(dtype), t.data = ...); build a "
+                "new optimizer over it and load this one's state_dict()"
+            )
 
 
 def _native_grad(unit, grad):
