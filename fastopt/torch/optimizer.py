@@ -40,6 +40,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import arrays
 from ..optim import precision
+from . import named
 from .dropin import TORCH_CONSTANT_KEYS, check_flags, check_tensor_lr, plain_value, pop_flags
 from .flat import FlatBuffer, allocate, as_tensor, check_no_overlap, check_param, int8_layout
 from .state import LAZY_STATE, StateEntry, TrackedState, _Edits, install_state, is_state_array
@@ -213,6 +214,7 @@ class FastoptOptimizer(torch.optim.Optimizer):
         hyper, self._options = split_arguments(self.core_class, args, kwargs)
         check_tensor_lr(type(self).__name__, {**hyper, **flags}, type(self).__name__)
         self._hyper_names = tuple(hyper)  # not self.defaults: torch adds keys to it
+        self._run_names = named.RunNames()  # masks and muon_params for the core's run groups
         self._buckets = []  # (param group index, FlatBuffer)
         self._frozen = []  # (name, tensor) of params without requires_grad: never stepped
         self._records = []  # per bucket, per param: scalar state as sorted (name, value) pairs
@@ -269,7 +271,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
         return _rebuilt, (type(self), groups, {**kwargs, **self._options}, self.state_dict())
 
     def _probe(self, hyper):
-        """A throwaway core over one element: checks hyperparameters and options."""
+        """A throwaway core over one element: checks hyperparameters and options (all but the
+        names ``muon_params`` gives, which :func:`named.check_group` checks over a group)."""
+        if "muon_params" in hyper:
+            hyper = {**hyper, "muon_params": None}
         shape = (1, 1) if getattr(self.core_class, "matrices_only", False) else 1  # Muon
         return self.core_class([{"params": np.zeros(shape, np.float32), **hyper}], **self._options)
 
@@ -287,7 +292,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
             check_flags(group, where)
             check_tensor_lr(type(self).__name__, group, where)
             items = self._checked_items(gi, group)
-            self._probe({k: _plain(group[k]) for k in self._hyper_names})
+            hyper = {k: _plain(group[k]) for k in self._hyper_names}
+            if "muon_params" in hyper:  # over the group's own names, not the probe's one array
+                named.check_group(group, hyper["muon_params"], where)
+            self._probe(hyper)
             if precision.is_int8(self._precision):
                 for name, p in items:
                     if p.device.type not in ("cpu", "cuda"):
@@ -569,10 +577,8 @@ class FastoptOptimizer(torch.optim.Optimizer):
         its run's views of the flat state and its scalar state (none before the first step)."""
         core, version = self._core(key)
         self._rebound = version != self._version  # the units get their state views anew
-        for cg, (k, _, _) in zip(core.param_groups, key):
-            tg = self.param_groups[self._buckets[k][0]]
-            for name in self._hyper_names:
-                cg[name] = _plain(tg[name])
+        for cg, run in zip(core.param_groups, key):
+            cg.update(self._core_hyper(run))
         units = core.units()
         for u, (k, i, j) in zip(units, key):
             record = self._records[k][i]
@@ -658,6 +664,20 @@ class FastoptOptimizer(torch.optim.Optimizer):
             runs.append((start, len(present)))
         return runs
 
+    def _core_hyper(self, run):
+        """The hyperparameters of the core group over ``run`` = (bucket, i, j): the torch
+        group's (an LR scheduler may have changed them), masks and ``muon_params`` translated
+        to the run's segments (:mod:`fastopt.torch.named`)."""
+        gi, buf = self._buckets[run[0]]
+        tg = self.param_groups[gi]
+        out = {}
+        for name in self._hyper_names:
+            value = _plain(tg[name])
+            if name in named.NAMING:
+                value = self._run_names.translate(name, value, tg, buf.params, run)
+            out[name] = value
+        return out
+
     def _core(self, key):
         """(core optimizer, state version its units are bound to) for a layout of runs."""
         hit = self._cores.get(key)
@@ -665,13 +685,10 @@ class FastoptOptimizer(torch.optim.Optimizer):
             return hit
         if len(self._cores) >= _LAYOUT_CACHE:
             self._cores.clear()
-        groups = []
-        for k, i, j in key:
-            gi, buf = self._buckets[k]
-            tg = self.param_groups[gi]
-            groups.append(
-                {"params": buf.slice(i, j), **{n: _plain(tg[n]) for n in self._hyper_names}}
-            )
+        groups = [
+            {"params": self._buckets[k][1].slice(i, j), **self._core_hyper((k, i, j))}
+            for k, i, j in key
+        ]
         core = self.core_class(groups, **self._options)
         if precision.is_int8(self._precision):
             core.precision = core.precision._replace(min_8bit_size=self._int8_limit(key))
