@@ -124,3 +124,23 @@ def _bf16():
     import ml_dtypes
 
     return ml_dtypes.bfloat16
+
+
+def test_muon_takes_ns_steps_zero_as_torch():
+    """torch.optim.Muon takes ns_steps=0 (the update is the normalized momentum, no iteration);
+    fastopt refused it (lower bound 1)."""
+    torch = import_or_skip("torch")
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)
+    tp = torch.nn.Parameter(w.clone())
+    topt = torch.optim.Muon([tp], lr=0.02, ns_steps=0)
+    a = w.numpy().copy()
+    opt = fo.Muon([a], lr=0.02, ns_steps=0)
+    for _ in range(5):
+        g = torch.randn(6, 4)
+        tp.grad = g.clone()
+        topt.step()
+        opt.step([g.numpy().copy()])
+    np.testing.assert_allclose(a, tp.detach().numpy(), atol=1e-5)  # bfloat16 iteration
+    with pytest.raises(ValueError, match="ns_steps"):
+        fo.Muon([np.ones((2, 2))], ns_steps=-1)

@@ -199,7 +199,7 @@ def test_bad_input_is_refused_before_anything_is_written():
         fo.Muon([{"params": ps, "muon_params": None}], muon_params="hidden")
     for bad, err in (
         ({"ns_steps": 100}, ValueError),
-        ({"ns_steps": 0}, ValueError),
+        ({"ns_steps": -1}, ValueError),
         ({"adjust_lr_fn": "rms"}, ValueError),
         ({"ns_dtype": "float16"}, ValueError),
         ({"ns_coefficients": (1.0, 2.0)}, ValueError),

@@ -40,7 +40,7 @@ def _check_coefficients(name, value):
 
 
 def _check_ns_steps(name, value):
-    check_int(name, value, lo=1, hi=99)  # torch: "must be less than 100"
+    check_int(name, value, lo=0, hi=99)  # torch: "must be less than 100"; 0: no iteration
 
 
 def _check_adjust_lr_fn(name, value):
