@@ -118,8 +118,9 @@ def _remember_tensor(unit, a):
     """For a torch tensor: the tensor, its data pointer and dtype, so that a step after
     ``t.data = ...`` (``model.half()``, ``model.to(dtype)``) refuses instead of updating the
     memory the tensor no longer uses."""
-    if arrays.root_module(a) == "torch":
-        unit.tensor = (a, a.data_ptr(), a.dtype)
+    data_ptr = getattr(a, "data_ptr", None)  # (test stand-ins for torch CUDA tensors have none)
+    if arrays.root_module(a) == "torch" and callable(data_ptr):
+        unit.tensor = (a, data_ptr(), a.dtype)
 
 
 def _flat_view(a, label):
